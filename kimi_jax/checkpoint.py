@@ -1,0 +1,406 @@
+"""Checkpoint index: every shard header parsed into a per-layer map of logical weights.
+
+Tensor bytes are never touched here. The index knows, for each layer, which logical weights
+exist, how each is stored (plain, int4 pack-quantized triple, or fp8 + block scales), where
+every stored tensor sits (shard, absolute offset, size), and it checks all of that against the
+shapes the config implies before anything is computed.
+
+Canonical names drop the layout's prefix: ``layers.3.mlp.experts.7.down_proj.weight``,
+``embed_tokens.weight``, ``norm.weight``, ``lm_head.weight``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import blake3
+
+from kimi_jax.config import ModelConfig, load_model_config
+from kimi_jax.errors import CheckpointError
+from kimi_jax.safetensors_header import ShardHeader, TensorRecord, read_shard_header
+
+WeightFormat = Literal["plain", "int4", "fp8"]
+
+# Prefixes in the order we try them; the first that owns `layers.` names wins.
+_TEXT_PREFIXES = ("language_model.model.", "model.")
+_HEAD_NAMES = {"language_model.lm_head.weight": "lm_head.weight", "lm_head.weight": "lm_head.weight"}
+_SKIPPED_PREFIXES = ("vision_tower.", "mm_projector.", "language_model.vision_tower.")
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_PLAIN_DTYPES = {"BF16", "F32", "F16"}
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightEntry:
+    """A logical tensor and the stored tensors that encode it.
+
+    ``parts`` keys: plain ``weight`` (or the tensor itself for norms/biases); int4
+    ``weight_packed``, ``weight_scale``, ``weight_shape``; fp8 ``weight``, ``weight_scale_inv``.
+    """
+
+    name: str
+    format: WeightFormat
+    shape: tuple[int, ...]
+    parts: dict[str, TensorRecord]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} in {p.shard.name} @ {p.offset}" for k, p in self.parts.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMap:
+    index: int
+    kind: Literal["dense", "moe"]
+    base: dict[str, WeightEntry]  # everything except routed experts, canonical names
+    experts: tuple[dict[str, WeightEntry], ...]  # expert id -> proj -> entry (MoE layers)
+
+    @property
+    def base_bytes(self) -> int:
+        return sum(w.nbytes for w in self.base.values())
+
+    def expert_bytes(self, expert: int) -> int:
+        return sum(w.nbytes for w in self.experts[expert].values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.base_bytes + sum(self.expert_bytes(e) for e in range(len(self.experts)))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointIndex:
+    root: Path
+    config: ModelConfig
+    layout: str
+    prefix: str
+    shards: tuple[ShardHeader, ...]
+    weights: dict[str, WeightEntry]
+    layers: tuple[LayerMap, ...]
+    skipped: tuple[tuple[str, str], ...]  # (stored name, why)
+
+    @property
+    def embed(self) -> WeightEntry:
+        return self.weights["embed_tokens.weight"]
+
+    @property
+    def head(self) -> dict[str, WeightEntry]:
+        names = ["norm.weight", "lm_head.weight" if "lm_head.weight" in self.weights else "embed_tokens.weight"]
+        return {n: self.weights[n] for n in names}
+
+    def embed_row_bytes(self) -> int:
+        e = self.embed
+        return e.nbytes // e.shape[0]
+
+    def tensor_list_digest(self) -> str:
+        """BLAKE3 over the sorted (name, dtype, shape, size) list: the checkpoint's tensor identity."""
+        h = blake3.blake3()
+        for w in sorted(self.weights.values(), key=lambda w: w.name):
+            for part, rec in sorted(w.parts.items()):
+                h.update(f"{w.name}|{part}|{rec.dtype}|{list(rec.shape)}|{rec.nbytes}\n".encode())
+        return h.hexdigest()
+
+    def predicted_bytes_per_token(self) -> int:
+        """Bytes one decoded token reads: all non-expert weights, top-k experts per MoE layer,
+        one embedding row, the final norm and the lm_head."""
+        cfg = self.config
+        total = self.embed_row_bytes() + sum(w.nbytes for w in self.head.values())
+        if "lm_head.weight" not in self.weights:  # tied: the head is the embedding, counted once
+            total -= self.embed_row_bytes()
+        for layer in self.layers:
+            total += layer.base_bytes
+            if layer.kind == "moe":
+                sizes = sorted(layer.expert_bytes(e) for e in range(len(layer.experts)))
+                total += sum(sizes[-cfg.num_experts_per_tok :])
+        return total
+
+
+def open_checkpoint(root: str | Path) -> CheckpointIndex:
+    """Index a checkpoint directory: config, every shard header, the per-layer map, checks."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint directory does not exist")
+    cfg = load_model_config(root)
+    shard_paths = _shard_paths(root)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        headers = tuple(pool.map(read_shard_header, shard_paths))
+
+    records: dict[str, TensorRecord] = {}
+    for header in headers:
+        for rec in header.tensors:
+            if rec.stored_name in records:
+                other = records[rec.stored_name].shard.name
+                raise CheckpointError(f"{rec.shard}: tensor {rec.stored_name!r} also appears in {other}")
+            records[rec.stored_name] = rec
+    _check_index_file(root, records)
+
+    prefix = _detect_prefix(root, records)
+    canonical, skipped = _canonicalise(cfg, prefix, records)
+    weights = _group_weights(canonical, cfg)
+    layers = _build_layers(root, cfg, weights)
+    _check_shapes(root, cfg, weights, layers)
+    layout = _layout_name(cfg, prefix, weights)
+    return CheckpointIndex(root, cfg, layout, prefix, headers, weights, layers, tuple(skipped))
+
+
+def _shard_paths(root: Path) -> list[Path]:
+    index_file = root / "model.safetensors.index.json"
+    if index_file.exists():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_file}: expected a JSON object with a 'weight_map' ({e})") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (root / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index_file}: weight_map names missing shard file(s): {', '.join(missing[:5])}")
+        return [root / n for n in names]
+    paths = sorted(root.glob("*.safetensors"))
+    if not paths:
+        raise CheckpointError(f"{root}: no *.safetensors shards found")
+    return paths
+
+
+def _check_index_file(root: Path, records: dict[str, TensorRecord]) -> None:
+    index_file = root / "model.safetensors.index.json"
+    if not index_file.exists():
+        return
+    weight_map = json.loads(index_file.read_text())["weight_map"]
+    for name, shard in weight_map.items():
+        rec = records.get(name)
+        if rec is None:
+            raise CheckpointError(f"{index_file}: weight_map lists {name!r} in {shard}, but no shard holds it")
+        if rec.shard.name != shard:
+            raise CheckpointError(f"{index_file}: weight_map puts {name!r} in {shard}, found in {rec.shard.name}")
+    unlisted = [n for n in records if n not in weight_map]
+    if unlisted:
+        raise CheckpointError(f"{index_file}: tensor {unlisted[0]!r} is in a shard but not in the weight_map")
+
+
+def _detect_prefix(root: Path, records: dict[str, TensorRecord]) -> str:
+    for prefix in _TEXT_PREFIXES:
+        if any(n.startswith(prefix + "layers.") for n in records):
+            return prefix
+    raise CheckpointError(f"{root}: no decoder layers found (expected tensors named 'model.layers.N.*' "
+                          "or 'language_model.model.layers.N.*')")  # fmt: skip
+
+
+def _canonicalise(cfg: ModelConfig, prefix: str, records: dict[str, TensorRecord]):
+    canonical: dict[str, TensorRecord] = {}
+    skipped: list[tuple[str, str]] = []
+    unknown: list[str] = []
+    for name, rec in records.items():
+        if name in _HEAD_NAMES:
+            canonical[_HEAD_NAMES[name]] = rec
+            continue
+        if name.startswith(_SKIPPED_PREFIXES):
+            skipped.append((name, "vision component (text path only)"))
+            continue
+        if not name.startswith(prefix):
+            unknown.append(name)
+            continue
+        short = name[len(prefix) :]
+        m = _LAYER_RE.match(short)
+        if m and int(m.group(1)) >= cfg.num_hidden_layers:
+            skipped.append((name, f"layer {m.group(1)} >= num_hidden_layers (multi-token-prediction head)"))
+            continue
+        if short.endswith("rotary_emb.inv_freq"):
+            skipped.append((name, "stray rotary_emb.inv_freq buffer (recomputed from the config)"))
+            continue
+        canonical[short] = rec
+    if unknown:
+        shard = records[unknown[0]].shard
+        raise CheckpointError(f"{shard}: tensor {unknown[0]!r} does not belong to the text model under prefix "
+                              f"{prefix!r} ({len(unknown)} such tensors)")  # fmt: skip
+    return canonical, skipped
+
+
+def _group_weights(canonical: dict[str, TensorRecord], cfg: ModelConfig) -> dict[str, WeightEntry]:
+    """Fold quantized component tensors (``weight_packed`` etc.) into one logical entry each."""
+    by_module: dict[str, dict[str, TensorRecord]] = defaultdict(dict)
+    singles: dict[str, TensorRecord] = {}
+    for name, rec in canonical.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf in ("weight_packed", "weight_scale", "weight_shape", "weight_scale_inv", "weight"):
+            by_module[module][leaf] = rec
+        else:
+            singles[name] = rec
+    weights: dict[str, WeightEntry] = {}
+    for name, rec in singles.items():
+        weights[name] = WeightEntry(name, "plain", rec.shape, {"weight": rec})
+    for module, parts in by_module.items():
+        name = f"{module}.weight"
+        weights[name] = _make_weight(name, parts, cfg)
+    return weights
+
+
+def _make_weight(name: str, parts: dict[str, TensorRecord], cfg: ModelConfig) -> WeightEntry:
+    keys = set(parts)
+    shard = next(iter(parts.values())).shard
+    if keys == {"weight"}:
+        rec = parts["weight"]
+        if rec.dtype == "F8_E4M3":
+            raise CheckpointError(f"{shard}: {name} is F8_E4M3 but has no weight_scale_inv")
+        return WeightEntry(name, "plain", rec.shape, dict(parts))
+    if keys == {"weight", "weight_scale_inv"}:
+        w, s = parts["weight"], parts["weight_scale_inv"]
+        if w.dtype != "F8_E4M3" or s.dtype != "F32" or len(w.shape) != 2:
+            raise CheckpointError(f"{shard}: {name}: expected F8_E4M3 weight with F32 weight_scale_inv, "
+                                  f"found {w.dtype}{list(w.shape)} and {s.dtype}{list(s.shape)}")  # fmt: skip
+        b0, b1 = cfg.quant.block_size if cfg.quant.kind == "fp8-block" else (128, 128)
+        want = (math.ceil(w.shape[0] / b0), math.ceil(w.shape[1] / b1))
+        if s.shape != want:
+            raise CheckpointError(f"{shard}: {name}.weight_scale_inv has shape {list(s.shape)}, expected "
+                                  f"{list(want)} for a {list(w.shape)} weight in {b0}x{b1} blocks")  # fmt: skip
+        return WeightEntry(name, "fp8", w.shape, {"weight": w, "weight_scale_inv": s})
+    if keys == {"weight_packed", "weight_scale", "weight_shape"}:
+        if cfg.quant.kind != "int4-pack":
+            raise CheckpointError(f"{shard}: {name} is int4 pack-quantized but config.json declares no "
+                                  "compressed-tensors quantization_config")  # fmt: skip
+        p, s, ws = parts["weight_packed"], parts["weight_scale"], parts["weight_shape"]
+        g = cfg.quant.group_size
+        if p.dtype != "I32" or len(p.shape) != 2 or s.dtype not in _PLAIN_DTYPES or len(s.shape) != 2:
+            raise CheckpointError(f"{shard}: {name}: expected I32 weight_packed and BF16 weight_scale, "
+                                  f"found {p.dtype}{list(p.shape)} and {s.dtype}{list(s.shape)}")  # fmt: skip
+        if ws.dtype not in ("I32", "I64") or ws.shape != (2,):
+            raise CheckpointError(f"{shard}: {name}.weight_shape must be I32 or I64 of shape [2], "
+                                  f"found {ws.dtype}{list(ws.shape)}")  # fmt: skip
+        in_features = s.shape[1] * g
+        if p.shape[0] != s.shape[0] or p.shape[1] != math.ceil(in_features / 8):
+            raise CheckpointError(f"{shard}: {name}: weight_packed {list(p.shape)} and weight_scale "
+                                  f"{list(s.shape)} disagree for group_size {g}")  # fmt: skip
+        return WeightEntry(name, "int4", (p.shape[0], in_features), dict(parts))
+    raise CheckpointError(f"{shard}: {name}: unrecognised combination of stored tensors {sorted(keys)}")
+
+
+def expected_layer_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """Logical shapes the config implies for one layer's non-expert weights."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    p = f"layers.{layer}."
+    shapes = {
+        p + "input_layernorm.weight": (h,),
+        p + "post_attention_layernorm.weight": (h,),
+        p + "self_attn.q_a_proj.weight": (cfg.q_lora_rank, h),
+        p + "self_attn.q_a_layernorm.weight": (cfg.q_lora_rank,),
+        p + "self_attn.q_b_proj.weight": (heads * cfg.qk_head_dim, cfg.q_lora_rank),
+        p + "self_attn.kv_a_proj_with_mqa.weight": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
+        p + "self_attn.kv_a_layernorm.weight": (cfg.kv_lora_rank,),
+        p + "self_attn.kv_b_proj.weight": (heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+        p + "self_attn.o_proj.weight": (h, heads * cfg.v_head_dim),
+    }
+    if cfg.is_moe_layer(layer):
+        shared = cfg.n_shared_experts * cfg.moe_intermediate_size
+        shapes[p + "mlp.gate.weight"] = (cfg.n_routed_experts, h)
+        shapes[p + "mlp.gate.e_score_correction_bias"] = (cfg.n_routed_experts,)
+        if shared:
+            shapes[p + "mlp.shared_experts.gate_proj.weight"] = (shared, h)
+            shapes[p + "mlp.shared_experts.up_proj.weight"] = (shared, h)
+            shapes[p + "mlp.shared_experts.down_proj.weight"] = (h, shared)
+    else:
+        shapes[p + "mlp.gate_proj.weight"] = (cfg.intermediate_size, h)
+        shapes[p + "mlp.up_proj.weight"] = (cfg.intermediate_size, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, cfg.intermediate_size)
+    return shapes
+
+
+def expected_expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    i, h = cfg.moe_intermediate_size, cfg.hidden_size
+    return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def _build_layers(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry]) -> tuple[LayerMap, ...]:
+    per_layer: list[dict[str, WeightEntry]] = [dict() for _ in range(cfg.num_hidden_layers)]
+    experts: list[dict[int, dict[str, WeightEntry]]] = [defaultdict(dict) for _ in range(cfg.num_hidden_layers)]
+    for name, w in weights.items():
+        m = _LAYER_RE.match(name)
+        if not m:
+            if name not in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
+                raise CheckpointError(f"{_where(w)}: unexpected tensor {name!r} outside the decoder layers")
+            continue
+        layer, rest = int(m.group(1)), m.group(2)
+        e = _EXPERT_RE.match(rest)
+        if e:
+            experts[layer][int(e.group(1))][e.group(2)] = w
+        else:
+            per_layer[layer][name] = w
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        kind = cfg.layer_kind(i)
+        found = experts[i]
+        if kind == "dense" and found:
+            raise CheckpointError(f"{_where(next(iter(found[min(found)].values())))}: layer {i} is dense per the "
+                                  f"config (first_k_dense_replace={cfg.first_k_dense_replace}) but has routed experts")  # fmt: skip
+        expert_maps: tuple[dict[str, WeightEntry], ...] = ()
+        if kind == "moe":
+            if sorted(found) != list(range(cfg.n_routed_experts)):
+                missing = sorted(set(range(cfg.n_routed_experts)) - set(found))
+                extra = sorted(set(found) - set(range(cfg.n_routed_experts)))
+                raise CheckpointError(f"{root}: layer {i} should have experts 0..{cfg.n_routed_experts - 1}; "
+                                      f"missing {missing[:8]}, unexpected {extra[:8]}")  # fmt: skip
+            for e, projs in found.items():
+                if set(projs) != set(EXPERT_PROJS):
+                    raise CheckpointError(f"{root}: layer {i} expert {e} is missing "
+                                          f"{sorted(set(EXPERT_PROJS) - set(projs))}")  # fmt: skip
+            expert_maps = tuple(found[e] for e in range(cfg.n_routed_experts))
+        layers.append(LayerMap(i, kind, per_layer[i], expert_maps))
+    return tuple(layers)
+
+
+def _where(w: WeightEntry) -> str:
+    return str(next(iter(w.parts.values())).shard)
+
+
+def _check_shapes(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry], layers) -> None:
+    problems: list[str] = []
+
+    def check(name: str, shape: tuple[int, ...], have: dict[str, WeightEntry]) -> None:
+        w = have.get(name)
+        if w is None:
+            problems.append(f"{root}: tensor {name!r} is missing (config implies shape {list(shape)})")
+        elif w.shape != shape:
+            problems.append(f"{_where(w)}: tensor {name!r} has shape {list(w.shape)}, "
+                            f"config.json implies {list(shape)}")  # fmt: skip
+
+    globals_ = {"embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "norm.weight": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        globals_["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    for name, shape in globals_.items():
+        check(name, shape, weights)
+    expert_shapes = expected_expert_shapes(cfg)
+    for layer in layers:
+        want = expected_layer_shapes(cfg, layer.index)
+        for name, shape in want.items():
+            check(name, shape, layer.base)
+        for name in layer.base.keys() - want.keys():
+            problems.append(f"{_where(layer.base[name])}: unexpected tensor {name!r} in {layer.kind} layer {layer.index}")
+        for e, projs in enumerate(layer.experts):
+            for proj, shape in expert_shapes.items():
+                check(f"layers.{layer.index}.mlp.experts.{e}.{proj}.weight", shape,
+                      {f"layers.{layer.index}.mlp.experts.{e}.{proj}.weight": projs[proj]})  # fmt: skip
+        if len(problems) > 20:
+            break
+    if problems:
+        more = f"\n... and more" if len(problems) > 20 else ""
+        raise CheckpointError("config.json and the tensors disagree:\n" + "\n".join(problems[:20]) + more)
+
+
+def _layout_name(cfg: ModelConfig, prefix: str, weights: dict[str, WeightEntry]) -> str:
+    formats = {w.format for w in weights.values()}
+    if prefix == "language_model.model.":
+        return "kimi-k2.5-int4" if "int4" in formats else "kimi-k2.5"
+    if "fp8" in formats:
+        return "deepseek-v3-fp8"
+    if "int4" in formats:
+        return "kimi-k2-int4"
+    return "hf-" + ("bf16" if any(w.parts.get("weight") and w.parts["weight"].dtype == "BF16"
+                                  for w in weights.values()) else "f32")  # fmt: skip

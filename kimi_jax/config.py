@@ -1,0 +1,347 @@
+"""Model configuration: one frozen, hashable object derived from a checkpoint's ``config.json``.
+
+Three real spellings reach us and all end up in :class:`ModelConfig`:
+
+* Kimi K2.5: a ``kimi_k25`` vision-language wrapper; the DeepSeek-V3 text model sits in
+  ``text_config`` together with its ``quantization_config`` (compressed-tensors int4).
+* Kimi K2 / DeepSeek-V3: the text config at top level, block-FP8 ``quantization_config``.
+* transformers' ``save_pretrained``: top level, no quantization, and (transformers 5) the
+  rope settings folded into ``rope_parameters`` instead of ``rope_theta`` + ``rope_scaling``.
+
+The object is frozen so it can be a static argument of jitted functions and a cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from kimi_jax.errors import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnRope:
+    """YaRN scaling parameters (``rope_scaling`` with ``type: yarn``)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantScheme:
+    """How the checkpoint stores its quantized linears.
+
+    ``kind`` is ``"none"``, ``"int4-pack"`` (compressed-tensors pack-quantized, symmetric,
+    grouped along the input dimension) or ``"fp8-block"`` (E4M3 with per-block float32
+    ``weight_scale_inv``). Which tensors are actually quantized is read from the tensors
+    themselves by the index; the scheme gives the parameters to decode them.
+    """
+
+    kind: Literal["none", "int4-pack", "fp8-block"] = "none"
+    group_size: int = 0
+    num_bits: int = 0
+    block_size: tuple[int, int] = (0, 0)
+    ignore: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The DeepSeek-V3 text model, as Kimi uses it. Field names follow ``config.json``."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    first_k_dense_replace: int
+    moe_layer_freq: int
+    rope_theta: float
+    rope_scaling: YarnRope | None
+    max_position_embeddings: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+    quant: QuantScheme = QuantScheme()
+    # Which config.json layout this came from: "kimi_k25" wrapper or plain "deepseek_v3".
+    wrapper: str = "deepseek_v3"
+
+    # transformers and the DeepSeek remote code build q_a/kv_a layernorms without an eps
+    # argument, so they use the RMSNorm default rather than ``rms_norm_eps``.
+    latent_norm_eps: float = 1e-6
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (
+            self.n_routed_experts > 0
+            and layer >= self.first_k_dense_replace
+            and layer % self.moe_layer_freq == 0
+        )
+
+    def layer_kind(self, layer: int) -> Literal["dense", "moe"]:
+        return "moe" if self.is_moe_layer(layer) else "dense"
+
+    @property
+    def softmax_scale(self) -> float:
+        """``qk_head_dim^-0.5 * mscale^2`` with the YaRN mscale of ``mscale_all_dim``."""
+        scale = self.qk_head_dim**-0.5
+        if self.rope_scaling is not None:
+            m = yarn_mscale(self.rope_scaling.factor, self.rope_scaling.mscale_all_dim)
+            scale = scale * m * m
+        return scale
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """BLAKE2b of the canonical JSON of this config: the model's identity for ledgers."""
+        text = json.dumps(self.to_json_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.blake2b(text.encode(), digest_size=32).hexdigest()
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    if factor <= 1.0:
+        return 1.0
+    return 0.1 * mscale * math.log(factor) + 1.0
+
+
+# Keys that exist in real config.json files but do not change the text forward pass.
+_IGNORED_TEXT_KEYS = frozenset(
+    """
+    architectures auto_map model_type transformers_version dtype torch_dtype use_cache
+    initializer_range attention_dropout attention_bias aux_loss_alpha seq_aux ep_size
+    pretraining_tp num_key_value_heads hidden_act topk_method scoring_func pad_token_id
+    num_nextn_predict_layers head_dim qk_head_dim rope_interleave output_router_logits
+    router_aux_loss_coef quantization_config rope_scaling rope_parameters rope_theta
+    bos_token_id eos_token_id tie_word_embeddings _name_or_path id2label label2id
+    return_dict output_hidden_states output_attentions chunk_size_feed_forward
+    is_encoder_decoder problem_type tokenizer_class
+    """.split()
+)
+
+
+def load_model_config(checkpoint_dir: str | Path) -> ModelConfig:
+    """Read ``config.json`` in ``checkpoint_dir`` into a :class:`ModelConfig`."""
+    path = Path(checkpoint_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no config.json in the checkpoint directory") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at top level")
+    return parse_model_config(raw, source=str(path))
+
+
+def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    wrapper = "deepseek_v3"
+    text = raw
+    if "text_config" in raw:
+        wrapper = str(raw.get("model_type", "kimi_k25"))
+        text = raw["text_config"]
+        if not isinstance(text, dict):
+            raise CheckpointError(f"{source}: text_config must be an object")
+        source = f"{source}: text_config"
+
+    def need(key: str, kind: type | tuple[type, ...]) -> Any:
+        if key not in text:
+            raise CheckpointError(f"{source}: missing required field {key!r}")
+        value = text[key]
+        if isinstance(value, bool) and kind is not bool:
+            raise CheckpointError(f"{source}: field {key!r} must be {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise CheckpointError(f"{source}: field {key!r} must be {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def opt(key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        return need(key, kind) if text.get(key) is not None else default
+
+    scoring = text.get("scoring_func", "sigmoid")
+    if scoring != "sigmoid":
+        raise CheckpointError(f"{source}: scoring_func {scoring!r} is not supported (expected 'sigmoid')")
+    act = text.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported (expected 'silu')")
+    if text.get("q_lora_rank") is None:
+        raise CheckpointError(f"{source}: q_lora_rank is null; only the q-LoRA form of MLA is supported")
+
+    theta, rope = _parse_rope(text, source)
+    # Kimi K2.5 keeps quantization_config inside text_config; older dumps copy it up a level.
+    qraw = text.get("quantization_config") or raw.get("quantization_config")
+    dtype = text.get("torch_dtype") or text.get("dtype") or raw.get("torch_dtype") or raw.get("dtype")
+
+    cfg = ModelConfig(
+        vocab_size=need("vocab_size", int),
+        hidden_size=need("hidden_size", int),
+        intermediate_size=need("intermediate_size", int),
+        moe_intermediate_size=opt("moe_intermediate_size", int, 0),
+        num_hidden_layers=need("num_hidden_layers", int),
+        num_attention_heads=need("num_attention_heads", int),
+        q_lora_rank=need("q_lora_rank", int),
+        kv_lora_rank=need("kv_lora_rank", int),
+        qk_nope_head_dim=need("qk_nope_head_dim", int),
+        qk_rope_head_dim=need("qk_rope_head_dim", int),
+        v_head_dim=need("v_head_dim", int),
+        n_routed_experts=opt("n_routed_experts", int, 0),
+        n_shared_experts=opt("n_shared_experts", int, 0),
+        num_experts_per_tok=opt("num_experts_per_tok", int, 0),
+        n_group=opt("n_group", int, 1),
+        topk_group=opt("topk_group", int, 1),
+        norm_topk_prob=opt("norm_topk_prob", bool, True),
+        routed_scaling_factor=float(opt("routed_scaling_factor", (int, float), 1.0)),
+        first_k_dense_replace=opt("first_k_dense_replace", int, 0),
+        moe_layer_freq=opt("moe_layer_freq", int, 1),
+        rope_theta=theta,
+        rope_scaling=rope,
+        max_position_embeddings=need("max_position_embeddings", int),
+        rms_norm_eps=float(need("rms_norm_eps", (int, float))),
+        tie_word_embeddings=bool(text.get("tie_word_embeddings", raw.get("tie_word_embeddings", False))),
+        bos_token_id=_first_int(text.get("bos_token_id", raw.get("bos_token_id"))),
+        eos_token_id=_first_int(text.get("eos_token_id", raw.get("eos_token_id"))),
+        torch_dtype=str(dtype or "bfloat16"),
+        quant=_parse_quant(qraw, source),
+        wrapper=wrapper,
+    )
+    _check_consistency(cfg, source)
+    return cfg
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _first_int(value: Any) -> int | None:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _parse_rope(text: dict[str, Any], source: str) -> tuple[float, YarnRope | None]:
+    params = text.get("rope_parameters")
+    scaling = text.get("rope_scaling")
+    theta = text.get("rope_theta")
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", theta)
+        if scaling is None and params.get("rope_type", params.get("type")) not in (None, "default"):
+            scaling = params
+    if theta is None:
+        theta = 10000.0
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise CheckpointError(f"{source}: rope_theta must be a positive number, got {theta!r}")
+    if scaling is None:
+        return float(theta), None
+    if not isinstance(scaling, dict):
+        raise CheckpointError(f"{source}: rope_scaling must be an object or null")
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind != "yarn":
+        raise CheckpointError(f"{source}: rope_scaling type {kind!r} is not supported (expected 'yarn')")
+    try:
+        rope = YarnRope(
+            factor=float(scaling["factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            beta_fast=float(scaling.get("beta_fast", 32.0)),
+            beta_slow=float(scaling.get("beta_slow", 1.0)),
+            mscale=float(scaling.get("mscale", 1.0)),
+            mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0) or 0.0),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{source}: rope_scaling is missing {e.args[0]!r}") from None
+    return float(theta), rope
+
+
+def _parse_quant(qraw: Any, source: str) -> QuantScheme:
+    if not qraw:
+        return QuantScheme()
+    if not isinstance(qraw, dict):
+        raise CheckpointError(f"{source}: quantization_config must be an object")
+    method = qraw.get("quant_method")
+    if method == "fp8":
+        block = qraw.get("weight_block_size") or [128, 128]
+        if qraw.get("fmt", "e4m3") != "e4m3":
+            raise CheckpointError(f"{source}: fp8 fmt {qraw.get('fmt')!r} is not supported (expected 'e4m3')")
+        return QuantScheme(kind="fp8-block", block_size=(int(block[0]), int(block[1])))
+    if method == "compressed-tensors":
+        fmt = qraw.get("format")
+        groups = qraw.get("config_groups") or {}
+        if fmt != "pack-quantized" or not groups:
+            raise CheckpointError(
+                f"{source}: compressed-tensors format {fmt!r} is not supported (expected 'pack-quantized')"
+            )
+        weights = next(iter(groups.values())).get("weights") or {}
+        bits, group = weights.get("num_bits"), weights.get("group_size")
+        if bits != 4 or weights.get("type") != "int" or not weights.get("symmetric", False):
+            raise CheckpointError(f"{source}: only symmetric int4 pack-quantized weights are supported, got {weights}")
+        if weights.get("strategy") != "group" or not isinstance(group, int) or group <= 0:
+            raise CheckpointError(f"{source}: expected group quantization with a positive group_size, got {weights}")
+        return QuantScheme(kind="int4-pack", group_size=group, num_bits=4, ignore=tuple(qraw.get("ignore") or ()))
+    raise CheckpointError(f"{source}: quant_method {method!r} is not supported (expected fp8 or compressed-tensors)")
+
+
+def _check_consistency(cfg: ModelConfig, source: str) -> None:
+    positive = (
+        "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads q_lora_rank "
+        "kv_lora_rank qk_nope_head_dim v_head_dim max_position_embeddings"
+    ).split()
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise CheckpointError(f"{source}: {name} must be positive, got {getattr(cfg, name)}")
+    if cfg.qk_rope_head_dim <= 0 or cfg.qk_rope_head_dim % 2:
+        raise CheckpointError(f"{source}: qk_rope_head_dim must be positive and even, got {cfg.qk_rope_head_dim}")
+    if cfg.n_routed_experts:
+        if cfg.moe_intermediate_size <= 0:
+            raise CheckpointError(f"{source}: moe_intermediate_size must be positive when n_routed_experts > 0")
+        if not 0 < cfg.num_experts_per_tok <= cfg.n_routed_experts:
+            raise CheckpointError(
+                f"{source}: num_experts_per_tok must be in [1, n_routed_experts={cfg.n_routed_experts}], "
+                f"got {cfg.num_experts_per_tok}"
+            )
+        if cfg.n_group <= 0 or cfg.n_routed_experts % cfg.n_group:
+            raise CheckpointError(
+                f"{source}: n_routed_experts={cfg.n_routed_experts} must divide into n_group={cfg.n_group} groups"
+            )
+        if not 0 < cfg.topk_group <= cfg.n_group:
+            raise CheckpointError(f"{source}: topk_group must be in [1, n_group={cfg.n_group}], got {cfg.topk_group}")
+        per_group = cfg.n_routed_experts // cfg.n_group
+        if cfg.num_experts_per_tok > cfg.topk_group * per_group:
+            raise CheckpointError(
+                f"{source}: num_experts_per_tok={cfg.num_experts_per_tok} exceeds the experts in "
+                f"topk_group={cfg.topk_group} groups of {per_group}"
+            )
+        if cfg.n_group > 1 and per_group < 2:
+            raise CheckpointError(f"{source}: group scores sum the top 2 experts, so each group needs 2 or more")
+    if cfg.moe_layer_freq <= 0:
+        raise CheckpointError(f"{source}: moe_layer_freq must be positive, got {cfg.moe_layer_freq}")
+    if cfg.quant.kind == "int4-pack":
+        g = cfg.quant.group_size
+        dims = {"hidden_size": cfg.hidden_size, "moe_intermediate_size": cfg.moe_intermediate_size}
+        for name, dim in dims.items():
+            if dim and dim % g:
+                raise CheckpointError(f"{source}: {name}={dim} is not a multiple of the int4 group_size {g}")

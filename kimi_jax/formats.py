@@ -1,0 +1,269 @@
+"""Quantized weight formats: compressed-tensors int4 (pack-quantized) and DeepSeek block FP8.
+
+int4 (Kimi K2.5 / K2-Thinking routed experts): ``weight_packed`` int32 [out, ceil(in/8)], word w of
+row o holds input columns 8w..8w+7, column 8w+j in bits [4j, 4j+4) (LSB first), nibble = q + 8
+(offset binary, not two's complement). ``weight_scale`` bf16 [out, ceil(in/group)];
+W[o, i] = bf16(q[o, i] * scale[o, i // group]).
+
+FP8 (K2-Instruct / DeepSeek-V3): ``weight`` float8_e4m3fn [out, in], ``weight_scale_inv`` f32
+[ceil(out/b0), ceil(in/b1)] which is *multiplied*: W[i, j] = bf16(f32(fp8[i, j]) * s[i//b0, j//b1]).
+
+All functions accept optional leading (stacked-expert) axes: [..., out, in].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from kimi_jax.errors import FormatError
+
+BF16 = ml_dtypes.bfloat16
+FP8 = ml_dtypes.float8_e4m3fn
+FP8_MAX = 448.0
+_SHIFTS = np.arange(8, dtype=np.uint32) * 4  # nibble j of a word sits at bits [4j, 4j+4)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_shape(what: str, found, expected) -> None:
+    found, expected = tuple(int(d) for d in found), tuple(int(d) for d in expected)
+    if found != expected:
+        raise FormatError(f"{what}: expected shape {expected}, found {found}")
+
+
+def _shape_from_weight_shape(weight_shape) -> tuple[int, ...]:
+    """Accept the stored ``weight_shape`` tensor (int32 or int64, shape [2]) or a tuple."""
+    arr = np.asarray(weight_shape)
+    if arr.ndim != 1 or arr.size < 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise FormatError(
+            f"weight_shape: expected a 1-D integer tensor of length >= 2 (out, in), "
+            f"found dtype {arr.dtype} shape {tuple(arr.shape)}")
+    if np.any(arr <= 0):
+        raise FormatError(f"weight_shape: expected positive dimensions, found {arr.tolist()}")
+    return tuple(int(d) for d in arr)
+
+
+# ----------------------------------------------------------------------------------- int4 (numpy)
+
+def unpack_int4(packed: np.ndarray, in_features: int) -> np.ndarray:
+    """int32 [..., out, ceil(in/8)] -> int8 [..., out, in] with codes in [-8, 7]."""
+    packed = np.asarray(packed)
+    if packed.dtype not in (np.int32, np.uint32):
+        raise FormatError(f"weight_packed: expected dtype int32, found {packed.dtype}")
+    if packed.ndim < 2:
+        raise FormatError(f"weight_packed: expected at least 2 dims [out, words], found shape {packed.shape}")
+    in_features = int(in_features)
+    if in_features <= 0:
+        raise FormatError(f"in_features: expected a positive integer, found {in_features}")
+    _check_shape("weight_packed", packed.shape, (*packed.shape[:-1], _cdiv(in_features, 8)))
+    words = packed.view(np.uint32)
+    nibbles = (words[..., None] >> _SHIFTS) & np.uint32(0xF)  # [..., out, words, 8]
+    q = nibbles.astype(np.int8) - np.int8(8)
+    return q.reshape(*packed.shape[:-1], -1)[..., :in_features]
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 [..., out, in] in [-8, 7] -> int32 [..., out, ceil(in/8)]; padding columns packed as q=0."""
+    q = np.asarray(q)
+    if not np.issubdtype(q.dtype, np.integer):
+        raise FormatError(f"int4 codes: expected an integer array, found dtype {q.dtype}")
+    if q.ndim < 2:
+        raise FormatError(f"int4 codes: expected at least 2 dims [out, in], found shape {q.shape}")
+    if q.size and (q.min() < -8 or q.max() > 7):
+        raise FormatError(f"int4 codes: expected values in [-8, 7], found range [{q.min()}, {q.max()}]")
+    n_in = q.shape[-1]
+    n_words = _cdiv(n_in, 8)
+    nib = np.full((*q.shape[:-1], n_words * 8), 8, dtype=np.uint32)  # nibble 8 == q 0
+    nib[..., :n_in] = (q.astype(np.int32) + 8).astype(np.uint32)
+    nib = nib.reshape(*q.shape[:-1], n_words, 8) << _SHIFTS
+    return np.bitwise_or.reduce(nib, axis=-1).astype(np.uint32).view(np.int32)
+
+
+def dequant_int4(packed: np.ndarray, scale: np.ndarray, weight_shape, group_size: int) -> np.ndarray:
+    """W[o, i] = bf16(q[o, i] * scale[o, i // group_size]), exact product rounded once to bf16."""
+    shape = _shape_from_weight_shape(weight_shape)
+    packed, scale = np.asarray(packed), np.asarray(scale)
+    group_size = int(group_size)
+    if group_size <= 0:
+        raise FormatError(f"group_size: expected a positive integer, found {group_size}")
+    if scale.dtype != BF16:
+        raise FormatError(f"weight_scale: expected dtype bfloat16, found {scale.dtype}")
+    if len(shape) == 2:  # the stored [2] tensor describes one matrix; allow stacked leading axes
+        shape = (*packed.shape[:-2], *shape)
+    *lead, n_out, n_in = shape
+    _check_shape("weight_packed", packed.shape, (*lead, n_out, _cdiv(n_in, 8)))
+    _check_shape("weight_scale", scale.shape, (*lead, n_out, _cdiv(n_in, group_size)))
+    q = unpack_int4(packed, n_in).astype(np.float32)
+    s = np.repeat(scale.astype(np.float32), group_size, axis=-1)[..., :n_in]
+    return (q * s).astype(BF16)  # |q| <= 8 and bf16 has 8 mantissa bits: the f32 product is exact
+
+
+def quantize_int4(w: np.ndarray, group_size: int, min_code: int = -7) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-group int4: scale = bf16(amax / 7), q = clip(round(w / scale), min_code, 7)."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim < 2:
+        raise FormatError(f"weight: expected at least 2 dims [out, in], found shape {w.shape}")
+    if not -8 <= int(min_code) <= 0:
+        raise FormatError(f"min_code: expected a value in [-8, 0], found {min_code}")
+    n_in, n_groups = w.shape[-1], _cdiv(w.shape[-1], group_size)
+    padded = np.zeros((*w.shape[:-1], n_groups * group_size), dtype=np.float32)
+    padded[..., :n_in] = w
+    amax = np.abs(padded.reshape(*w.shape[:-1], n_groups, group_size)).max(axis=-1)
+    scale = np.where(amax > 0, amax / np.float32(7.0), np.float32(1.0)).astype(BF16)
+    s = np.repeat(scale.astype(np.float32), group_size, axis=-1)[..., :n_in]
+    q = np.clip(np.round(w / s), int(min_code), 7).astype(np.int8)
+    return pack_int4(q), scale
+
+
+# ------------------------------------------------------------------------------------ fp8 (numpy)
+
+def fp8_e4m3_to_float32(raw: np.ndarray) -> np.ndarray:
+    """uint8 bytes or float8_e4m3fn values -> float32 (0x7F / 0xFF are NaN; there is no inf)."""
+    raw = np.asarray(raw)
+    if raw.dtype == np.uint8:
+        raw = raw.view(FP8)
+    elif raw.dtype != FP8:
+        raise FormatError(f"fp8 weight: expected dtype float8_e4m3fn or uint8, found {raw.dtype}")
+    return raw.astype(np.float32)
+
+
+def _block_size(block_size) -> tuple[int, int]:
+    bs = tuple(int(b) for b in block_size)
+    if len(bs) != 2 or min(bs) <= 0:
+        raise FormatError(f"block_size: expected two positive integers, found {tuple(block_size)}")
+    return bs
+
+
+def dequant_fp8_block(weight: np.ndarray, scale_inv: np.ndarray, block_size=(128, 128)) -> np.ndarray:
+    """W[i, j] = bf16(f32(fp8[i, j]) * scale_inv[i // b0, j // b1]); edge blocks may be partial."""
+    b0, b1 = _block_size(block_size)
+    w = fp8_e4m3_to_float32(weight)
+    scale_inv = np.asarray(scale_inv)
+    if w.ndim < 2:
+        raise FormatError(f"fp8 weight: expected at least 2 dims [out, in], found shape {w.shape}")
+    if scale_inv.dtype != np.float32:
+        raise FormatError(f"weight_scale_inv: expected dtype float32, found {scale_inv.dtype}")
+    *lead, n_out, n_in = w.shape
+    _check_shape("weight_scale_inv", scale_inv.shape, (*lead, _cdiv(n_out, b0), _cdiv(n_in, b1)))
+    s = np.repeat(np.repeat(scale_inv, b0, axis=-2)[..., :n_out, :], b1, axis=-1)[..., :n_in]
+    return (w * s).astype(BF16)
+
+
+def quantize_fp8_block(w: np.ndarray, block_size=(128, 128)) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block FP8: scale_inv = amax_block / 448 (1.0 for all-zero blocks), q = fp8(w / scale_inv)."""
+    b0, b1 = _block_size(block_size)
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim < 2:
+        raise FormatError(f"weight: expected at least 2 dims [out, in], found shape {w.shape}")
+    *lead, n_out, n_in = w.shape
+    r, c = _cdiv(n_out, b0), _cdiv(n_in, b1)
+    padded = np.zeros((*lead, r * b0, c * b1), dtype=np.float32)
+    padded[..., :n_out, :n_in] = w
+    blocks = np.abs(padded.reshape(*lead, r, b0, c, b1))
+    amax = blocks.max(axis=(-3, -1))
+    scale_inv = np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1.0)).astype(np.float32)
+    s = np.repeat(np.repeat(scale_inv, b0, axis=-2)[..., :n_out, :], b1, axis=-1)[..., :n_in]
+    q = np.clip(w / s, -FP8_MAX, FP8_MAX).astype(FP8)
+    return q, scale_inv
+
+
+# -------------------------------------------------------------------------------------------- JAX
+
+def _round_to_bf16_bits(x: jax.Array) -> jax.Array:
+    """f32 -> uint32 bit pattern rounded to bf16 (round-to-nearest-even), low 16 bits zero.
+
+    Done with integer ops so XLA cannot elide the rounding of an f32->bf16->f32 round trip
+    (it may when excess precision is allowed, as on GPU)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    rounded = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+    quiet_nan = (bits | jnp.uint32(0x00400000)) & jnp.uint32(0xFFFF0000)
+    return jnp.where(jnp.isnan(x), quiet_nan, rounded)
+
+
+def _bf16_bits_to(bits: jax.Array, dtype) -> jax.Array:
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bfloat16:
+        return jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)  # exact for f32
+
+
+def dequant_int4_jax(packed: jax.Array, scale: jax.Array, in_features: int, group_size: int,
+                     dtype=jnp.bfloat16) -> jax.Array:
+    """JAX twin of dequant_int4 (same bits), for [..., out, words] packed / [..., out, groups] scale."""
+    in_features, group_size = int(in_features), int(group_size)
+    *lead, n_out, _ = packed.shape
+    _check_shape("weight_packed", packed.shape, (*lead, n_out, _cdiv(in_features, 8)))
+    _check_shape("weight_scale", scale.shape, (*lead, n_out, _cdiv(in_features, group_size)))
+    words = jax.lax.bitcast_convert_type(packed, jnp.uint32)
+    nibbles = (words[..., None] >> jnp.asarray(_SHIFTS)) & jnp.uint32(0xF)
+    q = nibbles.reshape(*lead, n_out, -1)[..., :in_features].astype(jnp.float32) - 8.0
+    s = jnp.repeat(scale.astype(jnp.float32), group_size, axis=-1)[..., :in_features]
+    return _bf16_bits_to(_round_to_bf16_bits(q * s), dtype)
+
+
+def dequant_fp8_block_jax(weight: jax.Array, scale_inv: jax.Array, block_size=(128, 128),
+                          dtype=jnp.bfloat16) -> jax.Array:
+    """JAX twin of dequant_fp8_block (same bits); weight float8_e4m3fn or uint8 [..., out, in]."""
+    b0, b1 = _block_size(block_size)
+    if weight.dtype == jnp.uint8:
+        weight = jax.lax.bitcast_convert_type(weight, jnp.float8_e4m3fn)
+    *lead, n_out, n_in = weight.shape
+    _check_shape("weight_scale_inv", scale_inv.shape, (*lead, _cdiv(n_out, b0), _cdiv(n_in, b1)))
+    s = jnp.repeat(scale_inv.astype(jnp.float32), b0, axis=-2)[..., :n_out, :]
+    s = jnp.repeat(s, b1, axis=-1)[..., :n_in]
+    return _bf16_bits_to(_round_to_bf16_bits(weight.astype(jnp.float32) * s), dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4Weight:
+    """A pack-quantized int4 linear weight kept packed inside JAX (a pytree)."""
+
+    packed: jax.Array  # int32 [..., out, ceil(in/8)]
+    scale: jax.Array  # bf16 [..., out, ceil(in/group_size)]
+    in_features: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.packed.shape[:-1], self.in_features)
+
+    def dequantize(self, dtype=jnp.bfloat16) -> jax.Array:
+        return dequant_int4_jax(self.packed, self.scale, self.in_features, self.group_size, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Weight:
+    """A block-FP8 linear weight kept as FP8 inside JAX (a pytree)."""
+
+    weight: jax.Array  # float8_e4m3fn [..., out, in]
+    scale_inv: jax.Array  # f32 [..., ceil(out/b0), ceil(in/b1)]
+    block_size: tuple = (128, 128)
+
+    def __post_init__(self):
+        object.__setattr__(self, "block_size", tuple(int(b) for b in self.block_size))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    def dequantize(self, dtype=jnp.bfloat16) -> jax.Array:
+        return dequant_fp8_block_jax(self.weight, self.scale_inv, self.block_size, dtype)
+
+
+jax.tree_util.register_dataclass(Int4Weight, data_fields=["packed", "scale"],
+                                 meta_fields=["in_features", "group_size"])
+jax.tree_util.register_dataclass(Fp8Weight, data_fields=["weight", "scale_inv"],
+                                 meta_fields=["block_size"])
+
+__all__ = [
+    "unpack_int4", "pack_int4", "dequant_int4", "quantize_int4", "fp8_e4m3_to_float32",
+    "dequant_fp8_block", "quantize_fp8_block", "dequant_int4_jax", "dequant_fp8_block_jax",
+    "Int4Weight", "Fp8Weight",
+]

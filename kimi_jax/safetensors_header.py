@@ -1,0 +1,168 @@
+"""Safetensors shard headers: parsed without touching tensor bytes, and written for the synthesizer.
+
+A shard is ``u64 little-endian header length N`` + ``N bytes of JSON`` + tensor data. Each JSON
+entry gives dtype, shape and ``data_offsets`` relative to the end of the header. We parse the
+header ourselves (rather than through ``safe_open``) because we need absolute byte offsets for
+positioned reads, and because a corrupted or truncated shard must be reported precisely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from kimi_jax.errors import CheckpointError
+
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+
+NUMPY_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}  # fmt: skip
+
+SAFETENSORS_DTYPE = {v: k for k, v in NUMPY_DTYPES.items()}
+
+# A real Kimi K2.5 MoE shard header is about 0.5 MB; anything this large is corruption.
+MAX_HEADER_BYTES = 256 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRecord:
+    """One tensor in one shard, located by absolute byte offset in the file."""
+
+    stored_name: str
+    shard: Path
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return NUMPY_DTYPES[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardHeader:
+    path: Path
+    file_size: int
+    data_start: int
+    data_end: int  # absolute offset of the last tensor byte + 1
+    tensors: tuple[TensorRecord, ...]
+    metadata: dict[str, str]
+
+
+def read_shard_header(path: Path) -> ShardHeader:
+    """Parse one shard's header; reject truncation and inconsistent entries, naming the tensor."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: shard is truncated: {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: corrupted safetensors header: declares a {n}-byte header in a {size}-byte file"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read shard header ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupted safetensors header: not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupted safetensors header: expected a JSON object")
+
+    data_start = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    records = []
+    data_end = data_start
+    for name, entry in header.items():
+        records.append(_parse_entry(path, name, entry, data_start))
+        data_end = max(data_end, records[-1].offset + records[-1].nbytes)
+    if data_end > size:
+        raise CheckpointError(
+            f"{path}: shard is truncated: header declares tensor data up to byte {data_end}, file has {size} bytes"
+        )
+    records.sort(key=lambda r: r.offset)
+    return ShardHeader(path, size, data_start, data_end, tuple(records), dict(metadata))
+
+
+def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorRecord:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CheckpointError(f"{where}: corrupted header entry, expected dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"{where}: unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: corrupted shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise CheckpointError(f"{where}: corrupted data_offsets {offsets!r}")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if begin < 0 or end - begin != expected:
+        raise CheckpointError(
+            f"{where}: data_offsets {offsets} span {end - begin} bytes, but {dtype}{shape} needs {expected}"
+        )
+    return TensorRecord(name, path, data_start + begin, expected, dtype, tuple(shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor to write: ``data`` is an array, or None to leave its bytes as a file hole."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray | None = None
+
+
+def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors shard in the given tensor order; returns the tensor-data byte count.
+
+    Tensors without data are left as holes (the file is extended with ``truncate``), which is
+    how the full-shape Kimi layout fits on a small disk.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    cursor = 0
+    for t in tensors:
+        nbytes = math.prod(t.shape) * DTYPE_SIZES[t.dtype]
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [cursor, cursor + nbytes]}
+        cursor += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        start = f.tell()
+        for t in tensors:
+            nbytes = math.prod(t.shape) * DTYPE_SIZES[t.dtype]
+            if t.data is None:
+                f.seek(nbytes, os.SEEK_CUR)
+                continue
+            arr = np.ascontiguousarray(t.data)
+            if arr.dtype != NUMPY_DTYPES[t.dtype] or arr.shape != t.shape:
+                raise ValueError(f"{t.name}: data is {arr.dtype}{arr.shape}, planned {t.dtype}{t.shape}")
+            f.write(arr.tobytes())
+        f.truncate(start + cursor)
+    return cursor

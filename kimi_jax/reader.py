@@ -173,6 +173,8 @@ def evict_page_cache(paths: Iterable[Path]) -> None:
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
+            # Dirty pages (a freshly written shard) are not dropped, so flush them first.
+            os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)

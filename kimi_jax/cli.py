@@ -1,0 +1,82 @@
+"""The ``kimi-jax`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from kimi_jax.errors import KimiJaxError
+
+
+class _Group(click.Group):
+    """Print our own errors as one clean line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KimiJaxError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="kimi-jax")
+def main() -> None:
+    """Stream DeepSeek-V3-architecture MoE checkpoints (Kimi K2.5) through JAX, layer by layer."""
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a manifest field (repeatable).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output directory (replaces output.dir).")
+def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None) -> None:
+    """Run a manifest: stream the checkpoint and generate tokens."""
+    from kimi_jax.runner import run_manifest
+
+    run_manifest(manifest, list(overrides), out_dir)
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(["tiny", "small", "full-shape"]), default="tiny", show_default=True)
+@click.option("--layout", type=click.Choice(["kimi-k2.5", "kimi-k2-fp8", "deepseek-v3", "hf-bf16"]),
+              default="kimi-k2.5", show_default=True)  # fmt: skip
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--weight-shape-dtype", type=click.Choice(["I32", "I64"]), default="I32", show_default=True,
+              help="dtype of the int4 weight_shape tensors (real K2.5 files use I32; compressed-tensors writes I64).")  # fmt: skip
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+def synth(preset: str, layout: str, seed: int, weight_shape_dtype: str, out_dir: str) -> None:
+    """Write a deterministic synthetic checkpoint in a real on-disk layout."""
+    from kimi_jax.synth import synth_checkpoint
+
+    if Path(out_dir).exists():
+        raise click.UsageError(f"{out_dir} already exists; choose a new directory")
+    path = synth_checkpoint(out_dir, preset=preset, layout=layout, seed=seed, weight_shape_dtype=weight_shape_dtype)
+    click.echo(f"wrote {layout} {preset} checkpoint (seed {seed}) to {path}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (keys layers, bytes_per_layer, predicted_bytes_per_token).")
+def inspect(checkpoint: str, as_json: bool) -> None:
+    """Show layers, experts, formats, bytes per layer and the predicted bytes per decoded token."""
+    from kimi_jax.checkpoint import open_checkpoint
+    from kimi_jax.inspect import format_report, inspect_report
+
+    report = inspect_report(open_checkpoint(checkpoint))
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@main.command()
+@click.argument("which", type=click.Choice(["manifest"]))
+def schema(which: str) -> None:
+    """Print a published JSON Schema."""
+    from kimi_jax.manifest import manifest_json_schema
+
+    click.echo(json.dumps(manifest_json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

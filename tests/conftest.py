@@ -1,0 +1,24 @@
+"""Shared fixtures: synthetic checkpoints are generated once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kimi_jax.synth import synth_checkpoint
+
+# Keep the JAX compilation cache and generated checkpoints out of the user's home directory.
+os.environ.setdefault("KIMI_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "kimi-jax-test-cache"))
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("synth")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(synth_dir):
+    """The tiny preset in each real layout, same seed."""
+    return {layout: synth_checkpoint(synth_dir / layout, "tiny", layout, seed=0)
+            for layout in ("kimi-k2.5", "kimi-k2-fp8", "deepseek-v3", "hf-bf16")}  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from kimi_jax.checkpoint import CheckpointIndex, open_checkpoint
@@ -74,8 +75,50 @@ def load_plan(manifest_path: str, overrides: list[str] | None = None, out_dir: s
     return prepare_run(load_manifest(manifest_path, overrides or [], out_dir))
 
 
-def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None):
+def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None, echo=print):
     plan = load_plan(manifest_path, overrides, out_dir)
-    from kimi_jax.engine import generate_from_plan
+    return generate(plan, echo=echo)
 
-    return generate_from_plan(plan)
+
+def generate(plan: RunPlan, echo=print, progress: bool = True):
+    """Stream the plan's checkpoint and decode greedily; prints progress and a per-step summary."""
+    from tqdm import tqdm
+
+    from kimi_jax.engine import Engine
+    from kimi_jax.jax_setup import enable_compilation_cache
+
+    m = plan.manifest
+    enable_compilation_cache(m.model.cache_dir)
+    if m.storage.evict_page_cache:
+        from kimi_jax.reader import evict_page_cache
+
+        evict_page_cache(h.path for h in plan.index.shards)
+    cfg = plan.index.config
+    echo(f"{plan.index.layout} checkpoint {plan.index.root}")
+    echo(f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; "
+         f"prompt {list(plan.prompt)}; {m.generate.max_new_tokens} new tokens, kv_cache {m.generate.kv_cache}, "
+         f"{m.compute.dtype}")  # fmt: skip
+    layers = cfg.num_hidden_layers
+    bar = tqdm(total=m.generate.max_new_tokens * layers, unit="layer", disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    done_bytes = [0]
+
+    def on_layer(step: int, layer: int, step_bytes: int) -> None:
+        total = done_bytes[0] + step_bytes
+        rate = total / max(time.perf_counter() - started, 1e-9) / 2**20
+        bar.set_description(f"step {step} layer {layer}")
+        bar.set_postfix_str(f"{total / 2**20:,.1f} MiB read, {rate:,.0f} MiB/s")
+        bar.update(1)
+
+    def on_step(step) -> None:
+        done_bytes[0] += step.bytes_read
+
+    with Engine(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries) as engine:
+        engine.on_layer = on_layer
+        steps = engine.generate(list(plan.prompt), m.generate.max_new_tokens, m.generate.kv_cache, on_step)
+    bar.close()
+    echo(f"{'step':>4} {'token':>8} {'logit':>12} {'bytes read':>14} {'wall s':>8}")
+    for s in steps:
+        echo(f"{s.index:>4} {s.token:>8} {s.logit:>12.6f} {s.bytes_read:>14,} {s.wall_s:>8.3f}")
+    echo("tokens: " + " ".join(str(s.token) for s in steps))
+    return steps

@@ -164,13 +164,16 @@ def _logical_tensors(cfg: ModelConfig) -> Iterator[tuple[int | None, str, tuple[
     yield None, "lm_head.weight", (cfg.vocab_size, cfg.hidden_size)
 
 
+Encoder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
 def _stored(name: str, shape: tuple[int, ...], fmt: str, value: Callable[[], np.ndarray] | None,
-            group: int, weight_shape_dtype: str) -> list[tuple[str, str, tuple[int, ...], Callable | None]]:  # fmt: skip
+            group: int, weight_shape_dtype: str, encoders: dict[str, Encoder]) -> list[tuple[str, str, tuple[int, ...], Callable | None]]:  # fmt: skip
     """Encode a logical tensor as the stored tensors of ``fmt`` (suffixes relative to its module)."""
     module = name[: -len(".weight")] if name.endswith(".weight") else None
     if fmt == "int4" and module:
         out_f, in_f = shape
-        q = _Encoded(lambda: formats.quantize_int4(value(), group), 2) if value else None
+        q = _Encoded(lambda: encoders["int4"](value()), 2) if value else None
         ws = np.array(shape, dtype=np.int32 if weight_shape_dtype == "I32" else np.int64)
         return [
             (f"{module}.weight_packed", "I32", (out_f, math.ceil(in_f / 8)), q and (lambda: q.part(0))),
@@ -178,7 +181,7 @@ def _stored(name: str, shape: tuple[int, ...], fmt: str, value: Callable[[], np.
             (f"{module}.weight_shape", weight_shape_dtype, (2,), (lambda: ws) if value else None),
         ]
     if fmt == "fp8" and module:
-        q = _Encoded(lambda: formats.quantize_fp8_block(value(), (128, 128)), 2) if value else None
+        q = _Encoded(lambda: encoders["fp8"](value()), 2) if value else None
         blocks = (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))
         return [(name, "F8_E4M3", shape, q and (lambda: q.part(0))),
                 (f"{module}.weight_scale_inv", "F32", blocks, q and (lambda: q.part(1)))]  # fmt: skip
@@ -225,8 +228,16 @@ def _safetensors_order(tensors: list[PlannedTensor]) -> list[PlannedTensor]:
 
 
 def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "kimi-k2.5", seed: int = 0,
-                     weight_shape_dtype: str = "I32", sparse: bool | None = None, **overrides: Any) -> Path:  # fmt: skip
-    """Write a synthetic checkpoint to ``out_dir`` (created atomically: temp dir, then rename)."""
+                     weight_shape_dtype: str = "I32", sparse: bool | None = None,
+                     values: Callable[[str, tuple[int, ...]], np.ndarray] | None = None,
+                     encoders: dict[str, Encoder] | None = None, **overrides: Any) -> Path:  # fmt: skip
+    """Write a synthetic checkpoint to ``out_dir`` (created atomically: temp dir, then rename).
+
+    ``overrides`` replace text-config fields. ``values(name, shape)`` supplies the float32 value of
+    each logical tensor (default: seeded random); ``encoders`` may replace the int4 (``w ->
+    (packed, scale)``) or fp8 (``w -> (weight, scale_inv)``) quantizers, e.g. by a reference
+    library's, so a checkpoint can be written from another model's weights.
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     out_dir = Path(out_dir)
@@ -237,6 +248,9 @@ def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
     cfg = parse_model_config(raw_cfg)
     prefix = "language_model.model." if layout == "kimi-k2.5" else "model."
     group = cfg.quant.group_size or 32
+    encoders = {"int4": lambda w: formats.quantize_int4(w, group),
+                "fp8": lambda w: formats.quantize_fp8_block(w, (128, 128)), **(encoders or {})}  # fmt: skip
+    values = values or (lambda n, s: logical_value(seed, n, s))
 
     groups: dict[str, list[PlannedTensor]] = {}  # group key -> tensors, in model order
 
@@ -245,8 +259,9 @@ def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
 
     for layer, name, shape in _logical_tensors(cfg):
         key = "head" if layer is None and name != "embed_tokens.weight" else ("embed" if layer is None else f"L{layer}")
-        value = None if sparse else (lambda n=name, s=shape: logical_value(seed, n, s))
-        for sname, dtype, sshape, make in _stored(name, shape, _format_of(layout, name), value, group, weight_shape_dtype):
+        value = None if sparse else (lambda n=name, s=shape: values(n, s))
+        fmt = _format_of(layout, name)
+        for sname, dtype, sshape, make in _stored(name, shape, fmt, value, group, weight_shape_dtype, encoders):
             full = ("language_model." if layout == "kimi-k2.5" else "") + sname if sname == "lm_head.weight" else prefix + sname
             add(key, full, dtype, sshape, make)
         if layout in ("kimi-k2-fp8", "deepseek-v3") and name.endswith("input_layernorm.weight"):

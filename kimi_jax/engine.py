@@ -1,0 +1,233 @@
+"""The streaming engine: one layer's parameters in memory at a time, only the routed experts read.
+
+For each step the engine embeds the input (reading only the embedding rows it needs), then for
+each layer: reads the layer's non-expert weights (already prefetched on a background thread while
+the previous layer computed), runs attention and the router, reads the distinct experts any
+position picked, runs them, and drops the layer. Then it reads the head and takes the greedy
+token. Capture values come back from the same jitted calls whether or not they are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kimi_jax import model
+from kimi_jax.checkpoint import CheckpointIndex, WeightEntry
+from kimi_jax.errors import CheckpointError
+from kimi_jax.formats import Fp8Weight, Int4Weight
+from kimi_jax.params import dense_layer_params, expert_stack, head_params, moe_base_params
+from kimi_jax.reader import ReadCounters, ShardReader
+from kimi_jax.safetensors_header import TensorRecord
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class LayerRecord:
+    """What one layer did in one step. Routing fields are None for dense layers."""
+
+    layer: int
+    kind: str
+    norm_in: float
+    norm_out: float
+    experts: list[list[int]] | None
+    routing_weights: list[list[float]] | None
+    router_scores: list[list[float]] | None
+    bytes_read: int
+    read_s: float
+    compute_s: float
+
+
+@dataclasses.dataclass
+class StepRecord:
+    index: int
+    context: list[int]
+    token: int
+    logit: float
+    logits: np.ndarray  # float32 [vocab], the last position
+    hidden: np.ndarray  # the residual stream at the last position after the last layer
+    layers: list[LayerRecord]
+    bytes_read: int
+    bytes_per_layer: dict[Any, int]
+    wall_s: float
+
+
+def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: CheckpointIndex) -> Any:
+    """Stored parts -> a plain array or a quantized container that stays packed until the matmul."""
+    if entry.format == "plain":
+        return parts["weight"]
+    if entry.format == "int4":
+        stored = tuple(int(d) for d in parts["weight_shape"])
+        if stored != entry.shape:
+            rec = entry.parts["weight_shape"]
+            raise CheckpointError(f"{rec.shard}: {rec.stored_name} holds {list(stored)}, but weight_packed and "
+                                  f"weight_scale imply {list(entry.shape)}")  # fmt: skip
+        return Int4Weight(parts["weight_packed"], parts["weight_scale"], in_features=entry.shape[1],
+                          group_size=index.config.quant.group_size)  # fmt: skip
+    block = index.config.quant.block_size if index.config.quant.kind == "fp8-block" else (128, 128)
+    return Fp8Weight(parts["weight"], parts["weight_scale_inv"], block_size=tuple(block))
+
+
+def pad_expert_ids(picked: np.ndarray, n_routed: int) -> tuple[list[int], list[int], np.ndarray]:
+    """Distinct picked experts, the stack padded to a power of two by repeating the first (never
+    reading another expert), and each pick's slot in the stack."""
+    distinct = np.unique(picked)
+    size = min(1 << (len(distinct) - 1).bit_length(), n_routed)
+    stack = [int(e) for e in distinct] + [int(distinct[0])] * (size - len(distinct))
+    return [int(e) for e in distinct], stack, np.searchsorted(distinct, picked).astype(np.int32)
+
+
+class Engine:
+    """Streams one checkpoint. ``generate`` runs greedy decoding; see :class:`StepRecord`."""
+
+    def __init__(self, index: CheckpointIndex, dtype: str = "float32", prefetch: bool = True, io_retries: int = 3):
+        self.index = index
+        self.cfg = index.config
+        self.dtype = DTYPES[dtype]
+        self.prefetch = prefetch
+        self.reader = ShardReader(retries=io_retries)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-jax-prefetch")
+        # Called after each layer with (step, layer, bytes read so far this step): progress display.
+        self.on_layer: Callable[[int, int, int], None] | None = None
+        self._step = 0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.reader.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _read(self, entries: list[WeightEntry], layer: int | None) -> dict[str, Any]:
+        parts = self.reader.read_weights(entries, layer=layer)
+        return {e.name: decode_weight(e, parts[e.name], self.index) for e in entries}
+
+    def _load_base(self, layer: int):
+        started = time.perf_counter()
+        lm = self.index.layers[layer]
+        tensors = self._read(list(lm.base.values()), layer)
+        build = moe_base_params if lm.kind == "moe" else dense_layer_params
+        return build(self.cfg, layer, tensors), time.perf_counter() - started
+
+    def _load_head(self):
+        started = time.perf_counter()
+        tensors = self._read(list(self.index.head.values()), None)
+        if "lm_head.weight" not in tensors:  # tied embeddings
+            tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+        return head_params(tensors, self.cfg), time.perf_counter() - started
+
+    def _embed(self, tokens: list[int]) -> jax.Array:
+        """Read only the embedding rows of the distinct tokens in ``tokens``."""
+        entry = self.index.embed.parts["weight"]
+        row = entry.nbytes // entry.shape[0]
+        distinct = sorted(set(tokens))
+        records = [TensorRecord(f"{entry.stored_name}[{t}]", entry.shard, entry.offset + t * row, row, entry.dtype,
+                                (entry.shape[1],)) for t in distinct]  # fmt: skip
+        rows = self.reader.read_records(records, layer=None, labels=[f"embed_tokens.weight[{t}]" for t in distinct])
+        table = dict(zip(distinct, rows))
+        return jnp.asarray(np.stack([table[t] for t in tokens])).astype(self.dtype)
+
+    def _submit(self, fn: Callable, *args) -> Future:
+        if self.prefetch:
+            return self._pool.submit(fn, *args)
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
+
+    # -- one forward pass --------------------------------------------------------------------
+
+    def forward(self, tokens: list[int], positions: np.ndarray, caches: list | None):
+        """Run ``tokens`` at ``positions`` through every layer; returns (hidden_last, logits, layers, caches)."""
+        cfg = self.cfg
+        x = self._embed(tokens)
+        pos = jnp.asarray(positions, dtype=jnp.int32)
+        pending = self._submit(self._load_base, 0)
+        records: list[LayerRecord] = []
+        new_caches = [] if caches is not None else None
+        for layer in range(cfg.num_hidden_layers):
+            params, read_s = pending.result()
+            is_last = layer + 1 == cfg.num_hidden_layers
+            pending = self._submit(self._load_head) if is_last else self._submit(self._load_base, layer + 1)
+            cache = caches[layer] if caches is not None else None
+            lm = self.index.layers[layer]
+            started = time.perf_counter()
+            if lm.kind == "dense":
+                x, cache, cap = model.dense_layer(cfg, params, x, pos, cache)
+                routing, norm_out = None, cap["norm_out"]
+                x.block_until_ready()
+                compute_s = time.perf_counter() - started
+            else:
+                h, cache, routing, cap = model.moe_attention_and_route(cfg, params, x, pos, cache)
+                picked = np.asarray(routing.idx)  # waits for the router
+                compute_s = time.perf_counter() - started
+                started = time.perf_counter()
+                distinct, stack_ids, slots = pad_expert_ids(picked, cfg.n_routed_experts)
+                loaded = self._read([w for e in distinct for w in lm.experts[e].values()], layer)
+                experts = expert_stack(cfg, layer, stack_ids, loaded)
+                read_s += time.perf_counter() - started
+                started = time.perf_counter()
+                x, cap_out = model.moe_experts(cfg, params, experts, jnp.asarray(slots), routing.weights_scaled, h)
+                norm_out = cap_out["norm_out"]
+                x.block_until_ready()
+                compute_s += time.perf_counter() - started
+            if new_caches is not None:
+                new_caches.append(cache)
+            records.append(LayerRecord(
+                layer=layer, kind=lm.kind, norm_in=float(cap["norm_in"]), norm_out=float(norm_out),
+                experts=None if routing is None else np.asarray(routing.idx).tolist(),
+                routing_weights=None if routing is None else np.asarray(routing.weights_norm).tolist(),
+                router_scores=None if routing is None else np.asarray(routing.scores).tolist(),
+                bytes_read=0, read_s=read_s, compute_s=compute_s,
+            ))  # fmt: skip
+            del params
+            if self.on_layer:
+                self.on_layer(self._step, layer, self.reader.step.total)
+        head, _ = pending.result()
+        hidden = x[-1]
+        logits = model.final_logits(cfg, head, hidden)
+        per_layer = self.reader.step.per_layer
+        for rec in records:
+            rec.bytes_read = per_layer.get(rec.layer, 0)
+        return np.asarray(hidden), np.asarray(logits), records, new_caches
+
+    # -- generation --------------------------------------------------------------------------
+
+    def generate(self, prompt: list[int], max_new_tokens: int, kv_cache: bool,
+                 on_step: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:  # fmt: skip
+        """Greedy decoding (argmax, ties to the lowest id)."""
+        context = list(prompt)
+        caches = None
+        if kv_cache:
+            capacity = len(prompt) + max_new_tokens
+            caches = [model.LatentCache.empty(self.cfg, capacity, self.dtype) for _ in range(self.cfg.num_hidden_layers)]
+        steps: list[StepRecord] = []
+        for step in range(max_new_tokens):
+            started = time.perf_counter()
+            self._step = step
+            self.reader.begin_step()
+            if kv_cache and step > 0:
+                tokens, positions = [context[-1]], np.array([len(context) - 1])
+            else:
+                tokens, positions = list(context), np.arange(len(context))
+            hidden, logits, layers, caches = self.forward(tokens, positions, caches)
+            counters: ReadCounters = self.reader.end_step()
+            token = int(np.argmax(logits))  # first maximum: ties go to the lowest id
+            record = StepRecord(step, list(context), token, float(logits[token]), logits, hidden, layers,
+                                counters.total, dict(counters.per_layer), time.perf_counter() - started)  # fmt: skip
+            steps.append(record)
+            if on_step:
+                on_step(record)
+            context.append(token)
+        return steps

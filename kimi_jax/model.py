@@ -1,0 +1,387 @@
+"""DeepSeek-V3 / Kimi forward pass as pure JAX functions, one jitted call per layer stage.
+
+The streaming engine reads one layer at a time, so a layer is split where the host must act:
+
+* :func:`dense_layer`: a whole dense layer (attention + SwiGLU MLP).
+* :func:`moe_attention_and_route`: attention of a MoE layer, then the router. The host reads the
+  picked experts from disk (and only those) before the next call.
+* :func:`moe_experts`: shared expert + the weighted routed experts from an :class:`ExpertStack`.
+* :func:`final_logits`: final norm and lm_head.
+
+Every stage takes ``cfg`` as its first, static argument and returns a ``capture`` dict that is
+always computed (the host decides what to keep), so a capturing run and a bare run execute the
+same compiled program.
+
+Attention has two modes, chosen by the *structure* of the ``cache`` argument (never by a value):
+
+* ``cache=None``: naive MLA over the whole sequence passed in (positions 0..T-1, causal mask), with
+  per-head K/V expanded from the latent. This is the ``kv_cache: false`` mode; each step recomputes
+  the sequence. ``None`` comes back as the cache.
+* ``cache=LatentCache``: absorbed MLA. The cache holds only ``kv_a_layernorm(c_kv)`` and the rotated
+  ``k_pe`` per position; the new tokens are written at ``positions`` and attend to every cached
+  position ``<=`` their own. Capacity is fixed, so each decode step reuses one compiled program.
+
+Dtypes follow ``x`` (float32 by default, bfloat16 allowed): matmuls accumulate in float32 and round
+to ``x.dtype``; RMSNorm statistics, softmax and the router run in float32 (as transformers does).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kimi_jax.config import ModelConfig, yarn_mscale
+from kimi_jax.params import (
+    AttentionParams, DenseLayerParams, ExpertStack, HeadParams, MLPParams, MoEBaseParams,
+    RouterParams, dense_layer_params, expert_stack, head_params, moe_base_params,
+)
+
+F32 = jnp.float32
+_HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 shortcuts for float32 matmuls on GPU
+
+# Incremented when a stage is traced (a Python side effect at trace time, not in the program):
+# lets callers and tests see that layers of one shape share one compiled program.
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+# ------------------------------------------------------------------------------------ primitives
+
+
+def _materialize(w: Any, dtype) -> jax.Array:
+    """A weight as a dense array of ``dtype``: dequantize containers, cast plain arrays."""
+    if hasattr(w, "dequantize"):
+        return w.dequantize(dtype)
+    return jnp.asarray(w).astype(dtype)
+
+
+def _mm(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    out = jnp.einsum(spec, a, b, precision=_HIGHEST, preferred_element_type=F32)
+    return out.astype(dtype)
+
+
+def linear(x: jax.Array, w: Any) -> jax.Array:
+    """``x @ w.T`` in ``x.dtype`` for an HF ``[out, in]`` weight, plain or quantized container."""
+    return _mm("...i,oi->...o", x, _materialize(w, x.dtype), x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: Any, eps: float) -> jax.Array:
+    """transformers' RMSNorm: normalize in float32, round to ``x.dtype``, then scale."""
+    xf = x.astype(F32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return _materialize(weight, x.dtype) * y.astype(x.dtype)
+
+
+def swiglu(x: jax.Array, p: MLPParams) -> jax.Array:
+    return linear(jax.nn.silu(linear(x, p.gate_proj)) * linear(x, p.up_proj), p.down_proj)
+
+
+def _last_norm(x: jax.Array) -> jax.Array:
+    """L2 norm (float32) of the residual stream at the last position."""
+    return jnp.linalg.norm(x[-1].astype(F32))
+
+
+# ------------------------------------------------------------------------------------------ RoPE
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [rope/2] (float32) and the cos/sin attention factor (kimi-format 4.3).
+
+    Computed as transformers does (``1 / theta**(2i/d)``, float32); with YaRN the ramp between
+    ``low = max(floor(corr(beta_fast)), 0)`` and ``high = min(ceil(corr(beta_slow)), d-1)`` blends
+    the original frequency (kept below ``low``) with the one divided by ``factor`` (above ``high``).
+    """
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    pos_freqs = np.float32(base) ** exponent
+    inv_extra = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    r = cfg.rope_scaling
+    if r is None:
+        return inv_extra, 1.0
+    inv_inter = (np.float32(1.0) / (np.float32(r.factor) * pos_freqs)).astype(np.float32)
+
+    def corr_dim(rotations: float) -> float:
+        return dim * math.log(r.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(corr_dim(r.beta_fast)), 0)
+    high = min(math.ceil(corr_dim(r.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    keep = (np.float32(1.0) - ramp).astype(np.float32)
+    inv_freq = (inv_inter * (np.float32(1.0) - keep) + inv_extra * keep).astype(np.float32)
+    # transformers: mscale(f, mscale) / mscale(f, mscale_all_dim) when both are set, else mscale(f).
+    if r.mscale and r.mscale_all_dim:
+        factor = yarn_mscale(r.factor, r.mscale) / yarn_mscale(r.factor, r.mscale_all_dim)
+    else:
+        factor = yarn_mscale(r.factor, 1.0)
+    return inv_freq, float(factor)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [T, rope/2] of ``positions * inv_freq`` (float32), times the attention factor."""
+    inv_freq, factor = rope_inv_freq(cfg)
+    angles = positions.astype(F32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    return (jnp.cos(angles) * factor).astype(dtype), (jnp.sin(angles) * factor).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs ``(x[2i], x[2i+1])`` by angle i; the output stays interleaved.
+
+    transformers' ``rope_interleave`` path returns the same rotated pairs de-interleaved (reals
+    first); q and k get the same permutation there, so every q.k (and logit) is identical.
+    """
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------------------- MLA
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LatentCache:
+    """One layer's absorbed-MLA cache with fixed capacity S.
+
+    ``c_kv`` [S, kv_lora_rank] holds ``kv_a_layernorm(c_kv)``, ``k_pe`` [S, rope] the rotated
+    shared key (interleaved pairs); ``length`` (int32 scalar) is how many positions are filled.
+    Writes past capacity are not checked inside the program: the host must keep positions < S.
+    """
+
+    c_kv: jax.Array
+    k_pe: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, capacity: int, dtype=F32) -> LatentCache:
+        return cls(
+            c_kv=jnp.zeros((capacity, cfg.kv_lora_rank), dtype),
+            k_pe=jnp.zeros((capacity, cfg.qk_rope_head_dim), dtype),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return int(self.c_kv.shape[0])
+
+
+def _mla_inputs(cfg: ModelConfig, p: AttentionParams, x: jax.Array, positions: jax.Array):
+    """q_nope [T,H,nope], rotated q_pe [T,H,rope], normalized c_kv [T,R], rotated k_pe [T,rope]."""
+    t, nh, nope = x.shape[0], cfg.num_attention_heads, cfg.qk_nope_head_dim
+    c_q = rms_norm(linear(x, p.q_a_proj), p.q_a_layernorm, cfg.latent_norm_eps)
+    q = linear(c_q, p.q_b_proj).reshape(t, nh, cfg.qk_head_dim)
+    a = linear(x, p.kv_a_proj_with_mqa)
+    c_kv = rms_norm(a[:, : cfg.kv_lora_rank], p.kv_a_layernorm, cfg.latent_norm_eps)
+    cos, sin = rope_cos_sin(cfg, positions, x.dtype)
+    q_pe = apply_rope(q[..., nope:], cos[:, None, :], sin[:, None, :])
+    k_pe = apply_rope(a[:, cfg.kv_lora_rank :], cos, sin)
+    return q[..., :nope], q_pe, c_kv, k_pe
+
+
+def _softmax(scores: jax.Array, q_pos: jax.Array, k_pos: jax.Array, dtype) -> jax.Array:
+    """Causal (key position <= query position) softmax over the last axis, in float32."""
+    visible = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+    scores = jnp.where(visible[None], scores, -jnp.inf)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def _attend_naive(cfg, p: AttentionParams, q_nope, q_pe, c_kv, k_pe, positions) -> jax.Array:
+    """Expand per-head K/V from the latent for all T positions; scores q.k over [nope | rope]."""
+    t, nh, nope, dt = c_kv.shape[0], cfg.num_attention_heads, cfg.qk_nope_head_dim, c_kv.dtype
+    kv = linear(c_kv, p.kv_b_proj).reshape(t, nh, nope + cfg.v_head_dim)
+    k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_pe[:, None, :], (t, nh, k_pe.shape[-1]))], -1)
+    q = jnp.concatenate([q_nope, q_pe], axis=-1)
+    scores = jnp.einsum("thd,shd->hts", q, k, precision=_HIGHEST, preferred_element_type=F32)
+    probs = _softmax(scores * cfg.softmax_scale, positions, positions, dt)
+    return _mm("hts,shv->thv", probs, kv[..., nope:], dt).reshape(t, nh * cfg.v_head_dim)
+
+
+def _attend_absorbed(cfg, p: AttentionParams, q_nope, q_pe, cache: LatentCache, positions) -> jax.Array:
+    """Attend over the latent cache: W_UK folded into q, W_UV applied after the softmax."""
+    t, nh, nope, dt = q_nope.shape[0], cfg.num_attention_heads, cfg.qk_nope_head_dim, q_nope.dtype
+    w_kv = _materialize(p.kv_b_proj, dt).reshape(nh, nope + cfg.v_head_dim, cfg.kv_lora_rank)
+    c_kv, k_pe = cache.c_kv.astype(dt), cache.k_pe.astype(dt)
+    q_lat = _mm("thd,hdr->thr", q_nope, w_kv[:, :nope], dt)
+    scores = jnp.einsum("thr,sr->hts", q_lat, c_kv, precision=_HIGHEST, preferred_element_type=F32)
+    scores += jnp.einsum("thp,sp->hts", q_pe, k_pe, precision=_HIGHEST, preferred_element_type=F32)
+    k_pos = jnp.arange(cache.capacity, dtype=positions.dtype)
+    probs = _softmax(scores * cfg.softmax_scale, positions, k_pos, dt)
+    o_lat = _mm("hts,sr->thr", probs, c_kv, dt)
+    return _mm("thr,hvr->thv", o_lat, w_kv[:, nope:], dt).reshape(t, nh * cfg.v_head_dim)
+
+
+def mla(cfg: ModelConfig, p: AttentionParams, x: jax.Array, positions: jax.Array, cache: LatentCache | None):
+    """Multi-head latent attention of normalized ``x`` [T, hidden]; returns (out, cache)."""
+    q_nope, q_pe, c_kv, k_pe = _mla_inputs(cfg, p, x, positions)
+    if cache is None:
+        out = _attend_naive(cfg, p, q_nope, q_pe, c_kv, k_pe, positions)
+    else:
+        start = positions[0]
+        cache = LatentCache(
+            c_kv=jax.lax.dynamic_update_slice(cache.c_kv, c_kv.astype(cache.c_kv.dtype), (start, 0)),
+            k_pe=jax.lax.dynamic_update_slice(cache.k_pe, k_pe.astype(cache.k_pe.dtype), (start, 0)),
+            length=jnp.maximum(cache.length, positions[-1] + 1).astype(jnp.int32),
+        )
+        out = _attend_absorbed(cfg, p, q_nope, q_pe, cache, positions)
+    return linear(out, p.o_proj), cache
+
+
+# ---------------------------------------------------------------------------------------- router
+
+
+class Routing(NamedTuple):
+    idx: jax.Array  # int32 [T, k] expert ids, best first (by biased score; ties to the lower id)
+    weights_norm: jax.Array  # f32 [T, k] selected sigmoid scores, renormalized if norm_topk_prob
+    scores: jax.Array  # f32 [T, k] raw sigmoid scores of the selected experts
+    weights_scaled: jax.Array  # f32 [T, k] weights_norm * routed_scaling_factor (used to combine)
+
+
+def route(cfg: ModelConfig, gate: RouterParams, x: jax.Array) -> Routing:
+    """noaux_tc sigmoid router on normalized ``x`` [T, hidden], float32 throughout."""
+    t, e, k = x.shape[0], cfg.n_routed_experts, cfg.num_experts_per_tok
+    scores = jax.nn.sigmoid(linear(x.astype(F32), gate.weight))  # [T, E]
+    choice = scores + _materialize(gate.e_score_correction_bias, F32)
+    if cfg.n_group > 1:
+        # transformers: group score = sum of the top-2 biased scores; keep topk_group groups and
+        # set every expert of the other groups to -inf (the DeepSeek remote code uses 0.0).
+        grouped = choice.reshape(t, cfg.n_group, e // cfg.n_group)
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [T, G]
+        _, keep = jax.lax.top_k(group_scores, cfg.topk_group)
+        kept = jnp.any(keep[..., None] == jnp.arange(cfg.n_group), axis=1)  # [T, G]
+        choice = jnp.where(jnp.repeat(kept, e // cfg.n_group, axis=-1), choice, -jnp.inf)
+    _, idx = jax.lax.top_k(choice, k)
+    picked = jnp.take_along_axis(scores, idx, axis=-1)
+    weights = picked / (picked.sum(-1, keepdims=True) + 1e-20) if cfg.norm_topk_prob else picked
+    return Routing(idx.astype(jnp.int32), weights, picked, weights * cfg.routed_scaling_factor)
+
+
+# ---------------------------------------------------------------------------------------- experts
+
+
+def routed_experts(experts: ExpertStack, slots: jax.Array, weights: jax.Array, x: jax.Array) -> jax.Array:
+    """``sum_k weights[t,k] * Expert_{slots[t,k]}(x[t])`` (float32) over a stack of n experts.
+
+    Scans the stack one expert at a time (so a quantized stack is dequantized one expert at a time)
+    and skips, with a real conditional, every slot no token references: padding slots are never
+    computed, whatever they hold. A referenced expert runs on all T rows and keeps its own.
+    """
+    n = experts.gate_proj.shape[0]
+    hit = slots[..., None] == jnp.arange(n, dtype=slots.dtype)  # [T, k, n]
+    combine = jnp.sum(jnp.where(hit, weights.astype(F32)[..., None], 0.0), axis=1).T  # [n, T]
+    used = jnp.any(hit, axis=1).T  # [n, T]
+
+    def one_expert(acc, xs):
+        gate, up, down, c, u = xs
+
+        def run(acc):
+            y = swiglu(x, MLPParams(gate_proj=gate, up_proj=up, down_proj=down)).astype(F32)
+            return acc + jnp.where(u[:, None], y * c[:, None], 0.0)
+
+        return jax.lax.cond(jnp.any(u), run, lambda acc: acc, acc), None
+
+    acc = jnp.zeros(x.shape, F32)
+    acc, _ = jax.lax.scan(one_expert, acc, (experts.gate_proj, experts.up_proj, experts.down_proj, combine, used))
+    return acc
+
+
+# -------------------------------------------------------------------------------------- the stages
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def dense_layer(cfg: ModelConfig, p: DenseLayerParams, x: jax.Array, positions: jax.Array,
+                cache: LatentCache | None):
+    """Dense layer: returns (x_out, cache, {norm_in, norm_out})."""
+    TRACE_COUNTS["dense_layer"] += 1
+    attn, cache = mla(cfg, p.self_attn, rms_norm(x, p.input_layernorm, cfg.rms_norm_eps), positions, cache)
+    h = x + attn
+    x_out = h + swiglu(rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps), p.mlp)
+    return x_out, cache, {"norm_in": _last_norm(x), "norm_out": _last_norm(x_out)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def moe_attention_and_route(cfg: ModelConfig, p: MoEBaseParams, x: jax.Array, positions: jax.Array,
+                            cache: LatentCache | None):
+    """Attention half of a MoE layer plus routing: returns (h, cache, Routing, {norm_in})."""
+    TRACE_COUNTS["moe_attention_and_route"] += 1
+    attn, cache = mla(cfg, p.self_attn, rms_norm(x, p.input_layernorm, cfg.rms_norm_eps), positions, cache)
+    h = x + attn
+    routing = route(cfg, p.gate, rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps))
+    return h, cache, routing, {"norm_in": _last_norm(x)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def moe_experts(cfg: ModelConfig, p: MoEBaseParams, experts: ExpertStack, slots: jax.Array,
+                weights_scaled: jax.Array, h: jax.Array):
+    """FFN half of a MoE layer: ``h + routed(hn) + shared(hn)``; returns (x_out, {norm_out}).
+
+    ``slots`` [T, k] index each selected expert within ``experts`` (see :func:`plan_expert_slots`).
+    """
+    TRACE_COUNTS["moe_experts"] += 1
+    hn = rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps)
+    ffn = routed_experts(experts, slots, weights_scaled, hn).astype(h.dtype)
+    if p.shared_experts is not None:
+        ffn = ffn + swiglu(hn, p.shared_experts)
+    x_out = h + ffn
+    return x_out, {"norm_out": _last_norm(x_out)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def final_logits(cfg: ModelConfig, head: HeadParams, x_last: jax.Array) -> jax.Array:
+    """Final RMSNorm and lm_head: [hidden] -> float32 [vocab] (also [T, hidden] -> [T, vocab])."""
+    TRACE_COUNTS["final_logits"] += 1
+    return linear(rms_norm(x_last, head.norm, cfg.rms_norm_eps), head.lm_head).astype(F32)
+
+
+# ---------------------------------------------------------------------------------- host helpers
+
+
+def plan_expert_slots(idx: np.ndarray, n_routed_experts: int, bucket: bool = True) -> tuple[list[int], np.ndarray]:
+    """Host side: which experts to read, and each pick's slot in the stack.
+
+    Returns ``(expert_ids, slots)``: the distinct ids in ``idx`` [T, k] sorted ascending, padded
+    (when ``bucket``) to the next power of two with other, unpicked ids so that stacks of one shape
+    share one compiled program; ``slots[t, j]`` is the position of ``idx[t, j]`` in ``expert_ids``.
+    """
+    idx = np.asarray(idx)
+    ids = np.unique(idx)
+    n = min(1 << (len(ids) - 1).bit_length(), n_routed_experts) if bucket else len(ids)
+    filler = np.setdiff1d(np.arange(n_routed_experts), ids)[: n - len(ids)]
+    slots = np.searchsorted(ids, idx).astype(np.int32)
+    return [int(i) for i in ids] + [int(i) for i in filler], slots
+
+
+def forward_all(cfg: ModelConfig, tensors: Mapping[str, Any], tokens: Sequence[int], embed: Any,
+                dtype=F32) -> jax.Array:
+    """Non-streaming reference: float32 logits [T, vocab] for every position, naive attention.
+
+    Everything is in memory (``tensors`` by canonical name, ``embed`` the [vocab, hidden] table);
+    it runs the same jitted stages as the engine, with expert stacks padded as the engine does.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    x = jnp.asarray(np.asarray(embed)[tokens]).astype(dtype)
+    positions = jnp.arange(len(tokens), dtype=jnp.int32)
+    for layer in range(cfg.num_hidden_layers):
+        if cfg.is_moe_layer(layer):
+            base = moe_base_params(cfg, layer, tensors)
+            h, _, routing, _ = moe_attention_and_route(cfg, base, x, positions, None)
+            ids, slots = plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts)
+            stack = expert_stack(cfg, layer, ids, tensors)
+            x, _ = moe_experts(cfg, base, stack, jnp.asarray(slots), routing.weights_scaled, h)
+        else:
+            x, _, _ = dense_layer(cfg, dense_layer_params(cfg, layer, tensors), x, positions, None)
+    return final_logits(cfg, head_params(tensors, cfg), x)
+
+
+__all__ = [
+    "linear", "rms_norm", "swiglu", "rope_inv_freq", "rope_cos_sin", "apply_rope", "LatentCache",
+    "mla", "Routing", "route", "routed_experts", "dense_layer", "moe_attention_and_route",
+    "moe_experts", "final_logits", "plan_expert_slots", "forward_all", "TRACE_COUNTS",
+]

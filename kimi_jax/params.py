@@ -1,0 +1,242 @@
+"""Parameter pytrees for one layer (or the head) and builders from canonical tensor names.
+
+Every class is a frozen dataclass registered with :func:`jax.tree_util.register_dataclass`, with
+field names that follow the checkpoint (``q_a_proj``, ``kv_b_proj``, ``shared_experts``...) and
+weights in the HF ``[out, in]`` layout. A weight may be a plain numpy/jax array or a quantized
+container from :mod:`kimi_jax.formats` (``Int4Weight`` / ``Fp8Weight``): anything with
+``.shape`` and ``.dequantize(dtype)``. :func:`kimi_jax.model.linear` accepts both.
+
+Canonical tensor names carry no ``model.`` prefix: ``layers.3.self_attn.q_a_proj.weight``,
+``layers.3.mlp.gate.e_score_correction_bias``, ``layers.3.mlp.experts.7.down_proj.weight``,
+``norm.weight``, ``lm_head.weight``.
+
+The streaming engine splits a MoE layer in two: :class:`MoEBaseParams` (everything but the
+routed experts, read before the router runs) and :class:`ExpertStack` (only the experts the
+router picked, stacked along a leading axis, possibly padded to a bucket size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kimi_jax.config import ModelConfig
+from kimi_jax.errors import CheckpointError
+
+Weight = Any  # np.ndarray | jax.Array | Int4Weight | Fp8Weight
+
+
+def _pytree(cls):
+    """Frozen dataclass whose fields are all pytree children."""
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+@_pytree
+class AttentionParams:
+    q_a_proj: Weight  # [q_lora_rank, hidden]
+    q_a_layernorm: Weight  # [q_lora_rank]
+    q_b_proj: Weight  # [heads * (nope + rope), q_lora_rank]
+    kv_a_proj_with_mqa: Weight  # [kv_lora_rank + rope, hidden]
+    kv_a_layernorm: Weight  # [kv_lora_rank]
+    kv_b_proj: Weight  # [heads * (nope + v), kv_lora_rank]
+    o_proj: Weight  # [hidden, heads * v]
+
+
+@_pytree
+class MLPParams:
+    """SwiGLU ``down(silu(gate(x)) * up(x))``: the dense MLP and the shared expert."""
+
+    gate_proj: Weight  # [inter, hidden]
+    up_proj: Weight  # [inter, hidden]
+    down_proj: Weight  # [hidden, inter]
+
+
+@_pytree
+class RouterParams:
+    weight: Weight  # [n_routed_experts, hidden]
+    e_score_correction_bias: Weight  # [n_routed_experts]
+
+
+@_pytree
+class ExpertStack:
+    """The ``n`` routed experts read for one layer, stacked on a leading axis.
+
+    Slot ``j`` of the stack holds expert ``expert_ids[j]`` (the engine keeps that mapping on the
+    host); padding slots hold any finite weights and are never referenced by the router's slots.
+    """
+
+    gate_proj: Weight  # [n, moe_inter, hidden]
+    up_proj: Weight  # [n, moe_inter, hidden]
+    down_proj: Weight  # [n, hidden, moe_inter]
+
+
+@_pytree
+class DenseLayerParams:
+    input_layernorm: Weight  # [hidden]
+    post_attention_layernorm: Weight  # [hidden]
+    self_attn: AttentionParams
+    mlp: MLPParams
+
+
+@_pytree
+class MoEBaseParams:
+    """A MoE layer minus its routed experts. ``shared_experts`` is None when n_shared_experts == 0."""
+
+    input_layernorm: Weight
+    post_attention_layernorm: Weight
+    self_attn: AttentionParams
+    gate: RouterParams
+    shared_experts: MLPParams | None
+
+
+@_pytree
+class HeadParams:
+    norm: Weight  # [hidden]
+    lm_head: Weight  # [vocab, hidden]
+
+
+# ----------------------------------------------------------------------------------------- builders
+
+
+def _get(tensors: Mapping[str, Weight], name: str, shape: tuple[int, ...]) -> Weight:
+    try:
+        value = tensors[name]
+    except KeyError:
+        raise CheckpointError(f"tensor {name!r}: missing (expected shape {shape})") from None
+    found = tuple(int(d) for d in getattr(value, "shape", ()))
+    if found != tuple(shape):
+        raise CheckpointError(f"tensor {name!r}: expected shape {tuple(shape)}, found {found}")
+    return value
+
+
+def _attention(cfg: ModelConfig, prefix: str, t: Mapping[str, Weight]) -> AttentionParams:
+    h, n = cfg.hidden_size, cfg.num_attention_heads
+    q, kv, rope = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    p = f"{prefix}.self_attn."
+    return AttentionParams(
+        q_a_proj=_get(t, p + "q_a_proj.weight", (q, h)),
+        q_a_layernorm=_get(t, p + "q_a_layernorm.weight", (q,)),
+        q_b_proj=_get(t, p + "q_b_proj.weight", (n * cfg.qk_head_dim, q)),
+        kv_a_proj_with_mqa=_get(t, p + "kv_a_proj_with_mqa.weight", (kv + rope, h)),
+        kv_a_layernorm=_get(t, p + "kv_a_layernorm.weight", (kv,)),
+        kv_b_proj=_get(t, p + "kv_b_proj.weight", (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), kv)),
+        o_proj=_get(t, p + "o_proj.weight", (h, n * cfg.v_head_dim)),
+    )
+
+
+def _mlp(prefix: str, hidden: int, inter: int, t: Mapping[str, Weight]) -> MLPParams:
+    return MLPParams(
+        gate_proj=_get(t, f"{prefix}.gate_proj.weight", (inter, hidden)),
+        up_proj=_get(t, f"{prefix}.up_proj.weight", (inter, hidden)),
+        down_proj=_get(t, f"{prefix}.down_proj.weight", (hidden, inter)),
+    )
+
+
+def _check_layer(cfg: ModelConfig, layer: int, want_moe: bool) -> None:
+    if not 0 <= layer < cfg.num_hidden_layers:
+        raise CheckpointError(f"layer {layer}: out of range [0, {cfg.num_hidden_layers})")
+    if cfg.is_moe_layer(layer) != want_moe:
+        kind = cfg.layer_kind(layer)
+        raise CheckpointError(f"layer {layer}: is a {kind} layer, not a {'moe' if want_moe else 'dense'} layer")
+
+
+def dense_layer_params(cfg: ModelConfig, layer: int, tensors: Mapping[str, Weight]) -> DenseLayerParams:
+    _check_layer(cfg, layer, want_moe=False)
+    prefix, h = f"layers.{layer}", cfg.hidden_size
+    return DenseLayerParams(
+        input_layernorm=_get(tensors, f"{prefix}.input_layernorm.weight", (h,)),
+        post_attention_layernorm=_get(tensors, f"{prefix}.post_attention_layernorm.weight", (h,)),
+        self_attn=_attention(cfg, prefix, tensors),
+        mlp=_mlp(f"{prefix}.mlp", h, cfg.intermediate_size, tensors),
+    )
+
+
+def moe_base_params(cfg: ModelConfig, layer: int, tensors: Mapping[str, Weight]) -> MoEBaseParams:
+    _check_layer(cfg, layer, want_moe=True)
+    prefix, h, e = f"layers.{layer}", cfg.hidden_size, cfg.n_routed_experts
+    shared = None
+    if cfg.n_shared_experts > 0:
+        inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+        shared = _mlp(f"{prefix}.mlp.shared_experts", h, inter, tensors)
+    return MoEBaseParams(
+        input_layernorm=_get(tensors, f"{prefix}.input_layernorm.weight", (h,)),
+        post_attention_layernorm=_get(tensors, f"{prefix}.post_attention_layernorm.weight", (h,)),
+        self_attn=_attention(cfg, prefix, tensors),
+        gate=RouterParams(
+            weight=_get(tensors, f"{prefix}.mlp.gate.weight", (e, h)),
+            e_score_correction_bias=_get(tensors, f"{prefix}.mlp.gate.e_score_correction_bias", (e,)),
+        ),
+        shared_experts=shared,
+    )
+
+
+def expert_stack(
+    cfg: ModelConfig, layer: int, expert_ids: Sequence[int], tensors: Mapping[str, Weight]
+) -> ExpertStack:
+    """Stack experts ``expert_ids`` (in that order; repeats allowed, e.g. as padding) of ``layer``."""
+    _check_layer(cfg, layer, want_moe=True)
+    ids = [int(i) for i in expert_ids]
+    if not ids:
+        raise CheckpointError(f"layer {layer}: expert_stack needs at least one expert id")
+    bad = [i for i in ids if not 0 <= i < cfg.n_routed_experts]
+    if bad:
+        raise CheckpointError(f"layer {layer}: expert ids {bad} out of range [0, {cfg.n_routed_experts})")
+    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    experts = [_mlp(f"layers.{layer}.mlp.experts.{i}", h, inter, tensors) for i in ids]
+    where = f"layers.{layer}.mlp.experts.{{{','.join(map(str, ids))}}}"
+    return ExpertStack(
+        gate_proj=_stack_weights([m.gate_proj for m in experts], f"{where}.gate_proj.weight"),
+        up_proj=_stack_weights([m.up_proj for m in experts], f"{where}.up_proj.weight"),
+        down_proj=_stack_weights([m.down_proj for m in experts], f"{where}.down_proj.weight"),
+    )
+
+
+def head_params(tensors: Mapping[str, Weight], cfg: ModelConfig | None = None) -> HeadParams:
+    """Final norm and lm_head. Shapes are checked against ``cfg`` when given, else for consistency."""
+    if cfg is not None:
+        h, v = cfg.hidden_size, cfg.vocab_size
+    else:
+        lm = tensors.get("lm_head.weight")
+        if lm is None or len(getattr(lm, "shape", ())) != 2:
+            _get(tensors, "lm_head.weight", ("vocab", "hidden"))  # raises: missing or not 2-D
+        v, h = (int(d) for d in lm.shape)
+    return HeadParams(norm=_get(tensors, "norm.weight", (h,)), lm_head=_get(tensors, "lm_head.weight", (v, h)))
+
+
+def _stack_weights(weights: Sequence[Weight], what: str) -> Weight:
+    """Stack same-shaped weights on a new leading axis.
+
+    Plain arrays are stacked directly (numpy stays numpy, on the host). Quantized containers are
+    pytrees (``Int4Weight``: packed + scale; ``Fp8Weight``: weight + scale_inv) whose
+    ``dequantize`` accepts leading stacked axes, so their array fields are stacked leaf by leaf;
+    mixing kinds or static metadata (group_size, block_size) is a checkpoint error.
+    """
+    leaves0, treedef = jax.tree_util.tree_flatten(weights[0])
+    columns: list[list[Any]] = [[leaf] for leaf in leaves0]
+    for w in weights[1:]:
+        leaves, td = jax.tree_util.tree_flatten(w)
+        if td != treedef:
+            raise CheckpointError(
+                f"tensor {what}: experts are stored in different formats ({treedef} vs {td}); cannot stack"
+            )
+        for col, leaf in zip(columns, leaves):
+            col.append(leaf)
+    stacked = []
+    for col in columns:
+        if all(isinstance(a, np.ndarray) for a in col):
+            stacked.append(np.stack(col))
+        else:
+            stacked.append(jnp.stack([jnp.asarray(a) for a in col]))
+    return jax.tree_util.tree_unflatten(treedef, stacked)
+
+
+__all__ = [
+    "AttentionParams", "MLPParams", "RouterParams", "ExpertStack", "DenseLayerParams",
+    "MoEBaseParams", "HeadParams", "dense_layer_params", "moe_base_params", "expert_stack",
+    "head_params",
+]

@@ -1,0 +1,143 @@
+"""The streaming engine: bytes, compile counts, bounded memory, and errors before compute."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from kimi_jax import model
+from kimi_jax.checkpoint import open_checkpoint
+from kimi_jax.engine import Engine
+from kimi_jax.errors import ManifestError
+from kimi_jax.manifest import parse_manifest_dict
+from kimi_jax.runner import prepare_run
+from kimi_jax.synth import synth_checkpoint
+
+
+def test_single_token_step_reads_exactly_the_predicted_bytes(tiny_checkpoints):
+    idx = open_checkpoint(tiny_checkpoints["kimi-k2.5"])
+    bos = idx.config.bos_token_id
+    with Engine(idx) as engine:
+        (step,) = engine.generate([bos], 1, kv_cache=False)
+    assert step.bytes_read == idx.predicted_bytes_per_token()
+    for rec in step.layers:
+        lm = idx.layers[rec.layer]
+        picked = set(np.asarray(rec.experts).ravel()) if rec.experts else set()
+        assert rec.bytes_read == lm.base_bytes + sum(lm.expert_bytes(e) for e in picked)
+        if lm.kind == "moe":
+            assert len(picked) == idx.config.num_experts_per_tok
+
+
+def test_longer_context_reads_each_picked_expert_once(tiny_checkpoints):
+    idx = open_checkpoint(tiny_checkpoints["kimi-k2.5"])
+    with Engine(idx) as engine:
+        steps = engine.generate([5, 9, 400, 5, 77], 2, kv_cache=False)
+    for step in steps:
+        for rec in step.layers:
+            if rec.kind == "moe":
+                picked = {e for row in rec.experts for e in row}
+                assert len(picked) > idx.config.num_experts_per_tok  # positions disagree: dedup matters
+                assert rec.bytes_read == idx.layers[rec.layer].base_bytes + sum(
+                    idx.layers[rec.layer].expert_bytes(e) for e in picked)  # fmt: skip
+        assert step.bytes_read == sum(step.bytes_per_layer.values())
+
+
+def test_prefetch_does_not_change_results(tiny_checkpoints):
+    idx = open_checkpoint(tiny_checkpoints["kimi-k2-fp8"])
+    runs = []
+    for prefetch in (True, False):
+        with Engine(idx, prefetch=prefetch) as engine:
+            runs.append(engine.generate([1, 2, 3], 3, kv_cache=False))
+    for a, b in zip(*runs):
+        assert a.token == b.token and a.bytes_read == b.bytes_read
+        assert a.logits.tobytes() == b.logits.tobytes() and a.hidden.tobytes() == b.hidden.tobytes()
+
+
+def test_kv_cache_and_full_recompute_agree(tiny_checkpoints):
+    idx = open_checkpoint(tiny_checkpoints["deepseek-v3"])
+    with Engine(idx) as engine:
+        full = engine.generate([10, 20, 30], 6, kv_cache=False)
+        cached = engine.generate([10, 20, 30], 6, kv_cache=True)
+    assert [s.token for s in full] == [s.token for s in cached]
+    assert max(float(np.abs(a.logits - b.logits).max()) for a, b in zip(full, cached)) < 1e-4
+    # decoding with the cache reads each layer once per token, never the whole context's experts
+    assert all(s.context == full[i].context for i, s in enumerate(cached))
+
+
+def test_compiles_once_per_stage_and_shape_not_per_layer(synth_dir):
+    ckpt = synth_checkpoint(synth_dir / "compile-9", "tiny", "kimi-k2.5", num_hidden_layers=9)
+    idx = open_checkpoint(ckpt)
+    jax.clear_caches()
+    model.TRACE_COUNTS.clear()
+    with Engine(idx) as engine:
+        engine.generate([idx.config.bos_token_id], 4, kv_cache=True)
+    counts = dict(model.TRACE_COUNTS)
+    # prefill (T=1, empty cache) and decode share shapes here: one program per stage
+    assert counts == {"dense_layer": 1, "moe_attention_and_route": 1, "moe_experts": 1, "final_logits": 1}, counts
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    from kimi_jax.checkpoint import open_checkpoint
+    from kimi_jax.engine import Engine
+    idx = open_checkpoint(sys.argv[1])
+    with Engine(idx) as engine:
+        steps = engine.generate([1, 2, 3], 2, kv_cache=False)
+    print(json.dumps({"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "bytes": sum(s.bytes_read for s in steps)}))
+""")
+
+
+def test_peak_memory_does_not_grow_with_layer_count(synth_dir):
+    dims = dict(hidden_size=1024, intermediate_size=1024, moe_intermediate_size=256, q_lora_rank=256,
+                kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=8,
+                num_experts_per_tok=2, vocab_size=1024)  # fmt: skip
+    results = {}
+    for layers in (4, 16):
+        ckpt = synth_checkpoint(synth_dir / f"rss-{layers}", "tiny", "kimi-k2.5", num_hidden_layers=layers, **dims)
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(ckpt)], capture_output=True, text=True, check=True)
+        results[layers] = json.loads(out.stdout.strip().splitlines()[-1])
+    idx = open_checkpoint(synth_dir / "rss-16")
+    layer_bytes = max(l.total_bytes for l in idx.layers)
+    extra_layers_bytes = sum(l.total_bytes for l in idx.layers[4:])
+    grew = (results[16]["rss_kib"] - results[4]["rss_kib"]) * 1024
+    assert results[16]["bytes"] > 3 * results[4]["bytes"]  # it really streamed four times the layers
+    # Holding the 12 extra layers would add at least their on-disk size; streaming adds ~nothing.
+    assert grew < min(3 * layer_bytes, extra_layers_bytes / 3), (grew, layer_bytes, extra_layers_bytes)
+
+
+def _manifest(tmp_path, ckpt, **extra):
+    data = {"version": 1, "model": {"checkpoint": str(ckpt)}, "prompt": {"tokens": [1, 2]},
+            "output": {"dir": str(tmp_path / "out")}}  # fmt: skip
+    for key, value in extra.items():
+        data[key] = value
+    return parse_manifest_dict(data, source=str(tmp_path / "m.yaml"))
+
+
+def test_context_beyond_max_position_embeddings(tiny_checkpoints, tmp_path):
+    ckpt = shutil.copytree(tiny_checkpoints["kimi-k2.5"], tmp_path / "ckpt")
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["text_config"]["max_position_embeddings"] = 8
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"generate.max_new_tokens: prompt \(2 tokens\) \+ max_new_tokens \(7\) = 9 "
+                                            r"positions exceeds max_position_embeddings 8"):  # fmt: skip
+        prepare_run(_manifest(tmp_path, ckpt, generate={"max_new_tokens": 7}))
+    prepare_run(_manifest(tmp_path, ckpt, generate={"max_new_tokens": 6}))
+
+
+def test_config_tensor_mismatch_reported_with_manifest_field(tiny_checkpoints, tmp_path):
+    ckpt = shutil.copytree(tiny_checkpoints["kimi-k2.5"], tmp_path / "ckpt")
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["text_config"]["moe_intermediate_size"] = 96
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError) as e:
+        prepare_run(_manifest(tmp_path, ckpt))
+    assert "model.checkpoint" in str(e.value) and "mlp.experts.0.gate_proj.weight" in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -75,15 +75,6 @@ def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: Check
     return Fp8Weight(parts["weight"], parts["weight_scale_inv"], block_size=tuple(block))
 
 
-def pad_expert_ids(picked: np.ndarray, n_routed: int) -> tuple[list[int], list[int], np.ndarray]:
-    """Distinct picked experts, the stack padded to a power of two by repeating the first (never
-    reading another expert), and each pick's slot in the stack."""
-    distinct = np.unique(picked)
-    size = min(1 << (len(distinct) - 1).bit_length(), n_routed)
-    stack = [int(e) for e in distinct] + [int(distinct[0])] * (size - len(distinct))
-    return [int(e) for e in distinct], stack, np.searchsorted(distinct, picked).astype(np.int32)
-
-
 class Engine:
     """Streams one checkpoint. ``generate`` runs greedy decoding; see :class:`StepRecord`."""
 
@@ -173,7 +164,7 @@ class Engine:
                 picked = np.asarray(routing.idx)  # waits for the router
                 compute_s = time.perf_counter() - started
                 started = time.perf_counter()
-                distinct, stack_ids, slots = pad_expert_ids(picked, cfg.n_routed_experts)
+                distinct, stack_ids, slots = model.plan_expert_slots(picked, cfg.n_routed_experts)
                 loaded = self._read([w for e in distinct for w in lm.experts[e].values()], layer)
                 experts = expert_stack(cfg, layer, stack_ids, loaded)
                 read_s += time.perf_counter() - started

@@ -343,19 +343,20 @@ def final_logits(cfg: ModelConfig, head: HeadParams, x_last: jax.Array) -> jax.A
 # ---------------------------------------------------------------------------------- host helpers
 
 
-def plan_expert_slots(idx: np.ndarray, n_routed_experts: int, bucket: bool = True) -> tuple[list[int], np.ndarray]:
-    """Host side: which experts to read, and each pick's slot in the stack.
+def plan_expert_slots(idx: np.ndarray, n_routed_experts: int, bucket: bool = True) -> tuple[list[int], list[int], np.ndarray]:
+    """Host side: which experts to read, the stack to build, and each pick's slot in the stack.
 
-    Returns ``(expert_ids, slots)``: the distinct ids in ``idx`` [T, k] sorted ascending, padded
-    (when ``bucket``) to the next power of two with other, unpicked ids so that stacks of one shape
-    share one compiled program; ``slots[t, j]`` is the position of ``idx[t, j]`` in ``expert_ids``.
+    Returns ``(distinct, stack_ids, slots)``: ``distinct`` are the ids in ``idx`` [T, k], sorted,
+    each read once; ``stack_ids`` pads them (when ``bucket``) to the next power of two by repeating
+    the first, so stacks of one size share one compiled program and padding never reads another
+    expert; ``slots[t, j]`` is the position of ``idx[t, j]`` in the stack. Padding slots are never
+    referenced, so :func:`routed_experts` skips them.
     """
     idx = np.asarray(idx)
     ids = np.unique(idx)
     n = min(1 << (len(ids) - 1).bit_length(), n_routed_experts) if bucket else len(ids)
-    filler = np.setdiff1d(np.arange(n_routed_experts), ids)[: n - len(ids)]
-    slots = np.searchsorted(ids, idx).astype(np.int32)
-    return [int(i) for i in ids] + [int(i) for i in filler], slots
+    distinct = [int(i) for i in ids]
+    return distinct, distinct + [distinct[0]] * (n - len(distinct)), np.searchsorted(ids, idx).astype(np.int32)
 
 
 def forward_all(cfg: ModelConfig, tensors: Mapping[str, Any], tokens: Sequence[int], embed: Any,
@@ -372,8 +373,8 @@ def forward_all(cfg: ModelConfig, tensors: Mapping[str, Any], tokens: Sequence[i
         if cfg.is_moe_layer(layer):
             base = moe_base_params(cfg, layer, tensors)
             h, _, routing, _ = moe_attention_and_route(cfg, base, x, positions, None)
-            ids, slots = plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts)
-            stack = expert_stack(cfg, layer, ids, tensors)
+            _, stack_ids, slots = plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts)
+            stack = expert_stack(cfg, layer, stack_ids, tensors)
             x, _ = moe_experts(cfg, base, stack, jnp.asarray(slots), routing.weights_scaled, h)
         else:
             x, _, _ = dense_layer(cfg, dense_layer_params(cfg, layer, tensors), x, positions, None)

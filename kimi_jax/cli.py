@@ -32,11 +32,47 @@ def main() -> None:
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a manifest field (repeatable).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output directory (replaces output.dir).")
-def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None) -> None:
-    """Run a manifest: stream the checkpoint and generate tokens."""
+@click.option("--prove/--no-prove", default=True, show_default=True,
+              help="Also run bare (no capture kept) and require identical tokens, digests and bytes.")
+def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: bool) -> None:
+    """Run a manifest: stream the checkpoint, generate tokens, write the ledger."""
     from kimi_jax.runner import run_manifest
 
-    run_manifest(manifest, list(overrides), out_dir)
+    run_manifest(manifest, list(overrides), out_dir, prove=prove)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a manifest field (repeatable).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output directory (replaces output.dir).")
+def prove(manifest: str, overrides: tuple[str, ...], out_dir: str | None) -> None:
+    """Prove capture is non-perturbing: bare and instrumented runs must agree on every step."""
+    from kimi_jax.runner import run_manifest
+
+    run_manifest(manifest, list(overrides), out_dir, prove=True)
+
+
+@main.group()
+def anchor() -> None:
+    """Frozen single-step anchors."""
+
+
+@anchor.command("freeze")
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a manifest field (repeatable).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Anchor file (default: the manifest's anchor).")
+def anchor_freeze(manifest: str, overrides: tuple[str, ...], out_file: str | None) -> None:
+    """Run step 0 twice, require bitwise-identical results, write the anchor file."""
+    from kimi_jax.anchor import freeze
+    from kimi_jax.jax_setup import enable_compilation_cache
+    from kimi_jax.runner import load_plan, run_steps
+
+    plan = load_plan(manifest, list(overrides))
+    enable_compilation_cache(plan.manifest.model.cache_dir)
+    path, values = freeze(plan, lambda p: run_steps(p, keep_capture=False, max_new_tokens=1)[0],
+                          Path(out_file) if out_file else None)  # fmt: skip
+    click.echo(f"anchor frozen to {path}: token {values['token']}, logit {values['logit']}, "
+               f"{values['bytes_read']:,} bytes; hidden {values['hidden_digest']}; logits {values['logits_digest']}")
 
 
 @main.command()
@@ -70,9 +106,14 @@ def inspect(checkpoint: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("which", type=click.Choice(["manifest"]))
+@click.argument("which", type=click.Choice(["manifest", "ledger"]))
 def schema(which: str) -> None:
     """Print a published JSON Schema."""
+    if which == "ledger":
+        from kimi_jax.ledger import LEDGER_SCHEMA
+
+        click.echo(json.dumps(LEDGER_SCHEMA, indent=2))
+        return
     from kimi_jax.manifest import manifest_json_schema
 
     click.echo(json.dumps(manifest_json_schema(), indent=2))

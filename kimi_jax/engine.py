@@ -35,8 +35,8 @@ class LayerRecord:
 
     layer: int
     kind: str
-    norm_in: float
-    norm_out: float
+    norm_in: float | None  # None: a bare run did not fetch capture values
+    norm_out: float | None
     experts: list[list[int]] | None
     routing_weights: list[list[float]] | None
     router_scores: list[list[float]] | None
@@ -78,8 +78,10 @@ def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: Check
 class Engine:
     """Streams one checkpoint. ``generate`` runs greedy decoding; see :class:`StepRecord`."""
 
-    def __init__(self, index: CheckpointIndex, dtype: str = "float32", prefetch: bool = True, io_retries: int = 3):
+    def __init__(self, index: CheckpointIndex, dtype: str = "float32", prefetch: bool = True, io_retries: int = 3,
+                 keep_capture: bool = True):  # fmt: skip
         self.index = index
+        self.keep_capture = keep_capture
         self.cfg = index.config
         self.dtype = DTYPES[dtype]
         self.prefetch = prefetch
@@ -175,11 +177,14 @@ class Engine:
                 compute_s += time.perf_counter() - started
             if new_caches is not None:
                 new_caches.append(cache)
+            # A bare run leaves the capture arrays on the device: same programs, nothing fetched.
+            keep = self.keep_capture
             records.append(LayerRecord(
-                layer=layer, kind=lm.kind, norm_in=float(cap["norm_in"]), norm_out=float(norm_out),
-                experts=None if routing is None else np.asarray(routing.idx).tolist(),
-                routing_weights=None if routing is None else np.asarray(routing.weights_norm).tolist(),
-                router_scores=None if routing is None else np.asarray(routing.scores).tolist(),
+                layer=layer, kind=lm.kind,
+                norm_in=float(cap["norm_in"]) if keep else None, norm_out=float(norm_out) if keep else None,
+                experts=np.asarray(routing.idx).tolist() if keep and routing else None,
+                routing_weights=np.asarray(routing.weights_norm).tolist() if keep and routing else None,
+                router_scores=np.asarray(routing.scores).tolist() if keep and routing else None,
                 bytes_read=0, read_s=read_s, compute_s=compute_s,
             ))  # fmt: skip
             del params

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from kimi_jax.checkpoint import CheckpointIndex, open_checkpoint
-from kimi_jax.errors import CheckpointError, ManifestError
+from kimi_jax.errors import CheckpointError, KimiJaxError, ManifestError
+from kimi_jax.fileio import write_json_atomic
 from kimi_jax.manifest import Manifest, load_manifest
 from kimi_jax.synth import ensure_synthetic
 
@@ -75,50 +76,105 @@ def load_plan(manifest_path: str, overrides: list[str] | None = None, out_dir: s
     return prepare_run(load_manifest(manifest_path, overrides or [], out_dir))
 
 
-def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None, echo=print):
-    plan = load_plan(manifest_path, overrides, out_dir)
-    return generate(plan, echo=echo)
+def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None,
+                 prove: bool = True, echo=print, progress: bool = True):  # fmt: skip
+    return execute(load_plan(manifest_path, overrides, out_dir), prove=prove, echo=echo, progress=progress)
 
 
-def generate(plan: RunPlan, echo=print, progress: bool = True):
-    """Stream the plan's checkpoint and decode greedily; prints progress and a per-step summary."""
-    from tqdm import tqdm
+class NonPerturbationFailure(KimiJaxError):
+    """The bare and the instrumented run differ: capture would not be trustworthy."""
 
+
+@dataclasses.dataclass
+class RunOutcome:
+    steps: list  # StepRecord of the instrumented run
+    ledger: dict
+    ledger_path: Path
+
+
+def _engine(plan: RunPlan, keep_capture: bool):
     from kimi_jax.engine import Engine
-    from kimi_jax.jax_setup import enable_compilation_cache
 
     m = plan.manifest
-    enable_compilation_cache(m.model.cache_dir)
-    if m.storage.evict_page_cache:
-        from kimi_jax.reader import evict_page_cache
+    return Engine(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture)
 
-        evict_page_cache(h.path for h in plan.index.shards)
-    cfg = plan.index.config
+
+def run_steps(plan: RunPlan, keep_capture: bool = True, max_new_tokens: int | None = None, on_step=None,
+              on_layer=None) -> list:  # fmt: skip
+    m = plan.manifest
+    with _engine(plan, keep_capture) as engine:
+        engine.on_layer = on_layer
+        return engine.generate(list(plan.prompt), max_new_tokens or m.generate.max_new_tokens, m.generate.kv_cache,
+                               on_step)  # fmt: skip
+
+
+def execute(plan: RunPlan, prove: bool = True, echo=print, progress: bool = True) -> RunOutcome:
+    """Run a plan: anchor precheck, bare run and instrumented run (when proving), ledger."""
+    from tqdm import tqdm
+
+    from kimi_jax import anchor as anchors
+    from kimi_jax.jax_setup import enable_compilation_cache
+    from kimi_jax.ledger import build_ledger, step_identity, validate_ledger
+    from kimi_jax.reader import evict_page_cache, resident_bytes
+
+    m, cfg = plan.manifest, plan.index.config
+    anchor = anchors.precheck(plan)
+    enable_compilation_cache(m.model.cache_dir)
+    shards = [h.path for h in plan.index.shards]
+    if m.storage.evict_page_cache:
+        evict_page_cache(shards)
+    page_cache = {"page_cache_evicted": m.storage.evict_page_cache,
+                  "page_cache_resident_bytes": sum(resident_bytes(p) for p in shards),
+                  "shard_bytes": sum(h.file_size for h in plan.index.shards)}  # fmt: skip
     echo(f"{plan.index.layout} checkpoint {plan.index.root}")
     echo(f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; "
          f"prompt {list(plan.prompt)}; {m.generate.max_new_tokens} new tokens, kv_cache {m.generate.kv_cache}, "
-         f"{m.compute.dtype}")  # fmt: skip
-    layers = cfg.num_hidden_layers
-    bar = tqdm(total=m.generate.max_new_tokens * layers, unit="layer", disable=not progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    done_bytes = [0]
+         f"{m.compute.dtype}; page cache {page_cache['page_cache_resident_bytes']:,} of "
+         f"{page_cache['shard_bytes']:,} shard bytes resident")  # fmt: skip
 
-    def on_layer(step: int, layer: int, step_bytes: int) -> None:
-        total = done_bytes[0] + step_bytes
-        rate = total / max(time.perf_counter() - started, 1e-9) / 2**20
-        bar.set_description(f"step {step} layer {layer}")
-        bar.set_postfix_str(f"{total / 2**20:,.1f} MiB read, {rate:,.0f} MiB/s")
-        bar.update(1)
+    runs = [("bare", False), ("instrumented", True)] if prove else [("instrumented", True)]
+    results: dict[str, list] = {}
+    for name, keep in runs:
+        bar = tqdm(total=m.generate.max_new_tokens * cfg.num_hidden_layers, unit="layer", disable=not progress,
+                   dynamic_ncols=True, desc=name)  # fmt: skip
+        started, done = time.perf_counter(), [0]
 
-    def on_step(step) -> None:
-        done_bytes[0] += step.bytes_read
+        def on_layer(step: int, layer: int, step_bytes: int, bar=bar, started=started, done=done, name=name) -> None:
+            total = done[0] + step_bytes
+            rate = total / max(time.perf_counter() - started, 1e-9) / 2**20
+            bar.set_description(f"{name} step {step} layer {layer}")
+            bar.set_postfix_str(f"{total / 2**20:,.1f} MiB read, {rate:,.0f} MiB/s")
+            bar.update(1)
 
-    with Engine(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries) as engine:
-        engine.on_layer = on_layer
-        steps = engine.generate(list(plan.prompt), m.generate.max_new_tokens, m.generate.kv_cache, on_step)
-    bar.close()
+        def on_step(step, done=done) -> None:
+            done[0] += step.bytes_read
+            if step.index == 0 and anchor is not None:
+                anchors.check(anchor, m.anchor, step)  # stops the run on any difference
+
+        try:
+            results[name] = run_steps(plan, keep, on_step=on_step, on_layer=on_layer)
+        finally:
+            bar.close()
+
+    proof = None
+    if prove:
+        bare = [step_identity(s) for s in results["bare"]]
+        inst = [step_identity(s) for s in results["instrumented"]]
+        if bare != inst:
+            diffs = [f"step {a['step']}: {k} bare {a[k]!r}, instrumented {b[k]!r}"
+                     for a, b in zip(bare, inst) for k in a if a[k] != b[k]]  # fmt: skip
+            raise NonPerturbationFailure("capture perturbed the run; no ledger written:\n  " + "\n  ".join(diffs))
+        proof = {"compared": ["token", "hidden_digest", "logits_digest", "bytes_read"], "bare": bare,
+                 "instrumented": inst, "identical": True}  # fmt: skip
+    steps = results["instrumented"]
+    anchor_record = anchors.check(anchor, m.anchor, steps[0]) if anchor is not None else None
+    ledger = build_ledger(plan, steps, page_cache, anchor_record, proof)
+    validate_ledger(ledger)
+    path = write_json_atomic(Path(m.output.dir) / "ledger.json", ledger)
+
     echo(f"{'step':>4} {'token':>8} {'logit':>12} {'bytes read':>14} {'wall s':>8}")
     for s in steps:
         echo(f"{s.index:>4} {s.token:>8} {s.logit:>12.6f} {s.bytes_read:>14,} {s.wall_s:>8.3f}")
     echo("tokens: " + " ".join(str(s.token) for s in steps))
-    return steps
+    echo(("non-perturbation: bare and instrumented runs identical; " if proof else "") + f"ledger: {path}")
+    return RunOutcome(steps, ledger, path)

@@ -1,0 +1,359 @@
+"""The output formation ledger: schema (with provenance), construction, and derivation.
+
+Every leaf field of the ledger is classified by the schema itself, with the JSON Schema keyword
+``x-provenance``:
+
+* ``measured``: read directly off the execution (a token id, a norm, a byte count, a clock).
+* ``derived``: computed deterministically from measured values or from the stored arrays by a
+  function in this module (:func:`derive_step`, :func:`derive_routing_weights`), which verify
+  re-runs to check them.
+
+Digests. ``hidden_digest`` covers the residual stream at the last position after the last decoder
+layer (before the final norm); ``logits_digest`` the logits at the last position. Each is the
+BLAKE3 (32-byte, hex) of the array's canonical bytes: float32, little-endian, C order, shape
+``[hidden_size]`` / ``[vocab_size]``, no header. A bfloat16 run's hidden state is widened to
+float32 (exactly) first.
+
+Floats are written as the shortest decimal that reads back to the identical float32 value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import blake3
+import numpy as np
+
+LEDGER_SCHEMA_ID = "urn:kimi-jax:schema:ledger:v1"
+LEDGER_VERSION = 1
+TOP_K = 16
+
+# -- float32-exact JSON numbers -----------------------------------------------------------------
+
+
+def f32(x: Any) -> float:
+    """A Python float whose JSON repr is the shortest decimal that reads back to float32(x)."""
+    value = np.float32(x)
+    if not np.isfinite(value):
+        raise ValueError(f"non-finite value {value} cannot be written to the ledger")
+    short = float(np.format_float_positional(value, unique=True, trim="-"))
+    return short if np.float32(short) == value else float(value)
+
+
+def f32_list(a: Any) -> Any:
+    arr = np.asarray(a, dtype=np.float32)
+    return [f32_list(row) for row in arr] if arr.ndim > 1 else [f32(v) for v in arr]
+
+
+def tensor_digest(a: np.ndarray) -> str:
+    """BLAKE3 hex of float32 little-endian C-order bytes."""
+    return blake3.blake3(np.ascontiguousarray(np.asarray(a, dtype="<f4")).tobytes()).hexdigest()
+
+
+# -- derivations --------------------------------------------------------------------------------
+
+
+def top_k_pairs(logits: np.ndarray, k: int = TOP_K) -> list[list]:
+    """The k largest logits as ``[token_id, logit]``, by logit descending, ties to the lower id."""
+    logits = np.asarray(logits, dtype=np.float32)
+    order = np.lexsort((np.arange(logits.size), -logits.astype(np.float64)))[:k]
+    return [[int(i), f32(logits[i])] for i in order]
+
+
+def entropy_nats(logits: np.ndarray) -> float:
+    """Shannon entropy (nats) of softmax(logits), computed in float64 and written as float32."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max()
+    p = np.exp(z)
+    total = p.sum()
+    logp = z - math.log(total)
+    return f32(-(p / total * logp).sum())
+
+
+def margin(logits: np.ndarray) -> float:
+    """Top-1 minus top-2 logit (float32 subtraction)."""
+    top2 = np.sort(np.asarray(logits, dtype=np.float32))[-2:]
+    return f32(top2[1] - top2[0])
+
+
+def derive_routing_weights(router_scores: list[list[float]], normalize: bool = True) -> list[list[float]]:
+    """Normalised routing weights from the selected experts' raw sigmoid scores, per position:
+    ``w = s / (sum(s) + 1e-20)`` in float32 (``norm_topk_prob``), before ``routed_scaling_factor``."""
+    s = np.asarray(router_scores, dtype=np.float32)
+    if not normalize:
+        return f32_list(s)
+    total = np.float32(0.0)
+    for j in range(s.shape[1]):  # fixed left-to-right order, so anyone recomputes the same bits
+        total = total + s[:, j]
+    return f32_list(s / (total + np.float32(1e-20))[:, None])
+
+
+def derive_step(logits: np.ndarray, hidden: np.ndarray) -> dict[str, Any]:
+    """Every derived step-level field, from the stored arrays."""
+    return {
+        "top_k": top_k_pairs(logits),
+        "entropy": entropy_nats(logits),
+        "margin": margin(logits),
+        "hidden_digest": tensor_digest(hidden),
+        "logits_digest": tensor_digest(logits),
+    }
+
+
+# -- schema -------------------------------------------------------------------------------------
+
+
+def _m(schema: dict, doc: str) -> dict:
+    return {**schema, "x-provenance": "measured", "description": doc}
+
+
+def _d(schema: dict, doc: str) -> dict:
+    return {**schema, "x-provenance": "derived", "description": doc}
+
+
+_INT = {"type": "integer", "minimum": 0}
+_NUM = {"type": "number"}
+_HEX = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_STR = {"type": "string"}
+
+
+def _obj(props: dict, required: list[str] | None = None) -> dict:
+    return {"type": "object", "additionalProperties": False, "properties": props,
+            "required": list(props) if required is None else required}  # fmt: skip
+
+
+def _matrix(item: dict) -> dict:
+    return {"type": "array", "items": {"type": "array", "items": item}}
+
+
+_LAYER = _obj({
+    "layer": _m(_INT, "Decoder layer index."),
+    "kind": _m({"enum": ["dense", "moe"]}, "Dense MLP or mixture-of-experts block."),
+    "norm_in": _m(_NUM, "L2 norm of the residual stream at the last position entering the block."),
+    "norm_out": _m(_NUM, "L2 norm of the residual stream at the last position leaving the block."),
+    "experts": _m(_matrix(_INT), "Selected routed expert ids per position [T][k], best first."),
+    "router_scores": _m(_matrix(_NUM), "Raw sigmoid router scores of the selected experts [T][k]."),
+    "routing_weights": _d(_matrix(_NUM), "router_scores normalised to sum 1 per position (derive_routing_weights)."),
+    "bytes_read": _m(_INT, "Bytes read from storage for this layer in this step (weights and experts)."),
+}, required=["layer", "kind", "bytes_read"])  # fmt: skip
+
+_STEP = _obj({
+    "index": _m(_INT, "Generation step, from 0."),
+    "context": _m({"type": "array", "items": _INT, "minItems": 1}, "Input token ids of this step's forward pass."),
+    "token": _m(_INT, "Greedy output token (argmax, ties to the lowest id)."),
+    "logit": _m(_NUM, "Logit of the output token."),
+    "top_k": _d({"type": "array", "items": {"type": "array", "prefixItems": [_INT, _NUM], "items": False,
+                                            "minItems": 2}, "maxItems": TOP_K},
+                "The 16 largest logits as [token_id, logit], by logit (top_k_pairs)."),  # fmt: skip
+    "entropy": _d(_NUM, "Shannon entropy in nats of softmax(logits) (entropy_nats)."),
+    "margin": _d(_NUM, "Top-1 minus top-2 logit."),
+    "hidden_digest": _d(_HEX, "BLAKE3 of the final hidden state, float32 little-endian [hidden_size]."),
+    "logits_digest": _d(_HEX, "BLAKE3 of the last position's logits, float32 little-endian [vocab_size]."),
+    "bytes_read": _m(_INT, "Bytes read from storage in this step, all layers, embedding rows and head."),
+    "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of this step."),
+    "layers": {"type": "array", "items": _LAYER},
+}, required=["index", "context", "token", "logit", "hidden_digest", "logits_digest", "bytes_read", "wall_s", "layers"])  # fmt: skip
+
+_NP_VALUES = {"type": "array", "items": _obj({
+    "step": _m(_INT, "Generation step."), "token": _m(_INT, "Output token."),
+    "hidden_digest": _m(_HEX, "Hidden-state digest of that execution."),
+    "logits_digest": _m(_HEX, "Logits digest of that execution."), "bytes_read": _m(_INT, "Bytes read."),
+})}  # fmt: skip
+
+_PLATFORM = {"type": "object", "x-provenance": "measured", "description": "Platform fingerprint of the run.",
+             "additionalProperties": {"type": ["string", "number", "boolean", "null"]}}  # fmt: skip
+
+LEDGER_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": LEDGER_SCHEMA_ID,
+    "title": "kimi-jax output formation ledger, version 1",
+    **_obj({
+        "schema": {"const": LEDGER_SCHEMA_ID, "x-provenance": "derived", "description": "Schema identifier."},
+        "ledger_version": {"const": LEDGER_VERSION, "x-provenance": "derived", "description": "Schema version."},
+        "software": _m({"type": "object", "additionalProperties": _STR}, "kimi-jax and library versions."),
+        "manifest_digest": _d(_HEX, "BLAKE3 of the resolved manifest's identity (Manifest.digest)."),
+        "checkpoint": _obj({
+            "layout": _m(_STR, "On-disk layout recognised by the index."),
+            "path": _m(_STR, "Checkpoint directory."),
+            "config_digest": _d(_STR, "Digest of the parsed model config."),
+            "tensor_list_digest": _d(_HEX, "BLAKE3 of the sorted (name, dtype, shape, size) tensor list."),
+        }),
+        "platform": _PLATFORM,
+        "platform_digest": _d(_HEX, "BLAKE3 of the platform fingerprint's canonical JSON."),
+        "run": _obj({
+            "prompt": _m({"type": "array", "items": _INT}, "Prompt token ids."),
+            "max_new_tokens": _m(_INT, "Tokens generated."),
+            "kv_cache": _m({"type": "boolean"}, "Latent KV cache used for decoding."),
+            "dtype": _m({"enum": ["float32", "bfloat16"]}, "Compute dtype."),
+            "capture": _m({"type": "array", "items": {"enum": ["norms", "routing", "logits"]}}, "Capture fields kept."),
+            "page_cache_evicted": _m({"type": "boolean"}, "Shards were dropped from the page cache before the run."),
+            "page_cache_resident_bytes": _m(_INT, "Bytes of the shards in the page cache when the run started."),
+            "shard_bytes": _m(_INT, "Total size of the checkpoint's shard files."),
+        }),
+        "steps": {"type": "array", "items": _STEP, "minItems": 1},
+        "totals": _obj({"bytes_read": _m(_INT, "Bytes read over all steps."),
+                        "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds over all steps.")}),  # fmt: skip
+        "anchor": {"oneOf": [{"type": "null"}, _obj({
+            "file": _m(_STR, "Anchor file checked."),
+            "status": _d({"enum": ["matched"]}, "Step 0 equals the anchor in every anchored field."),
+            "anchor_digest": _d(_HEX, "BLAKE3 of the anchor file's bytes."),
+        })]},  # fmt: skip
+        "non_perturbation": {"oneOf": [{"type": "null"}, _obj({
+            "compared": _m({"type": "array", "items": _STR}, "Fields compared per step."),
+            "bare": _NP_VALUES, "instrumented": _NP_VALUES,
+            "identical": _d({"const": True}, "Bare and instrumented runs agree on every compared field."),
+        })]},  # fmt: skip
+    }),
+}
+
+
+def provenance_map(schema: dict = LEDGER_SCHEMA, path: str = "") -> dict[str, str]:
+    """``{json path: 'measured'|'derived'}`` for every classified field, e.g. ``steps[].layers[].norm_in``."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, here: str) -> None:
+        if not isinstance(node, dict):
+            return
+        if "x-provenance" in node and here:
+            out[here] = node["x-provenance"]
+        for name, child in (node.get("properties") or {}).items():
+            walk(child, f"{here}.{name}" if here else name)
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], here + "[]")
+        for alt in node.get("oneOf", []):
+            walk(alt, here)
+
+    walk(schema, path)
+    return out
+
+
+def unclassified_fields(ledger: dict) -> list[str]:
+    """Paths of ledger leaves that the schema does not classify (should be empty)."""
+    classes = provenance_map()
+    found = []
+    for path, value in _leaf_paths(ledger, ""):
+        # a leaf is classified when it, or an ancestor that holds opaque data, is classified;
+        # an absent optional section (null) is fine when its fields are classified
+        covered = any(path == p or path.startswith(p + ".") or path.startswith(p + "[") for p in classes)
+        if not covered and not (value is None and any(p.startswith(path + ".") for p in classes)):
+            found.append(path)
+    return sorted(set(found))
+
+
+def _leaf_paths(node: Any, here: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaf_paths(value, f"{here}.{key}" if here else key)
+    elif isinstance(node, list) and node and isinstance(node[0], (dict, list)) and not here.endswith("]"):
+        for value in node:
+            yield from _leaf_paths(value, here + "[]")
+    else:
+        yield here, node
+
+
+# -- building -----------------------------------------------------------------------------------
+
+
+def layer_entry(rec, capture: list[str], normalize: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"layer": rec.layer, "kind": rec.kind}
+    if "norms" in capture:
+        entry["norm_in"], entry["norm_out"] = f32(rec.norm_in), f32(rec.norm_out)
+    if "routing" in capture and rec.experts is not None:
+        entry["experts"] = [[int(e) for e in row] for row in rec.experts]
+        entry["router_scores"] = f32_list(rec.router_scores)
+        entry["routing_weights"] = derive_routing_weights(entry["router_scores"], normalize)
+    entry["bytes_read"] = int(rec.bytes_read)
+    return entry
+
+
+def step_entry(step, capture: list[str], normalize: bool) -> dict[str, Any]:
+    derived = derive_step(step.logits, step.hidden)
+    entry: dict[str, Any] = {"index": step.index, "context": [int(t) for t in step.context], "token": int(step.token),
+                             "logit": f32(step.logit)}  # fmt: skip
+    if "logits" in capture:
+        entry.update(top_k=derived["top_k"], entropy=derived["entropy"], margin=derived["margin"])
+    entry.update(hidden_digest=derived["hidden_digest"], logits_digest=derived["logits_digest"],
+                 bytes_read=int(step.bytes_read), wall_s=f32(step.wall_s),
+                 layers=[layer_entry(r, capture, normalize) for r in step.layers])  # fmt: skip
+    return entry
+
+
+def step_identity(step) -> dict[str, Any]:
+    """The fields the anchor and the non-perturbation proof compare."""
+    return {"step": step.index, "token": int(step.token), "hidden_digest": tensor_digest(step.hidden),
+            "logits_digest": tensor_digest(step.logits), "bytes_read": int(step.bytes_read)}  # fmt: skip
+
+
+def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, proof: dict | None) -> dict[str, Any]:
+    from kimi_jax.platform_info import fingerprint_digest, platform_fingerprint
+    from kimi_jax.fileio import canonical_json  # noqa: F401  (digests of JSON values use it)
+    from importlib import metadata
+
+    m, idx = plan.manifest, plan.index
+    capture = list(m.capture)
+    platform = platform_fingerprint()
+    software = {"kimi-jax": metadata.version("kimi-jax") if _installed("kimi-jax") else "source"}
+    for pkg in ("jax", "jaxlib", "numpy", "safetensors", "blake3"):
+        if _installed(pkg):
+            software[pkg] = metadata.version(pkg)
+    return {
+        "schema": LEDGER_SCHEMA_ID,
+        "ledger_version": LEDGER_VERSION,
+        "software": software,
+        "manifest_digest": m.digest(),
+        "checkpoint": {"layout": idx.layout, "path": str(idx.root), "config_digest": idx.config.digest(),
+                       "tensor_list_digest": idx.tensor_list_digest()},  # fmt: skip
+        "platform": platform,
+        "platform_digest": fingerprint_digest(platform),
+        "run": {"prompt": list(plan.prompt), "max_new_tokens": m.generate.max_new_tokens,
+                "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype, "capture": capture, **page_cache},  # fmt: skip
+        "steps": [step_entry(s, capture, idx.config.norm_topk_prob) for s in steps],
+        "totals": {"bytes_read": sum(int(s.bytes_read) for s in steps), "wall_s": f32(sum(s.wall_s for s in steps))},
+        "anchor": anchor,
+        "non_perturbation": proof,
+    }
+
+
+def _installed(pkg: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(pkg)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def validate_ledger(ledger: dict) -> None:
+    """Raise if the ledger does not validate against the schema, or has an unclassified field."""
+    import jsonschema
+
+    jsonschema.Draft202012Validator(LEDGER_SCHEMA).validate(ledger)
+    loose = unclassified_fields(ledger)
+    if loose:
+        raise ValueError(f"ledger fields without provenance in the schema: {loose}")
+
+
+def audit_derived(ledger: dict, arrays: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                  normalize: bool = True) -> list[str]:  # fmt: skip
+    """Recompute every derived field from measured values (and, given ``arrays`` = {step: (logits,
+    hidden)}, from the stored arrays); return one line per disagreement (empty: all recompute)."""
+    problems: list[str] = []
+    for step in ledger["steps"]:
+        i = step["index"]
+        for layer in step["layers"]:
+            if "routing_weights" in layer:
+                want = derive_routing_weights(layer["router_scores"], normalize)
+                if want != layer["routing_weights"]:
+                    problems.append(f"steps[{i}].layers[{layer['layer']}].routing_weights does not recompute "
+                                    "from router_scores")  # fmt: skip
+        if arrays is None or i not in arrays:
+            continue
+        logits, hidden = arrays[i]
+        derived = derive_step(logits, hidden)
+        for key, value in derived.items():
+            if key in step and step[key] != value:
+                problems.append(f"steps[{i}].{key} is {step[key]!r}, recomputed {value!r}")
+        if step["token"] != int(np.argmax(logits)) or step["logit"] != f32(logits[step["token"]]):
+            problems.append(f"steps[{i}].token/logit do not match the stored logits")
+    return problems

@@ -1,0 +1,177 @@
+"""The output formation ledger, anchors and the non-perturbation proof."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jsonschema
+import numpy as np
+import pytest
+
+from kimi_jax import engine as engine_mod
+from kimi_jax.anchor import AnchorMismatch
+from kimi_jax.ledger import LEDGER_SCHEMA, audit_derived, provenance_map, unclassified_fields
+from kimi_jax.manifest import parse_manifest_dict
+from kimi_jax.runner import NonPerturbationFailure, execute, prepare_run
+
+
+def _plan(tmp_path, ckpt, **extra):
+    data = {"version": 1, "model": {"checkpoint": str(ckpt)}, "prompt": {"tokens": [7, 300, 7]},
+            "generate": {"max_new_tokens": 5}, "output": {"dir": str(tmp_path / "out")}, **extra}  # fmt: skip
+    return prepare_run(parse_manifest_dict(data, source=str(tmp_path / "m.yaml")))
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_checkpoints, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ledger")
+    outcome = execute(_plan(tmp, tiny_checkpoints["kimi-k2.5"]), echo=_quiet, progress=False)
+    return outcome
+
+
+def test_ledger_has_every_field_and_validates(demo):
+    ledger = json.loads(demo.ledger_path.read_text())
+    jsonschema.Draft202012Validator(LEDGER_SCHEMA).validate(ledger)
+    assert unclassified_fields(ledger) == []
+    assert len(ledger["steps"]) == 5
+    step_fields = {"context", "token", "logit", "top_k", "entropy", "margin", "hidden_digest", "logits_digest",
+                   "bytes_read", "wall_s", "layers"}  # fmt: skip
+    layer_fields = {"layer", "kind", "norm_in", "norm_out", "experts", "routing_weights", "router_scores", "bytes_read"}
+    for step in ledger["steps"]:
+        assert step_fields <= step.keys()
+        assert len(step["top_k"]) == 16
+        moe = [l for l in step["layers"] if l["kind"] == "moe"]
+        assert moe and all(layer_fields <= l.keys() for l in moe)
+    assert ledger["non_perturbation"]["identical"] is True
+
+
+def test_provenance_is_in_the_schema():
+    classes = provenance_map()
+    measured = {"steps[].token", "steps[].logit", "steps[].layers[].norm_in", "steps[].layers[].experts",
+                "steps[].bytes_read", "steps[].layers[].router_scores"}  # fmt: skip
+    derived = {"steps[].top_k", "steps[].entropy", "steps[].margin", "steps[].hidden_digest",
+               "steps[].logits_digest", "steps[].layers[].routing_weights"}  # fmt: skip
+    assert all(classes[f] == "measured" for f in measured)
+    assert all(classes[f] == "derived" for f in derived)
+
+
+def test_floats_read_back_to_identical_float32(demo):
+    ledger = json.loads(demo.ledger_path.read_text())
+    for rec, step in zip(demo.steps, ledger["steps"]):
+        assert np.float32(step["logit"]) == np.float32(rec.logits[rec.token])
+        for entry, layer in zip(step["layers"], rec.layers):
+            assert np.float32(entry["norm_in"]) == np.float32(layer.norm_in)
+            if layer.router_scores is not None:
+                assert np.array_equal(np.asarray(entry["router_scores"], np.float32),
+                                      np.asarray(layer.router_scores, np.float32))  # fmt: skip
+
+
+def test_routing_weights_sum_to_one_and_match_the_engine(demo):
+    ledger = json.loads(demo.ledger_path.read_text())
+    for rec, step in zip(demo.steps, ledger["steps"]):
+        for entry, layer in zip(step["layers"], rec.layers):
+            if layer.kind == "moe":
+                w = np.asarray(entry["routing_weights"], np.float64)
+                np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
+                np.testing.assert_allclose(w, np.asarray(layer.routing_weights), rtol=1e-6)
+
+
+def test_derived_values_recompute_independently(demo):
+    torch = pytest.importorskip("torch")
+    ledger = json.loads(demo.ledger_path.read_text())
+    arrays = {rec.index: (rec.logits, rec.hidden) for rec in demo.steps}
+    assert audit_derived(ledger, arrays) == []
+    for rec, step in zip(demo.steps, ledger["steps"]):
+        logits = torch.from_numpy(rec.logits.astype(np.float64))
+        values, ids = torch.topk(logits, 16)
+        assert [t for t, _ in step["top_k"]] == ids.tolist()
+        np.testing.assert_allclose([v for _, v in step["top_k"]], values.numpy(), rtol=1e-7)
+        p = torch.softmax(logits, 0)
+        assert step["entropy"] == pytest.approx(float(-(p * torch.log(p)).sum()), rel=1e-6)
+        assert step["margin"] == pytest.approx(float(values[0] - values[1]), rel=1e-6)
+    tampered = json.loads(demo.ledger_path.read_text())
+    tampered["steps"][2]["entropy"] += 0.25
+    tampered["steps"][3]["layers"][1]["routing_weights"][0][0] = 0.5
+    problems = audit_derived(tampered, arrays)
+    assert any("steps[2].entropy" in p for p in problems)
+    assert any("steps[3].layers[1].routing_weights" in p for p in problems)
+
+
+@pytest.mark.parametrize("layout", ["kimi-k2.5", "kimi-k2-fp8", "hf-bf16"])
+def test_bare_and_instrumented_identical(tiny_checkpoints, tmp_path, layout):
+    outcome = execute(_plan(tmp_path, tiny_checkpoints[layout], generate={"max_new_tokens": 3}), echo=_quiet,
+                      progress=False)  # fmt: skip
+    proof = outcome.ledger["non_perturbation"]
+    assert proof["identical"] and proof["bare"] == proof["instrumented"]
+    assert [s["hidden_digest"] for s in proof["bare"]] == [s["hidden_digest"] for s in outcome.ledger["steps"]]
+
+
+def test_perturbed_capture_writes_no_ledger(tiny_checkpoints, tmp_path, monkeypatch):
+    real = engine_mod.Engine.forward
+
+    def perturbing(self, tokens, positions, caches):
+        hidden, logits, layers, caches = real(self, tokens, positions, caches)
+        if self.keep_capture:  # an instrument that changes what it measures
+            hidden = hidden + np.float32(1e-3)
+        return hidden, logits, layers, caches
+
+    monkeypatch.setattr(engine_mod.Engine, "forward", perturbing)
+    with pytest.raises(NonPerturbationFailure, match="hidden_digest"):
+        execute(_plan(tmp_path, tiny_checkpoints["kimi-k2.5"]), echo=_quiet, progress=False)
+    assert not (tmp_path / "out" / "ledger.json").exists()
+
+
+def _freeze(manifest, out):
+    return subprocess.run([sys.executable, "-m", "kimi_jax.cli", "anchor", "freeze", str(manifest), "--out", str(out)],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_anchor_freeze_reproducible_across_processes_and_checked(tiny_checkpoints, tmp_path):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"version: 1\nmodel:\n  checkpoint: {tiny_checkpoints['kimi-k2.5']}\nprompt:\n  tokens: [1792]\n"
+                        f"generate:\n  max_new_tokens: 3\nanchor: anchor.json\noutput:\n  dir: out\n")  # fmt: skip
+    a, b = _freeze(manifest, tmp_path / "a.json"), _freeze(manifest, tmp_path / "b.json")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    (tmp_path / "anchor.json").write_bytes((tmp_path / "a.json").read_bytes())
+    from kimi_jax.runner import load_plan
+
+    outcome = execute(load_plan(str(manifest)), echo=_quiet, progress=False)
+    anchor = json.loads((tmp_path / "a.json").read_text())
+    step0 = outcome.ledger["steps"][0]
+    assert outcome.ledger["anchor"]["status"] == "matched"
+    assert (step0["token"], step0["hidden_digest"], step0["bytes_read"]) == (anchor["token"], anchor["hidden_digest"],
+                                                                             anchor["bytes_read"])  # fmt: skip
+    assert len(outcome.ledger["steps"]) == 3  # a multi-step run keeps the single-step anchor in step 0
+
+    good_ledger = (tmp_path / "out" / "ledger.json").read_bytes()
+    tampered = dict(anchor, logits_digest="0" * 64)
+    (tmp_path / "anchor.json").write_text(json.dumps(tampered))
+    with pytest.raises(AnchorMismatch) as e:
+        execute(load_plan(str(manifest)), echo=_quiet, progress=False)
+    msg = str(e.value)
+    assert f"logits_digest: anchor '{'0' * 64}', this run '{anchor['logits_digest']}'" in msg
+    assert "token:" not in msg and "the platform is identical" in msg
+
+    other_platform = dict(tampered, platform=dict(anchor["platform"], jax="0.0.1"))
+    (tmp_path / "anchor.json").write_text(json.dumps(other_platform))
+    with pytest.raises(AnchorMismatch, match=r"the platform differs:\n  jax: '0.0.1' -> "):
+        execute(load_plan(str(manifest)), echo=_quiet, progress=False)
+    # the stopped runs wrote nothing: the earlier ledger is untouched
+    assert (tmp_path / "out" / "ledger.json").read_bytes() == good_ledger
+
+
+def test_anchor_for_another_prompt_is_refused_before_compute(tiny_checkpoints, tmp_path):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"version: 1\nmodel:\n  checkpoint: {tiny_checkpoints['kimi-k2.5']}\nprompt:\n  tokens: [1792]\n"
+                        f"anchor: anchor.json\noutput:\n  dir: out\n")  # fmt: skip
+    assert _freeze(manifest, tmp_path / "anchor.json").returncode == 0
+    from kimi_jax.runner import load_plan
+
+    with pytest.raises(AnchorMismatch, match=r"frozen for a different run:\n  prompt: anchor \[1792\], this run \[5\]"):
+        execute(load_plan(str(manifest), ["prompt.tokens=[5]"]), echo=_quiet, progress=False)

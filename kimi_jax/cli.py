@@ -34,11 +34,12 @@ def main() -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output directory (replaces output.dir).")
 @click.option("--prove/--no-prove", default=True, show_default=True,
               help="Also run bare (no capture kept) and require identical tokens, digests and bytes.")
-def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: bool) -> None:
-    """Run a manifest: stream the checkpoint, generate tokens, write the ledger."""
+@click.option("--resume", is_flag=True, help="Continue a killed run from its last completed step.")
+def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: bool, resume: bool) -> None:
+    """Run a manifest: stream the checkpoint, generate tokens, write the ledger and the bundle."""
     from kimi_jax.runner import run_manifest
 
-    run_manifest(manifest, list(overrides), out_dir, prove=prove)
+    run_manifest(manifest, list(overrides), out_dir, prove=prove, resume=resume)
 
 
 @main.command()

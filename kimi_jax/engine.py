@@ -57,6 +57,7 @@ class StepRecord:
     bytes_read: int
     bytes_per_layer: dict[Any, int]
     wall_s: float
+    caches: list | None = None  # the latent caches after this step (kv_cache runs): what a resume needs
 
 
 def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: CheckpointIndex) -> Any:
@@ -200,16 +201,26 @@ class Engine:
 
     # -- generation --------------------------------------------------------------------------
 
+    def empty_caches(self, prompt_len: int, max_new_tokens: int) -> list:
+        capacity = prompt_len + max_new_tokens
+        return [model.LatentCache.empty(self.cfg, capacity, self.dtype) for _ in range(self.cfg.num_hidden_layers)]
+
     def generate(self, prompt: list[int], max_new_tokens: int, kv_cache: bool,
-                 on_step: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:  # fmt: skip
-        """Greedy decoding (argmax, ties to the lowest id)."""
-        context = list(prompt)
-        caches = None
-        if kv_cache:
-            capacity = len(prompt) + max_new_tokens
-            caches = [model.LatentCache.empty(self.cfg, capacity, self.dtype) for _ in range(self.cfg.num_hidden_layers)]
-        steps: list[StepRecord] = []
-        for step in range(max_new_tokens):
+                 on_step: Callable[[StepRecord], None] | None = None, done: list[StepRecord] | None = None,
+                 caches: list | None = None) -> list[StepRecord]:  # fmt: skip
+        """Greedy decoding (argmax, ties to the lowest id).
+
+        To resume, pass the completed steps as ``done`` and, with ``kv_cache``, the latent caches
+        as they were after the last of them; decoding continues exactly where it stopped.
+        """
+        steps: list[StepRecord] = list(done or [])
+        context = list(prompt) + [s.token for s in steps]
+        if kv_cache and caches is None:
+            if steps:
+                raise ValueError("resuming a kv_cache run needs the caches of its last completed step")
+            caches = self.empty_caches(len(prompt), max_new_tokens)
+        caches = caches if kv_cache else None
+        for step in range(len(steps), max_new_tokens):
             started = time.perf_counter()
             self._step = step
             self.reader.begin_step()
@@ -221,7 +232,7 @@ class Engine:
             counters: ReadCounters = self.reader.end_step()
             token = int(np.argmax(logits))  # first maximum: ties go to the lowest id
             record = StepRecord(step, list(context), token, float(logits[token]), logits, hidden, layers,
-                                counters.total, dict(counters.per_layer), time.perf_counter() - started)  # fmt: skip
+                                counters.total, dict(counters.per_layer), time.perf_counter() - started, caches)  # fmt: skip
             steps.append(record)
             if on_step:
                 on_step(record)

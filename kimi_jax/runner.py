@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -77,8 +79,23 @@ def load_plan(manifest_path: str, overrides: list[str] | None = None, out_dir: s
 
 
 def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None,
-                 prove: bool = True, echo=print, progress: bool = True):  # fmt: skip
-    return execute(load_plan(manifest_path, overrides, out_dir), prove=prove, echo=echo, progress=progress)
+                 prove: bool = True, resume: bool = False, echo=print, progress: bool = True):  # fmt: skip
+    plan = load_plan(manifest_path, overrides, out_dir)
+    return execute(plan, prove=prove, resume=resume, echo=echo, progress=progress)
+
+
+def _fault_hook():
+    """Testing aid: ``KIMI_JAX_FAULT=RUN:STEP:LAYER`` kills the process (SIGKILL) inside that layer."""
+    spec = os.environ.get("KIMI_JAX_FAULT")
+    if not spec:
+        return None
+    run, step, layer = spec.split(":")
+
+    def maybe_die(name: str, s: int, l: int) -> None:
+        if (name, s, l) == (run, int(step), int(layer)):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return maybe_die
 
 
 class NonPerturbationFailure(KimiJaxError):
@@ -100,16 +117,19 @@ def _engine(plan: RunPlan, keep_capture: bool):
 
 
 def run_steps(plan: RunPlan, keep_capture: bool = True, max_new_tokens: int | None = None, on_step=None,
-              on_layer=None) -> list:  # fmt: skip
+              on_layer=None, done: list | None = None, caches: list | None = None) -> list:  # fmt: skip
     m = plan.manifest
     with _engine(plan, keep_capture) as engine:
         engine.on_layer = on_layer
         return engine.generate(list(plan.prompt), max_new_tokens or m.generate.max_new_tokens, m.generate.kv_cache,
-                               on_step)  # fmt: skip
+                               on_step, done=done, caches=caches)  # fmt: skip
 
 
-def execute(plan: RunPlan, prove: bool = True, echo=print, progress: bool = True) -> RunOutcome:
-    """Run a plan: anchor precheck, bare run and instrumented run (when proving), ledger."""
+def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print, progress: bool = True) -> RunOutcome:
+    """Run a plan: anchor precheck, bare run and instrumented run (when proving), ledger, bundle.
+
+    Every completed step is checkpointed beside the output; with ``resume`` a killed run
+    continues from its last completed step."""
     from tqdm import tqdm
 
     from kimi_jax import anchor as anchors
@@ -132,9 +152,19 @@ def execute(plan: RunPlan, prove: bool = True, echo=print, progress: bool = True
          f"{m.compute.dtype}; page cache {page_cache['page_cache_resident_bytes']:,} of "
          f"{page_cache['shard_bytes']:,} shard bytes resident")  # fmt: skip
 
+    from kimi_jax.bundle import write_bundle
+    from kimi_jax.resume import RunCheckpoints
+
+    out = Path(m.output.dir)
+    identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
+    checkpoints = RunCheckpoints(out, identity, resume)
+    fault = _fault_hook()
     runs = [("bare", False), ("instrumented", True)] if prove else [("instrumented", True)]
     results: dict[str, list] = {}
     for name, keep in runs:
+        done_steps, caches = checkpoints.load(name)
+        if done_steps:
+            echo(f"{name}: resuming after {len(done_steps)} completed step(s)")
         bar = tqdm(total=m.generate.max_new_tokens * cfg.num_hidden_layers, unit="layer", disable=not progress,
                    dynamic_ncols=True, desc=name)  # fmt: skip
         started, done = time.perf_counter(), [0]
@@ -145,14 +175,18 @@ def execute(plan: RunPlan, prove: bool = True, echo=print, progress: bool = True
             bar.set_description(f"{name} step {step} layer {layer}")
             bar.set_postfix_str(f"{total / 2**20:,.1f} MiB read, {rate:,.0f} MiB/s")
             bar.update(1)
+            if fault:
+                fault(name, step, layer)
 
-        def on_step(step, done=done) -> None:
+        def on_step(step, done=done, name=name) -> None:
             done[0] += step.bytes_read
             if step.index == 0 and anchor is not None:
                 anchors.check(anchor, m.anchor, step)  # stops the run on any difference
+            checkpoints.save(name, step)
 
+        bar.update(len(done_steps) * cfg.num_hidden_layers)
         try:
-            results[name] = run_steps(plan, keep, on_step=on_step, on_layer=on_layer)
+            results[name] = run_steps(plan, keep, on_step=on_step, on_layer=on_layer, done=done_steps, caches=caches)
         finally:
             bar.close()
 
@@ -170,7 +204,9 @@ def execute(plan: RunPlan, prove: bool = True, echo=print, progress: bool = True
     anchor_record = anchors.check(anchor, m.anchor, steps[0]) if anchor is not None else None
     ledger = build_ledger(plan, steps, page_cache, anchor_record, proof)
     validate_ledger(ledger)
-    path = write_json_atomic(Path(m.output.dir) / "ledger.json", ledger)
+    write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None, explorer_html=None)
+    checkpoints.discard()
+    path = out / "ledger.json"
 
     echo(f"{'step':>4} {'token':>8} {'logit':>12} {'bytes read':>14} {'wall s':>8}")
     for s in steps:

@@ -1,0 +1,85 @@
+"""Per-step checkpoints of a run in progress, so a killed run continues where it stopped.
+
+Each completed step of each run (bare, instrumented) is saved under ``.OUT.work/RUN/`` as
+``step_NNNNN.npz`` (logits, hidden state, and with a KV cache the latent caches after the step)
+and then ``step_NNNNN.json`` (the rest of the record). The JSON is written last and atomically,
+so its presence marks a complete step; anything else is ignored on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from kimi_jax import model
+from kimi_jax.engine import LayerRecord, StepRecord
+from kimi_jax.errors import KimiJaxError
+from kimi_jax.fileio import write_bytes_atomic, write_json_atomic
+
+
+class ResumeError(KimiJaxError):
+    """The saved work does not belong to this run."""
+
+
+def work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.work"
+
+
+class RunCheckpoints:
+    def __init__(self, out: Path, identity: dict, resume: bool):
+        self.root = work_dir(Path(out))
+        ident_file = self.root / "identity.json"
+        if resume and ident_file.exists():
+            saved = json.loads(ident_file.read_text())
+            if saved != identity:
+                diffs = [k for k in identity if saved.get(k) != identity[k]]
+                raise ResumeError(f"{self.root}: saved steps belong to a different run (differs in {diffs}); "
+                                  "remove it or run without --resume")  # fmt: skip
+        else:
+            if self.root.exists():
+                shutil.rmtree(self.root)
+            self.root.mkdir(parents=True)
+            write_json_atomic(ident_file, identity)
+
+    def save(self, run: str, step: StepRecord) -> None:
+        folder = self.root / run
+        folder.mkdir(exist_ok=True)
+        # float32 holds bfloat16 values exactly, and npz cannot store bfloat16 itself
+        arrays = {"logits": np.asarray(step.logits, np.float32), "hidden": np.asarray(step.hidden, np.float32)}
+        for i, cache in enumerate(step.caches or []):
+            arrays[f"cache_{i}_c_kv"] = np.asarray(cache.c_kv, np.float32)
+            arrays[f"cache_{i}_k_pe"] = np.asarray(cache.k_pe, np.float32)
+            arrays[f"cache_{i}_length"] = np.asarray(cache.length)
+            arrays["cache_dtype"] = np.asarray(str(cache.c_kv.dtype))
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        write_bytes_atomic(folder / f"step_{step.index:05d}.npz", buf.getvalue())
+        record = {k: v for k, v in dataclasses.asdict(step).items() if k not in ("logits", "hidden", "caches")}
+        record["bytes_per_layer"] = [[k, v] for k, v in step.bytes_per_layer.items()]
+        write_json_atomic(folder / f"step_{step.index:05d}.json", record)
+
+    def load(self, run: str) -> tuple[list[StepRecord], list | None]:
+        """The completed steps of ``run`` (consecutive from 0) and the caches after the last one."""
+        steps, caches = [], None
+        while (json_file := self.root / run / f"step_{len(steps):05d}.json").exists():
+            record = json.loads(json_file.read_text())
+            with np.load(json_file.with_suffix(".npz")) as z:
+                arrays = {k: z[k] for k in z.files}
+            layers = [LayerRecord(**layer) for layer in record.pop("layers")]
+            record["bytes_per_layer"] = {k: v for k, v in record["bytes_per_layer"]}
+            steps.append(StepRecord(**record, layers=layers, logits=arrays["logits"], hidden=arrays["hidden"]))
+            n = sum(1 for k in arrays if k.endswith("_length"))
+            dtype = jnp.dtype(str(arrays["cache_dtype"])) if n else None
+            caches = [model.LatentCache(jnp.asarray(arrays[f"cache_{i}_c_kv"]).astype(dtype),
+                                        jnp.asarray(arrays[f"cache_{i}_k_pe"]).astype(dtype),
+                                        jnp.asarray(arrays[f"cache_{i}_length"])) for i in range(n)] or None  # fmt: skip
+        return steps, caches
+
+    def discard(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

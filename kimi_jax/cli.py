@@ -120,5 +120,59 @@ def schema(which: str) -> None:
     click.echo(json.dumps(manifest_json_schema(), indent=2))
 
 
+# -- bundles: verify, compare, archive --------------------------------------------------------
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--replay", is_flag=True,
+              help="Also re-run the bundle's manifest against the checkpoint it names and require every measured "
+                   "value to match (wall-clock and page-cache fields excepted).")  # fmt: skip
+def verify(path: str, replay: bool) -> None:
+    """Check a run bundle without the model. PATH: a bundle folder, a bundle archive or a receipt.json.
+
+    Prints each numbered check as OK, FAILED or SKIPPED and a summary; exits 1 if any check failed."""
+    from kimi_jax.verify import verify_bundle
+
+    report = verify_bundle(path, replay=replay, on_check=lambda c: click.echo(c.line()))
+    click.echo(report.summary())
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("a", type=click.Path(exists=True))
+@click.argument("b", type=click.Path(exists=True))
+def compare(a: str, b: str) -> None:
+    """Compare two manifests (will their runs be identical?) or two bundles (where do they differ?).
+
+    Exits 0 when identical (bitwise identical runs expected, or bundles with equal tokens and digests), else 1."""
+    from kimi_jax.compare import compare_paths, format_comparison
+
+    result = compare_paths(a, b)
+    click.echo(format_comparison(result))
+    sys.exit(0 if result.identical else 1)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_file", type=click.Path(dir_okay=False),
+              help="Archive file to write (default: BUNDLE.tar.gz beside the bundle).")  # fmt: skip
+def archive(bundle: str, out_file: str | None) -> None:
+    """Pack a bundle into one deterministic .tar.gz (the same bundle always gives the same bytes)."""
+    from kimi_jax.archive import archive_bundle
+    from kimi_jax.checksums import hash_file
+
+    path = archive_bundle(bundle, out_file)
+    click.echo(f"wrote {path} (BLAKE3 {hash_file(path)})")
+
+
+def _register_plugins() -> None:
+    from kimi_jax.explorer import explore_command
+
+    main.add_command(explore_command)
+
+
+_register_plugins()
+
 if __name__ == "__main__":
     main()

@@ -141,6 +141,7 @@ _STEP = _obj({
     "index": _m(_INT, "Generation step, from 0."),
     "context": _m({"type": "array", "items": _INT, "minItems": 1}, "Input token ids of this step's forward pass."),
     "token": _m(_INT, "Greedy output token (argmax, ties to the lowest id)."),
+    "token_text": _d(_STR, "The output token decoded by the checkpoint's tokenizer (present only when it ships one)."),
     "logit": _m(_NUM, "Logit of the output token."),
     "top_k": _d({"type": "array", "items": {"type": "array", "prefixItems": [_INT, _NUM], "items": False,
                                             "minItems": 2}, "maxItems": TOP_K},

@@ -53,6 +53,8 @@ class ShardReader:
         self._lock = threading.Lock()
         self.run = ReadCounters()
         self.step = ReadCounters()
+        # When a list: every positioned read appends (shard, offset, nbytes, seconds); benchmarks use it.
+        self.trace: list[tuple[Path, int, int, float]] | None = None
 
     def __enter__(self) -> "ShardReader":
         return self
@@ -162,6 +164,8 @@ class ShardReader:
         with self._lock:
             self.run.seconds += elapsed
             self.step.seconds += elapsed
+            if self.trace is not None:
+                self.trace.append((shard, offset, nbytes, elapsed))
         return buf
 
 

@@ -204,7 +204,9 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print,
     anchor_record = anchors.check(anchor, m.anchor, steps[0]) if anchor is not None else None
     ledger = build_ledger(plan, steps, page_cache, anchor_record, proof)
     validate_ledger(ledger)
-    write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None, explorer_html=None)
+    from kimi_jax.explorer import render_explorer
+
+    write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None, explorer_html=render_explorer(ledger))
     checkpoints.discard()
     path = out / "ledger.json"
 

@@ -34,7 +34,7 @@ from kimi_jax import formats
 from kimi_jax.config import ModelConfig, parse_model_config
 from kimi_jax.safetensors_header import DTYPE_SIZES, PlannedTensor, write_shard
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 LAYOUTS = ("kimi-k2.5", "kimi-k2-fp8", "deepseek-v3", "hf-bf16")
 
 _K25_ROPE = {"type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
@@ -178,7 +178,8 @@ def _stored(name: str, shape: tuple[int, ...], fmt: str, value: Callable[[], np.
         return [
             (f"{module}.weight_packed", "I32", (out_f, math.ceil(in_f / 8)), q and (lambda: q.part(0))),
             (f"{module}.weight_scale", "BF16", (out_f, math.ceil(in_f / group)), q and (lambda: q.part(1))),
-            (f"{module}.weight_shape", weight_shape_dtype, (2,), (lambda: ws) if value else None),
+            # 8 bytes each, and the loader checks them, so they are written even in sparse mode
+            (f"{module}.weight_shape", weight_shape_dtype, (2,), lambda: ws),
         ]
     if fmt == "fp8" and module:
         q = _Encoded(lambda: encoders["fp8"](value()), 2) if value else None

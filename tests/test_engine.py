@@ -141,3 +141,18 @@ def test_config_tensor_mismatch_reported_with_manifest_field(tiny_checkpoints, t
         prepare_run(_manifest(tmp_path, ckpt))
     assert "model.checkpoint" in str(e.value) and "mlp.experts.0.gate_proj.weight" in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_chunked_head_gives_the_same_logits(tiny_checkpoints, monkeypatch):
+    from kimi_jax import engine as engine_mod
+
+    idx = open_checkpoint(tiny_checkpoints["kimi-k2.5"])
+    with Engine(idx) as engine:
+        whole = engine.generate([5, 6], 2, kv_cache=True)
+    monkeypatch.setattr(engine_mod, "HEAD_CHUNK_ROWS", 300)  # 2048 rows: 6 full chunks and a short one
+    with Engine(idx) as engine:
+        chunked = engine.generate([5, 6], 2, kv_cache=True)
+    assert [s.token for s in whole] == [s.token for s in chunked]
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-5)
+        assert a.bytes_read == b.bytes_read

@@ -1,0 +1,397 @@
+"""``kimi-jax verify``: every check passes on real bundles and the right one fires on each tampering."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kimi_jax.bundle import RECEIPT, bundle_digest
+from kimi_jax.checksums import write_checksums
+from kimi_jax.cli import main
+from kimi_jax.runner import execute, load_plan
+from kimi_jax.verify import CHECK_NAMES, Report, verify_bundle
+
+DEMO_MANIFEST = Path(__file__).resolve().parents[1] / "manifests" / "demo.yaml"
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The shipped demo manifest, run as is (no anchor)."""
+    out = tmp_path_factory.mktemp("verify-demo") / "demo"
+    execute(load_plan(str(DEMO_MANIFEST), out_dir=str(out)), echo=_quiet, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def anchored(tiny_checkpoints, tmp_path_factory):
+    """A 3-step run of a manifest whose anchor was frozen through the CLI."""
+    tmp = tmp_path_factory.mktemp("verify-anchored")
+    manifest = tmp / "m.yaml"
+    manifest.write_text(f"version: 1\nmodel:\n  checkpoint: {tiny_checkpoints['kimi-k2.5']}\nprompt:\n"
+                        f"  tokens: [7, 300, 7]\ngenerate:\n  max_new_tokens: 3\nanchor: anchor.json\n"
+                        f"output:\n  dir: bundle\n")  # fmt: skip
+    frozen = CliRunner().invoke(main, ["anchor", "freeze", str(manifest)])
+    assert frozen.exit_code == 0, frozen.output
+    execute(load_plan(str(manifest)), echo=_quiet, progress=False)
+    return tmp / "bundle"
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / bundle.name))
+
+
+def _edit_json(root: Path, name: str, change) -> None:
+    path = root / name
+    value = json.loads(path.read_text())
+    change(value)
+    path.write_text(json.dumps(value, indent=1) + "\n")
+
+
+def _resign(root: Path) -> None:
+    """What a forger would do: refresh the explorer's copy, CHECKSUMS.b3 and the receipt's bundle digest."""
+    if (root / "explorer.html").exists():
+        _write_page(root)
+    write_checksums(root, exclude=(RECEIPT,))
+    _edit_json(root, RECEIPT, lambda r: r.update(bundle_digest=bundle_digest(root)))
+
+
+def _write_page(root: Path, extra: str = "", ledger_text: str | None = None) -> None:
+    text = ledger_text if ledger_text is not None else (root / "ledger.json").read_text()
+    (root / "explorer.html").write_text(f'<!doctype html><html><head><title>x</title></head><body>\n'
+                                        f'<script type="application/json" id="ledger-data">{text}</script>\n{extra}'
+                                        f'<script>const x = 1;</script></body></html>\n')  # fmt: skip
+
+
+def _statuses(report: Report) -> dict[str, str]:
+    return {c.name: c.status for c in report.checks}
+
+
+# -- bundles as written -------------------------------------------------------------------------
+
+
+def test_demo_bundle_verifies(demo):
+    report = verify_bundle(demo)
+    assert [c.number for c in report.checks] == list(range(1, 11))
+    assert [c.name for c in report.checks] == list(CHECK_NAMES)
+    statuses = _statuses(report)
+    assert statuses.pop("anchor") == "SKIPPED"
+    assert statuses.pop("explorer") in ("SKIPPED", "OK")  # the explorer page is optional
+    assert set(statuses.values()) == {"OK"}, report.format()
+    assert report.ok
+
+
+def test_anchored_bundle_verifies_every_check(anchored):
+    report = verify_bundle(anchored)
+    statuses = _statuses(report)
+    assert statuses.pop("explorer") in ("SKIPPED", "OK")
+    assert set(statuses.values()) == {"OK"}, report.format()
+    assert (anchored / "anchor.json").exists()
+
+
+def test_verify_through_receipt_path(anchored):
+    report = verify_bundle(anchored / RECEIPT)
+    assert report.ok, report.format()
+    assert report.status("anchor") == "OK"
+
+
+def test_cli_prints_numbered_checks_and_exits_by_outcome(demo, tmp_path):
+    good = CliRunner().invoke(main, ["verify", str(demo)])
+    assert good.exit_code == 0, good.output
+    lines = good.output.splitlines()
+    assert lines[0] == "1. checksums: OK"
+    assert any(line.startswith("7. anchor: SKIPPED: ") for line in lines)
+    assert "VERIFIED" in lines[-1] and "NOT VERIFIED" not in lines[-1]
+
+    bad = _copy(demo, tmp_path)
+    (bad / "stray.txt").write_text("x")
+    out = CliRunner().invoke(main, ["verify", str(bad)])
+    assert out.exit_code == 1
+    assert "1. checksums: FAILED: stray.txt: present but not listed in CHECKSUMS.b3" in out.output
+    assert "NOT VERIFIED: 1 of 10 checks FAILED (checksums)" in out.output.splitlines()[-1]
+
+
+def test_no_checks_is_not_success():
+    assert not Report("x", "x", []).ok
+
+
+# -- tampering: checksums -----------------------------------------------------------------------
+
+
+def _arrays_file(root: Path) -> str:
+    files = sorted((p for p in (root / "arrays").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    return files[-1].relative_to(root).as_posix()
+
+
+@pytest.mark.parametrize("name", ["ledger.json", "manifest.json", "ARRAYS", "environment.json", "provenance.json",
+                                  "non_perturbation.json", "anchor.json", "manifest.yaml"])  # fmt: skip
+def test_one_flipped_byte_fails_checksums_naming_the_file(anchored, tmp_path, name):
+    root = _copy(anchored, tmp_path)
+    rel = _arrays_file(root) if name == "ARRAYS" else name
+    path = root / rel
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    report = verify_bundle(root)
+    assert report.status("checksums") == "FAILED"
+    assert f"{rel}: BLAKE3 mismatch" in report.reason("checksums")
+    assert not report.ok
+
+
+def test_deleted_and_added_files_fail_checksums(anchored, tmp_path):
+    root = _copy(anchored, tmp_path)
+    (root / "environment.json").unlink()
+    (root / "arrays" / "extra.bin").write_bytes(b"\0")
+    report = verify_bundle(root)
+    reason = report.reason("checksums")
+    assert report.status("checksums") == "FAILED"
+    assert "environment.json: listed in CHECKSUMS.b3 but missing" in reason
+    assert "arrays/extra.bin: present but not listed in CHECKSUMS.b3" in reason
+
+
+def test_symlink_in_bundle_fails_checksums(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    (root / "link.json").symlink_to(root / "ledger.json")
+    report = verify_bundle(root)
+    assert "link.json: symbolic link" in report.reason("checksums")
+
+
+def test_tampered_checksums_list_fails_the_receipt(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    write_checksums(root, exclude=(RECEIPT,))  # same content, but the receipt is not updated ...
+    with open(root / "CHECKSUMS.b3", "a") as f:  # ... and the list is changed
+        f.write("0" * 64 + "  ghost.json\n")
+    report = verify_bundle(root)
+    assert report.status("receipt") == "FAILED"
+    assert "bundle_digest" in report.reason("receipt")
+    assert "ghost.json: listed in CHECKSUMS.b3 but missing" in report.reason("checksums")
+
+
+# -- tampering, then re-signed: the specific check fires ----------------------------------------
+
+
+def test_edited_entropy_fails_only_derivations(anchored, tmp_path):
+    root = _copy(anchored, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l["steps"][1].update(entropy=l["steps"][1]["entropy"] + 0.125))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["derivations"], report.format()
+    assert "steps[1].entropy" in report.reason("derivations")
+
+
+def test_edited_routing_weight_fails_only_derivations(anchored, tmp_path):
+    root = _copy(anchored, tmp_path)
+
+    def change(ledger):
+        layer = next(l for l in ledger["steps"][2]["layers"] if l["kind"] == "moe")
+        layer["routing_weights"][0][0] = 0.5
+
+    _edit_json(root, "ledger.json", change)
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["derivations"], report.format()
+    assert "steps[2].layers[" in report.reason("derivations") and "routing_weights" in report.reason("derivations")
+
+
+def test_broken_context_fails_only_continuity(anchored, tmp_path):
+    root = _copy(anchored, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l["steps"][2]["context"].__setitem__(-1, 5))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["continuity"], report.format()
+    assert "steps[2].context" in report.reason("continuity")
+
+
+def test_byte_totals_fail_continuity(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l["totals"].update(bytes_read=l["totals"]["bytes_read"] + 1))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["continuity"], report.format()
+    assert "totals.bytes_read" in report.reason("continuity")
+
+
+def test_step_bytes_must_be_layers_plus_embedding_and_head(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+
+    def change(ledger):  # move 256 bytes from the embedding/head share into a layer: totals still add up
+        step = ledger["steps"][2]
+        step["layers"][0]["bytes_read"] += 256
+
+    _edit_json(root, "ledger.json", change)
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["continuity"], report.format()
+    assert "steps[2].bytes_read is" in report.reason("continuity") and "for embedding rows and the head" in \
+        report.reason("continuity")
+
+
+def test_edited_digest_fails_digests(anchored, tmp_path):
+    root = _copy(anchored, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l["steps"][1].update(logits_digest="0" * 64))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.status("digests") == "FAILED"
+    assert "steps[1].logits_digest" in report.reason("digests")
+    assert not report.ok
+
+
+def test_edited_token_fails_digests(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l["steps"][4].update(token=l["steps"][4]["token"] + 1))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.status("digests") == "FAILED"
+    assert "steps[4].token" in report.reason("digests") and "argmax" in report.reason("digests")
+
+
+def test_removed_non_perturbation_fails_non_perturbation(anchored, tmp_path):
+    root = _copy(anchored, tmp_path)
+    (root / "non_perturbation.json").unlink()
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["non-perturbation"], report.format()
+    assert "non_perturbation.json: missing" in report.reason("non-perturbation")
+
+
+def test_perturbed_proof_fails_non_perturbation(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+
+    def change(proof):
+        proof["bare"][1]["hidden_digest"] = "1" * 64
+
+    _edit_json(root, "non_perturbation.json", change)
+    _edit_json(root, "ledger.json", lambda l: change(l["non_perturbation"]))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["non-perturbation"], report.format()
+    assert "bare and instrumented differ (entry 1: hidden_digest" in report.reason("non-perturbation")
+
+
+def test_unknown_ledger_field_fails_schema_and_provenance(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l["steps"][0].update(secret=1))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["schema", "provenance"], report.format()
+    assert "ledger.json $.steps[0]" in report.reason("schema")
+    assert "steps[].secret" in report.reason("provenance")
+
+
+def test_relabelled_provenance_fails_only_provenance(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    _edit_json(root, "provenance.json", lambda p: p.update({"steps[].entropy": "measured"}))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["provenance"], report.format()
+    assert "steps[].entropy: labelled 'measured', the schema says derived" in report.reason("provenance")
+
+
+def test_edited_manifest_or_verdict_fails_the_receipt(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    _edit_json(root, "manifest.json", lambda m: m["storage"].update(prefetch=False))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["receipt"], report.format()
+    assert "manifest.json: its identity digest is" in report.reason("receipt")
+
+    root = _copy(demo, tmp_path / "c")
+    _edit_json(root, "ledger.json", lambda l: l["run"].update(capture=["norms"]))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["receipt"], report.format()
+    assert "ledger.json run.capture is ['norms'], but manifest.json capture is" in report.reason("receipt")
+
+    root = _copy(demo, tmp_path / "b")
+    _edit_json(root, RECEIPT, lambda r: r["verdict"]["tokens"].__setitem__(0, 3))
+    report = verify_bundle(root)
+    assert report.failed == ["receipt"], report.format()
+    assert "verdict.tokens" in report.reason("receipt")
+
+
+def test_edited_anchor_fails_anchor(anchored, tmp_path):
+    root = _copy(anchored, tmp_path)
+    _edit_json(root, "anchor.json", lambda a: a.update(bytes_read=a["bytes_read"] + 1))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["anchor"], report.format()
+    reason = report.reason("anchor")
+    assert "steps[0].bytes_read" in reason and "BLAKE3(anchor.json)" in reason
+
+    root = _copy(anchored, tmp_path / "b")
+    (root / "anchor.json").unlink()
+    _resign(root)
+    assert "anchor.json: missing" in verify_bundle(root).reason("anchor")
+
+
+# -- the explorer page --------------------------------------------------------------------------
+
+
+def test_explorer_page_must_embed_exactly_the_ledger(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    _write_page(root)
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.status("explorer") == "OK" and report.ok, report.format()
+
+    ledger = json.loads((root / "ledger.json").read_text())
+    ledger["steps"][0]["token"] += 1
+    _write_page(root, ledger_text=json.dumps(ledger))
+    write_checksums(root, exclude=(RECEIPT,))
+    _edit_json(root, RECEIPT, lambda r: r.update(bundle_digest=bundle_digest(root)))
+    report = verify_bundle(root)
+    assert report.failed == ["explorer"], report.format()
+    assert "differs from ledger.json (first at steps[0].token)" in report.reason("explorer")
+
+    _write_page(root, extra='<script type="application/json" id="other">{"a": 1}</script>\n')
+    write_checksums(root, exclude=(RECEIPT,))
+    _edit_json(root, RECEIPT, lambda r: r.update(bundle_digest=bundle_digest(root)))
+    report = verify_bundle(root)
+    assert report.failed == ["explorer"], report.format()
+    assert "other JSON data blocks (ids other)" in report.reason("explorer")
+
+
+def test_rendered_explorer_page_verifies(demo, tmp_path):
+    explorer = pytest.importorskip("kimi_jax.explorer")
+    root = _copy(demo, tmp_path)
+    if not (root / "explorer.html").exists():
+        explorer.write_explorer(root)
+        _resign(root)
+    report = verify_bundle(root)
+    assert report.status("explorer") == "OK", report.format()
+
+
+# -- replay -------------------------------------------------------------------------------------
+
+
+def test_replay_matches_and_catches_an_edited_measurement(anchored, tmp_path):
+    report = verify_bundle(anchored, replay=True)
+    assert [c.name for c in report.checks][-1] == "replay" and report.checks[-1].number == 11
+    assert report.status("replay") == "OK" and report.ok, report.format()
+
+    root = _copy(anchored, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l["steps"][1]["layers"][2].update(norm_out=1.5))
+    _resign(root)
+    assert verify_bundle(root).ok  # a measured norm cannot be checked without the model ...
+    report = verify_bundle(root, replay=True)
+    assert report.failed == ["replay"], report.format()  # ... but replaying the run catches it
+    assert "steps[1].layers[2].norm_out: bundle 1.5, replay" in report.reason("replay")
+
+
+def test_replay_needs_the_checkpoint(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    gone = tmp_path / "gone"
+    _edit_json(root, "manifest.json", lambda m: m.update(model={"checkpoint": str(gone), "synthetic": None,
+                                                                "cache_dir": str(tmp_path)}))  # fmt: skip
+    _resign(root)
+    report = verify_bundle(root, replay=True)
+    assert report.status("replay") == "FAILED"
+    assert f"checkpoint directory {gone} does not exist" in report.reason("replay")
+    assert "which must exist" in report.reason("replay")

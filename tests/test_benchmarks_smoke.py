@@ -1,0 +1,54 @@
+"""Every benchmark script runs end to end in its smoke size, so none can rot (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _smoke(script: str, *args: str) -> list[dict]:
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert records, proc.stdout
+    assert not any("error" in r for r in records), records
+    return records
+
+
+def test_scale_smoke():
+    records = _smoke("scale.py")
+    assert any(r.get("run") == "one-token" and r["bytes_equal_prediction"] for r in records)
+
+
+def test_io_smoke():
+    (record,) = _smoke("io.py")
+    assert record["bytes_exact"] is True
+
+
+def test_capture_overhead_smoke():
+    (record,) = _smoke("capture_overhead.py")
+    assert record["bare_s"] > 0 and record["instrumented_s"] > 0
+
+
+def test_peers_smoke():
+    pytest.importorskip("accelerate")
+    records = _smoke("peers.py")
+    systems = {r["system"] for r in records if "system" in r}
+    assert systems == {"transformers-memory", "transformers-disk-offload", "kimi-jax-kv", "kimi-jax-no-kv"}
+    ratios = next(r for r in records if "ratios" in r)["ratios"]
+    assert ratios["same_tokens_as_transformers"] is True
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_explorer_open_smoke():
+    pytest.importorskip("playwright")
+    _smoke("explorer_open.py")

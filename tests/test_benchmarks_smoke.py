@@ -18,7 +18,10 @@ def _smoke(script: str, *args: str) -> list[dict]:
     proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], capture_output=True, text=True,
                           env=dict(os.environ), timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    try:  # one indented JSON document, or one JSON record per line
+        records = [json.loads(proc.stdout)]
+    except json.JSONDecodeError:
+        records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert records, proc.stdout
     assert not any("error" in r for r in records), records
     return records

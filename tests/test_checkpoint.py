@@ -139,7 +139,9 @@ def test_full_shape_sparse_layout_matches_reference_sizes(tmp_path):
     """Real Kimi K2.5 dimensions, bytes left as file holes. Figures from kimi-format.md section 6."""
     ckpt = synth_checkpoint(tmp_path / "full", "full-shape", "kimi-k2.5")
     used = sum(p.stat().st_blocks * 512 for p in ckpt.iterdir())
-    assert used < 200 * 2**20, "the full-shape layout must stay sparse"
+    apparent = sum(p.stat().st_size for p in ckpt.iterdir())
+    # only headers, the index and the 8-byte weight_shape tensors take real blocks
+    assert used < apparent / 1000, f"the full-shape layout must stay sparse: {used:,} of {apparent:,} bytes"
     idx = open_checkpoint(ckpt)
     assert sum(len(w.parts) for w in idx.weights.values()) + len(idx.skipped) == 208_550
     assert len(idx.shards) == 64

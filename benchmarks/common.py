@@ -30,6 +30,15 @@ def machine() -> dict:
 
 
 def peak_rss_bytes() -> int:
+    """Peak RSS of this process's own address space (VmHWM). ``ru_maxrss`` is not used: after
+    fork and exec it still carries the parent's high-water mark."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

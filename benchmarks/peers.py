@@ -107,7 +107,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--worker", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make:
+        make_checkpoint(args.make, SMOKE if args.smoke else MEDIUM)
+        return
     if args.worker:
         result = SYSTEMS[args.worker](args.checkpoint, args.tokens)
         print(json.dumps({**result, "peak_rss": peak_rss_bytes()}))
@@ -115,7 +119,9 @@ def main() -> None:
     tokens = 3 if args.smoke else args.tokens
     cache = Path(os.environ.get("KIMI_JAX_CACHE", Path.home() / ".cache" / "kimi-jax")) / "bench"
     cache.mkdir(parents=True, exist_ok=True)
-    ckpt = make_checkpoint(cache / ("peers-smoke" if args.smoke else "peers-medium"), SMOKE if args.smoke else MEDIUM)
+    ckpt = cache / ("peers-smoke" if args.smoke else "peers-medium")
+    # Built in a child process, so this parent stays small for the workers it starts.
+    subprocess.run([sys.executable, __file__, "--make", str(ckpt)] + (["--smoke"] if args.smoke else []), check=True)
     emit({"benchmark": "peers", "checkpoint": str(ckpt), "tokens": tokens, "machine": machine()})
     results = {}
     for name in SYSTEMS:

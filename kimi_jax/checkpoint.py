@@ -390,7 +390,7 @@ def _check_shapes(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry],
         if len(problems) > 20:
             break
     if problems:
-        more = f"\n... and more" if len(problems) > 20 else ""
+        more = "\n... and more" if len(problems) > 20 else ""
         raise CheckpointError("config.json and the tensors disagree:\n" + "\n".join(problems[:20]) + more)
 
 

@@ -168,8 +168,10 @@ def archive(bundle: str, out_file: str | None) -> None:
 
 def _register_plugins() -> None:
     from kimi_jax.explorer import explore_command
+    from kimi_jax.vindex import vindex_command
 
     main.add_command(explore_command)
+    main.add_command(vindex_command)
 
 
 _register_plugins()

@@ -68,6 +68,7 @@ __all__ = [
     "PromptSection",
     "GenerateSection",
     "OutputSection",
+    "VindexSection",
     "load_manifest",
     "parse_manifest_dict",
     "manifest_json_schema",
@@ -306,6 +307,79 @@ class OutputSection(_Section):
     )
 
 
+VINDEX_PHASES: tuple[int, ...] = (1, 2, 3)
+
+
+def _unique_items(value: list[Any] | None, what: str) -> list[Any] | None:
+    if value is None:
+        return None
+    seen: dict[Any, int] = {}
+    for i, item in enumerate(value):
+        if item in seen:
+            raise _fail(f"duplicate {what} {item!r} at index {i} (first at index {seen[item]}); "
+                        f"each {what} may appear at most once")
+        seen[item] = i
+    return value
+
+
+class VindexSection(_Section):
+    """``kimi-jax vindex``: singular-value statistics of the experts (phase 1), the routers
+    (phase 2) and routing statistics (phase 3). Ranges are checked against the checkpoint
+    before any compute."""
+
+    phases: list[Annotated[int, Field(ge=1, le=3)]] = Field(
+        default_factory=lambda: list(VINDEX_PHASES),
+        min_length=1,
+        json_schema_extra={"uniqueItems": True},
+        description="Which phases to run (unique, subset of 1, 2, 3): 1 expert down_proj "
+        "spectra, 2 router spectra, 3 routing statistics.",
+    )
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None,
+        min_length=1,
+        json_schema_extra={"uniqueItems": True},
+        description="Layer indices to analyse (unique); null = every layer.",
+    )
+    experts: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None,
+        min_length=1,
+        json_schema_extra={"uniqueItems": True},
+        description="Routed expert ids analysed in phase 1 (unique); null = every expert.",
+    )
+    top_singular_values: int = Field(
+        default=16, ge=1, description="How many of the largest singular values to keep per matrix."
+    )
+    prompts: list[Annotated[list[TokenId], Field(min_length=1)]] | None = Field(
+        default=None,
+        min_length=1,
+        description="Token-id prompts the engine runs for phase 3; default the manifest's "
+        "prompt (or none when bundles are given).",
+    )
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Tokens generated per phase-3 prompt; default generate.max_new_tokens."
+    )
+    bundles: list[ManifestPath] = Field(
+        default_factory=list,
+        description="Run-bundle directories whose ledger.json routing records phase 3 also "
+        "reads; relative to the manifest's folder.",
+    )
+
+    @field_validator("phases", mode="after")
+    @classmethod
+    def _unique_phases(cls, value: list[int]) -> list[int]:
+        return _unique_items(value, "phase")
+
+    @field_validator("layers", mode="after")
+    @classmethod
+    def _unique_layers(cls, value: list[int] | None) -> list[int] | None:
+        return _unique_items(value, "layer")
+
+    @field_validator("experts", mode="after")
+    @classmethod
+    def _unique_experts(cls, value: list[int] | None) -> list[int] | None:
+        return _unique_items(value, "expert id")
+
+
 class Manifest(_Section):
     """A validated run manifest. Paths are absolute; see :func:`load_manifest`."""
 
@@ -327,6 +401,13 @@ class Manifest(_Section):
         description="Anchor JSON file (need not exist yet); relative to the manifest's folder.",
     )
     output: OutputSection
+    vindex: VindexSection | None = Field(
+        default=None,
+        # Left out of resolved_dict() (and so of the digest) when absent: a manifest without
+        # a vindex section keeps the identity it had before the section existed.
+        exclude_if=lambda value: value is None,
+        description="Settings of `kimi-jax vindex` (optional).",
+    )
 
     _source: Path | None = PrivateAttr(default=None)
     _origins: _Origins | None = PrivateAttr(default=None)

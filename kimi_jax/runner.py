@@ -10,7 +10,6 @@ from pathlib import Path
 
 from kimi_jax.checkpoint import CheckpointIndex, open_checkpoint
 from kimi_jax.errors import CheckpointError, KimiJaxError, ManifestError
-from kimi_jax.fileio import write_json_atomic
 from kimi_jax.manifest import Manifest, load_manifest
 from kimi_jax.synth import ensure_synthetic
 

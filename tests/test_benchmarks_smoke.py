@@ -55,3 +55,7 @@ def test_peers_smoke():
 def test_explorer_open_smoke():
     pytest.importorskip("playwright")
     _smoke("explorer_open.py")
+
+
+def test_vindex_phase1_smoke():
+    _smoke("vindex_phase1.py")

@@ -55,6 +55,17 @@ class WeightEntry:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts.values())
 
+    def check_weight_shape(self, parts: dict) -> None:
+        """An int4 weight's stored ``weight_shape`` tensor must name the shape its packed words and
+        scales imply (it is data, so it is checked when read, not when indexed)."""
+        if self.format != "int4":
+            return
+        stored = tuple(int(d) for d in parts["weight_shape"])
+        if stored != self.shape:
+            rec = self.parts["weight_shape"]
+            raise CheckpointError(f"{rec.shard}: {rec.stored_name} holds {list(stored)}, but weight_packed and "
+                                  f"weight_scale imply {list(self.shape)}")  # fmt: skip
+
     def describe(self) -> str:
         return ", ".join(f"{k} in {p.shard.name} @ {p.offset}" for k, p in self.parts.items())
 

@@ -20,7 +20,6 @@ import numpy as np
 
 from kimi_jax import model
 from kimi_jax.checkpoint import CheckpointIndex, WeightEntry
-from kimi_jax.errors import CheckpointError
 from kimi_jax.formats import Fp8Weight, Int4Weight
 from kimi_jax.params import HeadParams, dense_layer_params, expert_stack, head_params, moe_base_params
 from kimi_jax.reader import ReadCounters, ShardReader
@@ -67,11 +66,7 @@ def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: Check
     if entry.format == "plain":
         return parts["weight"]
     if entry.format == "int4":
-        stored = tuple(int(d) for d in parts["weight_shape"])
-        if stored != entry.shape:
-            rec = entry.parts["weight_shape"]
-            raise CheckpointError(f"{rec.shard}: {rec.stored_name} holds {list(stored)}, but weight_packed and "
-                                  f"weight_scale imply {list(entry.shape)}")  # fmt: skip
+        entry.check_weight_shape(parts)
         return Int4Weight(parts["weight_packed"], parts["weight_scale"], in_features=entry.shape[1],
                           group_size=index.config.quant.group_size)  # fmt: skip
     block = index.config.quant.block_size if index.config.quant.kind == "fp8-block" else (128, 128)

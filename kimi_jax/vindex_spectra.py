@@ -143,14 +143,7 @@ def stack_parts(kind: MatrixKind, entries: list[WeightEntry], parts: dict[str, d
         arrays = []
         for entry in entries:
             got = parts[entry.name]
-            if kind.fmt == "int4":
-                stored = tuple(int(d) for d in got["weight_shape"])
-                if stored != entry.shape:
-                    rec = entry.parts["weight_shape"]
-                    from kimi_jax.errors import CheckpointError
-
-                    raise CheckpointError(f"{rec.shard}: {rec.stored_name} holds {list(stored)}, but weight_packed "
-                                          f"and weight_scale imply {list(entry.shape)}")  # fmt: skip
+            entry.check_weight_shape(got)
             arrays.append(got[part])
         arrays += [arrays[-1]] * (size - len(arrays))
         out.append(np.stack(arrays))

@@ -156,3 +156,19 @@ def test_chunked_head_gives_the_same_logits(tiny_checkpoints, monkeypatch):
     for a, b in zip(whole, chunked):
         np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-5)
         assert a.bytes_read == b.bytes_read
+
+
+def test_corrupt_weight_shape_is_named_when_read(tiny_checkpoints, tmp_path):
+    from kimi_jax.errors import CheckpointError
+
+    ckpt = shutil.copytree(tiny_checkpoints["kimi-k2.5"], tmp_path / "ckpt")
+    idx = open_checkpoint(ckpt)
+    for projs in idx.layers[1].experts:  # every expert of layer 1, so whichever the router picks
+        rec = projs["down_proj"].parts["weight_shape"]
+        with open(rec.shard, "r+b") as f:
+            f.seek(rec.offset)
+            f.write(np.array([7, 7], dtype=np.int32).tobytes())
+    with Engine(open_checkpoint(ckpt)) as engine, pytest.raises(CheckpointError) as e:
+        engine.generate([1, 2], 1, kv_cache=False)
+    assert "down_proj.weight_shape holds [7, 7]" in str(e.value) and "imply [128, 64]" in str(e.value)
+    assert "model-00002-of-000007.safetensors" in str(e.value)

@@ -172,3 +172,11 @@ def test_corrupt_weight_shape_is_named_when_read(tiny_checkpoints, tmp_path):
         engine.generate([1, 2], 1, kv_cache=False)
     assert "down_proj.weight_shape holds [7, 7]" in str(e.value) and "imply [128, 64]" in str(e.value)
     assert "model-00002-of-000007.safetensors" in str(e.value)
+
+
+def test_prompt_text_needs_a_tokenizer(tiny_checkpoints, tmp_path):
+    data = {"version": 1, "model": {"checkpoint": str(tiny_checkpoints["kimi-k2.5"])}, "prompt": {"text": "hello"},
+            "output": {"dir": str(tmp_path / "out")}}  # fmt: skip
+    with pytest.raises(ManifestError, match=r"prompt.text: the checkpoint .* ships no tokenizer.json; give the prompt "
+                                            r"as prompt.tokens"):  # fmt: skip
+        prepare_run(parse_manifest_dict(data, source=str(tmp_path / "m.yaml")))

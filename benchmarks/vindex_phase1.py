@@ -124,7 +124,7 @@ def main() -> None:
     name = "smoke" if args.smoke else "full"
     reps = args.reps or (1 if args.smoke else 3)
 
-    from kimi_jax.synth import default_cache_dir
+    from kimi_jax.fileio import default_cache_dir
 
     workdir = args.workdir or (default_cache_dir() / "bench")
     ckpt, synth_s = ensure_checkpoint(workdir, name, CONFIGS[name])

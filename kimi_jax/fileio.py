@@ -9,6 +9,15 @@ from pathlib import Path
 from typing import Any
 
 
+def default_cache_dir() -> Path:
+    """Where synthetic checkpoints and the JAX compilation cache go when ``model.cache_dir`` is not
+    set: ``$KIMI_JAX_CACHE`` (relative to the working directory) or ``~/.cache/kimi-jax``."""
+    env = os.environ.get("KIMI_JAX_CACHE")
+    if env:
+        return Path(env).expanduser().resolve()
+    return (Path.home() / ".cache" / "kimi-jax").resolve()
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

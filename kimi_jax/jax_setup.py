@@ -6,7 +6,7 @@ from pathlib import Path
 
 import jax
 
-from kimi_jax.synth import default_cache_dir
+from kimi_jax.fileio import default_cache_dir
 
 _enabled: Path | None = None
 

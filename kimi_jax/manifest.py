@@ -53,6 +53,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from kimi_jax.errors import ManifestError
+from kimi_jax.fileio import default_cache_dir
 from kimi_jax.manifest_yaml import (
     MANIFEST_VERSION,
     _apply_overrides,
@@ -92,15 +93,6 @@ CAPTURE_KINDS: tuple[str, ...] = ("norms", "routing", "logits")
 
 # Most problems reported for one manifest; the rest are summarised in one line.
 _MAX_REPORTED = 50
-
-
-def default_cache_dir() -> Path:
-    """Where synthetic checkpoints are generated when ``model.cache_dir`` is not set:
-    ``$KIMI_JAX_CACHE`` (relative to the working directory) or ``~/.cache/kimi-jax``."""
-    env = os.environ.get("KIMI_JAX_CACHE")
-    if env:
-        return Path(env).expanduser().resolve()
-    return (Path.home() / ".cache" / "kimi-jax").resolve()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import numpy as np
 
 from kimi_jax import formats
 from kimi_jax.config import ModelConfig, parse_model_config
+from kimi_jax.fileio import default_cache_dir
 from kimi_jax.safetensors_header import DTYPE_SIZES, PlannedTensor, write_shard
 
 GENERATOR_VERSION = 2
@@ -365,10 +366,6 @@ def _add_vision(add, vision: dict[str, Any], text_hidden: int, seed: int, sparse
 
 
 # -- the cache of generated checkpoints --------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("KIMI_JAX_CACHE", Path.home() / ".cache" / "kimi-jax")).expanduser()
 
 
 def ensure_synthetic(preset: str, layout: str = "kimi-k2.5", seed: int = 0, cache_dir: str | Path | None = None) -> Path:

@@ -30,8 +30,8 @@ rejected, never executed.
 
 from __future__ import annotations
 
+import copy
 import difflib
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -53,7 +53,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from kimi_jax.errors import ManifestError
-from kimi_jax.fileio import default_cache_dir
+from kimi_jax.fileio import canonical_json, default_cache_dir
 from kimi_jax.manifest_yaml import (
     MANIFEST_VERSION,
     _apply_overrides,
@@ -429,19 +429,28 @@ class Manifest(_Section):
         return self.model_dump(mode="json")
 
     def identity_dict(self) -> dict[str, Any]:
-        """:meth:`resolved_dict` without the fields that only say where things are written
-        (``output.dir``, ``model.cache_dir``): the same run written elsewhere, or resumed into
-        another folder, keeps its identity."""
-        data = self.resolved_dict()
-        data.pop("output", None)
-        data["model"].pop("cache_dir", None)
-        return data
+        return identity_of(self.resolved_dict())
 
     def digest(self) -> str:
-        """BLAKE3 hex digest of :meth:`identity_dict` as canonical JSON (sorted keys, compact
-        separators): the run's manifest identity."""
-        text = json.dumps(self.identity_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return blake3.blake3(text.encode("utf-8")).hexdigest()
+        return manifest_digest(self.resolved_dict())
+
+
+def identity_of(resolved: dict[str, Any]) -> dict[str, Any]:
+    """A resolved manifest dict without the fields that only say where things are written
+    (``output.dir``, ``model.cache_dir``): the same run written elsewhere, or resumed into another
+    folder, keeps its identity."""
+    data = copy.deepcopy(resolved)
+    data.pop("output", None)
+    if isinstance(data.get("model"), dict):
+        data["model"].pop("cache_dir", None)
+    return data
+
+
+def manifest_digest(resolved: dict[str, Any]) -> str:
+    """The run's manifest identity: BLAKE3 hex of :func:`identity_of` as canonical JSON (sorted keys,
+    compact separators). Takes the dict, so a bundle's ``manifest.json`` is digested without
+    re-validating paths that may no longer exist."""
+    return blake3.blake3(canonical_json(identity_of(resolved))).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ The checks, in order (each prints ``N. name: OK``, ``N. name: FAILED: reason`` o
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import stat
@@ -43,7 +42,7 @@ import blake3
 import numpy as np
 
 from kimi_jax.bundle import ARRAYS, BUNDLE_VERSION, CHECKSUMS, RECEIPT, step_key
-from kimi_jax.fileio import canonical_json
+from kimi_jax.manifest import manifest_digest
 from kimi_jax.verify_ledger import (  # noqa: F401  (EXPLORER_ELEMENT_ID, NP_FIELDS, replay_differences: public)
     EXPLORER_ELEMENT_ID,
     NP_FIELDS,
@@ -64,7 +63,7 @@ from kimi_jax.verify_ledger import (  # noqa: F401  (EXPLORER_ELEMENT_ID, NP_FIE
     replay_differences,
 )
 
-__all__ = ["Check", "Report", "verify_bundle", "manifest_identity_digest", "replay_differences", "CHECK_NAMES",
+__all__ = ["Check", "Report", "verify_bundle", "replay_differences", "CHECK_NAMES",
            "EXPLORER_ELEMENT_ID"]  # fmt: skip
 
 OK, FAILED, SKIPPED = "OK", "FAILED", "SKIPPED"
@@ -118,17 +117,6 @@ class Report:
 
     def format(self) -> str:
         return "\n".join([*(c.line() for c in self.checks), self.summary()])
-
-
-def manifest_identity_digest(resolved: dict[str, Any]) -> str:
-    """The run identity of a resolved manifest dict (``manifest.json``) without re-validating its
-    paths: :meth:`Manifest.digest` computed over the stored JSON (``output`` and ``model.cache_dir``
-    left out, canonical JSON, BLAKE3). The checkpoint need not exist."""
-    data = copy.deepcopy(resolved)
-    data.pop("output", None)
-    if isinstance(data.get("model"), dict):
-        data["model"].pop("cache_dir", None)
-    return blake3.blake3(canonical_json(data)).hexdigest()
 
 
 # -- the bundle's files, loaded once ------------------------------------------------------------
@@ -261,7 +249,7 @@ def _check_receipt(b: _Bundle) -> str:
             raise _Fail("manifest.json: expected a JSON object (the resolved manifest)")
         problems += _validate_resolved_manifest(resolved, b.root)
         problems += _run_matches_manifest(ledger, resolved)
-        recomputed = manifest_identity_digest(resolved)
+        recomputed = manifest_digest(resolved)
         if recomputed != recorded:
             problems.append(f"manifest.json: its identity digest is {recomputed}, but {RECEIPT} records "
                             f"manifest_digest {_short(recorded)}")  # fmt: skip

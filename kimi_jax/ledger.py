@@ -286,17 +286,15 @@ def step_identity(step) -> dict[str, Any]:
 
 
 def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, proof: dict | None) -> dict[str, Any]:
-    from kimi_jax.platform_info import fingerprint_digest, platform_fingerprint
-    from kimi_jax.fileio import canonical_json  # noqa: F401  (digests of JSON values use it)
-    from importlib import metadata
+    from kimi_jax.platform_info import fingerprint_digest, package_version, platform_fingerprint
 
     m, idx = plan.manifest, plan.index
     capture = list(m.capture)
     platform = platform_fingerprint()
-    software = {"kimi-jax": metadata.version("kimi-jax") if _installed("kimi-jax") else "source"}
+    software = {"kimi-jax": package_version("kimi-jax") or "source"}
     for pkg in ("jax", "jaxlib", "numpy", "safetensors", "blake3"):
-        if _installed(pkg):
-            software[pkg] = metadata.version(pkg)
+        if package_version(pkg):
+            software[pkg] = package_version(pkg)
     return {
         "schema": LEDGER_SCHEMA_ID,
         "ledger_version": LEDGER_VERSION,
@@ -313,16 +311,6 @@ def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, p
         "anchor": anchor,
         "non_perturbation": proof,
     }
-
-
-def _installed(pkg: str) -> bool:
-    from importlib import metadata
-
-    try:
-        metadata.version(pkg)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
 
 
 def validate_ledger(ledger: dict) -> None:

@@ -29,7 +29,7 @@ def _cpu() -> tuple[str, str]:
     return model, flags
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -43,10 +43,10 @@ def platform_fingerprint() -> dict[str, Any]:
     device = jax.devices()[0]
     return {
         "jax": jax.__version__,
-        "jaxlib": _version("jaxlib"),
-        "numpy": _version("numpy"),
-        "ml_dtypes": _version("ml_dtypes"),
-        "kimi_jax": _version("kimi-jax"),
+        "jaxlib": package_version("jaxlib"),
+        "numpy": package_version("numpy"),
+        "ml_dtypes": package_version("ml_dtypes"),
+        "kimi_jax": package_version("kimi-jax"),
         "python": sys.version.split()[0],
         "backend": jax.default_backend(),
         "device_kind": device.device_kind,

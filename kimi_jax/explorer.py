@@ -69,9 +69,14 @@ def json_for_script(data: Any) -> str:
     return _JSON_ESCAPE.sub(lambda m: _JSON_ESCAPES.get(m.group()) or f"\\u{ord(m.group()):04x}", text)
 
 
+def inline_library(name: str) -> str:
+    """A vendored chart library (``kimi_jax/assets/NAME``) as text safe inside an inline script."""
+    return _script_text(_resource(name), f"kimi_jax/assets/{name}")
+
+
 @functools.lru_cache(maxsize=1)
 def _static_parts() -> dict[str, str]:
-    libraries = "\n;\n".join(_script_text(_resource(name), f"kimi_jax/assets/{name}") for name in LIBRARIES)
+    libraries = "\n;\n".join(inline_library(name) for name in LIBRARIES)
     css = _resource("explorer", "explorer.css")
     if "</style" in css.lower():
         raise ValueError("kimi_jax/assets/explorer/explorer.css: contains '</style'")

@@ -8,25 +8,9 @@ is also in plain HTML tables, so the page says everything even with scripts disa
 from __future__ import annotations
 
 import html
-import json
-from importlib import resources
 from typing import Any
 
-ASSETS = ("chart.umd.min.js", "chartjs-chart-matrix.min.js")
-LICENSES = ("chart.js.LICENSE.md", "chartjs-chart-matrix.LICENSE")
-
-
-def _asset(name: str) -> str:
-    text = resources.files("kimi_jax").joinpath("assets", name).read_text(encoding="utf-8")
-    if "</script" in text.lower():  # would end the inline <script> element early
-        raise ValueError(f"kimi_jax/assets/{name}: contains '</script' and cannot be inlined")
-    # Drop the source-map comment: the .map is not shipped and the page must not ask for it.
-    return "\n".join(line for line in text.splitlines() if not line.startswith("//# sourceMappingURL="))
-
-
-def _json_for_script(data: Any) -> str:
-    text = json.dumps(data, sort_keys=True, allow_nan=False, separators=(",", ":"))
-    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+from kimi_jax.explorer import LIBRARIES, inline_library, json_for_script
 
 
 def _num(x: Any, digits: int = 4) -> str:
@@ -175,10 +159,10 @@ def build_html(summary: dict[str, Any]) -> str:
             "<div class=\"chart\"><canvas id=\"entropy\"></canvas></div>",
             _phase3_table(p3),
         ]  # fmt: skip
-    libs = "".join(f"<script>\n{_asset(name)}\n</script>" for name in ASSETS)
+    libs = "".join(f"<script>\n{inline_library(name)}\n</script>" for name in LIBRARIES)
     parts += [
         "<p class=\"note\">Charts: Chart.js 4 and chartjs-chart-matrix (MIT licensed), inlined.</p>",
-        f"<script id=\"vindex-data\" type=\"application/json\">{_json_for_script(summary)}</script>",
+        f"<script id=\"vindex-data\" type=\"application/json\">{json_for_script(summary)}</script>",
         libs,
         f"<script>{_SCRIPT}</script>",
         "</body></html>\n",

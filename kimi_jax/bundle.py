@@ -21,7 +21,6 @@ so a crashed run never leaves something that looks like a bundle.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shutil
 import sys
@@ -129,7 +128,3 @@ def _swap_into_place(work: Path, out: Path) -> None:
     os.rename(out, old)
     os.rename(work, out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())

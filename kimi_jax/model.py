@@ -295,13 +295,19 @@ def routed_experts(experts: ExpertStack, slots: jax.Array, weights: jax.Array, x
 # -------------------------------------------------------------------------------------- the stages
 
 
+def _attention_residual(cfg: ModelConfig, p: DenseLayerParams | MoEBaseParams, x: jax.Array,
+                        positions: jax.Array, cache: LatentCache | None):
+    """The attention half every layer shares: ``x + MLA(input_layernorm(x))``; returns (h, cache)."""
+    attn, cache = mla(cfg, p.self_attn, rms_norm(x, p.input_layernorm, cfg.rms_norm_eps), positions, cache)
+    return x + attn, cache
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def dense_layer(cfg: ModelConfig, p: DenseLayerParams, x: jax.Array, positions: jax.Array,
                 cache: LatentCache | None):
     """Dense layer: returns (x_out, cache, {norm_in, norm_out})."""
     TRACE_COUNTS["dense_layer"] += 1
-    attn, cache = mla(cfg, p.self_attn, rms_norm(x, p.input_layernorm, cfg.rms_norm_eps), positions, cache)
-    h = x + attn
+    h, cache = _attention_residual(cfg, p, x, positions, cache)
     x_out = h + swiglu(rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps), p.mlp)
     return x_out, cache, {"norm_in": _last_norm(x), "norm_out": _last_norm(x_out)}
 
@@ -311,8 +317,7 @@ def moe_attention_and_route(cfg: ModelConfig, p: MoEBaseParams, x: jax.Array, po
                             cache: LatentCache | None):
     """Attention half of a MoE layer plus routing: returns (h, cache, Routing, {norm_in})."""
     TRACE_COUNTS["moe_attention_and_route"] += 1
-    attn, cache = mla(cfg, p.self_attn, rms_norm(x, p.input_layernorm, cfg.rms_norm_eps), positions, cache)
-    h = x + attn
+    h, cache = _attention_residual(cfg, p, x, positions, cache)
     routing = route(cfg, p.gate, rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps))
     return h, cache, routing, {"norm_in": _last_norm(x)}
 

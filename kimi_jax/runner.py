@@ -20,11 +20,6 @@ class RunPlan:
     index: CheckpointIndex
     prompt: tuple[int, ...]
 
-    @property
-    def context_len(self) -> int:
-        """Positions the last step attends over: the prompt plus all generated tokens but the last."""
-        return len(self.prompt) + self.manifest.generate.max_new_tokens - 1
-
 
 def resolve_checkpoint(manifest: Manifest) -> Path:
     model = manifest.model

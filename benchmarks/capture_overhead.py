@@ -14,10 +14,10 @@ import json
 import statistics
 import time
 
-from kimi_jax.checkpoint import open_checkpoint
-from kimi_jax.engine import Engine
-from kimi_jax.ledger import step_entry
-from kimi_jax.synth import ensure_synthetic
+from kimi_jax.storage.checkpoint import open_checkpoint
+from kimi_jax.model.engine import Engine
+from kimi_jax.ledger.ledger import step_entry
+from kimi_jax.storage.synth import ensure_synthetic
 
 
 def one_run(index, keep: bool, prompt, steps: int, kv_cache: bool) -> float:

@@ -3,7 +3,7 @@
 Builds a synthetic ledger of STEPS x LAYERS at the Kimi K2.5 shape (layer 0 dense, the rest MoE
 with 384 routed experts, top-8, routing lists for every position of each step's forward pass,
 no KV cache), validates it against ``LEDGER_SCHEMA``, renders the page with
-:func:`kimi_jax.explorer.render_explorer`, and loads it from ``file://`` several times. The time
+:func:`kimi_jax.explorer.page.render_explorer`, and loads it from ``file://`` several times. The time
 of one load is ``window.__explorerReady``: ``performance.now()`` (milliseconds since the
 navigation started) in the first animation frame after the page finished its first full render
 (tables, the three charts, the routing panel). Prints JSON with the median.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kimi_jax.ledger import (LEDGER_SCHEMA_ID, LEDGER_VERSION, derive_routing_weights, f32, f32_list,
+from kimi_jax.ledger.ledger import (LEDGER_SCHEMA_ID, LEDGER_VERSION, derive_routing_weights, f32, f32_list,
                              validate_ledger)  # fmt: skip
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.steps, args.layers, args.loads = 2, 8, 2
 
-    from kimi_jax.explorer import render_explorer
+    from kimi_jax.explorer.page import render_explorer
 
     t0 = time.perf_counter()
     ledger = synthetic_ledger(args.steps, args.layers)

@@ -18,10 +18,10 @@ import time
 
 from common import emit, machine
 
-from kimi_jax.checkpoint import open_checkpoint
-from kimi_jax.engine import Engine
-from kimi_jax.reader import evict_page_cache
-from kimi_jax.synth import ensure_synthetic
+from kimi_jax.storage.checkpoint import open_checkpoint
+from kimi_jax.model.engine import Engine
+from kimi_jax.storage.reader import evict_page_cache
+from kimi_jax.storage.synth import ensure_synthetic
 
 
 def needed_bytes(index, step) -> int:

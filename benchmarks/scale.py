@@ -15,9 +15,9 @@ import time
 
 from common import emit, machine, peak_rss_bytes
 
-from kimi_jax.checkpoint import open_checkpoint
-from kimi_jax.engine import Engine
-from kimi_jax.synth import ensure_synthetic
+from kimi_jax.storage.checkpoint import open_checkpoint
+from kimi_jax.model.engine import Engine
+from kimi_jax.storage.synth import ensure_synthetic
 
 
 def run(index, tokens: int, kv_cache: bool) -> dict:

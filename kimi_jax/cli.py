@@ -37,7 +37,7 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last completed step.")
 def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: bool, resume: bool) -> None:
     """Run a manifest: stream the checkpoint, generate tokens, write the ledger and the bundle."""
-    from kimi_jax.runner import run_manifest
+    from kimi_jax.run.runner import run_manifest
 
     run_manifest(manifest, list(overrides), out_dir, prove=prove, resume=resume)
 
@@ -48,7 +48,7 @@ def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: b
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output directory (replaces output.dir).")
 def prove(manifest: str, overrides: tuple[str, ...], out_dir: str | None) -> None:
     """Prove capture is non-perturbing: bare and instrumented runs must agree on every step."""
-    from kimi_jax.runner import run_manifest
+    from kimi_jax.run.runner import run_manifest
 
     run_manifest(manifest, list(overrides), out_dir, prove=True)
 
@@ -64,9 +64,10 @@ def anchor() -> None:
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Anchor file (default: the manifest's anchor).")
 def anchor_freeze(manifest: str, overrides: tuple[str, ...], out_file: str | None) -> None:
     """Run step 0 twice, require bitwise-identical results, write the anchor file."""
-    from kimi_jax.anchor import freeze
-    from kimi_jax.jax_setup import enable_compilation_cache
-    from kimi_jax.runner import load_plan, run_steps
+    from kimi_jax.run.anchor import freeze
+    from kimi_jax.model.jax_setup import enable_compilation_cache
+    from kimi_jax.run.plan import load_plan
+    from kimi_jax.run.runner import run_steps
 
     plan = load_plan(manifest, list(overrides))
     enable_compilation_cache(plan.manifest.model.cache_dir)
@@ -86,7 +87,7 @@ def anchor_freeze(manifest: str, overrides: tuple[str, ...], out_file: str | Non
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
 def synth(preset: str, layout: str, seed: int, weight_shape_dtype: str, out_dir: str) -> None:
     """Write a deterministic synthetic checkpoint in a real on-disk layout."""
-    from kimi_jax.synth import synth_checkpoint
+    from kimi_jax.storage.synth import synth_checkpoint
 
     if Path(out_dir).exists():
         raise click.UsageError(f"{out_dir} already exists; choose a new directory")
@@ -99,8 +100,8 @@ def synth(preset: str, layout: str, seed: int, weight_shape_dtype: str, out_dir:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (keys layers, bytes_per_layer, predicted_bytes_per_token).")
 def inspect(checkpoint: str, as_json: bool) -> None:
     """Show layers, experts, formats, bytes per layer and the predicted bytes per decoded token."""
-    from kimi_jax.checkpoint import open_checkpoint
-    from kimi_jax.inspect import format_report, inspect_report
+    from kimi_jax.storage.checkpoint import open_checkpoint
+    from kimi_jax.storage.report import format_report, inspect_report
 
     report = inspect_report(open_checkpoint(checkpoint))
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
@@ -111,11 +112,11 @@ def inspect(checkpoint: str, as_json: bool) -> None:
 def schema(which: str) -> None:
     """Print a published JSON Schema."""
     if which == "ledger":
-        from kimi_jax.ledger import LEDGER_SCHEMA
+        from kimi_jax.ledger.ledger import LEDGER_SCHEMA
 
         click.echo(json.dumps(LEDGER_SCHEMA, indent=2))
         return
-    from kimi_jax.manifest import manifest_json_schema
+    from kimi_jax.run.manifest import manifest_json_schema
 
     click.echo(json.dumps(manifest_json_schema(), indent=2))
 
@@ -132,7 +133,7 @@ def verify(path: str, replay: bool) -> None:
     """Check a run bundle without the model. PATH: a bundle folder, a bundle archive or a receipt.json.
 
     Prints each numbered check as OK, FAILED or SKIPPED and a summary; exits 1 if any check failed."""
-    from kimi_jax.verify import verify_bundle
+    from kimi_jax.verify.verify import verify_bundle
 
     report = verify_bundle(path, replay=replay, on_check=lambda c: click.echo(c.line()))
     click.echo(report.summary())
@@ -146,7 +147,7 @@ def compare(a: str, b: str) -> None:
     """Compare two manifests (will their runs be identical?) or two bundles (where do they differ?).
 
     Exits 0 when identical (bitwise identical runs expected, or bundles with equal tokens and digests), else 1."""
-    from kimi_jax.compare import compare_paths, format_comparison
+    from kimi_jax.verify.compare import compare_paths, format_comparison
 
     result = compare_paths(a, b)
     click.echo(format_comparison(result))
@@ -159,16 +160,16 @@ def compare(a: str, b: str) -> None:
               help="Archive file to write (default: BUNDLE.tar.gz beside the bundle).")  # fmt: skip
 def archive(bundle: str, out_file: str | None) -> None:
     """Pack a bundle into one deterministic .tar.gz (the same bundle always gives the same bytes)."""
-    from kimi_jax.archive import archive_bundle
-    from kimi_jax.checksums import hash_file
+    from kimi_jax.ledger.archive import archive_bundle
+    from kimi_jax.ledger.checksums import hash_file
 
     path = archive_bundle(bundle, out_file)
     click.echo(f"wrote {path} (BLAKE3 {hash_file(path)})")
 
 
 def _register_plugins() -> None:
-    from kimi_jax.explorer import explore_command
-    from kimi_jax.vindex import vindex_command
+    from kimi_jax.explorer.page import explore_command
+    from kimi_jax.vindex.command import vindex_command
 
     main.add_command(explore_command)
     main.add_command(vindex_command)

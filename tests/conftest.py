@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from kimi_jax.synth import synth_checkpoint
+from kimi_jax.storage.synth import synth_checkpoint
 
 # Keep the JAX compilation cache and generated checkpoints out of the user's home directory.
 os.environ.setdefault("KIMI_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "kimi-jax-test-cache"))

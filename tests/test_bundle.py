@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from kimi_jax.bundle import load_arrays
-from kimi_jax.ledger import tensor_digest
+from kimi_jax.ledger.bundle import load_arrays
+from kimi_jax.ledger.ledger import tensor_digest
 
 
 def _manifest(tmp_path, ckpt, kv_cache: bool):

@@ -9,9 +9,9 @@ import struct
 
 import pytest
 
-from kimi_jax.checkpoint import open_checkpoint
+from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.errors import CheckpointError
-from kimi_jax.synth import synth_checkpoint
+from kimi_jax.storage.synth import synth_checkpoint
 
 
 def _listing(path):

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kimi_jax.archive import archive_bundle
+from kimi_jax.ledger.archive import archive_bundle
 from kimi_jax.cli import main
-from kimi_jax.compare import CompareError, compare_bundles, compare_manifests, compare_paths
-from kimi_jax.manifest import parse_manifest_dict
-from kimi_jax.runner import execute, prepare_run
+from kimi_jax.verify.compare import CompareError, compare_bundles, compare_manifests, compare_paths
+from kimi_jax.run.manifest import parse_manifest_dict
+from kimi_jax.run.plan import prepare_run
+from kimi_jax.run.runner import execute
 
 
 def _manifest(path: Path, checkpoint, extra: str = "", synthetic: str | None = None) -> Path:

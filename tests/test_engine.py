@@ -12,13 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from kimi_jax import model
-from kimi_jax.checkpoint import open_checkpoint
-from kimi_jax.engine import Engine
+from kimi_jax.model import layers as model
+from kimi_jax.storage.checkpoint import open_checkpoint
+from kimi_jax.model.engine import Engine
 from kimi_jax.errors import ManifestError
-from kimi_jax.manifest import parse_manifest_dict
-from kimi_jax.runner import prepare_run
-from kimi_jax.synth import synth_checkpoint
+from kimi_jax.run.manifest import parse_manifest_dict
+from kimi_jax.run.plan import prepare_run
+from kimi_jax.storage.synth import synth_checkpoint
 
 
 def test_single_token_step_reads_exactly_the_predicted_bytes(tiny_checkpoints):
@@ -85,8 +85,8 @@ def test_compiles_once_per_stage_and_shape_not_per_layer(synth_dir):
 
 RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys
-    from kimi_jax.checkpoint import open_checkpoint
-    from kimi_jax.engine import Engine
+    from kimi_jax.storage.checkpoint import open_checkpoint
+    from kimi_jax.model.engine import Engine
     idx = open_checkpoint(sys.argv[1])
     with Engine(idx) as engine:
         steps = engine.generate([1, 2, 3], 2, kv_cache=False)
@@ -144,7 +144,7 @@ def test_config_tensor_mismatch_reported_with_manifest_field(tiny_checkpoints, t
 
 
 def test_chunked_head_gives_the_same_logits(tiny_checkpoints, monkeypatch):
-    from kimi_jax import engine as engine_mod
+    from kimi_jax.model import engine as engine_mod
 
     idx = open_checkpoint(tiny_checkpoints["kimi-k2.5"])
     with Engine(idx) as engine:

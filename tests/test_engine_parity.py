@@ -20,10 +20,10 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization  # noqa: E402
 from compressed_tensors.quantization.utils.helpers import calculate_qparams  # noqa: E402
 
-from kimi_jax.checkpoint import open_checkpoint  # noqa: E402
-from kimi_jax.engine import Engine  # noqa: E402
-from kimi_jax.formats import dequant_fp8_block, quantize_fp8_block  # noqa: E402
-from kimi_jax.synth import synth_checkpoint  # noqa: E402
+from kimi_jax.storage.checkpoint import open_checkpoint  # noqa: E402
+from kimi_jax.model.engine import Engine  # noqa: E402
+from kimi_jax.storage.codecs import dequant_fp8_block, quantize_fp8_block  # noqa: E402
+from kimi_jax.storage.synth import synth_checkpoint  # noqa: E402
 from tests import hf_oracle  # noqa: E402
 
 PROMPT = [3, 17, 42, 99, 5]

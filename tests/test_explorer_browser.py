@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kimi_jax.explorer import explore_command, render_explorer
-from kimi_jax.ledger import provenance_map
-from kimi_jax.manifest import parse_manifest_dict
-from kimi_jax.runner import execute, prepare_run
+from kimi_jax.explorer.page import explore_command, render_explorer
+from kimi_jax.ledger.ledger import provenance_map
+from kimi_jax.run.manifest import parse_manifest_dict
+from kimi_jax.run.plan import prepare_run
+from kimi_jax.run.runner import execute
 
 CHROMIUM = os.environ.get("KIMI_JAX_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -1,4 +1,4 @@
-"""kimi_jax.formats against independent oracles: compressed-tensors' own packer/unpacker and
+"""kimi_jax.storage.codecs and kimi_jax.model.quant against independent oracles: compressed-tensors' own packer/unpacker and
 compressor (int4 pack-quantized), and torch's float8_e4m3fn / bf16 arithmetic (block FP8)."""
 
 import jax
@@ -8,13 +8,10 @@ import numpy as np
 import pytest
 
 from kimi_jax.errors import FormatError
-from kimi_jax.formats import (
-    Fp8Weight,
-    Int4Weight,
+from kimi_jax.model.quant import Fp8Weight, Int4Weight, dequant_fp8_block_jax, dequant_int4_jax
+from kimi_jax.storage.codecs import (
     dequant_fp8_block,
-    dequant_fp8_block_jax,
     dequant_int4,
-    dequant_int4_jax,
     fp8_e4m3_to_float32,
     pack_int4,
     quantize_fp8_block,

@@ -10,11 +10,12 @@ import jsonschema
 import numpy as np
 import pytest
 
-from kimi_jax import engine as engine_mod
-from kimi_jax.anchor import AnchorMismatch
-from kimi_jax.ledger import LEDGER_SCHEMA, audit_derived, provenance_map, unclassified_fields
-from kimi_jax.manifest import parse_manifest_dict
-from kimi_jax.runner import NonPerturbationFailure, execute, prepare_run
+from kimi_jax.model import engine as engine_mod
+from kimi_jax.run.anchor import AnchorMismatch
+from kimi_jax.ledger.ledger import LEDGER_SCHEMA, audit_derived, provenance_map, unclassified_fields
+from kimi_jax.run.manifest import parse_manifest_dict
+from kimi_jax.run.plan import prepare_run
+from kimi_jax.run.runner import NonPerturbationFailure, execute
 
 
 def _plan(tmp_path, ckpt, **extra):
@@ -139,7 +140,7 @@ def test_anchor_freeze_reproducible_across_processes_and_checked(tiny_checkpoint
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     (tmp_path / "anchor.json").write_bytes((tmp_path / "a.json").read_bytes())
-    from kimi_jax.runner import load_plan
+    from kimi_jax.run.plan import load_plan
 
     outcome = execute(load_plan(str(manifest)), echo=_quiet, progress=False)
     anchor = json.loads((tmp_path / "a.json").read_text())
@@ -171,7 +172,7 @@ def test_anchor_for_another_prompt_is_refused_before_compute(tiny_checkpoints, t
     manifest.write_text(f"version: 1\nmodel:\n  checkpoint: {tiny_checkpoints['kimi-k2.5']}\nprompt:\n  tokens: [1792]\n"
                         f"anchor: anchor.json\noutput:\n  dir: out\n")  # fmt: skip
     assert _freeze(manifest, tmp_path / "anchor.json").returncode == 0
-    from kimi_jax.runner import load_plan
+    from kimi_jax.run.plan import load_plan
 
     with pytest.raises(AnchorMismatch, match=r"frozen for a different run:\n  prompt: anchor \[1792\], this run \[5\]"):
         execute(load_plan(str(manifest), ["prompt.tokens=[5]"]), echo=_quiet, progress=False)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from kimi_jax.errors import ManifestError
-from kimi_jax.manifest import (
+from kimi_jax.run.manifest import (
     Manifest,
     load_manifest,
     manifest_json_schema,

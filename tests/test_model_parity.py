@@ -1,4 +1,4 @@
-"""kimi_jax.model against transformers' DeepseekV3ForCausalLM (float32) on tiny random models.
+"""kimi_jax.model.layers against transformers' DeepseekV3ForCausalLM (float32) on tiny random models.
 
 Per config: logits at every position (naive attention), greedy tokens over 16 steps, prefill +
 absorbed-MLA cached decode against the naive forward, routing invariants, and one trace per stage
@@ -23,9 +23,9 @@ torch.set_num_threads(2)
 
 from tests import hf_oracle  # noqa: E402
 
-from kimi_jax import model as M  # noqa: E402
+from kimi_jax.model import layers as M  # noqa: E402
 from kimi_jax.errors import CheckpointError  # noqa: E402
-from kimi_jax.params import (  # noqa: E402
+from kimi_jax.model.params import (  # noqa: E402
     RouterParams, dense_layer_params, expert_stack, head_params, moe_base_params,
 )
 
@@ -253,7 +253,8 @@ def test_padding_slots_are_never_used(case):
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
 def test_quantized_expert_stack_matches_dequantized(one_group, kind):
     case = one_group
-    from kimi_jax import formats
+    from kimi_jax.model import quant
+    from kimi_jax.storage import codecs
 
     cfg, layer, base, h, routing = _moe_inputs(case)
     ids, _, slots = M.plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts, bucket=False)
@@ -263,11 +264,11 @@ def test_quantized_expert_stack_matches_dequantized(one_group, kind):
             name = f"layers.{layer}.mlp.experts.{e}.{proj}.weight"
             w = case.tensors[name]
             if kind == "int4":
-                packed, scale = formats.quantize_int4(w, group_size=32)
-                q = formats.Int4Weight(packed=packed, scale=scale, in_features=w.shape[1], group_size=32)
+                packed, scale = codecs.quantize_int4(w, group_size=32)
+                q = quant.Int4Weight(packed=packed, scale=scale, in_features=w.shape[1], group_size=32)
             else:
-                weight, scale_inv = formats.quantize_fp8_block(w, block_size=(16, 16))
-                q = formats.Fp8Weight(weight=weight, scale_inv=scale_inv, block_size=(16, 16))
+                weight, scale_inv = codecs.quantize_fp8_block(w, block_size=(16, 16))
+                q = quant.Fp8Weight(weight=weight, scale_inv=scale_inv, block_size=(16, 16))
             quantized[name] = q
             dequantized[name] = np.asarray(q.dequantize(jnp.float32))
     q_stack = expert_stack(cfg, layer, ids, quantized)

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kimi_jax.bundle import RECEIPT, bundle_digest
-from kimi_jax.checksums import write_checksums
+from kimi_jax.ledger.bundle import RECEIPT, bundle_digest
+from kimi_jax.ledger.checksums import write_checksums
 from kimi_jax.cli import main
-from kimi_jax.runner import execute, load_plan
-from kimi_jax.verify import CHECK_NAMES, Report, verify_bundle
+from kimi_jax.run.plan import load_plan
+from kimi_jax.run.runner import execute
+from kimi_jax.verify.verify import CHECK_NAMES, Report, verify_bundle
 
 DEMO_MANIFEST = Path(__file__).resolve().parents[1] / "manifests" / "demo.yaml"
 
@@ -359,7 +360,7 @@ def test_explorer_page_must_embed_exactly_the_ledger(demo, tmp_path):
 
 
 def test_rendered_explorer_page_verifies(demo, tmp_path):
-    explorer = pytest.importorskip("kimi_jax.explorer")
+    explorer = pytest.importorskip("kimi_jax.explorer.page")
     root = _copy(demo, tmp_path)
     if not (root / "explorer.html").exists():
         explorer.write_explorer(root)

@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kimi_jax import formats
-from kimi_jax.checkpoint import open_checkpoint
-from kimi_jax.checksums import verify_checksums
+from kimi_jax.storage import codecs
+from kimi_jax.storage.checkpoint import open_checkpoint
+from kimi_jax.ledger.checksums import verify_checksums
 from kimi_jax.errors import ManifestError
-from kimi_jax.manifest import load_manifest
-from kimi_jax.reader import ShardReader
-from kimi_jax.synth import logical_value, synth_checkpoint
-from kimi_jax.vindex import plan_vindex, run_vindex, vindex_command, vindex_dir
-from kimi_jax.vindex_routing import LedgerError, layer_routing_stats, read_ledger, trace_from_steps
-from kimi_jax.vindex_spectra import layer_summary, var_at_k
+from kimi_jax.run.manifest import load_manifest
+from kimi_jax.storage.reader import ShardReader
+from kimi_jax.storage.synth import logical_value, synth_checkpoint
+from kimi_jax.vindex.command import plan_vindex, run_vindex, vindex_command, vindex_dir
+from kimi_jax.vindex.routing import LedgerError, layer_routing_stats, read_ledger, trace_from_steps
+from kimi_jax.vindex.spectra import layer_summary, var_at_k
 
 REPO = Path(__file__).resolve().parents[1]
 # down_proj is [hidden 128, moe_intermediate 256]: 128 singular values, so var@64 is defined.
@@ -115,9 +115,9 @@ def dequantized(index, layer: int, expert: int | None) -> np.ndarray:
     with ShardReader() as reader:
         parts = reader.read_weights([entry], layer=layer)[entry.name]
     if entry.format == "int4":
-        w = formats.dequant_int4(parts["weight_packed"], parts["weight_scale"], parts["weight_shape"], 32)
+        w = codecs.dequant_int4(parts["weight_packed"], parts["weight_scale"], parts["weight_shape"], 32)
     elif entry.format == "fp8":
-        w = formats.dequant_fp8_block(parts["weight"], parts["weight_scale_inv"], (128, 128))
+        w = codecs.dequant_fp8_block(parts["weight"], parts["weight_scale_inv"], (128, 128))
     else:
         w = parts["weight"]
     return np.asarray(w, dtype=np.float64)
@@ -226,7 +226,7 @@ def direct_counts(steps, layer: int, n_experts: int):
 
 @pytest.fixture(scope="module")
 def phase3_run(ckpts, tmp_path_factory):
-    import kimi_jax.engine as engine_mod
+    import kimi_jax.model.engine as engine_mod
 
     base = tmp_path_factory.mktemp("p3")
     captured = []
@@ -321,8 +321,8 @@ def test_ledger_bundles_give_the_engine_statistics(phase3_run, tmp_path):
 
 KILLER = """
 import os, signal, sys
-from kimi_jax.manifest import load_manifest
-from kimi_jax.vindex import plan_vindex, run_vindex
+from kimi_jax.run.manifest import load_manifest
+from kimi_jax.vindex.command import plan_vindex, run_vindex
 plan = plan_vindex(load_manifest(sys.argv[1]))
 def hook(phase, layer, path):
     if (phase, layer) == (1, 1):
@@ -368,7 +368,7 @@ def test_phase3_resume_reuses_the_recorded_engine_runs(phase3_run, monkeypatch):
     out = vindex_dir(phase3_run.out)
     before = (out / "phase3" / "layer-002.json").read_bytes()
     (out / "phase3" / "layer-002.json").unlink()
-    import kimi_jax.engine as engine_mod
+    import kimi_jax.model.engine as engine_mod
 
     monkeypatch.setattr(engine_mod, "Engine", lambda *a, **k: pytest.fail("the engine ran again"))
     run(phase3_run.manifest)

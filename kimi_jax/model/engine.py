@@ -18,47 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax import model
-from kimi_jax.checkpoint import CheckpointIndex, WeightEntry
-from kimi_jax.formats import Fp8Weight, Int4Weight
-from kimi_jax.params import HeadParams, dense_layer_params, expert_stack, head_params, moe_base_params
-from kimi_jax.reader import ReadCounters, ShardReader
-from kimi_jax.safetensors_header import TensorRecord
+from kimi_jax.model import layers
+from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
+from kimi_jax.model.quant import Fp8Weight, Int4Weight
+from kimi_jax.records import LayerRecord, StepRecord
+from kimi_jax.model.params import HeadParams, dense_layer_params, expert_stack, head_params, moe_base_params
+from kimi_jax.storage.reader import ReadCounters, ShardReader
+from kimi_jax.storage.safetensors_header import TensorRecord
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Rows of the lm_head per logits call: 16384 x 7168 BF16 is 235 MB, 470 MB once widened.
 HEAD_CHUNK_ROWS = 16384
-
-
-@dataclasses.dataclass
-class LayerRecord:
-    """What one layer did in one step. Routing fields are None for dense layers."""
-
-    layer: int
-    kind: str
-    norm_in: float | None  # None: a bare run did not fetch capture values
-    norm_out: float | None
-    experts: list[list[int]] | None
-    routing_weights: list[list[float]] | None
-    router_scores: list[list[float]] | None
-    bytes_read: int
-    read_s: float
-    compute_s: float
-
-
-@dataclasses.dataclass
-class StepRecord:
-    index: int
-    context: list[int]
-    token: int
-    logit: float
-    logits: np.ndarray  # float32 [vocab], the last position
-    hidden: np.ndarray  # the residual stream at the last position after the last layer
-    layers: list[LayerRecord]
-    bytes_read: int
-    bytes_per_layer: dict[Any, int]
-    wall_s: float
-    caches: list | None = None  # the latent caches after this step (kv_cache runs): what a resume needs
 
 
 def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: CheckpointIndex) -> Any:
@@ -125,8 +95,8 @@ class Engine:
         lm_head = head.lm_head
         vocab = lm_head.shape[0]
         if not isinstance(lm_head, np.ndarray) or vocab <= HEAD_CHUNK_ROWS:
-            return np.asarray(model.final_logits(self.cfg, head, hidden))
-        chunks = [model.final_logits(self.cfg, HeadParams(head.norm, lm_head[i : i + HEAD_CHUNK_ROWS]), hidden)
+            return np.asarray(layers.final_logits(self.cfg, head, hidden))
+        chunks = [layers.final_logits(self.cfg, HeadParams(head.norm, lm_head[i : i + HEAD_CHUNK_ROWS]), hidden)
                   for i in range(0, vocab, HEAD_CHUNK_ROWS)]  # fmt: skip
         return np.concatenate([np.asarray(c) for c in chunks])
 
@@ -166,21 +136,21 @@ class Engine:
             lm = self.index.layers[layer]
             started = time.perf_counter()
             if lm.kind == "dense":
-                x, cache, cap = model.dense_layer(cfg, params, x, pos, cache)
+                x, cache, cap = layers.dense_layer(cfg, params, x, pos, cache)
                 routing, norm_out = None, cap["norm_out"]
                 x.block_until_ready()
                 compute_s = time.perf_counter() - started
             else:
-                h, cache, routing, cap = model.moe_attention_and_route(cfg, params, x, pos, cache)
+                h, cache, routing, cap = layers.moe_attention_and_route(cfg, params, x, pos, cache)
                 picked = np.asarray(routing.idx)  # waits for the router
                 compute_s = time.perf_counter() - started
                 started = time.perf_counter()
-                distinct, stack_ids, slots = model.plan_expert_slots(picked, cfg.n_routed_experts)
+                distinct, stack_ids, slots = layers.plan_expert_slots(picked, cfg.n_routed_experts)
                 loaded = self._read([w for e in distinct for w in lm.experts[e].values()], layer)
                 experts = expert_stack(cfg, layer, stack_ids, loaded)
                 read_s += time.perf_counter() - started
                 started = time.perf_counter()
-                x, cap_out = model.moe_experts(cfg, params, experts, jnp.asarray(slots), routing.weights_scaled, h)
+                x, cap_out = layers.moe_experts(cfg, params, experts, jnp.asarray(slots), routing.weights_scaled, h)
                 norm_out = cap_out["norm_out"]
                 x.block_until_ready()
                 compute_s += time.perf_counter() - started
@@ -211,7 +181,7 @@ class Engine:
 
     def empty_caches(self, prompt_len: int, max_new_tokens: int) -> list:
         capacity = prompt_len + max_new_tokens
-        return [model.LatentCache.empty(self.cfg, capacity, self.dtype) for _ in range(self.cfg.num_hidden_layers)]
+        return [layers.LatentCache.empty(self.cfg, capacity, self.dtype) for _ in range(self.cfg.num_hidden_layers)]
 
     def generate(self, prompt: list[int], max_new_tokens: int, kv_cache: bool,
                  on_step: Callable[[StepRecord], None] | None = None, done: list[StepRecord] | None = None,

@@ -54,7 +54,7 @@ from pydantic_core import PydanticCustomError
 
 from kimi_jax.errors import ManifestError
 from kimi_jax.fileio import canonical_json, default_cache_dir
-from kimi_jax.manifest_yaml import (
+from kimi_jax.run.manifest_yaml import (
     MANIFEST_VERSION,
     _apply_overrides,
     _describe,

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.config import ModelConfig, yarn_mscale
-from kimi_jax.params import (
+from kimi_jax.model.params import (
     AttentionParams, DenseLayerParams, ExpertStack, HeadParams, MLPParams, MoEBaseParams,
     RouterParams, dense_layer_params, expert_stack, head_params, moe_base_params,
 )

@@ -4,13 +4,13 @@ Phases (the manifest's optional ``vindex`` section picks them, and the layers an
 
 1. Expert spectra: the singular values of every routed expert's ``down_proj`` (and of the dense
    layers' ``mlp.down_proj``), read a few experts at a time, dequantized to their bf16-exact
-   values, batched through :mod:`kimi_jax.vindex_spectra`. Per expert var@64, s0/s1, the top
+   values, batched through :mod:`kimi_jax.vindex.spectra`. Per expert var@64, s0/s1, the top
    singular values and the Frobenius norm; per layer the median / IQR of var@64 and the
    spectral class (see that module for the method, its accuracy and var@64 with < 64 values).
 2. Router spectra: the same for each MoE layer's router ``mlp.gate.weight`` [n_experts, hidden].
 3. Routing statistics: expert selection counts, usage entropy and the weight share of the
    most-used experts, per layer and per token position, from engine runs over prompts and/or
-   the routing records of run bundles' ``ledger.json`` (:mod:`kimi_jax.vindex_routing`).
+   the routing records of run bundles' ``ledger.json`` (:mod:`kimi_jax.vindex.routing`).
 
 Everything lands in ``OUTPUT.vindex/`` (beside the run bundle): ``phase{1,2,3}/layer-NNN.json`` (one per phase and
 layer, each written atomically: temp file, fsync, rename), then ``summary.json``,
@@ -36,13 +36,13 @@ import blake3
 import click
 import numpy as np
 
-from kimi_jax.checkpoint import CheckpointIndex
-from kimi_jax.checksums import write_checksums
+from kimi_jax.storage.checkpoint import CheckpointIndex
+from kimi_jax.ledger.checksums import write_checksums
 from kimi_jax.errors import KimiJaxError, ManifestError
-from kimi_jax.manifest import Manifest, VindexSection, load_manifest
-from kimi_jax.vindex_phases import FORMAT, _phase1, _phase2, _phase3, _Run, layer_file, write_json_atomic
-from kimi_jax.vindex_routing import LedgerError, Trace, read_ledger
-from kimi_jax.vindex_spectra import DISSOLVED_BELOW, GUARANTEE, METHOD, METHOD_VERSION, quartiles, spectral_class
+from kimi_jax.run.manifest import Manifest, VindexSection, load_manifest
+from kimi_jax.vindex.phases import FORMAT, _phase1, _phase2, _phase3, _Run, layer_file, write_json_atomic
+from kimi_jax.vindex.routing import LedgerError, Trace, read_ledger
+from kimi_jax.vindex.spectra import DISSOLVED_BELOW, GUARANTEE, METHOD, METHOD_VERSION, quartiles, spectral_class
 
 __all__ = ["VindexPlan", "plan_vindex", "run_vindex", "vindex_command", "write_json_atomic", "FORMAT"]
 
@@ -77,7 +77,7 @@ class VindexPlan:
 
 def plan_vindex(manifest: Manifest) -> VindexPlan:
     """Open the checkpoint and check the manifest's vindex section against it, before compute."""
-    from kimi_jax.runner import prepare_run
+    from kimi_jax.run.plan import prepare_run
 
     run = prepare_run(manifest)
     index, cfg = run.index, run.index.config
@@ -213,8 +213,8 @@ def run_vindex(plan: VindexPlan, *, progress: bool = True, echo: Callable[[str],
                on_layer_done: Callable[[int, int, Path], Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) the plan's phases; returns the summary. ``on_layer_done(phase, layer,
     path)`` is called after each layer file a run computes and writes."""
-    from kimi_jax.jax_setup import enable_compilation_cache
-    from kimi_jax.reader import ShardReader, evict_page_cache
+    from kimi_jax.model.jax_setup import enable_compilation_cache
+    from kimi_jax.storage.reader import ShardReader, evict_page_cache
 
     m = plan.manifest
     enable_compilation_cache(m.model.cache_dir)
@@ -237,7 +237,7 @@ def run_vindex(plan: VindexPlan, *, progress: bool = True, echo: Callable[[str],
         run.bytes_read += reader.run.total
     summary = build_summary(plan)
     write_json_atomic(out / "summary.json", summary)
-    from kimi_jax.vindex_html import build_html
+    from kimi_jax.vindex.page import build_html
 
     html_path = out / "vindex.html"
     tmp = html_path.with_name(f".{html_path.name}.tmp-{os.getpid()}")

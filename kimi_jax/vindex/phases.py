@@ -1,4 +1,4 @@
-"""The three vindex phases over a :class:`~kimi_jax.vindex.VindexPlan`, one layer file at a time.
+"""The three vindex phases over a :class:`~kimi_jax.vindex.command.VindexPlan`, one layer file at a time.
 
 Every ``phase{1,2,3}/layer-NNN.json`` carries a ``key``: BLAKE3 of the checkpoint's tensor
 digest, its config digest, the phase, the layer, the method version and the settings that
@@ -19,13 +19,13 @@ import blake3
 import numpy as np
 
 from kimi_jax.fileio import write_bytes_atomic
-from kimi_jax.vindex_routing import Trace, layer_routing_stats, trace_from_json, trace_from_steps, trace_to_json
-from kimi_jax.vindex_spectra import (
+from kimi_jax.vindex.routing import Trace, layer_routing_stats, trace_from_json, trace_from_steps, trace_to_json
+from kimi_jax.vindex.spectra import (
     METHOD_VERSION, chunk_eigvals, layer_summary, matrix_kind, matrix_stats, spectral_class, stack_parts,
 )  # fmt: skip
 
 if TYPE_CHECKING:
-    from kimi_jax.vindex import VindexPlan
+    from kimi_jax.vindex.command import VindexPlan
 
 FORMAT = "kimi-jax-vindex/1"
 
@@ -214,7 +214,7 @@ def _phase3(run: _Run) -> None:
         if cached is None:
             need.append((i, prompt, pkey, path))
     if need:
-        from kimi_jax.engine import Engine
+        from kimi_jax.model.engine import Engine
 
         bar = run.bar(len(need) * plan.max_new_tokens * cfg.num_hidden_layers, "phase 3 engine", "layer")
         try:

@@ -10,7 +10,7 @@ Two manifests (YAML files): their differences are split into fields that can cha
 * ``not expected to be identical: <reasons>``
 
 The checkpoint's identity is its layout, config digest and tensor list digest
-(:func:`kimi_jax.checkpoint.open_checkpoint`) when it can be opened; otherwise the paths, or the
+(:func:`kimi_jax.storage.checkpoint.open_checkpoint`) when it can be opened; otherwise the paths, or the
 synthetic specs (preset, layout, seed), are compared.
 
 Two bundles (directories, archives or ``receipt.json`` files): per step, whether the tokens and
@@ -234,7 +234,7 @@ def compare_resolved(a: dict[str, Any], b: dict[str, Any], identity_a: dict | No
 def _load_manifest_lenient(path: str):
     """load_manifest; when its only problems are a missing checkpoint directory, validate without
     path checks so the manifests can still be compared by path."""
-    from kimi_jax.manifest import Manifest, load_manifest
+    from kimi_jax.run.manifest import Manifest, load_manifest
 
     try:
         return load_manifest(path), True
@@ -262,8 +262,8 @@ def _identity(index) -> dict[str, Any]:
 
 def _checkpoint_identity(manifest) -> tuple[dict | None, str | None]:
     """(identity, problem) of a manifest's checkpoint, opened only when it is on disk (never generated)."""
-    from kimi_jax.checkpoint import open_checkpoint
-    from kimi_jax.synth import GENERATOR_VERSION
+    from kimi_jax.storage.checkpoint import open_checkpoint
+    from kimi_jax.storage.synth import GENERATOR_VERSION
 
     model = manifest.model
     if model.checkpoint is not None:
@@ -335,7 +335,7 @@ def _layer_divergence(sa: dict, sb: dict) -> tuple[int | None, str, int | None]:
 
 
 def _load_arrays(root: Path, notes: list[str], name: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    from kimi_jax.bundle import load_arrays
+    from kimi_jax.ledger.bundle import load_arrays
 
     try:
         return load_arrays(root)
@@ -398,7 +398,7 @@ def _ledger_identity(ledger: dict) -> dict | None:
 
 def compare_bundles(a: str | os.PathLike, b: str | os.PathLike) -> BundleComparison:
     """Compare two run bundles (directories, archives or receipt.json paths) step by step."""
-    from kimi_jax.archive import open_bundle
+    from kimi_jax.ledger.archive import open_bundle
 
     with contextlib.ExitStack() as stack:
         ra = stack.enter_context(open_bundle(a))
@@ -407,8 +407,8 @@ def compare_bundles(a: str | os.PathLike, b: str | os.PathLike) -> BundleCompari
 
 
 def _is_bundle(path: str) -> bool:
-    from kimi_jax.archive import is_archive
-    from kimi_jax.bundle import RECEIPT
+    from kimi_jax.ledger.archive import is_archive
+    from kimi_jax.ledger.bundle import RECEIPT
 
     p = Path(path)
     return p.is_dir() or p.name == RECEIPT or is_archive(p)

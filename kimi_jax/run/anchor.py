@@ -16,7 +16,7 @@ import blake3
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import write_json_atomic
-from kimi_jax.ledger import f32, step_identity
+from kimi_jax.ledger.ledger import f32, step_identity
 from kimi_jax.platform_info import fingerprint_digest, platform_differences, platform_fingerprint
 
 ANCHOR_VERSION = 1

@@ -72,7 +72,7 @@ def default_archive_path(bundle: str | os.PathLike) -> Path:
 
 def archive_bundle(bundle: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Pack ``bundle`` into a deterministic ``.tar.gz`` (default ``<bundle>.tar.gz`` beside it); returns its path."""
-    from kimi_jax.bundle import CHECKSUMS
+    from kimi_jax.ledger.bundle import CHECKSUMS
 
     src = Path(bundle)
     if not src.is_dir():
@@ -230,7 +230,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
 def open_bundle(path: str | os.PathLike) -> Iterator[Path]:
     """Yield the bundle directory for ``path``: a bundle directory, a bundle's ``receipt.json``,
     or an archive (extracted safely into a temporary folder removed afterwards)."""
-    from kimi_jax.bundle import RECEIPT
+    from kimi_jax.ledger.bundle import RECEIPT
 
     p = Path(path)
     if p.is_dir():

@@ -9,7 +9,7 @@ The ledger is embedded exactly once, as ``<script type="application/json" id="le
 and is the only data the page reads; ``<``, ``>``, ``&`` and U+2028/U+2029 are written as
 ``\\uXXXX`` escapes inside it, so no string in the ledger can end the script element. The
 page inserts ledger text only through ``textContent`` / ``createTextNode``. Provenance
-(measured: green, derived: blue) is looked up per field path in :func:`kimi_jax.ledger.provenance_map`,
+(measured: green, derived: blue) is looked up per field path in :func:`kimi_jax.ledger.ledger.provenance_map`,
 i.e. the schema's ``x-provenance``, which is inlined into the page's script.
 
 ``kimi-jax explore BUNDLE`` (:data:`explore_command`) opens a bundle's page, rendering it from
@@ -30,7 +30,7 @@ from typing import Any
 
 import click
 
-from kimi_jax.ledger import provenance_map
+from kimi_jax.ledger.ledger import provenance_map
 
 TITLE = "Kimi K2.5 Output Formation Ledger"
 PAGE = "explorer.html"

@@ -1,7 +1,7 @@
 """Singular values of streamed weight matrices, and the statistics the vindex keeps of them.
 
 Method (values only, exact, no eigenvectors anywhere): for a matrix ``A`` [m, n] dequantized
-to float32 (the bf16-exact values of :mod:`kimi_jax.formats`), form the Gram matrix of its
+to float32 (the bf16-exact values of :mod:`kimi_jax.storage.codecs`), form the Gram matrix of its
 smaller side, ``G = AᵀA`` [n, n] when m >= n, else ``AAᵀ`` [m, m] (one GEMM, float32 products
 of bf16 values are exact, accumulation in float32), reduce ``G`` to a symmetric tridiagonal
 ``T`` (LAPACK ``sytrd`` through ``jax.lax.linalg.tridiagonal``, backward stable), and find
@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import eigh_tridiagonal
 
-from kimi_jax.checkpoint import CheckpointIndex, WeightEntry
-from kimi_jax.formats import dequant_fp8_block_jax, dequant_int4_jax
+from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
+from kimi_jax.model.quant import dequant_fp8_block_jax, dequant_int4_jax
 
 METHOD = "gram-f32 + sytrd + bisection (values only)"
 METHOD_VERSION = 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from kimi_jax.checkpoint import CheckpointIndex
+from kimi_jax.storage.checkpoint import CheckpointIndex
 
 
 def inspect_report(index: CheckpointIndex) -> dict[str, Any]:

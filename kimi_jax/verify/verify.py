@@ -41,9 +41,9 @@ from typing import Any, Callable, NamedTuple
 import blake3
 import numpy as np
 
-from kimi_jax.bundle import ARRAYS, BUNDLE_VERSION, CHECKSUMS, RECEIPT, step_key
-from kimi_jax.manifest import manifest_digest
-from kimi_jax.verify_ledger import (  # noqa: F401  (EXPLORER_ELEMENT_ID, NP_FIELDS, replay_differences: public)
+from kimi_jax.ledger.bundle import ARRAYS, BUNDLE_VERSION, CHECKSUMS, RECEIPT, step_key
+from kimi_jax.run.manifest import manifest_digest
+from kimi_jax.verify.verify_ledger import (  # noqa: F401  (EXPLORER_ELEMENT_ID, NP_FIELDS, replay_differences: public)
     EXPLORER_ELEMENT_ID,
     NP_FIELDS,
     _check_anchor,
@@ -170,7 +170,7 @@ class _Bundle:
 
     def arrays(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         def load() -> dict[int, tuple[np.ndarray, np.ndarray]]:
-            from kimi_jax.bundle import load_arrays
+            from kimi_jax.ledger.bundle import load_arrays
 
             if not (self.root / ARRAYS).is_dir():
                 raise _Fail(f"{ARRAYS}/: missing from the bundle; expected the orbax tree of per-step arrays")
@@ -202,7 +202,7 @@ class _Bundle:
 
 
 def _check_checksums(b: _Bundle) -> str:
-    from kimi_jax.checksums import verify_checksums
+    from kimi_jax.ledger.checksums import verify_checksums
 
     root = b.root
     problems = []
@@ -311,7 +311,7 @@ def _validate_resolved_manifest(resolved: dict[str, Any], root: Path) -> list[st
     """manifest.json must be a valid manifest; paths are not checked (the checkpoint may be gone)."""
     from pydantic import ValidationError
 
-    from kimi_jax.manifest import Manifest
+    from kimi_jax.run.manifest import Manifest
 
     try:
         Manifest.model_validate(resolved, context={"base_dir": root, "check_paths": False})
@@ -353,7 +353,7 @@ def verify_bundle(path: str | os.PathLike, replay: bool = False,
     """Run every check on the bundle at ``path`` (a bundle directory, an archive, or a ``receipt.json``).
 
     ``on_check`` is called with each :class:`Check` as soon as it completes."""
-    from kimi_jax.archive import is_archive, open_bundle
+    from kimi_jax.ledger.archive import is_archive, open_bundle
 
     source = os.fspath(path)
     checks: list[Check] = []

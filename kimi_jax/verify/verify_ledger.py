@@ -2,7 +2,7 @@
 derivations, digests, anchor, continuity, non-perturbation, explorer, and ``--replay``.
 
 Each check takes the loaded bundle and returns a note (OK), or raises :class:`_Fail` / :class:`_Skip`
-with the reason; :mod:`kimi_jax.verify` numbers and runs them.
+with the reason; :mod:`kimi_jax.verify.verify` numbers and runs them.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import blake3
 import numpy as np
 
 if TYPE_CHECKING:
-    from kimi_jax.verify import _Bundle
+    from kimi_jax.verify.verify import _Bundle
 
-from kimi_jax.bundle import ARRAYS, step_key
+from kimi_jax.ledger.bundle import ARRAYS, step_key
 
 _MAX_SHOWN = 5
 EXPLORER_ELEMENT_ID = "ledger-data"
@@ -54,7 +54,7 @@ def _short(value: Any, limit: int = 80) -> str:
 def _check_schema(b: _Bundle) -> str:
     import jsonschema
 
-    from kimi_jax.ledger import LEDGER_SCHEMA
+    from kimi_jax.ledger.ledger import LEDGER_SCHEMA
 
     ledger = b.json("ledger.json")
     errors = sorted(jsonschema.Draft202012Validator(LEDGER_SCHEMA).iter_errors(ledger), key=lambda e: list(e.path))
@@ -63,7 +63,7 @@ def _check_schema(b: _Bundle) -> str:
 
 
 def _check_provenance(b: _Bundle) -> str:
-    from kimi_jax.ledger import provenance_map, unclassified_fields
+    from kimi_jax.ledger.ledger import provenance_map, unclassified_fields
 
     stored = b.json("provenance.json")
     expected = provenance_map()
@@ -105,7 +105,7 @@ def _normalize(ledger: dict[str, Any]) -> bool | None:
 
 
 def _check_derivations(b: _Bundle) -> str:
-    from kimi_jax.ledger import audit_derived
+    from kimi_jax.ledger.ledger import audit_derived
     from kimi_jax.platform_info import fingerprint_digest
 
     ledger = b.ledger
@@ -130,7 +130,7 @@ def _check_derivations(b: _Bundle) -> str:
 
 
 def _check_digests(b: _Bundle) -> str:
-    from kimi_jax.ledger import tensor_digest
+    from kimi_jax.ledger.ledger import tensor_digest
 
     steps, arrays, problems = b.step_arrays()
     shapes: dict[str, set] = {"logits": set(), "hidden": set()}
@@ -170,7 +170,7 @@ def _check_digests(b: _Bundle) -> str:
 
 
 def _check_anchor(b: _Bundle) -> str:
-    from kimi_jax.anchor import ANCHOR_VERSION, ANCHORED
+    from kimi_jax.run.anchor import ANCHOR_VERSION, ANCHORED
 
     ledger = b.ledger
     record = ledger.get("anchor")
@@ -271,7 +271,7 @@ def _embedding_head_bytes(ledger: dict[str, Any]) -> tuple[Callable[[int, list],
     """Bytes a step reads outside the decoder layers (the embedding rows of the distinct input tokens of
     its forward pass, the final norm and the head), when the ledger's checkpoint is on disk with the
     recorded identity; otherwise (None, note) and only ``bytes_read >= sum of layers`` is checked."""
-    from kimi_jax.checkpoint import open_checkpoint
+    from kimi_jax.storage.checkpoint import open_checkpoint
 
     ckpt = ledger.get("checkpoint") or {}
     path = ckpt.get("path")
@@ -453,9 +453,10 @@ def replay_differences(recorded: dict[str, Any], replayed: dict[str, Any], limit
 
 def _check_replay(b: _Bundle) -> str:
     from kimi_jax.errors import KimiJaxError
-    from kimi_jax.manifest import parse_manifest_dict
+    from kimi_jax.run.manifest import parse_manifest_dict
     from kimi_jax.platform_info import platform_differences
-    from kimi_jax.runner import execute, prepare_run
+    from kimi_jax.run.plan import prepare_run
+    from kimi_jax.run.runner import execute
 
     resolved = b.json("manifest.json")
     if not isinstance(resolved, dict):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from kimi_jax.explorer import LIBRARIES, inline_library, json_for_script
+from kimi_jax.explorer.page import LIBRARIES, inline_library, json_for_script
 
 
 def _num(x: Any, digits: int = 4) -> str:

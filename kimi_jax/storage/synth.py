@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from kimi_jax import formats
+from kimi_jax.storage import codecs
 from kimi_jax.config import ModelConfig, parse_model_config
 from kimi_jax.fileio import default_cache_dir
-from kimi_jax.safetensors_header import DTYPE_SIZES, PlannedTensor, write_shard
+from kimi_jax.storage.safetensors_header import DTYPE_SIZES, PlannedTensor, write_shard
 
 GENERATOR_VERSION = 2
 LAYOUTS = ("kimi-k2.5", "kimi-k2-fp8", "deepseek-v3", "hf-bf16")
@@ -151,7 +151,7 @@ def logical_value(seed: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 def _logical_tensors(cfg: ModelConfig) -> Iterator[tuple[int | None, str, tuple[int, ...]]]:
     """(layer, canonical name, shape) for every logical tensor; layer None for globals."""
-    from kimi_jax.checkpoint import expected_expert_shapes, expected_layer_shapes
+    from kimi_jax.storage.checkpoint import expected_expert_shapes, expected_layer_shapes
 
     yield None, "embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)
     for layer in range(cfg.num_hidden_layers):
@@ -250,8 +250,8 @@ def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
     cfg = parse_model_config(raw_cfg)
     prefix = "language_model.model." if layout == "kimi-k2.5" else "model."
     group = cfg.quant.group_size or 32
-    encoders = {"int4": lambda w: formats.quantize_int4(w, group),
-                "fp8": lambda w: formats.quantize_fp8_block(w, (128, 128)), **(encoders or {})}  # fmt: skip
+    encoders = {"int4": lambda w: codecs.quantize_int4(w, group),
+                "fp8": lambda w: codecs.quantize_fp8_block(w, (128, 128)), **(encoders or {})}  # fmt: skip
     values = values or (lambda n, s: logical_value(seed, n, s))
 
     groups: dict[str, list[PlannedTensor]] = {}  # group key -> tensors, in model order

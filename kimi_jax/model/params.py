@@ -3,8 +3,8 @@
 Every class is a frozen dataclass registered with :func:`jax.tree_util.register_dataclass`, with
 field names that follow the checkpoint (``q_a_proj``, ``kv_b_proj``, ``shared_experts``...) and
 weights in the HF ``[out, in]`` layout. A weight may be a plain numpy/jax array or a quantized
-container from :mod:`kimi_jax.formats` (``Int4Weight`` / ``Fp8Weight``): anything with
-``.shape`` and ``.dequantize(dtype)``. :func:`kimi_jax.model.linear` accepts both.
+container from :mod:`kimi_jax.model.quant` (``Int4Weight`` / ``Fp8Weight``): anything with
+``.shape`` and ``.dequantize(dtype)``. :func:`kimi_jax.model.layers.linear` accepts both.
 
 Canonical tensor names carry no ``model.`` prefix: ``layers.3.self_attn.q_a_proj.weight``,
 ``layers.3.mlp.gate.e_score_correction_bias``, ``layers.3.mlp.experts.7.down_proj.weight``,

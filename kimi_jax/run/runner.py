@@ -1,4 +1,4 @@
-"""From a manifest to a validated run plan: everything that can be wrong is found before compute."""
+"""Execute a run plan: the bare and instrumented runs, the non-perturbation proof, the ledger and the bundle."""
 
 from __future__ import annotations
 
@@ -8,68 +8,8 @@ import signal
 import time
 from pathlib import Path
 
-from kimi_jax.checkpoint import CheckpointIndex, open_checkpoint
-from kimi_jax.errors import CheckpointError, KimiJaxError, ManifestError
-from kimi_jax.manifest import Manifest, load_manifest
-from kimi_jax.synth import ensure_synthetic
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPlan:
-    manifest: Manifest
-    index: CheckpointIndex
-    prompt: tuple[int, ...]
-
-
-def resolve_checkpoint(manifest: Manifest) -> Path:
-    model = manifest.model
-    if model.checkpoint is not None:
-        return Path(model.checkpoint)
-    syn = model.synthetic
-    return ensure_synthetic(syn.preset, layout=syn.layout, seed=syn.seed, cache_dir=model.cache_dir)
-
-
-def prepare_run(manifest: Manifest) -> RunPlan:
-    """Open the checkpoint and check the manifest against it; raise before any compute."""
-    where = "model.checkpoint" if manifest.model.checkpoint is not None else "model.synthetic"
-    try:
-        index = open_checkpoint(resolve_checkpoint(manifest))
-    except CheckpointError as e:
-        raise manifest.error(where, str(e)) from None
-    cfg = index.config
-    prompt = _prompt_tokens(manifest, index)
-    problems = []
-    for i, token in enumerate(prompt):
-        if token >= cfg.vocab_size:
-            problems.append(manifest.error(f"prompt.tokens.{i}",
-                                           f"token id {token} is outside the vocabulary (vocab_size {cfg.vocab_size})"))  # fmt: skip
-    total = len(prompt) + manifest.generate.max_new_tokens
-    if total > cfg.max_position_embeddings:
-        problems.append(manifest.error("generate.max_new_tokens",
-                                       f"prompt ({len(prompt)} tokens) + max_new_tokens ({manifest.generate.max_new_tokens}) "
-                                       f"= {total} positions exceeds max_position_embeddings {cfg.max_position_embeddings}"))  # fmt: skip
-    if problems:
-        raise ManifestError("\n".join(str(p) for p in problems))
-    return RunPlan(manifest, index, tuple(prompt))
-
-
-def _prompt_tokens(manifest: Manifest, index: CheckpointIndex) -> list[int]:
-    if manifest.prompt.tokens is not None:
-        return list(manifest.prompt.tokens)
-    tokenizer_file = index.root / "tokenizer.json"
-    if not tokenizer_file.exists():
-        raise manifest.error("prompt.text", f"the checkpoint {index.root} ships no tokenizer.json; "
-                                            "give the prompt as prompt.tokens")  # fmt: skip
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise manifest.error("prompt.text", "encoding text needs the 'tokenizers' package "
-                                            "(pip install tokenizers), or give prompt.tokens") from None  # fmt: skip
-    return Tokenizer.from_file(str(tokenizer_file)).encode(manifest.prompt.text).ids
-
-
-def load_plan(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None) -> RunPlan:
-    return prepare_run(load_manifest(manifest_path, overrides or [], out_dir))
+from kimi_jax.errors import KimiJaxError
+from kimi_jax.run.plan import RunPlan, load_plan
 
 
 def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None,
@@ -104,7 +44,7 @@ class RunOutcome:
 
 
 def _engine(plan: RunPlan, keep_capture: bool):
-    from kimi_jax.engine import Engine
+    from kimi_jax.model.engine import Engine
 
     m = plan.manifest
     return Engine(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture)
@@ -126,10 +66,10 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print,
     continues from its last completed step."""
     from tqdm import tqdm
 
-    from kimi_jax import anchor as anchors
-    from kimi_jax.jax_setup import enable_compilation_cache
-    from kimi_jax.ledger import build_ledger, step_identity, validate_ledger
-    from kimi_jax.reader import evict_page_cache, resident_bytes
+    from kimi_jax.run import anchor as anchors
+    from kimi_jax.model.jax_setup import enable_compilation_cache
+    from kimi_jax.ledger.ledger import build_ledger, step_identity, validate_ledger
+    from kimi_jax.storage.reader import evict_page_cache, resident_bytes
 
     m, cfg = plan.manifest, plan.index.config
     anchor = anchors.precheck(plan)
@@ -146,8 +86,8 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print,
          f"{m.compute.dtype}; page cache {page_cache['page_cache_resident_bytes']:,} of "
          f"{page_cache['shard_bytes']:,} shard bytes resident")  # fmt: skip
 
-    from kimi_jax.bundle import write_bundle
-    from kimi_jax.resume import RunCheckpoints
+    from kimi_jax.ledger.bundle import write_bundle
+    from kimi_jax.run.resume import RunCheckpoints
 
     out = Path(m.output.dir)
     identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
@@ -198,7 +138,7 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print,
     anchor_record = anchors.check(anchor, m.anchor, steps[0]) if anchor is not None else None
     ledger = build_ledger(plan, steps, page_cache, anchor_record, proof)
     validate_ledger(ledger)
-    from kimi_jax.explorer import render_explorer
+    from kimi_jax.explorer.page import render_explorer
 
     write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None, explorer_html=render_explorer(ledger))
     checkpoints.discard()

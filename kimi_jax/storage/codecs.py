@@ -1,4 +1,6 @@
-"""Quantized weight formats: compressed-tensors int4 (pack-quantized) and DeepSeek block FP8.
+"""Stored quantized formats, decoded with numpy: compressed-tensors int4 (pack-quantized) and
+DeepSeek block FP8. The JAX containers that keep them packed until the matmul live in
+:mod:`kimi_jax.model.quant`.
 
 int4 (Kimi K2.5 / K2-Thinking routed experts): ``weight_packed`` int32 [out, ceil(in/8)], word w of
 row o holds input columns 8w..8w+7, column 8w+j in bits [4j, 4j+4) (LSB first), nibble = q + 8
@@ -13,10 +15,6 @@ All functions accept optional leading (stacked-expert) axes: [..., out, in].
 
 from __future__ import annotations
 
-import dataclasses
-
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -25,14 +23,14 @@ from kimi_jax.errors import FormatError
 BF16 = ml_dtypes.bfloat16
 FP8 = ml_dtypes.float8_e4m3fn
 FP8_MAX = 448.0
-_SHIFTS = np.arange(8, dtype=np.uint32) * 4  # nibble j of a word sits at bits [4j, 4j+4)
+NIBBLE_SHIFTS = np.arange(8, dtype=np.uint32) * 4  # nibble j of a word sits at bits [4j, 4j+4)
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_shape(what: str, found, expected) -> None:
+def check_shape(what: str, found, expected) -> None:
     found, expected = tuple(int(d) for d in found), tuple(int(d) for d in expected)
     if found != expected:
         raise FormatError(f"{what}: expected shape {expected}, found {found}")
@@ -62,9 +60,9 @@ def unpack_int4(packed: np.ndarray, in_features: int) -> np.ndarray:
     in_features = int(in_features)
     if in_features <= 0:
         raise FormatError(f"in_features: expected a positive integer, found {in_features}")
-    _check_shape("weight_packed", packed.shape, (*packed.shape[:-1], _cdiv(in_features, 8)))
+    check_shape("weight_packed", packed.shape, (*packed.shape[:-1], cdiv(in_features, 8)))
     words = packed.view(np.uint32)
-    nibbles = (words[..., None] >> _SHIFTS) & np.uint32(0xF)  # [..., out, words, 8]
+    nibbles = (words[..., None] >> NIBBLE_SHIFTS) & np.uint32(0xF)  # [..., out, words, 8]
     q = nibbles.astype(np.int8) - np.int8(8)
     return q.reshape(*packed.shape[:-1], -1)[..., :in_features]
 
@@ -79,10 +77,10 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     if q.size and (q.min() < -8 or q.max() > 7):
         raise FormatError(f"int4 codes: expected values in [-8, 7], found range [{q.min()}, {q.max()}]")
     n_in = q.shape[-1]
-    n_words = _cdiv(n_in, 8)
+    n_words = cdiv(n_in, 8)
     nib = np.full((*q.shape[:-1], n_words * 8), 8, dtype=np.uint32)  # nibble 8 == q 0
     nib[..., :n_in] = (q.astype(np.int32) + 8).astype(np.uint32)
-    nib = nib.reshape(*q.shape[:-1], n_words, 8) << _SHIFTS
+    nib = nib.reshape(*q.shape[:-1], n_words, 8) << NIBBLE_SHIFTS
     return np.bitwise_or.reduce(nib, axis=-1).astype(np.uint32).view(np.int32)
 
 
@@ -98,8 +96,8 @@ def dequant_int4(packed: np.ndarray, scale: np.ndarray, weight_shape, group_size
     if len(shape) == 2:  # the stored [2] tensor describes one matrix; allow stacked leading axes
         shape = (*packed.shape[:-2], *shape)
     *lead, n_out, n_in = shape
-    _check_shape("weight_packed", packed.shape, (*lead, n_out, _cdiv(n_in, 8)))
-    _check_shape("weight_scale", scale.shape, (*lead, n_out, _cdiv(n_in, group_size)))
+    check_shape("weight_packed", packed.shape, (*lead, n_out, cdiv(n_in, 8)))
+    check_shape("weight_scale", scale.shape, (*lead, n_out, cdiv(n_in, group_size)))
     q = unpack_int4(packed, n_in).astype(np.float32)
     s = np.repeat(scale.astype(np.float32), group_size, axis=-1)[..., :n_in]
     return (q * s).astype(BF16)  # |q| <= 8 and bf16 has 8 mantissa bits: the f32 product is exact
@@ -112,7 +110,7 @@ def quantize_int4(w: np.ndarray, group_size: int, min_code: int = -7) -> tuple[n
         raise FormatError(f"weight: expected at least 2 dims [out, in], found shape {w.shape}")
     if not -8 <= int(min_code) <= 0:
         raise FormatError(f"min_code: expected a value in [-8, 0], found {min_code}")
-    n_in, n_groups = w.shape[-1], _cdiv(w.shape[-1], group_size)
+    n_in, n_groups = w.shape[-1], cdiv(w.shape[-1], group_size)
     padded = np.zeros((*w.shape[:-1], n_groups * group_size), dtype=np.float32)
     padded[..., :n_in] = w
     amax = np.abs(padded.reshape(*w.shape[:-1], n_groups, group_size)).max(axis=-1)
@@ -134,7 +132,7 @@ def fp8_e4m3_to_float32(raw: np.ndarray) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-def _block_size(block_size) -> tuple[int, int]:
+def block_size_pair(block_size) -> tuple[int, int]:
     bs = tuple(int(b) for b in block_size)
     if len(bs) != 2 or min(bs) <= 0:
         raise FormatError(f"block_size: expected two positive integers, found {tuple(block_size)}")
@@ -143,7 +141,7 @@ def _block_size(block_size) -> tuple[int, int]:
 
 def dequant_fp8_block(weight: np.ndarray, scale_inv: np.ndarray, block_size=(128, 128)) -> np.ndarray:
     """W[i, j] = bf16(f32(fp8[i, j]) * scale_inv[i // b0, j // b1]); edge blocks may be partial."""
-    b0, b1 = _block_size(block_size)
+    b0, b1 = block_size_pair(block_size)
     w = fp8_e4m3_to_float32(weight)
     scale_inv = np.asarray(scale_inv)
     if w.ndim < 2:
@@ -151,19 +149,19 @@ def dequant_fp8_block(weight: np.ndarray, scale_inv: np.ndarray, block_size=(128
     if scale_inv.dtype != np.float32:
         raise FormatError(f"weight_scale_inv: expected dtype float32, found {scale_inv.dtype}")
     *lead, n_out, n_in = w.shape
-    _check_shape("weight_scale_inv", scale_inv.shape, (*lead, _cdiv(n_out, b0), _cdiv(n_in, b1)))
+    check_shape("weight_scale_inv", scale_inv.shape, (*lead, cdiv(n_out, b0), cdiv(n_in, b1)))
     s = np.repeat(np.repeat(scale_inv, b0, axis=-2)[..., :n_out, :], b1, axis=-1)[..., :n_in]
     return (w * s).astype(BF16)
 
 
 def quantize_fp8_block(w: np.ndarray, block_size=(128, 128)) -> tuple[np.ndarray, np.ndarray]:
     """Per-block FP8: scale_inv = amax_block / 448 (1.0 for all-zero blocks), q = fp8(w / scale_inv)."""
-    b0, b1 = _block_size(block_size)
+    b0, b1 = block_size_pair(block_size)
     w = np.asarray(w, dtype=np.float32)
     if w.ndim < 2:
         raise FormatError(f"weight: expected at least 2 dims [out, in], found shape {w.shape}")
     *lead, n_out, n_in = w.shape
-    r, c = _cdiv(n_out, b0), _cdiv(n_in, b1)
+    r, c = cdiv(n_out, b0), cdiv(n_in, b1)
     padded = np.zeros((*lead, r * b0, c * b1), dtype=np.float32)
     padded[..., :n_out, :n_in] = w
     blocks = np.abs(padded.reshape(*lead, r, b0, c, b1))
@@ -174,96 +172,3 @@ def quantize_fp8_block(w: np.ndarray, block_size=(128, 128)) -> tuple[np.ndarray
     return q, scale_inv
 
 
-# -------------------------------------------------------------------------------------------- JAX
-
-def _round_to_bf16_bits(x: jax.Array) -> jax.Array:
-    """f32 -> uint32 bit pattern rounded to bf16 (round-to-nearest-even), low 16 bits zero.
-
-    Done with integer ops so XLA cannot elide the rounding of an f32->bf16->f32 round trip
-    (it may when excess precision is allowed, as on GPU)."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    rounded = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
-    quiet_nan = (bits | jnp.uint32(0x00400000)) & jnp.uint32(0xFFFF0000)
-    return jnp.where(jnp.isnan(x), quiet_nan, rounded)
-
-
-def _bf16_bits_to(bits: jax.Array, dtype) -> jax.Array:
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.bfloat16:
-        return jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)  # exact for f32
-
-
-def dequant_int4_jax(packed: jax.Array, scale: jax.Array, in_features: int, group_size: int,
-                     dtype=jnp.bfloat16) -> jax.Array:
-    """JAX twin of dequant_int4 (same bits), for [..., out, words] packed / [..., out, groups] scale."""
-    in_features, group_size = int(in_features), int(group_size)
-    *lead, n_out, _ = packed.shape
-    _check_shape("weight_packed", packed.shape, (*lead, n_out, _cdiv(in_features, 8)))
-    _check_shape("weight_scale", scale.shape, (*lead, n_out, _cdiv(in_features, group_size)))
-    words = jax.lax.bitcast_convert_type(packed, jnp.uint32)
-    nibbles = (words[..., None] >> jnp.asarray(_SHIFTS)) & jnp.uint32(0xF)
-    q = nibbles.reshape(*lead, n_out, -1)[..., :in_features].astype(jnp.float32) - 8.0
-    s = jnp.repeat(scale.astype(jnp.float32), group_size, axis=-1)[..., :in_features]
-    return _bf16_bits_to(_round_to_bf16_bits(q * s), dtype)
-
-
-def dequant_fp8_block_jax(weight: jax.Array, scale_inv: jax.Array, block_size=(128, 128),
-                          dtype=jnp.bfloat16) -> jax.Array:
-    """JAX twin of dequant_fp8_block (same bits); weight float8_e4m3fn or uint8 [..., out, in]."""
-    b0, b1 = _block_size(block_size)
-    if weight.dtype == jnp.uint8:
-        weight = jax.lax.bitcast_convert_type(weight, jnp.float8_e4m3fn)
-    *lead, n_out, n_in = weight.shape
-    _check_shape("weight_scale_inv", scale_inv.shape, (*lead, _cdiv(n_out, b0), _cdiv(n_in, b1)))
-    s = jnp.repeat(scale_inv.astype(jnp.float32), b0, axis=-2)[..., :n_out, :]
-    s = jnp.repeat(s, b1, axis=-1)[..., :n_in]
-    return _bf16_bits_to(_round_to_bf16_bits(weight.astype(jnp.float32) * s), dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class Int4Weight:
-    """A pack-quantized int4 linear weight kept packed inside JAX (a pytree)."""
-
-    packed: jax.Array  # int32 [..., out, ceil(in/8)]
-    scale: jax.Array  # bf16 [..., out, ceil(in/group_size)]
-    in_features: int
-    group_size: int
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.packed.shape[:-1], self.in_features)
-
-    def dequantize(self, dtype=jnp.bfloat16) -> jax.Array:
-        return dequant_int4_jax(self.packed, self.scale, self.in_features, self.group_size, dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class Fp8Weight:
-    """A block-FP8 linear weight kept as FP8 inside JAX (a pytree)."""
-
-    weight: jax.Array  # float8_e4m3fn [..., out, in]
-    scale_inv: jax.Array  # f32 [..., ceil(out/b0), ceil(in/b1)]
-    block_size: tuple = (128, 128)
-
-    def __post_init__(self):
-        object.__setattr__(self, "block_size", tuple(int(b) for b in self.block_size))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape)
-
-    def dequantize(self, dtype=jnp.bfloat16) -> jax.Array:
-        return dequant_fp8_block_jax(self.weight, self.scale_inv, self.block_size, dtype)
-
-
-jax.tree_util.register_dataclass(Int4Weight, data_fields=["packed", "scale"],
-                                 meta_fields=["in_features", "group_size"])
-jax.tree_util.register_dataclass(Fp8Weight, data_fields=["weight", "scale_inv"],
-                                 meta_fields=["block_size"])
-
-__all__ = [
-    "unpack_int4", "pack_int4", "dequant_int4", "quantize_int4", "fp8_e4m3_to_float32",
-    "dequant_fp8_block", "quantize_fp8_block", "dequant_int4_jax", "dequant_fp8_block_jax",
-    "Int4Weight", "Fp8Weight",
-]

@@ -14,9 +14,9 @@ import json
 import statistics
 import time
 
-from kimi_jax.storage.checkpoint import open_checkpoint
-from kimi_jax.model.engine import Engine
 from kimi_jax.ledger.ledger import step_entry
+from kimi_jax.model.engine import Engine
+from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.synth import ensure_synthetic
 
 

@@ -29,8 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kimi_jax.ledger.ledger import (LEDGER_SCHEMA_ID, LEDGER_VERSION, derive_routing_weights, f32, f32_list,
-                             validate_ledger)  # fmt: skip
+from kimi_jax.ledger.ledger import (
+    LEDGER_SCHEMA_ID,
+    LEDGER_VERSION,
+    derive_routing_weights,
+    f32,
+    f32_list,
+    validate_ledger,  # fmt: skip
+)
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]  # fmt: skip

@@ -18,8 +18,8 @@ import time
 
 from common import emit, machine
 
-from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.model.engine import Engine
+from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.reader import evict_page_cache
 from kimi_jax.storage.synth import ensure_synthetic
 

@@ -79,9 +79,9 @@ def worker_transformers(ckpt: Path, tokens: int, offload: bool) -> dict:
 
 
 def worker_kimi(ckpt: Path, tokens: int, kv_cache: bool) -> dict:
-    from kimi_jax.storage.checkpoint import open_checkpoint
     from kimi_jax.model.engine import Engine
     from kimi_jax.model.jax_setup import enable_compilation_cache
+    from kimi_jax.storage.checkpoint import open_checkpoint
 
     enable_compilation_cache()
     index = open_checkpoint(ckpt)

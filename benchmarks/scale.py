@@ -15,8 +15,8 @@ import time
 
 from common import emit, machine, peak_rss_bytes
 
-from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.model.engine import Engine
+from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.synth import ensure_synthetic
 
 

@@ -132,11 +132,18 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from kimi_jax.storage.checkpoint import open_checkpoint
     from kimi_jax.run.manifest import parse_manifest_dict
+    from kimi_jax.storage.checkpoint import open_checkpoint
     from kimi_jax.storage.reader import ShardReader, evict_page_cache
     from kimi_jax.vindex.command import plan_vindex, run_vindex
-    from kimi_jax.vindex.spectra import GUARANTEE, METHOD, chunk_eigvals, matrix_kind, singular_values, stack_parts
+    from kimi_jax.vindex.spectra import (
+        GUARANTEE,
+        METHOD,
+        chunk_eigvals,
+        matrix_kind,
+        singular_values,
+        stack_parts,
+    )
 
     index = open_checkpoint(ckpt)
     cfg = index.config

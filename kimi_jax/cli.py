@@ -64,8 +64,8 @@ def anchor() -> None:
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Anchor file (default: the manifest's anchor).")
 def anchor_freeze(manifest: str, overrides: tuple[str, ...], out_file: str | None) -> None:
     """Run step 0 twice, require bitwise-identical results, write the anchor file."""
-    from kimi_jax.run.anchor import freeze
     from kimi_jax.model.jax_setup import enable_compilation_cache
+    from kimi_jax.run.anchor import freeze
     from kimi_jax.run.plan import load_plan
     from kimi_jax.run.runner import run_steps
 
@@ -133,7 +133,7 @@ def verify(path: str, replay: bool) -> None:
     """Check a run bundle without the model. PATH: a bundle folder, a bundle archive or a receipt.json.
 
     Prints each numbered check as OK, FAILED or SKIPPED and a summary; exits 1 if any check failed."""
-    from kimi_jax.verify.verify import verify_bundle
+    from kimi_jax.verify.checklist import verify_bundle
 
     report = verify_bundle(path, replay=replay, on_check=lambda c: click.echo(c.line()))
     click.echo(report.summary())

@@ -11,12 +11,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kimi_jax.ledger.archive import ArchiveError, UnsafeArchive, archive_bundle, safe_extract
 from kimi_jax.cli import main
+from kimi_jax.ledger.archive import (
+    ArchiveError,
+    UnsafeArchive,
+    archive_bundle,
+    safe_extract,
+)
 from kimi_jax.run.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
 from kimi_jax.run.runner import execute
-from kimi_jax.verify.verify import verify_bundle
+from kimi_jax.verify.checklist import verify_bundle
 
 
 @pytest.fixture(scope="module")

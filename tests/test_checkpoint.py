@@ -9,8 +9,8 @@ import struct
 
 import pytest
 
-from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.errors import CheckpointError
+from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.synth import synth_checkpoint
 
 

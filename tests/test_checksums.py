@@ -10,7 +10,12 @@ from pathlib import Path
 import blake3
 import pytest
 
-from kimi_jax.ledger.checksums import CHECKSUMS_NAME, hash_file, verify_checksums, write_checksums
+from kimi_jax.ledger.checksums import (
+    CHECKSUMS_NAME,
+    hash_file,
+    verify_checksums,
+    write_checksums,
+)
 
 
 @pytest.fixture

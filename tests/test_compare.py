@@ -8,12 +8,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kimi_jax.ledger.archive import archive_bundle
 from kimi_jax.cli import main
-from kimi_jax.verify.compare import CompareError, compare_bundles, compare_manifests, compare_paths
+from kimi_jax.ledger.archive import archive_bundle
 from kimi_jax.run.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
 from kimi_jax.run.runner import execute
+from kimi_jax.verify.compare import (
+    CompareError,
+    compare_bundles,
+    compare_manifests,
+    compare_paths,
+)
 
 
 def _manifest(path: Path, checkpoint, extra: str = "", synthetic: str | None = None) -> Path:

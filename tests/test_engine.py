@@ -12,12 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from kimi_jax.model import layers as model
-from kimi_jax.storage.checkpoint import open_checkpoint
-from kimi_jax.model.engine import Engine
 from kimi_jax.errors import ManifestError
+from kimi_jax.model import layers as model
+from kimi_jax.model.engine import Engine
 from kimi_jax.run.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
+from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.synth import synth_checkpoint
 
 

@@ -17,11 +17,13 @@ pytest.importorskip("compressed_tensors")
 
 from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor  # noqa: E402
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: E402
-from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization  # noqa: E402
+from compressed_tensors.quantization.lifecycle.initialize import (
+    initialize_module_for_quantization,  # noqa: E402
+)
 from compressed_tensors.quantization.utils.helpers import calculate_qparams  # noqa: E402
 
-from kimi_jax.storage.checkpoint import open_checkpoint  # noqa: E402
 from kimi_jax.model.engine import Engine  # noqa: E402
+from kimi_jax.storage.checkpoint import open_checkpoint  # noqa: E402
 from kimi_jax.storage.codecs import dequant_fp8_block, quantize_fp8_block  # noqa: E402
 from kimi_jax.storage.synth import synth_checkpoint  # noqa: E402
 from tests import hf_oracle  # noqa: E402

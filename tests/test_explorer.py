@@ -15,7 +15,12 @@ from click.testing import CliRunner
 
 from kimi_jax.explorer import page as explorer
 from kimi_jax.explorer.page import explore_command, json_for_script, render_explorer
-from kimi_jax.ledger.ledger import LEDGER_SCHEMA_ID, derive_routing_weights, provenance_map, validate_ledger
+from kimi_jax.ledger.ledger import (
+    LEDGER_SCHEMA_ID,
+    derive_routing_weights,
+    provenance_map,
+    validate_ledger,
+)
 
 HEX = "0123456789abcdef" * 4
 HOSTILE = [
@@ -269,7 +274,7 @@ def test_explore_serve_binds_loopback_only(tmp_path, monkeypatch):
 
 def test_a_bundle_written_with_its_page_passes_the_verifier(tiny_checkpoints, tmp_path):
     """What ``write_bundle(..., explorer_html=render_explorer(ledger))`` gives: a page the verifier accepts."""
-    verify = pytest.importorskip("kimi_jax.verify.verify")
+    verify = pytest.importorskip("kimi_jax.verify.checklist")
     from kimi_jax.ledger.bundle import write_bundle
     from kimi_jax.run.manifest import parse_manifest_dict
     from kimi_jax.run.plan import prepare_run

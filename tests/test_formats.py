@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from kimi_jax.errors import FormatError
-from kimi_jax.model.quant import Fp8Weight, Int4Weight, dequant_fp8_block_jax, dequant_int4_jax
+from kimi_jax.model.quant import (
+    Fp8Weight,
+    Int4Weight,
+    dequant_fp8_block_jax,
+    dequant_int4_jax,
+)
 from kimi_jax.storage.codecs import (
     dequant_fp8_block,
     dequant_int4,
@@ -23,7 +28,9 @@ torch = pytest.importorskip("torch")
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor  # noqa: E402
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: E402
-from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize  # noqa: E402
+from compressed_tensors.quantization.lifecycle.forward import (
+    dequantize as ct_dequantize,  # noqa: E402
+)
 from compressed_tensors.quantization.lifecycle.initialize import (  # noqa: E402
     initialize_module_for_quantization,
 )

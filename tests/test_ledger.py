@@ -10,9 +10,14 @@ import jsonschema
 import numpy as np
 import pytest
 
+from kimi_jax.ledger.ledger import (
+    LEDGER_SCHEMA,
+    audit_derived,
+    provenance_map,
+    unclassified_fields,
+)
 from kimi_jax.model import engine as engine_mod
 from kimi_jax.run.anchor import AnchorMismatch
-from kimi_jax.ledger.ledger import LEDGER_SCHEMA, audit_derived, provenance_map, unclassified_fields
 from kimi_jax.run.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
 from kimi_jax.run.runner import NonPerturbationFailure, execute

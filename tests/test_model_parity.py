@@ -21,13 +21,16 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 torch.set_num_threads(2)
 
-from tests import hf_oracle  # noqa: E402
-
-from kimi_jax.model import layers as M  # noqa: E402
 from kimi_jax.errors import CheckpointError  # noqa: E402
+from kimi_jax.model import layers as M  # noqa: E402
 from kimi_jax.model.params import (  # noqa: E402
-    RouterParams, dense_layer_params, expert_stack, head_params, moe_base_params,
+    RouterParams,
+    dense_layer_params,
+    expert_stack,
+    head_params,
+    moe_base_params,
 )
+from tests import hf_oracle  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS, CAPACITY, TOL = 24, 16, 48, 1e-4
 

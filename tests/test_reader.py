@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.errors import StorageError
+from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.reader import ShardReader, evict_page_cache, resident_bytes
 
 torch = pytest.importorskip("torch")

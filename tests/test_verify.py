@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from kimi_jax.cli import main
 from kimi_jax.ledger.bundle import RECEIPT, bundle_digest
 from kimi_jax.ledger.checksums import write_checksums
-from kimi_jax.cli import main
 from kimi_jax.run.plan import load_plan
 from kimi_jax.run.runner import execute
-from kimi_jax.verify.verify import CHECK_NAMES, Report, verify_bundle
+from kimi_jax.verify.checklist import CHECK_NAMES, Report, verify_bundle
 
 DEMO_MANIFEST = Path(__file__).resolve().parents[1] / "manifests" / "demo.yaml"
 

@@ -18,15 +18,20 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from kimi_jax.errors import ManifestError
+from kimi_jax.ledger.checksums import verify_checksums
+from kimi_jax.run.manifest import load_manifest
 from kimi_jax.storage import codecs
 from kimi_jax.storage.checkpoint import open_checkpoint
-from kimi_jax.ledger.checksums import verify_checksums
-from kimi_jax.errors import ManifestError
-from kimi_jax.run.manifest import load_manifest
 from kimi_jax.storage.reader import ShardReader
 from kimi_jax.storage.synth import logical_value, synth_checkpoint
 from kimi_jax.vindex.command import plan_vindex, run_vindex, vindex_command, vindex_dir
-from kimi_jax.vindex.routing import LedgerError, layer_routing_stats, read_ledger, trace_from_steps
+from kimi_jax.vindex.routing import (
+    LedgerError,
+    layer_routing_stats,
+    read_ledger,
+    trace_from_steps,
+)
 from kimi_jax.vindex.spectra import layer_summary, var_at_k
 
 REPO = Path(__file__).resolve().parents[1]

@@ -286,7 +286,11 @@ def step_identity(step) -> dict[str, Any]:
 
 
 def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, proof: dict | None) -> dict[str, Any]:
-    from kimi_jax.platform_info import fingerprint_digest, package_version, platform_fingerprint
+    from kimi_jax.platform_info import (
+        fingerprint_digest,
+        package_version,
+        platform_fingerprint,
+    )
 
     m, idx = plan.manifest, plan.index
     capture = list(m.capture)

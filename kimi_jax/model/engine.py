@@ -9,7 +9,6 @@ token. Capture values come back from the same jitted calls whether or not they a
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
@@ -19,10 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.model import layers
-from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
+from kimi_jax.model.params import (
+    HeadParams,
+    dense_layer_params,
+    expert_stack,
+    head_params,
+    moe_base_params,
+)
 from kimi_jax.model.quant import Fp8Weight, Int4Weight
 from kimi_jax.records import LayerRecord, StepRecord
-from kimi_jax.model.params import HeadParams, dense_layer_params, expert_stack, head_params, moe_base_params
+from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
 from kimi_jax.storage.reader import ReadCounters, ShardReader
 from kimi_jax.storage.safetensors_header import TensorRecord
 

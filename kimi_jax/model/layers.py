@@ -40,8 +40,17 @@ import numpy as np
 
 from kimi_jax.config import ModelConfig, yarn_mscale
 from kimi_jax.model.params import (
-    AttentionParams, DenseLayerParams, ExpertStack, HeadParams, MLPParams, MoEBaseParams,
-    RouterParams, dense_layer_params, expert_stack, head_params, moe_base_params,
+    AttentionParams,
+    DenseLayerParams,
+    ExpertStack,
+    HeadParams,
+    MLPParams,
+    MoEBaseParams,
+    RouterParams,
+    dense_layer_params,
+    expert_stack,
+    head_params,
+    moe_base_params,
 )
 
 F32 = jnp.float32

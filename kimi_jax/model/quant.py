@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from kimi_jax.storage.codecs import NIBBLE_SHIFTS, block_size_pair, cdiv, check_shape
 
+
 def _round_to_bf16_bits(x: jax.Array) -> jax.Array:
     """f32 -> uint32 bit pattern rounded to bf16 (round-to-nearest-even), low 16 bits zero.
 

@@ -17,7 +17,11 @@ import blake3
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import write_json_atomic
 from kimi_jax.ledger.ledger import f32, step_identity
-from kimi_jax.platform_info import fingerprint_digest, platform_differences, platform_fingerprint
+from kimi_jax.platform_info import (
+    fingerprint_digest,
+    platform_differences,
+    platform_fingerprint,
+)
 
 ANCHOR_VERSION = 1
 ANCHORED = ("token", "logit", "hidden_digest", "logits_digest", "bytes_read")

@@ -17,10 +17,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.model import layers
-from kimi_jax.records import LayerRecord, StepRecord
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import write_bytes_atomic, write_json_atomic
+from kimi_jax.model.layers import LatentCache
+from kimi_jax.records import LayerRecord, StepRecord
 
 
 class ResumeError(KimiJaxError):
@@ -76,7 +76,7 @@ class RunCheckpoints:
             steps.append(StepRecord(**record, layers=layers, logits=arrays["logits"], hidden=arrays["hidden"]))
             n = sum(1 for k in arrays if k.endswith("_length"))
             dtype = jnp.dtype(str(arrays["cache_dtype"])) if n else None
-            caches = [layers.LatentCache(jnp.asarray(arrays[f"cache_{i}_c_kv"]).astype(dtype),
+            caches = [LatentCache(jnp.asarray(arrays[f"cache_{i}_c_kv"]).astype(dtype),
                                         jnp.asarray(arrays[f"cache_{i}_k_pe"]).astype(dtype),
                                         jnp.asarray(arrays[f"cache_{i}_length"])) for i in range(n)] or None  # fmt: skip
         return steps, caches

@@ -66,9 +66,9 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print,
     continues from its last completed step."""
     from tqdm import tqdm
 
-    from kimi_jax.run import anchor as anchors
-    from kimi_jax.model.jax_setup import enable_compilation_cache
     from kimi_jax.ledger.ledger import build_ledger, step_identity, validate_ledger
+    from kimi_jax.model.jax_setup import enable_compilation_cache
+    from kimi_jax.run import anchor as anchors
     from kimi_jax.storage.reader import evict_page_cache, resident_bytes
 
     m, cfg = plan.manifest, plan.index.config

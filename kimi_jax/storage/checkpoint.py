@@ -24,7 +24,11 @@ import blake3
 
 from kimi_jax.config import ModelConfig, load_model_config
 from kimi_jax.errors import CheckpointError
-from kimi_jax.storage.safetensors_header import ShardHeader, TensorRecord, read_shard_header
+from kimi_jax.storage.safetensors_header import (
+    ShardHeader,
+    TensorRecord,
+    read_shard_header,
+)
 
 WeightFormat = Literal["plain", "int4", "fp8"]
 

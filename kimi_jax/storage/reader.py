@@ -22,8 +22,8 @@ from typing import Iterable
 
 import numpy as np
 
-from kimi_jax.storage.checkpoint import WeightEntry
 from kimi_jax.errors import StorageError
+from kimi_jax.storage.checkpoint import WeightEntry
 from kimi_jax.storage.safetensors_header import TensorRecord
 
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY}

@@ -30,9 +30,9 @@ from typing import Any, Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from kimi_jax.storage import codecs
 from kimi_jax.config import ModelConfig, parse_model_config
 from kimi_jax.fileio import default_cache_dir
+from kimi_jax.storage import codecs
 from kimi_jax.storage.safetensors_header import DTYPE_SIZES, PlannedTensor, write_shard
 
 GENERATOR_VERSION = 2
@@ -151,7 +151,10 @@ def logical_value(seed: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 def _logical_tensors(cfg: ModelConfig) -> Iterator[tuple[int | None, str, tuple[int, ...]]]:
     """(layer, canonical name, shape) for every logical tensor; layer None for globals."""
-    from kimi_jax.storage.checkpoint import expected_expert_shapes, expected_layer_shapes
+    from kimi_jax.storage.checkpoint import (
+        expected_expert_shapes,
+        expected_layer_shapes,
+    )
 
     yield None, "embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)
     for layer in range(cfg.num_hidden_layers):

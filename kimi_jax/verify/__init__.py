@@ -1,0 +1,1 @@
+"""Verify and compare run bundles without JAX or the model (``--replay`` aside)."""

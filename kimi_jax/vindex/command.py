@@ -36,13 +36,28 @@ import blake3
 import click
 import numpy as np
 
-from kimi_jax.storage.checkpoint import CheckpointIndex
-from kimi_jax.ledger.checksums import write_checksums
 from kimi_jax.errors import KimiJaxError, ManifestError
+from kimi_jax.ledger.checksums import write_checksums
 from kimi_jax.run.manifest import Manifest, VindexSection, load_manifest
-from kimi_jax.vindex.phases import FORMAT, _phase1, _phase2, _phase3, _Run, layer_file, write_json_atomic
+from kimi_jax.storage.checkpoint import CheckpointIndex
+from kimi_jax.vindex.phases import (
+    FORMAT,
+    _phase1,
+    _phase2,
+    _phase3,
+    _Run,
+    layer_file,
+    write_json_atomic,
+)
 from kimi_jax.vindex.routing import LedgerError, Trace, read_ledger
-from kimi_jax.vindex.spectra import DISSOLVED_BELOW, GUARANTEE, METHOD, METHOD_VERSION, quartiles, spectral_class
+from kimi_jax.vindex.spectra import (
+    DISSOLVED_BELOW,
+    GUARANTEE,
+    METHOD,
+    METHOD_VERSION,
+    quartiles,
+    spectral_class,
+)
 
 __all__ = ["VindexPlan", "plan_vindex", "run_vindex", "vindex_command", "write_json_atomic", "FORMAT"]
 

@@ -19,9 +19,21 @@ import blake3
 import numpy as np
 
 from kimi_jax.fileio import write_bytes_atomic
-from kimi_jax.vindex.routing import Trace, layer_routing_stats, trace_from_json, trace_from_steps, trace_to_json
+from kimi_jax.vindex.routing import (
+    Trace,
+    layer_routing_stats,
+    trace_from_json,
+    trace_from_steps,
+    trace_to_json,
+)
 from kimi_jax.vindex.spectra import (
-    METHOD_VERSION, chunk_eigvals, layer_summary, matrix_kind, matrix_stats, spectral_class, stack_parts,
+    METHOD_VERSION,
+    chunk_eigvals,
+    layer_summary,
+    matrix_kind,
+    matrix_stats,
+    spectral_class,
+    stack_parts,
 )  # fmt: skip
 
 if TYPE_CHECKING:

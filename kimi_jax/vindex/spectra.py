@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import eigh_tridiagonal
 
-from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
 from kimi_jax.model.quant import dequant_fp8_block_jax, dequant_int4_jax
+from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
 
 METHOD = "gram-f32 + sytrd + bisection (values only)"
 METHOD_VERSION = 1

@@ -1,68 +1,43 @@
-"""The checks of ``kimi-jax verify`` that read the ledger's content: schema, provenance,
-derivations, digests, anchor, continuity, non-perturbation, explorer, and ``--replay``.
-
-Each check takes the loaded bundle and returns a note (OK), or raises :class:`_Fail` / :class:`_Skip`
-with the reason; :mod:`kimi_jax.verify.verify` numbers and runs them.
-"""
+"""Checks 3-10 of verify, on what the ledger says: schema, provenance, derivations, digests,
+anchor, continuity, non-perturbation, explorer. Each takes the loaded bundle and returns a note
+(OK), or raises :class:`CheckFailed` / :class:`CheckSkipped` with the reason."""
 
 from __future__ import annotations
 
-import copy
 import json
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import blake3
 import numpy as np
 
-if TYPE_CHECKING:
-    from kimi_jax.verify.verify import _Bundle
-
 from kimi_jax.ledger.bundle import ARRAYS, step_key
+from kimi_jax.verify.bundle_view import BundleView
+from kimi_jax.verify.report import (
+    CheckFailed,
+    CheckSkipped,
+    join_problems,
+    require,
+    short,
+)
 
-_MAX_SHOWN = 5
 EXPLORER_ELEMENT_ID = "ledger-data"
 NP_FIELDS = ("token", "hidden_digest", "logits_digest", "bytes_read")
 
 
-class _Fail(Exception):
-    pass
-
-
-class _Skip(Exception):
-    pass
-
-
-def _join(problems: list[str]) -> str:
-    shown = problems[:_MAX_SHOWN]
-    more = len(problems) - len(shown)
-    return "; ".join(shown) + (f"; ... and {more} more" if more > 0 else "")
-
-
-def _require(problems: list[str]) -> None:
-    if problems:
-        raise _Fail(_join(problems))
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_schema(b: _Bundle) -> str:
+def check_schema(b: BundleView) -> str:
     import jsonschema
 
     from kimi_jax.ledger.ledger import LEDGER_SCHEMA
 
     ledger = b.json("ledger.json")
     errors = sorted(jsonschema.Draft202012Validator(LEDGER_SCHEMA).iter_errors(ledger), key=lambda e: list(e.path))
-    _require([f"ledger.json {e.json_path}: {e.message[:160]}" for e in errors])
+    require([f"ledger.json {e.json_path}: {e.message[:160]}" for e in errors])
     return ""
 
 
-def _check_provenance(b: _Bundle) -> str:
+def check_provenance(b: BundleView) -> str:
     from kimi_jax.ledger.ledger import provenance_map, unclassified_fields
 
     stored = b.json("provenance.json")
@@ -77,14 +52,14 @@ def _check_provenance(b: _Bundle) -> str:
             elif field not in expected:
                 problems.append(f"provenance.json: {field}: not a field of the ledger schema")
             elif stored[field] != expected[field]:
-                problems.append(f"provenance.json: {field}: labelled {_short(stored[field])}, the schema says "
+                problems.append(f"provenance.json: {field}: labelled {short(stored[field])}, the schema says "
                                 f"{expected[field]}")  # fmt: skip
     try:
         loose = unclassified_fields(b.ledger)
     except (AttributeError, TypeError) as e:
         loose = [f"<cannot walk the ledger: {e}>"]
     problems += [f"ledger.json {field}: not classified measured or derived by the schema" for field in loose]
-    _require(problems)
+    require(problems)
     return ""
 
 
@@ -104,7 +79,7 @@ def _normalize(ledger: dict[str, Any]) -> bool | None:
     return bool(cfg.norm_topk_prob)
 
 
-def _check_derivations(b: _Bundle) -> str:
+def check_derivations(b: BundleView) -> str:
     from kimi_jax.ledger.ledger import audit_derived
     from kimi_jax.platform_info import fingerprint_digest
 
@@ -123,13 +98,13 @@ def _check_derivations(b: _Bundle) -> str:
             problems += found
     platform = ledger.get("platform")
     if isinstance(platform, dict) and fingerprint_digest(platform) != ledger.get("platform_digest"):
-        problems.append(f"platform_digest is {_short(ledger.get('platform_digest'))}, recomputed "
+        problems.append(f"platform_digest is {short(ledger.get('platform_digest'))}, recomputed "
                         f"{fingerprint_digest(platform)}")  # fmt: skip
-    _require(problems)
+    require(problems)
     return note
 
 
-def _check_digests(b: _Bundle) -> str:
+def check_digests(b: BundleView) -> str:
     from kimi_jax.ledger.ledger import tensor_digest
 
     steps, arrays, problems = b.step_arrays()
@@ -144,115 +119,115 @@ def _check_digests(b: _Bundle) -> str:
         for field, a in (("hidden_digest", hidden), ("logits_digest", logits)):
             got = tensor_digest(a)
             if step.get(field) != got:
-                problems.append(f"steps[{i}].{field} is {_short(step.get(field))}, but {ARRAYS}/{step_key(i)} "
+                problems.append(f"steps[{i}].{field} is {short(step.get(field))}, but {ARRAYS}/{step_key(i)} "
                                 f"gives {got}")
         if logits.size == 0:
             problems.append(f"{ARRAYS}/{step_key(i)}/logits: empty")
             continue
         best = int(np.argmax(logits))
         if step.get("token") != best:
-            problems.append(f"steps[{i}].token is {_short(step.get('token'))}, but argmax of the stored logits "
+            problems.append(f"steps[{i}].token is {short(step.get('token'))}, but argmax of the stored logits "
                             f"is {best}")
         token = step.get("token")
         if isinstance(token, int) and 0 <= token < logits.size:
             logit = step.get("logit")
             if not isinstance(logit, (int, float)) or np.float32(logit) != logits[token]:
-                problems.append(f"steps[{i}].logit is {_short(logit)}, but the stored logits[{token}] is "
+                problems.append(f"steps[{i}].logit is {short(logit)}, but the stored logits[{token}] is "
                                 f"{float(logits[token])!r} (float32)")  # fmt: skip
         else:
-            problems.append(f"steps[{i}].token {_short(token)} is not an index into the stored logits "
+            problems.append(f"steps[{i}].token {short(token)} is not an index into the stored logits "
                             f"(vocab {logits.size})")  # fmt: skip
     for what, found in shapes.items():
         if len(found) > 1:
             problems.append(f"{ARRAYS}: {what} shapes differ between steps ({sorted(found)})")
-    _require(problems)
+    require(problems)
     return ""
 
 
-def _check_anchor(b: _Bundle) -> str:
+def check_anchor(b: BundleView) -> str:
     from kimi_jax.run.anchor import ANCHOR_VERSION, ANCHORED
 
     ledger = b.ledger
     record = ledger.get("anchor")
     if not b.has("anchor.json"):
         if record is None:
-            raise _Skip("the bundle carries no anchor (no anchor.json, ledger.anchor is null)")
-        raise _Fail(f"anchor.json: missing, but ledger.json anchor records a matched anchor ({_short(record)})")
+            raise CheckSkipped("the bundle carries no anchor (no anchor.json, ledger.anchor is null)")
+        raise CheckFailed(f"anchor.json: missing, but ledger.json anchor records a matched anchor ({short(record)})")
     if not isinstance(record, dict):
-        raise _Fail("anchor.json is present but ledger.json anchor is null; the run did not check it")
+        raise CheckFailed("anchor.json is present but ledger.json anchor is null; the run did not check it")
     anchor = b.json("anchor.json")
     if not isinstance(anchor, dict):
-        raise _Fail("anchor.json: expected a JSON object")
+        raise CheckFailed("anchor.json: expected a JSON object")
     problems = []
     if anchor.get("anchor_version") != ANCHOR_VERSION:
-        problems.append(f"anchor.json: anchor_version is {_short(anchor.get('anchor_version'))}, "
+        problems.append(f"anchor.json: anchor_version is {short(anchor.get('anchor_version'))}, "
                         f"expected {ANCHOR_VERSION}")
     steps = b.steps()
     if not steps:
-        raise _Fail("ledger.json: steps: empty; step 0 is compared with the anchor")
+        raise CheckFailed("ledger.json: steps: empty; step 0 is compared with the anchor")
     step0 = steps[0]
     for field in ANCHORED:
         if field not in anchor:
             problems.append(f"anchor.json: {field}: missing")
         elif anchor[field] != step0.get(field):
-            problems.append(f"steps[0].{field} is {_short(step0.get(field))}, anchor.json has {_short(anchor[field])}")
+            problems.append(f"steps[0].{field} is {short(step0.get(field))}, anchor.json has {short(anchor[field])}")
     ckpt = ledger.get("checkpoint") or {}
     run = ledger.get("run") or {}
     want = {"checkpoint": {k: ckpt.get(k) for k in ("layout", "config_digest", "tensor_list_digest")},
             "prompt": run.get("prompt"), "dtype": run.get("dtype"), "kv_cache": run.get("kv_cache")}  # fmt: skip
     for key, value in want.items():
         if anchor.get(key) != value:
-            problems.append(f"anchor.json: {key} is {_short(anchor.get(key))}, this run's is {_short(value)}")
+            problems.append(f"anchor.json: {key} is {short(anchor.get(key))}, this run's is {short(value)}")
     digest = blake3.blake3((b.root / "anchor.json").read_bytes()).hexdigest()
     if record.get("anchor_digest") != digest:
-        problems.append(f"ledger.json anchor.anchor_digest is {_short(record.get('anchor_digest'))}, but "
+        problems.append(f"ledger.json anchor.anchor_digest is {short(record.get('anchor_digest'))}, but "
                         f"BLAKE3(anchor.json) is {digest}")  # fmt: skip
     if record.get("status") != "matched":
-        problems.append(f"ledger.json anchor.status is {_short(record.get('status'))}, expected 'matched'")
-    _require(problems)
+        problems.append(f"ledger.json anchor.status is {short(record.get('status'))}, expected 'matched'")
+    require(problems)
     return ""
 
 
-def _check_continuity(b: _Bundle) -> str:
+def check_continuity(b: BundleView) -> str:
     ledger = b.ledger
     steps = b.steps()
     run = ledger.get("run") or {}
     prompt = run.get("prompt")
     problems = []
     if not steps:
-        raise _Fail("ledger.json: steps: empty")
+        raise CheckFailed("ledger.json: steps: empty")
     if run.get("max_new_tokens") != len(steps):
-        problems.append(f"run.max_new_tokens is {_short(run.get('max_new_tokens'))}, but the ledger has "
+        problems.append(f"run.max_new_tokens is {short(run.get('max_new_tokens'))}, but the ledger has "
                         f"{len(steps)} steps")
     layer_plan: list[tuple[Any, Any]] | None = None
     outside, note = _embedding_head_bytes(ledger)
     for n, step in enumerate(steps):
         if step.get("index") != n:
-            problems.append(f"steps[{n}].index is {_short(step.get('index'))}, expected {n}")
+            problems.append(f"steps[{n}].index is {short(step.get('index'))}, expected {n}")
         context = step.get("context")
         if n == 0:
             if context != prompt:
-                problems.append(f"steps[0].context {_short(context)} is not run.prompt {_short(prompt)}")
+                problems.append(f"steps[0].context {short(context)} is not run.prompt {short(prompt)}")
         else:
             prev = steps[n - 1]
             want = (prev.get("context") or []) + [prev.get("token")] if isinstance(prev.get("context"), list) else None
             if context != want:
-                problems.append(f"steps[{n}].context {_short(context)} is not steps[{n - 1}].context + "
-                                f"[steps[{n - 1}].token] = {_short(want)}")  # fmt: skip
+                problems.append(f"steps[{n}].context {short(context)} is not steps[{n - 1}].context + "
+                                f"[steps[{n - 1}].token] = {short(want)}")  # fmt: skip
         layers = step.get("layers") or []
         indices = [layer.get("layer") for layer in layers]
         if indices != list(range(len(layers))):
-            problems.append(f"steps[{n}].layers: layer indices are {_short(indices)}, expected 0..{len(layers) - 1}")
+            problems.append(f"steps[{n}].layers: layer indices are {short(indices)}, expected 0..{len(layers) - 1}")
         plan = [(layer.get("layer"), layer.get("kind")) for layer in layers]
         if layer_plan is None:
             layer_plan = plan
         elif plan != layer_plan:
-            problems.append(f"steps[{n}].layers: layers/kinds {_short(plan)} differ from steps[0]'s "
-                            f"{_short(layer_plan)}")
+            problems.append(f"steps[{n}].layers: layers/kinds {short(plan)} differ from steps[0]'s "
+                            f"{short(layer_plan)}")
         layer_bytes = sum(int(layer.get("bytes_read") or 0) for layer in layers)
         step_bytes = step.get("bytes_read")
         if not isinstance(step_bytes, int) or step_bytes < layer_bytes:
-            problems.append(f"steps[{n}].bytes_read is {_short(step_bytes)}, less than the sum of its layers' "
+            problems.append(f"steps[{n}].bytes_read is {short(step_bytes)}, less than the sum of its layers' "
                             f"bytes_read ({layer_bytes}); it also counts embedding rows and the head")  # fmt: skip
         elif outside is not None and isinstance(context, list):
             extra = outside(n, context)
@@ -262,8 +237,8 @@ def _check_continuity(b: _Bundle) -> str:
     total = sum(int(s.get("bytes_read") or 0) for s in steps)
     recorded = (ledger.get("totals") or {}).get("bytes_read")
     if recorded != total:
-        problems.append(f"totals.bytes_read is {_short(recorded)}, but the steps' bytes_read sum to {total}")
-    _require(problems)
+        problems.append(f"totals.bytes_read is {short(recorded)}, but the steps' bytes_read sum to {total}")
+    require(problems)
     return note
 
 
@@ -298,9 +273,9 @@ def _embedding_head_bytes(ledger: dict[str, Any]) -> tuple[Callable[[int, list],
     return outside, ""
 
 
-def _check_non_perturbation(b: _Bundle) -> str:
+def check_non_perturbation(b: BundleView) -> str:
     if not b.has("non_perturbation.json"):
-        raise _Fail("non_perturbation.json: missing; the bundle carries no proof that capture did not perturb the "
+        raise CheckFailed("non_perturbation.json: missing; the bundle carries no proof that capture did not perturb the "
                     "run (a --no-prove run?)")  # fmt: skip
     proof = b.json("non_perturbation.json")
     ledger = b.ledger
@@ -308,35 +283,35 @@ def _check_non_perturbation(b: _Bundle) -> str:
     if ledger.get("non_perturbation") != proof:
         problems.append("non_perturbation.json differs from ledger.json non_perturbation")
     if not isinstance(proof, dict):
-        raise _Fail(_join([*problems, "non_perturbation.json: expected an object with compared, bare, instrumented, "
+        raise CheckFailed(join_problems([*problems, "non_perturbation.json: expected an object with compared, bare, instrumented, "
                                       "identical"]))  # fmt: skip
     if proof.get("identical") is not True:
-        problems.append(f"non_perturbation.json: identical is {_short(proof.get('identical'))}, expected true")
+        problems.append(f"non_perturbation.json: identical is {short(proof.get('identical'))}, expected true")
     compared = proof.get("compared")
     if not isinstance(compared, list) or not set(NP_FIELDS) <= set(compared):
-        problems.append(f"non_perturbation.json: compared is {_short(compared)}, expected it to cover "
+        problems.append(f"non_perturbation.json: compared is {short(compared)}, expected it to cover "
                         f"{list(NP_FIELDS)}")
     bare, inst = proof.get("bare"), proof.get("instrumented")
     if bare != inst:
-        first = _first_list_difference(bare, inst)
+        first = first_list_difference(bare, inst)
         problems.append(f"non_perturbation.json: bare and instrumented differ ({first})")
     own = [{"step": s.get("index"), **{k: s.get(k) for k in NP_FIELDS}} for s in b.steps()]
     if inst != own:
-        first = _first_list_difference(inst, own)
+        first = first_list_difference(inst, own)
         problems.append(f"non_perturbation.json: instrumented does not match the ledger's steps ({first})")
-    _require(problems)
+    require(problems)
     return ""
 
 
-def _first_list_difference(a: Any, b: Any) -> str:
+def first_list_difference(a: Any, b: Any) -> str:
     if not isinstance(a, list) or not isinstance(b, list):
-        return f"{_short(a, 40)} vs {_short(b, 40)}"
+        return f"{short(a, 40)} vs {short(b, 40)}"
     for n, (x, y) in enumerate(zip(a, b)):
         if x != y:
             if isinstance(x, dict) and isinstance(y, dict):
                 keys = [k for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
-                return f"entry {n}: " + ", ".join(f"{k} {_short(x.get(k), 30)} vs {_short(y.get(k), 30)}" for k in keys)
-            return f"entry {n}: {_short(x, 40)} vs {_short(y, 40)}"
+                return f"entry {n}: " + ", ".join(f"{k} {short(x.get(k), 30)} vs {short(y.get(k), 30)}" for k in keys)
+            return f"entry {n}: {short(x, 40)} vs {short(y, 40)}"
     return f"{len(a)} entries vs {len(b)}"
 
 
@@ -365,13 +340,13 @@ class _DataBlocks(HTMLParser):
             self._open = None
 
 
-def _check_explorer(b: _Bundle) -> str:
+def check_explorer(b: BundleView) -> str:
     if not b.has("explorer.html"):
-        raise _Skip("the bundle has no explorer.html")
+        raise CheckSkipped("the bundle has no explorer.html")
     try:
         text = (b.root / "explorer.html").read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise _Fail(f"explorer.html: not UTF-8 ({e})") from None
+        raise CheckFailed(f"explorer.html: not UTF-8 ({e})") from None
     parser = _DataBlocks()
     parser.feed(text)
     parser.close()
@@ -391,19 +366,19 @@ def _check_explorer(b: _Bundle) -> str:
             problems.append(f"explorer.html: #{EXPLORER_ELEMENT_ID} is not valid JSON ({e})")
         else:
             if embedded != b.json("ledger.json"):
-                where = _first_difference(b.json("ledger.json"), embedded, "")
+                where = first_difference(b.json("ledger.json"), embedded, "")
                 problems.append(f"explorer.html: the ledger embedded in #{EXPLORER_ELEMENT_ID} differs from "
                                 f"ledger.json (first at {where or '<root>'})")  # fmt: skip
-    _require(problems)
+    require(problems)
     return ""
 
 
-def _first_difference(a: Any, b: Any, here: str) -> str | None:
-    diffs = _differences(a, b, here, limit=1)
+def first_difference(a: Any, b: Any, here: str) -> str | None:
+    diffs = differences(a, b, here, limit=1)
     return diffs[0][0] if diffs else None
 
 
-def _differences(a: Any, b: Any, here: str, limit: int = 20, skip: Callable[[str], bool] | None = None,
+def differences(a: Any, b: Any, here: str, limit: int = 20, skip: Callable[[str], bool] | None = None,
                  out: list | None = None) -> list[tuple[str, Any, Any]]:  # fmt: skip
     """``(path, a value, b value)`` where two JSON values differ, depth first, at most ``limit``."""
     out = [] if out is None else out
@@ -416,70 +391,14 @@ def _differences(a: Any, b: Any, here: str, limit: int = 20, skip: Callable[[str
                 if not (skip is not None and skip(path)):
                     out.append((path, a.get(key, "<absent>"), b.get(key, "<absent>")))
             else:
-                _differences(a[key], b[key], path, limit, skip, out)
+                differences(a[key], b[key], path, limit, skip, out)
             if len(out) >= limit:
                 break
     elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for n, (x, y) in enumerate(zip(a, b)):
-            _differences(x, y, f"{here}[{n}]", limit, skip, out)
+            differences(x, y, f"{here}[{n}]", limit, skip, out)
             if len(out) >= limit:
                 break
     elif a != b or isinstance(a, bool) != isinstance(b, bool):
         out.append((here, a, b))
     return out
-
-
-# -- replay -------------------------------------------------------------------------------------
-
-# Measured fields that legitimately differ between two executions of the same manifest.
-_REPLAY_EXCLUDED = ("wall_s", "page_cache_evicted", "page_cache_resident_bytes")
-_REPLAY_SECTIONS = ("checkpoint", "run", "steps", "totals")
-
-
-def replay_differences(recorded: dict[str, Any], replayed: dict[str, Any], limit: int = 20) -> list[str]:
-    """Where a replayed ledger differs from the recorded one in the checkpoint identity, the run
-    settings, any step field (tokens, contexts, logits, digests, top-k, norms, experts, router
-    scores, routing weights, bytes per step and layer) or the byte totals; wall-clock and
-    page-cache fields are not compared."""
-
-    def skip(path: str) -> bool:
-        return path.rsplit(".", 1)[-1] in _REPLAY_EXCLUDED
-
-    a = {k: recorded.get(k) for k in _REPLAY_SECTIONS}
-    b = {k: replayed.get(k) for k in _REPLAY_SECTIONS}
-    return [f"{path}: bundle {_short(x, 60)}, replay {_short(y, 60)}"
-            for path, x, y in _differences(a, b, "", limit, skip)]
-
-
-def _check_replay(b: _Bundle) -> str:
-    from kimi_jax.errors import KimiJaxError
-    from kimi_jax.run.manifest import parse_manifest_dict
-    from kimi_jax.platform_info import platform_differences
-    from kimi_jax.run.plan import prepare_run
-    from kimi_jax.run.runner import execute
-
-    resolved = b.json("manifest.json")
-    if not isinstance(resolved, dict):
-        raise _Fail("manifest.json: expected a JSON object (the resolved manifest)")
-    ledger = b.ledger
-    with tempfile.TemporaryDirectory(prefix="kimi-jax-replay-") as tmp:
-        data = copy.deepcopy(resolved)
-        data["output"] = {"dir": str(Path(tmp) / "replay")}
-        data["anchor"] = None  # the anchor is checked by check 7; replay compares step 0 in full anyway
-        try:
-            plan = prepare_run(parse_manifest_dict(data, source=str(b.root / "manifest.json"), base_dir=b.root))
-        except KimiJaxError as e:
-            raise _Fail(f"cannot replay: {e} (--replay runs the bundle's manifest against the checkpoint it names, "
-                        "which must exist)") from None  # fmt: skip
-        try:
-            outcome = execute(plan, prove=False, echo=lambda *_: None, progress=False)
-        except KimiJaxError as e:
-            raise _Fail(f"the replay stopped: {e}") from None
-    diffs = replay_differences(ledger, outcome.ledger)
-    if diffs:
-        platform = platform_differences(ledger.get("platform") or {}, outcome.ledger.get("platform") or {})
-        where = (f"; the platform differs ({', '.join(platform[:3])})" if platform else "; the platform is identical")
-        raise _Fail(f"the replay differs from the ledger in {len(diffs)}{'+' if len(diffs) >= 20 else ''} field(s); "
-                    f"first: {_join(diffs)}{where}")  # fmt: skip
-    steps = len(outcome.ledger["steps"])
-    return f"re-ran {steps} step(s) against {plan.index.root}; every measured value matches"

@@ -1,0 +1,89 @@
+"""A bundle's files, each loaded once, for verify's checks: JSON through one reader, the orbax
+arrays restored on first use, failures as :class:`CheckFailed`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from kimi_jax.ledger.bundle import ARRAYS, step_key
+from kimi_jax.verify.report import CheckFailed
+
+
+class BundleView:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cache: dict[str, Any] = {}
+
+    def _memo(self, key: str, load: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            try:
+                self._cache[key] = (True, load())
+            except CheckFailed as e:
+                self._cache[key] = (False, str(e))
+        ok, value = self._cache[key]
+        if not ok:
+            raise CheckFailed(value)
+        return value
+
+    def json(self, name: str) -> Any:
+        def load() -> Any:
+            path = self.root / name
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise CheckFailed(f"{name}: missing from the bundle") from None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckFailed(f"{name}: not valid JSON ({e})") from None
+            except OSError as e:
+                raise CheckFailed(f"{name}: cannot read ({e})") from None
+
+        return self._memo(name, load)
+
+    def has(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    @property
+    def ledger(self) -> dict[str, Any]:
+        ledger = self.json("ledger.json")
+        if not isinstance(ledger, dict):
+            raise CheckFailed(f"ledger.json: expected a JSON object, got {type(ledger).__name__}")
+        return ledger
+
+    def steps(self) -> list[dict[str, Any]]:
+        steps = self.ledger.get("steps")
+        if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+            raise CheckFailed("ledger.json: steps: expected a list of step objects")
+        return steps
+
+    def arrays(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        def load() -> dict[int, tuple[np.ndarray, np.ndarray]]:
+            from kimi_jax.ledger.bundle import load_arrays
+
+            if not (self.root / ARRAYS).is_dir():
+                raise CheckFailed(f"{ARRAYS}/: missing from the bundle; expected the orbax tree of per-step arrays")
+            try:
+                arrays = load_arrays(self.root)
+            except Exception as e:  # orbax raises many kinds on a damaged tree
+                raise CheckFailed(f"{ARRAYS}/: cannot restore the orbax tree ({type(e).__name__}: {str(e)[:200]})") from None
+            for step, (logits, hidden) in arrays.items():
+                for what, a in (("logits", logits), ("hidden", hidden)):
+                    if a.dtype != np.float32 or a.ndim != 1:
+                        raise CheckFailed(f"{ARRAYS}/{step_key(step)}/{what}: expected a float32 vector, got "
+                                    f"{a.dtype}{list(a.shape)}")  # fmt: skip
+            return arrays
+
+        return self._memo("arrays", load)
+
+    def step_arrays(self) -> tuple[list[dict[str, Any]], dict[int, tuple[np.ndarray, np.ndarray]], list[str]]:
+        """Ledger steps, stored arrays, and problems with how the two line up."""
+        steps, arrays = self.steps(), self.arrays()
+        indices = [s.get("index") for s in steps]
+        problems = [f"{ARRAYS}/{step_key(i)}: stored for a step the ledger does not have" for i in sorted(arrays)
+                    if i not in indices]  # fmt: skip
+        problems += [f"steps[{i}]: no stored arrays ({ARRAYS}/{step_key(i) if isinstance(i, int) else i} missing)"
+                     for i in indices if i not in arrays]  # fmt: skip
+        return steps, arrays, problems

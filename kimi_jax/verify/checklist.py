@@ -1,0 +1,111 @@
+"""``kimi-jax verify``: prove, without the model, that a run bundle is intact and self-consistent.
+
+The checks, in order (each prints ``N. name: OK``, ``N. name: FAILED: reason`` or
+``N. name: SKIPPED: reason``):
+
+1. ``checksums``: every file's BLAKE3 matches ``CHECKSUMS.b3``; no listed file is missing and no
+   file is unlisted (``receipt.json`` and ``CHECKSUMS.b3`` itself excepted); no links or special files.
+2. ``receipt``: ``bundle_digest`` is the BLAKE3 of ``CHECKSUMS.b3``; ``manifest_digest`` equals the
+   ledger's and the digest recomputed from ``manifest.json``; the ledger's run settings and
+   checkpoint path are the manifest's; the verdict (tokens, steps, non-perturbing, anchor) and
+   the anchor record agree with the ledger.
+3. ``schema``: ``ledger.json`` validates against the ledger JSON Schema (Draft 2020-12).
+4. ``provenance``: ``provenance.json`` equals the schema's provenance map, and every ledger leaf is
+   classified measured or derived.
+5. ``derivations``: every derived value recomputes from measured values and the stored arrays
+   (top-k, entropy, margin, digests, routing weights, the platform digest).
+6. ``digests``: the hidden and logits digests recompute from the stored arrays for every step;
+   the token is the argmax of the stored logits and the logit its float32 value.
+7. ``anchor``: step 0 equals ``anchor.json`` in every anchored field, the anchor was frozen for this
+   checkpoint, prompt and compute mode, and its BLAKE3 is the one the ledger records (SKIPPED
+   when the bundle carries no anchor).
+8. ``continuity``: step 0's context is the prompt, each context is the previous one plus the
+   previous token, step indices run 0..n-1, and byte counts add up.
+9. ``non-perturbation``: ``non_perturbation.json`` is present, equals the ledger's record, and shows
+   bare == instrumented == the ledger's own steps.
+10. ``explorer``: the ledger embedded in ``explorer.html`` equals ``ledger.json`` and the page holds
+    no other JSON data block (SKIPPED when the bundle has no explorer page).
+11. ``replay`` (only with ``--replay``): the bundle's manifest is run again, without the
+    non-perturbation proof, against the checkpoint it names; every measured value must match
+    (wall-clock and page-cache fields excepted).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from kimi_jax.verify.bundle_view import BundleView
+from kimi_jax.verify.content import (
+    check_anchor,
+    check_continuity,
+    check_derivations,
+    check_digests,
+    check_explorer,
+    check_non_perturbation,
+    check_provenance,
+    check_schema,
+)
+from kimi_jax.verify.files import check_checksums, check_receipt
+from kimi_jax.verify.replay import check_replay
+from kimi_jax.verify.report import (
+    FAILED,
+    OK,
+    SKIPPED,
+    Check,
+    CheckFailed,
+    CheckSkipped,
+    Report,
+)
+
+CHECK_NAMES = ("checksums", "receipt", "schema", "provenance", "derivations", "digests", "anchor", "continuity",
+               "non-perturbation", "explorer")  # fmt: skip
+
+
+_CHECKS: tuple[tuple[str, Callable[[BundleView], str]], ...] = (
+    ("checksums", check_checksums),
+    ("receipt", check_receipt),
+    ("schema", check_schema),
+    ("provenance", check_provenance),
+    ("derivations", check_derivations),
+    ("digests", check_digests),
+    ("anchor", check_anchor),
+    ("continuity", check_continuity),
+    ("non-perturbation", check_non_perturbation),
+    ("explorer", check_explorer),
+)
+
+
+def _run_check(number: int, name: str, fn: Callable[[BundleView], str], bundle: BundleView) -> Check:
+    try:
+        note = fn(bundle)
+        return Check(number, name, OK, note or "")
+    except CheckSkipped as e:
+        return Check(number, name, SKIPPED, str(e))
+    except CheckFailed as e:
+        return Check(number, name, FAILED, str(e))
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        # a ledger or record whose structure is not what the schema says (reported by check 3)
+        return Check(number, name, FAILED, f"unexpected structure in the bundle's JSON ({type(e).__name__}: {e})")
+
+
+def verify_bundle(path: str | os.PathLike, replay: bool = False,
+                  on_check: Callable[[Check], None] | None = None) -> Report:
+    """Run every check on the bundle at ``path`` (a bundle directory, an archive, or a ``receipt.json``).
+
+    ``on_check`` is called with each :class:`Check` as soon as it completes."""
+    from kimi_jax.ledger.archive import is_archive, open_bundle
+
+    source = os.fspath(path)
+    checks: list[Check] = []
+    with open_bundle(path) as root:
+        shown = f"{source} (bundle folder {root.name})" if is_archive(source) else str(root)
+        bundle = BundleView(Path(root))
+        todo = list(_CHECKS) + ([("replay", check_replay)] if replay else [])
+        for number, (name, fn) in enumerate(todo, start=1):
+            check = _run_check(number, name, fn, bundle)
+            checks.append(check)
+            if on_check is not None:
+                on_check(check)
+    return Report(source, shown, checks)

@@ -1,0 +1,135 @@
+"""Checks 1-2 of verify, on the bundle's files as files: checksums and the receipt."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from kimi_jax.ledger.bundle import BUNDLE_VERSION, CHECKSUMS, RECEIPT
+from kimi_jax.run.manifest import manifest_digest
+from kimi_jax.verify.bundle_view import BundleView
+from kimi_jax.verify.report import CheckFailed, require, short
+
+
+def check_checksums(b: BundleView) -> str:
+    from kimi_jax.ledger.checksums import verify_checksums
+
+    root = b.root
+    problems = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            mode = path.lstat().st_mode
+            rel = path.relative_to(root).as_posix()
+            if stat.S_ISLNK(mode):
+                problems.append(f"{rel}: symbolic link; a bundle holds only regular files and folders")
+            elif not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                problems.append(f"{rel}: not a regular file or folder")
+    prefix = str(root) + os.sep
+    for p in verify_checksums(root, exclude=(CHECKSUMS, RECEIPT)):
+        problems.append(p[len(prefix):] if p.startswith(prefix) else p.replace(prefix, ""))
+    require(problems)
+    return ""
+
+
+def check_receipt(b: BundleView) -> str:
+    receipt = b.json(RECEIPT)
+    if not isinstance(receipt, dict):
+        raise CheckFailed(f"{RECEIPT}: expected a JSON object")
+    ledger = b.ledger
+    problems = []
+    if receipt.get("receipt_version") != BUNDLE_VERSION:
+        problems.append(f"{RECEIPT}: receipt_version is {short(receipt.get('receipt_version'))}, "
+                        f"expected {BUNDLE_VERSION}")
+    try:
+        actual = blake3.blake3((b.root / CHECKSUMS).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        actual = None
+        problems.append(f"{CHECKSUMS}: missing; the receipt's bundle_digest is the BLAKE3 of that file")
+    if actual is not None and receipt.get("bundle_digest") != actual:
+        problems.append(f"{RECEIPT}: bundle_digest is {short(receipt.get('bundle_digest'))}, but BLAKE3({CHECKSUMS}) "
+                        f"is {actual}")  # fmt: skip
+    recorded = receipt.get("manifest_digest")
+    if recorded != ledger.get("manifest_digest"):
+        problems.append(f"{RECEIPT}: manifest_digest {short(recorded)} differs from ledger.json manifest_digest "
+                        f"{short(ledger.get('manifest_digest'))}")  # fmt: skip
+    try:
+        resolved = b.json("manifest.json")
+        if not isinstance(resolved, dict):
+            raise CheckFailed("manifest.json: expected a JSON object (the resolved manifest)")
+        problems += _validate_resolved_manifest(resolved, b.root)
+        problems += _run_matches_manifest(ledger, resolved)
+        recomputed = manifest_digest(resolved)
+        if recomputed != recorded:
+            problems.append(f"manifest.json: its identity digest is {recomputed}, but {RECEIPT} records "
+                            f"manifest_digest {short(recorded)}")  # fmt: skip
+    except CheckFailed as e:
+        problems.append(str(e))
+    verdict = receipt.get("verdict")
+    if not isinstance(verdict, dict):
+        problems.append(f"{RECEIPT}: verdict: expected an object with tokens, steps, non_perturbing, anchor_matched")
+    else:
+        try:
+            steps = b.steps()
+        except CheckFailed as e:
+            problems.append(str(e))
+            steps = []
+        tokens = [s.get("token") for s in steps]
+        if verdict.get("tokens") != tokens:
+            problems.append(f"{RECEIPT}: verdict.tokens {short(verdict.get('tokens'))} differ from the ledger's step "
+                            f"tokens {short(tokens)}")  # fmt: skip
+        if verdict.get("steps") != len(steps):
+            problems.append(f"{RECEIPT}: verdict.steps is {short(verdict.get('steps'))}, the ledger has "
+                            f"{len(steps)} steps")
+        proof = ledger.get("non_perturbation")
+        proven = bool(isinstance(proof, dict) and proof.get("identical") is True)
+        if verdict.get("non_perturbing") is not proven:
+            problems.append(f"{RECEIPT}: verdict.non_perturbing is {short(verdict.get('non_perturbing'))}, but "
+                            f"ledger.json non_perturbation {'proves' if proven else 'does not prove'} it")  # fmt: skip
+        anchored = ledger.get("anchor") is not None
+        if verdict.get("anchor_matched") is not anchored:
+            problems.append(f"{RECEIPT}: verdict.anchor_matched is {short(verdict.get('anchor_matched'))}, but "
+                            f"ledger.json anchor is {'set' if anchored else 'null'}")  # fmt: skip
+    anchor = ledger.get("anchor")
+    want = None if not isinstance(anchor, dict) else {"file": anchor.get("file"), "digest": anchor.get("anchor_digest")}
+    if receipt.get("anchor") != want:
+        problems.append(f"{RECEIPT}: anchor is {short(receipt.get('anchor'))}, the ledger records {short(want)}")
+    require(problems)
+    return ""
+
+
+def _run_matches_manifest(ledger: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
+    """The ledger's run settings and checkpoint are the ones manifest.json asks for."""
+    run = ledger.get("run") or {}
+    section = lambda name: resolved.get(name) if isinstance(resolved.get(name), dict) else {}  # noqa: E731
+    want = {"run.max_new_tokens": ("generate.max_new_tokens", section("generate").get("max_new_tokens")),
+            "run.kv_cache": ("generate.kv_cache", section("generate").get("kv_cache")),
+            "run.dtype": ("compute.dtype", section("compute").get("dtype")),
+            "run.capture": ("capture", resolved.get("capture"))}  # fmt: skip
+    if section("prompt").get("tokens") is not None:
+        want["run.prompt"] = ("prompt.tokens", section("prompt")["tokens"])
+    if section("model").get("checkpoint") is not None:
+        want["checkpoint.path"] = ("model.checkpoint", section("model")["checkpoint"])
+    have = {"run.max_new_tokens": run.get("max_new_tokens"), "run.kv_cache": run.get("kv_cache"),
+            "run.dtype": run.get("dtype"), "run.capture": run.get("capture"), "run.prompt": run.get("prompt"),
+            "checkpoint.path": (ledger.get("checkpoint") or {}).get("path")}  # fmt: skip
+    return [f"ledger.json {field} is {short(have[field])}, but manifest.json {where} is {short(value)}"
+            for field, (where, value) in want.items() if have[field] != value]  # fmt: skip
+
+
+def _validate_resolved_manifest(resolved: dict[str, Any], root: Path) -> list[str]:
+    """manifest.json must be a valid manifest; paths are not checked (the checkpoint may be gone)."""
+    from pydantic import ValidationError
+
+    from kimi_jax.run.manifest import Manifest
+
+    try:
+        Manifest.model_validate(resolved, context={"base_dir": root, "check_paths": False})
+    except ValidationError as e:
+        return [f"manifest.json: {'.'.join(str(x) for x in err['loc']) or '<manifest>'}: {err['msg']}"
+                for err in e.errors(include_url=False)]  # fmt: skip
+    return []

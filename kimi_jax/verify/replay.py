@@ -1,0 +1,67 @@
+"""Check 11 of verify (``--replay``): run the bundle's manifest again and compare every measured value."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kimi_jax.verify.bundle_view import BundleView
+from kimi_jax.verify.content import differences
+from kimi_jax.verify.report import CheckFailed, join_problems, short
+
+# -- replay -------------------------------------------------------------------------------------
+
+# Measured fields that legitimately differ between two executions of the same manifest.
+_REPLAY_EXCLUDED = ("wall_s", "page_cache_evicted", "page_cache_resident_bytes")
+_REPLAY_SECTIONS = ("checkpoint", "run", "steps", "totals")
+
+
+def replay_differences(recorded: dict[str, Any], replayed: dict[str, Any], limit: int = 20) -> list[str]:
+    """Where a replayed ledger differs from the recorded one in the checkpoint identity, the run
+    settings, any step field (tokens, contexts, logits, digests, top-k, norms, experts, router
+    scores, routing weights, bytes per step and layer) or the byte totals; wall-clock and
+    page-cache fields are not compared."""
+
+    def skip(path: str) -> bool:
+        return path.rsplit(".", 1)[-1] in _REPLAY_EXCLUDED
+
+    a = {k: recorded.get(k) for k in _REPLAY_SECTIONS}
+    b = {k: replayed.get(k) for k in _REPLAY_SECTIONS}
+    return [f"{path}: bundle {short(x, 60)}, replay {short(y, 60)}"
+            for path, x, y in differences(a, b, "", limit, skip)]
+
+
+def check_replay(b: BundleView) -> str:
+    from kimi_jax.errors import KimiJaxError
+    from kimi_jax.platform_info import platform_differences
+    from kimi_jax.run.manifest import parse_manifest_dict
+    from kimi_jax.run.plan import prepare_run
+    from kimi_jax.run.runner import execute
+
+    resolved = b.json("manifest.json")
+    if not isinstance(resolved, dict):
+        raise CheckFailed("manifest.json: expected a JSON object (the resolved manifest)")
+    ledger = b.ledger
+    with tempfile.TemporaryDirectory(prefix="kimi-jax-replay-") as tmp:
+        data = copy.deepcopy(resolved)
+        data["output"] = {"dir": str(Path(tmp) / "replay")}
+        data["anchor"] = None  # the anchor is checked by check 7; replay compares step 0 in full anyway
+        try:
+            plan = prepare_run(parse_manifest_dict(data, source=str(b.root / "manifest.json"), base_dir=b.root))
+        except KimiJaxError as e:
+            raise CheckFailed(f"cannot replay: {e} (--replay runs the bundle's manifest against the checkpoint it names, "
+                        "which must exist)") from None  # fmt: skip
+        try:
+            outcome = execute(plan, prove=False, echo=lambda *_: None, progress=False)
+        except KimiJaxError as e:
+            raise CheckFailed(f"the replay stopped: {e}") from None
+    diffs = replay_differences(ledger, outcome.ledger)
+    if diffs:
+        platform = platform_differences(ledger.get("platform") or {}, outcome.ledger.get("platform") or {})
+        where = (f"; the platform differs ({', '.join(platform[:3])})" if platform else "; the platform is identical")
+        raise CheckFailed(f"the replay differs from the ledger in {len(diffs)}{'+' if len(diffs) >= 20 else ''} field(s); "
+                    f"first: {join_problems(diffs)}{where}")  # fmt: skip
+    steps = len(outcome.ledger["steps"])
+    return f"re-ran {steps} step(s) against {plan.index.root}; every measured value matches"

@@ -1,12 +1,22 @@
 """Peers on the same checkpoint and machine: transformers in memory, transformers with accelerate
-disk offload, and kimi-jax streaming (with and without KV cache).
+disk offload, llama.cpp (F32 and BF16 GGUF), and kimi-jax streaming (with and without KV cache).
 
 The checkpoint is a "medium" DeepSeek-V3 (about 0.45B parameters, 8 layers, 64 experts top-8)
 written by transformers' own ``save_pretrained`` (BF16) from a random init. Every system runs in
-its own process (so peak RSS is its own), computes in float32, and decodes greedily from the
-same prompt. Ratios are taken between figures measured in the same invocation.
+its own process (so peak RSS is its own), decodes greedily from the same prompt, and saves the
+logits of its first step; the report gives each system's largest logit difference from
+transformers in float32 (a random-init model has near-tied expert scores, so tokens alone are a
+weak check). Ratios are taken between figures measured in the same invocation.
 
-    python benchmarks/peers.py [--tokens 8] [--smoke]
+llama.cpp runs when ``llama_cpp`` (``pip install llama-cpp-python``, built from the sdist, about
+7 minutes on 2 cores) and ``gguf`` are installed. The GGUF files are written by llama.cpp's own
+converter (``convert_hf_to_gguf.py`` from the same llama-cpp-python sdist, fetched with pip and
+cached), after two fixes to the copy of the checkpoint it reads: ``save_pretrained`` writes no
+``scoring_func``/``topk_method`` (without them llama.cpp silently gates with softmax), and the
+converter needs a tokenizer (a tiny byte-level BPE; token ids are fed directly, so it is never used
+to encode).
+
+    python benchmarks/peers.py [--tokens 8] [--smoke] [--only NAME,...]
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ def _io_read_bytes() -> int:
 
 
 def worker_transformers(ckpt: Path, tokens: int, offload: bool) -> dict:
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -72,23 +83,106 @@ def worker_transformers(ckpt: Path, tokens: int, offload: bool) -> dict:
             past = result.past_key_values
             token = int(result.logits[0, -1].argmax())
             times.append(time.perf_counter() - t0)
+            if not out:
+                name = "transformers-disk-offload" if offload else "transformers-memory"
+                np.save(_first_logits_path(ckpt, name), result.logits[0, -1].float().numpy())
             read.append(_io_read_bytes() - r0)
             out.append(token)
             ids = torch.tensor([[token]])
     return {"load_s": load_s, "step_s": times, "bytes_per_step": read, "tokens_out": out}
 
 
-def worker_kimi(ckpt: Path, tokens: int, kv_cache: bool) -> dict:
+def _first_logits_path(ckpt: Path, name: str) -> Path:
+    return ckpt.parent / f"{ckpt.name}.{name}.first-logits.npy"
+
+
+def llama_source(cache: Path) -> Path:
+    """llama.cpp's source tree from the installed llama-cpp-python's sdist (its converter)."""
+    from importlib import metadata
+
+    version = metadata.version("llama-cpp-python")
+    root = cache / f"llama-cpp-python-{version}-src"
+    tree = root / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    if not (tree / "convert_hf_to_gguf.py").exists():
+        import tarfile
+
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={version}", "-d", str(root)], check=True)  # fmt: skip
+        (sdist,) = root.glob("*.tar.gz")
+        with tarfile.open(sdist) as tar:
+            tar.extractall(root, filter="data")
+    return tree
+
+
+def make_gguf(ckpt: Path, outtype: str, cache: Path) -> Path:
+    out = ckpt.with_name(f"{ckpt.name}.{outtype}.gguf")
+    if out.exists():
+        return out
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    src = Path(tempfile.mkdtemp(prefix="gguf-src-"))
+    for f in ckpt.iterdir():
+        if f.suffix == ".safetensors" or f.name.endswith(".index.json"):
+            (src / f.name).symlink_to(f)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(scoring_func="sigmoid", topk_method="noaux_tc")
+    (src / "config.json").write_text(json.dumps(config))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["a tiny corpus for a converter that needs a tokenizer"] * 4,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    tree = llama_source(cache)
+    # The converter refuses a pre-tokenizer it has no fingerprint for; ours never encodes text.
+    script = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']; import conversion.base as b; "
+              "b.TextModel.get_vocab_base_pre = lambda self, tok: 'gpt-2'; import convert_hf_to_gguf as c; "
+              "sys.argv = ['convert', sys.argv[2], '--outtype', sys.argv[3], '--outfile', sys.argv[4]]; c.main()")
+    tmp = out.with_name(out.name + ".tmp")
+    subprocess.run([sys.executable, "-c", script, str(tree), str(src), outtype, str(tmp)], check=True,
+                   capture_output=True)  # fmt: skip
+    os.rename(tmp, out)
+    return out
+
+
+def worker_llama(ckpt: Path, tokens: int, outtype: str) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    gguf = ckpt.with_name(f"{ckpt.name}.{outtype}.gguf")
+    started = time.perf_counter()
+    llm = Llama(model_path=str(gguf), n_ctx=64, n_batch=64, n_threads=os.cpu_count(), logits_all=True, verbose=False)
+    load_s = time.perf_counter() - started
+    times, out, pending = [], [], list(PROMPT)
+    for step in range(tokens):
+        t0 = time.perf_counter()
+        llm.eval(pending)
+        logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        token = int(np.argmax(logits))
+        times.append(time.perf_counter() - t0)
+        if step == 0:
+            np.save(_first_logits_path(ckpt, f"llama.cpp-{outtype}"), logits)
+        out.append(token)
+        pending = [token]
+    return {"load_s": load_s, "step_s": times, "bytes_per_step": [0] * tokens, "tokens_out": out}
+
+
+def worker_kimi(ckpt: Path, tokens: int, kv_cache: bool, dtype: str = "float32") -> dict:
+    import numpy as np
+
     from kimi_jax.model.engine import Engine
     from kimi_jax.model.jax_setup import enable_compilation_cache
     from kimi_jax.storage.checkpoint import open_checkpoint
 
     enable_compilation_cache()
     index = open_checkpoint(ckpt)
-    with Engine(index) as engine:  # warm-up: compile once (cached across runs), then measure
+    with Engine(index, dtype) as engine:  # warm-up: compile once (cached across runs), then measure
         engine.generate(PROMPT, min(tokens, 3), kv_cache=kv_cache)
-    with Engine(index) as engine:
+    with Engine(index, dtype) as engine:
         steps = engine.generate(PROMPT, tokens, kv_cache=kv_cache)
+    name = ("kimi-jax-kv" if kv_cache else "kimi-jax-no-kv") + ("-bf16" if dtype == "bfloat16" else "")
+    np.save(_first_logits_path(ckpt, name), steps[0].logits)
     return {"load_s": 0.0, "step_s": [s.wall_s for s in steps], "bytes_per_step": [s.bytes_read for s in steps],
             "tokens_out": [s.token for s in steps]}  # fmt: skip
 
@@ -96,8 +190,11 @@ def worker_kimi(ckpt: Path, tokens: int, kv_cache: bool) -> dict:
 SYSTEMS = {
     "transformers-memory": lambda c, n: worker_transformers(c, n, offload=False),
     "transformers-disk-offload": lambda c, n: worker_transformers(c, n, offload=True),
+    "llama.cpp-f32": lambda c, n: worker_llama(c, n, "f32"),
+    "llama.cpp-bf16": lambda c, n: worker_llama(c, n, "bf16"),
     "kimi-jax-kv": lambda c, n: worker_kimi(c, n, kv_cache=True),
     "kimi-jax-no-kv": lambda c, n: worker_kimi(c, n, kv_cache=False),
+    "kimi-jax-kv-bf16": lambda c, n: worker_kimi(c, n, kv_cache=True, dtype="bfloat16"),
 }
 
 
@@ -105,6 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--only", help="comma-separated systems to run (default: all)")
     parser.add_argument("--worker", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
@@ -124,7 +222,18 @@ def main() -> None:
     subprocess.run([sys.executable, __file__, "--make", str(ckpt)] + (["--smoke"] if args.smoke else []), check=True)
     emit({"benchmark": "peers", "checkpoint": str(ckpt), "tokens": tokens, "machine": machine()})
     results = {}
-    for name in SYSTEMS:
+    names = args.only.split(",") if args.only else list(SYSTEMS)
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        skipped = [n for n in names if n.startswith("llama.cpp")]
+        names = [n for n in names if n not in skipped]
+        if skipped:
+            emit({"skipped": skipped, "reason": f"llama.cpp not installed ({e.name}); pip install llama-cpp-python gguf"})
+    for name in names:
+        if name.startswith("llama.cpp"):
+            make_gguf(ckpt, name.split("-", 1)[1], cache)
         proc = subprocess.run([sys.executable, __file__, "--worker", name, "--checkpoint", str(ckpt),
                                "--tokens", str(tokens)], capture_output=True, text=True)  # fmt: skip
         if proc.returncode != 0:
@@ -136,6 +245,17 @@ def main() -> None:
                          "peak_rss_mib": r["peak_rss"] / 2**20, "bytes_per_token": statistics.median(r["bytes_per_step"][1:] or r["bytes_per_step"]),
                          "load_s": r["load_s"], "tokens_out": r["tokens_out"]}  # fmt: skip
         emit({"system": name, **results[name]})
+    import numpy as np
+
+    reference = _first_logits_path(ckpt, "transformers-memory")
+    if reference.exists():
+        ref = np.load(reference)
+        for name in results:
+            mine = _first_logits_path(ckpt, name)
+            if mine.exists() and name != "transformers-memory":
+                diff = float(np.max(np.abs(np.load(mine).astype(np.float32) - ref)))
+                results[name]["max_logit_diff_vs_transformers"] = diff
+                emit({"system": name, "max_logit_diff_vs_transformers_f32": diff, "logit_scale": float(np.max(np.abs(ref)))})
     if {"transformers-memory", "transformers-disk-offload", "kimi-jax-kv"} <= results.keys():
         mem, off, kv = results["transformers-memory"], results["transformers-disk-offload"], results["kimi-jax-kv"]
         emit({"ratios": {
@@ -143,7 +263,13 @@ def main() -> None:
             "latency_vs_offload": kv["per_token_s"] / off["per_token_s"],
             "rss_vs_memory": kv["peak_rss_mib"] / mem["peak_rss_mib"],
             "same_tokens_as_transformers": kv["tokens_out"] == mem["tokens_out"],
-        }, "targets": {"latency_vs_memory": "<= 0.5", "latency_vs_offload": "<= 0.1", "rss_vs_memory": "<= 0.25"}})  # fmt: skip
+            **({"latency_vs_llama.cpp-f32": kv["per_token_s"] / results["llama.cpp-f32"]["per_token_s"]}
+               if "llama.cpp-f32" in results else {}),
+            **({"latency_bf16_vs_llama.cpp-bf16": results["kimi-jax-kv-bf16"]["per_token_s"]
+                / results["llama.cpp-bf16"]["per_token_s"]}
+               if {"kimi-jax-kv-bf16", "llama.cpp-bf16"} <= results.keys() else {}),
+        }, "targets": {"latency_vs_memory": "<= 0.5", "latency_vs_offload": "<= 0.1", "rss_vs_memory": "<= 0.25",
+                     "latency_vs_llama.cpp-f32": "<= 1.0"}})  # fmt: skip
 
 
 if __name__ == "__main__":

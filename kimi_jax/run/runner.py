@@ -130,6 +130,8 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print,
             results[name] = run_steps(plan, keep, on_step=on_step, on_layer=on_layer, done=done_steps, caches=caches)
         finally:
             bar.close()
+            if plan.source is not None:
+                plan.source.close()  # a remote checkpoint's connections; reopened if the plan runs again
 
     proof = None
     if prove:

@@ -162,3 +162,12 @@ def test_a_changed_etag_between_requests_is_an_error(server, tmp_path):
 def test_without_the_remote_extra_the_error_names_it():
     with pytest.raises(StorageError, match=r"optional 'remote' extra: pip install 'kimi-jax\[remote\]'"):
         require("kimi_jax_no_such_module", "http(s)://")
+
+
+def test_manifest_keeps_checkpoint_urls_and_rejects_empty_ones(tmp_path):
+    base = {"version": 1, "prompt": {"tokens": [1]}, "output": {"dir": "out"}}
+    for url in ("https://example.org/models/kimi/", "hf://moonshotai/Kimi-K2.5@main", "s3://bucket/prefix"):
+        m = parse_manifest_dict({**base, "model": {"checkpoint": url}}, base_dir=tmp_path)
+        assert m.model.checkpoint == url and m.resolved_dict()["model"]["checkpoint"] == url
+    with pytest.raises(Exception, match="model.checkpoint: checkpoint URL 'http://' names no host"):
+        parse_manifest_dict({**base, "model": {"checkpoint": "http://"}}, base_dir=tmp_path)

@@ -171,3 +171,24 @@ def test_manifest_keeps_checkpoint_urls_and_rejects_empty_ones(tmp_path):
         assert m.model.checkpoint == url and m.resolved_dict()["model"]["checkpoint"] == url
     with pytest.raises(Exception, match="model.checkpoint: checkpoint URL 'http://' names no host"):
         parse_manifest_dict({**base, "model": {"checkpoint": "http://"}}, base_dir=tmp_path)
+
+
+def test_range_cache_stays_within_its_bound_evicting_least_recently_used(tmp_path):
+    import os
+
+    import numpy as np
+
+    from kimi_jax.storage.range_cache import RangeCache, range_key
+
+    cache = RangeCache(tmp_path / "ranges", max_bytes=1000)
+    blobs = {k: np.full(400, i, dtype=np.uint8) for i, k in enumerate(("b3-" + "a" * 64, "b3-" + "b" * 64))}
+    for i, (key, data) in enumerate(blobs.items()):
+        cache.put(key, data)
+        os.utime(cache.path(key), (1000 + i, 1000 + i))  # a, then b: a is the least recently used
+    assert cache.get("b3-" + "a" * 64, 400) is not None  # reading a makes b the oldest
+    third = range_key(None, "http://h/x", '"e1"', 0, 400)
+    assert third != range_key(None, "http://h/x", '"e2"', 0, 400)  # another ETag is another entry
+    cache.put(third, np.full(400, 9, dtype=np.uint8))
+    assert cache.get("b3-" + "b" * 64, 400) is None
+    assert cache.get("b3-" + "a" * 64, 400).tolist() == [0] * 400 and cache.get(third, 400).tolist() == [9] * 400
+    assert sum(p.stat().st_size for p in (tmp_path / "ranges").rglob("*") if p.is_file()) <= 1000

@@ -36,11 +36,11 @@ class RangeCache:
     def _entries(self) -> list[Path]:
         return [p for p in self.root.glob("*/*") if p.is_file() and not p.name.startswith(".")]
 
-    def _path(self, key: str) -> Path:
+    def path(self, key: str) -> Path:
         return self.root / key[-2:] / key
 
     def get(self, key: str, nbytes: int) -> np.ndarray | None:
-        path = self._path(key)
+        path = self.path(key)
         try:
             if path.stat().st_size != nbytes:
                 return None
@@ -53,7 +53,7 @@ class RangeCache:
     def put(self, key: str, data: np.ndarray) -> None:
         if data.nbytes > self.max_bytes:
             return
-        path = self._path(key)
+        path = self.path(key)
         if path.exists():
             return
         write_bytes_atomic(path, data.tobytes())

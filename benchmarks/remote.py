@@ -109,7 +109,8 @@ def main() -> None:
           "check_share_of_token_wall": round((checked["wall_s"] - plain["wall_s"]) / checked["wall_s"], 4),
           "check_seconds_per_token_estimate": round(plain["bytes"] / per_core, 4),
           "blake3_mib_s_per_core": round(per_core / 2**20, 1),
-          "http": remote, "same_tokens": len({plain["token"], checked["token"], *(r["token"] for r in remote.values())}) == 1,
+          "http": remote,
+          "same_tokens": len({plain["token"], checked["token"], *(r["token"] for r in remote.values())}) == 1,
           "same_weights_digest": same})  # fmt: skip
 
 

@@ -86,8 +86,9 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print,
     echo(f"{plan.index.layout} checkpoint {plan.index.location}")
     if plan.source is not None and plan.source.digest_file:
         checked = plan.source.digests is not None
-        echo(f"digest file {plan.source.digest_file}: " + (f"every tensor read is checked (content root "
-             f"{plan.source.digests.root})" if checked else "not checked (storage.verify_digests is false)"))  # fmt: skip
+        state = (f"every tensor read is checked (content root {plan.source.digests.root})" if checked
+                 else "not checked (storage.verify_digests is false)")  # fmt: skip
+        echo(f"digest file {plan.source.digest_file}: {state}")
     echo(f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; "
          f"prompt {list(plan.prompt)}; {m.generate.max_new_tokens} new tokens, kv_cache {m.generate.kv_cache}, "
          f"{m.compute.dtype}; page cache {page_cache['page_cache_resident_bytes']:,} of "

@@ -137,7 +137,8 @@ def parse_digest_file(raw: bytes, source: str) -> DigestTable:
         raise CheckpointError(f"{source}: not a kimi-jax digest file (expected format {DIGEST_FORMAT!r})")
     if data.get("version") != DIGEST_FORMAT_VERSION or data.get("algorithm") != "blake3":
         raise CheckpointError(f"{source}: digest file version {data.get('version')!r} / algorithm "
-                              f"{data.get('algorithm')!r}; this kimi-jax reads version {DIGEST_FORMAT_VERSION}, blake3")  # fmt: skip
+                              f"{data.get('algorithm')!r}; this kimi-jax reads version {DIGEST_FORMAT_VERSION}, "
+                              "blake3")  # fmt: skip
     try:
         tensors = {name: TensorDigest(str(e["shard"]), int(e["offset"]), int(e["length"]), str(e["digest"]))
                    for name, e in data["tensors"].items()}  # fmt: skip

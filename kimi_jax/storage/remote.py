@@ -105,7 +105,12 @@ class HttpTransport:
         raise StorageError(f"{url}: HTTP {status} {what}")
 
     async def get_small(self, name: str) -> bytes | None:
-        url = self.url(name)
+        try:
+            return await self._get_small(self.url(name))
+        except (self.aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+            raise TransientFault(f"{type(e).__name__}: {e}") from None
+
+    async def _get_small(self, url: str) -> bytes | None:
         async with (await self.session()).get(url) as r:
             if r.status == 404:
                 return None
@@ -117,7 +122,12 @@ class HttpTransport:
             return await r.read()
 
     async def stat(self, name: str) -> RemoteFile:
-        url = self.url(name)
+        try:
+            return await self._stat(name, self.url(name))
+        except (self.aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+            raise TransientFault(f"{type(e).__name__}: {e}") from None
+
+    async def _stat(self, name: str, url: str) -> RemoteFile:
         async with (await self.session()).head(url, allow_redirects=True) as r:
             if r.status == 404:
                 raise StorageError(f"{url}: not found (HTTP 404); the index names this shard")

@@ -44,6 +44,16 @@ def open_remote_checkpoint(location: str, settings: RemoteSettings, cache_dir: P
     """Index a remote checkpoint folder; returns the index, its request store and its shard files."""
     transport, pinned = open_transport(location, settings)
     store = RemoteStore(transport, settings)
+    try:
+        index, files = _index(store, transport, pinned, cache_dir)
+    except BaseException:
+        store.close()  # no connection left open behind an error
+        raise
+    return index, store, files
+
+
+def _index(store: RemoteStore, transport, pinned: str,
+           cache_dir: Path) -> tuple[CheckpointIndex, dict[str, RemoteFile]]:  # fmt: skip
     mirror = mirror_dir(cache_dir, pinned)
     for name in SMALL_FILES:
         data = store.get_small(name)
@@ -70,5 +80,4 @@ def open_remote_checkpoint(location: str, settings: RemoteSettings, cache_dir: P
     headers = [parse_shard_header(mirror / name, raw[name], f.size) for name, f in files.items()]
     updated = {name: {"size": f.size, "etag": f.etag} for name, f in files.items()}
     write_json_atomic(known_file, updated)
-    index = index_from_headers(mirror, cfg, tuple(headers), source=pinned)
-    return index, store, files
+    return index_from_headers(mirror, cfg, tuple(headers), source=pinned), files

@@ -24,7 +24,8 @@ class RemoteShardReader(ShardReader):
         self.store = store
         self.files = files
         self.settings = settings
-        self.cache = RangeCache(settings.cache_dir, settings.cache_bytes) if settings.cache_dir and settings.cache_bytes else None
+        on = settings.cache_dir is not None and settings.cache_bytes > 0
+        self.cache = RangeCache(settings.cache_dir, settings.cache_bytes) if on else None
         self._fetched = threading.local()  # per thread: which records of the current call came over the network
 
     def where(self, shard: Path) -> str:
@@ -69,7 +70,8 @@ class RemoteShardReader(ShardReader):
         self._fetched.indices = missing
         return out  # type: ignore[return-value]
 
-    def read_records(self, records: list[TensorRecord], layer: int | None, labels: list[str] | None = None) -> list[np.ndarray]:
+    def read_records(self, records: list[TensorRecord], layer: int | None,
+                     labels: list[str] | None = None) -> list[np.ndarray]:  # fmt: skip
         arrays = super().read_records(records, layer, labels)  # checked against the digest file, if any
         if self.cache is not None:
             for i in self._fetched.indices:

@@ -48,6 +48,16 @@ def open_source(location: str | Path, cache_dir: Path, verify_digests: bool = Tr
         remote_parts = (store, files, remote)
     else:
         index = open_checkpoint(location)
+    try:
+        return _with_digests(index, remote_parts, verify_digests, digest_file)
+    except BaseException:
+        if remote_parts is not None:
+            remote_parts[0].close()  # no connection left open behind an error
+        raise
+
+
+def _with_digests(index: CheckpointIndex, remote_parts, verify_digests: bool,
+                  digest_file: Path | None) -> CheckpointSource:  # fmt: skip
     found = Path(digest_file) if digest_file else index.root / DIGEST_FILE  # a remote one is mirrored into root
     if digest_file and not found.is_file():
         raise CheckpointError(f"{found}: the digest file named in the manifest does not exist")

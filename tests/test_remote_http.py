@@ -96,7 +96,7 @@ def _local_bytes(ckpt, names):
 
 def test_requests_overlap_up_to_max_in_flight(server, tmp_path):
     source, reader = _reader(server, tmp_path, max_in_flight=4, request_bytes=4096)
-    server.faults.delay_s = 0.05
+    server.faults.delay_s = 0.01
     server.max_active = 0
     reader.read_weights([source.index.weights["lm_head.weight"]], layer=None)
     assert server.max_active == 4

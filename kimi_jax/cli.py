@@ -108,6 +108,42 @@ def inspect(checkpoint: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="Digest file to write (default: CHECKPOINT/checkpoint.b3.json).")  # fmt: skip
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Tensors hashed at once.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def digest(checkpoint: str, out_file: str | None, workers: int, progress: bool) -> None:
+    """BLAKE3 of every tensor's bytes into a digest file, and one content root over it.
+
+    Runs read from a checkpoint with a digest file check every tensor against it. A killed run
+    continues where it stopped (finished tensors are journalled beside the output)."""
+    import time
+
+    from tqdm import tqdm
+
+    from kimi_jax.storage.checkpoint import open_checkpoint
+    from kimi_jax.storage.digests import compute_digests
+
+    index = open_checkpoint(checkpoint)
+    bar = tqdm(total=sum(rec.nbytes for h in index.shards for rec in h.tensors), unit="B", unit_scale=True,
+               disable=not progress, desc="digest", dynamic_ncols=True)  # fmt: skip
+    started = time.perf_counter()
+
+    def advance(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        path, table, hashed = compute_digests(index, Path(out_file) if out_file else None, workers, advance)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    click.echo(f"wrote {path}: {len(table.tensors)} tensors, content root {table.root}")
+    click.echo(f"hashed {hashed:,} bytes in {seconds:.2f} s with {workers} worker(s)"
+               + (f" ({hashed / seconds / 2**20:,.0f} MiB/s)" if hashed and seconds > 0 else ""))  # fmt: skip
+
+
+@main.command()
 @click.argument("which", type=click.Choice(["manifest", "ledger"]))
 def schema(which: str) -> None:
     """Print a published JSON Schema."""

@@ -39,3 +39,5 @@ class StepRecord:
     bytes_per_layer: dict[Any, int]
     wall_s: float
     caches: list | None = None  # the latent caches after this step (kv_cache runs): what a resume needs
+    # ReadCounters.content(): weights_digest (None unless checked against a digest file), bytes_network, bytes_cache
+    storage: dict[str, Any] | None = None

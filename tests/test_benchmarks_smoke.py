@@ -59,3 +59,10 @@ def test_explorer_open_smoke():
 
 def test_vindex_phase1_smoke():
     _smoke("vindex_phase1.py")
+
+
+def test_remote_smoke():
+    pytest.importorskip("aiohttp")
+    (record,) = _smoke("remote.py")
+    assert record["same_tokens"] and record["same_weights_digest"]
+    assert all(r["bytes_network"] == r["bytes"] for r in record["http"].values())

@@ -15,6 +15,13 @@ BLAKE3 (32-byte, hex) of the array's canonical bytes: float32, little-endian, C 
 float32 (exactly) first.
 
 Floats are written as the shortest decimal that reads back to the identical float32 value.
+
+Weights (version 2). When the run checked every tensor it read against the checkpoint's digest
+file (``kimi-jax digest``), ``checkpoint.content_root`` is that file's root and each step's
+``weights_digest`` is :func:`kimi_jax.storage.digests.weights_digest` over the stored tensors the
+step read, so the ledger names exactly the weights behind each token. ``bytes_network`` and
+``bytes_cache`` split a remote checkpoint's bytes into those fetched and those the local range
+cache served.
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ from typing import Any, Iterator
 import blake3
 import numpy as np
 
-LEDGER_SCHEMA_ID = "urn:kimi-jax:schema:ledger:v1"
-LEDGER_VERSION = 1
+LEDGER_SCHEMA_ID = "urn:kimi-jax:schema:ledger:v2"
+LEDGER_VERSION = 2
 TOP_K = 16
 
 # -- float32-exact JSON numbers -----------------------------------------------------------------
@@ -115,6 +122,7 @@ _INT = {"type": "integer", "minimum": 0}
 _NUM = {"type": "number"}
 _HEX = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _STR = {"type": "string"}
+_HEX_OR_NULL = {"oneOf": [{"type": "null"}, _HEX]}
 
 
 def _obj(props: dict, required: list[str] | None = None) -> dict:
@@ -151,6 +159,11 @@ _STEP = _obj({
     "hidden_digest": _d(_HEX, "BLAKE3 of the final hidden state, float32 little-endian [hidden_size]."),
     "logits_digest": _d(_HEX, "BLAKE3 of the last position's logits, float32 little-endian [vocab_size]."),
     "bytes_read": _m(_INT, "Bytes read from storage in this step, all layers, embedding rows and head."),
+    "bytes_network": _m(_INT, "Of bytes_read, bytes fetched over the network (remote checkpoints)."),
+    "bytes_cache": _m(_INT, "Of bytes_read, bytes served by the local range cache (remote checkpoints)."),
+    "weights_digest": _d(_HEX_OR_NULL, "BLAKE3 over the sorted 'NAME<TAB>DIGEST' lines of every stored tensor this "
+                         "step read (an embedding row as NAME[ROW]), digests from the checked digest file "
+                         "(storage.digests.weights_digest); null when no digest file was checked."),
     "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of this step."),
     "layers": {"type": "array", "items": _LAYER},
 }, required=["index", "context", "token", "logit", "hidden_digest", "logits_digest", "bytes_read", "wall_s", "layers"])  # fmt: skip
@@ -167,7 +180,7 @@ _PLATFORM = {"type": "object", "x-provenance": "measured", "description": "Platf
 LEDGER_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": LEDGER_SCHEMA_ID,
-    "title": "kimi-jax output formation ledger, version 1",
+    "title": "kimi-jax output formation ledger, version 2",
     **_obj({
         "schema": {"const": LEDGER_SCHEMA_ID, "x-provenance": "derived", "description": "Schema identifier."},
         "ledger_version": {"const": LEDGER_VERSION, "x-provenance": "derived", "description": "Schema version."},
@@ -178,7 +191,11 @@ LEDGER_SCHEMA: dict[str, Any] = {
             "path": _m(_STR, "Checkpoint directory."),
             "config_digest": _d(_STR, "Digest of the parsed model config."),
             "tensor_list_digest": _d(_HEX, "BLAKE3 of the sorted (name, dtype, shape, size) tensor list."),
-        }),
+            "storage": _m({"enum": ["local", "http", "https", "hf", "s3"]}, "Where the bytes were read from."),
+            "digest_file": _m({"type": ["string", "null"]}, "The checkpoint's digest file, when one was found."),
+            "content_root": _d(_HEX_OR_NULL, "Root of the digest file every tensor read was checked against "
+                               "(storage.digests.content_root); null when none was checked."),
+        }, required=["layout", "path", "config_digest", "tensor_list_digest"]),
         "platform": _PLATFORM,
         "platform_digest": _d(_HEX, "BLAKE3 of the platform fingerprint's canonical JSON."),
         "run": _obj({
@@ -193,7 +210,10 @@ LEDGER_SCHEMA: dict[str, Any] = {
         }),
         "steps": {"type": "array", "items": _STEP, "minItems": 1},
         "totals": _obj({"bytes_read": _m(_INT, "Bytes read over all steps."),
-                        "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds over all steps.")}),  # fmt: skip
+                        "bytes_network": _m(_INT, "Bytes fetched over the network over all steps."),
+                        "bytes_cache": _m(_INT, "Bytes served by the range cache over all steps."),
+                        "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds over all steps.")},
+                       required=["bytes_read", "wall_s"]),  # fmt: skip
         "anchor": {"oneOf": [{"type": "null"}, _obj({
             "file": _m(_STR, "Anchor file checked."),
             "status": _d({"enum": ["matched"]}, "Step 0 equals the anchor in every anchored field."),
@@ -273,8 +293,11 @@ def step_entry(step, capture: list[str], normalize: bool) -> dict[str, Any]:
                              "logit": f32(step.logit)}  # fmt: skip
     if "logits" in capture:
         entry.update(top_k=derived["top_k"], entropy=derived["entropy"], margin=derived["margin"])
+    storage = step.storage or {}
     entry.update(hidden_digest=derived["hidden_digest"], logits_digest=derived["logits_digest"],
-                 bytes_read=int(step.bytes_read), wall_s=f32(step.wall_s),
+                 bytes_read=int(step.bytes_read), bytes_network=int(storage.get("bytes_network", 0)),
+                 bytes_cache=int(storage.get("bytes_cache", 0)), weights_digest=storage.get("weights_digest"),
+                 wall_s=f32(step.wall_s),
                  layers=[layer_entry(r, capture, normalize) for r in step.layers])  # fmt: skip
     return entry
 
@@ -283,6 +306,18 @@ def step_identity(step) -> dict[str, Any]:
     """The fields the anchor and the non-perturbation proof compare."""
     return {"step": step.index, "token": int(step.token), "hidden_digest": tensor_digest(step.hidden),
             "logits_digest": tensor_digest(step.logits), "bytes_read": int(step.bytes_read)}  # fmt: skip
+
+
+def checkpoint_record(plan) -> dict[str, Any]:
+    """The checkpoint's identity: layout, config and tensor list, and its content root when checked."""
+    idx, source = plan.index, getattr(plan, "source", None)
+    location = idx.location
+    storage = location.split("://", 1)[0] if "://" in location else "local"
+    digests = source.digests if source is not None else None
+    return {"layout": idx.layout, "path": location, "config_digest": idx.config.digest(),
+            "tensor_list_digest": idx.tensor_list_digest(), "storage": storage,
+            "digest_file": source.digest_file if source is not None else None,
+            "content_root": digests.root if digests is not None else None}  # fmt: skip
 
 
 def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, proof: dict | None) -> dict[str, Any]:
@@ -304,14 +339,16 @@ def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, p
         "ledger_version": LEDGER_VERSION,
         "software": software,
         "manifest_digest": m.digest(),
-        "checkpoint": {"layout": idx.layout, "path": str(idx.root), "config_digest": idx.config.digest(),
-                       "tensor_list_digest": idx.tensor_list_digest()},  # fmt: skip
+        "checkpoint": checkpoint_record(plan),
         "platform": platform,
         "platform_digest": fingerprint_digest(platform),
         "run": {"prompt": list(plan.prompt), "max_new_tokens": m.generate.max_new_tokens,
                 "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype, "capture": capture, **page_cache},  # fmt: skip
         "steps": [step_entry(s, capture, idx.config.norm_topk_prob) for s in steps],
-        "totals": {"bytes_read": sum(int(s.bytes_read) for s in steps), "wall_s": f32(sum(s.wall_s for s in steps))},
+        "totals": {"bytes_read": sum(int(s.bytes_read) for s in steps),
+                   "bytes_network": sum(int((s.storage or {}).get("bytes_network", 0)) for s in steps),
+                   "bytes_cache": sum(int((s.storage or {}).get("bytes_cache", 0)) for s in steps),
+                   "wall_s": f32(sum(s.wall_s for s in steps))},  # fmt: skip
         "anchor": anchor,
         "non_perturbation": proof,
     }

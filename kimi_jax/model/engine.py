@@ -52,13 +52,14 @@ class Engine:
     """Streams one checkpoint. ``generate`` runs greedy decoding; see :class:`StepRecord`."""
 
     def __init__(self, index: CheckpointIndex, dtype: str = "float32", prefetch: bool = True, io_retries: int = 3,
-                 keep_capture: bool = True):  # fmt: skip
+                 keep_capture: bool = True, reader: ShardReader | None = None):  # fmt: skip
         self.index = index
         self.keep_capture = keep_capture
         self.cfg = index.config
         self.dtype = DTYPES[dtype]
         self.prefetch = prefetch
-        self.reader = ShardReader(retries=io_retries)
+        # A given reader (remote, digest-checked) replaces the plain local one; the engine only calls its interface.
+        self.reader = reader if reader is not None else ShardReader(retries=io_retries)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-jax-prefetch")
         # Called after each layer with (step, layer, bytes read so far this step): progress display.
         self.on_layer: Callable[[int, int, int], None] | None = None
@@ -215,7 +216,8 @@ class Engine:
             counters: ReadCounters = self.reader.end_step()
             token = int(np.argmax(logits))  # first maximum: ties go to the lowest id
             record = StepRecord(step, list(context), token, float(logits[token]), logits, hidden, layers,
-                                counters.total, dict(counters.per_layer), time.perf_counter() - started, caches)  # fmt: skip
+                                counters.total, dict(counters.per_layer), time.perf_counter() - started, caches,
+                                counters.content())  # fmt: skip
             steps.append(record)
             if on_step:
                 on_step(record)

@@ -16,12 +16,13 @@ import blake3
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import write_json_atomic
-from kimi_jax.ledger.ledger import f32, step_identity
+from kimi_jax.ledger.ledger import checkpoint_record, f32, step_identity
 from kimi_jax.platform_info import (
     fingerprint_digest,
     platform_differences,
     platform_fingerprint,
 )
+from kimi_jax.storage.digests import checkpoint_identity, identity_differences
 
 ANCHOR_VERSION = 1
 ANCHORED = ("token", "logit", "hidden_digest", "logits_digest", "bytes_read")
@@ -32,11 +33,11 @@ class AnchorMismatch(KimiJaxError):
 
 
 def _conditions(plan) -> dict[str, Any]:
-    """What a step-0 result depends on besides the platform: checkpoint, prompt, compute mode."""
-    m, idx = plan.manifest, plan.index
-    return {"checkpoint": {"layout": idx.layout, "config_digest": idx.config.digest(),
-                           "tensor_list_digest": idx.tensor_list_digest()},  # fmt: skip
-            "prompt": list(plan.prompt), "dtype": m.compute.dtype, "kv_cache": m.generate.kv_cache}
+    """What a step-0 result depends on besides the platform: checkpoint (with its content root when
+    a digest file was checked), prompt, compute mode."""
+    m = plan.manifest
+    return {"checkpoint": checkpoint_identity(checkpoint_record(plan)),
+            "prompt": list(plan.prompt), "dtype": m.compute.dtype, "kv_cache": m.generate.kv_cache}  # fmt: skip
 
 
 def anchor_values(step) -> dict[str, Any]:
@@ -81,7 +82,11 @@ def precheck(plan) -> dict[str, Any] | None:
         return None
     anchor = load_anchor(path)
     want = _conditions(plan)
-    diffs = [f"{k}: anchor {anchor.get(k)!r}, this run {want[k]!r}" for k in want if anchor.get(k) != want[k]]
+    diffs = [f"{k}: anchor {anchor.get(k)!r}, this run {want[k]!r}" for k in want
+             if k != "checkpoint" and anchor.get(k) != want[k]]  # fmt: skip
+    frozen = anchor.get("checkpoint") if isinstance(anchor.get("checkpoint"), dict) else {}
+    diffs += [f"checkpoint.{k}: anchor {frozen.get(k)!r}, this run {want['checkpoint'].get(k)!r}"
+              for k in identity_differences(frozen, want["checkpoint"])]  # fmt: skip
     if diffs:
         raise AnchorMismatch(f"{path}: the anchor was frozen for a different run:\n  " + "\n  ".join(diffs))
     return anchor

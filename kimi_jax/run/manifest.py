@@ -133,8 +133,20 @@ def _resolve_path(value: Any, info: ValidationInfo) -> Path:
     return path.resolve()
 
 
-def _check_checkpoint_dir(path: Path, info: ValidationInfo) -> Path:
-    if not _check_paths(info):
+REMOTE_SCHEMES = ("http://", "https://", "hf://", "s3://")
+
+
+def _resolve_checkpoint(value: Any, info: ValidationInfo) -> Path | str:
+    """A remote checkpoint URL stays a string; anything else is a local path."""
+    if isinstance(value, str) and value.startswith(REMOTE_SCHEMES):
+        if value.rstrip("/").count("/") < 2 or value.rstrip("/").endswith(":/"):
+            raise _fail(f"checkpoint URL {value!r} names no host, bucket or repository")
+        return value
+    return _resolve_path(value, info)
+
+
+def _check_checkpoint_dir(path: Path | str, info: ValidationInfo) -> Path | str:
+    if isinstance(path, str) or not _check_paths(info):
         return path
     if not path.exists():
         raise _fail(f"checkpoint directory {path} does not exist")
@@ -159,7 +171,7 @@ def _check_version(value: Any) -> Any:
 
 
 ManifestPath = Annotated[Path, BeforeValidator(_resolve_path)]
-CheckpointPath = Annotated[Path, BeforeValidator(_resolve_path), AfterValidator(_check_checkpoint_dir)]
+CheckpointPath = Annotated[Path | str, BeforeValidator(_resolve_checkpoint), AfterValidator(_check_checkpoint_dir)]
 TokenId = Annotated[int, Field(ge=0)]
 
 
@@ -197,7 +209,8 @@ class ModelSection(_Section):
     checkpoint: CheckpointPath | None = Field(
         default=None,
         description="Checkpoint directory in Hugging Face layout (must contain config.json); "
-        "relative to the manifest's folder, '~' expanded.",
+        "relative to the manifest's folder, '~' expanded. Or a remote folder: http(s)://HOST/PATH/, "
+        "hf://ORG/MODEL[@REVISION], s3://BUCKET/PREFIX (the 'remote' extra).",
     )
     synthetic: SyntheticSection | None = Field(
         default=None, description="Generate a synthetic checkpoint instead of reading one."
@@ -227,6 +240,17 @@ class ComputeSection(_Section):
     dtype: DType = Field(default="float32", description="Activation dtype: float32 | bfloat16.")
 
 
+class RemoteSection(_Section):
+    max_in_flight: int = Field(default=8, ge=1, le=256, description="Range requests in flight at once (1..256).")
+    timeout_s: float = Field(default=30.0, gt=0, description="Connect and read timeout of a request, seconds.")
+    request_mib: int = Field(default=16, ge=1, le=1024, description="Longest single range request, MiB.")
+    cache_gib: float = Field(
+        default=0.0,
+        ge=0,
+        description="Local range cache bound in GiB (under model.cache_dir/ranges); 0 = no cache.",
+    )
+
+
 class StorageSection(_Section):
     evict_page_cache: bool = Field(
         default=False,
@@ -238,6 +262,24 @@ class StorageSection(_Section):
     )
     io_retries: int = Field(
         default=3, ge=0, le=10, description="Retries of transient I/O errors (0..10)."
+    )
+    # The fields below are left out of the manifest's identity while they hold their defaults, so
+    # manifests written before they existed keep their digest (none of them changes results).
+    verify_digests: bool = Field(
+        default=True,
+        exclude_if=lambda value: value is True,
+        description="Check every tensor read against the checkpoint's digest file when there is one "
+        "(`kimi-jax digest`); false switches the check off.",
+    )
+    digest_file: ManifestPath | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="The digest file to check against; default checkpoint.b3.json beside the checkpoint.",
+    )
+    remote: RemoteSection | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="How a remote checkpoint (http(s)://, hf://, s3://) is read.",
     )
 
 

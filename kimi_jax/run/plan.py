@@ -7,7 +7,9 @@ from pathlib import Path
 
 from kimi_jax.errors import CheckpointError, ManifestError
 from kimi_jax.run.manifest import Manifest, load_manifest
-from kimi_jax.storage.checkpoint import CheckpointIndex, open_checkpoint
+from kimi_jax.storage.checkpoint import CheckpointIndex
+from kimi_jax.storage.remote import RemoteSettings
+from kimi_jax.storage.source import CheckpointSource, open_source
 from kimi_jax.storage.synth import ensure_synthetic
 
 
@@ -16,12 +18,13 @@ class RunPlan:
     manifest: Manifest
     index: CheckpointIndex
     prompt: tuple[int, ...]
+    source: CheckpointSource | None = None  # how the bytes are read: local or remote, digest-checked or not
 
 
-def resolve_checkpoint(manifest: Manifest) -> Path:
+def resolve_checkpoint(manifest: Manifest) -> Path | str:
     model = manifest.model
     if model.checkpoint is not None:
-        return Path(model.checkpoint)
+        return model.checkpoint if isinstance(model.checkpoint, str) else Path(model.checkpoint)
     syn = model.synthetic
     return ensure_synthetic(syn.preset, layout=syn.layout, seed=syn.seed, cache_dir=model.cache_dir)
 
@@ -29,10 +32,13 @@ def resolve_checkpoint(manifest: Manifest) -> Path:
 def prepare_run(manifest: Manifest) -> RunPlan:
     """Open the checkpoint and check the manifest against it; raise before any compute."""
     where = "model.checkpoint" if manifest.model.checkpoint is not None else "model.synthetic"
+    storage = manifest.storage
     try:
-        index = open_checkpoint(resolve_checkpoint(manifest))
+        source = open_source(resolve_checkpoint(manifest), manifest.model.cache_dir, storage.verify_digests,
+                             storage.digest_file, remote_settings(manifest))  # fmt: skip
     except CheckpointError as e:
-        raise manifest.error(where, str(e)) from None
+        raise manifest.error("storage.digest_file" if "digest file" in str(e) else where, str(e)) from None
+    index = source.index
     cfg = index.config
     prompt = _prompt_tokens(manifest, index)
     problems = []
@@ -47,7 +53,16 @@ def prepare_run(manifest: Manifest) -> RunPlan:
                                        f"= {total} positions exceeds max_position_embeddings {cfg.max_position_embeddings}"))  # fmt: skip
     if problems:
         raise ManifestError("\n".join(str(p) for p in problems))
-    return RunPlan(manifest, index, tuple(prompt))
+    return RunPlan(manifest, index, tuple(prompt), source)
+
+
+def remote_settings(manifest: Manifest) -> RemoteSettings:
+    r, storage = manifest.storage.remote, manifest.storage
+    if r is None:
+        return RemoteSettings(retries=storage.io_retries)
+    return RemoteSettings(max_in_flight=r.max_in_flight, timeout_s=r.timeout_s, retries=storage.io_retries,
+                          request_bytes=r.request_mib << 20, cache_dir=Path(manifest.model.cache_dir) / "ranges",
+                          cache_bytes=int(r.cache_gib * 2**30))  # fmt: skip
 
 
 def _prompt_tokens(manifest: Manifest, index: CheckpointIndex) -> list[int]:

@@ -47,7 +47,9 @@ def _engine(plan: RunPlan, keep_capture: bool):
     from kimi_jax.model.engine import Engine
 
     m = plan.manifest
-    return Engine(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture)
+    reader = plan.source.reader(m.storage.io_retries) if plan.source is not None else None
+    return Engine(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture,
+                  reader=reader)  # fmt: skip
 
 
 def run_steps(plan: RunPlan, keep_capture: bool = True, max_new_tokens: int | None = None, on_step=None,
@@ -74,13 +76,19 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print,
     m, cfg = plan.manifest, plan.index.config
     anchor = anchors.precheck(plan)
     enable_compilation_cache(m.model.cache_dir)
-    shards = [h.path for h in plan.index.shards]
-    if m.storage.evict_page_cache:
+    local = plan.index.source is None  # a remote checkpoint has no local page cache to speak of
+    shards = [h.path for h in plan.index.shards] if local else []
+    if m.storage.evict_page_cache and local:
         evict_page_cache(shards)
-    page_cache = {"page_cache_evicted": m.storage.evict_page_cache,
+    page_cache = {"page_cache_evicted": m.storage.evict_page_cache and local,
                   "page_cache_resident_bytes": sum(resident_bytes(p) for p in shards),
                   "shard_bytes": sum(h.file_size for h in plan.index.shards)}  # fmt: skip
-    echo(f"{plan.index.layout} checkpoint {plan.index.root}")
+    echo(f"{plan.index.layout} checkpoint {plan.index.location}")
+    if plan.source is not None and plan.source.digest_file:
+        checked = plan.source.digests is not None
+        state = (f"every tensor read is checked (content root {plan.source.digests.root})" if checked
+                 else "not checked (storage.verify_digests is false)")  # fmt: skip
+        echo(f"digest file {plan.source.digest_file}: {state}")
     echo(f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; "
          f"prompt {list(plan.prompt)}; {m.generate.max_new_tokens} new tokens, kv_cache {m.generate.kv_cache}, "
          f"{m.compute.dtype}; page cache {page_cache['page_cache_resident_bytes']:,} of "
@@ -123,6 +131,8 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print,
             results[name] = run_steps(plan, keep, on_step=on_step, on_layer=on_layer, done=done_steps, caches=caches)
         finally:
             bar.close()
+            if plan.source is not None:
+                plan.source.close()  # a remote checkpoint's connections; reopened if the plan runs again
 
     proof = None
     if prove:

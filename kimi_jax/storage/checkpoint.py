@@ -103,6 +103,14 @@ class CheckpointIndex:
     weights: dict[str, WeightEntry]
     layers: tuple[LayerMap, ...]
     skipped: tuple[tuple[str, str], ...]  # (stored name, why)
+    # Where the bytes come from when not from ``root``: the URL of a remote checkpoint, whose
+    # config, index and shard headers are cached in ``root`` (see storage/remote_index.py).
+    source: str | None = None
+
+    @property
+    def location(self) -> str:
+        """The checkpoint as the user named it: its URL when remote, else its directory."""
+        return self.source or str(self.root)
 
     @property
     def embed(self) -> WeightEntry:
@@ -149,7 +157,13 @@ def open_checkpoint(root: str | Path) -> CheckpointIndex:
     shard_paths = _shard_paths(root)
     with ThreadPoolExecutor(max_workers=8) as pool:
         headers = tuple(pool.map(read_shard_header, shard_paths))
+    return index_from_headers(root, cfg, headers)
 
+
+def index_from_headers(root: Path, cfg: ModelConfig, headers: tuple[ShardHeader, ...],
+                       source: str | None = None) -> CheckpointIndex:  # fmt: skip
+    """The per-layer map and every check, from parsed shard headers (local or fetched remotely);
+    ``root`` holds config.json and, when present, model.safetensors.index.json."""
     records: dict[str, TensorRecord] = {}
     for header in headers:
         for rec in header.tensors:
@@ -165,20 +179,28 @@ def open_checkpoint(root: str | Path) -> CheckpointIndex:
     layers = _build_layers(root, cfg, weights)
     _check_shapes(root, cfg, weights, layers)
     layout = _layout_name(cfg, prefix, weights)
-    return CheckpointIndex(root, cfg, layout, prefix, headers, weights, layers, tuple(skipped))
+    return CheckpointIndex(root, cfg, layout, prefix, headers, weights, layers, tuple(skipped), source)
+
+
+def shard_names(root: Path) -> list[str] | None:
+    """Shard file names the index file lists (sorted), or None when there is no index file."""
+    index_file = root / "model.safetensors.index.json"
+    if not index_file.exists():
+        return None
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index_file}: expected a JSON object with a 'weight_map' ({e})") from None
 
 
 def _shard_paths(root: Path) -> list[Path]:
-    index_file = root / "model.safetensors.index.json"
-    if index_file.exists():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_file}: expected a JSON object with a 'weight_map' ({e})") from None
-        names = sorted(set(weight_map.values()))
+    names = shard_names(root)
+    if names is not None:
         missing = [n for n in names if not (root / n).is_file()]
         if missing:
-            raise CheckpointError(f"{index_file}: weight_map names missing shard file(s): {', '.join(missing[:5])}")
+            raise CheckpointError(f"{root / 'model.safetensors.index.json'}: weight_map names missing shard file(s): "
+                                  f"{', '.join(missing[:5])}")  # fmt: skip
         return [root / n for n in names]
     paths = sorted(root.glob("*.safetensors"))
     if not paths:

@@ -4,6 +4,10 @@ Reads go through ``os.preadv`` straight into numpy buffers; tensors that lie bac
 shard are fetched with one call. Counters are kept per tensor, per layer and per step, under a
 lock so the prefetch thread can read while the main thread computes. Transient I/O errors are
 retried with exponential backoff; a persistent one names shard, tensor and offset.
+
+Given a :class:`~kimi_jax.storage.digests.DigestTable`, every tensor read is hashed and checked
+against it before it is returned; a mismatch names shard, tensor and offset. A remote checkpoint
+is read by a subclass (:mod:`kimi_jax.storage.remote_reader`) that replaces only :meth:`ShardReader._fetch`.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
+import blake3
 import numpy as np
 
 from kimi_jax.errors import StorageError
 from kimi_jax.storage.checkpoint import WeightEntry
+from kimi_jax.storage.digests import DigestTable, weights_digest
 from kimi_jax.storage.safetensors_header import TensorRecord
 
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY}
@@ -38,17 +44,43 @@ class ReadCounters:
     seconds: float = 0.0
     per_tensor: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
     per_layer: dict[int | None, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
+    network: int = 0  # of ``total``, bytes that came over the network (remote checkpoints)
+    cache: int = 0  # of ``total``, bytes served by the local range cache (remote checkpoints)
+    # stored tensor name (``NAME[ROW]`` for an embedding row) -> its checked digest (step counters only)
+    digests: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def snapshot(self) -> "ReadCounters":
-        return ReadCounters(self.total, self.calls, self.seconds, dict(self.per_tensor), dict(self.per_layer))
+        return ReadCounters(self.total, self.calls, self.seconds, dict(self.per_tensor), dict(self.per_layer),
+                            self.network, self.cache, dict(self.digests))  # fmt: skip
+
+    def content(self) -> dict:
+        """What a step's record keeps of this: the digest of the weights read (None when nothing was
+        checked against a digest file) and the bytes by source."""
+        return {"weights_digest": weights_digest(self.digests) if self.digests else None,
+                "bytes_network": self.network, "bytes_cache": self.cache}  # fmt: skip
+
+
+def merge_runs(records: list[TensorRecord]) -> list[tuple[Path, int, int, list[int]]]:
+    """``(shard, start, end, indices into records)`` for each run of tensors back to back in one shard."""
+    order = sorted(range(len(records)), key=lambda i: (str(records[i].shard), records[i].offset))
+    runs: list[tuple[Path, int, int, list[int]]] = []
+    for i in order:
+        rec = records[i]
+        if runs and runs[-1][0] == rec.shard and runs[-1][2] == rec.offset:
+            shard, start, _, members = runs[-1]
+            runs[-1] = (shard, start, rec.offset + rec.nbytes, members + [i])
+        else:
+            runs.append((rec.shard, rec.offset, rec.offset + rec.nbytes, [i]))
+    return runs
 
 
 class ShardReader:
     """Reads tensors from the shards of one checkpoint. Use as a context manager."""
 
-    def __init__(self, retries: int = 3, backoff_s: float = 0.05):
+    def __init__(self, retries: int = 3, backoff_s: float = 0.05, digests: DigestTable | None = None):
         self.retries = retries
         self.backoff_s = backoff_s
+        self.digests = digests
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self.run = ReadCounters()
@@ -88,39 +120,56 @@ class ShardReader:
         return dict(out)
 
     def read_records(self, records: list[TensorRecord], layer: int | None, labels: list[str] | None = None) -> list[np.ndarray]:
-        """Read tensors, merging runs that are contiguous in one shard into single reads."""
+        """Read tensors (contiguous runs in one shard merged into single reads), check each against
+        the digest file when there is one, and count them."""
         labels = labels or [r.stored_name for r in records]
-        order = sorted(range(len(records)), key=lambda i: (str(records[i].shard), records[i].offset))
-        results: list[np.ndarray | None] = [None] * len(records)
-        i = 0
-        while i < len(order):
-            j = i + 1
-            first = records[order[i]]
-            end = first.offset + first.nbytes
-            while j < len(order):
-                nxt = records[order[j]]
-                if nxt.shard != first.shard or nxt.offset != end:
-                    break
-                end += nxt.nbytes
-                j += 1
-            buf = self._read_range(first.shard, first.offset, end - first.offset, first.stored_name)
-            for k in order[i:j]:
-                rec = records[k]
-                start = rec.offset - first.offset
-                raw = buf[start : start + rec.nbytes]
-                results[k] = raw.view(rec.numpy_dtype).reshape(rec.shape)
-            self._count([(labels[k], records[k].nbytes) for k in order[i:j]], layer)
-            i = j
-        return results  # type: ignore[return-value]
+        raws = self._fetch(records)
+        checked = {rec.stored_name: self._check(rec, raw) for rec, raw in zip(records, raws)} if self.digests else {}
+        self._count([(label, rec.nbytes) for label, rec in zip(labels, records)], layer, checked)
+        return [raw.view(rec.numpy_dtype).reshape(rec.shape) for rec, raw in zip(records, raws)]
 
-    def _count(self, items: list[tuple[str, int]], layer: int | None) -> None:
+    def _fetch(self, records: list[TensorRecord]) -> list[np.ndarray]:
+        """The raw bytes (uint8) of each record, in order."""
+        out: list[np.ndarray] = [None] * len(records)  # type: ignore[list-item]
+        for shard, start, end, members in merge_runs(records):
+            buf = self._read_range(shard, start, end - start, records[members[0]].stored_name)
+            for k in members:
+                out[k] = buf[records[k].offset - start : records[k].offset - start + records[k].nbytes]
+        return out
+
+    def where(self, shard: Path) -> str:
+        """How errors name a shard: its path here, its URL for a remote checkpoint."""
+        return str(shard)
+
+    def _check(self, rec: TensorRecord, raw: np.ndarray) -> str:
+        assert self.digests is not None
+        want = self.digests.expected(rec)
+        if want is None:
+            raise StorageError(f"{self.where(rec.shard)}: tensor {rec.stored_name!r} at offset {rec.offset} "
+                               f"({rec.nbytes} bytes) is not covered by the digest file {self.digests.source}; "
+                               "it was written for another checkpoint")  # fmt: skip
+        got = blake3.blake3(raw).hexdigest()
+        if got != want:
+            raise StorageError(f"{self.where(rec.shard)}: tensor {rec.stored_name!r} at offset {rec.offset} "
+                               f"({rec.nbytes} bytes): BLAKE3 {got} differs from {want} in the digest file "
+                               f"{self.digests.source}; these are not the weights that were digested")  # fmt: skip
+        return got
+
+    def _count(self, items: list[tuple[str, int]], layer: int | None, checked: dict[str, str]) -> None:
         with self._lock:
             for counters in (self.run, self.step):
-                counters.calls += 1
                 for label, n in items:
                     counters.total += n
                     counters.per_tensor[label] += n
                     counters.per_layer[layer] += n
+            self.step.digests.update(checked)
+
+    def count_source(self, network: int = 0, cache: int = 0) -> None:
+        """Bytes of the current reads that came over the network or from the range cache."""
+        with self._lock:
+            for counters in (self.run, self.step):
+                counters.network += network
+                counters.cache += cache
 
     def _fd(self, path: Path) -> int:
         with self._lock:
@@ -160,13 +209,16 @@ class ShardReader:
                     f"({nbytes - done} of {nbytes} bytes missing); the shard is truncated"
                 )
             done += got
-        elapsed = time.perf_counter() - started
+        self.count_call(shard, offset, nbytes, time.perf_counter() - started)
+        return buf
+
+    def count_call(self, shard: Path, offset: int, nbytes: int, elapsed: float) -> None:
         with self._lock:
-            self.run.seconds += elapsed
-            self.step.seconds += elapsed
+            for counters in (self.run, self.step):
+                counters.calls += 1
+                counters.seconds += elapsed
             if self.trace is not None:
                 self.trace.append((shard, offset, nbytes, elapsed))
-        return buf
 
 
 # -- page cache ---------------------------------------------------------------------------------

@@ -72,17 +72,26 @@ def read_shard_header(path: Path) -> ShardHeader:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: shard is truncated: {size} bytes, too short for a safetensors header")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: corrupted safetensors header: declares a {n}-byte header in a {size}-byte file"
-                )
+            n = header_length(path, f.read(8), size)
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read shard header ({e.strerror or e})") from None
+    return parse_shard_header(path, raw, size)
+
+
+def header_length(path: Path, prefix: bytes, size: int) -> int:
+    """The JSON header's byte count from a shard's first 8 bytes; rejects an impossible one."""
+    if len(prefix) < 8:
+        raise CheckpointError(f"{path}: shard is truncated: {size} bytes, too short for a safetensors header")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise CheckpointError(f"{path}: corrupted safetensors header: declares a {n}-byte header in a {size}-byte file")
+    return n
+
+
+def parse_shard_header(path: Path, raw: bytes, size: int) -> ShardHeader:
+    """Parse the JSON header ``raw`` (the bytes after the 8-byte length) of a ``size``-byte shard.
+    ``path`` names the shard in errors and records; it need not exist locally (remote shards)."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -90,7 +99,7 @@ def read_shard_header(path: Path) -> ShardHeader:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupted safetensors header: expected a JSON object")
 
-    data_start = 8 + n
+    data_start = 8 + len(raw)
     metadata = header.pop("__metadata__", None) or {}
     records = []
     data_end = data_start

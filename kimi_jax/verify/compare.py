@@ -10,8 +10,9 @@ Two manifests (YAML files): their differences are split into fields that can cha
 * ``not expected to be identical: <reasons>``
 
 The checkpoint's identity is its layout, config digest and tensor list digest
-(:func:`kimi_jax.storage.checkpoint.open_checkpoint`) when it can be opened; otherwise the paths, or the
-synthetic specs (preset, layout, seed), are compared.
+(:func:`kimi_jax.storage.checkpoint.open_checkpoint`) when it can be opened, plus its content root
+(``kimi-jax digest``) when both sides have one; otherwise the paths, or the synthetic specs (preset,
+layout, seed), are compared.
 
 Two bundles (directories, archives or ``receipt.json`` files): per step, whether the tokens and
 the hidden/logits digests are equal and the largest absolute differences of the stored arrays;
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from kimi_jax.errors import KimiJaxError, ManifestError
+from kimi_jax.storage.digests import checkpoint_identity, identity_differences
 
 __all__ = ["Difference", "ManifestComparison", "StepComparison", "BundleComparison", "compare_manifests",
            "compare_resolved", "compare_bundles", "compare_paths", "format_comparison", "CompareError"]  # fmt: skip
@@ -171,7 +173,7 @@ def _model_differences(ma: dict[str, Any], mb: dict[str, Any], ida: dict | None,
         return [Difference(f"model.synthetic.{k}", syn_a.get(k), syn_b.get(k), why)
                 for k in sorted(set(syn_a) | set(syn_b)) if syn_a.get(k) != syn_b.get(k)]  # fmt: skip
     if path_a is not None and path_a == path_b:
-        if ida is not None and idb is not None and ida != idb:
+        if ida is not None and idb is not None and identity_differences(ida, idb):
             return [Difference("model.checkpoint (identity)", ida, idb, "the checkpoint at that path changed between "
                                "the two records")]  # fmt: skip
         if ida is None:
@@ -183,12 +185,16 @@ def _model_differences(ma: dict[str, Any], mb: dict[str, Any], ida: dict | None,
         missing = [str(w) for w, i in ((where_a, ida), (where_b, idb)) if i is None]
         return [Difference("model", where_a, where_b, f"{why}; its identity could not be compared "
                            f"({', '.join(missing)} not available)")]  # fmt: skip
-    if ida != idb:
-        fields = [k for k in ("layout", "config_digest", "tensor_list_digest") if ida.get(k) != idb.get(k)]
-        return [Difference(f"model (checkpoint {k})", ida.get(k), idb.get(k), why) for k in fields] or [
-            Difference("model (checkpoint identity)", ida, idb, why)]  # fmt: skip
-    notes.append(f"the checkpoints are different folders ({where_a} and {where_b}) with the same identity (layout, "
-                 "config digest and tensor list digest); their weight bytes were not compared")  # fmt: skip
+    fields = identity_differences(ida, idb)
+    if fields:
+        return [Difference(f"model (checkpoint {k})", ida.get(k), idb.get(k), why) for k in fields]
+    if ida.get("content_root") and idb.get("content_root"):
+        notes.append(f"the checkpoints are different locations ({where_a} and {where_b}) with the same content root: "
+                     "the same tensors, byte for byte")  # fmt: skip
+    else:
+        notes.append(f"the checkpoints are different folders ({where_a} and {where_b}) with the same identity (layout, "
+                     "config digest and tensor list digest); their weight bytes were not compared (no content root "
+                     "on both sides: run `kimi-jax digest`)")  # fmt: skip
     return []
 
 
@@ -256,8 +262,14 @@ def _load_manifest_lenient(path: str):
 
 
 def _identity(index) -> dict[str, Any]:
-    return {"layout": index.layout, "config_digest": index.config.digest(),
-            "tensor_list_digest": index.tensor_list_digest()}  # fmt: skip
+    """A local checkpoint's identity, with the content root of the digest file beside it, if any."""
+    from kimi_jax.storage.digests import DIGEST_FILE, load_digest_file
+
+    ident = {"layout": index.layout, "config_digest": index.config.digest(),
+             "tensor_list_digest": index.tensor_list_digest()}  # fmt: skip
+    if (index.root / DIGEST_FILE).is_file():
+        ident["content_root"] = load_digest_file(index.root / DIGEST_FILE).root
+    return ident
 
 
 def _checkpoint_identity(manifest) -> tuple[dict | None, str | None]:
@@ -393,7 +405,7 @@ def _ledger_identity(ledger: dict) -> dict | None:
     ckpt = ledger.get("checkpoint")
     if not isinstance(ckpt, dict):
         return None
-    return {k: ckpt.get(k) for k in ("layout", "config_digest", "tensor_list_digest")}
+    return checkpoint_identity(ckpt)
 
 
 def compare_bundles(a: str | os.PathLike, b: str | os.PathLike) -> BundleComparison:

@@ -13,6 +13,7 @@ import blake3
 import numpy as np
 
 from kimi_jax.ledger.bundle import ARRAYS, step_key
+from kimi_jax.storage.digests import identity_differences
 from kimi_jax.verify.bundle_view import BundleView
 from kimi_jax.verify.report import (
     CheckFailed,
@@ -173,11 +174,13 @@ def check_anchor(b: BundleView) -> str:
             problems.append(f"steps[0].{field} is {short(step0.get(field))}, anchor.json has {short(anchor[field])}")
     ckpt = ledger.get("checkpoint") or {}
     run = ledger.get("run") or {}
-    want = {"checkpoint": {k: ckpt.get(k) for k in ("layout", "config_digest", "tensor_list_digest")},
-            "prompt": run.get("prompt"), "dtype": run.get("dtype"), "kv_cache": run.get("kv_cache")}  # fmt: skip
+    want = {"prompt": run.get("prompt"), "dtype": run.get("dtype"), "kv_cache": run.get("kv_cache")}
     for key, value in want.items():
         if anchor.get(key) != value:
             problems.append(f"anchor.json: {key} is {short(anchor.get(key))}, this run's is {short(value)}")
+    frozen = anchor.get("checkpoint") if isinstance(anchor.get("checkpoint"), dict) else {}
+    for key in identity_differences(frozen, ckpt):
+        problems.append(f"anchor.json: checkpoint.{key} is {short(frozen.get(key))}, this run's is {short(ckpt.get(key))}")
     digest = blake3.blake3((b.root / "anchor.json").read_bytes()).hexdigest()
     if record.get("anchor_digest") != digest:
         problems.append(f"ledger.json anchor.anchor_digest is {short(record.get('anchor_digest'))}, but "

@@ -1,0 +1,296 @@
+"""Content digests per tensor: which weight bytes a checkpoint holds, named by BLAKE3.
+
+The digest file (``checkpoint.b3.json`` beside the shards) maps every stored tensor name to
+``{shard, offset, length, digest}``, the BLAKE3 of the tensor's bytes as stored. The embedding,
+which the engine reads row by row, also gets one digest per row, so a row read is checked
+without reading the whole table. The file's ``root`` is one digest over all of it
+(:func:`content_root`); two checkpoints with the same root hold the same tensors, byte for byte,
+however they are split into shards.
+
+``kimi-jax digest`` writes the file (:func:`compute_digests`): tensors are hashed in parallel
+(BLAKE3 and ``preadv`` release the GIL), each finished tensor is appended to a journal
+``checkpoint.b3.json.partial``, so a killed run resumes where it stopped, and the file appears
+atomically at the end. When a digest file is present the reader checks every tensor it reads
+against it (:class:`DigestTable`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import blake3
+import numpy as np
+
+from kimi_jax.errors import CheckpointError
+from kimi_jax.fileio import write_json_atomic
+from kimi_jax.storage.safetensors_header import TensorRecord
+
+DIGEST_FILE = "checkpoint.b3.json"
+DIGEST_FORMAT = "kimi-jax-tensor-digests"
+DIGEST_FORMAT_VERSION = 1
+HASH_CHUNK = 16 << 20  # bytes per read while hashing: large enough for sequential speed, small for memory
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDigest:
+    shard: str  # shard file name
+    offset: int  # absolute byte offset in the shard
+    length: int
+    digest: str  # BLAKE3 hex of the tensor's stored bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class RowDigests:
+    row_bytes: int
+    digests: bytes  # 32 bytes per row, concatenated
+
+    def row(self, i: int) -> str | None:
+        return self.digests[32 * i : 32 * i + 32].hex() if 0 <= i < len(self.digests) // 32 else None
+
+
+def content_root(tensors: dict[str, TensorDigest], rows: dict[str, RowDigests]) -> str:
+    """BLAKE3 over the sorted lines ``NAME<TAB>LENGTH<TAB>DIGEST`` of every tensor and, for a tensor
+    with row digests, ``NAME#rows<TAB>ROW_BYTES<TAB>BLAKE3(concatenated row digests)``. Shard names
+    and offsets are left out: the root names the content, not how it is packed."""
+    lines = [f"{name}\t{t.length}\t{t.digest}\n" for name, t in tensors.items()]
+    lines += [f"{name}#rows\t{r.row_bytes}\t{blake3.blake3(r.digests).hexdigest()}\n" for name, r in rows.items()]
+    h = blake3.blake3()
+    for line in sorted(lines):
+        h.update(line.encode())
+    return h.hexdigest()
+
+
+def weights_digest(read: dict[str, str]) -> str:
+    """The digest of the weights one step read: BLAKE3 over the sorted lines ``NAME<TAB>DIGEST``, one
+    per stored tensor read (a row of the embedding as ``NAME[ROW]``), each digest from the digest file."""
+    h = blake3.blake3()
+    for name in sorted(read):
+        h.update(f"{name}\t{read[name]}\n".encode())
+    return h.hexdigest()
+
+
+def split_row_name(name: str) -> tuple[str, int] | None:
+    """``'x.weight[17]'`` -> ``('x.weight', 17)``: the engine's label for one embedding row."""
+    base, sep, rest = name.rpartition("[")
+    if not sep or not rest.endswith("]") or not rest[:-1].isdigit():
+        return None
+    return base, int(rest[:-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class DigestTable:
+    """A loaded digest file: what every tensor's bytes must hash to."""
+
+    source: str  # the file (path or URL), for messages
+    tensors: dict[str, TensorDigest]
+    rows: dict[str, RowDigests]
+    root: str
+
+    def expected(self, rec: TensorRecord) -> str | None:
+        """The digest ``rec``'s bytes must have, or None when the file does not cover that range."""
+        entry = self.tensors.get(rec.stored_name)
+        if entry is not None:
+            same = entry.offset == rec.offset and entry.length == rec.nbytes and entry.shard == rec.shard.name
+            return entry.digest if same else None
+        row = split_row_name(rec.stored_name)
+        if row is None or row[0] not in self.rows or row[0] not in self.tensors:
+            return None
+        base, rows = self.tensors[row[0]], self.rows[row[0]]
+        if rec.nbytes != rows.row_bytes or rec.offset != base.offset + row[1] * rows.row_bytes:
+            return None
+        return rows.row(row[1])
+
+    def check_matches(self, shards: list[tuple[str, list[TensorRecord]]]) -> None:
+        """Every tensor of every shard must be in the file at the same shard, offset and length."""
+        seen = 0
+        for shard_name, records in shards:
+            for rec in records:
+                entry = self.tensors.get(rec.stored_name)
+                where = f"{self.source}: tensor {rec.stored_name!r}"
+                if entry is None:
+                    raise CheckpointError(f"{where}: not in the digest file; it was written for another checkpoint "
+                                          "(run `kimi-jax digest` again)")  # fmt: skip
+                if (entry.shard, entry.offset, entry.length) != (shard_name, rec.offset, rec.nbytes):
+                    raise CheckpointError(f"{where}: the digest file places it in {entry.shard} at offset "
+                                          f"{entry.offset} ({entry.length} bytes), the checkpoint in {shard_name} at "
+                                          f"offset {rec.offset} ({rec.nbytes} bytes); it was written for another "
+                                          "checkpoint")  # fmt: skip
+                seen += 1
+        if seen != len(self.tensors):
+            raise CheckpointError(f"{self.source}: lists {len(self.tensors)} tensors, the checkpoint has {seen}; "
+                                  "it was written for another checkpoint")  # fmt: skip
+
+
+def parse_digest_file(raw: bytes, source: str) -> DigestTable:
+    """Read a digest file's bytes; its recorded root must recompute from its entries."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{source}: digest file is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != DIGEST_FORMAT:
+        raise CheckpointError(f"{source}: not a kimi-jax digest file (expected format {DIGEST_FORMAT!r})")
+    if data.get("version") != DIGEST_FORMAT_VERSION or data.get("algorithm") != "blake3":
+        raise CheckpointError(f"{source}: digest file version {data.get('version')!r} / algorithm "
+                              f"{data.get('algorithm')!r}; this kimi-jax reads version {DIGEST_FORMAT_VERSION}, "
+                              "blake3")  # fmt: skip
+    try:
+        tensors = {name: TensorDigest(str(e["shard"]), int(e["offset"]), int(e["length"]), str(e["digest"]))
+                   for name, e in data["tensors"].items()}  # fmt: skip
+        rows = {name: RowDigests(int(r["row_bytes"]), bytes.fromhex(r["digests"])) for name, r in data["rows"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{source}: malformed digest file entry ({type(e).__name__}: {e})") from None
+    root = content_root(tensors, rows)
+    if data.get("root") != root:
+        raise CheckpointError(f"{source}: recorded root {data.get('root')!r} does not recompute from its entries "
+                              f"({root}); the file was edited or damaged")  # fmt: skip
+    return DigestTable(source, tensors, rows, root)
+
+
+def load_digest_file(path: Path) -> DigestTable:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read digest file ({e.strerror or e})") from None
+    return parse_digest_file(raw, str(path))
+
+
+def shard_tensors(index) -> list[tuple[str, list[TensorRecord]]]:
+    """``(shard name, every tensor in it)`` for each shard of a checkpoint index, vision tensors included."""
+    return [(h.path.name, list(h.tensors)) for h in index.shards]
+
+
+# -- computing ----------------------------------------------------------------------------------
+
+
+def _hash_tensor(fd: int, rec: TensorRecord, row_bytes: int | None) -> tuple[str, bytes | None]:
+    """BLAKE3 of one tensor's bytes read in chunks; with ``row_bytes``, also one digest per row."""
+    whole = blake3.blake3()
+    rows = bytearray() if row_bytes else None
+    chunk = HASH_CHUNK if not row_bytes else max(row_bytes, HASH_CHUNK // row_bytes * row_bytes)
+    buf = np.empty(min(chunk, rec.nbytes), dtype=np.uint8)
+    done = 0
+    while done < rec.nbytes:
+        n = min(chunk, rec.nbytes - done)
+        view = memoryview(buf)[:n]
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [view[got:]], rec.offset + done + got)
+            if k == 0:
+                raise CheckpointError(f"{rec.shard}: unexpected end of file hashing tensor {rec.stored_name!r} at "
+                                      f"offset {rec.offset + done + got}; the shard is truncated")  # fmt: skip
+            got += k
+        whole.update(view)
+        if rows is not None:
+            for start in range(0, n, row_bytes):
+                rows += blake3.blake3(view[start : start + row_bytes]).digest()
+        done += n
+    return whole.hexdigest(), (bytes(rows) if rows is not None else None)
+
+
+def _journal_entries(journal: Path) -> dict[str, dict[str, Any]]:
+    """Finished tensors of an interrupted run; a torn last line (killed mid-write) is ignored."""
+    done: dict[str, dict[str, Any]] = {}
+    if not journal.exists():
+        return done
+    for line in journal.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+            done[entry["name"]] = entry
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return done
+
+
+def compute_digests(index, out: Path | None = None, workers: int = 4,
+                    on_progress: Callable[[int, int], None] | None = None) -> tuple[Path, DigestTable, int]:  # fmt: skip
+    """Hash every tensor of a local checkpoint into its digest file; returns (path, table, bytes
+    hashed by this call). Resumes from the journal a killed run left; ``on_progress(bytes, total)``."""
+    if index.source is not None:
+        raise CheckpointError(f"{index.source}: `kimi-jax digest` reads a local copy; digest the checkpoint where its "
+                              "files are, then serve checkpoint.b3.json beside them")  # fmt: skip
+    out = Path(out) if out else index.root / DIGEST_FILE
+    journal = out.with_name(out.name + ".partial")
+    row_tensor = index.embed.parts["weight"]
+    row_bytes = row_tensor.nbytes // row_tensor.shape[0] if row_tensor.shape and row_tensor.shape[0] else None
+    todo = [(name, rec) for name, records in shard_tensors(index) for rec in records]
+    previous = _journal_entries(journal)
+    done: dict[str, dict[str, Any]] = {}
+    for name, rec in todo:
+        entry = previous.get(rec.stored_name)
+        if entry and (entry["shard"], entry["offset"], entry["length"]) == (name, rec.offset, rec.nbytes):
+            done[rec.stored_name] = entry
+    remaining = [(name, rec) for name, rec in todo if rec.stored_name not in done]
+    total = sum(rec.nbytes for _, rec in todo)
+    progress = [sum(rec.nbytes for _, rec in todo if rec.stored_name in done)]
+    lock = threading.Lock()
+    fds: dict[Path, int] = {}
+    with open(journal, "a", encoding="utf-8") as log:
+        if done:  # rewrite only the valid lines, so a torn tail does not stay in the middle
+            log.truncate(0)
+            log.writelines(json.dumps(e) + "\n" for e in done.values())
+            log.flush()
+
+        def work(item: tuple[str, TensorRecord]) -> None:
+            name, rec = item
+            with lock:
+                fd = fds.get(rec.shard)
+                if fd is None:
+                    fd = fds[rec.shard] = os.open(rec.shard, os.O_RDONLY)
+            rows_of = row_bytes if rec.stored_name == row_tensor.stored_name else None
+            digest, rows = _hash_tensor(fd, rec, rows_of)
+            entry = {"name": rec.stored_name, "shard": name, "offset": rec.offset, "length": rec.nbytes,
+                     "digest": digest}  # fmt: skip
+            if rows is not None:
+                entry.update(row_bytes=rows_of, rows=rows.hex())
+            with lock:
+                done[rec.stored_name] = entry
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+                progress[0] += rec.nbytes
+                if on_progress:
+                    on_progress(progress[0], total)
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="kimi-jax-digest") as pool:
+                list(pool.map(work, remaining))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+    tensors = {n: TensorDigest(e["shard"], e["offset"], e["length"], e["digest"]) for n, e in sorted(done.items())}
+    rows = {n: RowDigests(e["row_bytes"], bytes.fromhex(e["rows"])) for n, e in sorted(done.items()) if "rows" in e}
+    root = content_root(tensors, rows)
+    write_json_atomic(out, {
+        "format": DIGEST_FORMAT, "version": DIGEST_FORMAT_VERSION, "algorithm": "blake3", "root": root,
+        "tensors": {n: dataclasses.asdict(t) for n, t in tensors.items()},
+        "rows": {n: {"row_bytes": r.row_bytes, "digests": r.digests.hex()} for n, r in rows.items()},
+    })  # fmt: skip
+    journal.unlink(missing_ok=True)
+    return out, DigestTable(str(out), tensors, rows, root), sum(rec.nbytes for _, rec in remaining)
+
+
+# -- checkpoint identity ------------------------------------------------------------------------
+
+IDENTITY_KEYS = ("layout", "config_digest", "tensor_list_digest")
+
+
+def checkpoint_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """The identity fields of a checkpoint record (a ledger's ``checkpoint``, an anchor's): layout,
+    config and tensor list digests, and the content root when the record has one."""
+    ident = {k: record.get(k) for k in IDENTITY_KEYS}
+    if record.get("content_root"):
+        ident["content_root"] = record["content_root"]
+    return ident
+
+
+def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Identity fields in which two checkpoint records differ. The content root is compared when both
+    have one (then two checkpoints with the same layout but other weights differ); otherwise only the
+    layout, config and tensor list can be."""
+    keys = list(IDENTITY_KEYS) + (["content_root"] if a.get("content_root") and b.get("content_root") else [])
+    return [k for k in keys if a.get(k) != b.get(k)]

@@ -1,0 +1,166 @@
+"""Content digests: the digest file, resuming it, checked reads, and a ledger that names the weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import blake3
+import pytest
+from click.testing import CliRunner
+
+from kimi_jax.cli import main
+from kimi_jax.errors import StorageError
+from kimi_jax.run.manifest import parse_manifest_dict
+from kimi_jax.run.plan import prepare_run
+from kimi_jax.run.runner import execute
+from kimi_jax.storage import digests as digests_mod
+from kimi_jax.storage.checkpoint import open_checkpoint
+from kimi_jax.storage.synth import synth_checkpoint
+from kimi_jax.verify.compare import compare_manifests
+
+
+def _quiet(*_):
+    pass
+
+
+def _tensors_by_hand(shard: Path) -> dict[str, tuple[int, int]]:
+    """name -> (absolute offset, length), read from the safetensors header with json + struct only."""
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    return {name: (8 + n + e["data_offsets"][0], e["data_offsets"][1] - e["data_offsets"][0]) for name, e in header.items()}
+
+
+@pytest.fixture(scope="module")
+def digested(tiny_checkpoints, tmp_path_factory):
+    ckpt = shutil.copytree(tiny_checkpoints["kimi-k2.5"], tmp_path_factory.mktemp("digested") / "ckpt")
+    result = CliRunner().invoke(main, ["digest", str(ckpt), "--no-progress", "--workers", "3"])
+    assert result.exit_code == 0, result.output
+    return ckpt
+
+
+def test_digest_file_holds_blake3_of_every_tensor_and_a_root_over_them(digested):
+    data = json.loads((digested / "checkpoint.b3.json").read_text())
+    expected: dict[str, dict] = {}
+    for shard in sorted(digested.glob("*.safetensors")):
+        raw = shard.read_bytes()
+        for name, (offset, length) in _tensors_by_hand(shard).items():
+            expected[name] = {"shard": shard.name, "offset": offset, "length": length,
+                              "digest": blake3.blake3(raw[offset : offset + length]).hexdigest()}  # fmt: skip
+    assert data["tensors"] == expected
+    (embed,) = data["rows"]
+    row_bytes = data["rows"][embed]["row_bytes"]
+    first = expected[embed]
+    shard = (digested / first["shard"]).read_bytes()
+    rows = data["rows"][embed]["digests"]
+    assert len(rows) == 64 * first["length"] // row_bytes
+    for t in (0, 5, first["length"] // row_bytes - 1):
+        start = first["offset"] + t * row_bytes
+        assert rows[64 * t : 64 * t + 64] == blake3.blake3(shard[start : start + row_bytes]).hexdigest()
+    # the root, as the format documents it: BLAKE3 over sorted NAME\tLENGTH\tDIGEST lines (+ the rows line)
+    lines = [f"{n}\t{e['length']}\t{e['digest']}\n" for n, e in expected.items()]
+    lines.append(f"{embed}#rows\t{row_bytes}\t{blake3.blake3(bytes.fromhex(rows)).hexdigest()}\n")
+    assert data["root"] == blake3.blake3("".join(sorted(lines)).encode()).hexdigest()
+
+
+def test_digest_resumes_from_its_journal(digested, tmp_path, monkeypatch):
+    index = open_checkpoint(digested)
+    total = sum(r.nbytes for h in index.shards for r in h.tensors)
+    real, calls = digests_mod._hash_tensor, [0]
+
+    def dies_after_ten(*args):
+        calls[0] += 1
+        if calls[0] > 10:
+            raise KeyboardInterrupt("killed")
+        return real(*args)
+
+    out = tmp_path / "d.b3.json"
+    monkeypatch.setattr(digests_mod, "_hash_tensor", dies_after_ten)
+    with pytest.raises(KeyboardInterrupt):
+        digests_mod.compute_digests(index, out, workers=1)
+    assert not out.exists() and len((tmp_path / "d.b3.json.partial").read_text().splitlines()) == 10
+    monkeypatch.setattr(digests_mod, "_hash_tensor", real)
+    _, table, hashed = digests_mod.compute_digests(index, out, workers=2)
+    assert 0 < hashed < total  # the ten journalled tensors were not hashed again
+    assert not (tmp_path / "d.b3.json.partial").exists()
+    assert json.loads(out.read_text()) == json.loads((digested / "checkpoint.b3.json").read_text())
+
+
+def _run(tmp_path, ckpt, **storage):
+    data = {"version": 1, "model": {"checkpoint": str(ckpt)}, "prompt": {"tokens": [7, 300, 7]},
+            "generate": {"max_new_tokens": 2}, "storage": storage, "output": {"dir": str(tmp_path / "out")}}  # fmt: skip
+    return execute(prepare_run(parse_manifest_dict(data, source=str(tmp_path / "m.yaml"))), prove=False, echo=_quiet,
+                   progress=False)  # fmt: skip
+
+
+def test_ledger_names_the_weights_each_step_read(digested, tmp_path):
+    ledger = _run(tmp_path, digested).ledger
+    table = json.loads((digested / "checkpoint.b3.json").read_text())
+    assert ledger["ledger_version"] == 2
+    assert ledger["checkpoint"]["content_root"] == table["root"]
+    assert ledger["checkpoint"]["digest_file"] == str(digested / "checkpoint.b3.json")
+    index = open_checkpoint(digested)
+    embed = index.embed.parts["weight"]
+    for step in ledger["steps"]:
+        # the tensors this step must have read, from the ledger's own routing record
+        read: dict[str, str] = {}
+        for t in set(step["context"]):
+            read[f"{embed.stored_name}[{t}]"] = table["rows"][embed.stored_name]["digests"][64 * t : 64 * t + 64]
+        weights = [w for w in index.head.values()]
+        for layer in step["layers"]:
+            weights += list(index.layers[layer["layer"]].base.values())
+            for e in {e for row in layer.get("experts", []) for e in row}:
+                weights += list(index.layers[layer["layer"]].experts[e].values())
+        for w in weights:
+            for rec in w.parts.values():
+                read[rec.stored_name] = table["tensors"][rec.stored_name]["digest"]
+        lines = "".join(f"{name}\t{read[name]}\n" for name in sorted(read))
+        assert step["weights_digest"] == blake3.blake3(lines.encode()).hexdigest()
+
+
+def _flip(ckpt: Path, stored_name: str) -> tuple[Path, int]:
+    for shard in ckpt.glob("*.safetensors"):
+        found = _tensors_by_hand(shard).get(stored_name)
+        if found:
+            raw = bytearray(shard.read_bytes())
+            raw[found[0] + 1] ^= 0x01
+            shard.write_bytes(bytes(raw))
+            return shard, found[0]
+    raise AssertionError(stored_name)
+
+
+def test_a_changed_byte_stops_the_run_naming_shard_tensor_offset_and_writes_nothing(digested, tmp_path):
+    ckpt = shutil.copytree(digested, tmp_path / "ckpt")
+    name = "language_model.model.layers.1.self_attn.o_proj.weight"
+    shard, offset = _flip(ckpt, name)
+    with pytest.raises(StorageError) as e:
+        _run(tmp_path, ckpt)
+    msg = str(e.value)
+    assert str(shard) in msg and repr(name) in msg and f"at offset {offset}" in msg and "digest file" in msg
+    assert not (tmp_path / "out").exists()
+    # the named switch turns the check off: the run completes and the ledger says nothing was checked
+    ledger = _run(tmp_path, ckpt, verify_digests=False).ledger
+    assert ledger["checkpoint"]["content_root"] is None
+    assert ledger["checkpoint"]["digest_file"] == str(ckpt / "checkpoint.b3.json")
+    assert all(s["weights_digest"] is None for s in ledger["steps"])
+
+
+def test_compare_tells_same_layout_other_weights_apart_by_content_root(digested, tmp_path):
+    other = synth_checkpoint(tmp_path / "seed1", "tiny", "kimi-k2.5", seed=1)
+
+    def manifest(name: str, ckpt: Path) -> Path:
+        path = tmp_path / name
+        path.write_text(f"version: 1\nmodel:\n  checkpoint: {ckpt}\nprompt:\n  tokens: [7]\noutput:\n  dir: out\n")
+        return path
+
+    a, b = manifest("a.yaml", digested), manifest("b.yaml", other)
+    before = compare_manifests(a, b)  # only one side has a content root: the layouts look the same
+    assert before.identical and any("weight bytes were not compared" in n for n in before.notes)
+    CliRunner().invoke(main, ["digest", str(other), "--no-progress"])
+    after = compare_manifests(a, b)
+    assert not after.identical
+    assert [d.field for d in after.result_differences] == ["model (checkpoint content_root)"]

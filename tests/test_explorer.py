@@ -17,6 +17,7 @@ from kimi_jax.explorer import page as explorer
 from kimi_jax.explorer.page import explore_command, json_for_script, render_explorer
 from kimi_jax.ledger.ledger import (
     LEDGER_SCHEMA_ID,
+    LEDGER_VERSION,
     derive_routing_weights,
     provenance_map,
     validate_ledger,
@@ -55,7 +56,7 @@ def small_ledger(token_texts: list[str] | None = None, steps: int = 3, layers: i
         out.append(step)
         context.append(40 + i)
     ledger = {
-        "schema": LEDGER_SCHEMA_ID, "ledger_version": 1, "software": {"kimi-jax": "test"}, "manifest_digest": HEX,
+        "schema": LEDGER_SCHEMA_ID, "ledger_version": LEDGER_VERSION, "software": {"kimi-jax": "test"}, "manifest_digest": HEX,
         "checkpoint": {"layout": "kimi-k2.5-int4", "path": "/ckpt", "config_digest": HEX, "tensor_list_digest": HEX},
         "platform": {"backend": "cpu"}, "platform_digest": HEX,
         "run": {"prompt": [7, 300], "max_new_tokens": steps, "kv_cache": False, "dtype": "float32",

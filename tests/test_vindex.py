@@ -115,7 +115,7 @@ def layer_json(out: Path, phase: int, layer: int) -> dict:
 
 
 def dequantized(index, layer: int, expert: int | None) -> np.ndarray:
-    """An expert's (or, expert None, the dense layer's) down_proj as the formats module
+    """An expert's (or, expert None, the dense layer's) down_proj as kimi_jax.storage.codecs
     dequantizes it (numpy, float64)."""
     lm = index.layers[layer]
     entry = lm.base[f"layers.{layer}.mlp.down_proj.weight"] if expert is None else lm.experts[expert]["down_proj"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from kimi_jax.ledger.bundle import RECEIPT, bundle_digest
 from kimi_jax.ledger.checksums import write_checksums
 from kimi_jax.run.plan import load_plan
 from kimi_jax.run.runner import execute
+from kimi_jax.verify import checklist
 from kimi_jax.verify.checklist import CHECK_NAMES, Report, verify_bundle
 
 DEMO_MANIFEST = Path(__file__).resolve().parents[1] / "manifests" / "demo.yaml"
@@ -83,6 +85,8 @@ def test_demo_bundle_verifies(demo):
     report = verify_bundle(demo)
     assert [c.number for c in report.checks] == list(range(1, 11))
     assert [c.name for c in report.checks] == list(CHECK_NAMES)
+    documented = re.findall(r"^ ?\d+\. ``([a-z-]+)``", checklist.__doc__, re.M)  # the numbered list verify documents
+    assert documented[:10] == list(CHECK_NAMES) and documented[10:] == ["replay"]
     statuses = _statuses(report)
     assert statuses.pop("anchor") == "SKIPPED"
     assert statuses.pop("explorer") in ("SKIPPED", "OK")  # the explorer page is optional

@@ -32,11 +32,11 @@ import blake3
 import numpy as np
 
 from kimi_jax.fileio import write_bytes_atomic, write_json_atomic
-from kimi_jax.ledger.checksums import write_checksums
+from kimi_jax.ledger.checksums import CHECKSUMS_NAME, write_checksums
 from kimi_jax.ledger.ledger import provenance_map
 
 BUNDLE_VERSION = 1
-CHECKSUMS = "CHECKSUMS.b3"
+CHECKSUMS = CHECKSUMS_NAME
 RECEIPT = "receipt.json"
 ARRAYS = "arrays"
 

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kimi_jax.fileio import write_bytes_atomic, write_json_atomic
-from kimi_jax.ledger.checksums import write_checksums
+from kimi_jax.ledger.checksums import CHECKSUMS_NAME, write_checksums
 from kimi_jax.model.jax_setup import enable_compilation_cache
 from kimi_jax.platform_info import package_version
 from kimi_jax.run.manifest import VindexSection
@@ -134,7 +134,7 @@ def run_vindex(plan: VindexPlan, *, progress: bool = True, echo: Callable[[str],
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
     _clean_temp_files(out)
-    (out / "CHECKSUMS.b3").unlink(missing_ok=True)  # stale until this run ends
+    (out / CHECKSUMS_NAME).unlink(missing_ok=True)  # stale until this run ends
     if m.storage.evict_page_cache:
         evict_page_cache(h.path for h in plan.index.shards)
     started_at = _dt.datetime.now(_dt.timezone.utc)

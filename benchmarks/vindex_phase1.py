@@ -135,7 +135,8 @@ def main() -> None:
     from kimi_jax.run.manifest import parse_manifest_dict
     from kimi_jax.storage.checkpoint import open_checkpoint
     from kimi_jax.storage.reader import ShardReader, evict_page_cache
-    from kimi_jax.vindex.command import plan_vindex, run_vindex
+    from kimi_jax.vindex.plan import plan_vindex
+    from kimi_jax.vindex.runner import run_vindex
     from kimi_jax.vindex.spectra import (
         GUARANTEE,
         METHOD,

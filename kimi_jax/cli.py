@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from kimi_jax.errors import KimiJaxError
+from kimi_jax.explorer.page import explore_command
+from kimi_jax.storage.layouts import SYNTH_LAYOUTS
 
 
 class _Group(click.Group):
@@ -79,8 +81,7 @@ def anchor_freeze(manifest: str, overrides: tuple[str, ...], out_file: str | Non
 
 @main.command()
 @click.option("--preset", type=click.Choice(["tiny", "small", "full-shape"]), default="tiny", show_default=True)
-@click.option("--layout", type=click.Choice(["kimi-k2.5", "kimi-k2-fp8", "deepseek-v3", "hf-bf16"]),
-              default="kimi-k2.5", show_default=True)  # fmt: skip
+@click.option("--layout", type=click.Choice(SYNTH_LAYOUTS), default="kimi-k2.5", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--weight-shape-dtype", type=click.Choice(["I32", "I64"]), default="I32", show_default=True,
               help="dtype of the int4 weight_shape tensors (real K2.5 files use I32; compressed-tensors writes I64).")  # fmt: skip
@@ -203,15 +204,25 @@ def archive(bundle: str, out_file: str | None) -> None:
     click.echo(f"wrote {path} (BLAKE3 {hash_file(path)})")
 
 
-def _register_plugins() -> None:
-    from kimi_jax.explorer.page import explore_command
-    from kimi_jax.vindex.command import vindex_command
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a manifest field (repeatable).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Run output directory (replaces output.dir); the vindex goes beside it, in OUTPUT.vindex/.")  # fmt: skip
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars on stderr.")
+def vindex(manifest: str, overrides: tuple[str, ...], out_dir: str | None, progress: bool) -> None:
+    """Singular-value statistics of every expert (phase 1), router spectra (phase 2) and routing
+    statistics (phase 3), streamed and resumable; writes OUTPUT.vindex/ beside the run bundle OUTPUT/."""
+    from kimi_jax.run.manifest import load_manifest
+    from kimi_jax.vindex.plan import plan_vindex
+    from kimi_jax.vindex.runner import run_vindex
 
-    main.add_command(explore_command)
-    main.add_command(vindex_command)
+    plan = plan_vindex(load_manifest(manifest, list(overrides), out_dir))
+    run_vindex(plan, progress=progress, echo=click.echo)
 
 
-_register_plugins()
+# The explorer's command lives with its page (it imports no JAX, so --help and verify stay JAX-free).
+main.add_command(explore_command)
 
 if __name__ == "__main__":
     main()

@@ -14,13 +14,15 @@ The object is frozen so it can be a static argument of jitted functions and a ca
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any, Literal
 
+import blake3
+
 from kimi_jax.errors import CheckpointError
+from kimi_jax.fileio import canonical_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +121,9 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """BLAKE2b of the canonical JSON of this config: the model's identity for ledgers."""
-        text = json.dumps(self.to_json_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.blake2b(text.encode(), digest_size=32).hexdigest()
+        """BLAKE3 of the canonical JSON of this config: the model's identity for ledgers (before
+        ledger version 2 it was BLAKE2b, so older ledgers and anchors record other values)."""
+        return blake3.blake3(canonical_json(self.to_json_dict())).hexdigest()
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

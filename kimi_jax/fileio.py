@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 
 def default_cache_dir() -> Path:
@@ -18,26 +19,41 @@ def default_cache_dir() -> Path:
     return (Path.home() / ".cache" / "kimi-jax").resolve()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> Path:
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
+    """A binary file that appears at ``path`` only when the ``with`` block completes: written to
+    a temp file beside it, fsynced, then renamed over ``path``. On any exception the temp file is
+    removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # ".NAME.tmp-XXXX": one pattern for every temp file, so leftovers of a killed run are findable
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    with atomic_writer(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def write_json_atomic(path: Path, value: Any) -> Path:
-    return write_bytes_atomic(path, (json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode())
+    """``value`` as indented UTF-8 JSON. Strict JSON: NaN and infinities are refused (JSON has no
+    spelling for them), naming the file, rather than written as tokens other readers reject."""
+    try:
+        text = json.dumps(value, indent=1, ensure_ascii=False, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return write_bytes_atomic(path, (text + "\n").encode())
 
 
 def canonical_json(value: Any) -> bytes:

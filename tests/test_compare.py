@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from kimi_jax.cli import main
+from kimi_jax.errors import ManifestError
 from kimi_jax.ledger.archive import archive_bundle
 from kimi_jax.run.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
@@ -95,6 +96,12 @@ def test_missing_checkpoints_and_synthetic_specs(tmp_path):
     assert same.identical and any("compared by path only" in n for n in same.notes)
     apart = compare_manifests(_manifest(tmp_path / "a.yaml", gone), _manifest(tmp_path / "c.yaml", tmp_path / "gone2"))
     assert not apart.identical and "could not be compared" in apart.result_differences[0].why
+
+    # A missing checkpoint is no error here, but every other problem is, with its FILE:LINE.
+    bad = _manifest(tmp_path / "bad.yaml", gone, "compute:\n  dtype: float16\n")
+    with pytest.raises(ManifestError, match=rf"{bad}:11: compute.dtype: must be one of") as err:
+        compare_manifests(bad, _manifest(tmp_path / "b.yaml", gone))
+    assert "model.checkpoint" not in str(err.value)
 
     seed0 = _manifest(tmp_path / "s0.yaml", None, synthetic="{preset: tiny, seed: 0}")
     seed1 = _manifest(tmp_path / "s1.yaml", None, synthetic="{preset: tiny, seed: 1}")

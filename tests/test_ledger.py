@@ -181,3 +181,9 @@ def test_anchor_for_another_prompt_is_refused_before_compute(tiny_checkpoints, t
 
     with pytest.raises(AnchorMismatch, match=r"frozen for a different run:\n  prompt: anchor \[1792\], this run \[5\]"):
         execute(load_plan(str(manifest), ["prompt.tokens=[5]"]), echo=_quiet, progress=False)
+    # an anchor frozen before the config digest became BLAKE3 is named for what it is
+    old = json.loads((tmp_path / "anchor.json").read_text()) | {"anchor_version": 1}
+    (tmp_path / "anchor.json").write_text(json.dumps(old))
+    with pytest.raises(AnchorMismatch, match=r"anchor.json: anchor_version is 1, this kimi-jax reads version 2 "
+                                             r"\(checkpoint.config_digest is BLAKE3.*freeze it again"):  # fmt: skip
+        execute(load_plan(str(manifest)), echo=_quiet, progress=False)

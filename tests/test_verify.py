@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import pytest
 from click.testing import CliRunner
 
 from kimi_jax.cli import main
+from kimi_jax.ledger.archive import archive_bundle
 from kimi_jax.ledger.bundle import RECEIPT, bundle_digest
 from kimi_jax.ledger.checksums import write_checksums
 from kimi_jax.run.plan import load_plan
 from kimi_jax.run.runner import execute
+from kimi_jax.verify import checklist
 from kimi_jax.verify.checklist import CHECK_NAMES, Report, verify_bundle
 
 DEMO_MANIFEST = Path(__file__).resolve().parents[1] / "manifests" / "demo.yaml"
@@ -82,6 +85,8 @@ def test_demo_bundle_verifies(demo):
     report = verify_bundle(demo)
     assert [c.number for c in report.checks] == list(range(1, 11))
     assert [c.name for c in report.checks] == list(CHECK_NAMES)
+    documented = re.findall(r"^ ?\d+\. ``([a-z-]+)``", checklist.__doc__, re.M)  # the numbered list verify documents
+    assert documented[:10] == list(CHECK_NAMES) and documented[10:] == ["replay"]
     statuses = _statuses(report)
     assert statuses.pop("anchor") == "SKIPPED"
     assert statuses.pop("explorer") in ("SKIPPED", "OK")  # the explorer page is optional
@@ -286,6 +291,18 @@ def test_unknown_ledger_field_fails_schema_and_provenance(demo, tmp_path):
     assert "steps[].secret" in report.reason("provenance")
 
 
+def test_a_version_1_ledger_is_named_as_such(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l.update(ledger_version=1, schema="urn:kimi-jax:schema:ledger:v1"))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["schema"], report.format()
+    reason = report.reason("schema")
+    assert reason.startswith("ledger.json: ledger_version is 1 (schema 'urn:kimi-jax:schema:ledger:v1'), but this "
+                             "kimi-jax verifies ledger version 2 (urn:kimi-jax:schema:ledger:v2)"), reason
+    assert "version 2: checkpoint.config_digest is BLAKE3" in reason
+
+
 def test_relabelled_provenance_fails_only_provenance(demo, tmp_path):
     root = _copy(demo, tmp_path)
     _edit_json(root, "provenance.json", lambda p: p.update({"steps[].entropy": "measured"}))
@@ -302,6 +319,19 @@ def test_edited_manifest_or_verdict_fails_the_receipt(demo, tmp_path):
     report = verify_bundle(root)
     assert report.failed == ["receipt"], report.format()
     assert "manifest.json: its identity digest is" in report.reason("receipt")
+
+    # An invalid manifest.json is reported by the manifest loader, with the line (and not the temp
+    # folder an archive was unpacked into).
+    root = _copy(demo, tmp_path / "m")
+    _edit_json(root, "manifest.json", lambda m: m["generate"].update(max_new_tokens=0))
+    _resign(root)
+    line = next(n for n, text in enumerate((root / "manifest.json").read_text().splitlines(), 1)
+                if '"max_new_tokens"' in text)  # fmt: skip
+    archive = archive_bundle(root, tmp_path / "m.tar.gz")
+    for where in (root, archive):
+        reason = verify_bundle(where).reason("receipt")
+        assert f"manifest.json:{line}: generate.max_new_tokens: must be >= 1, got 0" in reason, reason
+        assert "kimi-jax-bundle-" not in reason
 
     root = _copy(demo, tmp_path / "c")
     _edit_json(root, "ledger.json", lambda l: l["run"].update(capture=["norms"]))

@@ -25,7 +25,9 @@ from kimi_jax.storage import codecs
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.reader import ShardReader
 from kimi_jax.storage.synth import logical_value, synth_checkpoint
-from kimi_jax.vindex.command import plan_vindex, run_vindex, vindex_command, vindex_dir
+from kimi_jax.cli import main as cli_main
+from kimi_jax.vindex.plan import plan_vindex, vindex_dir
+from kimi_jax.vindex.runner import run_vindex
 from kimi_jax.vindex.routing import (
     LedgerError,
     layer_routing_stats,
@@ -113,7 +115,7 @@ def layer_json(out: Path, phase: int, layer: int) -> dict:
 
 
 def dequantized(index, layer: int, expert: int | None) -> np.ndarray:
-    """An expert's (or, expert None, the dense layer's) down_proj as the formats module
+    """An expert's (or, expert None, the dense layer's) down_proj as kimi_jax.storage.codecs
     dequantizes it (numpy, float64)."""
     lm = index.layers[layer]
     entry = lm.base[f"layers.{layer}.mlp.down_proj.weight"] if expert is None else lm.experts[expert]["down_proj"]
@@ -327,7 +329,8 @@ def test_ledger_bundles_give_the_engine_statistics(phase3_run, tmp_path):
 KILLER = """
 import os, signal, sys
 from kimi_jax.run.manifest import load_manifest
-from kimi_jax.vindex.command import plan_vindex, run_vindex
+from kimi_jax.vindex.plan import plan_vindex
+from kimi_jax.vindex.runner import run_vindex
 plan = plan_vindex(load_manifest(sys.argv[1]))
 def hook(phase, layer, path):
     if (phase, layer) == (1, 1):
@@ -415,15 +418,15 @@ def test_checkpoint_without_experts_is_an_error(tmp_path):
 def test_cli_runs_and_reports_errors(ckpts, tmp_path):
     manifest = write_manifest(tmp_path / "m.yaml", ckpts["hf-bf16"], tmp_path / "unused")
     runner = CliRunner()
-    res = runner.invoke(vindex_command, [str(manifest), "--set", "vindex.phases=[1, 2]", "--set", "vindex.layers=[1]",
-                                         "--set", "vindex.experts=[0, 3]", "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
+    res = runner.invoke(cli_main, ["vindex", str(manifest), "--set", "vindex.phases=[1, 2]", "--set", "vindex.layers=[1]",
+                                   "--set", "vindex.experts=[0, 3]", "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
     assert res.exit_code == 0, res.output
     out = vindex_dir(tmp_path / "o")
     assert "var@64" in res.output and sorted(p.name for p in out.iterdir()) == [
         "CHECKSUMS.b3", "phase1", "phase2", "run.json", "summary.json", "vindex.html"]
     assert [e["expert"] for e in layer_json(tmp_path / "o", 1, 1)["experts"]] == [0, 3]
     assert verify_checksums(out) == []
-    res = runner.invoke(vindex_command, [str(manifest), "--set", "vindex.experts=[8]", "--no-progress"])
+    res = runner.invoke(cli_main, ["vindex", str(manifest), "--set", "vindex.experts=[8]", "--no-progress"])
     assert res.exit_code == 2 and "vindex.experts.0: expert id 8 is out of range" in res.output
 
 
@@ -455,3 +458,13 @@ def test_checksums_catch_tampering(phase1_runs, tmp_path):
     assert any("layer-001.json: BLAKE3 mismatch" in p for p in problems)
     assert any("summary.json: listed in CHECKSUMS.b3 but missing" in p for p in problems)
     assert any("extra.txt: present but not listed" in p for p in problems)
+
+
+def test_help_and_demo_manifest_name_the_folder_the_code_writes():
+    """`vindex --help`, manifests/vindex-demo.yaml and vindex_dir all say OUTPUT.vindex/."""
+    help_text = " ".join(CliRunner().invoke(cli_main, ["vindex", "--help"]).output.split())
+    assert "OUTPUT.vindex/" in help_text and "OUTPUT/vindex" not in help_text
+    demo = REPO / "manifests" / "vindex-demo.yaml"
+    written = re.search(r"^# .*Writes (\S+)/ ", demo.read_text(), re.M).group(1)
+    manifest = load_manifest(demo)
+    assert (demo.parent / written).resolve() == vindex_dir(manifest.output.dir)

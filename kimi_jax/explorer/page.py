@@ -30,8 +30,6 @@ from typing import Any
 
 import click
 
-from kimi_jax.ledger.ledger import provenance_map
-
 TITLE = "Kimi K2.5 Output Formation Ledger"
 PAGE = "explorer.html"
 LIBRARIES = ("chart.umd.min.js", "chartjs-chart-matrix.min.js")
@@ -90,6 +88,10 @@ def _static_parts() -> dict[str, str]:
 
 def render_explorer(ledger: dict, title: str = TITLE) -> str:
     """The explorer page for ``ledger``: one self-contained HTML document (UTF-8 text)."""
+    # imported here, not at the top: `kimi-jax --help` registers this module's command and
+    # should not pay for numpy, which the ledger module pulls in
+    from kimi_jax.ledger.ledger import provenance_map
+
     if not isinstance(ledger, dict) or not isinstance(ledger.get("steps"), list) or not ledger["steps"]:
         raise ValueError("render_explorer needs a ledger with at least one step")
     parts = _static_parts()

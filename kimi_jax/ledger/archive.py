@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from kimi_jax.errors import KimiJaxError
+from kimi_jax.fileio import atomic_writer
 
 __all__ = ["ArchiveError", "UnsafeArchive", "archive_bundle", "safe_extract", "open_bundle", "is_archive",
            "default_archive_path"]  # fmt: skip
@@ -91,28 +92,18 @@ def archive_bundle(bundle: str | os.PathLike, out: str | os.PathLike | None = No
     top = src.name
     entries = _bundle_entries(src)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
-                with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    tar.addfile(_info(top, tarfile.DIRTYPE, 0))
-                    for rel, path in entries:
-                        name = f"{top}/{rel}"
-                        if path.is_dir():
-                            tar.addfile(_info(name, tarfile.DIRTYPE, 0))
-                        else:
-                            size = path.stat().st_size
-                            with open(path, "rb") as f:  # tarfile raises if the file shrinks meanwhile
-                                tar.addfile(_info(name, tarfile.REGTYPE, size), f)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(target) as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
+            with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                tar.addfile(_info(top, tarfile.DIRTYPE, 0))
+                for rel, path in entries:
+                    name = f"{top}/{rel}"
+                    if path.is_dir():
+                        tar.addfile(_info(name, tarfile.DIRTYPE, 0))
+                    else:
+                        size = path.stat().st_size
+                        with open(path, "rb") as f:  # tarfile raises if the file shrinks meanwhile
+                            tar.addfile(_info(name, tarfile.REGTYPE, size), f)
     return target
 
 

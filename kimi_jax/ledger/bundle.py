@@ -32,11 +32,11 @@ import blake3
 import numpy as np
 
 from kimi_jax.fileio import write_bytes_atomic, write_json_atomic
-from kimi_jax.ledger.checksums import write_checksums
+from kimi_jax.ledger.checksums import CHECKSUMS_NAME, write_checksums
 from kimi_jax.ledger.ledger import provenance_map
 
 BUNDLE_VERSION = 1
-CHECKSUMS = "CHECKSUMS.b3"
+CHECKSUMS = CHECKSUMS_NAME
 RECEIPT = "receipt.json"
 ARRAYS = "arrays"
 
@@ -58,11 +58,29 @@ def save_arrays(path: Path, steps) -> None:
 
 
 def load_arrays(bundle: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """{step: (logits, hidden)} restored from the bundle's orbax tree."""
-    import orbax.checkpoint as ocp
+    """{step: (logits, hidden)} from the bundle's orbax tree, read with tensorstore directly: orbax
+    stores each leaf ``step_NNNNN.{logits,hidden}`` as a zarr array (inside its OCDBT key-value
+    store when it used one), and reading them without orbax keeps JAX, which orbax imports, out of
+    verify and compare."""
+    import tensorstore as ts
 
-    tree = ocp.PyTreeCheckpointer().restore((Path(bundle) / ARRAYS).resolve())
-    return {int(k.split("_")[1]): (np.asarray(v["logits"]), np.asarray(v["hidden"])) for k, v in tree.items()}
+    root = (Path(bundle) / ARRAYS).resolve()
+    kvstore = {"driver": "ocdbt", "base": f"file://{root}"} if (root / "manifest.ocdbt").is_file() else \
+        {"driver": "file", "path": f"{root}/"}  # fmt: skip
+    drivers = {".zarray": "zarr", "zarr.json": "zarr3"}  # the file that marks an array, by zarr version
+    leaves: dict[int, dict[str, np.ndarray]] = {}
+    for key in sorted(ts.KvStore.open(kvstore).result().list().result()):
+        name, _, marker = key.decode().rpartition("/")
+        if marker not in drivers or not name.startswith("step_"):
+            continue
+        step, _, what = name.partition(".")
+        spec = {"driver": drivers[marker], "kvstore": {**kvstore, "path": kvstore.get("path", "") + name + "/"}}
+        leaves.setdefault(int(step.split("_")[1]), {})[what] = ts.open(spec, open=True).result().read().result()
+    for step, leaf in leaves.items():
+        missing = [what for what in ("logits", "hidden") if what not in leaf]
+        if missing:
+            raise ValueError(f"{ARRAYS}/{step_key(step)}: no {' or '.join(missing)} array in the orbax tree")
+    return {step: (leaf["logits"], leaf["hidden"]) for step, leaf in leaves.items()}
 
 
 def environment_record() -> dict[str, Any]:

@@ -24,6 +24,8 @@ from typing import Iterable
 
 import blake3
 
+from kimi_jax.fileio import write_bytes_atomic
+
 __all__ = ["CHECKSUMS_NAME", "hash_file", "list_files", "write_checksums", "verify_checksums", "parse_checksums"]
 
 CHECKSUMS_NAME = "CHECKSUMS.b3"
@@ -110,18 +112,7 @@ def write_checksums(root: Path, exclude: Iterable[str] = (CHECKSUMS_NAME,)) -> P
     if CHECKSUMS_NAME not in exclude:
         exclude = (*exclude, CHECKSUMS_NAME)
     lines = [format_line(hash_file(root / rel), rel) for rel in list_files(root, exclude)]
-    target = root / CHECKSUMS_NAME
-    tmp = root / f".{CHECKSUMS_NAME}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    return write_bytes_atomic(root / CHECKSUMS_NAME, "".join(lines).encode("utf-8"))
 
 
 def parse_checksums(text: str, source: str = CHECKSUMS_NAME) -> tuple[dict[str, str], list[str]]:

@@ -32,8 +32,12 @@ from typing import Any, Iterator
 import blake3
 import numpy as np
 
-LEDGER_SCHEMA_ID = "urn:kimi-jax:schema:ledger:v2"
 LEDGER_VERSION = 2
+LEDGER_SCHEMA_ID = f"urn:kimi-jax:schema:ledger:v{LEDGER_VERSION}"
+# What each version changed: told to whoever verifies a bundle of an older version.
+LEDGER_VERSION_CHANGES = {2: (
+    "checkpoint.config_digest is BLAKE3, like every other digest (version 1 wrote BLAKE2b); the checkpoint's content "
+    "root, digest file and storage, each step's weights_digest, and bytes from network and cache are recorded")}
 TOP_K = 16
 
 # -- float32-exact JSON numbers -----------------------------------------------------------------
@@ -180,7 +184,7 @@ _PLATFORM = {"type": "object", "x-provenance": "measured", "description": "Platf
 LEDGER_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": LEDGER_SCHEMA_ID,
-    "title": "kimi-jax output formation ledger, version 2",
+    "title": f"kimi-jax output formation ledger, version {LEDGER_VERSION}",
     **_obj({
         "schema": {"const": LEDGER_SCHEMA_ID, "x-provenance": "derived", "description": "Schema identifier."},
         "ledger_version": {"const": LEDGER_VERSION, "x-provenance": "derived", "description": "Schema version."},
@@ -189,7 +193,7 @@ LEDGER_SCHEMA: dict[str, Any] = {
         "checkpoint": _obj({
             "layout": _m(_STR, "On-disk layout recognised by the index."),
             "path": _m(_STR, "Checkpoint directory."),
-            "config_digest": _d(_STR, "Digest of the parsed model config."),
+            "config_digest": _d(_HEX, "BLAKE3 of the parsed model config's canonical JSON (ModelConfig.digest)."),
             "tensor_list_digest": _d(_HEX, "BLAKE3 of the sorted (name, dtype, shape, size) tensor list."),
             "storage": _m({"enum": ["local", "http", "https", "hf", "s3"]}, "Where the bytes were read from."),
             "digest_file": _m({"type": ["string", "null"]}, "The checkpoint's digest file, when one was found."),

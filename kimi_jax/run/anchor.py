@@ -16,7 +16,7 @@ import blake3
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import write_json_atomic
-from kimi_jax.ledger.ledger import checkpoint_record, f32, step_identity
+from kimi_jax.ledger.ledger import LEDGER_VERSION_CHANGES, checkpoint_record, f32, step_identity
 from kimi_jax.platform_info import (
     fingerprint_digest,
     platform_differences,
@@ -24,7 +24,7 @@ from kimi_jax.platform_info import (
 )
 from kimi_jax.storage.digests import checkpoint_identity, identity_differences
 
-ANCHOR_VERSION = 1
+ANCHOR_VERSION = 2  # 2: checkpoint.config_digest is BLAKE3, as in ledger version 2
 ANCHORED = ("token", "logit", "hidden_digest", "logits_digest", "bytes_read")
 
 
@@ -69,9 +69,13 @@ def load_anchor(path: Path) -> dict[str, Any]:
         raise AnchorMismatch(f"{path}: anchor file does not exist; create it with `kimi-jax anchor freeze`") from None
     except json.JSONDecodeError as e:
         raise AnchorMismatch(f"{path}: anchor file is not valid JSON ({e})") from None
+    if anchor.get("anchor_version") != ANCHOR_VERSION:
+        raise AnchorMismatch(f"{path}: anchor_version is {anchor.get('anchor_version')!r}, this kimi-jax reads version "
+                             f"{ANCHOR_VERSION} ({LEDGER_VERSION_CHANGES[2]}); freeze it again with "
+                             "`kimi-jax anchor freeze`")  # fmt: skip
     missing = [k for k in ("anchor_version", *ANCHORED, "platform") if k not in anchor]
-    if missing or anchor.get("anchor_version") != ANCHOR_VERSION:
-        raise AnchorMismatch(f"{path}: not a version-{ANCHOR_VERSION} anchor file (missing {missing})")
+    if missing:
+        raise AnchorMismatch(f"{path}: not an anchor file: {', '.join(missing)} missing")
     return anchor
 
 

@@ -56,12 +56,13 @@ from kimi_jax.errors import ManifestError
 from kimi_jax.fileio import canonical_json, default_cache_dir
 from kimi_jax.run.manifest_yaml import (
     MANIFEST_VERSION,
-    _apply_overrides,
-    _describe,
-    _Origins,
-    _parse_yaml,
-    _split_field,
+    Origins,
+    apply_overrides,
+    describe_value,
+    parse_yaml,
+    split_field,
 )
+from kimi_jax.storage.layouts import SynthLayout
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -86,7 +87,6 @@ MANIFEST_SCHEMA_ID = "urn:kimi-jax:schema:manifest:v1"
 _JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 Preset = Literal["tiny", "small", "full-shape"]
-Layout = Literal["kimi-k2.5", "kimi-k2-fp8", "deepseek-v3", "hf-bf16"]
 DType = Literal["float32", "bfloat16"]
 CaptureKind = Literal["norms", "routing", "logits"]
 CAPTURE_KINDS: tuple[str, ...] = ("norms", "routing", "logits")
@@ -123,7 +123,7 @@ def _resolve_path(value: Any, info: ValidationInfo) -> Path:
             raise _fail("must be a non-empty path string")
         path = Path(value)
     else:
-        raise _fail(f"expected a path string, got {_describe(value)}")
+        raise _fail(f"expected a path string, got {describe_value(value)}")
     try:
         path = path.expanduser()
     except RuntimeError as exc:  # ~user that does not exist, or no home directory
@@ -164,7 +164,7 @@ def _check_version(value: Any) -> Any:
     # Literal[1] alone would accept true and 1.0; the version must be the integer 1.
     if type(value) is not int or value != MANIFEST_VERSION:
         raise _fail(
-            f"unsupported manifest version {_describe(value)}; "
+            f"unsupported manifest version {describe_value(value)}; "
             f"this kimi-jax reads manifest version {MANIFEST_VERSION}"
         )
     return value
@@ -187,7 +187,7 @@ class SyntheticSection(_Section):
     """A synthetic checkpoint, generated on first use into ``model.cache_dir``."""
 
     preset: Preset = Field(description="Model size: tiny | small | full-shape.")
-    layout: Layout = Field(
+    layout: SynthLayout = Field(
         default="kimi-k2.5",
         description="Tensor naming and quantization layout of the generated checkpoint.",
     )
@@ -427,7 +427,7 @@ class Manifest(_Section):
     )
 
     _source: Path | None = PrivateAttr(default=None)
-    _origins: _Origins | None = PrivateAttr(default=None)
+    _origins: Origins | None = PrivateAttr(default=None)
 
     @field_validator("capture", mode="after")
     @classmethod
@@ -456,7 +456,7 @@ class Manifest(_Section):
         origins = self._origins
         if origins is None:
             return "<manifest>"
-        return origins.locate(_split_field(field))[0]
+        return origins.locate(split_field(field))[0]
 
     def error(self, field: str, message: str) -> ManifestError:
         """A :class:`ManifestError` ``FILE:LINE: FIELD: message`` for later stages to raise,
@@ -560,13 +560,13 @@ def _error_message(err: Mapping[str, Any]) -> str:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown key{hint}; expected one of: {', '.join(allowed)}"
     if kind == "literal_error":
-        return f"must be one of {ctx.get('expected', '?')}, got {_describe(value)}"
+        return f"must be one of {ctx.get('expected', '?')}, got {describe_value(value)}"
     if kind in _TYPE_NAMES:
-        return f"expected {_TYPE_NAMES[kind]}, got {_describe(value)}"
+        return f"expected {_TYPE_NAMES[kind]}, got {describe_value(value)}"
     if kind == "greater_than_equal":
-        return f"must be >= {ctx.get('ge')}, got {_describe(value).split(' ', 1)[-1]}"
+        return f"must be >= {ctx.get('ge')}, got {describe_value(value).split(' ', 1)[-1]}"
     if kind == "less_than_equal":
-        return f"must be <= {ctx.get('le')}, got {_describe(value).split(' ', 1)[-1]}"
+        return f"must be <= {ctx.get('le')}, got {describe_value(value).split(' ', 1)[-1]}"
     if kind == "too_short":
         return "must be a non-empty list"
     if kind == "string_too_short":
@@ -576,7 +576,7 @@ def _error_message(err: Mapping[str, Any]) -> str:
     return str(err.get("msg", "invalid value"))
 
 
-def _format_errors(exc: ValidationError, origins: _Origins) -> ManifestError:
+def _format_errors(exc: ValidationError, origins: Origins) -> ManifestError:
     entries: list[tuple[tuple[int, int], int, str]] = []
     for n, err in enumerate(exc.errors(include_url=False)):
         loc = tuple(str(x) for x in err.get("loc", ()))
@@ -594,10 +594,10 @@ def _format_errors(exc: ValidationError, origins: _Origins) -> ManifestError:
 
 
 def _validate(
-    data: Any, origins: _Origins, base_dir: Path, source: Path | None, check_paths: bool = True
+    data: Any, origins: Origins, base_dir: Path, source: Path | None, check_paths: bool = True
 ) -> Manifest:
     if not isinstance(data, Mapping):
-        raise ManifestError(f"{origins.display}: the manifest must be a mapping, got {_describe(data)}")
+        raise ManifestError(f"{origins.display}: the manifest must be a mapping, got {describe_value(data)}")
     context = {"base_dir": base_dir, "check_paths": check_paths}
     try:
         manifest = Manifest.model_validate(dict(data), context=context)
@@ -616,6 +616,8 @@ def load_manifest(
     path: str | os.PathLike[str],
     overrides: Iterable[str] = (),
     out_dir: str | os.PathLike[str] | None = None,
+    *,
+    check_paths: bool = True,
 ) -> Manifest:
     """Load, override, validate and resolve a YAML run manifest.
 
@@ -623,6 +625,10 @@ def load_manifest(
     parsed as a YAML scalar or flow value; ``out_dir`` (the CLI's ``--out``) replaces
     ``output.dir`` and resolves against the current working directory. Raises
     :class:`ManifestError` listing every problem as ``FILE:LINE: FIELD: message``.
+
+    ``check_paths=False`` skips what needs the filesystem (that ``model.checkpoint`` is a folder
+    holding config.json): for reading a manifest whose checkpoint is elsewhere or gone, as
+    ``compare`` and ``verify`` do. A bundle's ``manifest.json`` loads here too (JSON is YAML).
     """
     display = os.fspath(path)
     file = Path(display).expanduser()
@@ -640,10 +646,10 @@ def load_manifest(
         raise ManifestError(
             f"{display}: manifest is not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
-    data, origins = _parse_yaml(text, display)
-    data = _apply_overrides(data, origins, overrides, out_dir)
+    data, origins = parse_yaml(text, display)
+    data = apply_overrides(data, origins, overrides, out_dir)
     absolute = Path(os.path.abspath(file))
-    return _validate(data, origins, absolute.parent, absolute)
+    return _validate(data, origins, absolute.parent, absolute, check_paths)
 
 
 def parse_manifest_dict(
@@ -651,7 +657,7 @@ def parse_manifest_dict(
 ) -> Manifest:
     """Validate a manifest given as a dict (tests, other tools). Relative paths resolve
     against ``base_dir`` (default: the working directory); errors read ``SOURCE: FIELD: ...``."""
-    origins = _Origins(str(source), has_lines=False)
+    origins = Origins(str(source), has_lines=False)
     base = Path(os.path.abspath(Path(base_dir).expanduser())) if base_dir is not None else Path.cwd()
     return _validate(data, origins, base, None)
 

@@ -1,6 +1,6 @@
 """Reading a manifest's YAML: where every value came from, and ``--set`` overrides.
 
-Values are parsed with PyYAML's ``SafeLoader`` only. Alongside the data, :class:`_Origins` records
+Values are parsed with PyYAML's ``SafeLoader`` only. Alongside the data, :class:`Origins` records
 the line of every key and value (or the ``--set``/``--out`` text a value came from), so schema
 errors can name ``FILE:LINE: field``. Duplicate keys and non-string keys are rejected here, before
 validation, since ``safe_load`` would silently keep the last duplicate.
@@ -23,7 +23,7 @@ MANIFEST_VERSION = 1
 _MAX_NODES = 200_000
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
     """A short description of a YAML value for error messages: ``string '5'``, ``integer 1``."""
     if value is None:
         return "null"
@@ -54,7 +54,7 @@ class _Pos:
     collection: bool  # the value is a mapping or a sequence
 
 
-class _Origins:
+class Origins:
     """Maps dotted paths to the file line or the command-line text they came from."""
 
     def __init__(self, display: str, has_lines: bool) -> None:
@@ -92,7 +92,7 @@ class _Origins:
         return self.display, (0, 0)
 
 
-def _split_field(field: str) -> tuple[str, ...]:
+def split_field(field: str) -> tuple[str, ...]:
     return tuple(part for part in str(field).split(".") if part != "") if field else ()
 
 
@@ -149,7 +149,7 @@ def _check_keys(root: yaml.Node, display: str) -> list[str]:
     return problems
 
 
-def _record_lines(root: yaml.Node, origins: _Origins) -> None:
+def _record_lines(root: yaml.Node, origins: Origins) -> None:
     """Record each path's key and value lines. A node reached a second time through an alias
     is recorded at its new path but not walked again (its children fall back to it)."""
     walked: set[int] = set()
@@ -195,7 +195,7 @@ def _yaml_error(display: str, exc: yaml.YAMLError) -> ManifestError:
     return ManifestError(f"{where}: YAML error: {exc}")
 
 
-def _parse_yaml(text: str, display: str) -> tuple[dict[str, Any], _Origins]:
+def parse_yaml(text: str, display: str) -> tuple[dict[str, Any], Origins]:
     loader = yaml.SafeLoader(text)
     try:
         try:
@@ -222,7 +222,7 @@ def _parse_yaml(text: str, display: str) -> tuple[dict[str, Any], _Origins]:
             raise ManifestError("\n".join(key_problems))
     finally:
         loader.dispose()
-    origins = _Origins(display, has_lines=True)
+    origins = Origins(display, has_lines=True)
     _record_lines(node, origins)
     return data, origins
 
@@ -256,7 +256,7 @@ def _parse_override_value(raw: str) -> Any:
 
 
 def _set_path(
-    data: dict[str, Any], parts: tuple[str, ...], value: Any, origins: _Origins, label: str
+    data: dict[str, Any], parts: tuple[str, ...], value: Any, origins: Origins, label: str
 ) -> None:
     cur = data
     for i, part in enumerate(parts[:-1]):
@@ -270,7 +270,7 @@ def _set_path(
             cur[part] = dict(child)
         else:
             raise _OverrideError(
-                f"cannot set {'.'.join(parts)}: {'.'.join(prefix)} is {_describe(child)}, "
+                f"cannot set {'.'.join(parts)}: {'.'.join(prefix)} is {describe_value(child)}, "
                 "not a mapping"
             )
         cur = cur[part]
@@ -278,8 +278,8 @@ def _set_path(
     origins.set_cli(parts, label)
 
 
-def _apply_overrides(
-    data: dict[str, Any], origins: _Origins, overrides: Iterable[str], out_dir: str | os.PathLike | None
+def apply_overrides(
+    data: dict[str, Any], origins: Origins, overrides: Iterable[str], out_dir: str | os.PathLike | None
 ) -> dict[str, Any]:
     data = dict(data)
     problems: list[str] = []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
+from kimi_jax.config import ModelConfig
 from kimi_jax.errors import CheckpointError, ManifestError
 from kimi_jax.run.manifest import Manifest, load_manifest
 from kimi_jax.storage.checkpoint import CheckpointIndex
@@ -39,18 +41,8 @@ def prepare_run(manifest: Manifest) -> RunPlan:
     except CheckpointError as e:
         raise manifest.error("storage.digest_file" if "digest file" in str(e) else where, str(e)) from None
     index = source.index
-    cfg = index.config
     prompt = _prompt_tokens(manifest, index)
-    problems = []
-    for i, token in enumerate(prompt):
-        if token >= cfg.vocab_size:
-            problems.append(manifest.error(f"prompt.tokens.{i}",
-                                           f"token id {token} is outside the vocabulary (vocab_size {cfg.vocab_size})"))  # fmt: skip
-    total = len(prompt) + manifest.generate.max_new_tokens
-    if total > cfg.max_position_embeddings:
-        problems.append(manifest.error("generate.max_new_tokens",
-                                       f"prompt ({len(prompt)} tokens) + max_new_tokens ({manifest.generate.max_new_tokens}) "
-                                       f"= {total} positions exceeds max_position_embeddings {cfg.max_position_embeddings}"))  # fmt: skip
+    problems = prompt_problems(manifest, index.config, prompt, manifest.generate.max_new_tokens)
     if problems:
         raise ManifestError("\n".join(str(p) for p in problems))
     return RunPlan(manifest, index, tuple(prompt), source)
@@ -63,6 +55,23 @@ def remote_settings(manifest: Manifest) -> RemoteSettings:
     return RemoteSettings(max_in_flight=r.max_in_flight, timeout_s=r.timeout_s, retries=storage.io_retries,
                           request_bytes=r.request_mib << 20, cache_dir=Path(manifest.model.cache_dir) / "ranges",
                           cache_bytes=int(r.cache_gib * 2**30))  # fmt: skip
+
+
+def prompt_problems(manifest: Manifest, cfg: ModelConfig, prompt: Sequence[int], max_new_tokens: int, *,
+                    name: str = "prompt", tokens_field: str = "prompt.tokens",
+                    length_field: str = "generate.max_new_tokens") -> list[ManifestError]:  # fmt: skip
+    """What stops ``prompt`` from being run for ``max_new_tokens`` steps on a model ``cfg``: token
+    ids outside the vocabulary (reported at ``tokens_field.I``) and more positions than
+    ``max_position_embeddings`` (reported at ``length_field``)."""
+    problems = [manifest.error(f"{tokens_field}.{i}", f"token id {token} is outside the vocabulary "
+                                                      f"(vocab_size {cfg.vocab_size})")
+                for i, token in enumerate(prompt) if token >= cfg.vocab_size]  # fmt: skip
+    total = len(prompt) + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        problems.append(manifest.error(length_field, f"{name} ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                                                     f"= {total} positions exceeds max_position_embeddings "
+                                                     f"{cfg.max_position_embeddings}"))  # fmt: skip
+    return problems
 
 
 def _prompt_tokens(manifest: Manifest, index: CheckpointIndex) -> list[int]:

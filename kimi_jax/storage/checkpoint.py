@@ -24,6 +24,7 @@ import blake3
 
 from kimi_jax.config import ModelConfig, load_model_config
 from kimi_jax.errors import CheckpointError
+from kimi_jax.storage.layouts import KIMI_K25_PREFIX, TEXT_PREFIX, indexed_layout
 from kimi_jax.storage.safetensors_header import (
     ShardHeader,
     TensorRecord,
@@ -33,7 +34,7 @@ from kimi_jax.storage.safetensors_header import (
 WeightFormat = Literal["plain", "int4", "fp8"]
 
 # Prefixes in the order we try them; the first that owns `layers.` names wins.
-_TEXT_PREFIXES = ("language_model.model.", "model.")
+_TEXT_PREFIXES = (KIMI_K25_PREFIX, TEXT_PREFIX)
 _HEAD_NAMES = {"language_model.lm_head.weight": "lm_head.weight", "lm_head.weight": "lm_head.weight"}
 _SKIPPED_PREFIXES = ("vision_tower.", "mm_projector.", "language_model.vision_tower.")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -178,7 +179,8 @@ def index_from_headers(root: Path, cfg: ModelConfig, headers: tuple[ShardHeader,
     weights = _group_weights(canonical, cfg)
     layers = _build_layers(root, cfg, weights)
     _check_shapes(root, cfg, weights, layers)
-    layout = _layout_name(cfg, prefix, weights)
+    layout = indexed_layout(prefix, (w.format for w in weights.values()),
+                            (w.parts["weight"].dtype for w in weights.values() if "weight" in w.parts))  # fmt: skip
     return CheckpointIndex(root, cfg, layout, prefix, headers, weights, layers, tuple(skipped), source)
 
 
@@ -429,15 +431,3 @@ def _check_shapes(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry],
     if problems:
         more = "\n... and more" if len(problems) > 20 else ""
         raise CheckpointError("config.json and the tensors disagree:\n" + "\n".join(problems[:20]) + more)
-
-
-def _layout_name(cfg: ModelConfig, prefix: str, weights: dict[str, WeightEntry]) -> str:
-    formats = {w.format for w in weights.values()}
-    if prefix == "language_model.model.":
-        return "kimi-k2.5-int4" if "int4" in formats else "kimi-k2.5"
-    if "fp8" in formats:
-        return "deepseek-v3-fp8"
-    if "int4" in formats:
-        return "kimi-k2-int4"
-    return "hf-" + ("bf16" if any(w.parts.get("weight") and w.parts["weight"].dtype == "BF16"
-                                  for w in weights.values()) else "f32")  # fmt: skip

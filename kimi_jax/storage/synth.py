@@ -33,10 +33,10 @@ import numpy as np
 from kimi_jax.config import ModelConfig, parse_model_config
 from kimi_jax.fileio import default_cache_dir
 from kimi_jax.storage import codecs
+from kimi_jax.storage.layouts import SYNTH_LAYOUTS, synth_prefix
 from kimi_jax.storage.safetensors_header import DTYPE_SIZES, PlannedTensor, write_shard
 
 GENERATOR_VERSION = 2
-LAYOUTS = ("kimi-k2.5", "kimi-k2-fp8", "deepseek-v3", "hf-bf16")
 
 _K25_ROPE = {"type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
              "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
@@ -243,15 +243,15 @@ def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
     (packed, scale)``) or fp8 (``w -> (weight, scale_inv)``) quantizers, e.g. by a reference
     library's, so a checkpoint can be written from another model's weights.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if layout not in SYNTH_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(SYNTH_LAYOUTS)}")
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: already exists; synth never overwrites a checkpoint")
     sparse = preset == "full-shape" if sparse is None else sparse
     raw_cfg = config_json(preset, layout, **overrides)
     cfg = parse_model_config(raw_cfg)
-    prefix = "language_model.model." if layout == "kimi-k2.5" else "model."
+    prefix = synth_prefix(layout)
     group = cfg.quant.group_size or 32
     encoders = {"int4": lambda w: codecs.quantize_int4(w, group),
                 "fp8": lambda w: codecs.quantize_fp8_block(w, (128, 128)), **(encoders or {})}  # fmt: skip
@@ -371,10 +371,16 @@ def _add_vision(add, vision: dict[str, Any], text_hidden: int, seed: int, sparse
 # -- the cache of generated checkpoints --------------------------------------------------------------
 
 
+def synthetic_path(preset: str, layout: str = "kimi-k2.5", seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+    """Where the cache keeps the synthetic checkpoint for (preset, layout, seed); it may not exist yet.
+    The generator version is part of the name, so a changed generator never reuses old files."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return root / "synthetic" / f"{layout}-{preset}-seed{seed}-v{GENERATOR_VERSION}"
+
+
 def ensure_synthetic(preset: str, layout: str = "kimi-k2.5", seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """Return the cached synthetic checkpoint for (preset, layout, seed), generating it on first use."""
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = root / "synthetic" / f"{layout}-{preset}-seed{seed}-v{GENERATOR_VERSION}"
+    target = synthetic_path(preset, layout, seed, cache_dir)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from kimi_jax.errors import KimiJaxError, ManifestError
+from kimi_jax.errors import KimiJaxError
 from kimi_jax.storage.digests import checkpoint_identity, identity_differences
 
 __all__ = ["Difference", "ManifestComparison", "StepComparison", "BundleComparison", "compare_manifests",
@@ -237,30 +237,6 @@ def compare_resolved(a: dict[str, Any], b: dict[str, Any], identity_a: dict | No
     return ManifestComparison(name_a, name_b, result, neutral, notes, verdict, identical_steps)
 
 
-def _load_manifest_lenient(path: str):
-    """load_manifest; when its only problems are a missing checkpoint directory, validate without
-    path checks so the manifests can still be compared by path."""
-    from kimi_jax.run.manifest import Manifest, load_manifest
-
-    try:
-        return load_manifest(path), True
-    except ManifestError as e:
-        problems = getattr(e, "problems", None) or str(e).splitlines()
-        if not problems or not all(": model.checkpoint: checkpoint" in p for p in problems):
-            raise
-    import yaml
-    from pydantic import ValidationError
-
-    file = Path(path).expanduser()
-    data = yaml.safe_load(file.read_text(encoding="utf-8-sig"))
-    try:
-        manifest = Manifest.model_validate(data, context={"base_dir": Path(os.path.abspath(file)).parent,
-                                                          "check_paths": False})  # fmt: skip
-    except ValidationError as e:
-        raise ManifestError(f"{path}: {e}") from None
-    return manifest, False
-
-
 def _identity(index) -> dict[str, Any]:
     """A local checkpoint's identity, with the content root of the digest file beside it, if any."""
     from kimi_jax.storage.digests import DIGEST_FILE, load_digest_file
@@ -275,14 +251,14 @@ def _identity(index) -> dict[str, Any]:
 def _checkpoint_identity(manifest) -> tuple[dict | None, str | None]:
     """(identity, problem) of a manifest's checkpoint, opened only when it is on disk (never generated)."""
     from kimi_jax.storage.checkpoint import open_checkpoint
-    from kimi_jax.storage.synth import GENERATOR_VERSION
+    from kimi_jax.storage.synth import synthetic_path
 
     model = manifest.model
     if model.checkpoint is not None:
         root = Path(model.checkpoint)
     else:
         syn = model.synthetic
-        root = Path(model.cache_dir) / "synthetic" / f"{syn.layout}-{syn.preset}-seed{syn.seed}-v{GENERATOR_VERSION}"
+        root = synthetic_path(syn.preset, syn.layout, syn.seed, model.cache_dir)
     if not (root / "config.json").is_file():
         return None, f"{root}: not available"
     try:
@@ -292,9 +268,11 @@ def _checkpoint_identity(manifest) -> tuple[dict | None, str | None]:
 
 
 def compare_manifests(a: str | os.PathLike, b: str | os.PathLike) -> ManifestComparison:
-    """Load two manifest files and say whether their runs should be bitwise identical."""
-    ma, _ = _load_manifest_lenient(os.fspath(a))
-    mb, _ = _load_manifest_lenient(os.fspath(b))
+    """Load two manifest files and say whether their runs should be bitwise identical. A checkpoint
+    that is not on disk is no error here: the manifests are then compared by its path."""
+    from kimi_jax.run.manifest import load_manifest
+
+    ma, mb = load_manifest(a, check_paths=False), load_manifest(b, check_paths=False)
     ida, problem_a = _checkpoint_identity(ma)
     idb, problem_b = _checkpoint_identity(mb)
     result = compare_resolved(ma.resolved_dict(), mb.resolved_dict(), ida, idb, os.fspath(a), os.fspath(b))

@@ -30,9 +30,16 @@ NP_FIELDS = ("token", "hidden_digest", "logits_digest", "bytes_read")
 def check_schema(b: BundleView) -> str:
     import jsonschema
 
-    from kimi_jax.ledger.ledger import LEDGER_SCHEMA
+    from kimi_jax.ledger.ledger import LEDGER_SCHEMA, LEDGER_SCHEMA_ID, LEDGER_VERSION, LEDGER_VERSION_CHANGES
 
     ledger = b.json("ledger.json")
+    version = ledger.get("ledger_version") if isinstance(ledger, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version != LEDGER_VERSION:
+        changes = "; ".join(f"version {v}: {what}" for v, what in sorted(LEDGER_VERSION_CHANGES.items()) if v > version)
+        raise CheckFailed(f"ledger.json: ledger_version is {version} (schema {short(ledger.get('schema'))}), but this "
+                          f"kimi-jax verifies ledger version {LEDGER_VERSION} ({LEDGER_SCHEMA_ID})"
+                          + (f"; what changed since: {changes}" if changes else "")
+                          + "; verify it with the kimi-jax that wrote it, or run its manifest again")  # fmt: skip
     errors = sorted(jsonschema.Draft202012Validator(LEDGER_SCHEMA).iter_errors(ledger), key=lambda e: list(e.path))
     require([f"ledger.json {e.json_path}: {e.message[:160]}" for e in errors])
     return ""

@@ -9,8 +9,9 @@ from typing import Any
 
 import blake3
 
+from kimi_jax.errors import ManifestError
 from kimi_jax.ledger.bundle import BUNDLE_VERSION, CHECKSUMS, RECEIPT
-from kimi_jax.run.manifest import manifest_digest
+from kimi_jax.run.manifest import load_manifest, manifest_digest
 from kimi_jax.verify.bundle_view import BundleView
 from kimi_jax.verify.report import CheckFailed, require, short
 
@@ -61,7 +62,7 @@ def check_receipt(b: BundleView) -> str:
         resolved = b.json("manifest.json")
         if not isinstance(resolved, dict):
             raise CheckFailed("manifest.json: expected a JSON object (the resolved manifest)")
-        problems += _validate_resolved_manifest(resolved, b.root)
+        problems += _validate_resolved_manifest(b.root)
         problems += _run_matches_manifest(ledger, resolved)
         recomputed = manifest_digest(resolved)
         if recomputed != recorded:
@@ -121,15 +122,12 @@ def _run_matches_manifest(ledger: dict[str, Any], resolved: dict[str, Any]) -> l
             for field, (where, value) in want.items() if have[field] != value]  # fmt: skip
 
 
-def _validate_resolved_manifest(resolved: dict[str, Any], root: Path) -> list[str]:
-    """manifest.json must be a valid manifest; paths are not checked (the checkpoint may be gone)."""
-    from pydantic import ValidationError
-
-    from kimi_jax.run.manifest import Manifest
-
+def _validate_resolved_manifest(root: Path) -> list[str]:
+    """manifest.json must be a valid manifest, read by the manifest loader itself so problems name
+    ``manifest.json:LINE: field``; paths are not checked (the checkpoint may be gone)."""
     try:
-        Manifest.model_validate(resolved, context={"base_dir": root, "check_paths": False})
-    except ValidationError as e:
-        return [f"manifest.json: {'.'.join(str(x) for x in err['loc']) or '<manifest>'}: {err['msg']}"
-                for err in e.errors(include_url=False)]  # fmt: skip
+        load_manifest(root / "manifest.json", check_paths=False)
+    except ManifestError as e:
+        prefix = f"{root}{os.sep}"  # name the file as the bundle does, wherever it was unpacked
+        return [line.replace(prefix, "") for line in str(e).splitlines()]
     return []

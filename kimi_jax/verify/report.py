@@ -32,8 +32,6 @@ def short(value: Any, limit: int = 80) -> str:
 
 
 OK, FAILED, SKIPPED = "OK", "FAILED", "SKIPPED"
-CHECK_NAMES = ("checksums", "receipt", "schema", "provenance", "derivations", "digests", "anchor", "continuity",
-               "non-perturbation", "explorer")  # fmt: skip
 
 
 class Check(NamedTuple):

@@ -1,4 +1,4 @@
-"""The three vindex phases over a :class:`~kimi_jax.vindex.command.VindexPlan`, one layer file at a time.
+"""The three vindex phases over a :class:`~kimi_jax.vindex.plan.VindexPlan`, one layer file at a time.
 
 Every ``phase{1,2,3}/layer-NNN.json`` carries a ``key``: BLAKE3 of the checkpoint's tensor
 digest, its config digest, the phase, the layer, the method version and the settings that
@@ -13,12 +13,13 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import blake3
 import numpy as np
 
-from kimi_jax.fileio import write_bytes_atomic
+from kimi_jax.fileio import canonical_json, write_json_atomic
+from kimi_jax.vindex.plan import VindexPlan
 from kimi_jax.vindex.routing import (
     Trace,
     layer_routing_stats,
@@ -36,18 +37,10 @@ from kimi_jax.vindex.spectra import (
     stack_parts,
 )  # fmt: skip
 
-if TYPE_CHECKING:
-    from kimi_jax.vindex.command import VindexPlan
-
 FORMAT = "kimi-jax-vindex/1"
 
 
 # ----------------------------------------------------------------------------------- the store
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Canonical JSON (sorted keys, no NaN) written all or nothing (see :mod:`kimi_jax.fileio`)."""
-    write_bytes_atomic(path, (json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
 def _load_if_current(path: Path, key: str) -> dict[str, Any] | None:
@@ -62,7 +55,7 @@ def layer_file(out_dir: Path, phase: int, layer: int) -> Path:
     return out_dir / f"phase{phase}" / f"layer-{layer:03d}.json"
 
 
-class _Run:
+class VindexRun:
     """State of one vindex invocation: keys, reader, progress, what was computed or reused."""
 
     def __init__(self, plan: VindexPlan, progress: bool, on_layer_done: Callable | None):
@@ -78,7 +71,7 @@ class _Run:
     def key(self, phase: int, layer: int, **params: Any) -> str:
         ident = {"format": FORMAT, "phase": phase, "layer": layer, "tensors": self.tensors,
                  "config": self.plan.index.config.digest(), **params}  # fmt: skip
-        return blake3.blake3(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        return blake3.blake3(canonical_json(ident)).hexdigest()
 
     def bar(self, total: int, desc: str, unit: str):
         from tqdm import tqdm
@@ -102,7 +95,7 @@ def _phase1_items(plan: VindexPlan, layer: int):
     return "mlp.experts.*.down_proj", [(e, lm.experts[e]["down_proj"]) for e in ids]
 
 
-def _phase1(run: _Run, reader) -> None:
+def run_phase1(run: VindexRun, reader) -> None:
     plan = run.plan
     todo, keys = [], {}
     for layer in plan.layers:
@@ -126,7 +119,7 @@ def _phase1(run: _Run, reader) -> None:
         bar.close()
 
 
-def _phase1_layer(run: _Run, reader, layer: int, key: str, bar) -> dict[str, Any]:
+def _phase1_layer(run: VindexRun, reader, layer: int, key: str, bar) -> dict[str, Any]:
     plan, index = run.plan, run.plan.index
     matrix, items = _phase1_items(plan, layer)
     groups: dict[Any, list] = {}
@@ -171,7 +164,7 @@ def _phase1_layer(run: _Run, reader, layer: int, key: str, bar) -> dict[str, Any
 # ------------------------------------------------------------------------------------ phase 2
 
 
-def _phase2(run: _Run, reader) -> None:
+def run_phase2(run: VindexRun, reader) -> None:
     plan, index = run.plan, run.plan.index
     layers = plan.moe_layers()
     bar = run.bar(len(layers), "phase 2 routers", "layer")
@@ -201,7 +194,7 @@ def _phase2(run: _Run, reader) -> None:
 # ------------------------------------------------------------------------------------ phase 3
 
 
-def _phase3(run: _Run) -> None:
+def run_phase3(run: VindexRun) -> None:
     plan, index = run.plan, run.plan.index
     m, cfg = plan.manifest, index.config
     engine_id = {"max_new_tokens": plan.max_new_tokens, "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype}

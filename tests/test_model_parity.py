@@ -30,6 +30,7 @@ from kimi_jax.model.params import (  # noqa: E402
     head_params,
     moe_base_params,
 )
+from kimi_jax.shapes import checkpoint_shapes  # noqa: E402
 from tests import hf_oracle  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS, CAPACITY, TOL = 24, 16, 48, 1e-4
@@ -65,7 +66,7 @@ def cached_greedy(cfg, tensors, prompt, steps):
     Returns the generated tokens, the logits after prefill and after each decoded token
     [steps + 1, vocab], every Routing, and TRACE_COUNTS around the first decode step and at the end.
     """
-    embed, layers, head = tensors["embed_tokens.weight"], _layer_params(cfg, tensors), head_params(tensors, cfg)
+    embed, layers, head = tensors["embed_tokens.weight"], _layer_params(cfg, tensors), head_params(cfg, tensors)
     caches = [M.LatentCache.empty(cfg, CAPACITY) for _ in layers]
     routings = []
 
@@ -183,6 +184,15 @@ def test_one_trace_per_stage_shape_across_layers(case):
     assert deltas["prefill"]["final_logits"] == 1
     assert deltas["first_decode"] == {**dense, "moe_attention_and_route": 1, "moe_experts": 1}
     assert deltas["later_decodes"] == {}, "later decode steps must reuse the compiled programs"
+
+
+def test_shape_table_declares_exactly_transformers_tensors(case):
+    # transformers' state dict (fused experts split per expert) is the oracle: same names, same shapes.
+    ours = {name: shape for _, name, shape in checkpoint_shapes(case.cfg)}
+    theirs = {name: tuple(array.shape) for name, array in case.tensors.items()}
+    assert ours.keys() == theirs.keys(), f"only ours: {sorted(ours.keys() - theirs.keys())[:5]}, " \
+                                         f"only transformers': {sorted(theirs.keys() - ours.keys())[:5]}"
+    assert ours == theirs
 
 
 def test_yarn_frequencies_match_transformers(case):

@@ -18,13 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.model import layers
-from kimi_jax.model.params import (
-    HeadParams,
-    dense_layer_params,
-    expert_stack,
-    head_params,
-    moe_base_params,
-)
+from kimi_jax.model.params import HeadParams, expert_stack, head_params, layer_params
 from kimi_jax.model.quant import Fp8Weight, Int4Weight
 from kimi_jax.records import LayerRecord, StepRecord
 from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
@@ -44,8 +38,7 @@ def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: Check
         entry.check_weight_shape(parts)
         return Int4Weight(parts["weight_packed"], parts["weight_scale"], in_features=entry.shape[1],
                           group_size=index.config.quant.group_size)  # fmt: skip
-    block = index.config.quant.block_size if index.config.quant.kind == "fp8-block" else (128, 128)
-    return Fp8Weight(parts["weight"], parts["weight_scale_inv"], block_size=tuple(block))
+    return Fp8Weight(parts["weight"], parts["weight_scale_inv"], block_size=index.config.quant.fp8_block_size)
 
 
 class Engine:
@@ -85,15 +78,14 @@ class Engine:
         started = time.perf_counter()
         lm = self.index.layers[layer]
         tensors = self._read(list(lm.base.values()), layer)
-        build = moe_base_params if lm.kind == "moe" else dense_layer_params
-        return build(self.cfg, layer, tensors), time.perf_counter() - started
+        return layer_params(self.cfg, layer, tensors), time.perf_counter() - started
 
     def _load_head(self):
         started = time.perf_counter()
         tensors = self._read(list(self.index.head.values()), None)
         if "lm_head.weight" not in tensors:  # tied embeddings
             tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-        return head_params(tensors, self.cfg), time.perf_counter() - started
+        return head_params(self.cfg, tensors), time.perf_counter() - started
 
     def _logits(self, head: HeadParams, hidden: jax.Array) -> np.ndarray:
         """Logits in vocabulary chunks: the head (2.3 GB in BF16 for Kimi) is never widened to

@@ -392,7 +392,7 @@ def forward_all(cfg: ModelConfig, tensors: Mapping[str, Any], tokens: Sequence[i
             x, _ = moe_experts(cfg, base, stack, jnp.asarray(slots), routing.weights_scaled, h)
         else:
             x, _, _ = dense_layer(cfg, dense_layer_params(cfg, layer, tensors), x, positions, None)
-    return final_logits(cfg, head_params(tensors, cfg), x)
+    return final_logits(cfg, head_params(cfg, tensors), x)
 
 
 __all__ = [

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.model import layers
-from kimi_jax.model.params import HeadParams, expert_stack, head_params, layer_params
+from kimi_jax.model.forward import layer_step
+from kimi_jax.model.params import ExpertStack, HeadParams, expert_stack, head_params, layer_params
 from kimi_jax.model.quant import Fp8Weight, Int4Weight
 from kimi_jax.records import LayerRecord, StepRecord
 from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
@@ -39,6 +40,23 @@ def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: Check
         return Int4Weight(parts["weight_packed"], parts["weight_scale"], in_features=entry.shape[1],
                           group_size=index.config.quant.group_size)  # fmt: skip
     return Fp8Weight(parts["weight"], parts["weight_scale_inv"], block_size=index.config.quant.fp8_block_size)
+
+
+class _ExpertReads:
+    """``fetch_experts`` for one layer backed by the reader: each distinct expert picked is read once,
+    and the time spent reading is kept apart, so a layer's compute time excludes it."""
+
+    def __init__(self, engine: Engine, layer: int):
+        self.engine, self.layer, self.seconds = engine, layer, 0.0
+
+    def __call__(self, stack_ids: list[int]) -> ExpertStack:
+        started = time.perf_counter()
+        experts = self.engine.index.layers[self.layer].experts
+        distinct = dict.fromkeys(stack_ids)  # padding repeats an id; order kept: sorted ids first
+        loaded = self.engine._read([w for e in distinct for w in experts[e].values()], self.layer)
+        stack = expert_stack(self.engine.cfg, self.layer, stack_ids, loaded)
+        self.seconds += time.perf_counter() - started
+        return stack
 
 
 class Engine:
@@ -131,39 +149,14 @@ class Engine:
             is_last = layer + 1 == cfg.num_hidden_layers
             pending = self._submit(self._load_head) if is_last else self._submit(self._load_base, layer + 1)
             cache = caches[layer] if caches is not None else None
-            lm = self.index.layers[layer]
+            expert_reads = _ExpertReads(self, layer)
             started = time.perf_counter()
-            if lm.kind == "dense":
-                x, cache, cap = layers.dense_layer(cfg, params, x, pos, cache)
-                routing, norm_out = None, cap["norm_out"]
-                x.block_until_ready()
-                compute_s = time.perf_counter() - started
-            else:
-                h, cache, routing, cap = layers.moe_attention_and_route(cfg, params, x, pos, cache)
-                picked = np.asarray(routing.idx)  # waits for the router
-                compute_s = time.perf_counter() - started
-                started = time.perf_counter()
-                distinct, stack_ids, slots = layers.plan_expert_slots(picked, cfg.n_routed_experts)
-                loaded = self._read([w for e in distinct for w in lm.experts[e].values()], layer)
-                experts = expert_stack(cfg, layer, stack_ids, loaded)
-                read_s += time.perf_counter() - started
-                started = time.perf_counter()
-                x, cap_out = layers.moe_experts(cfg, params, experts, jnp.asarray(slots), routing.weights_scaled, h)
-                norm_out = cap_out["norm_out"]
-                x.block_until_ready()
-                compute_s += time.perf_counter() - started
+            x, cache, routing, capture = layer_step(cfg, params, x, pos, cache, expert_reads)
+            x.block_until_ready()
+            compute_s = time.perf_counter() - started - expert_reads.seconds
             if new_caches is not None:
                 new_caches.append(cache)
-            # A bare run leaves the capture arrays on the device: same programs, nothing fetched.
-            keep = self.keep_capture
-            records.append(LayerRecord(
-                layer=layer, kind=lm.kind,
-                norm_in=float(cap["norm_in"]) if keep else None, norm_out=float(norm_out) if keep else None,
-                experts=np.asarray(routing.idx).tolist() if keep and routing else None,
-                routing_weights=np.asarray(routing.weights_norm).tolist() if keep and routing else None,
-                router_scores=np.asarray(routing.scores).tolist() if keep and routing else None,
-                bytes_read=0, read_s=read_s, compute_s=compute_s,
-            ))  # fmt: skip
+            records.append(self._layer_record(layer, routing, capture, read_s + expert_reads.seconds, compute_s))
             del params
             if self.on_layer:
                 self.on_layer(self._step, layer, self.reader.step.total)
@@ -174,6 +167,19 @@ class Engine:
         for rec in records:
             rec.bytes_read = per_layer.get(rec.layer, 0)
         return np.asarray(hidden), np.asarray(logits), records, new_caches
+
+    def _layer_record(self, layer: int, routing: layers.Routing | None, capture: dict, read_s: float,
+                      compute_s: float) -> LayerRecord:  # fmt: skip
+        """A bare run leaves the capture arrays on the device: same programs, nothing fetched."""
+        keep = self.keep_capture
+        return LayerRecord(
+            layer=layer, kind=self.index.layers[layer].kind,
+            norm_in=float(capture["norm_in"]) if keep else None, norm_out=float(capture["norm_out"]) if keep else None,
+            experts=np.asarray(routing.idx).tolist() if keep and routing else None,
+            routing_weights=np.asarray(routing.weights_norm).tolist() if keep and routing else None,
+            router_scores=np.asarray(routing.scores).tolist() if keep and routing else None,
+            bytes_read=0, read_s=read_s, compute_s=compute_s,
+        )  # fmt: skip
 
     # -- generation --------------------------------------------------------------------------
 

@@ -205,3 +205,18 @@ def test_profiles_name_the_model_stages():
     experts = expert_stack(cfg, 1, [0, 1], tensors)
     assert {"routed_experts", "shared_expert"} <= scopes(model.moe_experts, moe, experts, slots, weights, x)
     assert "head" in scopes(model.final_logits, head_params(cfg, tensors), x[-1])
+
+
+def test_engine_from_plan_and_per_layer_callback(tiny_checkpoints, tmp_path):
+    plan = prepare_run(_manifest(tmp_path, tiny_checkpoints["kimi-k2.5"], compute={"dtype": "bfloat16"},
+                                 storage={"prefetch": False, "io_retries": 5}))  # fmt: skip
+    calls = []
+    with Engine.from_plan(plan, keep_capture=False) as engine:
+        assert (engine.dtype, engine.prefetch, engine.reader.retries) == (jnp.bfloat16, False, 5)
+        steps = engine.generate(list(plan.prompt), 2, kv_cache=False, on_layer=lambda *args: calls.append(args))
+    n_layers = plan.index.config.num_hidden_layers
+    assert [(step, layer) for step, layer, _ in calls] == [(s, i) for s in range(2) for i in range(n_layers)]
+    for s, step in enumerate(steps):
+        so_far = [nbytes for i, _, nbytes in calls if i == s]
+        assert so_far == sorted(so_far) and 0 < so_far[0] and so_far[-1] <= step.bytes_read
+        assert all(rec.norm_in is None and rec.experts is None for rec in step.layers)  # keep_capture=False

@@ -9,6 +9,7 @@ token. Capture values come back from the same jitted calls whether or not they a
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
@@ -29,6 +30,8 @@ from kimi_jax.storage.safetensors_header import TensorRecord
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Rows of the lm_head per logits call: 16384 x 7168 BF16 is 235 MB, 470 MB once widened.
 HEAD_CHUNK_ROWS = 16384
+# Called after each layer with (step, layer, bytes read so far this step): progress display.
+OnLayer = Callable[[int, int, int], None]
 
 
 def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: CheckpointIndex) -> Any:
@@ -72,9 +75,18 @@ class Engine:
         # A given reader (remote, digest-checked) replaces the plain local one; the engine only calls its interface.
         self.reader = reader if reader is not None else ShardReader(retries=io_retries)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-jax-prefetch")
-        # Called after each layer with (step, layer, bytes read so far this step): progress display.
-        self.on_layer: Callable[[int, int, int], None] | None = None
-        self._step = 0
+
+    @classmethod
+    def from_plan(cls, plan: Any, keep_capture: bool = True) -> "Engine":
+        """The engine a plan describes: its checkpoint, with the manifest's compute and storage settings.
+
+        ``plan`` is a run plan or a vindex plan: anything with ``index`` and ``manifest``, and a run
+        plan's ``source`` (remote, digest-checked) supplies the reader; without one, shards are read locally."""
+        m = plan.manifest
+        source = getattr(plan, "source", None)
+        reader = source.reader(m.storage.io_retries) if source is not None else None
+        return cls(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture,
+                   reader=reader)  # fmt: skip
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -136,8 +148,11 @@ class Engine:
 
     # -- one forward pass --------------------------------------------------------------------
 
-    def forward(self, tokens: list[int], positions: np.ndarray, caches: list | None):
-        """Run ``tokens`` at ``positions`` through every layer; returns (hidden_last, logits, layers, caches)."""
+    def forward(self, tokens: list[int], positions: np.ndarray, caches: list | None,
+                on_layer: Callable[[int, int], None] | None = None):  # fmt: skip
+        """Run ``tokens`` at ``positions`` through every layer; returns (hidden_last, logits, layers, caches).
+
+        ``on_layer(layer, bytes read so far this step)`` is called after each layer."""
         cfg = self.cfg
         x = self._embed(tokens)
         pos = jnp.asarray(positions, dtype=jnp.int32)
@@ -158,8 +173,8 @@ class Engine:
                 new_caches.append(cache)
             records.append(self._layer_record(layer, routing, capture, read_s + expert_reads.seconds, compute_s))
             del params
-            if self.on_layer:
-                self.on_layer(self._step, layer, self.reader.step.total)
+            if on_layer:
+                on_layer(layer, self.reader.step.total)
         head, _ = pending.result()
         hidden = x[-1]
         logits = self._logits(head, hidden)
@@ -189,8 +204,11 @@ class Engine:
 
     def generate(self, prompt: list[int], max_new_tokens: int, kv_cache: bool,
                  on_step: Callable[[StepRecord], None] | None = None, done: list[StepRecord] | None = None,
-                 caches: list | None = None) -> list[StepRecord]:  # fmt: skip
+                 caches: list | None = None, on_layer: OnLayer | None = None) -> list[StepRecord]:  # fmt: skip
         """Greedy decoding (argmax, ties to the lowest id).
+
+        ``on_step(record)`` is called after each step, ``on_layer(step, layer, bytes read so far this
+        step)`` after each layer.
 
         To resume, pass the completed steps as ``done`` and, with ``kv_cache``, the latent caches
         as they were after the last of them; decoding continues exactly where it stopped.
@@ -204,13 +222,13 @@ class Engine:
         caches = caches if kv_cache else None
         for step in range(len(steps), max_new_tokens):
             started = time.perf_counter()
-            self._step = step
             self.reader.begin_step()
             if kv_cache and step > 0:
                 tokens, positions = [context[-1]], np.array([len(context) - 1])
             else:
                 tokens, positions = list(context), np.arange(len(context))
-            hidden, logits, layers, caches = self.forward(tokens, positions, caches)
+            step_on_layer = functools.partial(on_layer, step) if on_layer else None
+            hidden, logits, layers, caches = self.forward(tokens, positions, caches, step_on_layer)
             counters: ReadCounters = self.reader.end_step()
             token = int(np.argmax(logits))  # first maximum: ties go to the lowest id
             record = StepRecord(step, list(context), token, float(logits[token]), logits, hidden, layers,

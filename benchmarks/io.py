@@ -71,9 +71,9 @@ def main() -> None:
     layer_ends: list[float] = []
     with Engine(index) as engine:
         engine.reader.trace = []
-        engine.on_layer = lambda step, layer, b: layer_ends.append(time.perf_counter())
         started = time.perf_counter()
-        steps = engine.generate(prompt, args.tokens, kv_cache=False)
+        steps = engine.generate(prompt, args.tokens, kv_cache=False,
+                                on_layer=lambda step, layer, b: layer_ends.append(time.perf_counter()))
         trace = engine.reader.trace
     ratios = [s.bytes_read / needed_bytes(index, s) for s in steps]
     engine_bytes = sum(n for _, _, n, _ in trace)

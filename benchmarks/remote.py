@@ -46,9 +46,9 @@ def one_token(index, reader, prompt, repeats: int) -> dict:
         engine.generate(prompt, 1, kv_cache=False)
         for _ in range(repeats):
             ends: list[float] = []
-            engine.on_layer = lambda step, layer, b, ends=ends: ends.append(time.perf_counter())
             started = time.perf_counter()
-            (step,) = engine.generate(prompt, 1, kv_cache=False)
+            (step,) = engine.generate(prompt, 1, kv_cache=False,
+                                      on_layer=lambda step, layer, b, ends=ends: ends.append(time.perf_counter()))
             runs.append((time.perf_counter() - started, started, ends, step))
     wall, started, ends, step = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     walls = np.diff([started, *ends])

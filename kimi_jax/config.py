@@ -37,6 +37,10 @@ class YarnRope:
     mscale_all_dim: float = 1.0
 
 
+# DeepSeek-V3's block FP8: one float32 scale per 128x128 block, when no weight_block_size is given.
+DEFAULT_FP8_BLOCK = (128, 128)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantScheme:
     """How the checkpoint stores its quantized linears.
@@ -52,6 +56,12 @@ class QuantScheme:
     num_bits: int = 0
     block_size: tuple[int, int] = (0, 0)
     ignore: tuple[str, ...] = ()
+
+    @property
+    def fp8_block_size(self) -> tuple[int, int]:
+        """The block of one ``weight_scale_inv`` entry of an F8_E4M3 weight: the declared one, else
+        DeepSeek's 128x128 (F8 tensors found without an fp8 ``quantization_config`` saying so)."""
+        return self.block_size if self.kind == "fp8-block" else DEFAULT_FP8_BLOCK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +296,7 @@ def _parse_quant(qraw: Any, source: str) -> QuantScheme:
         raise CheckpointError(f"{source}: quantization_config must be an object")
     method = qraw.get("quant_method")
     if method == "fp8":
-        block = qraw.get("weight_block_size") or [128, 128]
+        block = qraw.get("weight_block_size") or DEFAULT_FP8_BLOCK
         if qraw.get("fmt", "e4m3") != "e4m3":
             raise CheckpointError(f"{source}: fp8 fmt {qraw.get('fmt')!r} is not supported (expected 'e4m3')")
         return QuantScheme(kind="fp8-block", block_size=(int(block[0]), int(block[1])))

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kimi_jax.config import parse_model_config
 from kimi_jax.errors import ManifestError
 from kimi_jax.model import layers as model
 from kimi_jax.model.engine import Engine
+from kimi_jax.model.params import expert_stack, head_params, layer_params
 from kimi_jax.run.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
+from kimi_jax.shapes import checkpoint_shapes
 from kimi_jax.storage.checkpoint import open_checkpoint
-from kimi_jax.storage.synth import synth_checkpoint
+from kimi_jax.storage.synth import config_json, logical_value, synth_checkpoint
 
 
 def test_single_token_step_reads_exactly_the_predicted_bytes(tiny_checkpoints):
@@ -180,3 +185,38 @@ def test_prompt_text_needs_a_tokenizer(tiny_checkpoints, tmp_path):
     with pytest.raises(ManifestError, match=r"prompt.text: the checkpoint .* ships no tokenizer.json; give the prompt "
                                             r"as prompt.tokens"):  # fmt: skip
         prepare_run(parse_manifest_dict(data, source=str(tmp_path / "m.yaml")))
+
+
+def test_profiles_name_the_model_stages():
+    """Each stage's operations sit in named scopes, so a profile (or HLO dump) reads as the model does."""
+    cfg = parse_model_config(config_json("tiny", "hf-bf16"))
+    tensors = {name: logical_value(0, name, shape) for layer, name, shape in checkpoint_shapes(cfg) if layer in (None, 0, 1)}
+    x, pos = jnp.ones((3, cfg.hidden_size)), jnp.arange(3, dtype=jnp.int32)
+    k = cfg.num_experts_per_tok
+    slots, weights = jnp.zeros((3, k), jnp.int32), jnp.full((3, k), 1.0 / k)
+
+    def scopes(stage, *args) -> set[str]:
+        text = stage.lower(cfg, *args).as_text(debug_info=True)
+        return set(re.findall(r'loc\("jit\(\w+\)/(\w+)/', text))
+
+    assert {"attention", "mlp"} <= scopes(model.dense_layer, layer_params(cfg, 0, tensors), x, pos, None)
+    moe = layer_params(cfg, 1, tensors)
+    assert {"attention", "router"} <= scopes(model.moe_attention_and_route, moe, x, pos, None)
+    experts = expert_stack(cfg, 1, [0, 1], tensors)
+    assert {"routed_experts", "shared_expert"} <= scopes(model.moe_experts, moe, experts, slots, weights, x)
+    assert "head" in scopes(model.final_logits, head_params(cfg, tensors), x[-1])
+
+
+def test_engine_from_plan_and_per_layer_callback(tiny_checkpoints, tmp_path):
+    plan = prepare_run(_manifest(tmp_path, tiny_checkpoints["kimi-k2.5"], compute={"dtype": "bfloat16"},
+                                 storage={"prefetch": False, "io_retries": 5}))  # fmt: skip
+    calls = []
+    with Engine.from_plan(plan, keep_capture=False) as engine:
+        assert (engine.dtype, engine.prefetch, engine.reader.retries) == (jnp.bfloat16, False, 5)
+        steps = engine.generate(list(plan.prompt), 2, kv_cache=False, on_layer=lambda *args: calls.append(args))
+    n_layers = plan.index.config.num_hidden_layers
+    assert [(step, layer) for step, layer, _ in calls] == [(s, i) for s in range(2) for i in range(n_layers)]
+    for s, step in enumerate(steps):
+        so_far = [nbytes for i, _, nbytes in calls if i == s]
+        assert so_far == sorted(so_far) and 0 < so_far[0] and so_far[-1] <= step.bytes_read
+        assert all(rec.norm_in is None and rec.experts is None for rec in step.layers)  # keep_capture=False

@@ -120,8 +120,8 @@ def test_bare_and_instrumented_identical(tiny_checkpoints, tmp_path, layout):
 def test_perturbed_capture_writes_no_ledger(tiny_checkpoints, tmp_path, monkeypatch):
     real = engine_mod.Engine.forward
 
-    def perturbing(self, tokens, positions, caches):
-        hidden, logits, layers, caches = real(self, tokens, positions, caches)
+    def perturbing(self, *args, **kwargs):
+        hidden, logits, layers, caches = real(self, *args, **kwargs)
         if self.keep_capture:  # an instrument that changes what it measures
             hidden = hidden + np.float32(1e-3)
         return hidden, logits, layers, caches

@@ -23,13 +23,16 @@ torch.set_num_threads(2)
 
 from kimi_jax.errors import CheckpointError  # noqa: E402
 from kimi_jax.model import layers as M  # noqa: E402
+from kimi_jax.model.forward import experts_from_tensors, forward_all, layer_step, plan_expert_slots  # noqa: E402
 from kimi_jax.model.params import (  # noqa: E402
     RouterParams,
     dense_layer_params,
     expert_stack,
     head_params,
+    layer_params,
     moe_base_params,
 )
+from kimi_jax.shapes import checkpoint_shapes  # noqa: E402
 from tests import hf_oracle  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS, CAPACITY, TOL = 24, 16, 48, 1e-4
@@ -52,20 +55,14 @@ CONFIGS = {
 }
 
 
-def _layer_params(cfg, tensors):
-    return [
-        moe_base_params(cfg, i, tensors) if cfg.is_moe_layer(i) else dense_layer_params(cfg, i, tensors)
-        for i in range(cfg.num_hidden_layers)
-    ]
-
-
 def cached_greedy(cfg, tensors, prompt, steps):
     """Engine-like run: prefill into latent caches, then greedy decode one token at a time.
 
     Returns the generated tokens, the logits after prefill and after each decoded token
     [steps + 1, vocab], every Routing, and TRACE_COUNTS around the first decode step and at the end.
     """
-    embed, layers, head = tensors["embed_tokens.weight"], _layer_params(cfg, tensors), head_params(tensors, cfg)
+    embed, head = tensors["embed_tokens.weight"], head_params(cfg, tensors)
+    layers = [layer_params(cfg, i, tensors) for i in range(cfg.num_hidden_layers)]
     caches = [M.LatentCache.empty(cfg, CAPACITY) for _ in layers]
     routings = []
 
@@ -73,14 +70,9 @@ def cached_greedy(cfg, tensors, prompt, steps):
         x = jnp.asarray(embed[np.asarray(tokens)])
         positions = jnp.arange(start, start + len(tokens), dtype=jnp.int32)
         for i, p in enumerate(layers):
-            if cfg.is_moe_layer(i):
-                h, caches[i], routing, _ = M.moe_attention_and_route(cfg, p, x, positions, caches[i])
-                _, ids, slots = M.plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts)
-                stack = expert_stack(cfg, i, ids, tensors)
-                x, _ = M.moe_experts(cfg, p, stack, jnp.asarray(slots), routing.weights_scaled, h)
+            x, caches[i], routing, _ = layer_step(cfg, p, x, positions, caches[i], experts_from_tensors(cfg, i, tensors))
+            if routing is not None:
                 routings.append(routing)
-            else:
-                x, caches[i], _ = M.dense_layer(cfg, p, x, positions, caches[i])
         return np.asarray(M.final_logits(cfg, head, x[-1]))
 
     traces = [dict(M.TRACE_COUNTS)]
@@ -112,7 +104,7 @@ def run_case(name):
     prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, PROMPT_LEN).tolist()
     hf_new = hf_oracle.greedy(hf, prompt, NEW_TOKENS)
     seq = prompt + hf_new
-    naive = np.asarray(M.forward_all(cfg, tensors, seq, tensors["embed_tokens.weight"]))
+    naive = np.asarray(forward_all(cfg, tensors, seq, tensors["embed_tokens.weight"]))
     return SimpleNamespace(
         name=name, hf=hf, cfg=cfg, tensors=tensors, prompt=prompt, hf_new=hf_new, seq=seq,
         hf_logits=hf_oracle.logits(hf, seq), naive=naive,
@@ -185,6 +177,15 @@ def test_one_trace_per_stage_shape_across_layers(case):
     assert deltas["later_decodes"] == {}, "later decode steps must reuse the compiled programs"
 
 
+def test_shape_table_declares_exactly_transformers_tensors(case):
+    # transformers' state dict (fused experts split per expert) is the oracle: same names, same shapes.
+    ours = {name: shape for _, name, shape in checkpoint_shapes(case.cfg)}
+    theirs = {name: tuple(array.shape) for name, array in case.tensors.items()}
+    assert ours.keys() == theirs.keys(), f"only ours: {sorted(ours.keys() - theirs.keys())[:5]}, " \
+                                         f"only transformers': {sorted(theirs.keys() - ours.keys())[:5]}"
+    assert ours == theirs
+
+
 def test_yarn_frequencies_match_transformers(case):
     inv_freq, factor = M.rope_inv_freq(case.cfg)
     rotary = case.hf.model.rotary_emb
@@ -240,7 +241,7 @@ def _moe_inputs(case, t=5):
 
 def test_padding_slots_are_never_used(case):
     cfg, layer, base, h, routing = _moe_inputs(case)
-    ids, _, slots = M.plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts, bucket=False)
+    ids, _, slots = plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts, bucket=False)
     exact = expert_stack(cfg, layer, ids, case.tensors)
     ref, _ = M.moe_experts(cfg, base, exact, jnp.asarray(slots), routing.weights_scaled, h)
     poison = jax.tree.map(lambda a: np.concatenate([a, np.full((3, *a.shape[1:]), np.nan, a.dtype)]), exact)
@@ -248,7 +249,7 @@ def test_padding_slots_are_never_used(case):
     np.testing.assert_array_equal(np.asarray(padded), np.asarray(ref))
     # Bucketed plan: the stack is padded to a power of two by repeating a picked expert, so the
     # padding never needs an expert the router did not pick.
-    distinct, ids_b, slots_b = M.plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts)
+    distinct, ids_b, slots_b = plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts)
     assert distinct == ids and ids_b[: len(ids)] == ids and set(ids_b) == set(ids) and np.array_equal(slots_b, slots)
     assert len(ids_b) in (cfg.n_routed_experts, 1 << (len(ids) - 1).bit_length())
 
@@ -260,7 +261,7 @@ def test_quantized_expert_stack_matches_dequantized(one_group, kind):
     from kimi_jax.storage import codecs
 
     cfg, layer, base, h, routing = _moe_inputs(case)
-    ids, _, slots = M.plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts, bucket=False)
+    ids, _, slots = plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts, bucket=False)
     quantized, dequantized = {}, {}
     for e in ids:
         for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -291,7 +292,7 @@ def test_quantized_expert_stack_matches_dequantized(one_group, kind):
 
 def test_bfloat16_forward_is_close_to_float32(one_group):
     case = one_group
-    bf = np.asarray(M.forward_all(case.cfg, case.tensors, case.seq, case.tensors["embed_tokens.weight"],
+    bf = np.asarray(forward_all(case.cfg, case.tensors, case.seq, case.tensors["embed_tokens.weight"],
                                   dtype=jnp.bfloat16))
     assert bf.dtype == np.float32 and np.isfinite(bf).all()
     assert np.abs(bf - case.naive).max() < 0.05 * np.abs(case.naive).max()

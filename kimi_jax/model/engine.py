@@ -9,6 +9,7 @@ token. Capture values come back from the same jitted calls whether or not they a
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
@@ -18,13 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.model import layers
-from kimi_jax.model.params import (
-    HeadParams,
-    dense_layer_params,
-    expert_stack,
-    head_params,
-    moe_base_params,
-)
+from kimi_jax.model.forward import layer_step
+from kimi_jax.model.params import ExpertStack, HeadParams, expert_stack, head_params, layer_params
 from kimi_jax.model.quant import Fp8Weight, Int4Weight
 from kimi_jax.records import LayerRecord, StepRecord
 from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
@@ -34,6 +30,8 @@ from kimi_jax.storage.safetensors_header import TensorRecord
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Rows of the lm_head per logits call: 16384 x 7168 BF16 is 235 MB, 470 MB once widened.
 HEAD_CHUNK_ROWS = 16384
+# Called after each layer with (step, layer, bytes read so far this step): progress display.
+OnLayer = Callable[[int, int, int], None]
 
 
 def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: CheckpointIndex) -> Any:
@@ -44,8 +42,24 @@ def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: Check
         entry.check_weight_shape(parts)
         return Int4Weight(parts["weight_packed"], parts["weight_scale"], in_features=entry.shape[1],
                           group_size=index.config.quant.group_size)  # fmt: skip
-    block = index.config.quant.block_size if index.config.quant.kind == "fp8-block" else (128, 128)
-    return Fp8Weight(parts["weight"], parts["weight_scale_inv"], block_size=tuple(block))
+    return Fp8Weight(parts["weight"], parts["weight_scale_inv"], block_size=index.config.quant.fp8_block_size)
+
+
+class _ExpertReads:
+    """``fetch_experts`` for one layer backed by the reader: each distinct expert picked is read once,
+    and the time spent reading is kept apart, so a layer's compute time excludes it."""
+
+    def __init__(self, engine: Engine, layer: int):
+        self.engine, self.layer, self.seconds = engine, layer, 0.0
+
+    def __call__(self, stack_ids: list[int]) -> ExpertStack:
+        started = time.perf_counter()
+        experts = self.engine.index.layers[self.layer].experts
+        distinct = dict.fromkeys(stack_ids)  # padding repeats an id; order kept: sorted ids first
+        loaded = self.engine._read([w for e in distinct for w in experts[e].values()], self.layer)
+        stack = expert_stack(self.engine.cfg, self.layer, stack_ids, loaded)
+        self.seconds += time.perf_counter() - started
+        return stack
 
 
 class Engine:
@@ -61,9 +75,18 @@ class Engine:
         # A given reader (remote, digest-checked) replaces the plain local one; the engine only calls its interface.
         self.reader = reader if reader is not None else ShardReader(retries=io_retries)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-jax-prefetch")
-        # Called after each layer with (step, layer, bytes read so far this step): progress display.
-        self.on_layer: Callable[[int, int, int], None] | None = None
-        self._step = 0
+
+    @classmethod
+    def from_plan(cls, plan: Any, keep_capture: bool = True) -> "Engine":
+        """The engine a plan describes: its checkpoint, with the manifest's compute and storage settings.
+
+        ``plan`` is a run plan or a vindex plan: anything with ``index`` and ``manifest``, and a run
+        plan's ``source`` (remote, digest-checked) supplies the reader; without one, shards are read locally."""
+        m = plan.manifest
+        source = getattr(plan, "source", None)
+        reader = source.reader(m.storage.io_retries) if source is not None else None
+        return cls(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture,
+                   reader=reader)  # fmt: skip
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -85,15 +108,14 @@ class Engine:
         started = time.perf_counter()
         lm = self.index.layers[layer]
         tensors = self._read(list(lm.base.values()), layer)
-        build = moe_base_params if lm.kind == "moe" else dense_layer_params
-        return build(self.cfg, layer, tensors), time.perf_counter() - started
+        return layer_params(self.cfg, layer, tensors), time.perf_counter() - started
 
     def _load_head(self):
         started = time.perf_counter()
         tensors = self._read(list(self.index.head.values()), None)
         if "lm_head.weight" not in tensors:  # tied embeddings
             tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-        return head_params(tensors, self.cfg), time.perf_counter() - started
+        return head_params(self.cfg, tensors), time.perf_counter() - started
 
     def _logits(self, head: HeadParams, hidden: jax.Array) -> np.ndarray:
         """Logits in vocabulary chunks: the head (2.3 GB in BF16 for Kimi) is never widened to
@@ -126,8 +148,11 @@ class Engine:
 
     # -- one forward pass --------------------------------------------------------------------
 
-    def forward(self, tokens: list[int], positions: np.ndarray, caches: list | None):
-        """Run ``tokens`` at ``positions`` through every layer; returns (hidden_last, logits, layers, caches)."""
+    def forward(self, tokens: list[int], positions: np.ndarray, caches: list | None,
+                on_layer: Callable[[int, int], None] | None = None):  # fmt: skip
+        """Run ``tokens`` at ``positions`` through every layer; returns (hidden_last, logits, layers, caches).
+
+        ``on_layer(layer, bytes read so far this step)`` is called after each layer."""
         cfg = self.cfg
         x = self._embed(tokens)
         pos = jnp.asarray(positions, dtype=jnp.int32)
@@ -139,42 +164,17 @@ class Engine:
             is_last = layer + 1 == cfg.num_hidden_layers
             pending = self._submit(self._load_head) if is_last else self._submit(self._load_base, layer + 1)
             cache = caches[layer] if caches is not None else None
-            lm = self.index.layers[layer]
+            expert_reads = _ExpertReads(self, layer)
             started = time.perf_counter()
-            if lm.kind == "dense":
-                x, cache, cap = layers.dense_layer(cfg, params, x, pos, cache)
-                routing, norm_out = None, cap["norm_out"]
-                x.block_until_ready()
-                compute_s = time.perf_counter() - started
-            else:
-                h, cache, routing, cap = layers.moe_attention_and_route(cfg, params, x, pos, cache)
-                picked = np.asarray(routing.idx)  # waits for the router
-                compute_s = time.perf_counter() - started
-                started = time.perf_counter()
-                distinct, stack_ids, slots = layers.plan_expert_slots(picked, cfg.n_routed_experts)
-                loaded = self._read([w for e in distinct for w in lm.experts[e].values()], layer)
-                experts = expert_stack(cfg, layer, stack_ids, loaded)
-                read_s += time.perf_counter() - started
-                started = time.perf_counter()
-                x, cap_out = layers.moe_experts(cfg, params, experts, jnp.asarray(slots), routing.weights_scaled, h)
-                norm_out = cap_out["norm_out"]
-                x.block_until_ready()
-                compute_s += time.perf_counter() - started
+            x, cache, routing, capture = layer_step(cfg, params, x, pos, cache, expert_reads)
+            x.block_until_ready()
+            compute_s = time.perf_counter() - started - expert_reads.seconds
             if new_caches is not None:
                 new_caches.append(cache)
-            # A bare run leaves the capture arrays on the device: same programs, nothing fetched.
-            keep = self.keep_capture
-            records.append(LayerRecord(
-                layer=layer, kind=lm.kind,
-                norm_in=float(cap["norm_in"]) if keep else None, norm_out=float(norm_out) if keep else None,
-                experts=np.asarray(routing.idx).tolist() if keep and routing else None,
-                routing_weights=np.asarray(routing.weights_norm).tolist() if keep and routing else None,
-                router_scores=np.asarray(routing.scores).tolist() if keep and routing else None,
-                bytes_read=0, read_s=read_s, compute_s=compute_s,
-            ))  # fmt: skip
+            records.append(self._layer_record(layer, routing, capture, read_s + expert_reads.seconds, compute_s))
             del params
-            if self.on_layer:
-                self.on_layer(self._step, layer, self.reader.step.total)
+            if on_layer:
+                on_layer(layer, self.reader.step.total)
         head, _ = pending.result()
         hidden = x[-1]
         logits = self._logits(head, hidden)
@@ -182,6 +182,19 @@ class Engine:
         for rec in records:
             rec.bytes_read = per_layer.get(rec.layer, 0)
         return np.asarray(hidden), np.asarray(logits), records, new_caches
+
+    def _layer_record(self, layer: int, routing: layers.Routing | None, capture: dict, read_s: float,
+                      compute_s: float) -> LayerRecord:  # fmt: skip
+        """A bare run leaves the capture arrays on the device: same programs, nothing fetched."""
+        keep = self.keep_capture
+        return LayerRecord(
+            layer=layer, kind=self.index.layers[layer].kind,
+            norm_in=float(capture["norm_in"]) if keep else None, norm_out=float(capture["norm_out"]) if keep else None,
+            experts=np.asarray(routing.idx).tolist() if keep and routing else None,
+            routing_weights=np.asarray(routing.weights_norm).tolist() if keep and routing else None,
+            router_scores=np.asarray(routing.scores).tolist() if keep and routing else None,
+            bytes_read=0, read_s=read_s, compute_s=compute_s,
+        )  # fmt: skip
 
     # -- generation --------------------------------------------------------------------------
 
@@ -191,8 +204,11 @@ class Engine:
 
     def generate(self, prompt: list[int], max_new_tokens: int, kv_cache: bool,
                  on_step: Callable[[StepRecord], None] | None = None, done: list[StepRecord] | None = None,
-                 caches: list | None = None) -> list[StepRecord]:  # fmt: skip
+                 caches: list | None = None, on_layer: OnLayer | None = None) -> list[StepRecord]:  # fmt: skip
         """Greedy decoding (argmax, ties to the lowest id).
+
+        ``on_step(record)`` is called after each step, ``on_layer(step, layer, bytes read so far this
+        step)`` after each layer.
 
         To resume, pass the completed steps as ``done`` and, with ``kv_cache``, the latent caches
         as they were after the last of them; decoding continues exactly where it stopped.
@@ -206,13 +222,13 @@ class Engine:
         caches = caches if kv_cache else None
         for step in range(len(steps), max_new_tokens):
             started = time.perf_counter()
-            self._step = step
             self.reader.begin_step()
             if kv_cache and step > 0:
                 tokens, positions = [context[-1]], np.array([len(context) - 1])
             else:
                 tokens, positions = list(context), np.arange(len(context))
-            hidden, logits, layers, caches = self.forward(tokens, positions, caches)
+            step_on_layer = functools.partial(on_layer, step) if on_layer else None
+            hidden, logits, layers, caches = self.forward(tokens, positions, caches, step_on_layer)
             counters: ReadCounters = self.reader.end_step()
             token = int(np.argmax(logits))  # first maximum: ties go to the lowest id
             record = StepRecord(step, list(context), token, float(logits[token]), logits, hidden, layers,

@@ -31,7 +31,6 @@ import collections
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -47,10 +46,6 @@ from kimi_jax.model.params import (
     MLPParams,
     MoEBaseParams,
     RouterParams,
-    dense_layer_params,
-    expert_stack,
-    head_params,
-    moe_base_params,
 )
 
 F32 = jnp.float32
@@ -307,8 +302,9 @@ def routed_experts(experts: ExpertStack, slots: jax.Array, weights: jax.Array, x
 def _attention_residual(cfg: ModelConfig, p: DenseLayerParams | MoEBaseParams, x: jax.Array,
                         positions: jax.Array, cache: LatentCache | None):
     """The attention half every layer shares: ``x + MLA(input_layernorm(x))``; returns (h, cache)."""
-    attn, cache = mla(cfg, p.self_attn, rms_norm(x, p.input_layernorm, cfg.rms_norm_eps), positions, cache)
-    return x + attn, cache
+    with jax.named_scope("attention"):
+        attn, cache = mla(cfg, p.self_attn, rms_norm(x, p.input_layernorm, cfg.rms_norm_eps), positions, cache)
+        return x + attn, cache
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -317,7 +313,8 @@ def dense_layer(cfg: ModelConfig, p: DenseLayerParams, x: jax.Array, positions: 
     """Dense layer: returns (x_out, cache, {norm_in, norm_out})."""
     TRACE_COUNTS["dense_layer"] += 1
     h, cache = _attention_residual(cfg, p, x, positions, cache)
-    x_out = h + swiglu(rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps), p.mlp)
+    with jax.named_scope("mlp"):
+        x_out = h + swiglu(rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps), p.mlp)
     return x_out, cache, {"norm_in": _last_norm(x), "norm_out": _last_norm(x_out)}
 
 
@@ -327,7 +324,8 @@ def moe_attention_and_route(cfg: ModelConfig, p: MoEBaseParams, x: jax.Array, po
     """Attention half of a MoE layer plus routing: returns (h, cache, Routing, {norm_in})."""
     TRACE_COUNTS["moe_attention_and_route"] += 1
     h, cache = _attention_residual(cfg, p, x, positions, cache)
-    routing = route(cfg, p.gate, rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps))
+    with jax.named_scope("router"):
+        routing = route(cfg, p.gate, rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps))
     return h, cache, routing, {"norm_in": _last_norm(x)}
 
 
@@ -336,13 +334,16 @@ def moe_experts(cfg: ModelConfig, p: MoEBaseParams, experts: ExpertStack, slots:
                 weights_scaled: jax.Array, h: jax.Array):
     """FFN half of a MoE layer: ``h + routed(hn) + shared(hn)``; returns (x_out, {norm_out}).
 
-    ``slots`` [T, k] index each selected expert within ``experts`` (see :func:`plan_expert_slots`).
+    ``slots`` [T, k] index each selected expert within ``experts`` (see
+    :func:`kimi_jax.model.forward.plan_expert_slots`).
     """
     TRACE_COUNTS["moe_experts"] += 1
     hn = rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps)
-    ffn = routed_experts(experts, slots, weights_scaled, hn).astype(h.dtype)
+    with jax.named_scope("routed_experts"):
+        ffn = routed_experts(experts, slots, weights_scaled, hn).astype(h.dtype)
     if p.shared_experts is not None:
-        ffn = ffn + swiglu(hn, p.shared_experts)
+        with jax.named_scope("shared_expert"):
+            ffn = ffn + swiglu(hn, p.shared_experts)
     x_out = h + ffn
     return x_out, {"norm_out": _last_norm(x_out)}
 
@@ -351,52 +352,12 @@ def moe_experts(cfg: ModelConfig, p: MoEBaseParams, experts: ExpertStack, slots:
 def final_logits(cfg: ModelConfig, head: HeadParams, x_last: jax.Array) -> jax.Array:
     """Final RMSNorm and lm_head: [hidden] -> float32 [vocab] (also [T, hidden] -> [T, vocab])."""
     TRACE_COUNTS["final_logits"] += 1
-    return linear(rms_norm(x_last, head.norm, cfg.rms_norm_eps), head.lm_head).astype(F32)
-
-
-# ---------------------------------------------------------------------------------- host helpers
-
-
-def plan_expert_slots(idx: np.ndarray, n_routed_experts: int, bucket: bool = True) -> tuple[list[int], list[int], np.ndarray]:
-    """Host side: which experts to read, the stack to build, and each pick's slot in the stack.
-
-    Returns ``(distinct, stack_ids, slots)``: ``distinct`` are the ids in ``idx`` [T, k], sorted,
-    each read once; ``stack_ids`` pads them (when ``bucket``) to the next power of two by repeating
-    the first, so stacks of one size share one compiled program and padding never reads another
-    expert; ``slots[t, j]`` is the position of ``idx[t, j]`` in the stack. Padding slots are never
-    referenced, so :func:`routed_experts` skips them.
-    """
-    idx = np.asarray(idx)
-    ids = np.unique(idx)
-    n = min(1 << (len(ids) - 1).bit_length(), n_routed_experts) if bucket else len(ids)
-    distinct = [int(i) for i in ids]
-    return distinct, distinct + [distinct[0]] * (n - len(distinct)), np.searchsorted(ids, idx).astype(np.int32)
-
-
-def forward_all(cfg: ModelConfig, tensors: Mapping[str, Any], tokens: Sequence[int], embed: Any,
-                dtype=F32) -> jax.Array:
-    """Non-streaming reference: float32 logits [T, vocab] for every position, naive attention.
-
-    Everything is in memory (``tensors`` by canonical name, ``embed`` the [vocab, hidden] table);
-    it runs the same jitted stages as the engine, with expert stacks padded as the engine does.
-    """
-    tokens = np.asarray(tokens, dtype=np.int64)
-    x = jnp.asarray(np.asarray(embed)[tokens]).astype(dtype)
-    positions = jnp.arange(len(tokens), dtype=jnp.int32)
-    for layer in range(cfg.num_hidden_layers):
-        if cfg.is_moe_layer(layer):
-            base = moe_base_params(cfg, layer, tensors)
-            h, _, routing, _ = moe_attention_and_route(cfg, base, x, positions, None)
-            _, stack_ids, slots = plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts)
-            stack = expert_stack(cfg, layer, stack_ids, tensors)
-            x, _ = moe_experts(cfg, base, stack, jnp.asarray(slots), routing.weights_scaled, h)
-        else:
-            x, _, _ = dense_layer(cfg, dense_layer_params(cfg, layer, tensors), x, positions, None)
-    return final_logits(cfg, head_params(tensors, cfg), x)
+    with jax.named_scope("head"):
+        return linear(rms_norm(x_last, head.norm, cfg.rms_norm_eps), head.lm_head).astype(F32)
 
 
 __all__ = [
     "linear", "rms_norm", "swiglu", "rope_inv_freq", "rope_cos_sin", "apply_rope", "LatentCache",
     "mla", "Routing", "route", "routed_experts", "dense_layer", "moe_attention_and_route",
-    "moe_experts", "final_logits", "plan_expert_slots", "forward_all", "TRACE_COUNTS",
+    "moe_experts", "final_logits", "TRACE_COUNTS",
 ]

@@ -27,6 +27,7 @@ import numpy as np
 
 from kimi_jax.config import ModelConfig
 from kimi_jax.errors import CheckpointError
+from kimi_jax.shapes import expert_shapes, head_shapes, layer_shapes
 
 Weight = Any  # np.ndarray | jax.Array | Int4Weight | Fp8Weight
 
@@ -114,27 +115,14 @@ def _get(tensors: Mapping[str, Weight], name: str, shape: tuple[int, ...]) -> We
     return value
 
 
-def _attention(cfg: ModelConfig, prefix: str, t: Mapping[str, Weight]) -> AttentionParams:
-    h, n = cfg.hidden_size, cfg.num_attention_heads
-    q, kv, rope = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    p = f"{prefix}.self_attn."
-    return AttentionParams(
-        q_a_proj=_get(t, p + "q_a_proj.weight", (q, h)),
-        q_a_layernorm=_get(t, p + "q_a_layernorm.weight", (q,)),
-        q_b_proj=_get(t, p + "q_b_proj.weight", (n * cfg.qk_head_dim, q)),
-        kv_a_proj_with_mqa=_get(t, p + "kv_a_proj_with_mqa.weight", (kv + rope, h)),
-        kv_a_layernorm=_get(t, p + "kv_a_layernorm.weight", (kv,)),
-        kv_b_proj=_get(t, p + "kv_b_proj.weight", (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), kv)),
-        o_proj=_get(t, p + "o_proj.weight", (h, n * cfg.v_head_dim)),
-    )
+def _checked(tensors: Mapping[str, Weight], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Weight]:
+    """The tensors named in ``shapes``, each checked against its declared shape."""
+    return {name: _get(tensors, name, shape) for name, shape in shapes.items()}
 
 
-def _mlp(prefix: str, hidden: int, inter: int, t: Mapping[str, Weight]) -> MLPParams:
-    return MLPParams(
-        gate_proj=_get(t, f"{prefix}.gate_proj.weight", (inter, hidden)),
-        up_proj=_get(t, f"{prefix}.up_proj.weight", (inter, hidden)),
-        down_proj=_get(t, f"{prefix}.down_proj.weight", (hidden, inter)),
-    )
+def _module(cls, t: Mapping[str, Weight], prefix: str):
+    """A params class whose fields are named as the checkpoint names the module's weights."""
+    return cls(**{f.name: t[f"{prefix}.{f.name}.weight"] for f in dataclasses.fields(cls)})
 
 
 def _check_layer(cfg: ModelConfig, layer: int, want_moe: bool) -> None:
@@ -147,32 +135,33 @@ def _check_layer(cfg: ModelConfig, layer: int, want_moe: bool) -> None:
 
 def dense_layer_params(cfg: ModelConfig, layer: int, tensors: Mapping[str, Weight]) -> DenseLayerParams:
     _check_layer(cfg, layer, want_moe=False)
-    prefix, h = f"layers.{layer}", cfg.hidden_size
+    p, t = f"layers.{layer}", _checked(tensors, layer_shapes(cfg, layer))
     return DenseLayerParams(
-        input_layernorm=_get(tensors, f"{prefix}.input_layernorm.weight", (h,)),
-        post_attention_layernorm=_get(tensors, f"{prefix}.post_attention_layernorm.weight", (h,)),
-        self_attn=_attention(cfg, prefix, tensors),
-        mlp=_mlp(f"{prefix}.mlp", h, cfg.intermediate_size, tensors),
+        input_layernorm=t[f"{p}.input_layernorm.weight"],
+        post_attention_layernorm=t[f"{p}.post_attention_layernorm.weight"],
+        self_attn=_module(AttentionParams, t, f"{p}.self_attn"),
+        mlp=_module(MLPParams, t, f"{p}.mlp"),
     )
 
 
 def moe_base_params(cfg: ModelConfig, layer: int, tensors: Mapping[str, Weight]) -> MoEBaseParams:
     _check_layer(cfg, layer, want_moe=True)
-    prefix, h, e = f"layers.{layer}", cfg.hidden_size, cfg.n_routed_experts
-    shared = None
-    if cfg.n_shared_experts > 0:
-        inter = cfg.moe_intermediate_size * cfg.n_shared_experts
-        shared = _mlp(f"{prefix}.mlp.shared_experts", h, inter, tensors)
+    p, t = f"layers.{layer}", _checked(tensors, layer_shapes(cfg, layer))
+    shared = _module(MLPParams, t, f"{p}.mlp.shared_experts") if cfg.n_shared_experts > 0 else None
     return MoEBaseParams(
-        input_layernorm=_get(tensors, f"{prefix}.input_layernorm.weight", (h,)),
-        post_attention_layernorm=_get(tensors, f"{prefix}.post_attention_layernorm.weight", (h,)),
-        self_attn=_attention(cfg, prefix, tensors),
-        gate=RouterParams(
-            weight=_get(tensors, f"{prefix}.mlp.gate.weight", (e, h)),
-            e_score_correction_bias=_get(tensors, f"{prefix}.mlp.gate.e_score_correction_bias", (e,)),
-        ),
+        input_layernorm=t[f"{p}.input_layernorm.weight"],
+        post_attention_layernorm=t[f"{p}.post_attention_layernorm.weight"],
+        self_attn=_module(AttentionParams, t, f"{p}.self_attn"),
+        gate=RouterParams(weight=t[f"{p}.mlp.gate.weight"],
+                          e_score_correction_bias=t[f"{p}.mlp.gate.e_score_correction_bias"]),
         shared_experts=shared,
     )
+
+
+def layer_params(cfg: ModelConfig, layer: int, tensors: Mapping[str, Weight]) -> DenseLayerParams | MoEBaseParams:
+    """The parameters of ``layer`` as its kind needs them (a MoE layer without its routed experts)."""
+    build = moe_base_params if cfg.is_moe_layer(layer) else dense_layer_params
+    return build(cfg, layer, tensors)
 
 
 def expert_stack(
@@ -186,29 +175,20 @@ def expert_stack(
     bad = [i for i in ids if not 0 <= i < cfg.n_routed_experts]
     if bad:
         raise CheckpointError(f"layer {layer}: expert ids {bad} out of range [0, {cfg.n_routed_experts})")
-    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
-    experts = [_mlp(f"layers.{layer}.mlp.experts.{i}", h, inter, tensors) for i in ids]
+    experts = [_module(MLPParams, _checked(tensors, expert_shapes(cfg, layer, i)), f"layers.{layer}.mlp.experts.{i}")
+               for i in ids]  # fmt: skip
     where = f"layers.{layer}.mlp.experts.{{{','.join(map(str, ids))}}}"
-    return ExpertStack(
-        gate_proj=_stack_weights([m.gate_proj for m in experts], f"{where}.gate_proj.weight"),
-        up_proj=_stack_weights([m.up_proj for m in experts], f"{where}.up_proj.weight"),
-        down_proj=_stack_weights([m.down_proj for m in experts], f"{where}.down_proj.weight"),
-    )
+    return ExpertStack(**{f.name: stack_weights([getattr(m, f.name) for m in experts], f"{where}.{f.name}.weight")
+                          for f in dataclasses.fields(ExpertStack)})  # fmt: skip
 
 
-def head_params(tensors: Mapping[str, Weight], cfg: ModelConfig | None = None) -> HeadParams:
-    """Final norm and lm_head. Shapes are checked against ``cfg`` when given, else for consistency."""
-    if cfg is not None:
-        h, v = cfg.hidden_size, cfg.vocab_size
-    else:
-        lm = tensors.get("lm_head.weight")
-        if lm is None or len(getattr(lm, "shape", ())) != 2:
-            _get(tensors, "lm_head.weight", ("vocab", "hidden"))  # raises: missing or not 2-D
-        v, h = (int(d) for d in lm.shape)
-    return HeadParams(norm=_get(tensors, "norm.weight", (h,)), lm_head=_get(tensors, "lm_head.weight", (v, h)))
+def head_params(cfg: ModelConfig, tensors: Mapping[str, Weight]) -> HeadParams:
+    """Final norm and lm_head (with tied embeddings the caller passes the embedding as ``lm_head.weight``)."""
+    t = _checked(tensors, head_shapes(cfg))
+    return HeadParams(norm=t["norm.weight"], lm_head=t["lm_head.weight"])
 
 
-def _stack_weights(weights: Sequence[Weight], what: str) -> Weight:
+def stack_weights(weights: Sequence[Weight], what: str) -> Weight:
     """Stack same-shaped weights on a new leading axis.
 
     Plain arrays are stacked directly (numpy stays numpy, on the host). Quantized containers are
@@ -237,6 +217,6 @@ def _stack_weights(weights: Sequence[Weight], what: str) -> Weight:
 
 __all__ = [
     "AttentionParams", "MLPParams", "RouterParams", "ExpertStack", "DenseLayerParams",
-    "MoEBaseParams", "HeadParams", "dense_layer_params", "moe_base_params", "expert_stack",
-    "head_params",
+    "MoEBaseParams", "HeadParams", "dense_layer_params", "moe_base_params", "layer_params",
+    "expert_stack", "stack_weights", "head_params",
 ]

@@ -8,6 +8,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from kimi_jax.config import DEFAULT_FP8_BLOCK
 from kimi_jax.storage.codecs import NIBBLE_SHIFTS, block_size_pair, cdiv, check_shape
 
 
@@ -43,7 +44,7 @@ def dequant_int4_jax(packed: jax.Array, scale: jax.Array, in_features: int, grou
     return _bf16_bits_to(_round_to_bf16_bits(q * s), dtype)
 
 
-def dequant_fp8_block_jax(weight: jax.Array, scale_inv: jax.Array, block_size=(128, 128),
+def dequant_fp8_block_jax(weight: jax.Array, scale_inv: jax.Array, block_size=DEFAULT_FP8_BLOCK,
                           dtype=jnp.bfloat16) -> jax.Array:
     """JAX twin of dequant_fp8_block (same bits); weight float8_e4m3fn or uint8 [..., out, in]."""
     b0, b1 = block_size_pair(block_size)
@@ -79,7 +80,7 @@ class Fp8Weight:
 
     weight: jax.Array  # float8_e4m3fn [..., out, in]
     scale_inv: jax.Array  # f32 [..., ceil(out/b0), ceil(in/b1)]
-    block_size: tuple = (128, 128)
+    block_size: tuple = DEFAULT_FP8_BLOCK
 
     def __post_init__(self):
         object.__setattr__(self, "block_size", tuple(int(b) for b in self.block_size))

@@ -24,6 +24,7 @@ import blake3
 
 from kimi_jax.config import ModelConfig, load_model_config
 from kimi_jax.errors import CheckpointError
+from kimi_jax.shapes import expert_shapes, global_shapes, layer_shapes
 from kimi_jax.storage.layouts import KIMI_K25_PREFIX, TEXT_PREFIX, indexed_layout
 from kimi_jax.storage.safetensors_header import (
     ShardHeader,
@@ -296,7 +297,7 @@ def _make_weight(name: str, parts: dict[str, TensorRecord], cfg: ModelConfig) ->
         if w.dtype != "F8_E4M3" or s.dtype != "F32" or len(w.shape) != 2:
             raise CheckpointError(f"{shard}: {name}: expected F8_E4M3 weight with F32 weight_scale_inv, "
                                   f"found {w.dtype}{list(w.shape)} and {s.dtype}{list(s.shape)}")  # fmt: skip
-        b0, b1 = cfg.quant.block_size if cfg.quant.kind == "fp8-block" else (128, 128)
+        b0, b1 = cfg.quant.fp8_block_size
         want = (math.ceil(w.shape[0] / b0), math.ceil(w.shape[1] / b1))
         if s.shape != want:
             raise CheckpointError(f"{shard}: {name}.weight_scale_inv has shape {list(s.shape)}, expected "
@@ -320,41 +321,6 @@ def _make_weight(name: str, parts: dict[str, TensorRecord], cfg: ModelConfig) ->
                                   f"{list(s.shape)} disagree for group_size {g}")  # fmt: skip
         return WeightEntry(name, "int4", (p.shape[0], in_features), dict(parts))
     raise CheckpointError(f"{shard}: {name}: unrecognised combination of stored tensors {sorted(keys)}")
-
-
-def expected_layer_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
-    """Logical shapes the config implies for one layer's non-expert weights."""
-    h, heads = cfg.hidden_size, cfg.num_attention_heads
-    p = f"layers.{layer}."
-    shapes = {
-        p + "input_layernorm.weight": (h,),
-        p + "post_attention_layernorm.weight": (h,),
-        p + "self_attn.q_a_proj.weight": (cfg.q_lora_rank, h),
-        p + "self_attn.q_a_layernorm.weight": (cfg.q_lora_rank,),
-        p + "self_attn.q_b_proj.weight": (heads * cfg.qk_head_dim, cfg.q_lora_rank),
-        p + "self_attn.kv_a_proj_with_mqa.weight": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
-        p + "self_attn.kv_a_layernorm.weight": (cfg.kv_lora_rank,),
-        p + "self_attn.kv_b_proj.weight": (heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
-        p + "self_attn.o_proj.weight": (h, heads * cfg.v_head_dim),
-    }
-    if cfg.is_moe_layer(layer):
-        shared = cfg.n_shared_experts * cfg.moe_intermediate_size
-        shapes[p + "mlp.gate.weight"] = (cfg.n_routed_experts, h)
-        shapes[p + "mlp.gate.e_score_correction_bias"] = (cfg.n_routed_experts,)
-        if shared:
-            shapes[p + "mlp.shared_experts.gate_proj.weight"] = (shared, h)
-            shapes[p + "mlp.shared_experts.up_proj.weight"] = (shared, h)
-            shapes[p + "mlp.shared_experts.down_proj.weight"] = (h, shared)
-    else:
-        shapes[p + "mlp.gate_proj.weight"] = (cfg.intermediate_size, h)
-        shapes[p + "mlp.up_proj.weight"] = (cfg.intermediate_size, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, cfg.intermediate_size)
-    return shapes
-
-
-def expected_expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    i, h = cfg.moe_intermediate_size, cfg.hidden_size
-    return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
 
 
 def _build_layers(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry]) -> tuple[LayerMap, ...]:
@@ -410,22 +376,18 @@ def _check_shapes(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry],
             problems.append(f"{_where(w)}: tensor {name!r} has shape {list(w.shape)}, "
                             f"config.json implies {list(shape)}")  # fmt: skip
 
-    globals_ = {"embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "norm.weight": (cfg.hidden_size,)}
-    if not cfg.tie_word_embeddings:
-        globals_["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    for name, shape in globals_.items():
+    for name, shape in global_shapes(cfg).items():
         check(name, shape, weights)
-    expert_shapes = expected_expert_shapes(cfg)
     for layer in layers:
-        want = expected_layer_shapes(cfg, layer.index)
+        want = layer_shapes(cfg, layer.index)
         for name, shape in want.items():
             check(name, shape, layer.base)
         for name in layer.base.keys() - want.keys():
             problems.append(f"{_where(layer.base[name])}: unexpected tensor {name!r} in {layer.kind} layer {layer.index}")
         for e, projs in enumerate(layer.experts):
-            for proj, shape in expert_shapes.items():
-                check(f"layers.{layer.index}.mlp.experts.{e}.{proj}.weight", shape,
-                      {f"layers.{layer.index}.mlp.experts.{e}.{proj}.weight": projs[proj]})  # fmt: skip
+            have = {w.name: w for w in projs.values()}
+            for name, shape in expert_shapes(cfg, layer.index, e).items():
+                check(name, shape, have)
         if len(problems) > 20:
             break
     if problems:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from kimi_jax.config import DEFAULT_FP8_BLOCK
 from kimi_jax.errors import FormatError
 
 BF16 = ml_dtypes.bfloat16
@@ -139,7 +140,7 @@ def block_size_pair(block_size) -> tuple[int, int]:
     return bs
 
 
-def dequant_fp8_block(weight: np.ndarray, scale_inv: np.ndarray, block_size=(128, 128)) -> np.ndarray:
+def dequant_fp8_block(weight: np.ndarray, scale_inv: np.ndarray, block_size=DEFAULT_FP8_BLOCK) -> np.ndarray:
     """W[i, j] = bf16(f32(fp8[i, j]) * scale_inv[i // b0, j // b1]); edge blocks may be partial."""
     b0, b1 = block_size_pair(block_size)
     w = fp8_e4m3_to_float32(weight)
@@ -154,7 +155,7 @@ def dequant_fp8_block(weight: np.ndarray, scale_inv: np.ndarray, block_size=(128
     return (w * s).astype(BF16)
 
 
-def quantize_fp8_block(w: np.ndarray, block_size=(128, 128)) -> tuple[np.ndarray, np.ndarray]:
+def quantize_fp8_block(w: np.ndarray, block_size=DEFAULT_FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Per-block FP8: scale_inv = amax_block / 448 (1.0 for all-zero blocks), q = fp8(w / scale_inv)."""
     b0, b1 = block_size_pair(block_size)
     w = np.asarray(w, dtype=np.float32)

@@ -25,13 +25,14 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
 
-from kimi_jax.config import ModelConfig, parse_model_config
+from kimi_jax.config import ModelConfig, QuantScheme, parse_model_config
 from kimi_jax.fileio import default_cache_dir
+from kimi_jax.shapes import checkpoint_shapes
 from kimi_jax.storage import codecs
 from kimi_jax.storage.layouts import SYNTH_LAYOUTS, synth_prefix
 from kimi_jax.storage.safetensors_header import DTYPE_SIZES, PlannedTensor, write_shard
@@ -149,30 +150,11 @@ def logical_value(seed: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
     return (gain / math.sqrt(shape[-1]) * rng.standard_normal(shape)).astype(np.float32)
 
 
-def _logical_tensors(cfg: ModelConfig) -> Iterator[tuple[int | None, str, tuple[int, ...]]]:
-    """(layer, canonical name, shape) for every logical tensor; layer None for globals."""
-    from kimi_jax.storage.checkpoint import (
-        expected_expert_shapes,
-        expected_layer_shapes,
-    )
-
-    yield None, "embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)
-    for layer in range(cfg.num_hidden_layers):
-        for name, shape in expected_layer_shapes(cfg, layer).items():
-            yield layer, name, shape
-        if cfg.is_moe_layer(layer):
-            for e in range(cfg.n_routed_experts):
-                for proj, shape in expected_expert_shapes(cfg).items():
-                    yield layer, f"layers.{layer}.mlp.experts.{e}.{proj}.weight", shape
-    yield None, "norm.weight", (cfg.hidden_size,)
-    yield None, "lm_head.weight", (cfg.vocab_size, cfg.hidden_size)
-
-
 Encoder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def _stored(name: str, shape: tuple[int, ...], fmt: str, value: Callable[[], np.ndarray] | None,
-            group: int, weight_shape_dtype: str, encoders: dict[str, Encoder]) -> list[tuple[str, str, tuple[int, ...], Callable | None]]:  # fmt: skip
+            quant: QuantScheme, weight_shape_dtype: str, encoders: dict[str, Encoder]) -> list[tuple[str, str, tuple[int, ...], Callable | None]]:  # fmt: skip
     """Encode a logical tensor as the stored tensors of ``fmt`` (suffixes relative to its module)."""
     module = name[: -len(".weight")] if name.endswith(".weight") else None
     if fmt == "int4" and module:
@@ -181,13 +163,14 @@ def _stored(name: str, shape: tuple[int, ...], fmt: str, value: Callable[[], np.
         ws = np.array(shape, dtype=np.int32 if weight_shape_dtype == "I32" else np.int64)
         return [
             (f"{module}.weight_packed", "I32", (out_f, math.ceil(in_f / 8)), q and (lambda: q.part(0))),
-            (f"{module}.weight_scale", "BF16", (out_f, math.ceil(in_f / group)), q and (lambda: q.part(1))),
+            (f"{module}.weight_scale", "BF16", (out_f, math.ceil(in_f / quant.group_size)), q and (lambda: q.part(1))),
             # 8 bytes each, and the loader checks them, so they are written even in sparse mode
             (f"{module}.weight_shape", weight_shape_dtype, (2,), lambda: ws),
         ]
     if fmt == "fp8" and module:
         q = _Encoded(lambda: encoders["fp8"](value()), 2) if value else None
-        blocks = (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))
+        b0, b1 = quant.fp8_block_size
+        blocks = (math.ceil(shape[0] / b0), math.ceil(shape[1] / b1))
         return [(name, "F8_E4M3", shape, q and (lambda: q.part(0))),
                 (f"{module}.weight_scale_inv", "F32", blocks, q and (lambda: q.part(1)))]  # fmt: skip
     dtype = "F32" if name.endswith("e_score_correction_bias") else "BF16"
@@ -252,9 +235,8 @@ def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
     raw_cfg = config_json(preset, layout, **overrides)
     cfg = parse_model_config(raw_cfg)
     prefix = synth_prefix(layout)
-    group = cfg.quant.group_size or 32
-    encoders = {"int4": lambda w: codecs.quantize_int4(w, group),
-                "fp8": lambda w: codecs.quantize_fp8_block(w, (128, 128)), **(encoders or {})}  # fmt: skip
+    encoders = {"int4": lambda w: codecs.quantize_int4(w, cfg.quant.group_size),
+                "fp8": lambda w: codecs.quantize_fp8_block(w, cfg.quant.fp8_block_size), **(encoders or {})}  # fmt: skip
     values = values or (lambda n, s: logical_value(seed, n, s))
 
     groups: dict[str, list[PlannedTensor]] = {}  # group key -> tensors, in model order
@@ -262,11 +244,11 @@ def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
     def add(key: str, stored_name: str, dtype: str, shape, make) -> None:
         groups.setdefault(key, []).append(PlannedTensor(stored_name, dtype, tuple(shape), make))
 
-    for layer, name, shape in _logical_tensors(cfg):
+    for layer, name, shape in checkpoint_shapes(cfg):
         key = "head" if layer is None and name != "embed_tokens.weight" else ("embed" if layer is None else f"L{layer}")
         value = None if sparse else (lambda n=name, s=shape: values(n, s))
         fmt = _format_of(layout, name)
-        for sname, dtype, sshape, make in _stored(name, shape, fmt, value, group, weight_shape_dtype, encoders):
+        for sname, dtype, sshape, make in _stored(name, shape, fmt, value, cfg.quant, weight_shape_dtype, encoders):
             full = ("language_model." if layout == "kimi-k2.5" else "") + sname if sname == "lm_head.weight" else prefix + sname
             add(key, full, dtype, sshape, make)
         if layout in ("kimi-k2-fp8", "deepseek-v3") and name.endswith("input_layernorm.weight"):

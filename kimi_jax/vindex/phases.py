@@ -223,14 +223,13 @@ def run_phase3(run: VindexRun) -> None:
 
         bar = run.bar(len(need) * plan.max_new_tokens * cfg.num_hidden_layers, "phase 3 engine", "layer")
         try:
-            with Engine(index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries) as engine:
+            with Engine.from_plan(plan) as engine:
                 for i, prompt, pkey, path in need:
                     def on_layer(step: int, layer: int, nbytes: int, i=i) -> None:
                         bar.set_description(f"phase 3 prompt {i} step {step} layer {layer}")
                         bar.update(1)
 
-                    engine.on_layer = on_layer
-                    steps = engine.generate(list(prompt), plan.max_new_tokens, m.generate.kv_cache)
+                    steps = engine.generate(list(prompt), plan.max_new_tokens, m.generate.kv_cache, on_layer=on_layer)
                     trace = trace_from_steps(steps)
                     write_json_atomic(path, {"format": FORMAT, "key": pkey, "tokens": list(prompt),
                                              "generated": [s.token for s in steps], "routes": trace_to_json(trace)})  # fmt: skip

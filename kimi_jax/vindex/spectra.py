@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import eigh_tridiagonal
 
+from kimi_jax.model.params import stack_weights
 from kimi_jax.model.quant import dequant_fp8_block_jax, dequant_int4_jax
 from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
 
@@ -126,8 +127,7 @@ def matrix_kind(entry: WeightEntry, index: CheckpointIndex) -> MatrixKind:
     if entry.format == "int4":
         return MatrixKind("int4", (entry.shape[1], index.config.quant.group_size), tuple(entry.shape))
     if entry.format == "fp8":
-        block = index.config.quant.block_size if index.config.quant.kind == "fp8-block" else (128, 128)
-        return MatrixKind("fp8", tuple(int(b) for b in block), tuple(entry.shape))
+        return MatrixKind("fp8", index.config.quant.fp8_block_size, tuple(entry.shape))
     return MatrixKind("plain", (), tuple(entry.shape))
 
 
@@ -138,16 +138,13 @@ def stack_parts(kind: MatrixKind, entries: list[WeightEntry], parts: dict[str, d
                 size: int) -> tuple[np.ndarray, ...]:  # fmt: skip
     """Stack the stored parts of ``entries`` into [size, ...] arrays, padding by repeating the last
     (so every chunk has one shape and one compiled program). Checks int4 ``weight_shape``."""
-    out = []
-    for part in _PART_NAMES[kind.fmt]:
-        arrays = []
-        for entry in entries:
-            got = parts[entry.name]
-            entry.check_weight_shape(got)
-            arrays.append(got[part])
-        arrays += [arrays[-1]] * (size - len(arrays))
-        out.append(np.stack(arrays))
-    return tuple(out)
+    items = []
+    for entry in entries:
+        got = parts[entry.name]
+        entry.check_weight_shape(got)
+        items.append(tuple(got[part] for part in _PART_NAMES[kind.fmt]))
+    items += [items[-1]] * (size - len(items))
+    return stack_weights(items, f"{entries[0].name} (and {len(entries) - 1} more)")
 
 
 def chunk_eigvals(kind: MatrixKind, stacked: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:

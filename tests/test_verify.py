@@ -83,7 +83,7 @@ def _statuses(report: Report) -> dict[str, str]:
 
 def test_demo_bundle_verifies(demo):
     report = verify_bundle(demo)
-    assert [c.number for c in report.checks] == list(range(1, 11))
+    assert [c.number for c in report.checks] == list(range(1, 12))
     assert [c.name for c in report.checks] == list(CHECK_NAMES)
     documented = re.findall(r"^ ?\d+\. ``([a-z-]+)``", checklist.__doc__, re.M)  # the numbered list verify documents
     assert documented[:10] == list(CHECK_NAMES) and documented[10:] == ["replay"]
@@ -121,7 +121,7 @@ def test_cli_prints_numbered_checks_and_exits_by_outcome(demo, tmp_path):
     out = CliRunner().invoke(main, ["verify", str(bad)])
     assert out.exit_code == 1
     assert "1. checksums: FAILED: stray.txt: present but not listed in CHECKSUMS.b3" in out.output
-    assert "NOT VERIFIED: 1 of 10 checks FAILED (checksums)" in out.output.splitlines()[-1]
+    assert "NOT VERIFIED: 1 of 11 checks FAILED (checksums)" in out.output.splitlines()[-1]
 
 
 def test_no_checks_is_not_success():
@@ -404,7 +404,7 @@ def test_rendered_explorer_page_verifies(demo, tmp_path):
 
 def test_replay_matches_and_catches_an_edited_measurement(anchored, tmp_path):
     report = verify_bundle(anchored, replay=True)
-    assert [c.name for c in report.checks][-1] == "replay" and report.checks[-1].number == 11
+    assert [c.name for c in report.checks][-1] == "replay" and report.checks[-1].number == 12
     assert report.status("replay") == "OK" and report.ok, report.format()
 
     root = _copy(anchored, tmp_path)

@@ -225,8 +225,9 @@ LEDGER_SCHEMA: dict[str, Any] = {
         "run": _obj({
             "prompt": _m({"type": "array", "items": _INT}, "Prompt token ids: the model's input."),
             "prompt_input": _m({"type": "object"}, "The prompt as the manifest gives it: tokens, text or chat."),
-            "sampling": {"oneOf": [{"type": "null"}, _obj({k: _m(v, f"generate.sampling.{k}.") for k, v in (
+            "sampling": _m({"oneOf": [{"type": "null"}, _obj({k: _m(v, f"generate.sampling.{k}.") for k, v in (
                 ("temperature", _NUM), ("top_k", _INT), ("top_p", _NUM), ("min_p", _NUM), ("seed", _INT))})]},
+                "generate.sampling; null: greedy decoding."),
             "stop": _obj({"tokens": _m({"type": "array", "items": {"type": "array"}}, "[token id, reason]: stop tokens."),
                           "strings": _m({"type": "array", "items": _STR}, "generate.stop strings.")}),
             "max_new_tokens": _m(_INT, "Tokens generated."),
@@ -243,11 +244,11 @@ LEDGER_SCHEMA: dict[str, Any] = {
             "token": _d(_INT, "The stop token (eos, end_of_turn)."),
             "string": _d(_STR, "The stop string found (stop_string)."),
         }, required=["reason"]),
-        "text": {"oneOf": [{"type": "null"}, _obj({
+        "text": _d({"oneOf": [{"type": "null"}, _obj({
             "prompt_text": _d(_STR, "The prompt ids decoded (UTF-8, special tokens by name)."),
             "prompt_token_texts": _d({"type": "array", "items": _STR}, "token_text of each prompt id."),
             "generated_text": _d(_STR, "The generated ids decoded (UTF-8, special tokens by name)."),
-        })]},
+        })]}, "Texts decoded by the checkpoint's tokenizer; null when it ships none."),
         "totals": _obj({"bytes_read": _m(_INT, "Bytes read over all steps."),
                         "bytes_network": _m(_INT, "Bytes fetched over the network over all steps."),
                         "bytes_cache": _m(_INT, "Bytes served by the range cache over all steps."),

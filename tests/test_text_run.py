@@ -170,3 +170,25 @@ def test_anchors_cover_sampled_runs(tiny_checkpoints, tmp_path):
     assert outcome.ledger["anchor"]["status"] == "matched" and outcome.steps[0].token == anchor["token"]
     with pytest.raises(AnchorMismatch, match=r"frozen for a different run:\n  sampling: anchor"):
         execute(load_plan(str(manifest), ["generate.sampling.seed=9"]), prove=False, echo=_quiet, progress=False)
+
+
+def test_text_settings_are_checked_against_the_checkpoint_before_compute(tiny_checkpoints, tmp_path):
+    from kimi_jax.errors import ManifestError
+
+    def plan(ckpt, prompt, **generate):
+        path = tmp_path / "m.yaml"
+        path.write_text(yaml.safe_dump({"version": 1, "model": {"checkpoint": str(ckpt)}, "prompt": prompt,
+                                        "generate": {"max_new_tokens": 2, **generate}, "output": {"dir": "out"}}))
+        return load_plan(str(path))
+
+    no_tokenizer = tiny_checkpoints["deepseek-v3"]
+    with pytest.raises(ManifestError, match=r"m.yaml:\d+: prompt.chat: the checkpoint .* ships no tokenizer"):
+        plan(no_tokenizer, {"chat": CHAT})
+    with pytest.raises(ManifestError, match=r"m.yaml:\d+: generate.stop: stop strings need the generated text, but the "
+                                            r"checkpoint .* ships no tokenizer"):  # fmt: skip
+        plan(no_tokenizer, {"tokens": [1, 2]}, stop=["x"])
+    with pytest.raises(ManifestError, match=r"m.yaml:\d+: prompt.chat: .*chat_template.jinja: the chat template failed: "
+                                            r"TemplateError: role must be system, user or assistant, got tool"):  # fmt: skip
+        plan(tiny_checkpoints["kimi-k2.5"], {"chat": [{"role": "tool", "content": "{}"}]})
+    eos = json.loads((no_tokenizer / "config.json").read_text())["eos_token_id"]
+    assert plan(no_tokenizer, {"tokens": [1, 2]}).decoding.stop_tokens == ((eos, "eos"),)  # config.json's alone

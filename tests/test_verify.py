@@ -258,6 +258,42 @@ def test_edited_token_fails_digests(demo, tmp_path):
     assert "steps[4].token" in report.reason("digests") and "argmax" in report.reason("digests")
 
 
+def test_edited_token_text_fails_only_text(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l["steps"][2].update(token_text="<b>forged</b>"))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["text"], report.format()
+    assert "steps[2].token_text is '<b>forged</b>', recomputed" in report.reason("text")
+
+
+def test_edited_tokenizer_file_fails_text(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    config = root / "tokenizer" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"[EOS]"', '"[BOS]"', 1))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["text"], report.format()
+    assert "tokenizer/tokenizer_config.json: BLAKE3" in report.reason("text") and "the ledger records" in \
+        report.reason("text")
+
+
+def test_edited_probability_fails_derivations_and_stop_reason_fails_continuity(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l["steps"][0].update(probability=0.5, rank=3))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["derivations"], report.format()
+    assert "steps[0].probability is 0.5, recomputed" in report.reason("derivations")
+    root = _copy(demo, tmp_path / "second")
+    _edit_json(root, "ledger.json", lambda l: l.update(stopped={"reason": "eos", "token": l["steps"][-1]["token"]}))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["continuity"], report.format()
+    assert "stopped is {'reason': 'eos'" in report.reason("continuity") and "the stop rules give {'reason': " \
+        "'max_new_tokens'}" in report.reason("continuity")  # fmt: skip
+
+
 def test_removed_non_perturbation_fails_non_perturbation(anchored, tmp_path):
     root = _copy(anchored, tmp_path)
     (root / "non_perturbation.json").unlink()

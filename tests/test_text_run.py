@@ -131,22 +131,18 @@ def test_stop_string_ends_the_run_and_is_not_printed(tiny_checkpoints, tmp_path)
 
 
 def test_eos_ends_the_run_unless_ignored(tiny_checkpoints, tmp_path):
-    greedy = {"prompt": {"tokens": [FIRST_SPECIAL]}, "generate": {"max_new_tokens": 4}}
-    base = {"version": 1, "model": {"checkpoint": str(tiny_checkpoints["kimi-k2.5"])}, **greedy,
-            "output": {"dir": str(tmp_path / "free")}}  # fmt: skip
-    free = execute(prepare_run(parse_manifest_dict(base)), prove=False, echo=_quiet, progress=False)
+    free = execute(load_plan(str(_write(tmp_path / "free.yaml", tiny_checkpoints["kimi-k2.5"]))), prove=False,
+                   echo=_quiet, progress=False)  # fmt: skip
     eos = free.steps[1].token
-    # the same weights with config.json naming the second greedy token as end-of-sequence
+    # the same weights with config.json naming the second token as end-of-sequence
     ckpt = synth_checkpoint(tmp_path / "ckpt", "tiny", "kimi-k2.5", eos_token_id=eos)
-    data = {**base, "model": {"checkpoint": str(ckpt)}, "output": {"dir": str(tmp_path / "eos")}}
-    stopped = execute(prepare_run(parse_manifest_dict(data)), prove=False, echo=_quiet, progress=False)
+    stopped = execute(load_plan(str(_write(tmp_path / "eos.yaml", ckpt))), prove=False, echo=_quiet, progress=False)
     assert [s.token for s in stopped.steps] == [s.token for s in free.steps[:2]]
     assert stopped.ledger["stopped"] == {"reason": "eos", "token": eos}
-    report = verify_bundle(tmp_path / "eos")
+    report = verify_bundle(tmp_path / "out")
     assert report.failed == ["non-perturbation"], report.format()  # a --no-prove run carries no proof
-    data["generate"] = {"max_new_tokens": 4, "ignore_eos": True}
-    data["output"] = {"dir": str(tmp_path / "ignored")}
-    ignored = execute(prepare_run(parse_manifest_dict(data)), prove=False, echo=_quiet, progress=False)
+    ignored = execute(load_plan(str(_write(tmp_path / "ignored.yaml", ckpt, ignore_eos=True))), prove=False,
+                      echo=_quiet, progress=False)  # fmt: skip
     assert [s.token for s in ignored.steps] == [s.token for s in free.steps]
     assert ignored.ledger["stopped"] == {"reason": "max_new_tokens"} and ignored.ledger["run"]["stop"]["tokens"] == []
 
@@ -192,3 +188,24 @@ def test_text_settings_are_checked_against_the_checkpoint_before_compute(tiny_ch
         plan(tiny_checkpoints["kimi-k2.5"], {"chat": [{"role": "tool", "content": "{}"}]})
     eos = json.loads((no_tokenizer / "config.json").read_text())["eos_token_id"]
     assert plan(no_tokenizer, {"tokens": [1, 2]}).decoding.stop_tokens == ((eos, "eos"),)  # config.json's alone
+
+
+def test_text_run_on_a_tokenizer_json_checkpoint(tiny_checkpoints, tmp_path):
+    """A DeepSeek-style checkpoint that ships tokenizer.json (byte-level BPE): the text path as before,
+    now recorded in the ledger and re-derived by verify from the bundled copy."""
+    tokenizers = pytest.importorskip("tokenizers")
+    ckpt = shutil.copytree(tiny_checkpoints["hf-bf16"], tmp_path / "ckpt")
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    hf.train_from_iterator(["Tell me a short story about a cat. The cat sat on the mat."] * 20, trainer)
+    hf.save(str(ckpt / "tokenizer.json"))
+    data = {"version": 1, "model": {"checkpoint": str(ckpt)}, "prompt": {"text": "a short story"},
+            "generate": {"max_new_tokens": 2}, "output": {"dir": str(tmp_path / "out")}}  # fmt: skip
+    outcome = execute(prepare_run(parse_manifest_dict(data)), echo=_quiet, progress=False)
+    assert outcome.ledger["run"]["prompt"] == hf.encode("a short story").ids
+    assert outcome.ledger["checkpoint"]["tokenizer"]["kind"] == "tokenizer.json"
+    report = verify_bundle(tmp_path / "out")
+    assert report.ok and report.status("text") == "OK", report.format()

@@ -5,7 +5,8 @@
   held back until it is known not to be (the stop string itself is never written). Without a
   tokenizer it writes the token ids.
 * :class:`Progress` draws a per-layer bar when stderr is a terminal and otherwise (CI logs, pipes)
-  writes one line per step.
+  writes one line per step. The run whose text streams to a terminal draws no bar: its redraws
+  would overwrite the text on the same screen.
 """
 
 from __future__ import annotations
@@ -91,12 +92,14 @@ class Progress:
     """Progress of one run (bare or instrumented) of ``steps`` x ``layers`` layer passes."""
 
     def __init__(self, name: str, steps: int, layers: int, enabled: bool, tokenizer: Tokenizer | None = None,
-                 stream: TextIO | None = None):  # fmt: skip
-        self.name, self.layers, self.enabled, self.tokenizer = name, layers, enabled, tokenizer
+                 stream: TextIO | None = None, draw_bar: bool = True):  # fmt: skip
         self.stream = stream if stream is not None else sys.stderr
+        terminal = self.stream.isatty()
+        self.name, self.layers, self.tokenizer = name, layers, tokenizer
+        self.enabled = enabled and (draw_bar or not terminal)
         self.started, self.bytes_done = time.perf_counter(), 0
         self.bar = None
-        if enabled and self.stream.isatty():
+        if self.enabled and terminal:
             from tqdm import tqdm
 
             self.bar = tqdm(total=steps * layers, unit="layer", dynamic_ncols=True, desc=name, file=self.stream)

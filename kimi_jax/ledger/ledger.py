@@ -369,13 +369,12 @@ def checkpoint_record(plan) -> dict[str, Any]:
 
 
 def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, proof: dict | None) -> dict[str, Any]:
+    from kimi_jax.ledger.text_fields import text_section
     from kimi_jax.platform_info import (
         fingerprint_digest,
         package_version,
         platform_fingerprint,
     )
-
-    from kimi_jax.ledger.text_fields import text_section
 
     m, idx, tokenizer, decoding = plan.manifest, plan.index, plan.tokenizer, plan.decoding
     capture = list(m.capture)

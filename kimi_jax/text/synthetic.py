@@ -18,9 +18,16 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-from kimi_jax.text.kimi_format import CONFIG_FILE, KIMI_PATTERN, RANKS_FILE, RESERVED_SPECIAL_TOKENS, format_ranks, read_ranks
+from kimi_jax.text.kimi_format import (
+    CONFIG_FILE,
+    KIMI_PATTERN,
+    RANKS_FILE,
+    RESERVED_SPECIAL_TOKENS,
+    format_ranks,
+    read_ranks,
+)
+from kimi_jax.text.tokenizer import TEMPLATE_FILE
 
-TEMPLATE_FILE = "chat_template.jinja"
 TRAINED_RANKS = "synthetic.tiktoken"
 
 # Kimi K2's named special tokens, by offset from the first special id (163584 in the real model);

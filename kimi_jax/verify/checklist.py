@@ -54,7 +54,6 @@ from kimi_jax.verify.content import (
 )
 from kimi_jax.verify.files import check_checksums, check_receipt
 from kimi_jax.verify.replay import check_replay
-from kimi_jax.verify.text import check_text
 from kimi_jax.verify.report import (
     FAILED,
     OK,
@@ -64,6 +63,7 @@ from kimi_jax.verify.report import (
     CheckSkipped,
     Report,
 )
+from kimi_jax.verify.text import check_text
 
 _CHECKS: tuple[tuple[str, Callable[[BundleView], str]], ...] = (
     ("checksums", check_checksums),

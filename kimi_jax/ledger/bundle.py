@@ -101,8 +101,12 @@ def bundle_digest(bundle: Path) -> str:
     return blake3.blake3((Path(bundle) / CHECKSUMS).read_bytes()).hexdigest()
 
 
-def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | None, explorer_html: str | None) -> Path:
-    """Assemble the bundle beside ``out`` and move it into place atomically; returns ``out``."""
+def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | None, explorer_html: str | None,
+                 tokenizer_dir: Path | None = None) -> Path:  # fmt: skip
+    """Assemble the bundle beside ``out`` and move it into place atomically; returns ``out``.
+
+    ``tokenizer_dir`` holds the tokenizer files the ledger names (default: the checkpoint folder;
+    a remote checkpoint's are in its local mirror)."""
     out = Path(out)
     work = partial_dir(out)
     if work.exists():
@@ -121,7 +125,7 @@ def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | N
     save_arrays(work / ARRAYS, steps)
     checkpoint = ledger["checkpoint"]
     for name, digest in ((checkpoint.get("tokenizer") or {}).get("files") or {}).items():
-        source = Path(checkpoint["path"]) / name
+        source = Path(tokenizer_dir or checkpoint["path"]) / name
         (work / TOKENIZER).mkdir(exist_ok=True)
         shutil.copyfile(source, work / TOKENIZER / name)
         if blake3.blake3((work / TOKENIZER / name).read_bytes()).hexdigest() != digest:

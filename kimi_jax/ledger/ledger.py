@@ -32,31 +32,20 @@ from typing import Any, Iterator
 import blake3
 import numpy as np
 
+from kimi_jax.ledger.floats import f32, f32_list
+
 LEDGER_VERSION = 2
 LEDGER_SCHEMA_ID = f"urn:kimi-jax:schema:ledger:v{LEDGER_VERSION}"
 # What each version changed: told to whoever verifies a bundle of an older version.
 LEDGER_VERSION_CHANGES = {2: (
     "checkpoint.config_digest is BLAKE3, like every other digest (version 1 wrote BLAKE2b); the checkpoint's content "
-    "root, digest file and storage, each step's weights_digest, and bytes from network and cache are recorded; the tokenizer's digest, the prompt as given, sampling settings, "
-    "stop rules and why the run stopped, each step's probability, rank, sampling record and token text and bytes, "
-    "the top-k alternatives' texts, and the prompt and generated text are recorded")}
+    "root, digest file and storage, each step's weights_digest, and bytes from network and cache are recorded; so "
+    "are the tokenizer's digest, the prompt as given, the sampling settings, the stop rules and why the run stopped, "
+    "each step's probability, rank, sampling record, token text and bytes and the top-k alternatives' texts, and the "
+    "prompt and generated text")}
 TOP_K = 16
 
-# -- float32-exact JSON numbers -----------------------------------------------------------------
-
-
-def f32(x: Any) -> float:
-    """A Python float whose JSON repr is the shortest decimal that reads back to float32(x)."""
-    value = np.float32(x)
-    if not np.isfinite(value):
-        raise ValueError(f"non-finite value {value} cannot be written to the ledger")
-    short = float(np.format_float_positional(value, unique=True, trim="-"))
-    return short if np.float32(short) == value else float(value)
-
-
-def f32_list(a: Any) -> Any:
-    arr = np.asarray(a, dtype=np.float32)
-    return [f32_list(row) for row in arr] if arr.ndim > 1 else [f32(v) for v in arr]
+# -- float32-exact JSON numbers (f32, f32_list: kimi_jax.ledger.floats) -------------------------
 
 
 def tensor_digest(a: np.ndarray) -> str:

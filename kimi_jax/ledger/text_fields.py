@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kimi_jax.ledger.ledger import f32
+from kimi_jax.ledger.floats import f32
 from kimi_jax.text.decoding import Decoding
 from kimi_jax.text.sampling import Sampling, sample_token, sampled_probability, token_probability, token_rank
 from kimi_jax.text.tokenizer import Tokenizer, display_text

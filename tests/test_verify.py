@@ -86,7 +86,7 @@ def test_demo_bundle_verifies(demo):
     assert [c.number for c in report.checks] == list(range(1, 12))
     assert [c.name for c in report.checks] == list(CHECK_NAMES)
     documented = re.findall(r"^ ?\d+\. ``([a-z-]+)``", checklist.__doc__, re.M)  # the numbered list verify documents
-    assert documented[:10] == list(CHECK_NAMES) and documented[10:] == ["replay"]
+    assert documented[:11] == list(CHECK_NAMES) and documented[11:] == ["replay"]
     statuses = _statuses(report)
     assert statuses.pop("anchor") == "SKIPPED"
     assert statuses.pop("explorer") in ("SKIPPED", "OK")  # the explorer page is optional

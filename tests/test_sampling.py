@@ -75,7 +75,8 @@ class _Bytes:
     table = {1: b"Hel", 2: b"lo", 3: b" wor", 4: b"ld", 5: b"\xe4\xbd", 6: b"\xa0"}
 
     def decode(self, tokens, skip_special=False):
-        return b"".join(self.table.get(t, b"") for t in tokens if not (skip_special and t >= 100)).decode(errors="replace")
+        kept = [self.table.get(t, b"") for t in tokens if not (skip_special and t >= 100)]
+        return b"".join(kept).decode(errors="replace")
 
 
 def test_stop_rules():
@@ -85,6 +86,7 @@ def test_stop_rules():
     assert decoding.stop_reason([1, 2, 3]) == {"reason": "stop_string", "string": "o wo"}
     assert decoding.stop_reason([1, 100]) == {"reason": "eos", "token": 100}
     assert decoding.stop_reason([101]) == {"reason": "end_of_turn", "token": 101}
-    assert decoding.stop_reason([5]) is None and decoding.stop_reason([5, 6]) == {"reason": "stop_string", "string": "你"}
+    assert decoding.stop_reason([5]) is None  # half a character
+    assert decoding.stop_reason([5, 6]) == {"reason": "stop_string", "string": "你"}
     assert decoding.final_reason([1, 2]) == {"reason": "max_new_tokens"}
     assert Decoding().choose(0, np.array([0.5, 2.0, 2.0], np.float32)) == 1

@@ -61,7 +61,8 @@ def test_template_from_tokenizer_config_and_kwargs(folder):
 @pytest.mark.parametrize("template, expected", [
     ("{{ messages.__class__.__mro__ }}", r"SecurityError|UndefinedError"),
     ("{{ ().__class__.__base__.__subclasses__() }}", r"SecurityError|UndefinedError"),
-    ("{{ raise_exception('no tools here') }}", r"chat_template.jinja: the chat template failed: TemplateError: no tools here"),
+    ("{{ raise_exception('no tools here') }}",
+     r"chat_template.jinja: the chat template failed: TemplateError: no tools here"),
     ("{{ strftime_now('%Y') }}", r"chat_template.jinja: the chat template failed"),
     ("{% for %}", r"TemplateSyntaxError"),
     ("{% set x = messages.append(1) %}", r"SecurityError"),

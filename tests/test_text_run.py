@@ -104,7 +104,8 @@ def test_replay_reproduces_a_sampled_run_and_a_forged_draw_fails(chat_run, tmp_p
     forged = shutil.copytree(tmp / "bundle", tmp_path / "forged")
     changed = json.loads((forged / "ledger.json").read_text())
     first = changed["steps"][0]
-    first["token"] = changed["steps"][1]["token"] if changed["steps"][1]["token"] != first["token"] else first["token"] + 1
+    second = changed["steps"][1]["token"]
+    first["token"] = second if second != first["token"] else first["token"] + 1
     (forged / "ledger.json").write_text(json.dumps(changed))
     report = verify_bundle(forged)
     assert report.status("digests") == "FAILED" and "the seeded draw from the stored logits (seed 7)" in \
@@ -183,8 +184,9 @@ def test_text_settings_are_checked_against_the_checkpoint_before_compute(tiny_ch
     with pytest.raises(ManifestError, match=r"m.yaml:\d+: generate.stop: stop strings need the generated text, but the "
                                             r"checkpoint .* ships no tokenizer"):  # fmt: skip
         plan(no_tokenizer, {"tokens": [1, 2]}, stop=["x"])
-    with pytest.raises(ManifestError, match=r"m.yaml:\d+: prompt.chat: .*chat_template.jinja: the chat template failed: "
-                                            r"TemplateError: role must be system, user or assistant, got tool"):  # fmt: skip
+    with pytest.raises(ManifestError, match=r"m.yaml:\d+: prompt.chat: .*chat_template.jinja: the chat template "
+                                            r"failed: TemplateError: role must be system, user or assistant, got "
+                                            r"tool"):  # fmt: skip
         plan(tiny_checkpoints["kimi-k2.5"], {"chat": [{"role": "tool", "content": "{}"}]})
     eos = json.loads((no_tokenizer / "config.json").read_text())["eos_token_id"]
     assert plan(no_tokenizer, {"tokens": [1, 2]}).decoding.stop_tokens == ((eos, "eos"),)  # config.json's alone
@@ -198,8 +200,8 @@ def test_text_run_on_a_tokenizer_json_checkpoint(tiny_checkpoints, tmp_path):
     hf = tokenizers.Tokenizer(tokenizers.models.BPE())
     hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>"], initial_alphabet=alphabet)
     hf.train_from_iterator(["Tell me a short story about a cat. The cat sat on the mat."] * 20, trainer)
     hf.save(str(ckpt / "tokenizer.json"))
     data = {"version": 1, "model": {"checkpoint": str(ckpt)}, "prompt": {"text": "a short story"},

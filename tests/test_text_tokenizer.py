@@ -33,7 +33,8 @@ PUBLISHED_PATTERN = (
 VOCAB = 2048  # the tiny preset: 1,792 BPE ranks + Kimi's 256 special ids
 SAMPLES = ["Hello! How are you today? 你好，世界。 café naïve 😀🇫🇷", "It's DON'T  shout\n\n\n  x\t\ty ",
            "[BOS]<|im_user|>user<|im_middle|>hi<|im_end|>", "1234567 -3.14e10 $19.99", "<|reserved_token_2000|>",
-           "def f(x):\n    return x ** 2  # ok\r\n", "Ελληνικά русский עברית العربية हिन्दी 日本語 한국어", ""]  # fmt: skip
+           "def f(x):\n    return x ** 2  # ok\r\n", "Ελληνικά русский עברית العربية हिन्दी 日本語 한국어",
+           ""]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,8 @@ def test_encode_matches_tiktoken_built_directly(ours, direct, text):
 
 @settings(max_examples=150, deadline=None)
 @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=60)
-       | st.lists(st.sampled_from(["<|im_end|>", "[BOS]", " the", "你好", "\n", "  ", "'s", "99", "😀"]), max_size=12).map("".join))
+       | st.lists(st.sampled_from(["<|im_end|>", "[BOS]", " the", "你好", "\n", "  ", "'s", "99", "😀"]),
+                  max_size=12).map("".join))
 def test_round_trip_and_tiktoken_agree_on_any_text(ours, direct, text):
     ids = ours.encode(text)
     assert ids == direct.encode(text, allowed_special="all")
@@ -137,9 +139,12 @@ def _copy(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("damage, expected", [
-    (lambda d: (d / "tiktoken.model").write_text("QQ== 0\nnot-base64! 1\n"), r"tiktoken.model:2: 'not-base64!' is not base64"),
-    (lambda d: (d / "tiktoken.model").write_text("QQ== 0\nQg== 2\n"), r"ranks must run 0..1 without gaps; rank 1 is missing"),
-    (lambda d: (d / "tiktoken.model").write_text("QQ== 0\nQQ== 1\n"), r"tiktoken.model:2: token b'A' already has rank 0"),
+    (lambda d: (d / "tiktoken.model").write_text("QQ== 0\nnot-base64! 1\n"),
+     r"tiktoken.model:2: 'not-base64!' is not base64"),
+    (lambda d: (d / "tiktoken.model").write_text("QQ== 0\nQg== 2\n"),
+     r"ranks must run 0..1 without gaps; rank 1 is missing"),
+    (lambda d: (d / "tiktoken.model").write_text("QQ== 0\nQQ== 1\n"),
+     r"tiktoken.model:2: token b'A' already has rank 0"),
     (lambda d: (d / "tokenizer_config.json").unlink(), r"ships tiktoken.model but no tokenizer_config.json"),
     (lambda d: (d / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"5": {"content": "x"}}}'),
      r"added_tokens_decoder.5: id 5 is outside the special tokens 1792..2047"),
@@ -160,8 +165,8 @@ def test_tokenizer_json_through_the_tokenizers_package(tmp_path):
     hf = tokenizers.Tokenizer(tokenizers.models.BPE())
     hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"], initial_alphabet=alphabet)
     hf.train_from_iterator([corpus], trainer)
     hf.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>", "bos_token": "<s>"}')

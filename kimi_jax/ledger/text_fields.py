@@ -50,8 +50,9 @@ def step_text_fields(tokenizer: Tokenizer | None, token: int, top_k: list[list] 
 def text_section(tokenizer: Tokenizer | None, prompt: list[int], generated: list[int]) -> dict[str, Any] | None:
     if tokenizer is None:
         return None
-    return {"prompt_text": tokenizer.decode(prompt), "prompt_token_texts": [token_text(tokenizer, t) or "" for t in prompt],
-            "generated_text": tokenizer.decode(generated)}  # fmt: skip
+    return {"prompt_text": tokenizer.decode(prompt),
+            "prompt_token_texts": [token_text(tokenizer, t) or "" for t in prompt],
+            "generated_text": tokenizer.decode(generated)}
 
 
 def decoding_from_ledger(ledger: dict[str, Any], tokenizer: Tokenizer | None) -> Decoding:

@@ -80,7 +80,8 @@ def read_ranks(path: Path) -> dict[bytes, int]:
 
 def format_ranks(ranks: dict[bytes, int]) -> bytes:
     """The ``tiktoken.model`` bytes of ``ranks``, one line per token in rank order."""
-    lines = [base64.b64encode(token) + b" " + str(rank).encode() for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    in_order = sorted(ranks.items(), key=lambda kv: kv[1])
+    lines = [base64.b64encode(token) + b" " + str(rank).encode() for token, rank in in_order]
     return b"\n".join(lines) + b"\n"
 
 

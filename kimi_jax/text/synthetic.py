@@ -105,7 +105,8 @@ def tokenizer_files(vocab_size: int) -> dict[str, bytes]:
     """The files of a synthetic Kimi tokenizer for ``vocab_size`` ids (256 of them special)."""
     first_special = vocab_size - RESERVED_SPECIAL_TOKENS
     if first_special < 256:
-        raise ValueError(f"a Kimi-layout tokenizer needs vocab_size >= 512 (256 byte tokens + 256 special), got {vocab_size}")
+        raise ValueError(f"a Kimi-layout tokenizer needs vocab_size >= 512 (256 byte tokens + 256 special), "
+                         f"got {vocab_size}")
     return {
         RANKS_FILE: format_ranks(synthetic_ranks(first_special)),
         CONFIG_FILE: (json.dumps(tokenizer_config(first_special), indent=2) + "\n").encode(),

@@ -4,7 +4,8 @@ For each step the engine embeds the input (reading only the embedding rows it ne
 each layer: reads the layer's non-expert weights (already prefetched on a background thread while
 the previous layer computed), runs attention and the router, reads the distinct experts any
 position picked, runs them, and drops the layer. Then it reads the head and chooses the token
-(greedy, or as the run's decoding says). Capture values come back from the same jitted calls whether or not they are kept.
+(greedy, or as the run's decoding says). Capture values come back from the same jitted calls
+whether or not they are kept.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def synthetic_ledger(steps: int = 5, layers: int = 61, experts: int = 384, top_k
         top_k_pairs = [[t, v] for t, v in top]
         token, logit = top_k_pairs[0]
         step = {"index": i, "context": list(context), "token": token, "token_text": f" tok{i}",
-                "logit": logit, "top_k": top_k_pairs, "entropy": f32(rng.uniform(1, 6)),
+                "logit": logit, "probability": f32(rng.uniform(0.1, 0.9)), "rank": 0, "top_k": top_k_pairs, "entropy": f32(rng.uniform(1, 6)),
                 "margin": f32(top_k_pairs[0][1] - top_k_pairs[1][1]), "hidden_digest": hexd(), "logits_digest": hexd(),
                 "bytes_read": sum(e["bytes_read"] for e in entries) + 2_348_810_240,
                 "wall_s": f32(rng.uniform(100, 430)), "layers": entries}  # fmt: skip
@@ -87,12 +87,14 @@ def synthetic_ledger(steps: int = 5, layers: int = 61, experts: int = 384, top_k
         "schema": LEDGER_SCHEMA_ID, "ledger_version": LEDGER_VERSION, "software": {"kimi-jax": "benchmark"},
         "manifest_digest": hexd(),
         "checkpoint": {"layout": "kimi-k2.5-int4", "path": "/synthetic/kimi-k2.5-shape", "config_digest": hexd(),
-                       "tensor_list_digest": hexd()},
+                       "tensor_list_digest": hexd(), "tokenizer": None},
         "platform": {"backend": "cpu", "device_kind": "cpu"}, "platform_digest": hexd(),
-        "run": {"prompt": prompt, "max_new_tokens": steps, "kv_cache": False, "dtype": "bfloat16",
+        "run": {"prompt": prompt, "prompt_input": {"tokens": prompt}, "sampling": None,
+                "stop": {"tokens": [[163585, "eos"]], "strings": []}, "max_new_tokens": steps, "kv_cache": False,
+                "dtype": "bfloat16",
                 "capture": ["norms", "routing", "logits"], "page_cache_evicted": True, "page_cache_resident_bytes": 0,
                 "shard_bytes": 595 * 10**9},
-        "steps": out_steps,
+        "steps": out_steps, "stopped": {"reason": "max_new_tokens"}, "text": None,
         "totals": {"bytes_read": sum(s["bytes_read"] for s in out_steps),
                    "wall_s": f32(sum(s["wall_s"] for s in out_steps))},
         "anchor": None,

@@ -37,11 +37,24 @@ def main() -> None:
 @click.option("--prove/--no-prove", default=True, show_default=True,
               help="Also run bare (no capture kept) and require identical tokens, digests and bytes.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last completed step.")
-def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: bool, resume: bool) -> None:
-    """Run a manifest: stream the checkpoint, generate tokens, write the ledger and the bundle."""
+@click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors: no progress, no report.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Instead of streaming the text, print one JSON object at the end (bundle, ledger, prompt, tokens, "
+                   "token_texts, text, stopped, non_perturbing, anchor_matched).")  # fmt: skip
+def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: bool, resume: bool, quiet: bool,
+        as_json: bool) -> None:  # fmt: skip
+    """Run a manifest: stream the checkpoint, generate tokens, write the ledger and the bundle.
+
+    The generated text goes to stdout as it is produced (token ids when the checkpoint ships no
+    tokenizer); progress and the report go to stderr, one line per step when stderr is not a terminal."""
+    from kimi_jax.run.console import to_stderr
     from kimi_jax.run.runner import run_manifest
 
-    run_manifest(manifest, list(overrides), out_dir, prove=prove, resume=resume)
+    outcome = run_manifest(manifest, list(overrides), out_dir, prove=prove, resume=resume,
+                           echo=(lambda *_: None) if quiet else to_stderr, progress=not quiet,
+                           text_out=None if as_json else sys.stdout)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(outcome.summary(), ensure_ascii=False))
 
 
 @main.command()
@@ -52,7 +65,7 @@ def prove(manifest: str, overrides: tuple[str, ...], out_dir: str | None) -> Non
     """Prove capture is non-perturbing: bare and instrumented runs must agree on every step."""
     from kimi_jax.run.runner import run_manifest
 
-    run_manifest(manifest, list(overrides), out_dir, prove=True)
+    run_manifest(manifest, list(overrides), out_dir, prove=True, text_out=sys.stdout)
 
 
 @main.group()

@@ -19,3 +19,7 @@ class StorageError(KimiJaxError):
 
 class FormatError(KimiJaxError):
     """Quantized tensor data cannot be decoded as declared."""
+
+
+class TokenizerError(KimiJaxError):
+    """A checkpoint's tokenizer files or chat template are malformed or do not fit the model."""

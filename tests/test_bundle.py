@@ -54,7 +54,7 @@ def test_killed_run_resumes_to_identical_digests(tiny_checkpoints, tmp_path, kv_
 
     resumed = _run(manifest, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert f"{run}: resuming after {step} completed step(s)" in resumed.stdout
+    assert f"{run}: resuming after {step} completed step(s)" in resumed.stderr
     assert _identity(out) == _identity(tmp_path / "ref")
     assert not work.exists()
     arrays = load_arrays(out)

@@ -167,3 +167,21 @@ def test_a_manifest_and_a_bundle_cannot_be_compared(bundles, tmp_path):
         compare_paths(bundles["a"], manifest)
     cli = CliRunner().invoke(main, ["compare", str(manifest), str(bundles["a"])])
     assert cli.exit_code == 2 and "cannot compare a bundle" in cli.output
+
+
+def test_tokenizer_sampling_and_stop_rules_change_results(tiny_checkpoints, tmp_path):
+    copy = Path(shutil.copytree(tiny_checkpoints["kimi-k2.5"], tmp_path / "copy"))
+    a = _manifest(tmp_path / "a.yaml", tiny_checkpoints["kimi-k2.5"])
+    b = _manifest(tmp_path / "b.yaml", copy)
+    assert compare_manifests(a, b).identical  # another folder with the same identity
+    (copy / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    result = compare_manifests(a, b)
+    assert [d.field for d in result.result_differences] == ["model (checkpoint tokenizer_digest)"]
+    assert "a different tokenizer encodes the same text to other ids" in result.result_differences[0].why
+    assert not result.identical and "model (checkpoint tokenizer_digest) differs" in result.verdict
+    for setting in ("  sampling: {seed: 3}\n", "  stop: [END]\n", "  ignore_eos: true\n"):
+        c = tmp_path / "c.yaml"
+        c.write_text(a.read_text().replace("  max_new_tokens: 3\n", "  max_new_tokens: 3\n" + setting))
+        changed = compare_manifests(a, c)
+        assert {d.field.split(".")[1] for d in changed.result_differences} == {setting.split(":")[0].strip()}
+        assert not changed.identical

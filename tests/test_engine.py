@@ -180,10 +180,10 @@ def test_corrupt_weight_shape_is_named_when_read(tiny_checkpoints, tmp_path):
 
 
 def test_prompt_text_needs_a_tokenizer(tiny_checkpoints, tmp_path):
-    data = {"version": 1, "model": {"checkpoint": str(tiny_checkpoints["kimi-k2.5"])}, "prompt": {"text": "hello"},
+    data = {"version": 1, "model": {"checkpoint": str(tiny_checkpoints["deepseek-v3"])}, "prompt": {"text": "hello"},
             "output": {"dir": str(tmp_path / "out")}}  # fmt: skip
-    with pytest.raises(ManifestError, match=r"prompt.text: the checkpoint .* ships no tokenizer.json; give the prompt "
-                                            r"as prompt.tokens"):  # fmt: skip
+    with pytest.raises(ManifestError, match=r"prompt.text: the checkpoint .* ships no tokenizer \(tiktoken.model or "
+                                            r"tokenizer.json\); give the prompt as prompt.tokens"):  # fmt: skip
         prepare_run(parse_manifest_dict(data, source=str(tmp_path / "m.yaml")))
 
 

@@ -48,7 +48,8 @@ def small_ledger(token_texts: list[str] | None = None, steps: int = 3, layers: i
                 entry.update(experts=experts, router_scores=scores, routing_weights=derive_routing_weights(scores))
             entry["bytes_read"] = 1000 * (L + 1) + i
             entries.append(entry)
-        step = {"index": i, "context": list(context), "token": 40 + i, "logit": 10.5 - i, "top_k": [[40 + i, 10.5 - i],
+        step = {"index": i, "context": list(context), "token": 40 + i, "logit": 10.5 - i, "probability": 0.5, "rank": 0,
+                "top_k": [[40 + i, 10.5 - i],
                 [3, 9.25 - i]], "entropy": 1.25, "margin": 1.25, "hidden_digest": HEX, "logits_digest": HEX,
                 "bytes_read": 10_000 + i, "wall_s": 0.5, "layers": entries}  # fmt: skip
         if token_texts is not None:
@@ -56,13 +57,17 @@ def small_ledger(token_texts: list[str] | None = None, steps: int = 3, layers: i
         out.append(step)
         context.append(40 + i)
     ledger = {
-        "schema": LEDGER_SCHEMA_ID, "ledger_version": LEDGER_VERSION, "software": {"kimi-jax": "test"}, "manifest_digest": HEX,
-        "checkpoint": {"layout": "kimi-k2.5-int4", "path": "/ckpt", "config_digest": HEX, "tensor_list_digest": HEX},
+        "schema": LEDGER_SCHEMA_ID, "ledger_version": LEDGER_VERSION, "software": {"kimi-jax": "test"},
+        "manifest_digest": HEX,
+        "checkpoint": {"layout": "kimi-k2.5-int4", "path": "/ckpt", "config_digest": HEX, "tensor_list_digest": HEX,
+                       "tokenizer": None},
         "platform": {"backend": "cpu"}, "platform_digest": HEX,
-        "run": {"prompt": [7, 300], "max_new_tokens": steps, "kv_cache": False, "dtype": "float32",
+        "run": {"prompt": [7, 300], "prompt_input": {"tokens": [7, 300]}, "sampling": None,
+                "stop": {"tokens": [], "strings": []}, "max_new_tokens": steps, "kv_cache": False, "dtype": "float32",
                 "capture": ["norms", "routing", "logits"], "page_cache_evicted": False, "page_cache_resident_bytes": 0,
                 "shard_bytes": 1},
-        "steps": out, "totals": {"bytes_read": sum(s["bytes_read"] for s in out), "wall_s": 1.5},
+        "steps": out, "stopped": {"reason": "max_new_tokens"}, "text": None,
+        "totals": {"bytes_read": sum(s["bytes_read"] for s in out), "wall_s": 1.5},
         "anchor": None, "non_perturbation": None,
     }  # fmt: skip
     validate_ledger(ledger)

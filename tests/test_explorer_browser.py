@@ -217,8 +217,9 @@ def test_selecting_a_step_updates_every_panel(open_page, bundle, ledger, shots):
         assert o.text("#step-detail-title") == f"Step {step['index']}"
         assert int(o.text('#step-fields td[data-field="token"]')) == step["token"]
         assert o.text('#step-fields td[data-field="hidden_digest"]') == step["hidden_digest"]
-        top = o.texts("#topk-table tbody td")
-        assert [[int(top[j]), float(top[j + 1])] for j in range(0, len(top), 2)] == step["top_k"]
+        ids, logits = o.texts('#topk-table tbody td[data-field="token"]'), o.texts('#topk-table tbody td[data-field="logit"]')
+        assert [[int(t), float(v)] for t, v in zip(ids, logits)] == step["top_k"]
+        assert o.texts('#topk-table tbody td[data-field="text"]') == step["top_k_text"]
         for layer in step["layers"]:
             row = o.page.locator(f'#layer-table tbody tr[data-layer="{layer["layer"]}"]')
             assert float(row.locator('td[data-field="norm_out"]').text_content()) == layer["norm_out"]
@@ -345,6 +346,59 @@ def test_markup_in_token_text_is_inert(open_page, ledger, tmp_path, shots):
     o.check_clean()
 
 
+HOSTILE_TEXTS = ["<script>window.__pwned=1</script>", '<img src=x onerror="window.__pwned=2">',
+                 "</script><script>window.__pwned=3</script>", "<b>bold</b> & \u2028 ünï", '"><svg onload=window.__pwned=4>',
+                 "\\xe6\\x88 \x1b[31m {{7*7}} ${x}"]  # fmt: skip
+
+
+def test_text_and_token_texts_are_shown_next_to_ids_and_inert(open_page, ledger, tmp_path, shots):
+    """Hostile strings in every text field a ledger can hold: the prompt as given (a chat), the prompt's
+    and the generated text, every token's text and the top-k alternatives' texts."""
+    hostile = copy.deepcopy(ledger)
+    pick = lambda i: HOSTILE_TEXTS[i % len(HOSTILE_TEXTS)]  # noqa: E731
+    texts = {}  # id -> text, one text per id as a tokenizer would give
+    for i, token in enumerate(hostile["run"]["prompt"]):
+        texts.setdefault(token, pick(i))
+    for step in hostile["steps"]:
+        texts.setdefault(step["token"], pick(step["index"] + 2))
+        for token, _ in step["top_k"]:
+            texts.setdefault(token, pick(token))
+    hostile["run"]["prompt_input"] = {"chat": [{"role": "user", "content": HOSTILE_TEXTS[0]},
+                                              {"role": "<i>assistant</i>", "content": HOSTILE_TEXTS[4]}]}  # fmt: skip
+    hostile["text"] = {"prompt_text": "".join(texts[t] for t in hostile["run"]["prompt"]),
+                       "prompt_token_texts": [texts[t] for t in hostile["run"]["prompt"]],
+                       "generated_text": "".join(texts[s["token"]] for s in hostile["steps"])}  # fmt: skip
+    for step in hostile["steps"]:
+        step["token_text"] = texts[step["token"]]
+        step["top_k_text"] = [texts[t] for t, _ in step["top_k"]]
+    page = tmp_path / "explorer.html"
+    page.write_text(render_explorer(hostile), encoding="utf-8")
+    o = open_page(page)
+    _shot(o, shots / "explorer_hostile_texts.png")
+    assert o.page.evaluate("typeof window.__pwned") == "undefined"
+    assert o.page.locator("img, svg, b, i").count() == 0 and o.page.locator("script").count() == 3
+
+    field = lambda path: o.text(f'#text-table td[data-field="{path}"]')  # noqa: E731
+    assert field("run.prompt_input") == f"user: {HOSTILE_TEXTS[0]}\n<i>assistant</i>: {HOSTILE_TEXTS[4]}"
+    assert field("text.prompt_text") == hostile["text"]["prompt_text"]
+    assert field("text.generated_text") == hostile["text"]["generated_text"]
+    assert "prov-derived" in o.page.locator('#text-table td[data-field="text.generated_text"]').get_attribute("class")
+    assert "prov-measured" in o.page.locator('#text-table td[data-field="run.prompt_input"]').get_attribute("class")
+    assert o.texts('#timeline-table tbody td[data-field="token_text"]') == [s["token_text"] for s in hostile["steps"]]
+    for i in (0, 2):
+        step = hostile["steps"][i]
+        o.page.locator(f'#timeline-table tbody tr[data-step="{i}"]').click()
+        assert o.text('#step-fields td[data-field="token_text"]') == step["token_text"]
+        assert o.texts('#topk-table tbody td[data-field="text"]') == step["top_k_text"]
+        quoted = " ".join(json.dumps(texts[t], ensure_ascii=False) for t in step["context"])
+        assert o.text('#step-fields td[data-field="context_text"]') == quoted
+        last = step["context"][-1]
+        assert o.texts("#position-select option")[-1].endswith(f"(context token {last} "
+                                                                f"{json.dumps(texts[last], ensure_ascii=False)})")
+    assert o.page.evaluate("typeof window.__pwned") == "undefined"
+    o.check_clean()
+
+
 def test_a_ledger_without_optional_capture_still_renders(open_page, ledger, tmp_path):
     """capture: [] (no norms, routing or logits) and a KV-cache run (one routed position per step)."""
     bare = copy.deepcopy(ledger)
@@ -376,7 +430,8 @@ def test_a_ledger_without_optional_capture_still_renders(open_page, ledger, tmp_
             step = variant["steps"][2]
             # one routed position: the last of the context
             options = o.texts("#position-select option")
-            assert options == [f"{len(step['context']) - 1} (context token {step['context'][-1]})"]
+            text = json.dumps(variant["steps"][1]["token_text"], ensure_ascii=False)  # the last context token's
+            assert options == [f"{len(step['context']) - 1} (context token {step['context'][-1]} {text})"]
             assert [int(v) for v in o.page.locator("#routing-selected li").evaluate_all(
                 "els => els.map(e => e.dataset.expert)")] == step["layers"][1]["experts"][0]
         o.check_clean()

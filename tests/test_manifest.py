@@ -408,6 +408,76 @@ BAD_CASES = [
         "dir:",
         ["expected a path string, got integer 42"],
     ),
+    (
+        "tokens-and-chat",
+        GOOD.replace("  tokens: [163584, 7, 9]\n", "  tokens: [163584, 7, 9]\n  chat:\n    - {role: user, content: hi}\n"),
+        "prompt",
+        "prompt:",
+        ["exactly one of prompt.tokens / prompt.text / prompt.chat may be set, got both tokens and chat"],
+    ),
+    (
+        "chat-message-content-not-a-string",
+        GOOD.replace("  tokens: [163584, 7, 9]\n", "  chat:\n    - role: user\n      content: [1, 2]\n"),
+        "prompt.chat.0.content",
+        "content:",
+        ["expected a string, got a list"],
+    ),
+    (
+        "chat-message-unknown-key",
+        GOOD.replace("  tokens: [163584, 7, 9]\n", "  chat:\n    - role: user\n      content: hi\n      image: x.png\n"),
+        "prompt.chat.0.image",
+        "image:",
+        ["unknown key"],
+    ),
+    (
+        "chat-empty",
+        GOOD.replace("  tokens: [163584, 7, 9]\n", "  chat: []\n"),
+        "prompt.chat",
+        "chat:",
+        ["must be a non-empty list"],
+    ),
+    (
+        "template-kwargs-without-chat",
+        GOOD.replace("  tokens: [163584, 7, 9]\n", "  tokens: [163584, 7, 9]\n  chat_template_kwargs: {thinking: false}\n"),
+        "prompt",
+        "prompt:",
+        ["prompt.chat_template_kwargs applies only to prompt.chat"],
+    ),
+    (
+        "sampling-temperature-zero",
+        GOOD + "generate:\n  sampling:\n    temperature: 0\n",
+        "generate.sampling.temperature",
+        "temperature:",
+        ["must be > 0"],
+    ),
+    (
+        "sampling-top-p-above-one",
+        GOOD + "generate:\n  sampling: {top_p: 1.5, seed: 3}\n",
+        "generate.sampling.top_p",
+        "sampling:",
+        ["must be <= 1"],
+    ),
+    (
+        "sampling-seed-too-large",
+        GOOD + "generate:\n  sampling:\n    seed: 18446744073709551616\n",
+        "generate.sampling.seed",
+        "seed:",
+        ["must be < 18446744073709551616"],
+    ),
+    (
+        "sampling-unknown-key",
+        GOOD + "generate:\n  sampling:\n    temprature: 0.7\n",
+        "generate.sampling.temprature",
+        "temprature:",
+        ["did you mean 'temperature'?"],
+    ),
+    (
+        "stop-string-empty",
+        GOOD + "generate:\n  stop: ['']\n",
+        "generate.stop.0",
+        "stop:",
+        ["must be a non-empty string"],
+    ),
 ]
 
 
@@ -423,6 +493,25 @@ def test_bad_manifest_names_file_line_field(
     # Every line of the error has the FILE:LINE: FIELD: form.
     for line in lines:
         assert line.startswith(f"{path}:"), line
+
+
+def test_text_fields_are_left_out_of_the_identity_until_used(ws: Path) -> None:
+    """Manifests that use none of chat, sampling, stop and ignore_eos keep the identity they had."""
+    m = load_manifest(write(ws, GOOD))
+    assert m.resolved_dict()["prompt"] == {"tokens": [163584, 7, 9], "text": None}
+    assert m.resolved_dict()["generate"] == {"max_new_tokens": 5, "kv_cache": False}
+    chat = GOOD.replace("  tokens: [163584, 7, 9]\n", "  chat:\n    - {role: user, content: hi}\n"
+                        "  chat_template_kwargs: {thinking: false}\n")  # fmt: skip
+    used = load_manifest(write(ws, chat + "generate:\n  sampling: {temperature: 0.7}\n  stop: [END]\n"
+                                          "  ignore_eos: true\n", "used.yaml"))  # fmt: skip
+    resolved = used.resolved_dict()
+    assert resolved["prompt"]["chat"] == [{"role": "user", "content": "hi"}]
+    assert resolved["prompt"]["chat_template_kwargs"] == {"thinking": False}
+    assert resolved["generate"]["sampling"] == {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 0}
+    assert resolved["generate"]["stop"] == ["END"] and resolved["generate"]["ignore_eos"] is True
+    base = load_manifest(write(ws, chat, "chat.yaml")).digest()
+    for override in ("generate.sampling.seed=1", "generate.stop=[x]", "generate.ignore_eos=true"):
+        assert load_manifest(write(ws, chat, "chat.yaml"), [override]).digest() != base, override
 
 
 def test_nonexistent_checkpoint_names_resolved_path(ws: Path) -> None:

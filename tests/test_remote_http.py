@@ -17,6 +17,7 @@ from kimi_jax.run.runner import execute
 from kimi_jax.storage.reader import ShardReader
 from kimi_jax.storage.remote import RemoteSettings, require
 from kimi_jax.storage.source import open_source
+from kimi_jax.verify.checklist import verify_bundle
 
 pytest.importorskip("aiohttp")
 from tests.range_server import folder_server  # noqa: E402
@@ -61,6 +62,9 @@ def test_run_over_http_equals_local_reads_exact_ranges_then_the_cache(ckpt, serv
     assert _same_steps(local, remote)
     assert remote["checkpoint"]["path"] == server.base + "/ckpt" and remote["checkpoint"]["storage"] == "http"
     assert remote["checkpoint"]["content_root"] == local["checkpoint"]["content_root"] is not None
+    # the tokenizer files come with the other small files: the same text fields, verified from the bundle
+    assert remote["checkpoint"]["tokenizer"] == local["checkpoint"]["tokenizer"] is not None
+    assert remote["text"] == local["text"] and verify_bundle(tmp_path / "remote").status("text") == "OK"
     for step in remote["steps"]:  # the cache is keyed by content: identical tensors (norms of ones) hit it at once
         assert step["bytes_network"] + step["bytes_cache"] == step["bytes_read"] and step["bytes_network"] > 0
     # every tensor range asked for was needed: beyond the header reads, they add up to the bytes fetched

@@ -83,10 +83,10 @@ def _statuses(report: Report) -> dict[str, str]:
 
 def test_demo_bundle_verifies(demo):
     report = verify_bundle(demo)
-    assert [c.number for c in report.checks] == list(range(1, 11))
+    assert [c.number for c in report.checks] == list(range(1, 12))
     assert [c.name for c in report.checks] == list(CHECK_NAMES)
     documented = re.findall(r"^ ?\d+\. ``([a-z-]+)``", checklist.__doc__, re.M)  # the numbered list verify documents
-    assert documented[:10] == list(CHECK_NAMES) and documented[10:] == ["replay"]
+    assert documented[:11] == list(CHECK_NAMES) and documented[11:] == ["replay"]
     statuses = _statuses(report)
     assert statuses.pop("anchor") == "SKIPPED"
     assert statuses.pop("explorer") in ("SKIPPED", "OK")  # the explorer page is optional
@@ -121,7 +121,7 @@ def test_cli_prints_numbered_checks_and_exits_by_outcome(demo, tmp_path):
     out = CliRunner().invoke(main, ["verify", str(bad)])
     assert out.exit_code == 1
     assert "1. checksums: FAILED: stray.txt: present but not listed in CHECKSUMS.b3" in out.output
-    assert "NOT VERIFIED: 1 of 10 checks FAILED (checksums)" in out.output.splitlines()[-1]
+    assert "NOT VERIFIED: 1 of 11 checks FAILED (checksums)" in out.output.splitlines()[-1]
 
 
 def test_no_checks_is_not_success():
@@ -256,6 +256,42 @@ def test_edited_token_fails_digests(demo, tmp_path):
     report = verify_bundle(root)
     assert report.status("digests") == "FAILED"
     assert "steps[4].token" in report.reason("digests") and "argmax" in report.reason("digests")
+
+
+def test_edited_token_text_fails_only_text(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l["steps"][2].update(token_text="<b>forged</b>"))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["text"], report.format()
+    assert "steps[2].token_text is '<b>forged</b>', recomputed" in report.reason("text")
+
+
+def test_edited_tokenizer_file_fails_text(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    config = root / "tokenizer" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"[EOS]"', '"[BOS]"', 1))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["text"], report.format()
+    assert "tokenizer/tokenizer_config.json: BLAKE3" in report.reason("text") and "the ledger records" in \
+        report.reason("text")
+
+
+def test_edited_probability_fails_derivations_and_stop_reason_fails_continuity(demo, tmp_path):
+    root = _copy(demo, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l["steps"][0].update(probability=0.5, rank=3))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["derivations"], report.format()
+    assert "steps[0].probability is 0.5, recomputed" in report.reason("derivations")
+    root = _copy(demo, tmp_path / "second")
+    _edit_json(root, "ledger.json", lambda l: l.update(stopped={"reason": "eos", "token": l["steps"][-1]["token"]}))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["continuity"], report.format()
+    assert "stopped is {'reason': 'eos'" in report.reason("continuity") and "the stop rules give {'reason': " \
+        "'max_new_tokens'}" in report.reason("continuity")  # fmt: skip
 
 
 def test_removed_non_perturbation_fails_non_perturbation(anchored, tmp_path):
@@ -404,7 +440,7 @@ def test_rendered_explorer_page_verifies(demo, tmp_path):
 
 def test_replay_matches_and_catches_an_edited_measurement(anchored, tmp_path):
     report = verify_bundle(anchored, replay=True)
-    assert [c.name for c in report.checks][-1] == "replay" and report.checks[-1].number == 11
+    assert [c.name for c in report.checks][-1] == "replay" and report.checks[-1].number == 12
     assert report.status("replay") == "OK" and report.ok, report.format()
 
     root = _copy(anchored, tmp_path)

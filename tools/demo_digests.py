@@ -31,6 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEMO = "manifests/demo.yaml"
 COMPARED = ("token", "hidden_digest", "logits_digest", "bytes_read")
+MODEL_FILES = ("config.json", "model.safetensors.index.json")  # beside the *.safetensors shards
 
 
 def git(*args: str, cwd: Path = REPO) -> str:
@@ -58,12 +59,14 @@ def kimi_jax(tree: Path, *args: str) -> None:
 
 
 def synth_files(tree: Path, out: Path) -> dict[str, str]:
-    """{relative path: BLAKE3} of the demo's synthetic checkpoint as ``tree`` writes it."""
+    """{relative path: BLAKE3} of the files of the demo's synthetic checkpoint, as ``tree`` writes it,
+    that hold the model: shards, config.json and the shard index (the generator's own record and the
+    tokenizer files it ships since generator version 3 do not change a number)."""
     spec = yaml.safe_load((tree / DEMO).read_text(encoding="utf-8"))["model"]["synthetic"]
     kimi_jax(tree, "synth", "--preset", spec["preset"], "--layout", spec["layout"], "--seed", str(spec["seed"]),
              "--out", str(out))  # fmt: skip
-    return {p.relative_to(out).as_posix(): blake3.blake3(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file()}  # fmt: skip
+    return {p.relative_to(out).as_posix(): blake3.blake3(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
+            if p.is_file() and (p.suffix == ".safetensors" or p.name in MODEL_FILES)}  # fmt: skip
 
 
 def demo_steps(tree: Path, out: Path) -> list[dict]:

@@ -9,6 +9,8 @@ Layout of a bundle directory::
     non_perturbation.json   the bare-vs-instrumented record (absent for --no-prove runs)
     provenance.json         {ledger field: measured | derived}, the labels displays use
     environment.json        platform fingerprint, Python packages, relevant environment variables
+    tokenizer/              copies of the checkpoint's tokenizer files the ledger's digests cover
+                            (absent when it ships none), so verify re-derives every text field
     arrays/                 orbax-checkpoint tree {"step_00000": {"hidden": f32[H], "logits": f32[V]}, ...}
     explorer.html           the offline explorer page
     CHECKSUMS.b3            BLAKE3 of every file above, in the format ``b3sum --check`` reads
@@ -31,6 +33,7 @@ from typing import Any
 import blake3
 import numpy as np
 
+from kimi_jax.errors import TokenizerError
 from kimi_jax.fileio import write_bytes_atomic, write_json_atomic
 from kimi_jax.ledger.checksums import CHECKSUMS_NAME, write_checksums
 from kimi_jax.ledger.ledger import provenance_map
@@ -39,6 +42,7 @@ BUNDLE_VERSION = 1
 CHECKSUMS = CHECKSUMS_NAME
 RECEIPT = "receipt.json"
 ARRAYS = "arrays"
+TOKENIZER = "tokenizer"
 
 
 def step_key(index: int) -> str:
@@ -97,8 +101,12 @@ def bundle_digest(bundle: Path) -> str:
     return blake3.blake3((Path(bundle) / CHECKSUMS).read_bytes()).hexdigest()
 
 
-def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | None, explorer_html: str | None) -> Path:
-    """Assemble the bundle beside ``out`` and move it into place atomically; returns ``out``."""
+def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | None, explorer_html: str | None,
+                 tokenizer_dir: Path | None = None) -> Path:  # fmt: skip
+    """Assemble the bundle beside ``out`` and move it into place atomically; returns ``out``.
+
+    ``tokenizer_dir`` holds the tokenizer files the ledger names (default: the checkpoint folder;
+    a remote checkpoint's are in its local mirror)."""
     out = Path(out)
     work = partial_dir(out)
     if work.exists():
@@ -115,6 +123,14 @@ def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | N
     write_json_atomic(work / "provenance.json", provenance_map())
     write_json_atomic(work / "environment.json", environment_record())
     save_arrays(work / ARRAYS, steps)
+    checkpoint = ledger["checkpoint"]
+    for name, digest in ((checkpoint.get("tokenizer") or {}).get("files") or {}).items():
+        source = Path(tokenizer_dir or checkpoint["path"]) / name
+        (work / TOKENIZER).mkdir(exist_ok=True)
+        shutil.copyfile(source, work / TOKENIZER / name)
+        if blake3.blake3((work / TOKENIZER / name).read_bytes()).hexdigest() != digest:
+            raise TokenizerError(f"{source}: changed during the run (its BLAKE3 is no longer the ledger's); no bundle "
+                                 "written")  # fmt: skip
     if explorer_html is not None:
         write_bytes_atomic(work / "explorer.html", explorer_html.encode())
     write_checksums(work)

@@ -32,29 +32,20 @@ from typing import Any, Iterator
 import blake3
 import numpy as np
 
+from kimi_jax.ledger.floats import f32, f32_list
+
 LEDGER_VERSION = 2
 LEDGER_SCHEMA_ID = f"urn:kimi-jax:schema:ledger:v{LEDGER_VERSION}"
 # What each version changed: told to whoever verifies a bundle of an older version.
 LEDGER_VERSION_CHANGES = {2: (
     "checkpoint.config_digest is BLAKE3, like every other digest (version 1 wrote BLAKE2b); the checkpoint's content "
-    "root, digest file and storage, each step's weights_digest, and bytes from network and cache are recorded")}
+    "root, digest file and storage, each step's weights_digest, and bytes from network and cache are recorded; so "
+    "are the tokenizer's digest, the prompt as given, the sampling settings, the stop rules and why the run stopped, "
+    "each step's probability, rank, sampling record, token text and bytes and the top-k alternatives' texts, and the "
+    "prompt and generated text")}
 TOP_K = 16
 
-# -- float32-exact JSON numbers -----------------------------------------------------------------
-
-
-def f32(x: Any) -> float:
-    """A Python float whose JSON repr is the shortest decimal that reads back to float32(x)."""
-    value = np.float32(x)
-    if not np.isfinite(value):
-        raise ValueError(f"non-finite value {value} cannot be written to the ledger")
-    short = float(np.format_float_positional(value, unique=True, trim="-"))
-    return short if np.float32(short) == value else float(value)
-
-
-def f32_list(a: Any) -> Any:
-    arr = np.asarray(a, dtype=np.float32)
-    return [f32_list(row) for row in arr] if arr.ndim > 1 else [f32(v) for v in arr]
+# -- float32-exact JSON numbers (f32, f32_list: kimi_jax.ledger.floats) -------------------------
 
 
 def tensor_digest(a: np.ndarray) -> str:
@@ -67,9 +58,10 @@ def tensor_digest(a: np.ndarray) -> str:
 
 def top_k_pairs(logits: np.ndarray, k: int = TOP_K) -> list[list]:
     """The k largest logits as ``[token_id, logit]``, by logit descending, ties to the lower id."""
+    from kimi_jax.text.sampling import logit_order
+
     logits = np.asarray(logits, dtype=np.float32)
-    order = np.lexsort((np.arange(logits.size), -logits.astype(np.float64)))[:k]
-    return [[int(i), f32(logits[i])] for i in order]
+    return [[int(i), f32(logits[i])] for i in logit_order(logits)[:k]]
 
 
 def entropy_nats(logits: np.ndarray) -> float:
@@ -152,9 +144,20 @@ _LAYER = _obj({
 _STEP = _obj({
     "index": _m(_INT, "Generation step, from 0."),
     "context": _m({"type": "array", "items": _INT, "minItems": 1}, "Input token ids of this step's forward pass."),
-    "token": _m(_INT, "Greedy output token (argmax, ties to the lowest id)."),
-    "token_text": _d(_STR, "The output token decoded by the checkpoint's tokenizer (present only when it ships one)."),
+    "token": _m(_INT, "Output token: the argmax of the logits (ties to the lowest id), or the seeded draw of a "
+                      "sampled run (kimi_jax.text.sampling)."),
+    "token_text": _d(_STR, "The output token's bytes as UTF-8, invalid bytes as \\xNN escapes (with a tokenizer)."),
+    "token_bytes": _d({"type": "string", "pattern": "^([0-9a-f]{2})*$"}, "The output token's bytes, hex (with a tokenizer)."),
     "logit": _m(_NUM, "Logit of the output token."),
+    "probability": _d({"type": "number", "minimum": 0, "maximum": 1}, "softmax(logits)[token], float64 then float32."),
+    "rank": _d(_INT, "Place of the token in logit order (0: the greedy choice; ties to the lower id)."),
+    "sampling": _obj({
+        **{k: _m(v, f"generate.sampling.{k} used for this step.") for k, v in (
+            ("temperature", _NUM), ("top_k", _INT), ("top_p", _NUM), ("min_p", _NUM), ("seed", _INT))},
+        "probability": _d({"type": "number", "minimum": 0, "maximum": 1},
+                          "Probability of the token under the sampling distribution (sampled_probability)."),
+    }),
+    "top_k_text": _d({"type": "array", "items": _STR, "maxItems": TOP_K}, "token_text of each top_k entry."),
     "top_k": _d({"type": "array", "items": {"type": "array", "prefixItems": [_INT, _NUM], "items": False,
                                             "minItems": 2}, "maxItems": TOP_K},
                 "The 16 largest logits as [token_id, logit], by logit (top_k_pairs)."),  # fmt: skip
@@ -170,7 +173,8 @@ _STEP = _obj({
                          "(storage.digests.weights_digest); null when no digest file was checked."),
     "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of this step."),
     "layers": {"type": "array", "items": _LAYER},
-}, required=["index", "context", "token", "logit", "hidden_digest", "logits_digest", "bytes_read", "wall_s", "layers"])  # fmt: skip
+}, required=["index", "context", "token", "logit", "probability", "rank", "hidden_digest", "logits_digest", "bytes_read",
+             "wall_s", "layers"])  # fmt: skip
 
 _NP_VALUES = {"type": "array", "items": _obj({
     "step": _m(_INT, "Generation step."), "token": _m(_INT, "Output token."),
@@ -199,11 +203,22 @@ LEDGER_SCHEMA: dict[str, Any] = {
             "digest_file": _m({"type": ["string", "null"]}, "The checkpoint's digest file, when one was found."),
             "content_root": _d(_HEX_OR_NULL, "Root of the digest file every tensor read was checked against "
                                "(storage.digests.content_root); null when none was checked."),
+            "tokenizer": {"oneOf": [{"type": "null"}, _obj({
+                "kind": _m({"enum": ["tiktoken", "tokenizer.json"]}, "Which tokenizer files the checkpoint ships."),
+                "files": _d({"type": "object", "additionalProperties": _HEX}, "BLAKE3 of each tokenizer file."),
+                "digest": _d(_HEX, "BLAKE3 of the canonical JSON of files: the tokenizer's identity."),
+            })]},
         }, required=["layout", "path", "config_digest", "tensor_list_digest"]),
         "platform": _PLATFORM,
         "platform_digest": _d(_HEX, "BLAKE3 of the platform fingerprint's canonical JSON."),
         "run": _obj({
-            "prompt": _m({"type": "array", "items": _INT}, "Prompt token ids."),
+            "prompt": _m({"type": "array", "items": _INT}, "Prompt token ids: the model's input."),
+            "prompt_input": _m({"type": "object"}, "The prompt as the manifest gives it: tokens, text or chat."),
+            "sampling": _m({"oneOf": [{"type": "null"}, _obj({k: _m(v, f"generate.sampling.{k}.") for k, v in (
+                ("temperature", _NUM), ("top_k", _INT), ("top_p", _NUM), ("min_p", _NUM), ("seed", _INT))})]},
+                "generate.sampling; null: greedy decoding."),
+            "stop": _obj({"tokens": _m({"type": "array", "items": {"type": "array"}}, "[token id, reason]: stop tokens."),
+                          "strings": _m({"type": "array", "items": _STR}, "generate.stop strings.")}),
             "max_new_tokens": _m(_INT, "Tokens generated."),
             "kv_cache": _m({"type": "boolean"}, "Latent KV cache used for decoding."),
             "dtype": _m({"enum": ["float32", "bfloat16"]}, "Compute dtype."),
@@ -213,6 +228,16 @@ LEDGER_SCHEMA: dict[str, Any] = {
             "shard_bytes": _m(_INT, "Total size of the checkpoint's shard files."),
         }),
         "steps": {"type": "array", "items": _STEP, "minItems": 1},
+        "stopped": _obj({
+            "reason": _d({"enum": ["eos", "end_of_turn", "stop_string", "max_new_tokens"]}, "Why generation ended."),
+            "token": _d(_INT, "The stop token (eos, end_of_turn)."),
+            "string": _d(_STR, "The stop string found (stop_string)."),
+        }, required=["reason"]),
+        "text": _d({"oneOf": [{"type": "null"}, _obj({
+            "prompt_text": _d(_STR, "The prompt ids decoded (UTF-8, special tokens by name)."),
+            "prompt_token_texts": _d({"type": "array", "items": _STR}, "token_text of each prompt id."),
+            "generated_text": _d(_STR, "The generated ids decoded (UTF-8, special tokens by name)."),
+        })]}, "Texts decoded by the checkpoint's tokenizer; null when it ships none."),
         "totals": _obj({"bytes_read": _m(_INT, "Bytes read over all steps."),
                         "bytes_network": _m(_INT, "Bytes fetched over the network over all steps."),
                         "bytes_cache": _m(_INT, "Bytes served by the range cache over all steps."),
@@ -291,12 +316,17 @@ def layer_entry(rec, capture: list[str], normalize: bool) -> dict[str, Any]:
     return entry
 
 
-def step_entry(step, capture: list[str], normalize: bool) -> dict[str, Any]:
+def step_entry(step, capture: list[str], normalize: bool, tokenizer=None, sampling=None) -> dict[str, Any]:
+    """One step's ledger entry; ``tokenizer`` adds its text fields, ``sampling`` (a sampled run's
+    :class:`kimi_jax.text.sampling.Sampling`) its sampling record."""
+    from kimi_jax.ledger.text_fields import choice_fields, step_text_fields
+
     derived = derive_step(step.logits, step.hidden)
     entry: dict[str, Any] = {"index": step.index, "context": [int(t) for t in step.context], "token": int(step.token),
-                             "logit": f32(step.logit)}  # fmt: skip
+                             "logit": f32(step.logit), **choice_fields(step.logits, int(step.token), sampling)}  # fmt: skip
     if "logits" in capture:
         entry.update(top_k=derived["top_k"], entropy=derived["entropy"], margin=derived["margin"])
+    entry.update(step_text_fields(tokenizer, int(step.token), entry.get("top_k")))
     storage = step.storage or {}
     entry.update(hidden_digest=derived["hidden_digest"], logits_digest=derived["logits_digest"],
                  bytes_read=int(step.bytes_read), bytes_network=int(storage.get("bytes_network", 0)),
@@ -313,29 +343,33 @@ def step_identity(step) -> dict[str, Any]:
 
 
 def checkpoint_record(plan) -> dict[str, Any]:
-    """The checkpoint's identity: layout, config and tensor list, and its content root when checked."""
-    idx, source = plan.index, getattr(plan, "source", None)
+    """The checkpoint's identity: layout, config and tensor list, its content root when checked, and its
+    tokenizer's files."""
+    idx, source, tokenizer = plan.index, getattr(plan, "source", None), getattr(plan, "tokenizer", None)
     location = idx.location
     storage = location.split("://", 1)[0] if "://" in location else "local"
     digests = source.digests if source is not None else None
     return {"layout": idx.layout, "path": location, "config_digest": idx.config.digest(),
             "tensor_list_digest": idx.tensor_list_digest(), "storage": storage,
             "digest_file": source.digest_file if source is not None else None,
-            "content_root": digests.root if digests is not None else None}  # fmt: skip
+            "content_root": digests.root if digests is not None else None,
+            "tokenizer": None if tokenizer is None else {"kind": tokenizer.kind, "files": tokenizer.files,
+                                                         "digest": tokenizer.digest}}  # fmt: skip
 
 
 def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, proof: dict | None) -> dict[str, Any]:
+    from kimi_jax.ledger.text_fields import text_section
     from kimi_jax.platform_info import (
         fingerprint_digest,
         package_version,
         platform_fingerprint,
     )
 
-    m, idx = plan.manifest, plan.index
+    m, idx, tokenizer, decoding = plan.manifest, plan.index, plan.tokenizer, plan.decoding
     capture = list(m.capture)
     platform = platform_fingerprint()
     software = {"kimi-jax": package_version("kimi-jax") or "source"}
-    for pkg in ("jax", "jaxlib", "numpy", "safetensors", "blake3"):
+    for pkg in ("jax", "jaxlib", "numpy", "safetensors", "blake3", "tiktoken", "tokenizers", "jinja2"):
         if package_version(pkg):
             software[pkg] = package_version(pkg)
     return {
@@ -346,9 +380,13 @@ def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, p
         "checkpoint": checkpoint_record(plan),
         "platform": platform,
         "platform_digest": fingerprint_digest(platform),
-        "run": {"prompt": list(plan.prompt), "max_new_tokens": m.generate.max_new_tokens,
-                "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype, "capture": capture, **page_cache},  # fmt: skip
-        "steps": [step_entry(s, capture, idx.config.norm_topk_prob) for s in steps],
+        "run": {"prompt": list(plan.prompt), "prompt_input": prompt_input(m), "max_new_tokens": m.generate.max_new_tokens,
+                "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype, "capture": capture,
+                "sampling": decoding.sampling.as_dict() if decoding.sampling else None, "stop": decoding.settings(),
+                **page_cache},  # fmt: skip
+        "steps": [step_entry(s, capture, idx.config.norm_topk_prob, tokenizer, decoding.sampling) for s in steps],
+        "stopped": decoding.final_reason([int(s.token) for s in steps]),
+        "text": text_section(tokenizer, list(plan.prompt), [int(s.token) for s in steps]),
         "totals": {"bytes_read": sum(int(s.bytes_read) for s in steps),
                    "bytes_network": sum(int((s.storage or {}).get("bytes_network", 0)) for s in steps),
                    "bytes_cache": sum(int((s.storage or {}).get("bytes_cache", 0)) for s in steps),
@@ -356,6 +394,11 @@ def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, p
         "anchor": anchor,
         "non_perturbation": proof,
     }
+
+
+def prompt_input(manifest) -> dict[str, Any]:
+    """The manifest's prompt section as given (the fields it sets)."""
+    return {k: v for k, v in manifest.resolved_dict()["prompt"].items() if v is not None}
 
 
 def validate_ledger(ledger: dict) -> None:
@@ -371,7 +414,10 @@ def validate_ledger(ledger: dict) -> None:
 def audit_derived(ledger: dict, arrays: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
                   normalize: bool = True) -> list[str]:  # fmt: skip
     """Recompute every derived field from measured values (and, given ``arrays`` = {step: (logits,
-    hidden)}, from the stored arrays); return one line per disagreement (empty: all recompute)."""
+    hidden)}, from the stored arrays); return one line per disagreement (empty: all recompute).
+    Text fields need the tokenizer: :func:`kimi_jax.ledger.text_fields.audit_text`."""
+    from kimi_jax.ledger.text_fields import audit_choices
+
     problems: list[str] = []
     for step in ledger["steps"]:
         i = step["index"]
@@ -388,6 +434,8 @@ def audit_derived(ledger: dict, arrays: dict[int, tuple[np.ndarray, np.ndarray]]
         for key, value in derived.items():
             if key in step and step[key] != value:
                 problems.append(f"steps[{i}].{key} is {step[key]!r}, recomputed {value!r}")
-        if step["token"] != int(np.argmax(logits)) or step["logit"] != f32(logits[step["token"]]):
+        if not 0 <= step["token"] < logits.size or step["logit"] != f32(logits[step["token"]]):
             problems.append(f"steps[{i}].token/logit do not match the stored logits")
+    if arrays is not None:
+        problems += audit_choices(ledger, arrays)
     return problems

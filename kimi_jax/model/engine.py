@@ -3,8 +3,9 @@
 For each step the engine embeds the input (reading only the embedding rows it needs), then for
 each layer: reads the layer's non-expert weights (already prefetched on a background thread while
 the previous layer computed), runs attention and the router, reads the distinct experts any
-position picked, runs them, and drops the layer. Then it reads the head and takes the greedy
-token. Capture values come back from the same jitted calls whether or not they are kept.
+position picked, runs them, and drops the layer. Then it reads the head and chooses the token
+(greedy, or as the run's decoding says). Capture values come back from the same jitted calls
+whether or not they are kept.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class _ExpertReads:
 
 
 class Engine:
-    """Streams one checkpoint. ``generate`` runs greedy decoding; see :class:`StepRecord`."""
+    """Streams one checkpoint. ``generate`` decodes tokens; see :class:`StepRecord`."""
 
     def __init__(self, index: CheckpointIndex, dtype: str = "float32", prefetch: bool = True, io_retries: int = 3,
                  keep_capture: bool = True, reader: ShardReader | None = None):  # fmt: skip
@@ -204,8 +205,13 @@ class Engine:
 
     def generate(self, prompt: list[int], max_new_tokens: int, kv_cache: bool,
                  on_step: Callable[[StepRecord], None] | None = None, done: list[StepRecord] | None = None,
-                 caches: list | None = None, on_layer: OnLayer | None = None) -> list[StepRecord]:  # fmt: skip
-        """Greedy decoding (argmax, ties to the lowest id).
+                 caches: list | None = None, on_layer: OnLayer | None = None,
+                 decoding=None) -> list[StepRecord]:  # fmt: skip
+        """Decode up to ``max_new_tokens`` tokens.
+
+        ``decoding`` (a :class:`kimi_jax.text.decoding.Decoding`) chooses each token from the step's
+        logits and says when to stop; without it, greedy decoding (argmax, ties to the lowest id)
+        for exactly ``max_new_tokens`` tokens. It runs on the host, after the layer programs.
 
         ``on_step(record)`` is called after each step, ``on_layer(step, layer, bytes read so far this
         step)`` after each layer.
@@ -215,6 +221,8 @@ class Engine:
         """
         steps: list[StepRecord] = list(done or [])
         context = list(prompt) + [s.token for s in steps]
+        if decoding is not None and decoding.stop_reason([s.token for s in steps]):
+            return steps  # the run had already stopped when it was interrupted
         if kv_cache and caches is None:
             if steps:
                 raise ValueError("resuming a kv_cache run needs the caches of its last completed step")
@@ -230,7 +238,8 @@ class Engine:
             step_on_layer = functools.partial(on_layer, step) if on_layer else None
             hidden, logits, layers, caches = self.forward(tokens, positions, caches, step_on_layer)
             counters: ReadCounters = self.reader.end_step()
-            token = int(np.argmax(logits))  # first maximum: ties go to the lowest id
+            # the first maximum: ties go to the lowest id
+            token = int(np.argmax(logits)) if decoding is None else decoding.choose(step, logits)
             record = StepRecord(step, list(context), token, float(logits[token]), logits, hidden, layers,
                                 counters.total, dict(counters.per_layer), time.perf_counter() - started, caches,
                                 counters.content())  # fmt: skip
@@ -238,4 +247,6 @@ class Engine:
             if on_step:
                 on_step(record)
             context.append(token)
+            if decoding is not None and decoding.stop_reason([s.token for s in steps]):
+                break
         return steps

@@ -34,10 +34,12 @@ class AnchorMismatch(KimiJaxError):
 
 def _conditions(plan) -> dict[str, Any]:
     """What a step-0 result depends on besides the platform: checkpoint (with its content root when
-    a digest file was checked), prompt, compute mode."""
-    m = plan.manifest
+    a digest file was checked), prompt, compute mode, and for a sampled run the sampling settings
+    (the seed draws step 0's token)."""
+    m, sampling = plan.manifest, plan.decoding.sampling
     return {"checkpoint": checkpoint_identity(checkpoint_record(plan)),
-            "prompt": list(plan.prompt), "dtype": m.compute.dtype, "kv_cache": m.generate.kv_cache}  # fmt: skip
+            "prompt": list(plan.prompt), "dtype": m.compute.dtype, "kv_cache": m.generate.kv_cache,
+            "sampling": sampling.as_dict() if sampling else None}  # fmt: skip
 
 
 def anchor_values(step) -> dict[str, Any]:

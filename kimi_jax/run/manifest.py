@@ -74,7 +74,9 @@ __all__ = [
     "ComputeSection",
     "StorageSection",
     "PromptSection",
+    "ChatMessage",
     "GenerateSection",
+    "SamplingSection",
     "OutputSection",
     "VindexSection",
     "load_manifest",
@@ -283,14 +285,20 @@ class StorageSection(_Section):
     )
 
 
+class ChatMessage(_Section):
+    role: str = Field(min_length=1, description="Who speaks: system | user | assistant (what the template accepts).")
+    content: str = Field(description="What is said.")
+
+
 class PromptSection(_Section):
-    """Exactly one of ``tokens`` / ``text``."""
+    """Exactly one of ``tokens`` / ``text`` / ``chat``."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "oneOf": [
                 {"required": ["tokens"], "properties": {"tokens": {"type": "array"}}},
                 {"required": ["text"], "properties": {"text": {"type": "string"}}},
+                {"required": ["chat"], "properties": {"chat": {"type": "array"}}},
             ]
         }
     )
@@ -301,21 +309,67 @@ class PromptSection(_Section):
     text: str | None = Field(
         default=None,
         min_length=1,
-        description="Prompt text; needs a checkpoint that ships a tokenizer.",
+        description="Prompt text; needs a checkpoint that ships a tokenizer (tiktoken.model or tokenizer.json).",
+    )
+    # Absent ones are left out of resolved_dict() (and so of the digest): a manifest that does not
+    # use them keeps the identity it had before they existed.
+    chat: list[ChatMessage] | None = Field(
+        default=None,
+        min_length=1,
+        exclude_if=lambda value: value is None,
+        description="A conversation [{role, content}, ...], rendered with the checkpoint's chat template "
+        "and its generation prompt.",
+    )
+    chat_template_kwargs: dict[str, bool | int | float | str] | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="Extra variables for the chat template (e.g. {thinking: false} for Kimi K2.5's instant mode).",
     )
 
     @model_validator(mode="after")
     def _exactly_one_prompt(self) -> PromptSection:
-        if self.tokens is not None and self.text is not None:
-            raise _fail("exactly one of prompt.tokens / prompt.text may be set, got both")
-        if self.tokens is None and self.text is None:
-            raise _fail("exactly one of prompt.tokens / prompt.text must be set, got neither")
+        given = [name for name in ("tokens", "text", "chat") if getattr(self, name) is not None]
+        if len(given) > 1:
+            both = f"both {given[0]} and {given[1]}" if len(given) == 2 else "tokens, text and chat"
+            raise _fail(f"exactly one of prompt.tokens / prompt.text / prompt.chat may be set, got {both}")
+        if not given:
+            raise _fail("exactly one of prompt.tokens / prompt.text / prompt.chat must be set, got none")
+        if self.chat_template_kwargs is not None and self.chat is None:
+            raise _fail("prompt.chat_template_kwargs applies only to prompt.chat")
         return self
+
+
+class SamplingSection(_Section):
+    """Seeded sampling; leave ``generate.sampling`` out for greedy decoding."""
+
+    temperature: float = Field(default=1.0, gt=0, le=100, description="Softmax temperature (> 0).")
+    top_k: int = Field(default=0, ge=0, description="Keep only the k most likely tokens; 0 keeps all.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Keep the smallest set reaching this probability; 1 keeps all.")
+    min_p: float = Field(default=0.0, ge=0, le=1, description="Drop tokens less likely than min_p times the best; 0 keeps all.")
+    seed: int = Field(default=0, ge=0, lt=2**64, description="Seed of the counter-based generator (0 <= seed < 2**64).")
 
 
 class GenerateSection(_Section):
     max_new_tokens: int = Field(default=5, ge=1, description="Tokens to generate (>= 1).")
     kv_cache: bool = Field(default=False, description="Use a KV cache while decoding.")
+    # The fields below are left out of resolved_dict() at their defaults, so manifests that do not
+    # use them keep the identity they had before the fields existed.
+    sampling: SamplingSection | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="Seeded sampling {temperature, top_k, top_p, min_p, seed}; absent: greedy.",
+    )
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None,
+        min_length=1,
+        exclude_if=lambda value: value is None,
+        description="Stop when the generated text contains one of these strings (needs a tokenizer).",
+    )
+    ignore_eos: bool = Field(
+        default=False,
+        exclude_if=lambda value: value is False,
+        description="Keep generating past the end-of-sequence and end-of-turn tokens (fixed-length runs).",
+    )
 
 
 class OutputSection(_Section):
@@ -501,7 +555,7 @@ def manifest_digest(resolved: dict[str, Any]) -> str:
 _MISSING_HINTS = {
     ("version",): f"required; expected version: {MANIFEST_VERSION}",
     ("model",): "required; set model.checkpoint (a checkpoint directory) or model.synthetic",
-    ("prompt",): "required; set prompt.tokens (a list of token ids) or prompt.text",
+    ("prompt",): "required; set prompt.tokens (a list of token ids), prompt.text or prompt.chat",
     ("output",): "required; set output.dir (or pass --out)",
     ("output", "dir"): "required; set output.dir (or pass --out)",
     ("model", "synthetic", "preset"): "required; expected one of 'tiny', 'small', 'full-shape'",
@@ -509,6 +563,7 @@ _MISSING_HINTS = {
 
 _TYPE_NAMES = {
     "int_type": "an integer",
+    "float_type": "a number",
     "bool_type": "a boolean (true or false)",
     "string_type": "a string",
     "list_type": "a list",
@@ -567,6 +622,10 @@ def _error_message(err: Mapping[str, Any]) -> str:
         return f"must be >= {ctx.get('ge')}, got {describe_value(value).split(' ', 1)[-1]}"
     if kind == "less_than_equal":
         return f"must be <= {ctx.get('le')}, got {describe_value(value).split(' ', 1)[-1]}"
+    if kind == "greater_than":
+        return f"must be > {ctx.get('gt')}, got {describe_value(value).split(' ', 1)[-1]}"
+    if kind == "less_than":
+        return f"must be < {ctx.get('lt')}, got {describe_value(value).split(' ', 1)[-1]}"
     if kind == "too_short":
         return "must be a non-empty list"
     if kind == "string_too_short":

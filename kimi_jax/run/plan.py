@@ -7,12 +7,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kimi_jax.config import ModelConfig
-from kimi_jax.errors import CheckpointError, ManifestError
+from kimi_jax.errors import CheckpointError, ManifestError, TokenizerError
 from kimi_jax.run.manifest import Manifest, load_manifest
 from kimi_jax.storage.checkpoint import CheckpointIndex
 from kimi_jax.storage.remote import RemoteSettings
 from kimi_jax.storage.source import CheckpointSource, open_source
 from kimi_jax.storage.synth import ensure_synthetic
+from kimi_jax.text.chat import end_of_turn_token, render_chat
+from kimi_jax.text.decoding import Decoding
+from kimi_jax.text.sampling import Sampling
+from kimi_jax.text.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +25,9 @@ class RunPlan:
     index: CheckpointIndex
     prompt: tuple[int, ...]
     source: CheckpointSource | None = None  # how the bytes are read: local or remote, digest-checked or not
+    tokenizer: Tokenizer | None = None  # None: the checkpoint ships none
+    prompt_text: str | None = None  # what the prompt ids encode: prompt.text, or the rendered chat
+    decoding: Decoding = Decoding()
 
 
 def resolve_checkpoint(manifest: Manifest) -> Path | str:
@@ -41,11 +48,15 @@ def prepare_run(manifest: Manifest) -> RunPlan:
     except CheckpointError as e:
         raise manifest.error("storage.digest_file" if "digest file" in str(e) else where, str(e)) from None
     index = source.index
-    prompt = _prompt_tokens(manifest, index)
+    tokenizer = load_tokenizer(index.root, index.config.vocab_size)  # a remote checkpoint's are mirrored there
+    prompt, prompt_text = _prompt_tokens(manifest, index, tokenizer)
     problems = prompt_problems(manifest, index.config, prompt, manifest.generate.max_new_tokens)
+    if manifest.generate.stop is not None and tokenizer is None:
+        problems.append(manifest.error("generate.stop", f"stop strings need the generated text, but the checkpoint "
+                                                        f"{index.location} ships no tokenizer"))  # fmt: skip
     if problems:
         raise ManifestError("\n".join(str(p) for p in problems))
-    return RunPlan(manifest, index, tuple(prompt), source)
+    return RunPlan(manifest, index, tuple(prompt), source, tokenizer, prompt_text, _decoding(manifest, index, tokenizer))
 
 
 def remote_settings(manifest: Manifest) -> RemoteSettings:
@@ -74,19 +85,39 @@ def prompt_problems(manifest: Manifest, cfg: ModelConfig, prompt: Sequence[int],
     return problems
 
 
-def _prompt_tokens(manifest: Manifest, index: CheckpointIndex) -> list[int]:
-    if manifest.prompt.tokens is not None:
-        return list(manifest.prompt.tokens)
-    tokenizer_file = index.root / "tokenizer.json"
-    if not tokenizer_file.exists():
-        raise manifest.error("prompt.text", f"the checkpoint {index.root} ships no tokenizer.json; "
-                                            "give the prompt as prompt.tokens")  # fmt: skip
+def _prompt_tokens(manifest: Manifest, index: CheckpointIndex, tokenizer: Tokenizer | None) -> tuple[list[int], str | None]:
+    """The prompt's token ids, and the text they encode (None for a prompt given as ids)."""
+    prompt = manifest.prompt
+    if prompt.tokens is not None:
+        return list(prompt.tokens), None
+    field = "prompt.text" if prompt.text is not None else "prompt.chat"
+    if tokenizer is None:
+        raise manifest.error(field, f"the checkpoint {index.location} ships no tokenizer (tiktoken.model or "
+                                    "tokenizer.json); give the prompt as prompt.tokens")  # fmt: skip
+    if prompt.text is not None:
+        return tokenizer.encode(prompt.text), prompt.text
+    messages = [message.model_dump() for message in prompt.chat]
     try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise manifest.error("prompt.text", "encoding text needs the 'tokenizers' package "
-                                            "(pip install tokenizers), or give prompt.tokens") from None  # fmt: skip
-    return Tokenizer.from_file(str(tokenizer_file)).encode(manifest.prompt.text).ids
+        text = render_chat(tokenizer, messages, add_generation_prompt=True, template_kwargs=prompt.chat_template_kwargs)
+    except TokenizerError as e:
+        raise manifest.error(field, str(e)) from None
+    return tokenizer.encode(text, add_special_tokens=False), text
+
+
+def _decoding(manifest: Manifest, index: CheckpointIndex, tokenizer: Tokenizer | None) -> Decoding:
+    """Token choice and stop rules: EOS (config.json and the tokenizer) and, for chat prompts, the
+    template's end-of-turn token (neither with ``ignore_eos``); stop strings."""
+    gen = manifest.generate
+    stop: list[tuple[int, str]] = []
+    if not gen.ignore_eos:
+        eos = {index.config.eos_token_id, tokenizer.named_token("eos_token") if tokenizer else None}
+        stop += [(t, "eos") for t in sorted(t for t in eos if t is not None)]
+    if manifest.prompt.chat is not None and tokenizer is not None and not gen.ignore_eos:
+        end = end_of_turn_token(tokenizer, manifest.prompt.chat_template_kwargs)
+        if end is not None and end not in [t for t, _ in stop]:
+            stop.append((end, "end_of_turn"))
+    sampling = Sampling(**gen.sampling.model_dump()) if gen.sampling is not None else None
+    return Decoding(sampling, tuple(stop), tuple(gen.stop or ()), tokenizer)
 
 
 def load_plan(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None) -> RunPlan:

@@ -5,10 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import time
 from pathlib import Path
-
-from tqdm import tqdm
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.explorer.page import render_explorer
@@ -18,15 +15,17 @@ from kimi_jax.model.engine import Engine, OnLayer
 from kimi_jax.model.jax_setup import enable_compilation_cache
 from kimi_jax.records import StepRecord
 from kimi_jax.run import anchor as anchors
+from kimi_jax.run.console import Progress, TextStream, streamed_text, to_stderr
 from kimi_jax.run.plan import RunPlan, load_plan
 from kimi_jax.run.resume import RunCheckpoints
 from kimi_jax.storage.reader import evict_page_cache, resident_bytes
 
 
 def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None,
-                 prove: bool = True, resume: bool = False, echo=print, progress: bool = True):  # fmt: skip
+                 prove: bool = True, resume: bool = False, echo=to_stderr, progress: bool = True,
+                 text_out=None):  # fmt: skip
     plan = load_plan(manifest_path, overrides, out_dir)
-    return execute(plan, prove=prove, resume=resume, echo=echo, progress=progress)
+    return execute(plan, prove=prove, resume=resume, echo=echo, progress=progress, text_out=text_out)
 
 
 def _fault_hook():
@@ -52,6 +51,16 @@ class RunOutcome:
     steps: list  # StepRecord of the instrumented run
     ledger: dict
     ledger_path: Path
+    text: str | None = None  # the generated text as streamed (special tokens and stop string left out)
+
+    def summary(self) -> dict:
+        """What ``kimi-jax run --json`` prints."""
+        ledger = self.ledger
+        return {"bundle": str(self.ledger_path.parent), "ledger": str(self.ledger_path),
+                "prompt": ledger["run"]["prompt"], "tokens": [s["token"] for s in ledger["steps"]],
+                "token_texts": [s.get("token_text") for s in ledger["steps"]], "text": self.text,
+                "stopped": ledger["stopped"], "non_perturbing": ledger["non_perturbation"] is not None,
+                "anchor_matched": ledger["anchor"] is not None}  # fmt: skip
 
 
 def run_steps(plan: RunPlan, keep_capture: bool = True, max_new_tokens: int | None = None, on_step=None,
@@ -59,14 +68,17 @@ def run_steps(plan: RunPlan, keep_capture: bool = True, max_new_tokens: int | No
     m = plan.manifest
     with Engine.from_plan(plan, keep_capture) as engine:
         return engine.generate(list(plan.prompt), max_new_tokens or m.generate.max_new_tokens, m.generate.kv_cache,
-                               on_step, done=done, caches=caches, on_layer=on_layer)  # fmt: skip
+                               on_step, done=done, caches=caches, on_layer=on_layer,
+                               decoding=plan.decoding)  # fmt: skip
 
 
-def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print, progress: bool = True) -> RunOutcome:
+def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=to_stderr, progress: bool = True,
+            text_out=None) -> RunOutcome:  # fmt: skip
     """Run a plan: anchor precheck, bare run and instrumented run (when proving), ledger, bundle.
 
     Every completed step is checkpointed beside the output; with ``resume`` a killed run
-    continues from its last completed step."""
+    continues from its last completed step. ``text_out`` (e.g. sys.stdout) receives the generated
+    text as the first run produces it; ``echo`` the report lines; ``progress`` goes to stderr."""
     m = plan.manifest
     anchor = anchors.precheck(plan)
     enable_compilation_cache(m.model.cache_dir)
@@ -77,17 +89,23 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print,
     identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
     checkpoints = RunCheckpoints(out, identity, resume)
     runs = [("bare", False), ("instrumented", True)] if prove else [("instrumented", True)]
-    results = {name: run_with_progress(plan, name, keep, checkpoints, anchor, echo, progress) for name, keep in runs}
+    # the text appears as the first run produces it (the bare run when proving); the second repeats its tokens
+    stream = TextStream(plan.tokenizer, plan.decoding.stop_strings, text_out) if text_out is not None else None
+    results = {name: run_with_progress(plan, name, keep, checkpoints, anchor, echo, progress,
+                                       stream if name == runs[0][0] else None) for name, keep in runs}  # fmt: skip
     proof = prove_non_perturbation(results["bare"], results["instrumented"]) if prove else None
     steps = results["instrumented"]
     anchor_record = anchors.check(anchor, m.anchor, steps[0]) if anchor is not None else None
     ledger = build_ledger(plan, steps, page_cache, anchor_record, proof)
     validate_ledger(ledger)
-    write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None, explorer_html=render_explorer(ledger))
+    write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None, explorer_html=render_explorer(ledger),
+                 tokenizer_dir=plan.tokenizer.root if plan.tokenizer else None)  # fmt: skip
     checkpoints.discard()
     path = out / "ledger.json"
-    report(steps, proof, path, echo)
-    return RunOutcome(steps, ledger, path)
+    report(steps, proof, path, echo, ledger["stopped"])
+    text = None if plan.tokenizer is None else streamed_text(plan.tokenizer, plan.decoding.stop_strings,
+                                                             [s.token for s in steps])  # fmt: skip
+    return RunOutcome(steps, ledger, path, text)
 
 
 def page_cache_record(plan: RunPlan) -> dict:
@@ -110,50 +128,57 @@ def describe_run(plan: RunPlan, page_cache: dict) -> list[str]:
         state = (f"every tensor read is checked (content root {plan.source.digests.root})" if checked
                  else "not checked (storage.verify_digests is false)")  # fmt: skip
         lines.append(f"digest file {plan.source.digest_file}: {state}")
+    sampling = plan.decoding.sampling
+    choice = f"sampling {sampling.as_dict()}" if sampling else "greedy"
     lines.append(f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; "
-                 f"prompt {list(plan.prompt)}; {m.generate.max_new_tokens} new tokens, kv_cache {m.generate.kv_cache}, "
+                 f"prompt {list(plan.prompt)}; up to {m.generate.max_new_tokens} new tokens, {choice}, "
+                 f"kv_cache {m.generate.kv_cache}, "
                  f"{m.compute.dtype}; page cache {page_cache['page_cache_resident_bytes']:,} of "
                  f"{page_cache['shard_bytes']:,} shard bytes resident")  # fmt: skip
     return lines
 
 
 def run_with_progress(plan: RunPlan, name: str, keep_capture: bool, checkpoints: RunCheckpoints, anchor: dict | None,
-                      echo=print, progress: bool = True) -> list[StepRecord]:  # fmt: skip
-    """One run (bare or instrumented) with a progress bar, resuming from and saving to ``checkpoints``.
+                      echo=to_stderr, progress: bool = True,
+                      stream: TextStream | None = None) -> list[StepRecord]:  # fmt: skip
+    """One run (bare or instrumented) with its progress on stderr, resuming from and saving to
+    ``checkpoints``; ``stream`` gets its tokens as text.
 
     Step 0 is compared with the anchor as soon as it completes, so a mismatch stops the run early."""
     m, n_layers = plan.manifest, plan.index.config.num_hidden_layers
     done_steps, caches = checkpoints.load(name)
     if done_steps:
         echo(f"{name}: resuming after {len(done_steps)} completed step(s)")
+    for step in done_steps if stream is not None else []:
+        stream.feed(step.token)
     fault = _fault_hook()
-    bar = tqdm(total=m.generate.max_new_tokens * n_layers, unit="layer", disable=not progress, dynamic_ncols=True,
-               desc=name)  # fmt: skip
-    started, bytes_done = time.perf_counter(), 0
+    # a bar redrawn on the terminal the text streams to would overwrite the text: that run draws none
+    on_terminal = stream is not None and getattr(stream.out, "isatty", lambda: False)()
+    bar = Progress(name, m.generate.max_new_tokens, n_layers, progress, plan.tokenizer, draw_bar=not on_terminal)
+    bar.skip_steps(len(done_steps))
 
     def on_layer(step: int, layer: int, step_bytes: int) -> None:
-        total = bytes_done + step_bytes
-        rate = total / max(time.perf_counter() - started, 1e-9) / 2**20
-        bar.set_description(f"{name} step {step} layer {layer}")
-        bar.set_postfix_str(f"{total / 2**20:,.1f} MiB read, {rate:,.0f} MiB/s")
-        bar.update(1)
+        bar.layer(step, layer, step_bytes)
         if fault:
             fault(name, step, layer)
 
     def on_step(step: StepRecord) -> None:
-        nonlocal bytes_done
-        bytes_done += step.bytes_read
         if step.index == 0 and anchor is not None:
             anchors.check(anchor, m.anchor, step)  # stops the run on any difference
         checkpoints.save(name, step)
+        bar.step(step)
+        if stream is not None:
+            stream.feed(step.token)
 
-    bar.update(len(done_steps) * n_layers)
     try:
-        return run_steps(plan, keep_capture, on_step=on_step, on_layer=on_layer, done=done_steps, caches=caches)
+        steps = run_steps(plan, keep_capture, on_step=on_step, on_layer=on_layer, done=done_steps, caches=caches)
     finally:
         bar.close()
         if plan.source is not None:
             plan.source.close()  # a remote checkpoint's connections; reopened if the plan runs again
+    if stream is not None:
+        stream.close()  # the text is complete
+    return steps
 
 
 def prove_non_perturbation(bare: list[StepRecord], instrumented: list[StepRecord]) -> dict:
@@ -168,9 +193,12 @@ def prove_non_perturbation(bare: list[StepRecord], instrumented: list[StepRecord
             "identical": True}  # fmt: skip
 
 
-def report(steps: list[StepRecord], proof: dict | None, ledger_path: Path, echo=print) -> None:
+def report(steps: list[StepRecord], proof: dict | None, ledger_path: Path, echo=to_stderr,
+           stopped: dict | None = None) -> None:  # fmt: skip
     echo(f"{'step':>4} {'token':>8} {'logit':>12} {'bytes read':>14} {'wall s':>8}")
     for s in steps:
         echo(f"{s.index:>4} {s.token:>8} {s.logit:>12.6f} {s.bytes_read:>14,} {s.wall_s:>8.3f}")
     echo("tokens: " + " ".join(str(s.token) for s in steps))
+    if stopped is not None:
+        echo(f"stopped: {stopped['reason']}" + "".join(f", {k} {v!r}" for k, v in stopped.items() if k != "reason"))
     echo(("non-perturbation: bare and instrumented runs identical; " if proof else "") + f"ledger: {ledger_path}")

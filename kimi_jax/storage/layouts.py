@@ -17,6 +17,8 @@ from typing import Literal, get_args
 
 SynthLayout = Literal["kimi-k2.5", "kimi-k2-fp8", "deepseek-v3", "hf-bf16"]
 SYNTH_LAYOUTS: tuple[str, ...] = get_args(SynthLayout)
+# The Kimi releases: they ship Kimi's tokenizer files (tiktoken.model, tokenizer_config.json).
+KIMI_SYNTH_LAYOUTS: tuple[str, ...] = ("kimi-k2.5", "kimi-k2-fp8")
 
 # Stored-name prefixes of the text model: Kimi K2.5 nests it inside its multimodal wrapper.
 KIMI_K25_PREFIX = "language_model.model."

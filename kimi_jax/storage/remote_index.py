@@ -1,6 +1,6 @@
 """Index a remote checkpoint: config, index file and shard headers fetched once, then cached.
 
-The small files (``config.json``, ``model.safetensors.index.json``, ``tokenizer.json``,
+The small files (``config.json``, ``model.safetensors.index.json``, the tokenizer's files,
 ``checkpoint.b3.json``) and each shard's header bytes are kept in a local mirror folder
 (``CACHE/remote/NAME-HASH/``), which becomes the index's ``root``; shard records point at
 ``root/SHARD`` though only the header is ever stored there. A cached header is reused while the
@@ -22,8 +22,9 @@ from kimi_jax.storage.checkpoint import CheckpointIndex, index_from_headers, sha
 from kimi_jax.storage.digests import DIGEST_FILE
 from kimi_jax.storage.remote import RemoteFile, RemoteSettings, RemoteStore, open_transport
 from kimi_jax.storage.safetensors_header import header_length, parse_shard_header
+from kimi_jax.text.tokenizer import TOKENIZER_FILES
 
-SMALL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", DIGEST_FILE)
+SMALL_FILES = ("config.json", "model.safetensors.index.json", *TOKENIZER_FILES, DIGEST_FILE)
 SINGLE_SHARD = "model.safetensors"
 
 

@@ -12,6 +12,10 @@ Layouts (``kimi-format.md`` sections 1-3):
   files, an extra multi-token-prediction layer that loaders must skip, index file.
 * ``hf-bf16``: plain BF16, as ``save_pretrained`` writes it (two shards + index).
 
+The two Kimi layouts also get Kimi's tokenizer files (``tiktoken.model``, ``tokenizer_config.json``,
+``chat_template.jinja``; :mod:`kimi_jax.text.synthetic`), scaled to the preset's vocabulary, so
+the synthetic models take text and chat prompts.
+
 Every logical weight's float values depend only on (seed, name), so one seed gives the same
 model in every layout, up to each layout's quantization. ``full-shape`` writes the real Kimi
 K2.5 dimensions with tensor bytes left as file holes (sparse files).
@@ -34,10 +38,12 @@ from kimi_jax.config import ModelConfig, QuantScheme, parse_model_config
 from kimi_jax.fileio import default_cache_dir
 from kimi_jax.shapes import checkpoint_shapes
 from kimi_jax.storage import codecs
-from kimi_jax.storage.layouts import SYNTH_LAYOUTS, synth_prefix
+from kimi_jax.storage.layouts import KIMI_SYNTH_LAYOUTS, SYNTH_LAYOUTS, synth_prefix
 from kimi_jax.storage.safetensors_header import DTYPE_SIZES, PlannedTensor, write_shard
+from kimi_jax.text.kimi_format import RESERVED_SPECIAL_TOKENS
+from kimi_jax.text.synthetic import tokenizer_files
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: Kimi layouts ship tokenizer files (tensors unchanged)
 
 _K25_ROPE = {"type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
              "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
@@ -277,6 +283,9 @@ def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
         if not (layout == "hf-bf16" and len(shards) == 1):
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(raw_cfg, indent=2) + "\n")
+        if layout in KIMI_SYNTH_LAYOUTS and cfg.bos_token_id == cfg.vocab_size - RESERVED_SPECIAL_TOKENS:
+            for name, data in tokenizer_files(cfg.vocab_size).items():
+                (tmp / name).write_bytes(data)
         (tmp / "kimi_jax_synth.json").write_text(json.dumps(
             {"generator_version": GENERATOR_VERSION, "preset": preset, "layout": layout, "seed": seed,
              "sparse": sparse, "weight_shape_dtype": weight_shape_dtype, "overrides": overrides}, indent=2) + "\n")  # fmt: skip

@@ -78,6 +78,41 @@ class BundleView:
 
         return self._memo("arrays", load)
 
+    def tokenizer(self):
+        """The tokenizer from the bundle's ``tokenizer/`` copies, checked against the ledger's digests;
+        None when the ledger records none. Its vocabulary size is the stored logits'."""
+
+        def load():
+            from kimi_jax.errors import TokenizerError
+            from kimi_jax.ledger.bundle import TOKENIZER
+            from kimi_jax.text.tokenizer import file_digests, files_digest, load_tokenizer
+
+            recorded = (self.ledger.get("checkpoint") or {}).get("tokenizer")
+            if recorded is None:
+                return None
+            folder = self.root / TOKENIZER
+            files = recorded.get("files") or {}
+            found = file_digests(folder) if folder.is_dir() else {}
+            problems = [f"{TOKENIZER}/{n}: BLAKE3 {found.get(n, '<missing>')}, the ledger records {d}"
+                        for n, d in files.items() if found.get(n) != d]  # fmt: skip
+            problems += [f"{TOKENIZER}/{n}: present but not in the ledger's tokenizer files" for n in found if n not in files]
+            if files_digest(files) != recorded.get("digest"):
+                problems.append(f"checkpoint.tokenizer.digest is {recorded.get('digest')}, but its files give "
+                                f"{files_digest(files)}")  # fmt: skip
+            if problems:
+                raise CheckFailed("; ".join(problems))
+            arrays = self.arrays()
+            vocab = next(iter(arrays.values()))[0].size if arrays else None
+            try:
+                tokenizer = load_tokenizer(folder, vocab)
+            except TokenizerError as e:
+                raise CheckFailed(f"{TOKENIZER}/: {e}") from None
+            if tokenizer is None or tokenizer.kind != recorded.get("kind"):
+                raise CheckFailed(f"{TOKENIZER}/: does not hold a {recorded.get('kind')} tokenizer")
+            return tokenizer
+
+        return self._memo("tokenizer", load)
+
     def step_arrays(self) -> tuple[list[dict[str, Any]], dict[int, tuple[np.ndarray, np.ndarray]], list[str]]:
         """Ledger steps, stored arrays, and problems with how the two line up."""
         steps, arrays = self.steps(), self.arrays()

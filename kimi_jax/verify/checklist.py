@@ -15,17 +15,22 @@ The checks, in order (each prints ``N. name: OK``, ``N. name: FAILED: reason`` o
 5. ``derivations``: every derived value recomputes from measured values and the stored arrays
    (top-k, entropy, margin, digests, routing weights, the platform digest).
 6. ``digests``: the hidden and logits digests recompute from the stored arrays for every step;
-   the token is the argmax of the stored logits and the logit its float32 value.
+   the token is the one its rule picks from the stored logits (the argmax, or for a sampled run the
+   seeded draw) and the logit its float32 value.
 7. ``anchor``: step 0 equals ``anchor.json`` in every anchored field, the anchor was frozen for this
    checkpoint, prompt and compute mode, and its BLAKE3 is the one the ledger records (SKIPPED
    when the bundle carries no anchor).
 8. ``continuity``: step 0's context is the prompt, each context is the previous one plus the
-   previous token, step indices run 0..n-1, and byte counts add up.
+   previous token, step indices run 0..n-1, byte counts add up, and the run ended where its stop
+   rules say (``stopped``), no earlier.
 9. ``non-perturbation``: ``non_perturbation.json`` is present, equals the ledger's record, and shows
    bare == instrumented == the ledger's own steps.
 10. ``explorer``: the ledger embedded in ``explorer.html`` equals ``ledger.json`` and the page holds
     no other JSON data block (SKIPPED when the bundle has no explorer page).
-11. ``replay`` (only with ``--replay``): the bundle's manifest is run again, without the
+11. ``text``: the bundled tokenizer files are the ones the ledger's digests name, the prompt as
+    given encodes to the prompt ids, and every text field re-derives (SKIPPED when the checkpoint
+    ships no tokenizer).
+12. ``replay`` (only with ``--replay``): the bundle's manifest is run again, without the
     non-perturbation proof, against the checkpoint it names; every measured value must match
     (wall-clock and page-cache fields excepted).
 """
@@ -58,6 +63,7 @@ from kimi_jax.verify.report import (
     CheckSkipped,
     Report,
 )
+from kimi_jax.verify.text import check_text
 
 _CHECKS: tuple[tuple[str, Callable[[BundleView], str]], ...] = (
     ("checksums", check_checksums),
@@ -70,6 +76,7 @@ _CHECKS: tuple[tuple[str, Callable[[BundleView], str]], ...] = (
     ("continuity", check_continuity),
     ("non-perturbation", check_non_perturbation),
     ("explorer", check_explorer),
+    ("text", check_text),
 )
 CHECK_NAMES = tuple(name for name, _ in _CHECKS)
 

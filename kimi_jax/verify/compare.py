@@ -1,8 +1,9 @@
 """``kimi-jax compare A B``: what two manifests should produce, or where two bundles differ.
 
 Two manifests (YAML files): their differences are split into fields that can change results
-(the checkpoint's identity, ``compute.dtype``, ``prompt``, ``generate.max_new_tokens``,
-``generate.kv_cache``) and fields that cannot (``capture``, proven non-perturbing; ``storage``;
+(the checkpoint's identity, its tokenizer included, ``compute.dtype``, ``prompt``,
+``generate.max_new_tokens``, ``generate.kv_cache``, ``generate.sampling``, ``generate.stop``,
+``generate.ignore_eos``) and fields that cannot (``capture``, proven non-perturbing; ``storage``;
 ``output``; ``anchor``; ``model.cache_dir``), with a plain verdict:
 
 * ``bitwise identical runs expected``
@@ -11,7 +12,8 @@ Two manifests (YAML files): their differences are split into fields that can cha
 
 The checkpoint's identity is its layout, config digest and tensor list digest
 (:func:`kimi_jax.storage.checkpoint.open_checkpoint`) when it can be opened, plus its content root
-(``kimi-jax digest``) when both sides have one; otherwise the paths, or the synthetic specs (preset,
+(``kimi-jax digest``) when both sides have one, and its tokenizer digest (:mod:`kimi_jax.text.tokenizer`:
+a different tokenizer encodes the same text to other ids, decodes other text and can stop elsewhere); otherwise the paths, or the synthetic specs (preset,
 layout, seed), are compared.
 
 Two bundles (directories, archives or ``receipt.json`` files): per step, whether the tokens and
@@ -38,6 +40,7 @@ __all__ = ["Difference", "ManifestComparison", "StepComparison", "BundleComparis
            "compare_resolved", "compare_bundles", "compare_paths", "format_comparison", "CompareError"]  # fmt: skip
 
 VERDICT_IDENTICAL = "bitwise identical runs expected"
+TOKENIZER_WHY = "a different tokenizer encodes the same text to other ids, decodes other text and can stop elsewhere"
 
 # Fields whose value can change what a run computes, and why.
 RESULT_FIELDS: dict[str, str] = {
@@ -47,6 +50,9 @@ RESULT_FIELDS: dict[str, str] = {
     "generate.max_new_tokens": "a different number of tokens is generated",
     "generate.kv_cache": "decoding with the latent cache computes attention in the absorbed form, a different "
                          "order of floating-point operations",
+    "generate.sampling": "other sampling settings or another seed draw other tokens",
+    "generate.stop": "stop strings can end the run at another step",
+    "generate.ignore_eos": "the end-of-sequence and end-of-turn tokens stop the run only without it",
 }
 # Fields that cannot change the tokens, digests or bytes read, and why.
 NEUTRAL_FIELDS: dict[str, str] = {
@@ -186,14 +192,18 @@ def _model_differences(ma: dict[str, Any], mb: dict[str, Any], ida: dict | None,
         return [Difference("model", where_a, where_b, f"{why}; its identity could not be compared "
                            f"({', '.join(missing)} not available)")]  # fmt: skip
     fields = identity_differences(ida, idb)
-    if fields:
-        return [Difference(f"model (checkpoint {k})", ida.get(k), idb.get(k), why) for k in fields]
+    differences = [Difference(f"model (checkpoint {k})", ida.get(k), idb.get(k), why) for k in fields]
+    if ida.get("tokenizer_digest") != idb.get("tokenizer_digest"):
+        differences.append(Difference("model (checkpoint tokenizer_digest)", ida.get("tokenizer_digest"),
+                                      idb.get("tokenizer_digest"), TOKENIZER_WHY))  # fmt: skip
+    if differences:
+        return differences
     if ida.get("content_root") and idb.get("content_root"):
         notes.append(f"the checkpoints are different locations ({where_a} and {where_b}) with the same content root: "
                      "the same tensors, byte for byte")  # fmt: skip
     else:
         notes.append(f"the checkpoints are different folders ({where_a} and {where_b}) with the same identity (layout, "
-                     "config digest and tensor list digest); their weight bytes were not compared (no content root "
+                     "config, tensor list and tokenizer digests); their weight bytes were not compared (no content root "
                      "on both sides: run `kimi-jax digest`)")  # fmt: skip
     return []
 
@@ -203,7 +213,8 @@ def compare_resolved(a: dict[str, Any], b: dict[str, Any], identity_a: dict | No
                      name_b: str = "B") -> ManifestComparison:  # fmt: skip
     """Compare two resolved manifests (``Manifest.resolved_dict()`` / a bundle's ``manifest.json``).
 
-    ``identity_*`` are the checkpoints' ``{layout, config_digest, tensor_list_digest}`` where known."""
+    ``identity_*`` are the checkpoints' ``{layout, config_digest, tensor_list_digest, tokenizer_digest}``
+    where known."""
     notes: list[str] = []
     flat_a, flat_b = _flatten(a), _flatten(b)
     result: list[Difference] = []
@@ -242,10 +253,17 @@ def _identity(index) -> dict[str, Any]:
     from kimi_jax.storage.digests import DIGEST_FILE, load_digest_file
 
     ident = {"layout": index.layout, "config_digest": index.config.digest(),
-             "tensor_list_digest": index.tensor_list_digest()}  # fmt: skip
+             "tensor_list_digest": index.tensor_list_digest(), "tokenizer_digest": _tokenizer_digest(index.root)}  # fmt: skip
     if (index.root / DIGEST_FILE).is_file():
         ident["content_root"] = load_digest_file(index.root / DIGEST_FILE).root
     return ident
+
+
+def _tokenizer_digest(root: Path) -> str | None:
+    from kimi_jax.text.tokenizer import JSON_FILE, RANKS_FILE, file_digests, files_digest
+
+    files = file_digests(root)
+    return files_digest(files) if RANKS_FILE in files or JSON_FILE in files else None
 
 
 def _checkpoint_identity(manifest) -> tuple[dict | None, str | None]:
@@ -383,7 +401,7 @@ def _ledger_identity(ledger: dict) -> dict | None:
     ckpt = ledger.get("checkpoint")
     if not isinstance(ckpt, dict):
         return None
-    return checkpoint_identity(ckpt)
+    return checkpoint_identity(ckpt) | {"tokenizer_digest": (ckpt.get("tokenizer") or {}).get("digest")}
 
 
 def compare_bundles(a: str | os.PathLike, b: str | os.PathLike) -> BundleComparison:

@@ -114,8 +114,11 @@ def check_derivations(b: BundleView) -> str:
 
 def check_digests(b: BundleView) -> str:
     from kimi_jax.ledger.ledger import tensor_digest
+    from kimi_jax.text.sampling import Sampling, sample_token
 
     steps, arrays, problems = b.step_arrays()
+    recorded = (b.ledger.get("run") or {}).get("sampling")
+    sampling = Sampling(**recorded) if isinstance(recorded, dict) else None
     shapes: dict[str, set] = {"logits": set(), "hidden": set()}
     for step in steps:
         i = step.get("index")
@@ -132,10 +135,12 @@ def check_digests(b: BundleView) -> str:
         if logits.size == 0:
             problems.append(f"{ARRAYS}/{step_key(i)}/logits: empty")
             continue
-        best = int(np.argmax(logits))
-        if step.get("token") != best:
-            problems.append(f"steps[{i}].token is {short(step.get('token'))}, but argmax of the stored logits "
-                            f"is {best}")
+        if sampling is None:
+            chosen, rule = int(np.argmax(logits)), "argmax of the stored logits"
+        else:
+            chosen, rule = sample_token(logits, sampling, i)[0], f"the seeded draw from the stored logits (seed {sampling.seed})"
+        if step.get("token") != chosen:
+            problems.append(f"steps[{i}].token is {short(step.get('token'))}, but the {rule} is {chosen}")
         token = step.get("token")
         if isinstance(token, int) and 0 <= token < logits.size:
             logit = step.get("logit")
@@ -181,7 +186,8 @@ def check_anchor(b: BundleView) -> str:
             problems.append(f"steps[0].{field} is {short(step0.get(field))}, anchor.json has {short(anchor[field])}")
     ckpt = ledger.get("checkpoint") or {}
     run = ledger.get("run") or {}
-    want = {"prompt": run.get("prompt"), "dtype": run.get("dtype"), "kv_cache": run.get("kv_cache")}
+    want = {"prompt": run.get("prompt"), "dtype": run.get("dtype"), "kv_cache": run.get("kv_cache"),
+            "sampling": run.get("sampling")}  # fmt: skip
     for key, value in want.items():
         if anchor.get(key) != value:
             problems.append(f"anchor.json: {key} is {short(anchor.get(key))}, this run's is {short(value)}")
@@ -206,9 +212,7 @@ def check_continuity(b: BundleView) -> str:
     problems = []
     if not steps:
         raise CheckFailed("ledger.json: steps: empty")
-    if run.get("max_new_tokens") != len(steps):
-        problems.append(f"run.max_new_tokens is {short(run.get('max_new_tokens'))}, but the ledger has "
-                        f"{len(steps)} steps")
+    problems += _stop_problems(b, steps, run)
     layer_plan: list[tuple[Any, Any]] | None = None
     outside, note = _embedding_head_bytes(ledger)
     for n, step in enumerate(steps):
@@ -250,6 +254,32 @@ def check_continuity(b: BundleView) -> str:
         problems.append(f"totals.bytes_read is {short(recorded)}, but the steps' bytes_read sum to {total}")
     require(problems)
     return note
+
+
+def _stop_problems(b: BundleView, steps: list[dict[str, Any]], run: dict[str, Any]) -> list[str]:
+    """The run ended where its stop rules (run.stop, the token budget) say, and ``stopped`` says why."""
+    from kimi_jax.ledger.text_fields import decoding_from_ledger
+
+    budget, stopped = run.get("max_new_tokens"), b.ledger.get("stopped") or {}
+    if not isinstance(budget, int) or len(steps) > budget:
+        return [f"run.max_new_tokens is {short(budget)}, but the ledger has {len(steps)} steps"]
+    tokenizer = None
+    if (run.get("stop") or {}).get("strings"):
+        try:
+            tokenizer = b.tokenizer()
+        except CheckFailed as e:
+            return [f"stop strings not checked: {e}"]
+    decoding = decoding_from_ledger(b.ledger, tokenizer)
+    tokens = [s.get("token") for s in steps]
+    problems = [f"steps[{n}]: the run should have stopped here ({decoding.stop_reason(tokens[: n + 1])})"
+                for n in range(len(tokens) - 1) if decoding.stop_reason(tokens[: n + 1])]  # fmt: skip
+    want = decoding.final_reason(tokens)
+    if len(steps) < budget and want["reason"] == "max_new_tokens":
+        problems.append(f"the ledger has {len(steps)} steps, fewer than run.max_new_tokens {budget}, and no stop rule "
+                        "holds at the last one")  # fmt: skip
+    if stopped != want:
+        problems.append(f"stopped is {short(stopped)}, but the stop rules give {short(want)}")
+    return problems
 
 
 def _embedding_head_bytes(ledger: dict[str, Any]) -> tuple[Callable[[int, list], int] | None, str]:

@@ -144,6 +144,30 @@
     return undefined;
   }
 
+  // -- token texts -------------------------------------------------------------------------------
+
+  /** id -> text, from every text the ledger holds (prompt tokens, output tokens, top-k alternatives). */
+  const TOKEN_TEXTS = new Map();
+  function learn(id, text) {
+    if (typeof text === "string" && !TOKEN_TEXTS.has(id)) TOKEN_TEXTS.set(id, text);
+  }
+  const TEXT = LEDGER.text || null;
+  if (TEXT) (LEDGER.run.prompt || []).forEach((id, i) => learn(id, (TEXT.prompt_token_texts || [])[i]));
+  for (const s of STEPS) {
+    learn(s.token, s.token_text);
+    (s.top_k || []).forEach((pair, j) => learn(pair[0], (s.top_k_text || [])[j]));
+  }
+
+  /** A token's text, quoted (JSON escapes make spaces, newlines and control characters visible). */
+  function quoted(id) {
+    return TOKEN_TEXTS.has(id) ? JSON.stringify(TOKEN_TEXTS.get(id)) : undefined;
+  }
+
+  /** The texts of a list of ids, each quoted, space separated. */
+  function quotedAll(ids) {
+    return ids.every((id) => TOKEN_TEXTS.has(id)) ? ids.map(quoted).join(" ") : undefined;
+  }
+
   // -- state -------------------------------------------------------------------------------------
 
   const state = { step: STEPS.length - 1, pos: 0, layer: 0, normField: "norm_out" };
@@ -213,6 +237,7 @@
       }
     };
     fill(document.getElementById("headline-run"), run);
+    renderText();
     fill(document.getElementById("headline-digests"), digests);
     const ptable = clear(document.getElementById("platform-table"));
     for (const [k, v] of Object.entries(LEDGER.platform || {})) {
@@ -223,13 +248,49 @@
     }
   }
 
+  // -- text ---------------------------------------------------------------------------------------
+
+  function promptAsGiven(given) {
+    if (!given || typeof given !== "object") return given;
+    if (typeof given.text === "string") return given.text;
+    if (Array.isArray(given.chat)) return given.chat.map((m) => String(m.role) + ": " + String(m.content)).join("\n");
+    return given.tokens;
+  }
+
+  function renderText() {
+    const stopped = LEDGER.stopped;
+    const tok = LEDGER.checkpoint.tokenizer;
+    const rows = [
+      ["prompt as given", "run.prompt_input", promptAsGiven(LEDGER.run.prompt_input)],
+      ["prompt text", "text.prompt_text", TEXT ? TEXT.prompt_text : undefined],
+      ["generated text", "text.generated_text", TEXT ? TEXT.generated_text : undefined],
+      ["stopped", "stopped.reason", stopped ? [stopped.reason, ...["token", "string"].filter((k) => HAS.call(stopped, k))
+        .map((k) => k + " " + JSON.stringify(stopped[k]))].join(", ") : undefined],
+      ["sampling", "run.sampling", LEDGER.run.sampling === null ? "greedy" : LEDGER.run.sampling],
+      ["tokenizer", "checkpoint.tokenizer.digest", tok ? tok.kind + " " + tok.digest : undefined],
+    ];
+    const tbody = clear(document.getElementById("text-table").tBodies[0]);
+    for (const [label, path, value] of rows) {
+      const tr = el("tr");
+      const th = el("th", "", label);
+      th.appendChild(el("div", "muted mono", path));
+      tr.appendChild(th);
+      const td = valueCell(path, value, "text");
+      td.dataset.field = path;
+      tr.appendChild(td);
+      tbody.appendChild(tr);
+    }
+    document.getElementById("text").hidden = !(TEXT || LEDGER.run.prompt_input || stopped);
+  }
+
   // -- timeline ----------------------------------------------------------------------------------
 
   const HAS_TEXT = STEPS.some((s) => HAS.call(s, "token_text"));
   const TIMELINE_COLUMNS = [
     ["step", "index"], ["context", "context", "ids"], ["token", "token"],
     ...(HAS_TEXT ? [["token_text", "token_text", "text"]] : []),
-    ["logit", "logit", "num"], ["margin", "margin", "num"], ["entropy", "entropy", "num"],
+    ["logit", "logit", "num"], ["probability", "probability", "num"], ["rank", "rank", "num"],
+    ["margin", "margin", "num"], ["entropy", "entropy", "num"],
     ["bytes_read", "bytes_read", "bytes"], ["wall_s", "wall_s", "num"],
   ];
 
@@ -256,28 +317,48 @@
     const step = STEPS[state.step];
     document.getElementById("step-detail-title").textContent = "Step " + step.index;
     const tbody = clear(document.getElementById("step-fields").tBodies[0]);
-    const fields = [["index"], ["token"], ...(HAS_TEXT ? [["token_text", "text"]] : []), ["logit", "num"],
-      ["margin", "num"], ["entropy", "num"], ["hidden_digest"], ["logits_digest"], ["bytes_read", "bytes"],
-      ["wall_s", "num"], ["context", "ids"]];
+    const fields = [["index"], ["token"], ...(HAS_TEXT ? [["token_text", "text"], ["token_bytes"]] : []),
+      ["logit", "num"], ["probability", "num"], ["rank", "num"], ["sampling"], ["margin", "num"], ["entropy", "num"],
+      ["hidden_digest"], ["logits_digest"], ["bytes_read", "bytes"], ["wall_s", "num"], ["context", "ids"]];
     for (const [key, kind] of fields) {
       const tr = el("tr");
       tr.appendChild(el("th", "mono", key));
       const td = valueCell("steps[]." + key, step[key], kind);
       td.classList.add("val");
       td.dataset.field = key;
-      if (key.endsWith("_digest")) td.classList.add("mono");
+      if (key.endsWith("_digest") || key === "token_bytes") td.classList.add("mono");
+      tr.appendChild(td);
+      tbody.appendChild(tr);
+    }
+    const contextText = quotedAll(step.context);
+    if (contextText !== undefined) {
+      const tr = el("tr");
+      tr.appendChild(el("th", "mono", "context as text"));
+      const td = mark(el("td", "text val", contextText), "text.prompt_token_texts");
+      td.title = "the text of each context id (text.prompt_token_texts, steps[].token_text): derived";
+      td.dataset.field = "context_text";
       tr.appendChild(td);
       tbody.appendChild(tr);
     }
     const topk = document.getElementById("topk-table");
-    headRow(topk.tHead, ["token", "logit"]);
+    const topText = Array.isArray(step.top_k_text);
+    headRow(topk.tHead, ["token", "logit", ...(topText ? ["text"] : [])]);
     const tb = clear(topk.tBodies[0]);
-    for (const [token, logit] of step.top_k || []) {
+    (step.top_k || []).forEach(([token, logit], j) => {
       const tr = el("tr");
-      tr.appendChild(valueCell("steps[].top_k", token, "num"));
-      tr.appendChild(valueCell("steps[].top_k", logit, "num"));
+      const id = valueCell("steps[].top_k", token, "num");
+      id.dataset.field = "token";
+      tr.appendChild(id);
+      const value = valueCell("steps[].top_k", logit, "num");
+      value.dataset.field = "logit";
+      tr.appendChild(value);
+      if (topText) {
+        const text = valueCell("steps[].top_k_text", step.top_k_text[j], "text");
+        text.dataset.field = "text";
+        tr.appendChild(text);
+      }
       tb.appendChild(tr);
-    }
+    });
     if (!step.top_k) {
       const tr = el("tr");
       tr.appendChild(el("td", "absent", "top_k absent from the ledger"));
@@ -296,7 +377,7 @@
       }
       const selected = i === state.step;
       return {
-        label: "step " + step.index + " (token " + step.token + ")",
+        label: "step " + step.index + " (token " + step.token + (quoted(step.token) ? " " + quoted(step.token) : "") + ")",
         data,
         borderColor: STEP_COLORS[i % STEP_COLORS.length],
         backgroundColor: STEP_COLORS[i % STEP_COLORS.length],
@@ -386,8 +467,10 @@
     select.disabled = t === 0;
     for (let p = 0; p < t; p++) {
       const abs = absolutePosition(step, t, p);
-      const option = el("option", "", String(abs) + (abs >= 0 && abs < step.context.length ?
-        " (context token " + step.context[abs] + ")" : ""));
+      const id = abs >= 0 && abs < step.context.length ? step.context[abs] : undefined;
+      const text = id === undefined ? undefined : quoted(id);
+      const option = el("option", "", String(abs) + (id !== undefined ?
+        " (context token " + id + (text !== undefined ? " " + text : "") + ")" : ""));
       option.value = String(p);
       select.appendChild(option);
     }

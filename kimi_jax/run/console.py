@@ -1,0 +1,132 @@
+"""What a run shows while it proceeds: the generated text on stdout, progress on stderr.
+
+* :class:`TextStream` writes the text token by token: special tokens left out, a UTF-8 character
+  split across tokens written once complete, and text that could be the start of a stop string
+  held back until it is known not to be (the stop string itself is never written). Without a
+  tokenizer it writes the token ids.
+* :class:`Progress` draws a per-layer bar when stderr is a terminal and otherwise (CI logs, pipes)
+  writes one line per step. The run whose text streams to a terminal draws no bar: its redraws
+  would overwrite the text on the same screen.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import sys
+import time
+from typing import TextIO
+
+from kimi_jax.text.tokenizer import Tokenizer, display_text
+
+
+def to_stderr(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+class TextStream:
+    def __init__(self, tokenizer: Tokenizer | None, stop_strings: tuple[str, ...] = (), out: TextIO | None = None):
+        self.tokenizer = tokenizer
+        self.stop_strings = stop_strings
+        self.out = out if out is not None else io.StringIO()
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded but not yet written
+        self.written: list[str] = []
+        self.stopped = False  # a stop string was found: nothing more is written
+
+    @property
+    def text(self) -> str:
+        return "".join(self.written)
+
+    def feed(self, token: int) -> None:
+        if self.stopped:
+            return
+        if self.tokenizer is None:
+            self._write(f"{token} ")
+            return
+        if self.tokenizer.is_special(token):
+            return
+        self.pending += self.decoder.decode(self.tokenizer.token_bytes(token) or b"")
+        self._release(final=False)
+
+    def close(self) -> None:
+        if self.tokenizer is not None and not self.stopped:
+            self.pending += self.decoder.decode(b"", final=True)
+            self._release(final=True)
+        self._write("\n")
+
+    def _release(self, final: bool) -> None:
+        found = [at for at in (self.pending.find(s) for s in self.stop_strings) if at >= 0]
+        if found:
+            self._write(self.pending[: min(found)])
+            self.pending, self.stopped = "", True
+            return
+        hold = 0 if final else self._possible_stop_start()
+        self._write(self.pending[: len(self.pending) - hold])
+        self.pending = self.pending[len(self.pending) - hold :]
+
+    def _possible_stop_start(self) -> int:
+        """Length of the longest end of ``pending`` that begins some stop string."""
+        for n in range(min(len(self.pending), max((len(s) for s in self.stop_strings), default=0)), 0, -1):
+            if any(s.startswith(self.pending[-n:]) for s in self.stop_strings):
+                return n
+        return 0
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.written.append(text)
+            self.out.write(text)
+            self.out.flush()
+
+
+def streamed_text(tokenizer: Tokenizer | None, stop_strings: tuple[str, ...], tokens: list[int]) -> str:
+    """The text :class:`TextStream` writes for ``tokens``, without the final newline."""
+    stream = TextStream(tokenizer, stop_strings)
+    for token in tokens:
+        stream.feed(token)
+    stream.close()
+    return stream.text[:-1]
+
+
+class Progress:
+    """Progress of one run (bare or instrumented) of ``steps`` x ``layers`` layer passes."""
+
+    def __init__(self, name: str, steps: int, layers: int, enabled: bool, tokenizer: Tokenizer | None = None,
+                 stream: TextIO | None = None, draw_bar: bool = True):  # fmt: skip
+        self.stream = stream if stream is not None else sys.stderr
+        terminal = self.stream.isatty()
+        self.name, self.layers, self.tokenizer = name, layers, tokenizer
+        self.enabled = enabled and (draw_bar or not terminal)
+        self.started, self.bytes_done = time.perf_counter(), 0
+        self.bar = None
+        if self.enabled and terminal:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps * layers, unit="layer", dynamic_ncols=True, desc=name, file=self.stream)
+
+    def skip_steps(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count * self.layers)
+
+    def layer(self, step: int, layer: int, step_bytes: int) -> None:
+        if self.bar is None:
+            return
+        total = self.bytes_done + step_bytes
+        rate = total / max(time.perf_counter() - self.started, 1e-9) / 2**20
+        self.bar.set_description(f"{self.name} step {step} layer {layer}")
+        self.bar.set_postfix_str(f"{total / 2**20:,.1f} MiB read, {rate:,.0f} MiB/s")
+        self.bar.update(1)
+
+    def step(self, record) -> None:
+        self.bytes_done += record.bytes_read
+        if not self.enabled or self.bar is not None:
+            return
+        shown = ""
+        if self.tokenizer is not None and (data := self.tokenizer.token_bytes(record.token)) is not None:
+            shown = " " + repr(display_text(data))  # repr: control characters escaped, never sent to the log raw
+        print(f"{self.name} step {record.index}: token {record.token}{shown}, {record.bytes_read:,} bytes read, "
+              f"{record.wall_s:.2f} s", file=self.stream, flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -25,7 +25,8 @@ from common import machine
 from kimi_jax.model.engine import Engine
 from kimi_jax.model.jax_setup import enable_compilation_cache
 from kimi_jax.storage.checkpoint import open_checkpoint
-from kimi_jax.storage.synth import LAYOUTS, ensure_synthetic
+from kimi_jax.storage.layouts import SYNTH_LAYOUTS
+from kimi_jax.storage.synth import ensure_synthetic
 
 
 def step_figures(bf16: np.ndarray, f32: np.ndarray) -> dict:
@@ -63,7 +64,7 @@ def measure(index, prompt: list[int], steps: int, kv_cache: bool) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny"], choices=["tiny", "small"])
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="+", default=list(SYNTH_LAYOUTS), choices=list(SYNTH_LAYOUTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--smoke", action="store_true", help="one tiny checkpoint, 2 steps: checks the script runs")

@@ -91,7 +91,7 @@ def synthetic_ledger(steps: int = 5, layers: int = 61, experts: int = 384, top_k
         "platform": {"backend": "cpu", "device_kind": "cpu"}, "platform_digest": hexd(),
         "run": {"prompt": prompt, "prompt_input": {"tokens": prompt}, "sampling": None,
                 "stop": {"tokens": [[163585, "eos"]], "strings": []}, "max_new_tokens": steps, "kv_cache": False,
-                "dtype": "bfloat16",
+                "dtype": "bfloat16", "dequant": "exact",
                 "capture": ["norms", "routing", "logits"], "page_cache_evicted": True, "page_cache_resident_bytes": 0,
                 "shard_bytes": 595 * 10**9},
         "steps": out_steps, "stopped": {"reason": "max_new_tokens"}, "text": None,

@@ -66,3 +66,9 @@ def test_remote_smoke():
     (record,) = _smoke("remote.py")
     assert record["same_tokens"] and record["same_weights_digest"]
     assert all(r["bytes_network"] == r["bytes"] for r in record["http"].values())
+
+
+def test_bf16_tolerance_smoke():
+    records = _smoke("bf16_tolerance.py")
+    summary = next(r for r in records if r.get("benchmark") == "bf16_tolerance")
+    assert summary["steps_compared"] == 4 and 0 < summary["max_rel_err"] < 1

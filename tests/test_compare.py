@@ -19,6 +19,7 @@ from kimi_jax.verify.compare import (
     compare_bundles,
     compare_manifests,
     compare_paths,
+    compare_resolved,
 )
 
 
@@ -57,6 +58,34 @@ def test_dtype_difference_is_not_identical(tiny_checkpoints, tmp_path):
     assert result.verdict == "not expected to be identical: compute.dtype differs ('float32' vs 'bfloat16')"
     cli = CliRunner().invoke(main, ["compare", str(a), str(b)])
     assert cli.exit_code == 1 and "compute.dtype" in cli.output
+
+
+def test_dequant_difference_is_not_identical(tiny_checkpoints, tmp_path):
+    ckpt = tiny_checkpoints["kimi-k2.5"]
+    a = _manifest(tmp_path / "a.yaml", ckpt)
+    b = _manifest(tmp_path / "b.yaml", ckpt, "compute:\n  dequant: bf16-rounded\n")
+    result = compare_manifests(a, b)
+    assert [d.field for d in result.result_differences] == ["compute.dequant"]
+    assert "dequantized differently" in result.result_differences[0].why
+    assert result.verdict == "not expected to be identical: compute.dequant differs ('exact' vs 'bf16-rounded')"
+    spelled = _manifest(tmp_path / "c.yaml", ckpt, "compute:\n  dequant: exact\n")
+    assert compare_manifests(a, spelled).identical  # the default, spelled out
+
+
+def test_a_manifest_without_dequant_reads_as_the_old_rounding(tiny_checkpoints, tmp_path):
+    """A bundle of kimi-jax 0.1.0 has no compute.dequant in its manifest.json: that version always
+    rounded to bfloat16, and compare says so instead of reporting a missing value."""
+    data = {"version": 1, "model": {"checkpoint": str(tiny_checkpoints["kimi-k2.5"])}, "prompt": {"tokens": [7]},
+            "output": {"dir": str(tmp_path / "out")}}  # fmt: skip
+    exact = parse_manifest_dict(data).resolved_dict()
+    rounded = parse_manifest_dict({**data, "compute": {"dequant": "bf16-rounded"}}).resolved_dict()
+    old = {**exact, "compute": {"dtype": "float32"}}
+    result = compare_resolved(old, exact, name_a="old/manifest.json")
+    assert result.verdict == "not expected to be identical: compute.dequant differs ('bf16-rounded' vs 'exact')"
+    assert result.notes[0] == ("old/manifest.json has no compute.dequant: read as bf16-rounded (kimi-jax 0.1.0, "
+                               "which did not record the mode)")  # fmt: skip
+    assert compare_resolved(old, rounded).identical
+    assert old["compute"] == {"dtype": "float32"}  # the caller's dict is not changed
 
 
 def test_only_max_new_tokens_differs(tiny_checkpoints, tmp_path):

@@ -1,5 +1,7 @@
 """The layout move changed no numbers: the demo at the last commit before it (5b0b83b) and in this
-tree agree on every step's token, hidden and logits digests and bytes read (tools/demo_digests.py)."""
+tree agree on every step's token, hidden and logits digests and bytes read (tools/demo_digests.py),
+once this tree dequantizes as that revision did (``compute.dequant: bf16-rounded``). With the
+default exact dequantization the same tokens come out, and every digest changes."""
 
 from __future__ import annotations
 
@@ -34,9 +36,13 @@ def history_has(revision: str) -> bool:
                                                                "available (a shallow clone or a source archive)")
 def test_demo_is_bitwise_what_it_was_before_the_layout_move(tmp_path):
     tool = load_tool()
-    before, after, problems = tool.compare_demo(BEFORE_THE_MOVE, tmp_path)
+    before, after, problems = tool.compare_demo(BEFORE_THE_MOVE, tmp_path, ("compute.dequant=bf16-rounded",))
     assert problems == []
     assert [s["token"] for s in after] == [1457, 1924, 1487, 1487, 1108]
+    exact = tool.demo_steps(tool.REPO, tmp_path / "exact")  # the default: exact products, no bf16 rounding
+    assert [s["token"] for s in exact] == [s["token"] for s in before]
+    assert all(a[k] != b[k] for a, b in zip(before, exact) for k in ("hidden_digest", "logits_digest"))
+    assert [s["bytes_read"] for s in exact] == [s["bytes_read"] for s in before]
     # the comparison can fail: one changed digest is reported by step and field
     changed = [dict(s) for s in after]
     changed[3]["logits_digest"] = "0" * 64

@@ -64,6 +64,7 @@ def small_ledger(token_texts: list[str] | None = None, steps: int = 3, layers: i
         "platform": {"backend": "cpu"}, "platform_digest": HEX,
         "run": {"prompt": [7, 300], "prompt_input": {"tokens": [7, 300]}, "sampling": None,
                 "stop": {"tokens": [], "strings": []}, "max_new_tokens": steps, "kv_cache": False, "dtype": "float32",
+                "dequant": "exact",
                 "capture": ["norms", "routing", "logits"], "page_cache_evicted": False, "page_cache_resident_bytes": 0,
                 "shard_bytes": 1},
         "steps": out, "stopped": {"reason": "max_new_tokens"}, "text": None,

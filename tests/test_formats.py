@@ -1,5 +1,10 @@
 """kimi_jax.storage.codecs and kimi_jax.model.quant against independent oracles: compressed-tensors' own packer/unpacker and
-compressor (int4 pack-quantized), and torch's float8_e4m3fn / bf16 arithmetic (block FP8)."""
+compressor (int4 pack-quantized), and torch's float8_e4m3fn / bf16 arithmetic (block FP8).
+
+Two dequantization modes: ``exact`` (the default) is checked against the product computed by torch
+from the library's own unpacked codes (in float64 for int4, where the float32 product is exact,
+and in float32 for FP8); ``bf16-rounded`` is checked bit for bit against compressed-tensors'
+decompressor and torch's bf16 conversion, which is what that mode exists to match."""
 
 import jax
 import jax.numpy as jnp
@@ -142,19 +147,22 @@ def test_dequant_int4_matches_compressed_tensors_decompress(shape_dtype):
     packed = comp["weight_packed"].numpy()
     scale = comp["weight_scale"].float().numpy().astype(BF16)  # exact: values are bf16
     weight_shape = comp["weight_shape"].numpy().astype(shape_dtype)
-    ours = dequant_int4(packed, scale, weight_shape, group)
+    ours = dequant_int4(packed, scale, weight_shape, group, mode="bf16-rounded")
     assert ours.dtype == BF16 and ours.shape == (out, n_in) and oracle.dtype == torch.bfloat16
     np.testing.assert_array_equal(_bits16(ours), _bits16(oracle))
-    # The test is sensitive to the final bf16 rounding: the exact f32 product differs somewhere.
-    q = unpack_int4(packed, n_in)
-    codes = set(np.unique(q).tolist())
-    assert {-8, 7} <= codes or {-7, 7} <= codes
-    exact = q.astype(np.float32) * np.repeat(scale.astype(np.float32), group, axis=1)
-    assert (exact != ours.astype(np.float32)).any()
     # also against the library's own unpack + dequantize pair on the same tensors
-    lib = ct_dequantize(ct_unpack(comp["weight_packed"], 4, comp["weight_shape"]),
-                        comp["weight_scale"], None, args)
+    codes_t = ct_unpack(comp["weight_packed"], 4, comp["weight_shape"])
+    lib = ct_dequantize(codes_t, comp["weight_scale"], None, args)
     np.testing.assert_array_equal(_bits16(ours), _bits16(lib))
+    # exact (the default): the library's codes times the scale, in float64, is the float32 result
+    exact = dequant_int4(packed, scale, weight_shape, group)
+    want = (codes_t.double() * comp["weight_scale"].double().repeat_interleave(group, dim=1)).float().numpy()
+    assert exact.dtype == np.float32
+    np.testing.assert_array_equal(exact.view(np.uint32), want.view(np.uint32))
+    # The two modes really differ here: the bf16 rounding changes some weights.
+    codes = set(codes_t.unique().tolist())
+    assert {-8, 7} <= codes or {-7, 7} <= codes
+    assert (exact != ours.astype(np.float32)).any()
 
 
 def test_dequant_int4_matches_library_dequantize_on_hard_scales():
@@ -168,8 +176,17 @@ def test_dequant_int4_matches_library_dequantize_on_hard_scales():
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
     scale_t = torch.from_numpy(scale.astype(np.float32)).to(torch.bfloat16)
     lib = ct_dequantize(torch.from_numpy(q), scale_t, None, args)
-    ours = dequant_int4(pack_int4(q), scale, (out, n_in), group)
+    ours = dequant_int4(pack_int4(q), scale, (out, n_in), group, mode="bf16-rounded")
     np.testing.assert_array_equal(_bits16(ours), _bits16(lib))
+    exact = dequant_int4(pack_int4(q), scale, (out, n_in), group)
+    want = (torch.from_numpy(q).double() * scale_t.double().repeat_interleave(group, dim=1)).float().numpy()
+    np.testing.assert_array_equal(exact.view(np.uint32), want.view(np.uint32))
+    # the issue's example: 7 x 1.0078125 = 7.0546875 needs 10 significant bits; bf16 keeps 8
+    one = dequant_int4(pack_int4(np.full((1, 8), 7, np.int8)), np.full((1, 1), 1.0078125, BF16), (1, 8), 8)
+    assert one.dtype == np.float32 and (one == 7.0546875).all()
+    rounded = dequant_int4(pack_int4(np.full((1, 8), 7, np.int8)), np.full((1, 1), 1.0078125, BF16), (1, 8), 8,
+                           mode="bf16-rounded")
+    assert (rounded.astype(np.float32) == 7.0625).all()
 
 
 def test_quantize_int4():
@@ -210,12 +227,12 @@ def _random_fp8(rng, shape, allow_nan=False):
     return raw
 
 
-def _torch_block_dequant(raw, scale_inv, block):
+def _torch_block_dequant(raw, scale_inv, block, dtype=torch.bfloat16):
     w = torch.from_numpy(raw).view(torch.float8_e4m3fn).to(torch.float32)
     s = torch.from_numpy(scale_inv)
     s = s.repeat_interleave(block[0], dim=-2)[..., : w.shape[-2], :]
     s = s.repeat_interleave(block[1], dim=-1)[..., : w.shape[-1]]
-    return (w * s).to(torch.bfloat16)
+    return (w * s).to(dtype)
 
 
 @pytest.mark.parametrize("shape,block", [((200, 300), (128, 128)), ((256, 128), (128, 128)),
@@ -226,10 +243,15 @@ def test_dequant_fp8_block_matches_torch(shape, block):
     sshape = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
     scale_inv = (rng.random(sshape) * 1e-3 + 1e-5).astype(np.float32)
     oracle = _torch_block_dequant(raw, scale_inv, block)
+    exact_oracle = _torch_block_dequant(raw, scale_inv, block, torch.float32).numpy()
     for weight in (raw, raw.view(ml_dtypes.float8_e4m3fn)):
-        ours = dequant_fp8_block(weight, scale_inv, block)
+        ours = dequant_fp8_block(weight, scale_inv, block, mode="bf16-rounded")
         assert ours.dtype == BF16 and ours.shape == shape
         np.testing.assert_array_equal(_bits16(ours), _bits16(oracle))
+        exact = dequant_fp8_block(weight, scale_inv, block)
+        assert exact.dtype == np.float32 and exact.shape == shape
+        np.testing.assert_array_equal(exact.view(np.uint32), exact_oracle.view(np.uint32))
+        assert (exact != ours.astype(np.float32)).any()
 
 
 def test_quantize_fp8_block_round_trip():
@@ -258,18 +280,26 @@ def test_dequant_int4_jax_matches_numpy_stacked(n_in, group):
     q = np.stack([_codes(rng, out, n_in) for _ in range(n_exp)])
     packed = pack_int4(q)
     scale = (rng.random((n_exp, out, -(-n_in // group))) * 0.02 + 1e-4).astype(np.float32).astype(BF16)
-    ref = dequant_int4(packed, scale, (out, n_in), group)
+    ref = dequant_int4(packed, scale, (out, n_in), group, mode="bf16-rounded")
+    exact = dequant_int4(packed, scale, (out, n_in), group)
     for i in range(n_exp):  # stacking is just a batch of independent matrices
-        np.testing.assert_array_equal(_bits16(ref[i]),
-                                      _bits16(dequant_int4(packed[i], scale[i], (out, n_in), group)))
-    f = jax.jit(dequant_int4_jax, static_argnums=(2, 3, 4))
-    got_bf16 = np.asarray(f(jnp.asarray(packed), jnp.asarray(scale), n_in, group, jnp.bfloat16))
-    got_f32 = np.asarray(f(jnp.asarray(packed), jnp.asarray(scale), n_in, group, jnp.float32))
-    assert got_bf16.dtype == BF16 and got_f32.dtype == np.float32
-    np.testing.assert_array_equal(_bits16(got_bf16), _bits16(ref))
+        np.testing.assert_array_equal(_bits16(ref[i]), _bits16(dequant_int4(packed[i], scale[i], (out, n_in), group,
+                                                                            mode="bf16-rounded")))
+        np.testing.assert_array_equal(exact[i], dequant_int4(packed[i], scale[i], (out, n_in), group))
+    f = jax.jit(dequant_int4_jax, static_argnums=(2, 3, 4, 5))
+    args = (jnp.asarray(packed), jnp.asarray(scale), n_in, group)
+    for mode in ("exact", "bf16-rounded"):  # a bf16 result is the product rounded once, whatever the mode
+        got_bf16 = np.asarray(f(*args, jnp.bfloat16, mode))
+        assert got_bf16.dtype == BF16
+        np.testing.assert_array_equal(_bits16(got_bf16), _bits16(ref))
+    got_f32 = np.asarray(f(*args, jnp.float32, "bf16-rounded"))
+    assert got_f32.dtype == np.float32
     np.testing.assert_array_equal(got_f32.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+    got_exact = np.asarray(f(*args, jnp.float32, "exact"))
+    np.testing.assert_array_equal(got_exact.view(np.uint32), exact.view(np.uint32))
+    assert (got_exact != got_f32).any()
     eager = dequant_int4_jax(jnp.asarray(packed[0]), jnp.asarray(scale[0]), n_in, group, jnp.float32)
-    np.testing.assert_array_equal(np.asarray(eager), ref[0].astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(eager), exact[0])
 
 
 @pytest.mark.parametrize("shape,block", [((200, 300), (128, 128)), ((70, 45), (32, 16))])
@@ -279,15 +309,19 @@ def test_dequant_fp8_block_jax_matches_numpy_stacked(shape, block):
     raw[0, 0, :4] = [0x7F, 0xFF, 0x7E, 0xFE]  # NaN, -NaN, +448, -448
     sshape = (2, -(-shape[0] // block[0]), -(-shape[1] // block[1]))
     scale_inv = (rng.random(sshape) * 1e-2 + 1e-6).astype(np.float32)
-    ref = dequant_fp8_block(raw, scale_inv, block)
+    ref = dequant_fp8_block(raw, scale_inv, block, mode="bf16-rounded")
+    exact = dequant_fp8_block(raw, scale_inv, block)
     # torch agrees too, NaN payloads aside (torch writes 0xFFFF, ml_dtypes a quiet NaN with the sign)
     _same_bits_or_both_nan(ref[1], _torch_block_dequant(raw[1], scale_inv[1], block).float().numpy().astype(BF16))
-    f = jax.jit(dequant_fp8_block_jax, static_argnums=(2, 3))
+    f = jax.jit(dequant_fp8_block_jax, static_argnums=(2, 3, 4))
     for weight in (raw, raw.view(ml_dtypes.float8_e4m3fn)):
-        got = np.asarray(f(jnp.asarray(weight), jnp.asarray(scale_inv), block, jnp.bfloat16))
-        _same_bits_or_both_nan(got, ref)
-        got32 = np.asarray(f(jnp.asarray(weight), jnp.asarray(scale_inv), block, jnp.float32))
+        for mode in ("exact", "bf16-rounded"):
+            got = np.asarray(f(jnp.asarray(weight), jnp.asarray(scale_inv), block, jnp.bfloat16, mode))
+            _same_bits_or_both_nan(got, ref)
+        got32 = np.asarray(f(jnp.asarray(weight), jnp.asarray(scale_inv), block, jnp.float32, "bf16-rounded"))
         _same_bits_or_both_nan(got32, ref.astype(np.float32))
+        got_exact = np.asarray(f(jnp.asarray(weight), jnp.asarray(scale_inv), block, jnp.float32, "exact"))
+        _same_bits_or_both_nan(got_exact, exact)
 
 
 def test_weight_pytrees_through_jit():
@@ -310,9 +344,19 @@ def test_weight_pytrees_through_jit():
         return a.dequantize(jnp.float32), b.dequantize(jnp.bfloat16), a
 
     da, db, a_back = run(iw, fw)
-    np.testing.assert_array_equal(np.asarray(da), dequant_int4(pack_int4(q), scale, (8, 64), 32).astype(np.float32))
-    np.testing.assert_array_equal(_bits16(np.asarray(db)), _bits16(dequant_fp8_block(raw, scale_inv)))
+    np.testing.assert_array_equal(np.asarray(da), dequant_int4(pack_int4(q), scale, (8, 64), 32))
+    np.testing.assert_array_equal(_bits16(np.asarray(db)),
+                                  _bits16(dequant_fp8_block(raw, scale_inv, mode="bf16-rounded")))
     assert isinstance(a_back, Int4Weight) and a_back.in_features == 64 and a_back.group_size == 32
+    assert a_back.dequant == "exact"
+    # The mode is static metadata: it survives jit, and the rounded container gives the rounded bits.
+    rounded = Int4Weight(iw.packed, iw.scale, in_features=64, group_size=32, dequant="bf16-rounded")
+    dr, r_back = jax.jit(lambda a: (a.dequantize(jnp.float32), a))(rounded)
+    assert r_back.dequant == "bf16-rounded"
+    np.testing.assert_array_equal(np.asarray(dr), dequant_int4(pack_int4(q), scale, (8, 64), 32,
+                                                              mode="bf16-rounded").astype(np.float32))
+    f32 = Fp8Weight(fw.weight, fw.scale_inv, [128, 128]).dequantize(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(f32), dequant_fp8_block(raw, scale_inv))
     stacked = jax.tree_util.tree_map(lambda x: x[1], iw)  # slicing an expert keeps the static fields
     assert isinstance(stacked, Int4Weight) and stacked.shape == (8, 64)
 
@@ -356,3 +400,8 @@ def test_bad_shapes_raise_format_error():
                                           jnp.bfloat16), "expected shape (2, 3)", "found (2, 2)")
     _raises(lambda: Fp8Weight(jnp.asarray(raw), jnp.ones((3, 3), jnp.float32)).dequantize(jnp.float32),
             "expected shape (2, 3)", "found (3, 3)")
+
+    _raises(lambda: dequant_int4(packed, scale, (16, 64), 32, mode="bf16"), "dequant", "exact, bf16-rounded", "'bf16'")
+    _raises(lambda: dequant_fp8_block(raw, np.ones((2, 3), np.float32), mode="round"), "dequant", "'round'")
+    _raises(lambda: Int4Weight(jnp.asarray(packed), jnp.asarray(scale), 64, 32, "fast").dequantize(jnp.float32),
+            "dequant", "'fast'")

@@ -185,5 +185,46 @@ def test_anchor_for_another_prompt_is_refused_before_compute(tiny_checkpoints, t
     old = json.loads((tmp_path / "anchor.json").read_text()) | {"anchor_version": 1}
     (tmp_path / "anchor.json").write_text(json.dumps(old))
     with pytest.raises(AnchorMismatch, match=r"anchor.json: anchor_version is 1, this kimi-jax reads version 2 "
-                                             r"\(checkpoint.config_digest is BLAKE3.*freeze it again"):  # fmt: skip
+                                             r"\(checkpoint.config_digest is BLAKE3.*freeze it again") as e:  # fmt: skip
         execute(load_plan(str(manifest)), echo=_quiet, progress=False)
+    # ... and for the weights it was computed with
+    assert ("a version-1 anchor was computed with dequantization bf16-rounded (kimi-jax 0.1.0, which did not record "
+            "the mode)") in str(e.value)  # fmt: skip
+
+
+def test_anchor_names_the_dequantization_mode(tiny_checkpoints, tmp_path):
+    """An anchor frozen under one dequantization mode stops a run under the other before compute,
+    naming both modes; an anchor without a mode (written before it existed) reads as bf16-rounded."""
+    from kimi_jax.run.anchor import freeze
+    from kimi_jax.run.plan import load_plan
+    from kimi_jax.run.runner import run_steps
+
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"version: 1\nmodel:\n  checkpoint: {tiny_checkpoints['kimi-k2.5']}\nprompt:\n  tokens: [1792]\n"
+                        f"generate:\n  max_new_tokens: 1\nanchor: anchor.json\noutput:\n  dir: out\n")  # fmt: skip
+    rounded = ["compute.dequant=bf16-rounded"]
+
+    def one_step(plan):
+        return run_steps(plan, False, max_new_tokens=1)[0]
+
+    path, frozen = freeze(load_plan(str(manifest), rounded), one_step)
+    assert frozen["dequant"] == "bf16-rounded"
+    with pytest.raises(AnchorMismatch) as e:
+        execute(load_plan(str(manifest)), echo=_quiet, progress=False)
+    assert ("frozen for a different run:\n  dequant (dequantization mode of quantized weights): anchor bf16-rounded, "
+            "this run exact") in str(e.value)  # fmt: skip
+    assert "logits_digest" not in str(e.value)  # stopped on the condition, before any digest was compared
+
+    path.write_text(json.dumps({k: v for k, v in frozen.items() if k != "dequant"}))
+    with pytest.raises(AnchorMismatch) as e:
+        execute(load_plan(str(manifest)), echo=_quiet, progress=False)
+    assert "anchor bf16-rounded (kimi-jax 0.1.0, which did not record the mode), this run exact" in str(e.value)
+    # Under bf16-rounded that anchor's condition holds, and step 0 is compared (and matches).
+    outcome = execute(load_plan(str(manifest), rounded), echo=_quiet, progress=False)
+    assert outcome.ledger["anchor"]["status"] == "matched" and outcome.ledger["run"]["dequant"] == "bf16-rounded"
+
+    # Frozen under exact, checked under bf16-rounded: the other direction stops too.
+    freeze(load_plan(str(manifest)), one_step)
+    with pytest.raises(AnchorMismatch, match=r"dequant \(dequantization mode of quantized weights\): anchor exact, "
+                                             r"this run bf16-rounded"):  # fmt: skip
+        execute(load_plan(str(manifest), rounded), echo=_quiet, progress=False)

@@ -105,6 +105,7 @@ def test_good_manifest_defaults_and_paths(ws: Path) -> None:
     assert m.prompt.tokens == [163584, 7, 9] and m.prompt.text is None
     # Defaults.
     assert m.compute.dtype == "float32"
+    assert m.compute.dequant == "exact"
     assert m.storage.evict_page_cache is False
     assert m.storage.prefetch is True
     assert m.storage.io_retries == 3
@@ -130,6 +131,7 @@ def test_full_manifest_synthetic_anchor_cache_dir(ws: Path, monkeypatch: pytest.
           cache_dir: ~/synth-cache
         compute:
           dtype: bfloat16
+          dequant: bf16-rounded
         storage:
           evict_page_cache: true
           prefetch: false
@@ -154,7 +156,7 @@ def test_full_manifest_synthetic_anchor_cache_dir(ws: Path, monkeypatch: pytest.
         4,
     )
     assert m.model.cache_dir == (ws / "home" / "synth-cache").resolve()
-    assert m.compute.dtype == "bfloat16"
+    assert (m.compute.dtype, m.compute.dequant) == ("bfloat16", "bf16-rounded")
     assert (m.storage.evict_page_cache, m.storage.prefetch, m.storage.io_retries) == (True, False, 10)
     assert m.prompt.text == "Hello: world" and m.prompt.tokens is None
     assert (m.generate.max_new_tokens, m.generate.kv_cache) == (1, True)
@@ -372,6 +374,20 @@ BAD_CASES = [
         "compute.dtype",
         "dtype:",
         ["must be one of 'float32' or 'bfloat16'", "got string 'float16'"],
+    ),
+    (
+        "bad-dequant-enum",
+        GOOD + "compute:\n  dtype: float32\n  dequant: bf16\n",
+        "compute.dequant",
+        "dequant:",
+        ["must be one of 'exact' or 'bf16-rounded'", "got string 'bf16'"],
+    ),
+    (
+        "dequant-not-a-string",
+        GOOD + "compute: {dequant: true}\n",
+        "compute.dequant",
+        "compute:",
+        ["must be one of 'exact' or 'bf16-rounded'", "got boolean true"],
     ),
     (
         "bad-preset-enum",
@@ -794,6 +810,7 @@ def test_json_schema_is_valid_and_strict(ws: Path) -> None:
         {**good, "generate": {"kv_cache": 1}},
         {**good, "version": 2},
         {**good, "capture": ["norms", "norms"]},
+        {**good, "compute": {"dequant": "bf16"}},
         {**good, "model": {"checkpoint": "x", "synthetic": {"preset": "tiny"}}},
         {key: value for key, value in good.items() if key != "output"},
     ):
@@ -835,4 +852,9 @@ def test_digest_stable_and_sensitive(ws: Path, monkeypatch: pytest.MonkeyPatch) 
     # Any value change changes it.
     assert load_manifest(path, ["generate.max_new_tokens=6"]).digest() != digest
     assert load_manifest(path, ["capture=[norms, routing]"]).digest() != digest
+    # The dequantization mode is part of what a run is: spelled-out default same, the other mode not.
+    assert load_manifest(path, ["compute.dequant=exact"]).digest() == digest
+    rounded = load_manifest(path, ["compute.dequant=bf16-rounded"])
+    assert rounded.resolved_dict()["compute"] == {"dtype": "float32", "dequant": "bf16-rounded"}
+    assert rounded.digest() != digest
     assert load_manifest(write(ws, GOOD.replace("7, 9", "7, 8"), "other.yaml")).digest() != digest

@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import blake3
 import pytest
 from click.testing import CliRunner
 
@@ -450,6 +451,63 @@ def test_replay_matches_and_catches_an_edited_measurement(anchored, tmp_path):
     report = verify_bundle(root, replay=True)
     assert report.failed == ["replay"], report.format()  # ... but replaying the run catches it
     assert "steps[1].layers[2].norm_out: bundle 1.5, replay" in report.reason("replay")
+
+
+@pytest.fixture(scope="module")
+def legacy(tiny_checkpoints, tmp_path_factory):
+    """An anchored bundle as kimi-jax 0.1.0 wrote it: weights rounded to bf16 (what bf16-rounded
+    computes, bit for bit), and no dequantization mode in manifest.json, the ledger (version 1) or
+    the anchor (version 1)."""
+    from kimi_jax.run.manifest import manifest_digest
+
+    tmp = tmp_path_factory.mktemp("verify-legacy")
+    manifest = tmp / "m.yaml"
+    manifest.write_text(f"version: 1\nmodel:\n  checkpoint: {tiny_checkpoints['kimi-k2.5']}\nprompt:\n"
+                        f"  tokens: [7, 300, 7]\ngenerate:\n  max_new_tokens: 2\nanchor: anchor.json\n"
+                        f"output:\n  dir: bundle\n")  # fmt: skip
+    rounded = ["--set", "compute.dequant=bf16-rounded"]
+    frozen = CliRunner().invoke(main, ["anchor", "freeze", str(manifest), *rounded])
+    assert frozen.exit_code == 0, frozen.output
+    execute(load_plan(str(manifest), rounded[1:]), echo=_quiet, progress=False)
+    root = tmp / "bundle"
+    _edit_json(root, "manifest.json", lambda m: m["compute"].pop("dequant"))
+    _edit_json(root, "anchor.json", lambda a: (a.pop("dequant"), a.update(anchor_version=1)))
+    digest = manifest_digest(json.loads((root / "manifest.json").read_text()))
+    anchor_digest = blake3.blake3((root / "anchor.json").read_bytes()).hexdigest()
+    _edit_json(root, "ledger.json", lambda l: (l["run"].pop("dequant"), l.update(
+        ledger_version=1, schema="urn:kimi-jax:schema:ledger:v1", manifest_digest=digest),
+        l["anchor"].update(anchor_digest=anchor_digest)))  # fmt: skip
+    _edit_json(root, "provenance.json", lambda p: p.pop("run.dequant"))
+    _edit_json(root, RECEIPT, lambda r: (r.update(manifest_digest=digest), r["anchor"].update(digest=anchor_digest)))
+    _resign(root)
+    return root
+
+
+def test_legacy_bundle_fails_naming_the_dequantization_mode(legacy):
+    report = verify_bundle(legacy, replay=True)
+    statuses = _statuses(report)
+    assert statuses["checksums"] == statuses["receipt"] == statuses["digests"] == "OK", report.format()
+    assert statuses["schema"] == statuses["anchor"] == statuses["replay"] == "FAILED", report.format()
+    assert "run.dequant records how quantized weights were dequantized" in report.reason("schema")
+    assert report.reason("anchor").startswith(
+        "anchor.json: anchor_version is 1, expected 2 (a version-1 anchor was computed with dequantization "
+        "bf16-rounded (kimi-jax 0.1.0, which did not record the mode))")
+    # the anchor's other conditions agree with the ledger's run, the mode included (both read as bf16-rounded)
+    assert "frozen for a different run" not in report.reason("anchor")
+    assert report.reason("replay").startswith(
+        "the bundle was computed with dequantization bf16-rounded (kimi-jax 0.1.0, which did not record the mode) "
+        "and the replay with exact, so their quantized weights differ; the replay differs from the ledger in")
+    assert "run.dequant: bundle '<absent>', replay 'exact'" in report.reason("replay")
+
+
+def test_anchor_of_the_other_dequantization_mode_fails_anchor(anchored, tmp_path):
+    root = _copy(anchored, tmp_path)
+    _edit_json(root, "anchor.json", lambda a: a.update(dequant="bf16-rounded"))
+    _resign(root)
+    report = verify_bundle(root)
+    assert report.failed == ["anchor"], report.format()
+    assert ("anchor.json was frozen for a different run: dequant (dequantization mode of quantized weights): "
+            "anchor bf16-rounded, this run exact") in report.reason("anchor")  # fmt: skip
 
 
 def test_replay_needs_the_checkpoint(demo, tmp_path):

@@ -2,6 +2,11 @@
 working tree, and compare per step the token, the hidden and logits digests and the bytes read.
 
     python tools/demo_digests.py 5b0b83b        # exit 0: bitwise the same; 1: a difference
+    python tools/demo_digests.py 5b0b83b --set compute.dequant=bf16-rounded   # overrides for the working tree
+
+``--set`` applies to the working tree's run only: a change that makes a result-changing setting
+explicit (exact dequantization, which kimi-jax 0.1.0 did not do) can still be checked against a
+revision from before it, with the setting that reproduces the old behaviour.
 
 The revision is checked out with ``git worktree add`` into a temporary folder (removed afterwards)
 and each tree runs in its own Python process with ``PYTHONPATH`` at that tree, so each imports its
@@ -69,9 +74,10 @@ def synth_files(tree: Path, out: Path) -> dict[str, str]:
             if p.is_file() and (p.suffix == ".safetensors" or p.name in MODEL_FILES)}  # fmt: skip
 
 
-def demo_steps(tree: Path, out: Path) -> list[dict]:
-    """Run ``tree``'s demo manifest with ``tree``'s package into ``out``; the compared fields per step."""
-    kimi_jax(tree, "run", DEMO, "--out", str(out), "--no-prove")
+def demo_steps(tree: Path, out: Path, overrides: tuple[str, ...] = ()) -> list[dict]:
+    """Run ``tree``'s demo manifest (``--set`` each override) with ``tree``'s package into ``out``;
+    the compared fields per step."""
+    kimi_jax(tree, "run", DEMO, "--out", str(out), "--no-prove", *(a for o in overrides for a in ("--set", o)))
     ledger = json.loads((out / "ledger.json").read_text(encoding="utf-8"))
     return [{field: step[field] for field in COMPARED} for step in ledger["steps"]]
 
@@ -90,23 +96,26 @@ def file_differences(before: dict[str, str], after: dict[str, str]) -> list[str]
             for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]  # fmt: skip
 
 
-def compare_demo(revision: str, work: Path) -> tuple[list[dict], list[dict], list[str]]:
-    """(steps at ``revision``, steps in the working tree, differences); the bundles are left in
-    ``work/revision`` and ``work/working-tree``."""
+def compare_demo(revision: str, work: Path,
+                 overrides: tuple[str, ...] = ()) -> tuple[list[dict], list[dict], list[str]]:  # fmt: skip
+    """(steps at ``revision``, steps in the working tree run with ``overrides``, differences); the
+    bundles are left in ``work/revision`` and ``work/working-tree``."""
     with checkout(revision) as tree:
         files_before = synth_files(tree, work / "revision-checkpoint")
         before = demo_steps(tree, work / "revision")
     files_after = synth_files(REPO, work / "working-tree-checkpoint")
-    after = demo_steps(REPO, work / "working-tree")
+    after = demo_steps(REPO, work / "working-tree", overrides)
     return before, after, file_differences(files_before, files_after) + differences(before, after)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("revision", help="git revision to compare the working tree with (e.g. 5b0b83b)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="manifest override for the working tree's run (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kimi-jax-demo-runs-") as tmp:
-        before, after, problems = compare_demo(args.revision, Path(tmp))
+        before, after, problems = compare_demo(args.revision, Path(tmp), tuple(args.overrides))
     print(f"{'step':>4}  {'token':>6}  {'hidden digest':<16}  {'logits digest':<16}  {'bytes read':>12}")
     for i, step in enumerate(after):
         print(f"{i:>4}  {step['token']:>6}  {step['hidden_digest'][:16]}  {step['logits_digest'][:16]}  "

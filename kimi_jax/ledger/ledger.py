@@ -33,6 +33,7 @@ import blake3
 import numpy as np
 
 from kimi_jax.ledger.floats import f32, f32_list
+from kimi_jax.storage.codecs import DEQUANT_MODES
 
 LEDGER_VERSION = 2
 LEDGER_SCHEMA_ID = f"urn:kimi-jax:schema:ledger:v{LEDGER_VERSION}"
@@ -42,7 +43,8 @@ LEDGER_VERSION_CHANGES = {2: (
     "root, digest file and storage, each step's weights_digest, and bytes from network and cache are recorded; so "
     "are the tokenizer's digest, the prompt as given, the sampling settings, the stop rules and why the run stopped, "
     "each step's probability, rank, sampling record, token text and bytes and the top-k alternatives' texts, and the "
-    "prompt and generated text")}
+    "prompt and generated text; run.dequant records how quantized weights were dequantized (version 1 always "
+    "rounded them to bfloat16: bf16-rounded)")}
 TOP_K = 16
 
 # -- float32-exact JSON numbers (f32, f32_list: kimi_jax.ledger.floats) -------------------------
@@ -222,6 +224,8 @@ LEDGER_SCHEMA: dict[str, Any] = {
             "max_new_tokens": _m(_INT, "Tokens generated."),
             "kv_cache": _m({"type": "boolean"}, "Latent KV cache used for decoding."),
             "dtype": _m({"enum": ["float32", "bfloat16"]}, "Compute dtype."),
+            "dequant": _m({"enum": list(DEQUANT_MODES)}, "How quantized weights were dequantized: exact "
+                          "(float32 product) or bf16-rounded."),
             "capture": _m({"type": "array", "items": {"enum": ["norms", "routing", "logits"]}}, "Capture fields kept."),
             "page_cache_evicted": _m({"type": "boolean"}, "Shards were dropped from the page cache before the run."),
             "page_cache_resident_bytes": _m(_INT, "Bytes of the shards in the page cache when the run started."),
@@ -381,7 +385,8 @@ def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, p
         "platform": platform,
         "platform_digest": fingerprint_digest(platform),
         "run": {"prompt": list(plan.prompt), "prompt_input": prompt_input(m), "max_new_tokens": m.generate.max_new_tokens,
-                "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype, "capture": capture,
+                "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype, "dequant": m.compute.dequant,
+                "capture": capture,
                 "sampling": decoding.sampling.as_dict() if decoding.sampling else None, "stop": decoding.settings(),
                 **page_cache},  # fmt: skip
         "steps": [step_entry(s, capture, idx.config.norm_topk_prob, tokenizer, decoding.sampling) for s in steps],

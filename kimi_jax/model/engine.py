@@ -24,6 +24,7 @@ from kimi_jax.model.forward import layer_step
 from kimi_jax.model.params import ExpertStack, HeadParams, expert_stack, head_params, layer_params
 from kimi_jax.model.quant import Fp8Weight, Int4Weight
 from kimi_jax.records import LayerRecord, StepRecord
+from kimi_jax.storage.codecs import EXACT, check_dequant_mode
 from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
 from kimi_jax.storage.reader import ReadCounters, ShardReader
 from kimi_jax.storage.safetensors_header import TensorRecord
@@ -35,15 +36,18 @@ HEAD_CHUNK_ROWS = 16384
 OnLayer = Callable[[int, int, int], None]
 
 
-def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: CheckpointIndex) -> Any:
-    """Stored parts -> a plain array or a quantized container that stays packed until the matmul."""
+def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: CheckpointIndex,
+                  dequant: str = EXACT) -> Any:  # fmt: skip
+    """Stored parts -> a plain array or a quantized container that stays packed until the matmul
+    and is then dequantized in mode ``dequant`` (see :mod:`kimi_jax.storage.codecs`)."""
     if entry.format == "plain":
         return parts["weight"]
     if entry.format == "int4":
         entry.check_weight_shape(parts)
         return Int4Weight(parts["weight_packed"], parts["weight_scale"], in_features=entry.shape[1],
-                          group_size=index.config.quant.group_size)  # fmt: skip
-    return Fp8Weight(parts["weight"], parts["weight_scale_inv"], block_size=index.config.quant.fp8_block_size)
+                          group_size=index.config.quant.group_size, dequant=dequant)  # fmt: skip
+    return Fp8Weight(parts["weight"], parts["weight_scale_inv"], block_size=index.config.quant.fp8_block_size,
+                     dequant=dequant)  # fmt: skip
 
 
 class _ExpertReads:
@@ -67,11 +71,12 @@ class Engine:
     """Streams one checkpoint. ``generate`` decodes tokens; see :class:`StepRecord`."""
 
     def __init__(self, index: CheckpointIndex, dtype: str = "float32", prefetch: bool = True, io_retries: int = 3,
-                 keep_capture: bool = True, reader: ShardReader | None = None):  # fmt: skip
+                 keep_capture: bool = True, reader: ShardReader | None = None, dequant: str = EXACT):  # fmt: skip
         self.index = index
         self.keep_capture = keep_capture
         self.cfg = index.config
         self.dtype = DTYPES[dtype]
+        self.dequant = check_dequant_mode(dequant)
         self.prefetch = prefetch
         # A given reader (remote, digest-checked) replaces the plain local one; the engine only calls its interface.
         self.reader = reader if reader is not None else ShardReader(retries=io_retries)
@@ -87,7 +92,7 @@ class Engine:
         source = getattr(plan, "source", None)
         reader = source.reader(m.storage.io_retries) if source is not None else None
         return cls(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture,
-                   reader=reader)  # fmt: skip
+                   reader=reader, dequant=m.compute.dequant)  # fmt: skip
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -103,7 +108,7 @@ class Engine:
 
     def _read(self, entries: list[WeightEntry], layer: int | None) -> dict[str, Any]:
         parts = self.reader.read_weights(entries, layer=layer)
-        return {e.name: decode_weight(e, parts[e.name], self.index) for e in entries}
+        return {e.name: decode_weight(e, parts[e.name], self.index, self.dequant) for e in entries}
 
     def _load_base(self, layer: int):
         started = time.perf_counter()

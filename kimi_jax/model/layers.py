@@ -21,8 +21,9 @@ Attention has two modes, chosen by the *structure* of the ``cache`` argument (ne
   ``k_pe`` per position; the new tokens are written at ``positions`` and attend to every cached
   position ``<=`` their own. Capacity is fixed, so each decode step reuses one compiled program.
 
-Dtypes follow ``x`` (float32 by default, bfloat16 allowed): matmuls accumulate in float32 and round
-to ``x.dtype``; RMSNorm statistics, softmax and the router run in float32 (as transformers does).
+Dtypes follow ``x`` (float32 by default, bfloat16 allowed): matmul inputs are ``x.dtype``, matmuls
+accumulate in float32 and round to ``x.dtype``; RMSNorm statistics, softmax, the router, the sum
+over routed experts and the logits are float32 (as transformers does, logits aside).
 """
 
 from __future__ import annotations
@@ -66,9 +67,16 @@ def _materialize(w: Any, dtype) -> jax.Array:
     return jnp.asarray(w).astype(dtype)
 
 
+def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum accumulated in float32. bfloat16 operands are widened first: that is exact, so the
+    products and the float32 sum are those of a bf16 x bf16 -> f32 dot, which XLA's CPU backend
+    rejects for some specs (``hts,sr->thr`` with s >= 8: "Unsupported element type for
+    DotThunk", jax 0.10.2)."""
+    return jnp.einsum(spec, a.astype(F32), b.astype(F32), precision=_HIGHEST, preferred_element_type=F32)
+
+
 def _mm(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-    out = jnp.einsum(spec, a, b, precision=_HIGHEST, preferred_element_type=F32)
-    return out.astype(dtype)
+    return _dot(spec, a, b).astype(dtype)
 
 
 def linear(x: jax.Array, w: Any) -> jax.Array:
@@ -203,7 +211,7 @@ def _attend_naive(cfg, p: AttentionParams, q_nope, q_pe, c_kv, k_pe, positions) 
     kv = linear(c_kv, p.kv_b_proj).reshape(t, nh, nope + cfg.v_head_dim)
     k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_pe[:, None, :], (t, nh, k_pe.shape[-1]))], -1)
     q = jnp.concatenate([q_nope, q_pe], axis=-1)
-    scores = jnp.einsum("thd,shd->hts", q, k, precision=_HIGHEST, preferred_element_type=F32)
+    scores = _dot("thd,shd->hts", q, k)
     probs = _softmax(scores * cfg.softmax_scale, positions, positions, dt)
     return _mm("hts,shv->thv", probs, kv[..., nope:], dt).reshape(t, nh * cfg.v_head_dim)
 
@@ -214,8 +222,8 @@ def _attend_absorbed(cfg, p: AttentionParams, q_nope, q_pe, cache: LatentCache, 
     w_kv = _materialize(p.kv_b_proj, dt).reshape(nh, nope + cfg.v_head_dim, cfg.kv_lora_rank)
     c_kv, k_pe = cache.c_kv.astype(dt), cache.k_pe.astype(dt)
     q_lat = _mm("thd,hdr->thr", q_nope, w_kv[:, :nope], dt)
-    scores = jnp.einsum("thr,sr->hts", q_lat, c_kv, precision=_HIGHEST, preferred_element_type=F32)
-    scores += jnp.einsum("thp,sp->hts", q_pe, k_pe, precision=_HIGHEST, preferred_element_type=F32)
+    scores = _dot("thr,sr->hts", q_lat, c_kv)
+    scores += _dot("thp,sp->hts", q_pe, k_pe)
     k_pos = jnp.arange(cache.capacity, dtype=positions.dtype)
     probs = _softmax(scores * cfg.softmax_scale, positions, k_pos, dt)
     o_lat = _mm("hts,sr->thr", probs, c_kv, dt)
@@ -350,10 +358,14 @@ def moe_experts(cfg: ModelConfig, p: MoEBaseParams, experts: ExpertStack, slots:
 
 @functools.partial(jax.jit, static_argnums=0)
 def final_logits(cfg: ModelConfig, head: HeadParams, x_last: jax.Array) -> jax.Array:
-    """Final RMSNorm and lm_head: [hidden] -> float32 [vocab] (also [T, hidden] -> [T, vocab])."""
+    """Final RMSNorm and lm_head: [hidden] -> float32 [vocab] (also [T, hidden] -> [T, vocab]).
+
+    The logits leave the float32 accumulator unrounded in every compute dtype: bfloat16 logits
+    (8 significant bits) would tie the top tokens far more often than the arithmetic requires."""
     TRACE_COUNTS["final_logits"] += 1
     with jax.named_scope("head"):
-        return linear(rms_norm(x_last, head.norm, cfg.rms_norm_eps), head.lm_head).astype(F32)
+        hn = rms_norm(x_last, head.norm, cfg.rms_norm_eps)
+        return _mm("...i,oi->...o", hn, _materialize(head.lm_head, hn.dtype), F32)
 
 
 __all__ = [

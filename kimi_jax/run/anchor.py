@@ -4,6 +4,10 @@
 anchor only if both runs agree bit for bit. Every later run of a manifest that names the anchor
 compares its step 0 against it and stops on any difference, saying which fields differ and
 whether the platform does.
+
+The dequantization mode of quantized weights is one of the conditions (anchor version 2). An anchor
+without one (kimi-jax 0.1.0 wrote none: it always rounded to bfloat16) is read as bf16-rounded,
+and every message about it says so.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from kimi_jax.platform_info import (
     platform_differences,
     platform_fingerprint,
 )
+from kimi_jax.storage.codecs import LEGACY_DEQUANT_NOTE, describe_dequant, recorded_dequant
 from kimi_jax.storage.digests import checkpoint_identity, identity_differences
 
-ANCHOR_VERSION = 2  # 2: checkpoint.config_digest is BLAKE3, as in ledger version 2
+ANCHOR_VERSION = 2  # 2: checkpoint.config_digest is BLAKE3, as in ledger version 2, and the dequant condition
 ANCHORED = ("token", "logit", "hidden_digest", "logits_digest", "bytes_read")
 
 
@@ -38,8 +43,23 @@ def _conditions(plan) -> dict[str, Any]:
     (the seed draws step 0's token)."""
     m, sampling = plan.manifest, plan.decoding.sampling
     return {"checkpoint": checkpoint_identity(checkpoint_record(plan)),
-            "prompt": list(plan.prompt), "dtype": m.compute.dtype, "kv_cache": m.generate.kv_cache,
+            "prompt": list(plan.prompt), "dtype": m.compute.dtype, "dequant": m.compute.dequant,
+            "kv_cache": m.generate.kv_cache,
             "sampling": sampling.as_dict() if sampling else None}  # fmt: skip
+
+
+def condition_differences(anchor: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """``key: anchor X, this run Y`` for each condition but the checkpoint that differs. An anchor
+    without a ``dequant`` condition is read as bf16-rounded, and the line says why."""
+    diffs = []
+    for key, value in want.items():
+        if key == "dequant":
+            if recorded_dequant(anchor.get(key)) != value:
+                diffs.append(f"dequant (dequantization mode of quantized weights): anchor "
+                             f"{describe_dequant(anchor.get(key))}, this run {value}")  # fmt: skip
+        elif key != "checkpoint" and anchor.get(key) != value:
+            diffs.append(f"{key}: anchor {anchor.get(key)!r}, this run {value!r}")
+    return diffs
 
 
 def anchor_values(step) -> dict[str, Any]:
@@ -73,7 +93,8 @@ def load_anchor(path: Path) -> dict[str, Any]:
         raise AnchorMismatch(f"{path}: anchor file is not valid JSON ({e})") from None
     if anchor.get("anchor_version") != ANCHOR_VERSION:
         raise AnchorMismatch(f"{path}: anchor_version is {anchor.get('anchor_version')!r}, this kimi-jax reads version "
-                             f"{ANCHOR_VERSION} ({LEDGER_VERSION_CHANGES[2]}); freeze it again with "
+                             f"{ANCHOR_VERSION} ({LEDGER_VERSION_CHANGES[2]}); a version-1 anchor was computed with "
+                             f"dequantization {LEGACY_DEQUANT_NOTE}; freeze it again with "
                              "`kimi-jax anchor freeze`")  # fmt: skip
     missing = [k for k in ("anchor_version", *ANCHORED, "platform") if k not in anchor]
     if missing:
@@ -88,8 +109,7 @@ def precheck(plan) -> dict[str, Any] | None:
         return None
     anchor = load_anchor(path)
     want = _conditions(plan)
-    diffs = [f"{k}: anchor {anchor.get(k)!r}, this run {want[k]!r}" for k in want
-             if k != "checkpoint" and anchor.get(k) != want[k]]  # fmt: skip
+    diffs = condition_differences(anchor, want)
     frozen = anchor.get("checkpoint") if isinstance(anchor.get("checkpoint"), dict) else {}
     diffs += [f"checkpoint.{k}: anchor {frozen.get(k)!r}, this run {want['checkpoint'].get(k)!r}"
               for k in identity_differences(frozen, want["checkpoint"])]  # fmt: skip

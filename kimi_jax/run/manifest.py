@@ -54,6 +54,7 @@ from pydantic_core import PydanticCustomError
 
 from kimi_jax.errors import ManifestError
 from kimi_jax.fileio import canonical_json, default_cache_dir
+from kimi_jax.storage.codecs import DEQUANT_MODES
 from kimi_jax.run.manifest_yaml import (
     MANIFEST_VERSION,
     Origins,
@@ -90,6 +91,7 @@ _JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 Preset = Literal["tiny", "small", "full-shape"]
 DType = Literal["float32", "bfloat16"]
+Dequant = Literal[DEQUANT_MODES]  # "exact" | "bf16-rounded"
 CaptureKind = Literal["norms", "routing", "logits"]
 CAPTURE_KINDS: tuple[str, ...] = ("norms", "routing", "logits")
 
@@ -239,7 +241,17 @@ class ModelSection(_Section):
 
 
 class ComputeSection(_Section):
-    dtype: DType = Field(default="float32", description="Activation dtype: float32 | bfloat16.")
+    dtype: DType = Field(
+        default="float32",
+        description="Activation dtype: float32 | bfloat16 (bfloat16 activations and matmul inputs, "
+        "float32 accumulation, normalisation statistics, softmax, router and logits).",
+    )
+    dequant: Dequant = Field(
+        default="exact",
+        description="Quantized weights (int4, FP8): exact = the float32 product q * scale, nothing "
+        "rounded after it; bf16-rounded = that product rounded to bfloat16, as compressed-tensors' "
+        "decompressor and bf16 kernels produce it. In bfloat16 compute both give the same weights.",
+    )
 
 
 class RemoteSection(_Section):

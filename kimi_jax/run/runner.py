@@ -132,9 +132,9 @@ def describe_run(plan: RunPlan, page_cache: dict) -> list[str]:
     choice = f"sampling {sampling.as_dict()}" if sampling else "greedy"
     lines.append(f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; "
                  f"prompt {list(plan.prompt)}; up to {m.generate.max_new_tokens} new tokens, {choice}, "
-                 f"kv_cache {m.generate.kv_cache}, "
-                 f"{m.compute.dtype}; page cache {page_cache['page_cache_resident_bytes']:,} of "
-                 f"{page_cache['shard_bytes']:,} shard bytes resident")  # fmt: skip
+                 f"kv_cache {m.generate.kv_cache}, {m.compute.dtype}, dequant {m.compute.dequant}; page cache "
+                 f"{page_cache['page_cache_resident_bytes']:,} of {page_cache['shard_bytes']:,} shard bytes "
+                 "resident")  # fmt: skip
     return lines
 
 

@@ -5,10 +5,19 @@ DeepSeek block FP8. The JAX containers that keep them packed until the matmul li
 int4 (Kimi K2.5 / K2-Thinking routed experts): ``weight_packed`` int32 [out, ceil(in/8)], word w of
 row o holds input columns 8w..8w+7, column 8w+j in bits [4j, 4j+4) (LSB first), nibble = q + 8
 (offset binary, not two's complement). ``weight_scale`` bf16 [out, ceil(in/group)];
-W[o, i] = bf16(q[o, i] * scale[o, i // group]).
+W[o, i] = q[o, i] * scale[o, i // group].
 
 FP8 (K2-Instruct / DeepSeek-V3): ``weight`` float8_e4m3fn [out, in], ``weight_scale_inv`` f32
-[ceil(out/b0), ceil(in/b1)] which is *multiplied*: W[i, j] = bf16(f32(fp8[i, j]) * s[i//b0, j//b1]).
+[ceil(out/b0), ceil(in/b1)] which is *multiplied*: W[i, j] = f32(fp8[i, j]) * s[i//b0, j//b1].
+
+Dequantization modes (``compute.dequant`` in a manifest):
+
+* ``exact``: the product in float32, nothing rounded after it. For int4 that is the exact value
+  (a code needs at most 4 significant bits, a bf16 scale 8, float32 keeps 24); for FP8 it is the
+  float32 product (4 + 24 bits), rounded once, as float32 arithmetic does.
+* ``bf16-rounded``: that product rounded once more to bfloat16, as compressed-tensors'
+  decompressor and bf16 serving kernels produce it. It is *not* exact: ``7 * 1.0078125 =
+  7.0546875`` needs 10 significant bits and bfloat16 keeps 8.
 
 All functions accept optional leading (stacked-expert) axes: [..., out, in].
 """
@@ -25,6 +34,29 @@ BF16 = ml_dtypes.bfloat16
 FP8 = ml_dtypes.float8_e4m3fn
 FP8_MAX = 448.0
 NIBBLE_SHIFTS = np.arange(8, dtype=np.uint32) * 4  # nibble j of a word sits at bits [4j, 4j+4)
+
+EXACT, BF16_ROUNDED = "exact", "bf16-rounded"
+DEQUANT_MODES: tuple[str, ...] = (EXACT, BF16_ROUNDED)
+# Records written before the mode existed (ledger v1, anchor v1, manifests without
+# compute.dequant) were all computed by kimi-jax 0.1.0, which always rounded to bfloat16.
+LEGACY_DEQUANT = BF16_ROUNDED
+LEGACY_DEQUANT_NOTE = "bf16-rounded (kimi-jax 0.1.0, which did not record the mode)"
+
+
+def recorded_dequant(value) -> str:
+    """The dequantization mode a record states; a record without one predates the choice."""
+    return LEGACY_DEQUANT if value is None else value
+
+
+def describe_dequant(value) -> str:
+    """The recorded mode for a message: a missing one is named as the old rounding, and said so."""
+    return LEGACY_DEQUANT_NOTE if value is None else str(value)
+
+
+def check_dequant_mode(mode: str) -> str:
+    if mode not in DEQUANT_MODES:
+        raise FormatError(f"dequant: expected one of {', '.join(DEQUANT_MODES)}, found {mode!r}")
+    return mode
 
 
 def cdiv(a: int, b: int) -> int:
@@ -85,8 +117,9 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     return np.bitwise_or.reduce(nib, axis=-1).astype(np.uint32).view(np.int32)
 
 
-def dequant_int4(packed: np.ndarray, scale: np.ndarray, weight_shape, group_size: int) -> np.ndarray:
-    """W[o, i] = bf16(q[o, i] * scale[o, i // group_size]), exact product rounded once to bf16."""
+def dequant_int4(packed: np.ndarray, scale: np.ndarray, weight_shape, group_size: int,
+                 mode: str = EXACT) -> np.ndarray:
+    """W[o, i] = q[o, i] * scale[o, i // group_size]: float32 (exact) or, ``bf16-rounded``, bfloat16."""
     shape = _shape_from_weight_shape(weight_shape)
     packed, scale = np.asarray(packed), np.asarray(scale)
     group_size = int(group_size)
@@ -99,9 +132,11 @@ def dequant_int4(packed: np.ndarray, scale: np.ndarray, weight_shape, group_size
     *lead, n_out, n_in = shape
     check_shape("weight_packed", packed.shape, (*lead, n_out, cdiv(n_in, 8)))
     check_shape("weight_scale", scale.shape, (*lead, n_out, cdiv(n_in, group_size)))
+    check_dequant_mode(mode)
     q = unpack_int4(packed, n_in).astype(np.float32)
     s = np.repeat(scale.astype(np.float32), group_size, axis=-1)[..., :n_in]
-    return (q * s).astype(BF16)  # |q| <= 8 and bf16 has 8 mantissa bits: the f32 product is exact
+    exact = q * s  # 4 + 8 significant bits fit float32's 24: no rounding
+    return exact if mode == EXACT else exact.astype(BF16)
 
 
 def quantize_int4(w: np.ndarray, group_size: int, min_code: int = -7) -> tuple[np.ndarray, np.ndarray]:
@@ -140,9 +175,12 @@ def block_size_pair(block_size) -> tuple[int, int]:
     return bs
 
 
-def dequant_fp8_block(weight: np.ndarray, scale_inv: np.ndarray, block_size=DEFAULT_FP8_BLOCK) -> np.ndarray:
-    """W[i, j] = bf16(f32(fp8[i, j]) * scale_inv[i // b0, j // b1]); edge blocks may be partial."""
+def dequant_fp8_block(weight: np.ndarray, scale_inv: np.ndarray, block_size=DEFAULT_FP8_BLOCK,
+                      mode: str = EXACT) -> np.ndarray:
+    """W[i, j] = f32(fp8[i, j]) * scale_inv[i // b0, j // b1] in float32 (or, ``bf16-rounded``,
+    that rounded to bfloat16); edge blocks may be partial."""
     b0, b1 = block_size_pair(block_size)
+    check_dequant_mode(mode)
     w = fp8_e4m3_to_float32(weight)
     scale_inv = np.asarray(scale_inv)
     if w.ndim < 2:
@@ -152,7 +190,8 @@ def dequant_fp8_block(weight: np.ndarray, scale_inv: np.ndarray, block_size=DEFA
     *lead, n_out, n_in = w.shape
     check_shape("weight_scale_inv", scale_inv.shape, (*lead, cdiv(n_out, b0), cdiv(n_in, b1)))
     s = np.repeat(np.repeat(scale_inv, b0, axis=-2)[..., :n_out, :], b1, axis=-1)[..., :n_in]
-    return (w * s).astype(BF16)
+    product = w * s
+    return product if mode == EXACT else product.astype(BF16)
 
 
 def quantize_fp8_block(w: np.ndarray, block_size=DEFAULT_FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,10 @@
 """``kimi-jax compare A B``: what two manifests should produce, or where two bundles differ.
 
 Two manifests (YAML files): their differences are split into fields that can change results
-(the checkpoint's identity, its tokenizer included, ``compute.dtype``, ``prompt``,
-``generate.max_new_tokens``, ``generate.kv_cache``, ``generate.sampling``, ``generate.stop``,
-``generate.ignore_eos``) and fields that cannot (``capture``, proven non-perturbing; ``storage``;
-``output``; ``anchor``; ``model.cache_dir``), with a plain verdict:
+(the checkpoint's identity, its tokenizer included, ``compute.dtype``, ``compute.dequant``,
+``prompt``, ``generate.max_new_tokens``, ``generate.kv_cache``, ``generate.sampling``,
+``generate.stop``, ``generate.ignore_eos``) and fields that cannot (``capture``, proven
+non-perturbing; ``storage``; ``output``; ``anchor``; ``model.cache_dir``), with a plain verdict:
 
 * ``bitwise identical runs expected``
 * ``identical for the first N steps (only max_new_tokens differs)``
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from kimi_jax.errors import KimiJaxError
+from kimi_jax.storage.codecs import LEGACY_DEQUANT, LEGACY_DEQUANT_NOTE
 from kimi_jax.storage.digests import checkpoint_identity, identity_differences
 
 __all__ = ["Difference", "ManifestComparison", "StepComparison", "BundleComparison", "compare_manifests",
@@ -46,6 +47,8 @@ TOKENIZER_WHY = "a different tokenizer encodes the same text to other ids, decod
 RESULT_FIELDS: dict[str, str] = {
     "model": "a different checkpoint computes different values",
     "compute.dtype": "activations are computed in a different precision",
+    "compute.dequant": "quantized weights are dequantized differently (the exact float32 product, or that product "
+                       "rounded to bfloat16)",
     "prompt": "the input tokens differ",
     "generate.max_new_tokens": "a different number of tokens is generated",
     "generate.kv_cache": "decoding with the latent cache computes attention in the absorbed form, a different "
@@ -216,6 +219,7 @@ def compare_resolved(a: dict[str, Any], b: dict[str, Any], identity_a: dict | No
     ``identity_*`` are the checkpoints' ``{layout, config_digest, tensor_list_digest, tokenizer_digest}``
     where known."""
     notes: list[str] = []
+    a, b = _with_legacy_dequant(a, name_a, notes), _with_legacy_dequant(b, name_b, notes)
     flat_a, flat_b = _flatten(a), _flatten(b)
     result: list[Difference] = []
     neutral: list[Difference] = []
@@ -246,6 +250,16 @@ def compare_resolved(a: dict[str, Any], b: dict[str, Any], identity_a: dict | No
         verdict = "not expected to be identical: " + "; ".join(f"{d.field} differs ({_show(d.a)} vs {_show(d.b)})"
                                                                for d in result)  # fmt: skip
     return ManifestComparison(name_a, name_b, result, neutral, notes, verdict, identical_steps)
+
+
+def _with_legacy_dequant(resolved: dict[str, Any], name: str, notes: list[str]) -> dict[str, Any]:
+    """A resolved manifest of kimi-jax 0.1.0 (a bundle's manifest.json) has no compute.dequant;
+    that version always rounded to bfloat16, so it is compared as bf16-rounded, with a note."""
+    compute = resolved.get("compute")
+    if not isinstance(compute, dict) or "dequant" in compute:
+        return resolved
+    notes.append(f"{name} has no compute.dequant: read as {LEGACY_DEQUANT_NOTE}")
+    return {**resolved, "compute": {**compute, "dequant": LEGACY_DEQUANT}}
 
 
 def _identity(index) -> dict[str, Any]:

@@ -158,7 +158,8 @@ def check_digests(b: BundleView) -> str:
 
 
 def check_anchor(b: BundleView) -> str:
-    from kimi_jax.run.anchor import ANCHOR_VERSION, ANCHORED
+    from kimi_jax.run.anchor import ANCHOR_VERSION, ANCHORED, condition_differences
+    from kimi_jax.storage.codecs import LEGACY_DEQUANT_NOTE, recorded_dequant
 
     ledger = b.ledger
     record = ledger.get("anchor")
@@ -174,7 +175,9 @@ def check_anchor(b: BundleView) -> str:
     problems = []
     if anchor.get("anchor_version") != ANCHOR_VERSION:
         problems.append(f"anchor.json: anchor_version is {short(anchor.get('anchor_version'))}, "
-                        f"expected {ANCHOR_VERSION}")
+                        f"expected {ANCHOR_VERSION}" + (f" (a version-1 anchor was computed with dequantization "
+                                                        f"{LEGACY_DEQUANT_NOTE})" if anchor.get("anchor_version") == 1
+                                                        else ""))  # fmt: skip
     steps = b.steps()
     if not steps:
         raise CheckFailed("ledger.json: steps: empty; step 0 is compared with the anchor")
@@ -186,11 +189,9 @@ def check_anchor(b: BundleView) -> str:
             problems.append(f"steps[0].{field} is {short(step0.get(field))}, anchor.json has {short(anchor[field])}")
     ckpt = ledger.get("checkpoint") or {}
     run = ledger.get("run") or {}
-    want = {"prompt": run.get("prompt"), "dtype": run.get("dtype"), "kv_cache": run.get("kv_cache"),
-            "sampling": run.get("sampling")}  # fmt: skip
-    for key, value in want.items():
-        if anchor.get(key) != value:
-            problems.append(f"anchor.json: {key} is {short(anchor.get(key))}, this run's is {short(value)}")
+    want = {"prompt": run.get("prompt"), "dtype": run.get("dtype"), "dequant": recorded_dequant(run.get("dequant")),
+            "kv_cache": run.get("kv_cache"), "sampling": run.get("sampling")}  # fmt: skip
+    problems += [f"anchor.json was frozen for a different run: {d}" for d in condition_differences(anchor, want)]
     frozen = anchor.get("checkpoint") if isinstance(anchor.get("checkpoint"), dict) else {}
     for key in identity_differences(frozen, ckpt):
         problems.append(f"anchor.json: checkpoint.{key} is {short(frozen.get(key))}, this run's is {short(ckpt.get(key))}")

@@ -110,6 +110,7 @@ def _run_matches_manifest(ledger: dict[str, Any], resolved: dict[str, Any]) -> l
     want = {"run.max_new_tokens": ("generate.max_new_tokens", section("generate").get("max_new_tokens")),
             "run.kv_cache": ("generate.kv_cache", section("generate").get("kv_cache")),
             "run.dtype": ("compute.dtype", section("compute").get("dtype")),
+            "run.dequant": ("compute.dequant", section("compute").get("dequant")),
             "run.capture": ("capture", resolved.get("capture"))}  # fmt: skip
     want["run.prompt_input"] = ("prompt", {k: v for k, v in section("prompt").items() if v is not None})
     want["run.sampling"] = ("generate.sampling", section("generate").get("sampling"))
@@ -119,9 +120,10 @@ def _run_matches_manifest(ledger: dict[str, Any], resolved: dict[str, Any]) -> l
     if section("model").get("checkpoint") is not None:
         want["checkpoint.path"] = ("model.checkpoint", section("model")["checkpoint"])
     have = {"run.max_new_tokens": run.get("max_new_tokens"), "run.kv_cache": run.get("kv_cache"),
-            "run.dtype": run.get("dtype"), "run.capture": run.get("capture"), "run.prompt": run.get("prompt"),
-            "checkpoint.path": (ledger.get("checkpoint") or {}).get("path"), "run.prompt_input": run.get("prompt_input"),
-            "run.sampling": run.get("sampling"), "run.stop.strings": (run.get("stop") or {}).get("strings")}  # fmt: skip
+            "run.dtype": run.get("dtype"), "run.dequant": run.get("dequant"), "run.capture": run.get("capture"),
+            "run.prompt": run.get("prompt"), "checkpoint.path": (ledger.get("checkpoint") or {}).get("path"),
+            "run.prompt_input": run.get("prompt_input"), "run.sampling": run.get("sampling"),
+            "run.stop.strings": (run.get("stop") or {}).get("strings")}  # fmt: skip
     return [f"ledger.json {field} is {short(have[field])}, but manifest.json {where} is {short(value)}"
             for field, (where, value) in want.items() if have[field] != value]  # fmt: skip
 

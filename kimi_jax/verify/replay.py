@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kimi_jax.storage.codecs import describe_dequant, recorded_dequant
 from kimi_jax.verify.bundle_view import BundleView
 from kimi_jax.verify.content import differences
 from kimi_jax.verify.report import CheckFailed, join_problems, short
@@ -31,6 +32,16 @@ def replay_differences(recorded: dict[str, Any], replayed: dict[str, Any], limit
     b = {k: replayed.get(k) for k in _REPLAY_SECTIONS}
     return [f"{path}: bundle {short(x, 60)}, replay {short(y, 60)}"
             for path, x, y in differences(a, b, "", limit, skip)]
+
+
+def dequant_difference(recorded: dict[str, Any], replayed: dict[str, Any]) -> str:
+    """A sentence naming both dequantization modes when they differ, else ''. A ledger of
+    kimi-jax 0.1.0 records none: it always rounded quantized weights to bfloat16."""
+    was, now = (recorded.get("run") or {}).get("dequant"), (replayed.get("run") or {}).get("dequant")
+    if recorded_dequant(was) == recorded_dequant(now):
+        return ""
+    return (f"the bundle was computed with dequantization {describe_dequant(was)} and the replay with "
+            f"{describe_dequant(now)}, so their quantized weights differ; ")
 
 
 def check_replay(b: BundleView) -> str:
@@ -61,7 +72,8 @@ def check_replay(b: BundleView) -> str:
     if diffs:
         platform = platform_differences(ledger.get("platform") or {}, outcome.ledger.get("platform") or {})
         where = (f"; the platform differs ({', '.join(platform[:3])})" if platform else "; the platform is identical")
-        raise CheckFailed(f"the replay differs from the ledger in {len(diffs)}{'+' if len(diffs) >= 20 else ''} field(s); "
-                    f"first: {join_problems(diffs)}{where}")  # fmt: skip
+        raise CheckFailed(f"{dequant_difference(ledger, outcome.ledger)}the replay differs from the ledger in "
+                          f"{len(diffs)}{'+' if len(diffs) >= 20 else ''} field(s); "
+                          f"first: {join_problems(diffs)}{where}")  # fmt: skip
     steps = len(outcome.ledger["steps"])
     return f"re-ran {steps} step(s) against {plan.index.root}; every measured value matches"

@@ -99,7 +99,7 @@ def run_phase1(run: VindexRun, reader) -> None:
     plan = run.plan
     todo, keys = [], {}
     for layer in plan.layers:
-        keys[layer] = run.key(1, layer, method=METHOD_VERSION, top=plan.top,
+        keys[layer] = run.key(1, layer, method=METHOD_VERSION, top=plan.top, dequant=plan.manifest.compute.dequant,
                               experts=None if plan.experts is None else list(plan.experts))  # fmt: skip
         path = layer_file(plan.out_dir, 1, layer)
         if _load_if_current(path, keys[layer]) is not None:
@@ -141,7 +141,7 @@ def _phase1_layer(run: VindexRun, reader, layer: int, key: str, bar) -> dict[str
                     pending = pool.submit(read, chunks[c + 1])  # next chunk reads while this one computes
                 stacked = stack_parts(kind, [entry for _, entry in chunk], parts, size)
                 del parts
-                lam, frob2 = chunk_eigvals(kind, stacked)
+                lam, frob2 = chunk_eigvals(kind, stacked, plan.manifest.compute.dequant)
                 del stacked
                 for j, (expert, _) in enumerate(chunk):
                     records[expert] = matrix_stats(lam[j], float(frob2[j]), plan.top)
@@ -170,13 +170,13 @@ def run_phase2(run: VindexRun, reader) -> None:
     bar = run.bar(len(layers), "phase 2 routers", "layer")
     try:
         for layer in layers:
-            key = run.key(2, layer, method=METHOD_VERSION, top=plan.top)
+            key = run.key(2, layer, method=METHOD_VERSION, top=plan.top, dequant=plan.manifest.compute.dequant)
             path = layer_file(plan.out_dir, 2, layer)
             if _load_if_current(path, key) is None:
                 entry = index.layers[layer].base[f"layers.{layer}.mlp.gate.weight"]
                 kind = matrix_kind(entry, index)
                 parts = reader.read_weights([entry], layer=layer)
-                lam, frob2 = chunk_eigvals(kind, stack_parts(kind, [entry], parts, 1))
+                lam, frob2 = chunk_eigvals(kind, stack_parts(kind, [entry], parts, 1), plan.manifest.compute.dequant)
                 stats = matrix_stats(lam[0], float(frob2[0]), plan.top)
                 data = {"format": FORMAT, "key": key, "phase": 2, "layer": layer, "matrix": "mlp.gate",
                         "shape": list(kind.shape), "n_singular": kind.n_singular, **stats,
@@ -197,7 +197,8 @@ def run_phase2(run: VindexRun, reader) -> None:
 def run_phase3(run: VindexRun) -> None:
     plan, index = run.plan, run.plan.index
     m, cfg = plan.manifest, index.config
-    engine_id = {"max_new_tokens": plan.max_new_tokens, "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype}
+    engine_id = {"max_new_tokens": plan.max_new_tokens, "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype,
+                 "dequant": m.compute.dequant}  # fmt: skip
     sources = {"prompts": [list(p) for p in plan.prompts], "ledgers": [d for _, d, _ in plan.ledgers], **engine_id}
     keys = {layer: run.key(3, layer, **sources) for layer in plan.moe_layers()}
     todo = []

@@ -4,10 +4,11 @@ weights, streamed on one machine.
 Phases (the manifest's optional ``vindex`` section picks them, and the layers and experts):
 
 1. Expert spectra: the singular values of every routed expert's ``down_proj`` (and of the dense
-   layers' ``mlp.down_proj``), read a few experts at a time, dequantized to their bf16-exact
-   values, batched through :mod:`kimi_jax.vindex.spectra`. Per expert var@64, s0/s1, the top
-   singular values and the Frobenius norm; per layer the median / IQR of var@64 and the
-   spectral class (see that module for the method, its accuracy and var@64 with < 64 values).
+   layers' ``mlp.down_proj``), read a few experts at a time, dequantized as ``compute.dequant``
+   says (by default exactly, ``q * scale`` in float32), batched through
+   :mod:`kimi_jax.vindex.spectra`. Per expert var@64, s0/s1, the top singular values and the
+   Frobenius norm; per layer the median / IQR of var@64 and the spectral class (see that module
+   for the method, its accuracy and var@64 with < 64 values).
 2. Router spectra: the same for each MoE layer's router ``mlp.gate.weight`` [n_experts, hidden].
 3. Routing statistics: expert selection counts, usage entropy and the weight share of the
    most-used experts, per layer and per token position, from engine runs over prompts and/or
@@ -84,7 +85,8 @@ def build_summary(plan: VindexPlan) -> dict[str, Any]:
         "settings": {"phases": list(plan.phases), "layers": v.layers, "experts": v.experts,
                      "top_singular_values": plan.top, "prompts": [list(p) for p in plan.prompts],
                      "max_new_tokens": plan.max_new_tokens, "kv_cache": plan.manifest.generate.kv_cache,
-                     "dtype": plan.manifest.compute.dtype, "bundles": [str(b) for b, _, _ in plan.ledgers]},
+                     "dtype": plan.manifest.compute.dtype, "dequant": plan.manifest.compute.dequant,
+                     "bundles": [str(b) for b, _, _ in plan.ledgers]},
         "phase1": None, "phase2": None, "phase3": None,
     }  # fmt: skip
     if 1 in plan.phases:

@@ -195,6 +195,7 @@
       ["model layout", "checkpoint.layout"],
       ["checkpoint", "checkpoint.path"],
       ["compute dtype", "run.dtype"],
+      ["dequantization", "run.dequant"],
       ["prompt", "run.prompt", "ids"],
       ["max_new_tokens", "run.max_new_tokens"],
       ["kv_cache", "run.kv_cache"],

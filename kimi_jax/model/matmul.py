@@ -9,15 +9,18 @@ So a weight stays as stored and the *activation* is adapted instead:
   (``x == hi + mid + lo``), each part is multiplied by the weight in one bf16 x bf16 -> f32 dot
   (every product is exact: 8 x 8 significant bits fit float32's 24), and the three partial results
   are added in float32. Only float32 accumulation rounds, as in the widened product.
-* int4 pack-quantized: ``y = sum_g s_g * (x_g . q_g)``: the codes ``q`` (integers in [-8, 7], exact in
-  bfloat16) are multiplied group by group, then each group's partial sum is scaled by its scale in
-  float32. The dequantized product ``q * s`` (exact in float32) is never formed.
-* block FP8: the same per block of input columns; E4M3 values are exact in bfloat16.
+* int4 pack-quantized and block FP8: the weight is dequantized and multiplied one tile of output
+  rows at a time (``lax.scan``, tiles of about ``TILE_BYTES`` in float32), so only one small tile
+  is ever float32, never the whole matrix. Each tile is dequantized exactly as the whole matrix
+  would be (the container's own ``dequantize``, whatever its mode) and each output row is the same
+  dot product, so the result is the widened one. (The per-group form ``y = sum_g s_g * (x_g . q_g)``
+  was measured too: XLA runs it as a batched dot over 32-wide groups and it was no faster than
+  widening; see benchmarks/RESULTS.md.)
 
-The result equals the exactly dequantized float32 product up to float32 rounding (a different
-summation order), not bitwise: which of the two a run used is the manifest's ``compute.matmul``
-(``stored`` here, ``widened`` the reference), recorded in the ledger. Weights reach
-:func:`kimi_jax.model.layers.linear` wrapped in :class:`StoredWeight` only in ``stored`` mode.
+BF16 weights with float32 activations give the widened product up to float32 rounding (a
+different summation order), not bitwise; which of the two a run used is the manifest's
+``compute.matmul`` (``stored`` here, ``widened`` the reference), recorded in the ledger. Weights
+reach :func:`kimi_jax.model.layers.linear` wrapped in :class:`StoredWeight` only in ``stored`` mode.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kimi_jax.model.quant import Fp8Weight, Int4Weight
-from kimi_jax.storage.codecs import NIBBLE_SHIFTS, block_size_pair, cdiv
+from kimi_jax.model.quant import Fp8Weight
+from kimi_jax.storage.codecs import block_size_pair
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
 _HIGHEST = jax.lax.Precision.HIGHEST
 MATMUL_MODES = ("stored", "widened")
+# Bytes of one dequantized float32 tile: well inside the caches, and far below the allocation size
+# (glibc: 32 MiB) above which every call maps fresh pages and pays a page fault per 4 KiB.
+TILE_BYTES = 2 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,62 +105,49 @@ def _plain(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("ti,oi->to", x.astype(w.dtype), w, precision=_HIGHEST, preferred_element_type=F32)
 
 
-def _grouped(x: jax.Array, codes: jax.Array, scale: jax.Array, group: int) -> jax.Array:
-    """``y[t, o] = sum_g scale[o, g] * (x[t, g] . codes[o, g])``; codes bf16 [out, in], scale [out, G]."""
-    n_out, n_in = codes.shape
-    groups = scale.shape[-1]
-    pad = groups * group - n_in
-    if pad:
-        x = jnp.pad(x, ((0, 0), (0, pad)))
-        codes = jnp.pad(codes, ((0, 0), (0, pad)))
-    xs = _activation_parts(x).reshape(-1, x.shape[0], groups, group)
-    partial = _bf16_dot("tgi,ogi->tog", xs, codes.reshape(n_out, groups, group))  # [T, out, G]
-    return jnp.einsum("tog,og->to", partial, scale.astype(F32), precision=_HIGHEST, preferred_element_type=F32)
+def tile_rows(n_out: int, n_in: int, row_multiple: int = 1) -> int:
+    """Rows per tile of a quantized weight: the float32 tile stays near ``TILE_BYTES``, a multiple of
+    ``row_multiple`` (FP8's scale block) and of 64 (below that the dot kernels change summation order);
+    ``n_out`` when the whole matrix is that small or no such tile divides it."""
+    step = max(64, row_multiple)
+    rows = max(step, (TILE_BYTES // (4 * n_in)) // step * step)
+    if rows >= n_out or n_out % rows or rows % row_multiple:
+        return n_out
+    return rows
 
 
-def int4_codes(w: Int4Weight) -> jax.Array:
-    """The int4 codes ``q`` of a 2-D ``Int4Weight`` as bfloat16 [out, in] (integers, exact)."""
-    words = jax.lax.bitcast_convert_type(w.packed, jnp.uint32)
-    nibbles = (words[..., None] >> jnp.asarray(NIBBLE_SHIFTS)) & jnp.uint32(0xF)
-    q = nibbles.astype(jnp.int32) - 8
-    return q.reshape(*w.packed.shape[:-1], -1)[..., : w.in_features].astype(BF16)
+def _tiled(x: jax.Array, w: Any, rows: int) -> jax.Array:
+    """``x @ dequantize(w).T`` one tile of ``rows`` output rows at a time (``lax.scan``): each tile is
+    dequantized exactly as the whole matrix would be, multiplied, and dropped."""
+    n_out = w.shape[-2]
+    tiles = n_out // rows
 
+    def split(leaf):  # every leaf is indexed by output row, or (FP8 scales) by block of output rows
+        per_tile = leaf.shape[0] * rows // n_out
+        return leaf.reshape(tiles, per_tile, *leaf.shape[1:])
 
-def _int4(x: jax.Array, w: Int4Weight) -> jax.Array:
-    return _grouped(x, int4_codes(w), w.scale, int(w.group_size))
+    leaves, treedef = jax.tree_util.tree_flatten(w)
 
+    def one_tile(_, tile_leaves):
+        dense = jax.tree_util.tree_unflatten(treedef, tile_leaves).dequantize(x.dtype)
+        return None, jnp.einsum("ti,oi->to", x, dense, precision=_HIGHEST, preferred_element_type=F32)
 
-def _fp8(x: jax.Array, w: Fp8Weight) -> jax.Array:
-    b0, b1 = block_size_pair(w.block_size)
-    weight = w.weight
-    if weight.dtype == jnp.uint8:
-        weight = jax.lax.bitcast_convert_type(weight, jnp.float8_e4m3fn)
-    n_out = weight.shape[0]
-    # one scale per (row block, column block): repeat over the rows of each row block
-    scale = jnp.repeat(w.scale_inv.astype(F32), b0, axis=0)[:n_out]
-    if scale.shape[-1] != cdiv(weight.shape[-1], b1):
-        raise ValueError(f"weight_scale_inv: expected {cdiv(weight.shape[-1], b1)} column blocks, found {scale.shape[-1]}")
-    return _grouped(x, weight.astype(BF16), scale, b1)
-
-
-def _exact_dequant(w: Any) -> bool:
-    """Whether the container's dense form is the exact float32 product (what the grouped path computes)."""
-    return getattr(w, "dequant", "exact") == "exact"
+    _, ys = jax.lax.scan(one_tile, None, [split(leaf) for leaf in leaves])  # [tiles, T, rows]
+    return jnp.moveaxis(ys, 0, 1).reshape(x.shape[0], n_out)
 
 
 def stored_linear(x: jax.Array, w: Any) -> jax.Array:
     """``x @ w.T`` (float32 result) for ``x`` [..., in] and a weight in its stored form [out, in]."""
     lead, n_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n_in)
-    if isinstance(w, Int4Weight) and w.packed.ndim == 2 and _exact_dequant(w):
-        y = _int4(x2, w)
-    elif isinstance(w, Fp8Weight) and w.weight.ndim == 2 and _exact_dequant(w):
-        y = _fp8(x2, w)
-    elif not hasattr(w, "dequantize") and jnp.ndim(w) == 2:
+    if not hasattr(w, "dequantize"):
         y = _plain(x2, w)
-    else:  # a stacked or bf16-rounded container: no grouped form reproduces it, so widen it
-        dense = w.dequantize(x.dtype)
-        y = jnp.einsum("ti,oi->to", x2, dense, precision=_HIGHEST, preferred_element_type=F32)
+    elif len(w.shape) == 2:
+        block = block_size_pair(w.block_size)[0] if isinstance(w, Fp8Weight) else 1
+        rows = tile_rows(w.shape[0], w.shape[1], block)
+        y = _tiled(x2, w, rows) if rows < w.shape[0] else widened_linear(x2, w)
+    else:  # stacked experts: the engine's expert scan hands them over one at a time
+        y = widened_linear(x2, w)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -164,4 +157,4 @@ def widened_linear(x: jax.Array, w: Any) -> jax.Array:
     return jnp.einsum("...i,oi->...o", x, dense, precision=_HIGHEST, preferred_element_type=F32)
 
 
-__all__ = ["MATMUL_MODES", "StoredWeight", "split_bf16", "int4_codes", "stored_linear", "widened_linear"]
+__all__ = ["MATMUL_MODES", "TILE_BYTES", "StoredWeight", "split_bf16", "tile_rows", "stored_linear", "widened_linear"]

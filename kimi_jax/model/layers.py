@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.config import ModelConfig, yarn_mscale
+from kimi_jax.model.matmul import StoredWeight, stored_linear
 from kimi_jax.model.params import (
     AttentionParams,
     DenseLayerParams,
@@ -80,7 +81,10 @@ def _mm(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
 
 
 def linear(x: jax.Array, w: Any) -> jax.Array:
-    """``x @ w.T`` in ``x.dtype`` for an HF ``[out, in]`` weight, plain or quantized container."""
+    """``x @ w.T`` in ``x.dtype`` for an HF ``[out, in]`` weight, plain or quantized container; a
+    :class:`~kimi_jax.model.matmul.StoredWeight` is multiplied in its stored precision."""
+    if isinstance(w, StoredWeight):
+        return stored_linear(x, w.weight).astype(x.dtype)
     return _mm("...i,oi->...o", x, _materialize(w, x.dtype), x.dtype)
 
 

@@ -186,12 +186,24 @@ class ShardReader:
                 done.result()
         return out
 
+    def count_served(self, records: Iterable[TensorRecord]) -> None:
+        """Tensors a step used from memory: their digests (checked when they were read) join the
+        step's, so its weights digest names every weight it used, wherever it came from."""
+        if self.digests:
+            served = {rec.stored_name: self.digests.expected(rec) for rec in records}
+            with self._lock:
+                self.step.digests.update(served)
+
     def advise(self, records: Iterable[TensorRecord]) -> None:
         """Tell the kernel these ranges will be read soon (``posix_fadvise(WILLNEED)``): it starts
-        reading them into the page cache in the background; nothing is counted."""
+        reading them into the page cache in the background; nothing is counted. Advice only: a shard
+        that cannot be advised (not a local file) is skipped, its read will say what is wrong."""
         for rec in records:
             if rec.nbytes:
-                os.posix_fadvise(self._fd(rec.shard), rec.offset, rec.nbytes, os.POSIX_FADV_WILLNEED)
+                try:
+                    os.posix_fadvise(self._fd(rec.shard), rec.offset, rec.nbytes, os.POSIX_FADV_WILLNEED)
+                except (OSError, StorageError):
+                    return
 
     def where(self, shard: Path) -> str:
         """How errors name a shard: its path here, its URL for a remote checkpoint."""

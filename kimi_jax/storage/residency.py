@@ -98,6 +98,11 @@ def plan_residency(index: CheckpointIndex, budget: int) -> ResidencyPlan:
     return ResidencyPlan(budget=budget, layers=frozenset(layers), head=head, expert_capacity=left)
 
 
+def budget_plan(index: CheckpointIndex, resident_bytes: int | str) -> ResidencyPlan:
+    """The plan for the manifest's ``storage.resident_bytes`` (``auto`` measured now)."""
+    return plan_residency(index, resolve_budget(resident_bytes))
+
+
 class ExpertCache:
     """Routed experts kept in memory, at most ``capacity`` bytes, keyed by ``(layer, expert)``.
 
@@ -176,4 +181,4 @@ def replay_hit_rate(trace: list[list[tuple[int, list[int]]]], capacity_bytes: in
 
 
 __all__ = ["AUTO", "AUTO_FRACTION", "EXPERT_POLICIES", "parse_size", "available_memory", "resolve_budget",
-           "ResidencyPlan", "plan_residency", "ExpertCache", "replay_hit_rate"]  # fmt: skip
+           "ResidencyPlan", "plan_residency", "budget_plan", "ExpertCache", "replay_hit_rate"]  # fmt: skip

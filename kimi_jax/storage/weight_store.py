@@ -1,7 +1,8 @@
 """Serves every weight a step uses, from memory when the residency plan keeps it, else from storage,
 and counts each byte by where it came from.
 
-Per step and layer (``None``: the embedding rows and the head) a :class:`ByteCounts` says:
+Per step and layer (``None``: the embedding rows and the head) a
+:class:`~kimi_jax.records.ByteCounts` says:
 
 * ``used``: bytes of the stored tensors the layer needed, wherever they came from. This is the v1
   ledger's ``bytes_read``: it depends only on the routing, never on the cache state, so anchors
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from kimi_jax.records import ByteCounts
 from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
 from kimi_jax.storage.reader import ShardReader
 from kimi_jax.storage.residency import ExpertCache, Policy, ResidencyPlan
@@ -39,22 +41,6 @@ Decode = Callable[[WeightEntry, dict[str, np.ndarray]], Any]
 Keep = Callable[[Any], Any]
 # Threads reading predicted experts ahead: a small queue depth for NVMe and network mounts.
 SPECULATIVE_READERS = 2
-
-
-@dataclasses.dataclass
-class ByteCounts:
-    """Bytes of one layer (or of the embedding rows and head) in one step, by source; see the module."""
-
-    used: int = 0
-    from_memory: int = 0
-    from_storage: int = 0
-    from_speculation: int = 0
-    mispredicted: int = 0
-    overread: int = 0
-    experts_used: int = 0  # distinct routed experts the layer ran
-    experts_from_memory: int = 0  # of those, already in memory (expert cache hits)
-    experts_predicted: int = 0  # distinct experts the early router predicted
-    experts_predicted_used: int = 0  # of those, used
 
 
 @dataclasses.dataclass
@@ -120,6 +106,7 @@ class WeightStore:
             kept = self._resident.get(key)
         if kept is not None:
             self._count(layer, used=nbytes, from_memory=nbytes)
+            self.reader.count_served(p for e in entries for p in e.parts.values())
             return kept
         weights = self._read(entries, layer)
         self._count(layer, used=nbytes, from_storage=nbytes)
@@ -130,7 +117,13 @@ class WeightStore:
         return weights
 
     def base(self, layer: int) -> dict[str, Any]:
-        """A layer's non-expert weights, by canonical name."""
+        """A layer's non-expert weights, by canonical name. The next layer's base (or the head), when it
+        will be read, is announced to the kernel first, so its pages are on their way."""
+        following = self.index.layers[layer + 1].base.values() if layer + 1 < len(self.index.layers) else None
+        if following is not None and layer + 1 not in self.plan.layers:
+            self.reader.advise(p for e in following for p in e.parts.values())
+        elif following is None and not self.plan.head:
+            self.reader.advise(p for e in self.index.head.values() for p in e.parts.values())
         entries = list(self.index.layers[layer].base.values())
         return self._resident_or_read(layer, entries, layer, layer in self.plan.layers)
 
@@ -172,6 +165,7 @@ class WeightStore:
             if kept is not None:
                 weights.update(kept)
                 self._count(layer, from_memory=sizes[expert], experts_from_memory=1)
+                self.reader.count_served(p for e in self._expert_entries(layer, expert) for p in e.parts.values())
             elif expert in speculation.reads:
                 fresh[expert] = speculation.reads.pop(expert).result()
                 self._count(layer, from_speculation=sizes[expert])
@@ -196,4 +190,4 @@ class WeightStore:
         return weights
 
 
-__all__ = ["ByteCounts", "WeightStore", "SPECULATIVE_READERS"]
+__all__ = ["WeightStore", "SPECULATIVE_READERS"]

@@ -25,13 +25,17 @@ def _write(tmp_path, text: str, name: str = "m.yaml"):
     return path
 
 
-def test_defaults_stream_everything_with_stored_precision_matmuls(tmp_path):
+def test_defaults_stream_everything_with_widened_matmuls(tmp_path):
     m = load_manifest(_write(tmp_path, BASE))
     assert (m.storage.resident_bytes, m.storage.expert_cache, m.storage.speculate) == (0, "lru", True)
-    assert m.compute.matmul == "stored"
-    # storage fields at their defaults stay out of the identity: older manifests keep their digest
-    assert not {"resident_bytes", "expert_cache", "speculate"} & set(m.resolved_dict()["storage"])
-    assert m.resolved_dict()["compute"]["matmul"] == "stored"  # it changes results, so it is part of it
+    assert m.compute.matmul == "widened"
+    # at their defaults (what every earlier run did) they stay out of the identity: older manifests
+    # keep their digest
+    resolved = m.resolved_dict()
+    assert not {"resident_bytes", "expert_cache", "speculate"} & set(resolved["storage"])
+    assert "matmul" not in resolved["compute"]
+    stored = load_manifest(_write(tmp_path, BASE + "compute: {matmul: stored}\n", "stored.yaml"))
+    assert stored.resolved_dict()["compute"]["matmul"] == "stored" and stored.digest() != m.digest()
 
 
 @pytest.mark.parametrize("value,expected", [("8GiB", 8 * 2**30), ("512MiB", 512 * 2**20), ("auto", "auto"),
@@ -70,6 +74,6 @@ def test_compare_budget_is_neutral_matmul_is_not(tmp_path):
     same = compare_resolved(a, b.resolved_dict())
     assert same.identical and {d.field for d in same.neutral_differences} == {"storage.resident_bytes",
                                                                             "storage.speculate"}  # fmt: skip
-    c = load_manifest(_write(tmp_path, BASE + "compute: {matmul: widened}\n", "c.yaml"))
+    c = load_manifest(_write(tmp_path, BASE + "compute: {matmul: stored}\n", "c.yaml"))
     differ = compare_resolved(a, c.resolved_dict())
     assert not differ.identical and [d.field for d in differ.result_differences] == ["compute.matmul"]

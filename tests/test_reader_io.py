@@ -27,11 +27,12 @@ def _rec(path: Path, offset: int, nbytes: int, name: str) -> TensorRecord:
 
 def test_near_neighbours_share_one_read_and_the_gap_is_counted(tmp_path):
     path, data = _blob(tmp_path)
+    c = 4100 + MERGE_GAP + 1  # one byte past the bound after d: its own read
     records = [_rec(path, 0, 1000, "a"), _rec(path, 1000 + 300, 500, "b"),  # 300-byte gap: merged
-               _rec(path, 4100 + MERGE_GAP + 1, 64, "c"),  # one byte past the bound after d: its own read
-               _rec(path, 4000, 100, "d")]  # between b and c in the file  # fmt: skip
-    assert [members for *_, members in merge_runs(records, MERGE_GAP)] == [[0, 1, 3], [2]]  # a, b, d, then c
-    assert len(merge_runs(records)) == 4  # the default: only tensors back to back
+               _rec(path, c, 64, "c"), _rec(path, 4000, 100, "d"),  # d: between b and c in the file
+               _rec(path, c + 64 + 5000, 100, "e")]  # gap > a page and > e itself: its own read  # fmt: skip
+    assert [members for *_, members in merge_runs(records, MERGE_GAP)] == [[0, 1, 3], [2], [4]]  # a, b, d; c; e
+    assert len(merge_runs(records)) == 5  # the default: only tensors back to back
     with ShardReader(parallel_reads=1) as reader:
         reader.trace = []
         arrays = reader.read_records(records, layer=7)
@@ -41,8 +42,8 @@ def test_near_neighbours_share_one_read_and_the_gap_is_counted(tmp_path):
         assert overread_bytes(records) == gaps
         assert reader.run.total == sum(r.nbytes for r in records)  # tensor bytes only
         assert reader.run.overread == reader.run.per_layer_overread[7] == gaps > 0
-        assert sum(n for _, _, n, _ in reader.trace) == reader.run.total + reader.run.overread
-        assert len(reader.trace) == 2
+        assert sum(n for _, _, n, *_ in reader.trace) == reader.run.total + reader.run.overread
+        assert len(reader.trace) == 3
 
 
 def test_buffers_are_aligned_and_adopted_by_jax_without_a_copy(tiny_checkpoints):

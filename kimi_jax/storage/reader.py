@@ -41,8 +41,11 @@ from kimi_jax.storage.safetensors_header import TensorRecord
 
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY}
 # Largest gap between two tensors still read in one call (the gap is read and discarded): the
-# scales and packed words of one expert sit a few KiB apart in a K2.5 shard.
+# scales and packed words of one expert sit a few KiB apart in a K2.5 shard. A gap is also never
+# larger than the tensor after it (or a page, for tiny ones): a run's gaps stay below its tensors'
+# bytes plus a page per tensor.
 MERGE_GAP = 64 << 10
+PAGE = 4096
 ALIGNMENT = 64  # XLA's CPU buffers: an aligned numpy buffer is adopted by jax.device_put as it is
 PARALLEL_READS = 2  # ranges read at once
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -79,13 +82,14 @@ class ReadCounters:
 
 def merge_runs(records: Sequence[TensorRecord], max_gap: int = 0) -> list[tuple[Path, int, int, list[int]]]:
     """``(shard, start, end, indices into records)`` for each run read with one call: same shard, in file
-    order, each tensor starting at most ``max_gap`` bytes after the previous one ends (0: back to back;
-    a tensor that overlaps the previous one starts a new run)."""
+    order, each tensor starting at most ``max_gap`` bytes, and at most its own size (or a page), after
+    the previous one ends (0: back to back; a tensor that overlaps the previous one starts a new run)."""
     order = sorted(range(len(records)), key=lambda i: (str(records[i].shard), records[i].offset))
     runs: list[tuple[Path, int, int, list[int]]] = []
     for i in order:
         rec = records[i]
-        if runs and runs[-1][0] == rec.shard and 0 <= rec.offset - runs[-1][2] <= max_gap:
+        gap = rec.offset - runs[-1][2] if runs and runs[-1][0] == rec.shard else -1
+        if 0 <= gap <= min(max_gap, max(rec.nbytes, PAGE)):
             shard, start, _, members = runs[-1]
             runs[-1] = (shard, start, rec.offset + rec.nbytes, members + [i])
         else:
@@ -120,8 +124,9 @@ class ShardReader:
         self._overread = threading.local()  # per thread: gap bytes of the current _fetch
         self.run = ReadCounters()
         self.step = ReadCounters()
-        # When a list: every positioned read appends (shard, offset, nbytes, seconds); benchmarks use it.
-        self.trace: list[tuple[Path, int, int, float]] | None = None
+        # When a list: every positioned read appends (shard, offset, nbytes, seconds, perf_counter when it
+        # ended); benchmarks use it.
+        self.trace: list[tuple[Path, int, int, float, float]] | None = None
 
     def __enter__(self) -> "ShardReader":
         return self
@@ -299,7 +304,7 @@ class ShardReader:
                 counters.calls += 1
                 counters.seconds += elapsed
             if self.trace is not None:
-                self.trace.append((shard, offset, nbytes, elapsed))
+                self.trace.append((shard, offset, nbytes, elapsed, time.perf_counter()))
 
 
 def _skip(views: list[memoryview], done: int) -> list[memoryview]:

@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=["tiny", "small"])
     parser.add_argument("--tokens", type=int, default=3)
     parser.add_argument("--matmul", default="stored", choices=["stored", "widened"], help="compute.matmul")
+    parser.add_argument("--no-speculate", dest="speculate", action="store_false",
+                        help="storage.speculate false (default: read predicted experts ahead, to measure them)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
@@ -91,12 +93,12 @@ def main() -> None:
     index = open_checkpoint(ensure_synthetic(args.preset))
     shards = [h.path for h in index.shards]
     prompt = [index.config.bos_token_id, 11, 12]
-    with Engine(index, matmul=args.matmul) as engine:  # warm-up: compile every program once: timings are I/O + math
+    with Engine(index, matmul=args.matmul, speculate=args.speculate) as engine:  # warm-up: compile every program once: timings are I/O + math
         engine.generate(prompt, args.tokens, kv_cache=False)
 
     evict_page_cache(shards)
     layer_ends: list[float] = []
-    with Engine(index, matmul=args.matmul) as engine:
+    with Engine(index, matmul=args.matmul, speculate=args.speculate) as engine:
         engine.reader.trace = []
         started = time.perf_counter()
         steps = engine.generate(prompt, args.tokens, kv_cache=False,

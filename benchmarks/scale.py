@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--budget", default="auto", help="storage.resident_bytes: a size, 0 or auto (default)")
     parser.add_argument("--matmul", default="stored", choices=["stored", "widened"], help="compute.matmul")
     parser.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"])
+    parser.add_argument("--speculate", action="store_true", help="storage.speculate: read predicted experts ahead")
     parser.add_argument("--baseline", metavar="REV", help="also run REV's BOS pass (a git worktree), first")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
@@ -89,7 +90,8 @@ def main() -> None:
     budget = resolve_budget(args.budget if args.budget == "auto" else int(args.budget) if args.budget.isdigit()
                             else args.budget)  # fmt: skip
     residency = plan_residency(index, budget)
-    engine_args = {"matmul": args.matmul, "residency": residency, "expert_cache": args.expert_cache}
+    engine_args = {"matmul": args.matmul, "residency": residency, "expert_cache": args.expert_cache,
+                   "speculate": args.speculate}
     emit({"benchmark": "scale", "preset": preset, "machine": machine(), "index_s": round(time.perf_counter() - started, 2),
           "predicted_bytes_per_token": index.predicted_bytes_per_token(), "matmul": args.matmul,
           "budget_bytes": budget, "resident_layers": len(residency.layers), "head_resident": residency.head,

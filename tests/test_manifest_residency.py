@@ -27,7 +27,7 @@ def _write(tmp_path, text: str, name: str = "m.yaml"):
 
 def test_defaults_stream_everything_with_widened_matmuls(tmp_path):
     m = load_manifest(_write(tmp_path, BASE))
-    assert (m.storage.resident_bytes, m.storage.expert_cache, m.storage.speculate) == (0, "lru", True)
+    assert (m.storage.resident_bytes, m.storage.expert_cache, m.storage.speculate) == (0, "lru", False)
     assert m.compute.matmul == "widened"
     # at their defaults (what every earlier run did) they stay out of the identity: older manifests
     # keep their digest
@@ -70,7 +70,7 @@ def test_override_from_the_command_line(tmp_path):
 
 def test_compare_budget_is_neutral_matmul_is_not(tmp_path):
     a = load_manifest(_write(tmp_path, BASE, "a.yaml")).resolved_dict()
-    b = load_manifest(_write(tmp_path, BASE + "storage: {resident_bytes: auto, speculate: false}\n", "b.yaml"))
+    b = load_manifest(_write(tmp_path, BASE + "storage: {resident_bytes: auto, speculate: true}\n", "b.yaml"))
     same = compare_resolved(a, b.resolved_dict())
     assert same.identical and {d.field for d in same.neutral_differences} == {"storage.resident_bytes",
                                                                             "storage.speculate"}  # fmt: skip

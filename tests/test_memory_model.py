@@ -40,8 +40,8 @@ def streamed(k25):
 
 @pytest.mark.parametrize("settings", [
     {"budget": 1 << 40},  # everything fits: loaded once
-    {"budget": "bases+experts/4", "expert_cache": "lru"},
-    {"budget": "bases+experts/4", "expert_cache": "lfu", "speculate": False},
+    {"budget": "bases+experts/4", "expert_cache": "lru", "speculate": True},
+    {"budget": "bases+experts/4", "expert_cache": "lfu"},
 ])  # fmt: skip
 def test_same_tokens_digests_and_bytes_used_whatever_is_resident(k25, streamed, settings):
     settings = dict(settings)
@@ -69,15 +69,15 @@ def test_same_tokens_digests_and_bytes_used_whatever_is_resident(k25, streamed, 
 
 
 def test_speculation_is_counted_and_mispredictions_cost_only_bytes(k25, streamed):
-    quiet = _generate(k25, 0, speculate=False)
-    assert _identity(quiet) == _identity(streamed)
-    moe = [layer.io for s in streamed for layer in s.layers if layer.kind == "moe"]
+    quiet, ahead = streamed, _generate(k25, 0, speculate=True)
+    assert _identity(ahead) == _identity(quiet)
+    moe = [layer.io for s in ahead for layer in s.layers if layer.kind == "moe"]
     assert sum(io.experts_predicted for io in moe) > 0
     assert all(io.experts_predicted_used <= min(io.experts_predicted, io.experts_used) for io in moe)
     assert sum(io.from_speculation for io in moe) > 0  # some predictions were right and read ahead
     assert all(io.experts_predicted == 0 and io.from_speculation == 0 for s in quiet for io in (l.io for l in s.layers))
     # the reads ahead replace reads on demand byte for byte
-    for a, b in zip(streamed, quiet):
+    for a, b in zip(ahead, quiet):
         assert a.io.from_storage + a.io.from_speculation == b.io.from_storage
 
 

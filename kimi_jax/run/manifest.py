@@ -332,10 +332,11 @@ class StorageSection(_Section):
         description="Eviction policy of the expert cache: lru | lfu (least frequently used).",
     )
     speculate: bool = Field(
-        default=True,
-        exclude_if=lambda value: value is True,
-        description="Apply the next layer's router to the hidden state before that layer runs and read the "
-        "experts it predicts in the background.",
+        default=False,
+        exclude_if=lambda value: value is False,
+        description="Apply each MoE layer's router to the hidden state entering the layer and read the experts it "
+        "predicts in the background while the layer's attention runs: pays off when reads are slow (cold "
+        "disk, network mount), costs CPU when the shards are in the page cache.",
     )
 
 

@@ -37,6 +37,12 @@ def test_io_smoke():
     assert record["bytes_exact"] is True
 
 
+def test_matmul_smoke():
+    records = [r for r in _smoke("matmul.py") if "format" in r]
+    assert {r["format"] for r in records} == {"bf16", "int4"}
+    assert all(r["max_rel_diff"] < 1e-5 for r in records)
+
+
 def test_capture_overhead_smoke():
     (record,) = _smoke("capture_overhead.py")
     assert record["bare_s"] > 0 and record["instrumented_s"] > 0

@@ -17,7 +17,7 @@ class ByteCounts:
     ``used`` is what the step needed, whatever the source: it depends only on the routing, never on
     what was in memory, and is what the ledger's ``bytes_read`` holds, what anchors and the
     non-perturbation proof compare. ``used == from_memory + from_storage + from_speculation``;
-    storage traffic is ``from_storage + from_speculation + mispredicted + overread``.
+    storage traffic is ``from_storage + from_speculation + mispredicted + preloaded + overread``.
     """
 
     used: int = 0
@@ -25,6 +25,7 @@ class ByteCounts:
     from_storage: int = 0  # read when needed
     from_speculation: int = 0  # read ahead because the early router predicted the expert
     mispredicted: int = 0  # read ahead for a predicted expert the layer did not use
+    preloaded: int = 0  # read to keep in memory before any step used it (a model that fits, loaded whole)
     overread: int = 0  # gap bytes between merged ranges, read and discarded
     experts_used: int = 0  # distinct routed experts the layer ran
     experts_from_memory: int = 0  # of those, already in memory (expert cache hits)

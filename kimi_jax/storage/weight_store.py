@@ -12,10 +12,12 @@ Per step and layer (``None``: the embedding rows and the head) a
 * ``from_speculation``: used bytes of experts read ahead because the next layer's router, applied
   early, predicted them;
 * ``mispredicted``: bytes read ahead for predicted experts that the layer did not use;
+* ``preloaded``: bytes of experts read to be kept before any step used them (when the budget holds
+  every expert, a MoE layer's experts are read whole the first time the layer runs);
 * ``overread``: bytes between merged ranges that the reader read and discarded.
 
 ``used == from_memory + from_storage + from_speculation`` always; the storage traffic is
-``from_storage + from_speculation + mispredicted + overread``.
+``from_storage + from_speculation + mispredicted + preloaded + overread``.
 
 No JAX here: the engine passes ``decode`` (stored parts -> the weight the model takes) and ``keep``
 (a decoded weight -> the form kept across steps, e.g. device arrays).
@@ -151,6 +153,24 @@ class WeightStore:
             if (layer, expert) not in self.experts_cache:
                 reads[expert] = self._pool.submit(self._read, self._expert_entries(layer, expert), layer)
         self._speculation[layer] = _Speculation(predicted, reads)
+
+    def all_experts(self, layer: int) -> dict[str, Any]:
+        """Every routed expert of ``layer`` (by canonical name), read in one merged call and not kept
+        here: the caller keeps them (stacked) and reports each step's use with :meth:`count_all_experts`."""
+        entries = [w for e in range(len(self.index.layers[layer].experts)) for w in self._expert_entries(layer, e)]
+        return self._read(entries, layer)
+
+    def count_all_experts(self, layer: int, distinct: list[int], read_now: bool) -> None:
+        """The use of ``distinct`` experts of a layer whose experts are all in memory: read this step
+        (``read_now``: the used ones count as read when needed, the rest as preloaded) or earlier."""
+        sizes = [sum(w.nbytes for w in self._expert_entries(layer, e)) for e in range(len(self.index.layers[layer].experts))]
+        used = sum(sizes[e] for e in distinct)
+        if read_now:
+            self._count(layer, used=used, from_storage=used, preloaded=sum(sizes) - used)
+        else:
+            self._count(layer, used=used, from_memory=used, experts_from_memory=len(distinct))
+            self.reader.count_served(p for e in distinct for w in self._expert_entries(layer, e) for p in w.parts.values())
+        self._count(layer, experts_used=len(distinct))
 
     def experts(self, layer: int, distinct: list[int]) -> dict[str, Any]:
         """The weights of each distinct expert of ``layer`` (by canonical name), from the expert cache,

@@ -46,7 +46,7 @@ def run(index, tokens: int, kv_cache: bool, engine_args: dict) -> dict:
             "per_token_s": [round(s.wall_s, 2) for s in steps], "bytes_read": [s.bytes_read for s in steps],
             "bytes_from_storage": [s.io.from_storage + s.io.from_speculation for s in steps],
             "bytes_from_memory": [s.io.from_memory for s in steps],
-            "bytes_mispredicted": [s.io.mispredicted for s in steps],
+            "bytes_mispredicted": [s.io.mispredicted for s in steps], "bytes_preloaded": [s.io.preloaded for s in steps],
             "expert_hit_rate": [round(sum(i.experts_from_memory for i in m) / max(1, sum(i.experts_used for i in m)), 4)
                                 for m in moe],
             "prediction_recall": [round(sum(i.experts_predicted_used for i in m) / max(1, sum(i.experts_used for i in m)), 4)

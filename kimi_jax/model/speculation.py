@@ -1,12 +1,12 @@
 """Speculative expert reads: guess a MoE layer's experts before it runs.
 
-The engine applies layer L+1's router (its post-attention norm and gate) to the hidden state that
-enters layer L+1, as soon as layer L has finished, and reads the experts it predicts in the
-background while layer L+1's attention computes (Eliseev and Mazur, 2023, apply the next layer's
-gate to the current hidden state the same way). The real router runs on the hidden state after
-that attention, so the guess can miss; a miss costs only the bytes read for nothing, counted as
-``mispredicted``. The prediction is a separate program whose result only decides what is read:
-it never feeds the computation, so runs with and without it are bitwise identical.
+Before a MoE layer runs, the engine applies that layer's router (its post-attention norm and gate)
+to the hidden state entering the layer, and reads the experts it predicts in the background while
+the layer's attention computes: the next layer's gate applied to the current hidden state, as in
+Eliseev and Mazur (2023). The real router runs on the hidden state after the attention, so the
+guess can miss; a miss costs only the bytes read for nothing, counted as ``mispredicted``. The
+prediction is a separate program whose result only decides what is read: it never feeds the
+computation, so runs with and without it are bitwise identical.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Peers on the same checkpoint and machine: transformers in memory, transformers with accelerate
-disk offload, llama.cpp (F32 and BF16 GGUF), and kimi-jax streaming (with and without KV cache).
+disk offload, llama.cpp (F32 and BF16 GGUF), and kimi-jax: streaming as 0.1.0 did (with and
+without KV cache), and with the issue-17 memory model (``resident_bytes: auto``, where the medium
+model fits, and ``0``, pure streaming; both with ``compute.matmul: stored``).
 
 The checkpoint is a "medium" DeepSeek-V3 (about 0.45B parameters, 8 layers, 64 experts top-8)
 written by transformers' own ``save_pretrained`` (BF16) from a random init. Every system runs in
@@ -168,23 +170,41 @@ def worker_llama(ckpt: Path, tokens: int, outtype: str) -> dict:
     return {"load_s": load_s, "step_s": times, "bytes_per_step": [0] * tokens, "tokens_out": out}
 
 
-def worker_kimi(ckpt: Path, tokens: int, kv_cache: bool, dtype: str = "float32") -> dict:
+def worker_kimi(ckpt: Path, tokens: int, kv_cache: bool, dtype: str = "float32", matmul: str = "widened",
+                budget: str | int = 0) -> dict:
+    """``matmul``/``budget``: the manifest's compute.matmul and storage.resident_bytes (``auto`` keeps the
+    whole medium model in memory after its first step; 0 streams every weight every step)."""
     import numpy as np
 
     from kimi_jax.model.engine import Engine
     from kimi_jax.model.jax_setup import enable_compilation_cache
     from kimi_jax.storage.checkpoint import open_checkpoint
+    from kimi_jax.storage.residency import plan_residency, resolve_budget
 
     enable_compilation_cache()
     index = open_checkpoint(ckpt)
-    with Engine(index, dtype) as engine:  # warm-up: compile once (cached across runs), then measure
+    residency = plan_residency(index, resolve_budget(budget))
+    settings = dict(matmul=matmul, residency=residency)
+    with Engine(index, dtype, **settings) as engine:  # warm-up: compile once (cached across runs), then measure
         engine.generate(PROMPT, min(tokens, 3), kv_cache=kv_cache)
-    with Engine(index, dtype) as engine:
+    with Engine(index, dtype, **settings) as engine:
         steps = engine.generate(PROMPT, tokens, kv_cache=kv_cache)
-    name = ("kimi-jax-kv" if kv_cache else "kimi-jax-no-kv") + ("-bf16" if dtype == "bfloat16" else "")
+    name = next(n for n, (kv, dt, mm, b) in KIMI_SYSTEMS.items() if (kv, dt, mm, b) == (kv_cache, dtype, matmul, budget))
     np.save(_first_logits_path(ckpt, name), steps[0].logits)
     return {"load_s": 0.0, "step_s": [s.wall_s for s in steps], "bytes_per_step": [s.bytes_read for s in steps],
+            "storage_bytes_per_step": [s.io.from_storage + s.io.from_speculation for s in steps],
             "tokens_out": [s.token for s in steps]}  # fmt: skip
+
+
+# name -> (kv_cache, dtype, compute.matmul, storage.resident_bytes); the first three are 0.1.0's behaviour
+KIMI_SYSTEMS = {
+    "kimi-jax-kv": (True, "float32", "widened", 0),
+    "kimi-jax-no-kv": (False, "float32", "widened", 0),
+    "kimi-jax-kv-bf16": (True, "bfloat16", "widened", 0),
+    "kimi-jax-kv-auto": (True, "float32", "stored", "auto"),  # fits: loaded once, stored-precision matmuls
+    "kimi-jax-kv-auto-bf16": (True, "bfloat16", "stored", "auto"),
+    "kimi-jax-kv-stream": (True, "float32", "stored", 0),  # pure streaming, stored-precision matmuls
+}
 
 
 SYSTEMS = {
@@ -192,9 +212,7 @@ SYSTEMS = {
     "transformers-disk-offload": lambda c, n: worker_transformers(c, n, offload=True),
     "llama.cpp-f32": lambda c, n: worker_llama(c, n, "f32"),
     "llama.cpp-bf16": lambda c, n: worker_llama(c, n, "bf16"),
-    "kimi-jax-kv": lambda c, n: worker_kimi(c, n, kv_cache=True),
-    "kimi-jax-no-kv": lambda c, n: worker_kimi(c, n, kv_cache=False),
-    "kimi-jax-kv-bf16": lambda c, n: worker_kimi(c, n, kv_cache=True, dtype="bfloat16"),
+    **{name: (lambda c, n, spec=spec: worker_kimi(c, n, *spec)) for name, spec in KIMI_SYSTEMS.items()},
 }
 
 
@@ -258,6 +276,11 @@ def main() -> None:
                 emit({"system": name, "max_logit_diff_vs_transformers_f32": diff, "logit_scale": float(np.max(np.abs(ref)))})
     if {"transformers-memory", "transformers-disk-offload", "kimi-jax-kv"} <= results.keys():
         mem, off, kv = results["transformers-memory"], results["transformers-disk-offload"], results["kimi-jax-kv"]
+
+        def ratio(a: str, b: str, field: str = "per_token_s") -> dict:
+            key = f"{a}/{b}" + ("" if field == "per_token_s" else f" {field}")
+            return {key: results[a][field] / results[b][field]} if {a, b} <= results.keys() else {}
+
         emit({"ratios": {
             "latency_vs_memory": kv["per_token_s"] / mem["per_token_s"],
             "latency_vs_offload": kv["per_token_s"] / off["per_token_s"],
@@ -268,8 +291,16 @@ def main() -> None:
             **({"latency_bf16_vs_llama.cpp-bf16": results["kimi-jax-kv-bf16"]["per_token_s"]
                 / results["llama.cpp-bf16"]["per_token_s"]}
                if {"kimi-jax-kv-bf16", "llama.cpp-bf16"} <= results.keys() else {}),
+            # issue 17: budget auto (the model fits) and budget 0, stored-precision matmuls
+            **ratio("kimi-jax-kv-auto", "transformers-memory"), **ratio("kimi-jax-kv-auto", "llama.cpp-f32"),
+            **ratio("kimi-jax-kv-auto-bf16", "llama.cpp-bf16"),
+            **ratio("kimi-jax-kv-auto", "transformers-memory", "peak_rss_mib"),
+            **ratio("kimi-jax-kv-stream", "transformers-disk-offload"), **ratio("kimi-jax-kv-auto", "kimi-jax-kv"),
         }, "targets": {"latency_vs_memory": "<= 0.5", "latency_vs_offload": "<= 0.1", "rss_vs_memory": "<= 0.25",
-                     "latency_vs_llama.cpp-f32": "<= 1.0"}})  # fmt: skip
+                     "latency_vs_llama.cpp-f32": "<= 1.0", "kimi-jax-kv-auto/transformers-memory": "<= 0.5",
+                     "kimi-jax-kv-auto/llama.cpp-f32": "<= 1.0", "kimi-jax-kv-auto-bf16/llama.cpp-bf16": "<= 1.0",
+                     "kimi-jax-kv-auto/transformers-memory peak_rss_mib": "<= 1.0",
+                     "kimi-jax-kv-stream/transformers-disk-offload": "<= 0.3"}})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,53 +1,112 @@
 """Scale: the full-shape Kimi K2.5 layout (61 layers, 384 experts, 163,840 vocab, sparse files)
 on this machine: one token from [BOS] through all 61 layers, then N tokens with and without the
-KV cache. Reports bytes read (must equal `kimi-jax inspect`'s prediction), wall time split into
-read and compute, and peak RSS (target: under 6 GiB).
+KV cache. Reports bytes used (must equal `kimi-jax inspect`'s prediction), where they came from
+(storage, memory, read ahead), the expert cache's hit rate per step, wall time split into read and
+compute, and peak RSS (target: under budget + 2 GiB).
 
-    python benchmarks/scale.py                 # 1 token, then 5 tokens with and without KV cache
-    python benchmarks/scale.py --tokens 0      # the single-token pass only
-    python benchmarks/scale.py --smoke         # the tiny preset, to check the script runs
+    python benchmarks/scale.py                            # budget auto, stored-precision matmuls
+    python benchmarks/scale.py --budget 0 --matmul widened  # 0.1.0's behaviour in this tree
+    python benchmarks/scale.py --tokens 0                 # the single-token pass only
+    python benchmarks/scale.py --baseline 8594dfb         # also the BOS pass of that commit, same invocation
+    python benchmarks/scale.py --smoke                    # the tiny preset, to check the script runs
+
+``--baseline REV`` checks REV out with ``git worktree add`` into a temporary folder and runs its own
+``benchmarks/scale.py --tokens 0`` in a child process (its own package on ``PYTHONPATH``), before
+this tree's runs, so both BOS passes are measured in one invocation on the same machine state.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from common import emit, machine, peak_rss_bytes
 
 from kimi_jax.model.engine import Engine
 from kimi_jax.storage.checkpoint import open_checkpoint
+from kimi_jax.storage.residency import plan_residency, resolve_budget
 from kimi_jax.storage.synth import ensure_synthetic
 
+REPO = Path(__file__).resolve().parents[1]
 
-def run(index, tokens: int, kv_cache: bool) -> dict:
+
+def run(index, tokens: int, kv_cache: bool, engine_args: dict) -> dict:
     started = time.perf_counter()
-    with Engine(index) as engine:
+    with Engine(index, **engine_args) as engine:
         steps = engine.generate([index.config.bos_token_id], tokens, kv_cache=kv_cache)
     wall = time.perf_counter() - started
+    moe = [[l.io for l in s.layers if l.kind == "moe"] for s in steps]
     return {"tokens": tokens, "kv_cache": kv_cache, "wall_s": round(wall, 2),
             "per_token_s": [round(s.wall_s, 2) for s in steps], "bytes_read": [s.bytes_read for s in steps],
+            "bytes_from_storage": [s.io.from_storage + s.io.from_speculation for s in steps],
+            "bytes_from_memory": [s.io.from_memory for s in steps],
+            "bytes_mispredicted": [s.io.mispredicted for s in steps], "bytes_preloaded": [s.io.preloaded for s in steps],
+            "expert_hit_rate": [round(sum(i.experts_from_memory for i in m) / max(1, sum(i.experts_used for i in m)), 4)
+                                for m in moe],
+            "prediction_recall": [round(sum(i.experts_predicted_used for i in m) / max(1, sum(i.experts_used for i in m)), 4)
+                                  for m in moe],
             "read_s": round(sum(l.read_s for s in steps for l in s.layers), 2),
             "compute_s": round(sum(l.compute_s for s in steps for l in s.layers), 2),
             "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2), "tokens_out": [s.token for s in steps]}  # fmt: skip
 
 
+def baseline(revision: str, smoke: bool) -> dict:
+    """The BOS pass of ``revision``'s own scale.py, run from a temporary worktree in a child process."""
+    with tempfile.TemporaryDirectory(prefix="kimi-jax-scale-baseline-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(tree), revision], cwd=REPO, check=True)
+        try:
+            proc = subprocess.run([sys.executable, str(tree / "benchmarks" / "scale.py"), "--tokens", "0"]
+                                  + (["--smoke"] if smoke else []), cwd=tree, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(tree)})  # fmt: skip
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
+    if proc.returncode != 0:
+        return {"revision": revision, "error": proc.stderr[-2000:]}
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {"revision": revision, **next(r for r in records if r.get("run") == "one-token")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=5, help="tokens for the multi-token runs (0: skip them)")
+    parser.add_argument("--budget", default="auto", help="storage.resident_bytes: a size, 0 or auto (default)")
+    parser.add_argument("--matmul", default="stored", choices=["stored", "widened"], help="compute.matmul")
+    parser.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"])
+    parser.add_argument("--speculate", action="store_true", help="storage.speculate: read predicted experts ahead")
+    parser.add_argument("--baseline", metavar="REV", help="also run REV's BOS pass (a git worktree), first")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     preset = "tiny" if args.smoke else "full-shape"
+    before = baseline(args.baseline, args.smoke) if args.baseline else None
     started = time.perf_counter()
     index = open_checkpoint(ensure_synthetic(preset))
+    budget = resolve_budget(args.budget if args.budget == "auto" else int(args.budget) if args.budget.isdigit()
+                            else args.budget)  # fmt: skip
+    residency = plan_residency(index, budget)
+    engine_args = {"matmul": args.matmul, "residency": residency, "expert_cache": args.expert_cache,
+                   "speculate": args.speculate}
     emit({"benchmark": "scale", "preset": preset, "machine": machine(), "index_s": round(time.perf_counter() - started, 2),
-          "predicted_bytes_per_token": index.predicted_bytes_per_token()})  # fmt: skip
-    one = run(index, 1, kv_cache=False)
+          "predicted_bytes_per_token": index.predicted_bytes_per_token(), "matmul": args.matmul,
+          "budget_bytes": budget, "resident_layers": len(residency.layers), "head_resident": residency.head,
+          "expert_cache_bytes": residency.expert_capacity})  # fmt: skip
+    if before is not None:
+        emit({**before, "run": "baseline-one-token"})
+    one = run(index, 1, False, engine_args)
+    if before is not None and "wall_s" in before:
+        one["wall_vs_baseline"] = round(one["wall_s"] / before["wall_s"], 3)
+    one["rss_minus_budget_gib"] = round(one["peak_rss_gib"] - budget / 2**30, 2)
     one["bytes_equal_prediction"] = one["bytes_read"][0] == index.predicted_bytes_per_token()
     emit({"run": "one-token", **one})
     if args.tokens:
         for kv in (True, False):
-            emit({"run": f"{args.tokens}-tokens", **run(index, 2 if args.smoke else args.tokens, kv_cache=kv)})
+            emit({"run": f"{args.tokens}-tokens", **run(index, 2 if args.smoke else args.tokens, kv, engine_args)})
 
 
 if __name__ == "__main__":

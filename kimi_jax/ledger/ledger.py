@@ -22,6 +22,14 @@ file (``kimi-jax digest``), ``checkpoint.content_root`` is that file's root and 
 step read, so the ledger names exactly the weights behind each token. ``bytes_network`` and
 ``bytes_cache`` split a remote checkpoint's bytes into those fetched and those the local range
 cache served.
+
+Bytes (version 2). ``bytes_read`` keeps its version 1 name and meaning: the bytes of the stored
+tensors the step (or layer) *used*, whatever served them; it depends only on the routing, and is
+what anchors and the non-perturbation proof compare. Beside it, where those bytes came from:
+``bytes_from_memory`` + ``bytes_from_storage`` + ``bytes_from_speculation`` = ``bytes_read``, and
+what else was read: ``bytes_mispredicted`` (experts read ahead but not used), ``bytes_preloaded``
+(experts read to be kept before any step used them) and ``bytes_overread`` (gaps between merged
+ranges). See :class:`kimi_jax.records.ByteCounts`.
 """
 
 from __future__ import annotations
@@ -94,6 +102,14 @@ def derive_routing_weights(router_scores: list[list[float]], normalize: bool = T
     return f32_list(s / (total + np.float32(1e-20))[:, None])
 
 
+def expert_hit_rate(layers: list[dict[str, Any]]) -> float | None:
+    """Of the distinct experts the step's MoE layers ran, the fraction already in memory (None: no MoE layer)."""
+    used = sum(int(layer.get("experts_used", 0)) for layer in layers)
+    if not used:
+        return None
+    return f32(sum(int(layer.get("experts_from_memory", 0)) for layer in layers) / used)
+
+
 def derive_step(logits: np.ndarray, hidden: np.ndarray) -> dict[str, Any]:
     """Every derived step-level field, from the stored arrays."""
     return {
@@ -140,7 +156,20 @@ _LAYER = _obj({
     "experts": _m(_matrix(_INT), "Selected routed expert ids per position [T][k], best first."),
     "router_scores": _m(_matrix(_NUM), "Raw sigmoid router scores of the selected experts [T][k]."),
     "routing_weights": _d(_matrix(_NUM), "router_scores normalised to sum 1 per position (derive_routing_weights)."),
-    "bytes_read": _m(_INT, "Bytes read from storage for this layer in this step (weights and experts)."),
+    "bytes_read": _m(_INT, "Bytes of stored tensors this layer used in this step (weights and experts), whether "
+                           "served from memory or read: independent of what was in memory."),
+    **{f"bytes_{name}": _m(_INT, doc) for name, doc in (
+        ("from_memory", "Of bytes_read: kept in memory from an earlier step (resident weights, expert cache)."),
+        ("from_storage", "Of bytes_read: read from storage when needed."),
+        ("from_speculation", "Of bytes_read: experts read ahead because the early router predicted them."),
+        ("mispredicted", "Read ahead for predicted experts this layer did not use (not in bytes_read)."),
+        ("preloaded", "Experts read to be kept in memory before any step used them: a model that fits is read "
+                      "whole (not in bytes_read)."),
+        ("overread", "Gap bytes between merged ranges, read and discarded (not in bytes_read)."))},
+    "experts_used": _m(_INT, "Distinct routed experts this layer ran."),
+    "experts_from_memory": _m(_INT, "Of experts_used: already in memory (expert cache hits)."),
+    "experts_predicted": _m(_INT, "Distinct experts the layer's router, applied early, predicted."),
+    "experts_predicted_used": _m(_INT, "Of experts_predicted: used by this layer."),
 }, required=["layer", "kind", "bytes_read"])  # fmt: skip
 
 _STEP = _obj({
@@ -167,12 +196,17 @@ _STEP = _obj({
     "margin": _d(_NUM, "Top-1 minus top-2 logit."),
     "hidden_digest": _d(_HEX, "BLAKE3 of the final hidden state, float32 little-endian [hidden_size]."),
     "logits_digest": _d(_HEX, "BLAKE3 of the last position's logits, float32 little-endian [vocab_size]."),
-    "bytes_read": _m(_INT, "Bytes read from storage in this step, all layers, embedding rows and head."),
-    "bytes_network": _m(_INT, "Of bytes_read, bytes fetched over the network (remote checkpoints)."),
-    "bytes_cache": _m(_INT, "Of bytes_read, bytes served by the local range cache (remote checkpoints)."),
+    "bytes_read": _m(_INT, "Bytes of stored tensors this step used, all layers, embedding rows and head, whether "
+                           "served from memory or read: independent of what was in memory."),
+    **{f"bytes_{name}": _m(_INT, f"As the layers' bytes_{name}, over all layers, embedding rows and head.")
+       for name in ("from_memory", "from_storage", "from_speculation", "mispredicted", "preloaded", "overread")},
+    "expert_hit_rate": _d({"type": ["number", "null"]}, "Of the distinct experts the MoE layers ran, the fraction "
+                          "already in memory: sum experts_from_memory / sum experts_used (expert_hit_rate)."),
+    "bytes_network": _m(_INT, "Of the bytes read from storage, bytes fetched over the network (remote checkpoints)."),
+    "bytes_cache": _m(_INT, "Of the bytes read from storage, bytes the local range cache served (remote checkpoints)."),
     "weights_digest": _d(_HEX_OR_NULL, "BLAKE3 over the sorted 'NAME<TAB>DIGEST' lines of every stored tensor this "
-                         "step read (an embedding row as NAME[ROW]), digests from the checked digest file "
-                         "(storage.digests.weights_digest); null when no digest file was checked."),
+                         "step used, read or served from memory (an embedding row as NAME[ROW]), digests from the "
+                         "checked digest file (storage.digests.weights_digest); null when no digest file was checked."),
     "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of this step."),
     "layers": {"type": "array", "items": _LAYER},
 }, required=["index", "context", "token", "logit", "probability", "rank", "hidden_digest", "logits_digest", "bytes_read",
@@ -226,11 +260,22 @@ LEDGER_SCHEMA: dict[str, Any] = {
             "dtype": _m({"enum": ["float32", "bfloat16"]}, "Compute dtype."),
             "dequant": _m({"enum": list(DEQUANT_MODES)}, "How quantized weights were dequantized: exact "
                           "(float32 product) or bf16-rounded."),
+            "matmul": _m({"enum": ["stored", "widened"]}, "How weights entered matmuls (compute.matmul)."),
+            "residency": _obj({
+                "budget_bytes": _m(_INT, "storage.resident_bytes resolved when the run started."),
+                "resident_layers": _m(_INT, "Layers whose non-expert weights the budget keeps in memory."),
+                "head_resident": _m({"type": "boolean"}, "The budget keeps the head in memory."),
+                "expert_cache_bytes": _m(_INT, "Budget left for the expert cache."),
+                "expert_cache": _m({"enum": ["lru", "lfu"]}, "Expert cache eviction policy."),
+                "speculate": _m({"type": "boolean"}, "storage.speculate: predicted experts are read ahead (not when "
+                                                     "every expert is kept)."),
+            }),
             "capture": _m({"type": "array", "items": {"enum": ["norms", "routing", "logits"]}}, "Capture fields kept."),
             "page_cache_evicted": _m({"type": "boolean"}, "Shards were dropped from the page cache before the run."),
             "page_cache_resident_bytes": _m(_INT, "Bytes of the shards in the page cache when the run started."),
             "shard_bytes": _m(_INT, "Total size of the checkpoint's shard files."),
-        }),
+        }, required=["prompt", "prompt_input", "sampling", "stop", "max_new_tokens", "kv_cache", "dtype", "capture",
+                     "page_cache_evicted", "page_cache_resident_bytes", "shard_bytes"]),  # fmt: skip
         "steps": {"type": "array", "items": _STEP, "minItems": 1},
         "stopped": _obj({
             "reason": _d({"enum": ["eos", "end_of_turn", "stop_string", "max_new_tokens"]}, "Why generation ended."),
@@ -242,7 +287,7 @@ LEDGER_SCHEMA: dict[str, Any] = {
             "prompt_token_texts": _d({"type": "array", "items": _STR}, "token_text of each prompt id."),
             "generated_text": _d(_STR, "The generated ids decoded (UTF-8, special tokens by name)."),
         })]}, "Texts decoded by the checkpoint's tokenizer; null when it ships none."),
-        "totals": _obj({"bytes_read": _m(_INT, "Bytes read over all steps."),
+        "totals": _obj({"bytes_read": _m(_INT, "Bytes used over all steps (sum of the steps' bytes_read)."),
                         "bytes_network": _m(_INT, "Bytes fetched over the network over all steps."),
                         "bytes_cache": _m(_INT, "Bytes served by the range cache over all steps."),
                         "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds over all steps.")},
@@ -317,7 +362,17 @@ def layer_entry(rec, capture: list[str], normalize: bool) -> dict[str, Any]:
         entry["router_scores"] = f32_list(rec.router_scores)
         entry["routing_weights"] = derive_routing_weights(entry["router_scores"], normalize)
     entry["bytes_read"] = int(rec.bytes_read)
+    entry.update(_sources(rec.io))
+    if rec.kind == "moe":
+        entry.update(experts_used=rec.io.experts_used, experts_from_memory=rec.io.experts_from_memory,
+                     experts_predicted=rec.io.experts_predicted, experts_predicted_used=rec.io.experts_predicted_used)  # fmt: skip
     return entry
+
+
+def _sources(io) -> dict[str, int]:
+    return {"bytes_from_memory": int(io.from_memory), "bytes_from_storage": int(io.from_storage),
+            "bytes_from_speculation": int(io.from_speculation), "bytes_mispredicted": int(io.mispredicted),
+            "bytes_preloaded": int(io.preloaded), "bytes_overread": int(io.overread)}  # fmt: skip
 
 
 def step_entry(step, capture: list[str], normalize: bool, tokenizer=None, sampling=None) -> dict[str, Any]:
@@ -332,11 +387,11 @@ def step_entry(step, capture: list[str], normalize: bool, tokenizer=None, sampli
         entry.update(top_k=derived["top_k"], entropy=derived["entropy"], margin=derived["margin"])
     entry.update(step_text_fields(tokenizer, int(step.token), entry.get("top_k")))
     storage = step.storage or {}
+    layers = [layer_entry(r, capture, normalize) for r in step.layers]
     entry.update(hidden_digest=derived["hidden_digest"], logits_digest=derived["logits_digest"],
-                 bytes_read=int(step.bytes_read), bytes_network=int(storage.get("bytes_network", 0)),
-                 bytes_cache=int(storage.get("bytes_cache", 0)), weights_digest=storage.get("weights_digest"),
-                 wall_s=f32(step.wall_s),
-                 layers=[layer_entry(r, capture, normalize) for r in step.layers])  # fmt: skip
+                 bytes_read=int(step.bytes_read), **_sources(step.io), expert_hit_rate=expert_hit_rate(layers),
+                 bytes_network=int(storage.get("bytes_network", 0)), bytes_cache=int(storage.get("bytes_cache", 0)),
+                 weights_digest=storage.get("weights_digest"), wall_s=f32(step.wall_s), layers=layers)  # fmt: skip
     return entry
 
 
@@ -361,7 +416,9 @@ def checkpoint_record(plan) -> dict[str, Any]:
                                                          "digest": tokenizer.digest}}  # fmt: skip
 
 
-def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, proof: dict | None) -> dict[str, Any]:
+def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, proof: dict | None,
+                 residency: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """``residency``: the run's ``run.residency`` record (what the budget kept), when it had one."""
     from kimi_jax.ledger.text_fields import text_section
     from kimi_jax.platform_info import (
         fingerprint_digest,
@@ -386,6 +443,7 @@ def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, p
         "platform_digest": fingerprint_digest(platform),
         "run": {"prompt": list(plan.prompt), "prompt_input": prompt_input(m), "max_new_tokens": m.generate.max_new_tokens,
                 "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype, "dequant": m.compute.dequant,
+                "matmul": m.compute.matmul, **({"residency": residency} if residency is not None else {}),
                 "capture": capture,
                 "sampling": decoding.sampling.as_dict() if decoding.sampling else None, "stop": decoding.settings(),
                 **page_cache},  # fmt: skip
@@ -432,6 +490,8 @@ def audit_derived(ledger: dict, arrays: dict[int, tuple[np.ndarray, np.ndarray]]
                 if want != layer["routing_weights"]:
                     problems.append(f"steps[{i}].layers[{layer['layer']}].routing_weights does not recompute "
                                     "from router_scores")  # fmt: skip
+        if "expert_hit_rate" in step and step["expert_hit_rate"] != expert_hit_rate(step["layers"]):
+            problems.append(f"steps[{i}].expert_hit_rate does not recompute from the layers' expert counts")
         if arrays is None or i not in arrays:
             continue
         logits, hidden = arrays[i]

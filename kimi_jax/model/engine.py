@@ -1,11 +1,13 @@
-"""The streaming engine: one layer's parameters in memory at a time, only the routed experts read.
+"""The streaming engine: only the routed experts read, and only what the residency budget does not keep.
 
 For each step the engine embeds the input (reading only the embedding rows it needs), then for
-each layer: reads the layer's non-expert weights (already prefetched on a background thread while
-the previous layer computed), runs attention and the router, reads the distinct experts any
-position picked, runs them, and drops the layer. Then it reads the head and chooses the token
-(greedy, or as the run's decoding says). Capture values come back from the same jitted calls
-whether or not they are kept.
+each layer: gets the layer's non-expert weights (kept in memory when the budget holds them, else
+read on a background thread while the previous layer computed), optionally predicts the layer's
+experts with its router applied early and starts reading them, runs attention and the router, gets
+the distinct experts any position picked (expert cache, reads ahead, storage), runs them. Then the
+head, and the token is chosen (greedy, or as the run's decoding says). Weights come from
+:class:`~kimi_jax.storage.weight_store.WeightStore`, which counts every byte by source. Capture
+values come back from the same jitted calls whether or not they are kept.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ import numpy as np
 
 from kimi_jax.model import layers
 from kimi_jax.model.forward import layer_step
+from kimi_jax.model.matmul import StoredWeight
 from kimi_jax.model.params import ExpertStack, HeadParams, expert_stack, head_params, layer_params
 from kimi_jax.model.quant import Fp8Weight, Int4Weight
-from kimi_jax.records import LayerRecord, StepRecord
+from kimi_jax.model.resident import resident_moe_layer
+from kimi_jax.model.speculation import predict_experts
+from kimi_jax.records import ByteCounts, LayerRecord, StepRecord
 from kimi_jax.storage.codecs import EXACT, check_dequant_mode
 from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
 from kimi_jax.storage.reader import ReadCounters, ShardReader
+from kimi_jax.storage.residency import ResidencyPlan, budget_plan, plan_residency
 from kimi_jax.storage.safetensors_header import TensorRecord
+from kimi_jax.storage.weight_store import WeightStore
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Rows of the lm_head per logits call: 16384 x 7168 BF16 is 235 MB, 470 MB once widened.
@@ -50,19 +57,25 @@ def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: Check
                      dequant=dequant)  # fmt: skip
 
 
+def on_device(weight: Any, matmul: str) -> Any:
+    """A decoded weight as device arrays (the reader's aligned buffers are adopted, not copied), a
+    linear weight wrapped for stored-precision matmuls when ``matmul == "stored"``."""
+    weight = jax.tree_util.tree_map(jax.device_put, weight)
+    return StoredWeight(weight) if matmul == "stored" and len(weight.shape) == 2 else weight
+
+
 class _ExpertReads:
-    """``fetch_experts`` for one layer backed by the reader: each distinct expert picked is read once,
-    and the time spent reading is kept apart, so a layer's compute time excludes it."""
+    """``fetch_experts`` for one layer backed by the weight store: each distinct expert picked comes
+    once (from the expert cache, a read ahead or storage), and the time spent getting them is kept
+    apart, so a layer's compute time excludes it."""
 
     def __init__(self, engine: Engine, layer: int):
         self.engine, self.layer, self.seconds = engine, layer, 0.0
 
     def __call__(self, stack_ids: list[int]) -> ExpertStack:
         started = time.perf_counter()
-        experts = self.engine.index.layers[self.layer].experts
-        distinct = dict.fromkeys(stack_ids)  # padding repeats an id; order kept: sorted ids first
-        loaded = self.engine._read([w for e in distinct for w in experts[e].values()], self.layer)
-        stack = expert_stack(self.engine.cfg, self.layer, stack_ids, loaded)
+        distinct = list(dict.fromkeys(stack_ids))  # padding repeats an id; order kept: sorted ids first
+        stack = expert_stack(self.engine.cfg, self.layer, stack_ids, self.engine.store.experts(self.layer, distinct))
         self.seconds += time.perf_counter() - started
         return stack
 
@@ -71,7 +84,13 @@ class Engine:
     """Streams one checkpoint. ``generate`` decodes tokens; see :class:`StepRecord`."""
 
     def __init__(self, index: CheckpointIndex, dtype: str = "float32", prefetch: bool = True, io_retries: int = 3,
-                 keep_capture: bool = True, reader: ShardReader | None = None, dequant: str = EXACT):  # fmt: skip
+                 keep_capture: bool = True, reader: ShardReader | None = None, dequant: str = EXACT,
+                 matmul: str = "widened", residency: ResidencyPlan | None = None, expert_cache: str = "lru",
+                 speculate: bool = False):  # fmt: skip
+        """``dequant`` is compute.dequant, ``matmul`` compute.matmul; ``residency``
+        (:func:`~kimi_jax.storage.residency.plan_residency`, default: keep nothing) says what stays in
+        memory, ``expert_cache`` is the policy of the expert cache within it, and ``speculate`` reads
+        the experts an early router predicts ahead."""
         self.index = index
         self.keep_capture = keep_capture
         self.cfg = index.config
@@ -80,22 +99,37 @@ class Engine:
         self.prefetch = prefetch
         # A given reader (remote, digest-checked) replaces the plain local one; the engine only calls its interface.
         self.reader = reader if reader is not None else ShardReader(retries=io_retries)
+        self.residency = residency if residency is not None else plan_residency(index, 0)
+        dequant = self.dequant
+        self.store = WeightStore(index, self.reader, self.residency, expert_cache,
+                                 decode=lambda e, parts: on_device(decode_weight(e, parts, index, dequant), matmul))  # fmt: skip
+        # When the budget holds every expert, each MoE layer's experts are read whole once, kept stacked,
+        # and the layer runs as one program (kimi_jax.model.resident); reading ahead is then pointless.
+        every_expert = sum(lm.total_bytes - lm.base_bytes for lm in index.layers)
+        self.all_experts_resident = self.residency.expert_capacity >= every_expert
+        self._expert_stacks: dict[int, ExpertStack] = {}
+        self.speculate = speculate and not self.all_experts_resident
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-jax-prefetch")
 
     @classmethod
-    def from_plan(cls, plan: Any, keep_capture: bool = True) -> "Engine":
+    def from_plan(cls, plan: Any, keep_capture: bool = True, residency: ResidencyPlan | None = None) -> "Engine":
         """The engine a plan describes: its checkpoint, with the manifest's compute and storage settings.
 
         ``plan`` is a run plan or a vindex plan: anything with ``index`` and ``manifest``, and a run
-        plan's ``source`` (remote, digest-checked) supplies the reader; without one, shards are read locally."""
+        plan's ``source`` (remote, digest-checked) supplies the reader; without one, shards are read locally.
+        ``residency`` defaults to the manifest's budget resolved now (``auto`` measures memory: a caller
+        running the plan twice resolves it once and passes it)."""
         m = plan.manifest
         source = getattr(plan, "source", None)
         reader = source.reader(m.storage.io_retries) if source is not None else None
+        residency = residency if residency is not None else budget_plan(plan.index, m.storage.resident_bytes)
         return cls(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture,
-                   reader=reader, dequant=m.compute.dequant)  # fmt: skip
+                   reader=reader, dequant=m.compute.dequant, matmul=m.compute.matmul, residency=residency,
+                   expert_cache=m.storage.expert_cache, speculate=m.storage.speculate)  # fmt: skip
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.store.close()
         self.reader.close()
 
     def __enter__(self) -> "Engine":
@@ -106,19 +140,13 @@ class Engine:
 
     # -- loading -----------------------------------------------------------------------------
 
-    def _read(self, entries: list[WeightEntry], layer: int | None) -> dict[str, Any]:
-        parts = self.reader.read_weights(entries, layer=layer)
-        return {e.name: decode_weight(e, parts[e.name], self.index, self.dequant) for e in entries}
-
     def _load_base(self, layer: int):
         started = time.perf_counter()
-        lm = self.index.layers[layer]
-        tensors = self._read(list(lm.base.values()), layer)
-        return layer_params(self.cfg, layer, tensors), time.perf_counter() - started
+        return layer_params(self.cfg, layer, self.store.base(layer)), time.perf_counter() - started
 
     def _load_head(self):
         started = time.perf_counter()
-        tensors = self._read(list(self.index.head.values()), None)
+        tensors = dict(self.store.head())
         if "lm_head.weight" not in tensors:  # tied embeddings
             tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
         return head_params(self.cfg, tensors), time.perf_counter() - started
@@ -126,12 +154,16 @@ class Engine:
     def _logits(self, head: HeadParams, hidden: jax.Array) -> np.ndarray:
         """Logits in vocabulary chunks: the head (2.3 GB in BF16 for Kimi) is never widened to
         float32 or copied whole; only one chunk at a time is."""
-        lm_head = head.lm_head
+        stored = isinstance(head.lm_head, StoredWeight)
+        lm_head = head.lm_head.weight if stored else head.lm_head
         vocab = lm_head.shape[0]
-        if not isinstance(lm_head, np.ndarray) or vocab <= HEAD_CHUNK_ROWS:
+        if vocab <= HEAD_CHUNK_ROWS:
             return np.asarray(layers.final_logits(self.cfg, head, hidden))
-        chunks = [layers.final_logits(self.cfg, HeadParams(head.norm, lm_head[i : i + HEAD_CHUNK_ROWS]), hidden)
-                  for i in range(0, vocab, HEAD_CHUNK_ROWS)]  # fmt: skip
+        chunks = []
+        for i in range(0, vocab, HEAD_CHUNK_ROWS):
+            rows = lm_head[i : i + HEAD_CHUNK_ROWS]
+            chunks.append(layers.final_logits(self.cfg, HeadParams(head.norm, StoredWeight(rows) if stored else rows),
+                                              hidden))  # fmt: skip
         return np.concatenate([np.asarray(c) for c in chunks])
 
     def _embed(self, tokens: list[int]) -> jax.Array:
@@ -141,7 +173,7 @@ class Engine:
         distinct = sorted(set(tokens))
         records = [TensorRecord(f"{entry.stored_name}[{t}]", entry.shard, entry.offset + t * row, row, entry.dtype,
                                 (entry.shape[1],)) for t in distinct]  # fmt: skip
-        rows = self.reader.read_records(records, layer=None, labels=[f"embed_tokens.weight[{t}]" for t in distinct])
+        rows = self.store.records(records, labels=[f"embed_tokens.weight[{t}]" for t in distinct])
         table = dict(zip(distinct, rows))
         return jnp.asarray(np.stack([table[t] for t in tokens])).astype(self.dtype)
 
@@ -170,24 +202,45 @@ class Engine:
             is_last = layer + 1 == cfg.num_hidden_layers
             pending = self._submit(self._load_head) if is_last else self._submit(self._load_base, layer + 1)
             cache = caches[layer] if caches is not None else None
-            expert_reads = _ExpertReads(self, layer)
-            started = time.perf_counter()
-            x, cache, routing, capture = layer_step(cfg, params, x, pos, cache, expert_reads)
-            x.block_until_ready()
-            compute_s = time.perf_counter() - started - expert_reads.seconds
+            moe = self.index.layers[layer].kind == "moe"
+            if self.speculate and moe:
+                self.store.speculate(layer, predict_experts(cfg, params, x))
+            if self.all_experts_resident and moe:
+                x, cache, routing, capture, fetch_s, compute_s = self._resident_moe(layer, params, x, pos, cache)
+            else:
+                expert_reads = _ExpertReads(self, layer)
+                started = time.perf_counter()
+                x, cache, routing, capture = layer_step(cfg, params, x, pos, cache, expert_reads)
+                x.block_until_ready()
+                fetch_s = expert_reads.seconds
+                compute_s = time.perf_counter() - started - fetch_s
             if new_caches is not None:
                 new_caches.append(cache)
-            records.append(self._layer_record(layer, routing, capture, read_s + expert_reads.seconds, compute_s))
+            records.append(self._layer_record(layer, routing, capture, read_s + fetch_s, compute_s))
             del params
             if on_layer:
                 on_layer(layer, self.reader.step.total)
         head, _ = pending.result()
         hidden = x[-1]
         logits = self._logits(head, hidden)
-        per_layer = self.reader.step.per_layer
-        for rec in records:
-            rec.bytes_read = per_layer.get(rec.layer, 0)
         return np.asarray(hidden), np.asarray(logits), records, new_caches
+
+    def _resident_moe(self, layer: int, params: Any, x: jax.Array, pos: jax.Array, cache: Any):
+        """A MoE layer whose experts are all kept, stacked, as one program (read whole the first time):
+        returns (x, cache, routing, capture, seconds getting experts, seconds computing)."""
+        started = time.perf_counter()
+        stack = self._expert_stacks.get(layer)
+        read_now = stack is None
+        if read_now:
+            n = self.cfg.n_routed_experts
+            stack = self._expert_stacks[layer] = expert_stack(self.cfg, layer, list(range(n)), self.store.all_experts(layer))
+        fetch_s = time.perf_counter() - started
+        started = time.perf_counter()
+        x, cache, routing, capture = resident_moe_layer(self.cfg, params, stack, x, pos, cache)
+        x.block_until_ready()
+        compute_s = time.perf_counter() - started
+        self.store.count_all_experts(layer, sorted({int(e) for e in np.asarray(routing.idx).reshape(-1)}), read_now)
+        return x, cache, routing, capture, fetch_s, compute_s
 
     def _layer_record(self, layer: int, routing: layers.Routing | None, capture: dict, read_s: float,
                       compute_s: float) -> LayerRecord:  # fmt: skip
@@ -235,19 +288,26 @@ class Engine:
         caches = caches if kv_cache else None
         for step in range(len(steps), max_new_tokens):
             started = time.perf_counter()
-            self.reader.begin_step()
+            self.store.begin_step()
             if kv_cache and step > 0:
                 tokens, positions = [context[-1]], np.array([len(context) - 1])
             else:
                 tokens, positions = list(context), np.arange(len(context))
             step_on_layer = functools.partial(on_layer, step) if on_layer else None
             hidden, logits, layers, caches = self.forward(tokens, positions, caches, step_on_layer)
+            by_layer = self.store.end_step()
             counters: ReadCounters = self.reader.end_step()
+            io = ByteCounts()
+            for counts in by_layer.values():
+                io = io.add(counts)
+            for rec in layers:
+                rec.io = by_layer.get(rec.layer, ByteCounts())
+                rec.bytes_read = rec.io.used
             # the first maximum: ties go to the lowest id
             token = int(np.argmax(logits)) if decoding is None else decoding.choose(step, logits)
             record = StepRecord(step, list(context), token, float(logits[token]), logits, hidden, layers,
-                                counters.total, dict(counters.per_layer), time.perf_counter() - started, caches,
-                                counters.content())  # fmt: skip
+                                io.used, {k: v.used for k, v in by_layer.items()}, time.perf_counter() - started,
+                                caches, counters.content(), io)  # fmt: skip
             steps.append(record)
             if on_step:
                 on_step(record)

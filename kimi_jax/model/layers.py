@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.config import ModelConfig, yarn_mscale
+from kimi_jax.model.matmul import StoredWeight, stored_linear
 from kimi_jax.model.params import (
     AttentionParams,
     DenseLayerParams,
@@ -79,9 +80,18 @@ def _mm(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
     return _dot(spec, a, b).astype(dtype)
 
 
+def _linear_accumulator(x: jax.Array, w: Any) -> jax.Array:
+    """``x @ w.T`` as the float32 accumulator; a :class:`~kimi_jax.model.matmul.StoredWeight` is
+    multiplied in its stored precision, anything else widened to ``x.dtype`` first."""
+    if isinstance(w, StoredWeight):
+        return stored_linear(x, w.weight)
+    return _dot("...i,oi->...o", x, _materialize(w, x.dtype))
+
+
 def linear(x: jax.Array, w: Any) -> jax.Array:
-    """``x @ w.T`` in ``x.dtype`` for an HF ``[out, in]`` weight, plain or quantized container."""
-    return _mm("...i,oi->...o", x, _materialize(w, x.dtype), x.dtype)
+    """``x @ w.T`` in ``x.dtype`` for an HF ``[out, in]`` weight, plain, quantized container or
+    :class:`~kimi_jax.model.matmul.StoredWeight`."""
+    return _linear_accumulator(x, w).astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, weight: Any, eps: float) -> jax.Array:
@@ -364,8 +374,7 @@ def final_logits(cfg: ModelConfig, head: HeadParams, x_last: jax.Array) -> jax.A
     (8 significant bits) would tie the top tokens far more often than the arithmetic requires."""
     TRACE_COUNTS["final_logits"] += 1
     with jax.named_scope("head"):
-        hn = rms_norm(x_last, head.norm, cfg.rms_norm_eps)
-        return _mm("...i,oi->...o", hn, _materialize(head.lm_head, hn.dtype), F32)
+        return _linear_accumulator(rms_norm(x_last, head.norm, cfg.rms_norm_eps), head.lm_head)
 
 
 __all__ = [

@@ -64,6 +64,7 @@ from kimi_jax.run.manifest_yaml import (
     split_field,
 )
 from kimi_jax.storage.layouts import SynthLayout
+from kimi_jax.storage.residency import AUTO, parse_size
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -93,6 +94,8 @@ Preset = Literal["tiny", "small", "full-shape"]
 DType = Literal["float32", "bfloat16"]
 Dequant = Literal[DEQUANT_MODES]  # "exact" | "bf16-rounded"
 CaptureKind = Literal["norms", "routing", "logits"]
+MatmulMode = Literal["stored", "widened"]
+ExpertPolicy = Literal["lru", "lfu"]
 CAPTURE_KINDS: tuple[str, ...] = ("norms", "routing", "logits")
 
 # Most problems reported for one manifest; the rest are summarised in one line.
@@ -252,6 +255,26 @@ class ComputeSection(_Section):
         "rounded after it; bf16-rounded = that product rounded to bfloat16, as compressed-tensors' "
         "decompressor and bf16 kernels produce it. In bfloat16 compute both give the same weights.",
     )
+    matmul: MatmulMode = Field(
+        default="widened",
+        # Left out of the identity at its default, the arithmetic every earlier manifest ran with.
+        exclude_if=lambda value: value == "widened",
+        description="How weights enter matmuls: widened (each weight widened whole to the activation dtype, "
+        "then one matmul: the reference) | stored (BF16 stays BF16 and meets the activation split into "
+        "three bf16 parts, quantized weights are dequantized one small tile at a time: several times "
+        "faster on CPU, equal to widened up to float32 rounding).",
+    )
+
+
+def _check_resident_bytes(value: Any) -> int | str:
+    if value == AUTO:
+        return value
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    raise _fail(f"expected a size such as 8GiB or 512MiB, a byte count, or 'auto'; got {describe_value(value)}")
 
 
 class RemoteSection(_Section):
@@ -294,6 +317,26 @@ class StorageSection(_Section):
         default=None,
         exclude_if=lambda value: value is None,
         description="How a remote checkpoint (http(s)://, hf://, s3://) is read.",
+    )
+    resident_bytes: Annotated[int | str, BeforeValidator(_check_resident_bytes)] = Field(
+        default=0,
+        exclude_if=lambda value: value == 0,
+        json_schema_extra={"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]},
+        description="Memory for weights kept across steps, in stored precision: a size (8GiB, 512MiB, bytes), "
+        "0 = stream everything every step, auto = half of the memory available at the start. Filled with "
+        "every layer's non-expert weights, then the head, then an expert cache.",
+    )
+    expert_cache: ExpertPolicy = Field(
+        default="lru",
+        exclude_if=lambda value: value == "lru",
+        description="Eviction policy of the expert cache: lru | lfu (least frequently used).",
+    )
+    speculate: bool = Field(
+        default=False,
+        exclude_if=lambda value: value is False,
+        description="Apply each MoE layer's router to the hidden state entering the layer and read the experts it "
+        "predicts in the background while the layer's attention runs: pays off when reads are slow (cold "
+        "disk, network mount), costs CPU when the shards are in the page cache.",
     )
 
 

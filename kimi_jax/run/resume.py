@@ -20,7 +20,7 @@ import numpy as np
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import write_bytes_atomic, write_json_atomic
 from kimi_jax.model.layers import LatentCache
-from kimi_jax.records import LayerRecord, StepRecord
+from kimi_jax.records import ByteCounts, LayerRecord, StepRecord
 
 
 class ResumeError(KimiJaxError):
@@ -71,8 +71,9 @@ class RunCheckpoints:
             record = json.loads(json_file.read_text())
             with np.load(json_file.with_suffix(".npz")) as z:
                 arrays = {k: z[k] for k in z.files}
-            layers = [LayerRecord(**layer) for layer in record.pop("layers")]
+            layers = [LayerRecord(**{**layer, "io": ByteCounts(**layer["io"])}) for layer in record.pop("layers")]
             record["bytes_per_layer"] = {k: v for k, v in record["bytes_per_layer"]}
+            record["io"] = ByteCounts(**record["io"])
             steps.append(StepRecord(**record, layers=layers, logits=arrays["logits"], hidden=arrays["hidden"]))
             n = sum(1 for k in arrays if k.endswith("_length"))
             dtype = jnp.dtype(str(arrays["cache_dtype"])) if n else None

@@ -19,6 +19,7 @@ from kimi_jax.run.console import Progress, TextStream, streamed_text, to_stderr
 from kimi_jax.run.plan import RunPlan, load_plan
 from kimi_jax.run.resume import RunCheckpoints
 from kimi_jax.storage.reader import evict_page_cache, resident_bytes
+from kimi_jax.storage.residency import ResidencyPlan, budget_plan
 
 
 def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None,
@@ -64,9 +65,10 @@ class RunOutcome:
 
 
 def run_steps(plan: RunPlan, keep_capture: bool = True, max_new_tokens: int | None = None, on_step=None,
-              on_layer: OnLayer | None = None, done: list | None = None, caches: list | None = None) -> list:  # fmt: skip
+              on_layer: OnLayer | None = None, done: list | None = None, caches: list | None = None,
+              residency: ResidencyPlan | None = None) -> list:  # fmt: skip
     m = plan.manifest
-    with Engine.from_plan(plan, keep_capture) as engine:
+    with Engine.from_plan(plan, keep_capture, residency) as engine:
         return engine.generate(list(plan.prompt), max_new_tokens or m.generate.max_new_tokens, m.generate.kv_cache,
                                on_step, done=done, caches=caches, on_layer=on_layer,
                                decoding=plan.decoding)  # fmt: skip
@@ -89,14 +91,16 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=to_std
     identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
     checkpoints = RunCheckpoints(out, identity, resume)
     runs = [("bare", False), ("instrumented", True)] if prove else [("instrumented", True)]
+    residency = budget_plan(plan.index, m.storage.resident_bytes)  # once: both runs keep the same weights
     # the text appears as the first run produces it (the bare run when proving); the second repeats its tokens
     stream = TextStream(plan.tokenizer, plan.decoding.stop_strings, text_out) if text_out is not None else None
     results = {name: run_with_progress(plan, name, keep, checkpoints, anchor, echo, progress,
-                                       stream if name == runs[0][0] else None) for name, keep in runs}  # fmt: skip
+                                       stream if name == runs[0][0] else None, residency)
+               for name, keep in runs}  # fmt: skip
     proof = prove_non_perturbation(results["bare"], results["instrumented"]) if prove else None
     steps = results["instrumented"]
     anchor_record = anchors.check(anchor, m.anchor, steps[0]) if anchor is not None else None
-    ledger = build_ledger(plan, steps, page_cache, anchor_record, proof)
+    ledger = build_ledger(plan, steps, page_cache, anchor_record, proof, residency_record(plan, residency))
     validate_ledger(ledger)
     write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None, explorer_html=render_explorer(ledger),
                  tokenizer_dir=plan.tokenizer.root if plan.tokenizer else None)  # fmt: skip
@@ -119,6 +123,14 @@ def page_cache_record(plan: RunPlan) -> dict:
             "shard_bytes": sum(h.file_size for h in plan.index.shards)}  # fmt: skip
 
 
+def residency_record(plan: RunPlan, residency: ResidencyPlan) -> dict:
+    """The ledger's ``run.residency``: the budget as resolved and what it keeps."""
+    s = plan.manifest.storage
+    return {"budget_bytes": residency.budget, "resident_layers": len(residency.layers),
+            "head_resident": residency.head, "expert_cache_bytes": residency.expert_capacity,
+            "expert_cache": s.expert_cache, "speculate": s.speculate}  # fmt: skip
+
+
 def describe_run(plan: RunPlan, page_cache: dict) -> list[str]:
     """What is about to run, from where, and how its bytes are checked: lines for the console."""
     m, cfg = plan.manifest, plan.index.config
@@ -139,10 +151,11 @@ def describe_run(plan: RunPlan, page_cache: dict) -> list[str]:
 
 
 def run_with_progress(plan: RunPlan, name: str, keep_capture: bool, checkpoints: RunCheckpoints, anchor: dict | None,
-                      echo=to_stderr, progress: bool = True,
-                      stream: TextStream | None = None) -> list[StepRecord]:  # fmt: skip
+                      echo=to_stderr, progress: bool = True, stream: TextStream | None = None,
+                      residency: ResidencyPlan | None = None) -> list[StepRecord]:  # fmt: skip
     """One run (bare or instrumented) with its progress on stderr, resuming from and saving to
-    ``checkpoints``; ``stream`` gets its tokens as text.
+    ``checkpoints``; ``stream`` gets its tokens as text; ``residency`` is the budget's plan (resolved
+    once for both runs).
 
     Step 0 is compared with the anchor as soon as it completes, so a mismatch stops the run early."""
     m, n_layers = plan.manifest, plan.index.config.num_hidden_layers
@@ -171,7 +184,8 @@ def run_with_progress(plan: RunPlan, name: str, keep_capture: bool, checkpoints:
             stream.feed(step.token)
 
     try:
-        steps = run_steps(plan, keep_capture, on_step=on_step, on_layer=on_layer, done=done_steps, caches=caches)
+        steps = run_steps(plan, keep_capture, on_step=on_step, on_layer=on_layer, done=done_steps, caches=caches,
+                          residency=residency)  # fmt: skip
     finally:
         bar.close()
         if plan.source is not None:
@@ -195,9 +209,14 @@ def prove_non_perturbation(bare: list[StepRecord], instrumented: list[StepRecord
 
 def report(steps: list[StepRecord], proof: dict | None, ledger_path: Path, echo=to_stderr,
            stopped: dict | None = None) -> None:  # fmt: skip
-    echo(f"{'step':>4} {'token':>8} {'logit':>12} {'bytes read':>14} {'wall s':>8}")
+    """Per step: token, logit, bytes used and where they came from, the expert cache's hit rate, wall time."""
+    echo(f"{'step':>4} {'token':>8} {'logit':>12} {'bytes used':>14} {'from storage':>14} {'from memory':>14} "
+         f"{'expert hits':>11} {'wall s':>8}")  # fmt: skip
     for s in steps:
-        echo(f"{s.index:>4} {s.token:>8} {s.logit:>12.6f} {s.bytes_read:>14,} {s.wall_s:>8.3f}")
+        used = sum(layer.io.experts_used for layer in s.layers)
+        hits = f"{sum(layer.io.experts_from_memory for layer in s.layers) / used:.0%}" if used else "-"
+        echo(f"{s.index:>4} {s.token:>8} {s.logit:>12.6f} {s.bytes_read:>14,} "
+             f"{s.io.from_storage + s.io.from_speculation:>14,} {s.io.from_memory:>14,} {hits:>11} {s.wall_s:>8.3f}")  # fmt: skip
     echo("tokens: " + " ".join(str(s.token) for s in steps))
     if stopped is not None:
         echo(f"stopped: {stopped['reason']}" + "".join(f", {k} {v!r}" for k, v in stopped.items() if k != "reason"))

@@ -2,7 +2,7 @@
 
 Two manifests (YAML files): their differences are split into fields that can change results
 (the checkpoint's identity, its tokenizer included, ``compute.dtype``, ``compute.dequant``,
-``prompt``, ``generate.max_new_tokens``, ``generate.kv_cache``, ``generate.sampling``,
+``compute.matmul``, ``prompt``, ``generate.max_new_tokens``, ``generate.kv_cache``, ``generate.sampling``,
 ``generate.stop``, ``generate.ignore_eos``) and fields that cannot (``capture``, proven
 non-perturbing; ``storage``; ``output``; ``anchor``; ``model.cache_dir``), with a plain verdict:
 
@@ -49,6 +49,7 @@ RESULT_FIELDS: dict[str, str] = {
     "compute.dtype": "activations are computed in a different precision",
     "compute.dequant": "quantized weights are dequantized differently (the exact float32 product, or that product "
                        "rounded to bfloat16)",
+    "compute.matmul": "stored-precision and widened matmuls sum the same products in a different order",
     "prompt": "the input tokens differ",
     "generate.max_new_tokens": "a different number of tokens is generated",
     "generate.kv_cache": "decoding with the latent cache computes attention in the absorbed form, a different "
@@ -60,8 +61,8 @@ RESULT_FIELDS: dict[str, str] = {
 # Fields that cannot change the tokens, digests or bytes read, and why.
 NEUTRAL_FIELDS: dict[str, str] = {
     "capture": "capture is proven non-perturbing (bare and instrumented runs agree bitwise)",
-    "storage": "storage settings change how bytes are read (prefetch, retries, page cache), not which or what is "
-               "computed",
+    "storage": "storage settings change how and when bytes are read (prefetch, retries, page cache, residency "
+               "budget, expert cache, speculative reads), not which bytes a step uses or what is computed",
     "output": "only where the bundle is written",
     "anchor": "the anchor is only compared with step 0, never fed into compute",
     "model.cache_dir": "only where synthetic checkpoints are cached",

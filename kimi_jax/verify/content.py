@@ -239,6 +239,7 @@ def check_continuity(b: BundleView) -> str:
         elif plan != layer_plan:
             problems.append(f"steps[{n}].layers: layers/kinds {short(plan)} differ from steps[0]'s "
                             f"{short(layer_plan)}")
+        problems.extend(_byte_source_problems(n, step, layers))
         layer_bytes = sum(int(layer.get("bytes_read") or 0) for layer in layers)
         step_bytes = step.get("bytes_read")
         if not isinstance(step_bytes, int) or step_bytes < layer_bytes:
@@ -255,6 +256,33 @@ def check_continuity(b: BundleView) -> str:
         problems.append(f"totals.bytes_read is {short(recorded)}, but the steps' bytes_read sum to {total}")
     require(problems)
     return note
+
+
+SERVED_FROM = ("bytes_from_memory", "bytes_from_storage", "bytes_from_speculation")
+READ_ASIDE = ("bytes_mispredicted", "bytes_preloaded", "bytes_overread")
+
+
+def _byte_source_problems(n: int, step: dict[str, Any], layers: list[dict[str, Any]]) -> list[str]:
+    """Version 2: every byte used was served from exactly one source, layer by layer and per step (the
+    step adds the embedding rows and head to its layers); counts of experts are subsets of each other."""
+    problems = []
+    for where, entry in [(f"steps[{n}]", step)] + [(f"steps[{n}].layers[{i}]", layer) for i, layer in enumerate(layers)]:
+        if not all(isinstance(entry.get(k), int) for k in SERVED_FROM):
+            continue  # a version 1 ledger
+        served = sum(entry[k] for k in SERVED_FROM)
+        if served != entry.get("bytes_read"):
+            problems.append(f"{where}: bytes_from_memory + bytes_from_storage + bytes_from_speculation = {served}, "
+                            f"but bytes_read is {short(entry.get('bytes_read'))}")  # fmt: skip
+        for part, whole in (("experts_from_memory", "experts_used"), ("experts_predicted_used", "experts_predicted"),
+                            ("experts_predicted_used", "experts_used")):  # fmt: skip
+            if isinstance(entry.get(part), int) and entry[part] > int(entry.get(whole) or 0):
+                problems.append(f"{where}: {part} {entry[part]} exceeds {whole} {short(entry.get(whole))}")
+    for key in SERVED_FROM + READ_ASIDE:
+        if isinstance(step.get(key), int):
+            in_layers = sum(int(layer.get(key) or 0) for layer in layers)
+            if step[key] < in_layers:
+                problems.append(f"steps[{n}].{key} is {step[key]}, less than its layers' sum {in_layers}")
+    return problems
 
 
 def _stop_problems(b: BundleView, steps: list[dict[str, Any]], run: dict[str, Any]) -> list[str]:

@@ -1,0 +1,27 @@
+"""The in-program expert plan agrees with the host's (kimi_jax.model.forward.plan_expert_slots)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kimi_jax.model.forward import plan_expert_slots
+from kimi_jax.model.resident import expert_plan_in_program
+
+
+@pytest.mark.parametrize("t,k,n_experts", [(1, 8, 64), (1, 6, 16), (3, 4, 16), (5, 8, 384), (4, 4, 8)])
+def test_same_distinct_ids_order_and_slots_as_the_host(t, k, n_experts):
+    rng = np.random.default_rng(t * 100 + k)
+    for _ in range(20):
+        idx = np.stack([rng.choice(n_experts, k, replace=False) for _ in range(t)]).astype(np.int32)
+        distinct, host_ids, host_slots = plan_expert_slots(idx, n_experts)
+        ids, slots = (np.asarray(a) for a in expert_plan_in_program(jnp.asarray(idx), n_experts))
+        assert list(ids[: len(distinct)]) == distinct
+        np.testing.assert_array_equal(slots, host_slots)
+        # the stack may be longer than the host's bucket (its size is static: T*k rounded up), but
+        # every extra slot repeats the smallest id and no pick refers to it
+        assert len(ids) >= len(host_ids) and set(ids[len(distinct):]) <= {distinct[0]}
+        assert slots.max() < len(distinct)
+        if t == 1:
+            assert list(ids) == host_ids  # decode: exactly the host's stack

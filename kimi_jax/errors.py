@@ -19,3 +19,13 @@ class StorageError(KimiJaxError):
 
 class FormatError(KimiJaxError):
     """Quantized tensor data cannot be decoded as declared."""
+
+
+class InputError(KimiJaxError):
+    """A file given to kimi-jax is not a regular file, is larger than it can legitimately be, or is not
+    the UTF-8 JSON it should be."""
+
+
+class OutputError(KimiJaxError):
+    """A folder kimi-jax writes to (a run's output, the cache) cannot be used: another run holds it,
+    it is not ours to replace, or the disk is full or read-only."""

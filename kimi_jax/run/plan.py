@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from kimi_jax.errors import CheckpointError, ManifestError
+from kimi_jax.fileio import write_failure
 from kimi_jax.run.manifest import Manifest, load_manifest
 from kimi_jax.storage.checkpoint import CheckpointIndex, open_checkpoint
 from kimi_jax.storage.synth import ensure_synthetic
@@ -33,6 +34,12 @@ def prepare_run(manifest: Manifest) -> RunPlan:
         index = open_checkpoint(resolve_checkpoint(manifest))
     except CheckpointError as e:
         raise manifest.error(where, str(e)) from None
+    except OSError as e:  # generating a synthetic checkpoint into the cache failed
+        if write_failure(e) is None:
+            raise
+        raise manifest.error(where, f"cannot write the synthetic checkpoint into {manifest.model.cache_dir}: "
+                                    f"{write_failure(e)}; set model.cache_dir or $KIMI_JAX_CACHE to a writable "
+                                    "folder") from None  # fmt: skip
     cfg = index.config
     prompt = _prompt_tokens(manifest, index)
     problems = []
@@ -54,7 +61,7 @@ def _prompt_tokens(manifest: Manifest, index: CheckpointIndex) -> list[int]:
     if manifest.prompt.tokens is not None:
         return list(manifest.prompt.tokens)
     tokenizer_file = index.root / "tokenizer.json"
-    if not tokenizer_file.exists():
+    if not tokenizer_file.is_file():
         raise manifest.error("prompt.text", f"the checkpoint {index.root} ships no tokenizer.json; "
                                             "give the prompt as prompt.tokens")  # fmt: skip
     try:

@@ -8,26 +8,31 @@ import signal
 import time
 from pathlib import Path
 
-from kimi_jax.errors import KimiJaxError
-from kimi_jax.run.plan import RunPlan, load_plan
+from kimi_jax.errors import KimiJaxError, OutputError
+from kimi_jax.run.manifest import load_manifest
+from kimi_jax.run.output import check_output_dir, hold_output
+from kimi_jax.run.plan import RunPlan, prepare_run
 
 
 def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None,
                  prove: bool = True, resume: bool = False, echo=print, progress: bool = True):  # fmt: skip
-    plan = load_plan(manifest_path, overrides, out_dir)
-    return execute(plan, prove=prove, resume=resume, echo=echo, progress=progress)
+    manifest = load_manifest(manifest_path, overrides or [], out_dir)
+    check_output_dir(manifest.output.dir, manifest.model.checkpoint)  # before a synthetic checkpoint is made
+    return execute(prepare_run(manifest), prove=prove, resume=resume, echo=echo, progress=progress)
 
 
 def _fault_hook():
-    """Testing aid: ``KIMI_JAX_FAULT=RUN:STEP:LAYER`` kills the process (SIGKILL) inside that layer."""
+    """Testing aid: ``KIMI_JAX_FAULT=RUN:STEP:LAYER[:SIGNAL]`` sends the process SIGNAL (default
+    SIGKILL, or e.g. SIGINT) inside that layer."""
     spec = os.environ.get("KIMI_JAX_FAULT")
     if not spec:
         return None
-    run, step, layer = spec.split(":")
+    run, step, layer, *sig = spec.split(":")
+    signum = getattr(signal, sig[0]) if sig else signal.SIGKILL
 
     def maybe_die(name: str, s: int, l: int) -> None:
         if (name, s, l) == (run, int(step), int(layer)):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
 
     return maybe_die
 
@@ -62,8 +67,19 @@ def run_steps(plan: RunPlan, keep_capture: bool = True, max_new_tokens: int | No
 def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print, progress: bool = True) -> RunOutcome:
     """Run a plan: anchor precheck, bare run and instrumented run (when proving), ledger, bundle.
 
-    Every completed step is checkpointed beside the output; with ``resume`` a killed run
-    continues from its last completed step."""
+    The output folder is held exclusively and checked before any compute; every completed step
+    is checkpointed beside it, and with ``resume`` a killed run continues from its last completed step."""
+    from kimi_jax.ledger.bundle import recover_interrupted_swap
+
+    out = Path(plan.manifest.output.dir)
+    with hold_output(out):
+        for note in recover_interrupted_swap(out):
+            echo(note)
+        check_output_dir(out, plan.index.root)
+        return _execute_held(plan, prove, resume, echo, progress)
+
+
+def _execute_held(plan: RunPlan, prove: bool, resume: bool, echo, progress: bool) -> RunOutcome:
     from tqdm import tqdm
 
     from kimi_jax.ledger.ledger import build_ledger, step_identity, validate_ledger
@@ -140,7 +156,11 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print,
     validate_ledger(ledger)
     from kimi_jax.explorer.page import render_explorer
 
-    write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None, explorer_html=render_explorer(ledger))
+    try:
+        write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None, explorer_html=render_explorer(ledger))
+    except OutputError as e:
+        raise OutputError(f"{e}. The completed steps are kept in {checkpoints.root}: once that is fixed, run the "
+                          "same command with --resume to write the bundle without computing them again") from None  # fmt: skip
     checkpoints.discard()
     path = out / "ledger.json"
 

@@ -153,9 +153,21 @@ def _info(name: str, kind: bytes, size: int) -> tarfile.TarInfo:
 # -- extracting ---------------------------------------------------------------------------------
 
 
+_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
 def is_archive(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file that starts like a (gzip, bzip2, xz or plain) tar archive.
+    Only the first bytes are read: tarfile itself would already read hostile headers."""
     p = Path(path)
-    return p.is_file() and tarfile.is_tarfile(p)
+    if not p.is_file():
+        return False
+    try:
+        with open(open_regular(p, "archive", ArchiveError), "rb") as f:
+            head = f.read(263)
+    except (KimiJaxError, OSError):
+        return False
+    return head.startswith(_MAGIC) or head[257:262] == b"ustar"
 
 
 def _check_member(member: tarfile.TarInfo, archive: Path, root: Path) -> PurePosixPath:
@@ -236,7 +248,11 @@ def scan_archive(archive: Path) -> None:
             while True:
                 block = stream.read(512)
                 if len(block) < 512 or block == bytes(512):
-                    return  # end of archive (a truncated one is reported by tarfile afterwards)
+                    # end of archive (a truncated one is reported by tarfile afterwards); read on to the
+                    # end of the compressed stream, so its checksum (gzip's CRC-32) is checked too
+                    while total <= budget and (chunk := stream.read(_BLOCK)):
+                        total += len(chunk)
+                    return
                 size = _header_size(block)
                 kind = block[156:157]
                 if kind in _META_TYPES:

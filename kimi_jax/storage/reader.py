@@ -158,6 +158,7 @@ class ShardReader:
                     f"({nbytes - done} of {nbytes} bytes missing); the shard is truncated"
                 )
             done += got
+            attempt = 0  # retries count consecutive failures; progress resets them
         elapsed = time.perf_counter() - started
         with self._lock:
             self.run.seconds += elapsed

@@ -181,7 +181,7 @@ def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | N
     work = partial_dir(out)
     try:
         _assemble(work, manifest, ledger, steps, anchor_file, explorer_html)
-        _swap_into_place(work, out)
+        swap_into_place(work, out)
     except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)  # a partial bundle would keep the disk full
         reason = write_failure(e)
@@ -224,7 +224,7 @@ def _assemble(work: Path, manifest, ledger: dict, steps, anchor_file: Path | Non
     write_json_atomic(work / RECEIPT, receipt)
 
 
-def _swap_into_place(work: Path, out: Path) -> None:
+def swap_into_place(work: Path, out: Path) -> None:
     """Replace ``out`` by ``work``; an existing bundle is only removed once the new one is in place."""
     if not out.exists() and not out.is_symlink():
         os.rename(work, out)
@@ -263,7 +263,7 @@ def not_a_bundle(out: Path) -> str | None:
 
 
 def recover_interrupted_swap(out: Path) -> list[str]:
-    """Finish what a run killed inside :func:`_swap_into_place` (or while assembling) left beside
+    """Finish what a run killed inside :func:`swap_into_place` (or while assembling) left beside
     ``out``: put the previous bundle back from ``.OUT.old-PID`` when ``out`` is missing, else remove
     it (the new bundle is in place), and remove ``.OUT.partial``. Call only while holding the
     output lock. Returns one line per thing done."""

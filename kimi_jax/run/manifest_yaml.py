@@ -200,8 +200,17 @@ def _yaml_error(display: str, exc: yaml.YAMLError) -> ManifestError:
     return ManifestError(f"{where}: YAML error: {exc}")
 
 
+def _unprintable(text: str, exc: yaml.reader.ReaderError) -> str:
+    """Where and what: PyYAML refuses control characters before it parses anything."""
+    char = exc.character if isinstance(exc.character, int) else 0
+    return f"{text[: exc.position].count(chr(10)) + 1}: character U+{char:04X} is not allowed in YAML ({exc.reason})"
+
+
 def _parse_yaml(text: str, display: str) -> tuple[dict[str, Any], _Origins]:
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        raise ManifestError(f"{display}:{_unprintable(text, exc)}") from None
     try:
         try:
             node = loader.get_single_node()
@@ -243,7 +252,10 @@ class _OverrideError(Exception):
 
 
 def _parse_override_value(raw: str) -> Any:
-    loader = yaml.SafeLoader(raw)
+    try:
+        loader = yaml.SafeLoader(raw)
+    except yaml.reader.ReaderError as exc:
+        raise _OverrideError(f"value {raw[:40]!r}: line {_unprintable(raw, exc)}") from None
     try:
         try:
             node = loader.get_single_node()

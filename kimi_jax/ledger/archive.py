@@ -54,6 +54,8 @@ MAX_MEMBERS = 10_000
 # pax and GNU long-name headers carry a path and a few attributes; no bundle needs more.
 _MAX_META_BYTES = 1 << 20
 _META_TYPES = (b"x", b"g", b"L", b"K")
+# A bundle's longest path is arrays/ocdbt.process_N/d/<32 hex digits> under the bundle's folder.
+_MAX_NAME = 1024
 
 
 class ArchiveError(KimiJaxError):
@@ -196,6 +198,9 @@ def _check_member(member: tarfile.TarInfo, archive: Path, root: Path) -> PurePos
     if target != root and root not in target.parents:
         raise UnsafeArchive(f"{where}: resolves to {target}, outside the extraction folder {root}")
     kept = [p for p in parts if p not in ("", ".")]
+    if any(len(p.encode("utf-8", "surrogateescape")) > 255 for p in kept) or len(name) > _MAX_NAME:
+        raise UnsafeArchive(f"{where[:200]}...: a name longer than a bundle's ({_MAX_NAME} characters, 255 bytes "
+                            "per component)")  # fmt: skip
     if not kept and not member.isdir():
         raise UnsafeArchive(f"{where}: a file whose path names the extraction folder itself")
     return PurePosixPath(*kept)
@@ -318,7 +323,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
             except BaseException as e:
                 for child in root.iterdir():  # leave dest as it was given: absent or empty
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-                reason = write_failure(e)
+                reason = write_failure(e) or (f"{e.strerror or e}" if isinstance(e, OSError) else None)
                 if reason is None:
                     raise
                 raise ArchiveError(f"{archive}: extracting into {dest} failed: {reason}; what was extracted was "

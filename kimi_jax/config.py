@@ -174,8 +174,8 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         source = f"{source}: text_config"
 
     def need(key: str, kind: type | tuple[type, ...]) -> Any:
-        if key not in text:
-            raise CheckpointError(f"{source}: missing required field {key!r}")
+        if text.get(key) is None:
+            raise CheckpointError(f"{source}: missing required field {key!r}" + (" (it is null)" if key in text else ""))
         return checked(text, key, kind, source)
 
     def opt(key: str, kind: type | tuple[type, ...], default: Any) -> Any:

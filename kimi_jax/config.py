@@ -175,7 +175,8 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
 
     def need(key: str, kind: type | tuple[type, ...]) -> Any:
         if text.get(key) is None:
-            raise CheckpointError(f"{source}: missing required field {key!r}" + (" (it is null)" if key in text else ""))
+            null = " (it is null)" if key in text else ""
+            raise CheckpointError(f"{source}: missing required field {key!r}{null}")
         return checked(text, key, kind, source)
 
     def opt(key: str, kind: type | tuple[type, ...], default: Any) -> Any:

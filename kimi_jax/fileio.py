@@ -75,7 +75,8 @@ def write_json_atomic(path: Path, value: Any) -> Path:
 # Failures of a write that are the machine's, not ours: named in one line instead of a traceback.
 _WRITE_FAILURES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                    errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                   errno.EPERM: "operation not permitted", errno.EFBIG: "file too large", errno.EIO: "I/O error"}  # fmt: skip
+                   errno.EPERM: "operation not permitted", errno.EFBIG: "file too large",
+                   errno.EIO: "I/O error"}  # fmt: skip
 
 
 def write_failure(exc: BaseException) -> str | None:

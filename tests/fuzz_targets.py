@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from kimi_jax.errors import KimiJaxError
 from tests.bounded_child import vm_bytes
-from tests.hostile import SHARD, checkpoint_like, read_header, reseal, write_shard_raw
+from tests.hostile import SHARD, checkpoint_like, read_header, reseal
 
 EXAMPLES = {"count": 0}
 

@@ -136,8 +136,11 @@ def _fifo(path: Path) -> None:
     os.mkfifo(path)
 
 
+OUTSIDE = "../" * 40 + "etc/passwd"  # from any folder, enough ../ to reach /
+
+
 def _outside(folder: Path) -> None:
-    _rewrite_index(folder, lambda raw: raw["weight_map"].update({"language_model.lm_head.weight": "../../etc/passwd"}))
+    _rewrite_index(folder, lambda raw: raw["weight_map"].update({"language_model.lm_head.weight": OUTSIDE}))
 
 
 def _zero_shard(folder: Path) -> None:
@@ -165,7 +168,7 @@ CHECKPOINT_DAMAGE = {
     "config-fifo": (lambda f: _fifo(f / "config.json"), "config.json is a FIFO; expected a regular file"),
     "weight-map-list": (lambda f: _rewrite_index(f, lambda raw: raw.update(weight_map=list(raw["weight_map"]))),
                         "expected a JSON object with a 'weight_map' object"),
-    "weight-map-outside": (_outside, "'../../etc/passwd'; expected a relative path inside the checkpoint folder"),
+    "weight-map-outside": (_outside, f"{OUTSIDE!r}; expected a relative path inside the checkpoint folder"),
     "weight-map-dev-zero": (_zero_shard, "zero.safetensors: shard is a character device; expected a regular file"),
     "shard-fifo": (_fifo_shard, "zz-fifo.safetensors: shard is a FIFO; expected a regular file"),
     "header-overlap": (lambda f: _damage_shard(f, _overlap), "tensors may not share bytes"),

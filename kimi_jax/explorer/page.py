@@ -104,7 +104,7 @@ class ExplorerError(KimiJaxError):
 def render_explorer(ledger: dict, title: str = TITLE) -> str:
     """The explorer page for ``ledger``: one self-contained HTML document (UTF-8 text)."""
     if not isinstance(ledger, dict) or not isinstance(ledger.get("steps"), list) or not ledger["steps"]:
-        raise ExplorerError("ledger.json: steps: the ledger has no steps to show; expected a ledger with at least one step")
+        raise ExplorerError("ledger.json: steps: the ledger has no steps to show; expected at least one step")
     try:
         embedded = json_for_script(ledger)
     except ValueError as e:  # NaN or Infinity: JSON, and so the page, cannot carry them

@@ -331,7 +331,8 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
     return dest
 
 
-def _plan_members(members: list[tarfile.TarInfo], archive: Path, root: Path) -> list[tuple[tarfile.TarInfo, PurePosixPath]]:
+def _plan_members(members: list[tarfile.TarInfo], archive: Path,
+                  root: Path) -> list[tuple[tarfile.TarInfo, PurePosixPath]]:  # fmt: skip
     """Every member checked (see :func:`_check_member`), each path once, no file where a folder must be."""
     plan: list[tuple[tarfile.TarInfo, PurePosixPath]] = []
     seen: dict[PurePosixPath, str] = {}

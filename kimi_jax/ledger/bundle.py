@@ -69,7 +69,8 @@ MAX_ARRAY_EXPANSION = 4
 BUNDLE_FILES = ("manifest.json", "manifest.yaml", "ledger.json", "anchor.json", "non_perturbation.json",
                 "provenance.json", "environment.json", "explorer.html", CHECKSUMS, RECEIPT)  # fmt: skip
 ARRAY_FILES = re.compile(r"(_CHECKPOINT_METADATA|_METADATA|_ROOT_METADATA|_sharding|commit_success\.txt"
-                         r"|array_metadatas/process_\d+|(ocdbt\.process_\d+/)?(manifest\.ocdbt|d/[0-9a-f]+))")  # fmt: skip
+                         r"|array_metadatas/process_\d+"
+                         r"|(ocdbt\.process_\d+/)?(manifest\.ocdbt|d/[0-9a-f]+))")  # fmt: skip
 
 
 def in_bundle_layout(rel: str) -> bool:
@@ -157,7 +158,8 @@ def check_array_declarations(root: Path, steps: list[int] | None) -> None:
     on_disk = sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(root) for f in files)
     if total > MAX_ARRAY_EXPANSION * on_disk + (1 << 20):
         raise BundleError(f"{where}: the metadata declares {total:,} bytes of arrays, but the tree holds only "
-                          f"{on_disk:,} bytes on disk; float32 logits and hidden states do not compress that far")  # fmt: skip
+                          f"{on_disk:,} bytes on disk; float32 logits and hidden states do not compress "
+                          "that far")  # fmt: skip
 
 
 def environment_record() -> dict[str, Any]:
@@ -254,7 +256,8 @@ def not_a_bundle(out: Path) -> str | None:
     except (KimiJaxError, OSError) as e:
         return f"it is a non-empty folder that is not a kimi-jax bundle ({str(e)[:160]}); {listing}"
     if not isinstance(receipt, dict) or listed is None or receipt.get("bundle_digest") != listed:
-        return f"it is a non-empty folder that is not a kimi-jax bundle ({RECEIPT} does not match {CHECKSUMS}); {listing}"
+        return (f"it is a non-empty folder that is not a kimi-jax bundle ({RECEIPT} does not match {CHECKSUMS}); "
+                f"{listing}")
     problems = verify_checksums(out, exclude=(CHECKSUMS, RECEIPT))
     if problems:
         return (f"it holds files that are not part of its bundle ({problems[0]}"

@@ -217,7 +217,8 @@ def _parse_yaml(text: str, display: str) -> tuple[dict[str, Any], _Origins]:
         except yaml.YAMLError as exc:
             raise _yaml_error(display, exc) from None
         except RecursionError:  # PyYAML composes nested collections recursively
-            raise ManifestError(f"{display}: YAML nested too deeply (a manifest is at most {MAX_DEPTH} levels deep)") from None
+            raise ManifestError(f"{display}: YAML nested too deeply (a manifest is at most {MAX_DEPTH} levels "
+                                "deep)") from None
         if node is None:
             raise ManifestError(
                 f"{display}: manifest is empty; expected a mapping with version: "

@@ -38,7 +38,8 @@ def check_output_dir(out: Path, checkpoint: Path | None) -> None:
             raise OutputError(f"{out}: output.dir is inside the checkpoint folder {ckpt}; a bundle is written beside "
                               "what it reads, never into it")  # fmt: skip
         if real in ckpt.parents:
-            raise OutputError(f"{out}: output.dir holds the checkpoint {ckpt}; choose a folder of its own for the bundle")
+            raise OutputError(f"{out}: output.dir holds the checkpoint {ckpt}; choose a folder of its own for the "
+                              "bundle")
     if out.exists() or out.is_symlink():
         problem = not_a_bundle(out)
         if problem is not None:

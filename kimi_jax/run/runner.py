@@ -72,10 +72,11 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=print,
     from kimi_jax.ledger.bundle import recover_interrupted_swap
 
     out = Path(plan.manifest.output.dir)
+    check_output_dir(out, plan.index.root)  # before the lock file is created beside it
     with hold_output(out):
         for note in recover_interrupted_swap(out):
             echo(note)
-        check_output_dir(out, plan.index.root)
+        check_output_dir(out, plan.index.root)  # again, now that no other run can change it
         return _execute_held(plan, prove, resume, echo, progress)
 
 
@@ -157,10 +158,12 @@ def _execute_held(plan: RunPlan, prove: bool, resume: bool, echo, progress: bool
     from kimi_jax.explorer.page import render_explorer
 
     try:
-        write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None, explorer_html=render_explorer(ledger))
+        write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None,
+                     explorer_html=render_explorer(ledger))  # fmt: skip
     except OutputError as e:
         raise OutputError(f"{e}. The completed steps are kept in {checkpoints.root}: once that is fixed, run the "
-                          "same command with --resume to write the bundle without computing them again") from None  # fmt: skip
+                          "same command with --resume to write the bundle without computing them "
+                          "again") from None  # fmt: skip
     checkpoints.discard()
     path = out / "ledger.json"
 

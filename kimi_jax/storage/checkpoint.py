@@ -181,7 +181,8 @@ def _shard_paths(root: Path, weight_map: dict[str, str] | None) -> list[Path]:
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (root / n).exists()]
         if missing:
-            raise CheckpointError(f"{root / INDEX_FILE}: weight_map names missing shard file(s): {', '.join(missing[:5])}")
+            raise CheckpointError(f"{root / INDEX_FILE}: weight_map names missing shard file(s): "
+                                  f"{', '.join(missing[:5])}")  # fmt: skip
         return [root / n for n in names]
     paths = sorted(root.glob("*.safetensors"))
     if not paths:
@@ -294,7 +295,8 @@ def _check_config_fits_tensors(root: Path, cfg: ModelConfig, canonical: dict[str
         missing = [e for e in range(min(cfg.n_routed_experts, len(experts) + 8)) if e not in experts][:8]
         raise CheckpointError(f"{root}: layer {first_moe} should have experts 0..{cfg.n_routed_experts - 1}; missing "
                               f"{missing}{' ...' if cfg.n_routed_experts > len(experts) + 8 else ''} (config.json "
-                              f"n_routed_experts is {cfg.n_routed_experts}, the shards hold {len(experts)} expert ids)")  # fmt: skip
+                              f"n_routed_experts is {cfg.n_routed_experts}, the shards hold {len(experts)} expert "
+                              "ids)")  # fmt: skip
 
 
 def _group_weights(canonical: dict[str, TensorRecord], cfg: ModelConfig) -> dict[str, WeightEntry]:

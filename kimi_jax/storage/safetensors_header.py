@@ -107,11 +107,12 @@ def read_shard_header(path: Path) -> ShardHeader:
                                   f"{previous!r}, which ends at {cursor}; tensors may not share bytes")  # fmt: skip
         if begin > cursor:
             after = f"after tensor {previous!r}" if previous else "at the start of the data section"
-            raise CheckpointError(f"{path}: bytes [{cursor}, {begin}) of the data section belong to no tensor ({after}, "
-                                  f"before {name!r}); safetensors tensors must be contiguous")  # fmt: skip
+            raise CheckpointError(f"{path}: bytes [{cursor}, {begin}) of the data section belong to no tensor "
+                                  f"({after}, before {name!r}); safetensors tensors must be contiguous")  # fmt: skip
         if end > data_size:
-            raise CheckpointError(f"{path}: shard is truncated or its offsets are corrupt: tensor {name!r} data_offsets "
-                                  f"[{begin}, {end}] end at byte {data_start + end} of the file, which has {size} bytes")  # fmt: skip
+            raise CheckpointError(f"{path}: shard is truncated or its offsets are corrupt: tensor {name!r} "
+                                  f"data_offsets [{begin}, {end}] end at byte {data_start + end} of the file, which "
+                                  f"has {size} bytes")  # fmt: skip
         cursor, previous = end, name
     if cursor != data_size:
         raise CheckpointError(f"{path}: {data_size - cursor} bytes after the last tensor"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,8 +14,13 @@ from kimi_jax.explorer.page import explore_command
 from kimi_jax.storage.layouts import SYNTH_LAYOUTS
 
 
+# Commands whose completed steps survive an interrupt and continue with --resume.
+RESUMABLE = ("run", "prove")
+
+
 class _Group(click.Group):
-    """Print our own errors as one clean line instead of a traceback."""
+    """Print our own errors as one clean line instead of a traceback; anything else is a bug of
+    ours, reported in one line that says where its traceback was saved."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -22,6 +28,33 @@ class _Group(click.Group):
         except KimiJaxError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            command = ctx.invoked_subcommand
+            more = ("; the completed steps are kept beside the output folder: run the same command with --resume "
+                    "to continue") if command in RESUMABLE else ""  # fmt: skip
+            click.echo(f"interrupted{more}", err=True)
+            sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the point is to catch what nothing else did
+            click.echo(f"internal error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
+                       f"(a bug in kimi-jax; the traceback was saved to {_save_traceback()})", err=True)  # fmt: skip
+            sys.exit(70)
+
+
+def _save_traceback() -> str:
+    """Write the current exception's traceback to a new file in the temporary folder; returns its path."""
+    import tempfile
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="kimi-jax-internal-error-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"kimi-jax {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+        return path
+    except OSError as e:
+        traceback.print_exc()
+        return f"nowhere ({e.strerror}); it was printed above"
 
 
 @click.group(cls=_Group)
@@ -178,14 +211,17 @@ def schema(which: str) -> None:
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--replay", is_flag=True,
               help="Also re-run the bundle's manifest against the checkpoint it names and require every measured "
-                   "value to match (wall-clock and page-cache fields excepted).")  # fmt: skip
-def verify(path: str, replay: bool) -> None:
+                   "value to match (wall-clock and page-cache fields excepted); only when every offline check "
+                   "passed, writing only into your own cache.")  # fmt: skip
+@click.option("--allow-large", is_flag=True,
+              help="Let --replay generate the full-shape synthetic preset (a sparse 595 GB checkpoint) in your cache.")
+def verify(path: str, replay: bool, allow_large: bool) -> None:
     """Check a run bundle without the model. PATH: a bundle folder, a bundle archive or a receipt.json.
 
     Prints each numbered check as OK, FAILED or SKIPPED and a summary; exits 1 if any check failed."""
     from kimi_jax.verify.checklist import verify_bundle
 
-    report = verify_bundle(path, replay=replay, on_check=lambda c: click.echo(c.line()))
+    report = verify_bundle(path, replay=replay, on_check=lambda c: click.echo(c.line()), allow_large=allow_large)
     click.echo(report.summary())
     sys.exit(0 if report.ok else 1)
 

@@ -14,7 +14,6 @@ The object is frozen so it can be a static argument of jitted functions and a ca
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,12 @@ import blake3
 
 from kimi_jax.errors import CheckpointError
 from kimi_jax.fileio import canonical_json
+from kimi_jax.fileio import read_json
+
+# A real config.json is a few kilobytes.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+# Every count and size in a config is an int32 in the programs built from it.
+MAX_CONFIG_INT = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,12 +165,10 @@ _IGNORED_TEXT_KEYS = frozenset(
 def load_model_config(checkpoint_dir: str | Path) -> ModelConfig:
     """Read ``config.json`` in ``checkpoint_dir`` into a :class:`ModelConfig`."""
     path = Path(checkpoint_dir) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no config.json in the checkpoint directory") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path}: no config.json in the checkpoint directory")
+    # NaN is let through the parser so the field that holds it is named below
+    raw = read_json(path, MAX_CONFIG_BYTES, "config.json", CheckpointError, allow_nan=True)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object at top level")
     return parse_model_config(raw, source=str(path))
@@ -182,14 +185,10 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         source = f"{source}: text_config"
 
     def need(key: str, kind: type | tuple[type, ...]) -> Any:
-        if key not in text:
-            raise CheckpointError(f"{source}: missing required field {key!r}")
-        value = text[key]
-        if isinstance(value, bool) and kind is not bool:
-            raise CheckpointError(f"{source}: field {key!r} must be {_kind_name(kind)}, got {value!r}")
-        if not isinstance(value, kind):
-            raise CheckpointError(f"{source}: field {key!r} must be {_kind_name(kind)}, got {value!r}")
-        return value
+        if text.get(key) is None:
+            null = " (it is null)" if key in text else ""
+            raise CheckpointError(f"{source}: missing required field {key!r}{null}")
+        return checked(text, key, kind, source)
 
     def opt(key: str, kind: type | tuple[type, ...], default: Any) -> Any:
         return need(key, kind) if text.get(key) is not None else default
@@ -207,6 +206,8 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
     # Kimi K2.5 keeps quantization_config inside text_config; older dumps copy it up a level.
     qraw = text.get("quantization_config") or raw.get("quantization_config")
     dtype = text.get("torch_dtype") or text.get("dtype") or raw.get("torch_dtype") or raw.get("dtype")
+    if not isinstance(dtype, (str, type(None))):
+        raise CheckpointError(f"{source}: torch_dtype must be a string such as 'bfloat16', got {dtype!r}")
 
     cfg = ModelConfig(
         vocab_size=need("vocab_size", int),
@@ -233,9 +234,10 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         rope_scaling=rope,
         max_position_embeddings=need("max_position_embeddings", int),
         rms_norm_eps=float(need("rms_norm_eps", (int, float))),
-        tie_word_embeddings=bool(text.get("tie_word_embeddings", raw.get("tie_word_embeddings", False))),
-        bos_token_id=_first_int(text.get("bos_token_id", raw.get("bos_token_id"))),
-        eos_token_id=_first_int(text.get("eos_token_id", raw.get("eos_token_id"))),
+        tie_word_embeddings=checked(text if "tie_word_embeddings" in text else raw, "tie_word_embeddings", bool,
+                                    source, default=False),  # fmt: skip
+        bos_token_id=_token_id(text if "bos_token_id" in text else raw, "bos_token_id", source),
+        eos_token_id=_token_id(text if "eos_token_id" in text else raw, "eos_token_id", source),
         torch_dtype=str(dtype or "bfloat16"),
         quant=_parse_quant(qraw, source),
         wrapper=wrapper,
@@ -250,10 +252,34 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _first_int(value: Any) -> int | None:
-    if isinstance(value, list):
-        value = value[0] if value else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def checked(section: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str, default: Any = None) -> Any:
+    """``section[key]`` (``default`` when absent or null) if it has the right JSON type: integers in
+    [0, 2**31) (never a boolean or 5.0), finite numbers, booleans or strings, as strictly as the manifest."""
+    value = section.get(key)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+        raise CheckpointError(f"{source}: field {key!r} must be {_kind_name(kind)}, got {_shown(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CheckpointError(f"{source}: field {key!r} must be a finite number, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= MAX_CONFIG_INT:
+        raise CheckpointError(f"{source}: field {key!r} must be in [0, {MAX_CONFIG_INT}], got {value}")
+    return float(value) if float in kinds and not isinstance(value, bool) else value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _token_id(section: dict[str, Any], key: str, source: str) -> int | None:
+    value = section.get(key)
+    if isinstance(value, list):  # some configs list several; the first is the one used
+        if not value:
+            return None
+        section = {key: value[0]}
+    return checked(section, key, int, source)
 
 
 def _parse_rope(text: dict[str, Any], source: str) -> tuple[float, YarnRope | None]:
@@ -266,26 +292,31 @@ def _parse_rope(text: dict[str, Any], source: str) -> tuple[float, YarnRope | No
             scaling = params
     if theta is None:
         theta = 10000.0
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise CheckpointError(f"{source}: rope_theta must be a positive number, got {theta!r}")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < math.inf:
+        raise CheckpointError(f"{source}: rope_theta must be a positive finite number, got {theta!r}")
     if scaling is None:
         return float(theta), None
     if not isinstance(scaling, dict):
         raise CheckpointError(f"{source}: rope_scaling must be an object or null")
     kind = scaling.get("type", scaling.get("rope_type"))
-    if kind != "yarn":
+    if not isinstance(kind, (str, type(None))) or kind != "yarn":
         raise CheckpointError(f"{source}: rope_scaling type {kind!r} is not supported (expected 'yarn')")
-    try:
-        rope = YarnRope(
-            factor=float(scaling["factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-            beta_fast=float(scaling.get("beta_fast", 32.0)),
-            beta_slow=float(scaling.get("beta_slow", 1.0)),
-            mscale=float(scaling.get("mscale", 1.0)),
-            mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0) or 0.0),
-        )
-    except KeyError as e:
-        raise CheckpointError(f"{source}: rope_scaling is missing {e.args[0]!r}") from None
+    where = f"{source}: rope_scaling"
+    for key in ("factor", "original_max_position_embeddings"):
+        if scaling.get(key) is None:
+            raise CheckpointError(f"{where} is missing {key!r}")
+    number = (int, float)
+    rope = YarnRope(
+        factor=checked(scaling, "factor", number, where),
+        original_max_position_embeddings=checked(scaling, "original_max_position_embeddings", int, where),
+        beta_fast=checked(scaling, "beta_fast", number, where, 32.0),
+        beta_slow=checked(scaling, "beta_slow", number, where, 1.0),
+        mscale=checked(scaling, "mscale", number, where, 1.0),
+        mscale_all_dim=checked(scaling, "mscale_all_dim", number, where, 0.0),
+    )
+    if rope.factor <= 0 or rope.original_max_position_embeddings <= 0:
+        raise CheckpointError(f"{where}: factor and original_max_position_embeddings must be positive, got "
+                              f"{rope.factor} and {rope.original_max_position_embeddings}")  # fmt: skip
     return float(theta), rope
 
 
@@ -299,7 +330,11 @@ def _parse_quant(qraw: Any, source: str) -> QuantScheme:
         block = qraw.get("weight_block_size") or DEFAULT_FP8_BLOCK
         if qraw.get("fmt", "e4m3") != "e4m3":
             raise CheckpointError(f"{source}: fp8 fmt {qraw.get('fmt')!r} is not supported (expected 'e4m3')")
-        return QuantScheme(kind="fp8-block", block_size=(int(block[0]), int(block[1])))
+        if not (isinstance(block, list) and len(block) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= MAX_CONFIG_INT for b in block)):
+            raise CheckpointError(f"{source}: quantization_config.weight_block_size must be two positive integers, "
+                                  f"got {_shown(block)}")  # fmt: skip
+        return QuantScheme(kind="fp8-block", block_size=(block[0], block[1]))
     if method == "compressed-tensors":
         fmt = qraw.get("format")
         groups = qraw.get("config_groups") or {}
@@ -307,13 +342,21 @@ def _parse_quant(qraw: Any, source: str) -> QuantScheme:
             raise CheckpointError(
                 f"{source}: compressed-tensors format {fmt!r} is not supported (expected 'pack-quantized')"
             )
-        weights = next(iter(groups.values())).get("weights") or {}
+        first = next(iter(groups.values())) if isinstance(groups, dict) else None
+        weights = first.get("weights") if isinstance(first, dict) else None
+        if not isinstance(weights, dict):
+            raise CheckpointError(f"{source}: quantization_config.config_groups must map a group name to an object "
+                                  "with a 'weights' object")  # fmt: skip
+        ignore = qraw.get("ignore") or []
+        if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
+            raise CheckpointError(f"{source}: quantization_config.ignore must be a list of strings")
         bits, group = weights.get("num_bits"), weights.get("group_size")
         if bits != 4 or weights.get("type") != "int" or not weights.get("symmetric", False):
             raise CheckpointError(f"{source}: only symmetric int4 pack-quantized weights are supported, got {weights}")
-        if weights.get("strategy") != "group" or not isinstance(group, int) or group <= 0:
+        if (weights.get("strategy") != "group" or not isinstance(group, int) or isinstance(group, bool)
+                or not 0 < group <= MAX_CONFIG_INT):  # fmt: skip
             raise CheckpointError(f"{source}: expected group quantization with a positive group_size, got {weights}")
-        return QuantScheme(kind="int4-pack", group_size=group, num_bits=4, ignore=tuple(qraw.get("ignore") or ()))
+        return QuantScheme(kind="int4-pack", group_size=group, num_bits=4, ignore=tuple(ignore))
     raise CheckpointError(f"{source}: quant_method {method!r} is not supported (expected fp8 or compressed-tensors)")
 
 
@@ -325,6 +368,10 @@ def _check_consistency(cfg: ModelConfig, source: str) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise CheckpointError(f"{source}: {name} must be positive, got {getattr(cfg, name)}")
+    if not 0 < cfg.rms_norm_eps < 1:
+        raise CheckpointError(f"{source}: rms_norm_eps must be in (0, 1), got {cfg.rms_norm_eps}")
+    if not cfg.routed_scaling_factor > 0:
+        raise CheckpointError(f"{source}: routed_scaling_factor must be positive, got {cfg.routed_scaling_factor}")
     if cfg.qk_rope_head_dim <= 0 or cfg.qk_rope_head_dim % 2:
         raise CheckpointError(f"{source}: qk_rope_head_dim must be positive and even, got {cfg.qk_rope_head_dim}")
     if cfg.n_routed_experts:

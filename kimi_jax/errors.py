@@ -23,3 +23,13 @@ class FormatError(KimiJaxError):
 
 class TokenizerError(KimiJaxError):
     """A checkpoint's tokenizer files or chat template are malformed or do not fit the model."""
+
+
+class InputError(KimiJaxError):
+    """A file given to kimi-jax is not a regular file, is larger than it can legitimately be, or is not
+    the UTF-8 JSON it should be."""
+
+
+class OutputError(KimiJaxError):
+    """A folder kimi-jax writes to (a run's output, the cache) cannot be used: another run holds it,
+    it is not ours to replace, or the disk is full or read-only."""

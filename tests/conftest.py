@@ -22,3 +22,18 @@ def tiny_checkpoints(synth_dir):
     """The tiny preset in each real layout, same seed."""
     return {layout: synth_checkpoint(synth_dir / layout, "tiny", layout, seed=0)
             for layout in ("kimi-k2.5", "kimi-k2-fp8", "deepseek-v3", "hf-bf16")}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tiny_checkpoints, tmp_path_factory):
+    """A 2-step proven run of the tiny K2.5 checkpoint: a bundle every verify check passes on."""
+    from kimi_jax.run.manifest import parse_manifest_dict
+    from kimi_jax.run.plan import prepare_run
+    from kimi_jax.run.runner import execute
+
+    out = tmp_path_factory.mktemp("small-bundle") / "bundle"
+    data = {"version": 1, "model": {"checkpoint": str(tiny_checkpoints["kimi-k2.5"])}, "prompt": {"tokens": [7, 300]},
+            "generate": {"max_new_tokens": 2}, "output": {"dir": str(out)}}  # fmt: skip
+    execute(prepare_run(parse_manifest_dict(data, source=str(out.parent / "m.yaml"))), echo=lambda *_: None,
+            progress=False)  # fmt: skip
+    return out

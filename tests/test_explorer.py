@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from kimi_jax.explorer import page as explorer
-from kimi_jax.explorer.page import explore_command, json_for_script, render_explorer
+from kimi_jax.explorer.page import ExplorerError, explore_command, json_for_script, render_explorer
 from kimi_jax.ledger.ledger import (
     LEDGER_SCHEMA_ID,
     LEDGER_VERSION,
@@ -216,7 +216,7 @@ def test_title_libraries_and_no_interpretation():
 
 
 def test_render_rejects_a_ledger_without_steps():
-    with pytest.raises(ValueError):
+    with pytest.raises(ExplorerError, match="no steps"):
         render_explorer({"steps": []})
 
 

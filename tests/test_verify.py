@@ -12,13 +12,16 @@ import pytest
 from click.testing import CliRunner
 
 from kimi_jax.cli import main
+from kimi_jax.explorer.page import write_explorer
 from kimi_jax.ledger.archive import archive_bundle
 from kimi_jax.ledger.bundle import RECEIPT, bundle_digest
 from kimi_jax.ledger.checksums import write_checksums
+from kimi_jax.run.manifest import manifest_digest
 from kimi_jax.run.plan import load_plan
 from kimi_jax.run.runner import execute
 from kimi_jax.verify import checklist
 from kimi_jax.verify.checklist import CHECK_NAMES, Report, verify_bundle
+from kimi_jax.verify.replay import dequant_difference, replay_differences
 
 DEMO_MANIFEST = Path(__file__).resolve().parents[1] / "manifests" / "demo.yaml"
 
@@ -61,9 +64,13 @@ def _edit_json(root: Path, name: str, change) -> None:
 
 
 def _resign(root: Path) -> None:
-    """What a forger would do: refresh the explorer's copy, CHECKSUMS.b3 and the receipt's bundle digest."""
+    """What a forger would do: render the explorer page again, refresh CHECKSUMS.b3 and the receipt's digest."""
     if (root / "explorer.html").exists():
-        _write_page(root)
+        write_explorer(root)
+    _reseal(root)
+
+
+def _reseal(root: Path) -> None:
     write_checksums(root, exclude=(RECEIPT,))
     _edit_json(root, RECEIPT, lambda r: r.update(bundle_digest=bundle_digest(root)))
 
@@ -402,36 +409,40 @@ def test_edited_anchor_fails_anchor(anchored, tmp_path):
 # -- the explorer page --------------------------------------------------------------------------
 
 
-def test_explorer_page_must_embed_exactly_the_ledger(demo, tmp_path):
+def test_explorer_page_must_be_the_rendered_page_byte_for_byte(demo, tmp_path):
     root = _copy(demo, tmp_path)
-    _write_page(root)
-    _resign(root)
-    report = verify_bundle(root)
-    assert report.status("explorer") == "OK" and report.ok, report.format()
+    page = (root / "explorer.html").read_text(encoding="utf-8")
 
+    # a planted script, resealed: every other check passes, the page is not the rendered one
+    (root / "explorer.html").write_text(page.replace("</body>", "<script>fetch('//evil')</script></body>"),
+                                        encoding="utf-8")  # fmt: skip
+    _reseal(root)
+    report = verify_bundle(root)
+    assert report.failed == ["explorer"], report.format()
+    assert "explorer.html: not the page rendered from ledger.json (first difference at byte" in report.reason("explorer")
+
+    # a page embedding another ledger: named where the embedded ledger differs
     ledger = json.loads((root / "ledger.json").read_text())
     ledger["steps"][0]["token"] += 1
     _write_page(root, ledger_text=json.dumps(ledger))
-    write_checksums(root, exclude=(RECEIPT,))
-    _edit_json(root, RECEIPT, lambda r: r.update(bundle_digest=bundle_digest(root)))
+    _reseal(root)
     report = verify_bundle(root)
     assert report.failed == ["explorer"], report.format()
     assert "differs from ledger.json (first at steps[0].token)" in report.reason("explorer")
 
     _write_page(root, extra='<script type="application/json" id="other">{"a": 1}</script>\n')
-    write_checksums(root, exclude=(RECEIPT,))
-    _edit_json(root, RECEIPT, lambda r: r.update(bundle_digest=bundle_digest(root)))
+    _reseal(root)
     report = verify_bundle(root)
     assert report.failed == ["explorer"], report.format()
     assert "other JSON data blocks (ids other)" in report.reason("explorer")
 
 
 def test_rendered_explorer_page_verifies(demo, tmp_path):
-    explorer = pytest.importorskip("kimi_jax.explorer.page")
     root = _copy(demo, tmp_path)
-    if not (root / "explorer.html").exists():
-        explorer.write_explorer(root)
-        _resign(root)
+    (root / "explorer.html").unlink()
+    assert verify_bundle(root).status("explorer") == "SKIPPED"
+    write_explorer(root)
+    _reseal(root)
     report = verify_bundle(root)
     assert report.status("explorer") == "OK", report.format()
 
@@ -458,8 +469,6 @@ def legacy(tiny_checkpoints, tmp_path_factory):
     """An anchored bundle as kimi-jax 0.1.0 wrote it: weights rounded to bf16 (what bf16-rounded
     computes, bit for bit), and no dequantization mode in manifest.json, the ledger (version 1) or
     the anchor (version 1)."""
-    from kimi_jax.run.manifest import manifest_digest
-
     tmp = tmp_path_factory.mktemp("verify-legacy")
     manifest = tmp / "m.yaml"
     manifest.write_text(f"version: 1\nmodel:\n  checkpoint: {tiny_checkpoints['kimi-k2.5']}\nprompt:\n"
@@ -488,16 +497,22 @@ def test_legacy_bundle_fails_naming_the_dequantization_mode(legacy):
     statuses = _statuses(report)
     assert statuses["checksums"] == statuses["receipt"] == statuses["digests"] == "OK", report.format()
     assert statuses["schema"] == statuses["anchor"] == statuses["replay"] == "FAILED", report.format()
+    # a bundle that fails an offline check is not re-run (issue 16)
+    assert report.reason("replay").startswith("not replayed: the offline check(s) schema, ")
+    assert "anchor FAILED" in report.reason("replay")
     assert "run.dequant records how quantized weights were dequantized" in report.reason("schema")
     assert report.reason("anchor").startswith(
         "anchor.json: anchor_version is 1, expected 2 (a version-1 anchor was computed with dequantization "
         "bf16-rounded (kimi-jax 0.1.0, which did not record the mode))")
     # the anchor's other conditions agree with the ledger's run, the mode included (both read as bf16-rounded)
     assert "frozen for a different run" not in report.reason("anchor")
-    assert report.reason("replay").startswith(
+    # what the replay would say of it, had it run: both modes named
+    ledger = json.loads((legacy / "ledger.json").read_text())
+    assert dequant_difference(ledger, {"run": {"dequant": "exact"}}) == (
         "the bundle was computed with dequantization bf16-rounded (kimi-jax 0.1.0, which did not record the mode) "
-        "and the replay with exact, so their quantized weights differ; the replay differs from the ledger in")
-    assert "run.dequant: bundle '<absent>', replay 'exact'" in report.reason("replay")
+        "and the replay with exact, so their quantized weights differ; ")
+    assert "run.dequant: bundle '<absent>', replay 'exact'" in "\n".join(
+        replay_differences(ledger, {**ledger, "run": {**ledger["run"], "dequant": "exact"}}))
 
 
 def test_anchor_of_the_other_dequantization_mode_fails_anchor(anchored, tmp_path):
@@ -510,13 +525,62 @@ def test_anchor_of_the_other_dequantization_mode_fails_anchor(anchored, tmp_path
             "anchor bf16-rounded, this run exact") in report.reason("anchor")  # fmt: skip
 
 
+def _point_at(root: Path, model: dict) -> None:
+    """A consistent forgery: manifest.json names another model, and the ledger and receipt follow."""
+    _edit_json(root, "manifest.json", lambda m: m.update(model=model))
+    digest = manifest_digest(json.loads((root / "manifest.json").read_text()))
+    path = model.get("checkpoint")
+
+    def follow(ledger):
+        ledger["manifest_digest"] = digest
+        if path is not None:
+            ledger["checkpoint"]["path"] = path
+
+    _edit_json(root, "ledger.json", follow)
+    _edit_json(root, RECEIPT, lambda r: r.update(manifest_digest=digest))
+    _resign(root)
+
+
 def test_replay_needs_the_checkpoint(demo, tmp_path):
     root = _copy(demo, tmp_path)
     gone = tmp_path / "gone"
-    _edit_json(root, "manifest.json", lambda m: m.update(model={"checkpoint": str(gone), "synthetic": None,
-                                                                "cache_dir": str(tmp_path)}))  # fmt: skip
-    _resign(root)
+    _point_at(root, {"checkpoint": str(gone), "synthetic": None, "cache_dir": str(tmp_path)})
     report = verify_bundle(root, replay=True)
-    assert report.status("replay") == "FAILED"
+    assert report.failed == ["replay"], report.format()
     assert f"checkpoint directory {gone} does not exist" in report.reason("replay")
     assert "which must exist" in report.reason("replay")
+
+
+def test_replay_runs_only_a_bundle_that_passed_the_offline_checks(demo, tmp_path, monkeypatch):
+    cache = tmp_path / "user-cache"
+    monkeypatch.setenv("KIMI_JAX_CACHE", str(cache))
+    root = _copy(demo, tmp_path)
+    _edit_json(root, "ledger.json", lambda l: l["steps"][1].update(entropy=1.0))  # not resealed
+    report = verify_bundle(root, replay=True)
+    assert report.status("replay") == "FAILED"
+    assert report.reason("replay").startswith("not replayed: the offline check(s) checksums, derivations, explorer FAILED")
+    assert not cache.exists(), "a bundle that failed verification made the replay write"
+
+
+def test_replay_writes_only_into_the_users_cache(demo, tmp_path, monkeypatch):
+    cache = tmp_path / "user-cache"
+    monkeypatch.setenv("KIMI_JAX_CACHE", str(cache))
+    root = _copy(demo, tmp_path)
+    chosen = tmp_path / "bundle-chosen"
+    _edit_json(root, "manifest.json", lambda m: m["model"].update(cache_dir=str(chosen)))  # not in the digest
+    _resign(root)
+    report = verify_bundle(root, replay=True)
+    assert report.status("replay") == "OK", report.format()
+    assert not chosen.exists(), "replay wrote where the bundle said"
+    assert list((cache / "synthetic").iterdir()), "the synthetic checkpoint goes into the user's cache"
+
+
+def test_replay_refuses_the_full_shape_preset_unless_asked(demo, tmp_path, monkeypatch):
+    from kimi_jax.verify.bundle_view import BundleView
+    from kimi_jax.verify.replay import check_replay
+    from kimi_jax.verify.report import CheckFailed
+
+    root = _copy(demo, tmp_path)
+    _edit_json(root, "manifest.json", lambda m: m["model"]["synthetic"].update(preset="full-shape"))
+    with pytest.raises(CheckFailed, match="writes a sparse 595 GB checkpoint into your cache; pass --allow-large"):
+        check_replay(BundleView(root))

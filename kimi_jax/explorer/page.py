@@ -13,7 +13,8 @@ page inserts ledger text only through ``textContent`` / ``createTextNode``. Prov
 i.e. the schema's ``x-provenance``, which is inlined into the page's script.
 
 ``kimi-jax explore BUNDLE`` (:data:`explore_command`) opens a bundle's page, rendering it from
-``ledger.json`` first when the bundle has none; ``--serve`` serves the bundle on 127.0.0.1.
+``ledger.json`` first when the bundle has none; ``--serve`` serves the bundle's regular files on
+127.0.0.1 only (see :class:`_Handler` for what it refuses).
 """
 
 from __future__ import annotations
@@ -22,13 +23,21 @@ import functools
 import html
 import http.server
 import json
+import mimetypes
+import os
 import re
+import shutil
+import urllib.parse
 import webbrowser
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import click
+
+from kimi_jax.errors import KimiJaxError
+from kimi_jax.fileio import open_regular, read_json, read_regular
+from kimi_jax.ledger.checksums import MAX_LISTING_BYTES
 
 TITLE = "Kimi K2.5 Output Formation Ledger"
 PAGE = "explorer.html"
@@ -86,6 +95,10 @@ def _static_parts() -> dict[str, str]:
     }
 
 
+class ExplorerError(KimiJaxError):
+    """A ledger the explorer cannot show (no steps, a value JSON cannot carry)."""
+
+
 def render_explorer(ledger: dict, title: str = TITLE) -> str:
     """The explorer page for ``ledger``: one self-contained HTML document (UTF-8 text)."""
     # imported here, not at the top: `kimi-jax --help` registers this module's command and
@@ -93,7 +106,11 @@ def render_explorer(ledger: dict, title: str = TITLE) -> str:
     from kimi_jax.ledger.ledger import provenance_map
 
     if not isinstance(ledger, dict) or not isinstance(ledger.get("steps"), list) or not ledger["steps"]:
-        raise ValueError("render_explorer needs a ledger with at least one step")
+        raise ExplorerError("ledger.json: steps: the ledger has no steps to show; expected at least one step")
+    try:
+        embedded = json_for_script(ledger)
+    except ValueError as e:  # NaN or Infinity: JSON, and so the page, cannot carry them
+        raise ExplorerError(f"ledger.json: holds a value JSON cannot carry ({e})") from None
     parts = _static_parts()
     values = {
         "CSP": html.escape(CSP, quote=True),
@@ -101,7 +118,7 @@ def render_explorer(ledger: dict, title: str = TITLE) -> str:
         "CSS": parts["CSS"],
         "LIBRARIES": parts["LIBRARIES"],
         "APP": parts["APP"],
-        "LEDGER": json_for_script(ledger),
+        "LEDGER": embedded,
         "PROVENANCE": json_for_script(dict(sorted(provenance_map().items()))),
     }
     # one pass: text substituted in is never scanned for placeholders again
@@ -111,9 +128,10 @@ def render_explorer(ledger: dict, title: str = TITLE) -> str:
 def write_explorer(bundle: Path, title: str = TITLE) -> Path:
     """Render ``BUNDLE/explorer.html`` from ``BUNDLE/ledger.json``; returns the page's path."""
     from kimi_jax.fileio import write_bytes_atomic
+    from kimi_jax.ledger.bundle import MAX_JSON_BYTES  # numpy, like provenance_map above
 
     bundle = Path(bundle)
-    ledger = json.loads((bundle / "ledger.json").read_text(encoding="utf-8"))
+    ledger = read_json(bundle / "ledger.json", MAX_JSON_BYTES, "ledger.json")
     return write_bytes_atomic(bundle / PAGE, render_explorer(ledger, title).encode("utf-8"))
 
 
@@ -126,14 +144,68 @@ def _ensure_page(bundle: Path) -> Path:
     write_explorer(bundle)
     click.echo(f"rendered {page} from ledger.json", err=True)
     checksums = bundle / "CHECKSUMS.b3"
-    if checksums.is_file() and f"  {PAGE}\n" not in checksums.read_text(encoding="utf-8", errors="replace"):
+    if checksums.is_file() and f"  {PAGE}\n".encode() not in read_regular(checksums, MAX_LISTING_BYTES, checksums.name):
         click.echo(f"note: {PAGE} is not listed in {checksums.name}; checksum verification of the bundle will "
                    "report it as an extra file", err=True)  # fmt: skip
     return page
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves the bundle directory; adds the page's policy as a header and forbids caching."""
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves the bundle's regular files, resolved inside it, and nothing else: no listings, no
+    file outside the bundle (a symbolic link leading out is not followed), and only to requests
+    whose ``Host`` is the address the server is bound to, so a page on another site cannot reach
+    it by rebinding its own name to 127.0.0.1."""
+
+    def __init__(self, *args, root: Path, **kwargs) -> None:
+        self.root = root
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def _serve(self, body: bool) -> None:
+        port = self.server.server_address[1]
+        hosts = {f"127.0.0.1:{port}", f"localhost:{port}"} | ({"127.0.0.1", "localhost"} if port == 80 else set())
+        if (self.headers.get("Host") or "").strip().lower() not in hosts:
+            self._refuse(403, "this server answers only requests addressed to 127.0.0.1")
+            return
+        path = self._resolve()
+        if path is None:
+            self._refuse(404, "not found")
+            return
+        try:
+            fd = open_regular(path)
+        except KimiJaxError:
+            self._refuse(404, "not found")
+            return
+        with open(fd, "rb") as f:
+            self.send_response(200)
+            self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+            self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
+            self.end_headers()
+            if body:
+                shutil.copyfileobj(f, self.wfile)
+
+    def _resolve(self) -> Path | None:
+        """The regular file inside the bundle that the request names, or None."""
+        rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        parts = [p for p in rel.split("/") if p] or [PAGE]
+        if "\x00" in rel or "\\" in rel or any(p in (".", "..") for p in parts):
+            return None
+        target = Path(os.path.realpath(self.root.joinpath(*parts)))
+        return target if self.root in target.parents and target.is_file() else None
+
+    def _refuse(self, code: int, why: str) -> None:
+        data = f"{code} {why}\n".encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def end_headers(self) -> None:
         self.send_header("Content-Security-Policy", CSP)
@@ -144,7 +216,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 def make_server(bundle: Path, port: int = 8000) -> http.server.ThreadingHTTPServer:
     """An HTTP server for the bundle directory bound to 127.0.0.1 only (``port`` 0: any free port)."""
-    handler = functools.partial(_Handler, directory=str(Path(bundle).resolve()))
+    handler = functools.partial(_Handler, root=Path(os.path.realpath(bundle)))
     return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
 
 

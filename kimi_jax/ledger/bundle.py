@@ -17,13 +17,22 @@ Layout of a bundle directory::
     receipt.json            bundle digest (BLAKE3 of CHECKSUMS.b3), manifest digest, anchor, verdict, time
 
 A bundle is assembled in a hidden sibling directory and renamed into place only when complete,
-so a crashed run never leaves something that looks like a bundle.
+so a crashed run never leaves something that looks like a bundle. An existing folder is replaced
+only when it is provably a kimi-jax bundle (:func:`not_a_bundle`); a run killed between the two
+renames of the swap leaves the old bundle at ``.OUT.old-PID``, which the next run over the same
+folder restores or removes (:func:`recover_interrupted_swap`).
+
+Readers of bundles strangers send never trust sizes: JSON files are read through
+:data:`MAX_JSON_BYTES`, and the orbax arrays' declared shapes are checked before anything is
+read (:func:`check_array_declarations`).
 """
 
 from __future__ import annotations
 
 import datetime
+import glob
 import os
+import re
 import shutil
 import sys
 from importlib import metadata
@@ -33,9 +42,9 @@ from typing import Any
 import blake3
 import numpy as np
 
-from kimi_jax.errors import TokenizerError
-from kimi_jax.fileio import write_bytes_atomic, write_json_atomic
-from kimi_jax.ledger.checksums import CHECKSUMS_NAME, write_checksums
+from kimi_jax.errors import KimiJaxError, OutputError, TokenizerError
+from kimi_jax.fileio import read_json, read_regular, write_bytes_atomic, write_failure, write_json_atomic
+from kimi_jax.ledger.checksums import CHECKSUMS_NAME, MAX_LISTING_BYTES, verify_checksums, write_checksums
 from kimi_jax.ledger.ledger import provenance_map
 
 BUNDLE_VERSION = 1
@@ -44,9 +53,48 @@ RECEIPT = "receipt.json"
 ARRAYS = "arrays"
 TOKENIZER = "tokenizer"
 
+# What a bundle can legitimately hold; every reader of a bundle enforces these bounds.
+# ledger.json grows with steps x positions x layers of routing, about 50 KB per position-step at
+# Kimi K2.5's size (60 MoE layers, top-8): 256 MiB holds some 5,000 position-steps, e.g. a
+# 1,000-token prompt and 5 new tokens without a KV cache. Every other JSON file is far smaller.
+MAX_JSON_BYTES = 256 * 1024 * 1024
+# Per-step arrays are float32 [vocab] and [hidden]; the largest real models have vocabularies of
+# about 2**18 and hidden sizes of about 2**15.
+MAX_VOCAB = 2**22
+MAX_HIDDEN = 2**17
+# float32 logits and hidden states do not compress (orbax stores them nearly raw), so a tree that
+# declares more than this many times the bytes it holds on disk declares arrays it does not have.
+MAX_ARRAY_EXPANSION = 4
+
+
+# Every file a bundle may hold (see the module doc); under arrays/ the names orbax-checkpoint
+# gives the files of one PyTree checkpoint (metadata, the OCDBT manifest and data files).
+BUNDLE_FILES = ("manifest.json", "manifest.yaml", "ledger.json", "anchor.json", "non_perturbation.json",
+                "provenance.json", "environment.json", "explorer.html", CHECKSUMS, RECEIPT)  # fmt: skip
+ARRAY_FILES = re.compile(r"(_CHECKPOINT_METADATA|_METADATA|_ROOT_METADATA|_sharding|commit_success\.txt"
+                         r"|array_metadatas/process_\d+"
+                         r"|(ocdbt\.process_\d+/)?(manifest\.ocdbt|d/[0-9a-f]+))")  # fmt: skip
+TOKENIZER_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def in_bundle_layout(rel: str) -> bool:
+    """Whether a file at relative path ``rel`` (forward slashes) belongs in a bundle."""
+    if rel.startswith(ARRAYS + "/"):
+        return ARRAY_FILES.fullmatch(rel[len(ARRAYS) + 1 :]) is not None
+    if rel.startswith(TOKENIZER + "/"):  # copies of the checkpoint's tokenizer files: plain names, one level
+        return TOKENIZER_FILE.fullmatch(rel[len(TOKENIZER) + 1 :]) is not None
+    return rel in BUNDLE_FILES
+
+
+class BundleError(KimiJaxError):
+    """A bundle's files are not what a kimi-jax bundle holds."""
+
 
 def step_key(index: int) -> str:
     return f"step_{index:05d}"
+
+
+STEP_KEY = re.compile(r"step_\d{5,}")
 
 
 def partial_dir(out: Path) -> Path:
@@ -61,30 +109,87 @@ def save_arrays(path: Path, steps) -> None:
     ocp.PyTreeCheckpointer().save(path.resolve(), tree)
 
 
-def load_arrays(bundle: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def load_arrays(bundle: Path, steps: list[int] | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """{step: (logits, hidden)} from the bundle's orbax tree, read with tensorstore directly: orbax
     stores each leaf ``step_NNNNN.{logits,hidden}`` as a zarr array (inside its OCDBT key-value
     store when it used one), and reading them without orbax keeps JAX, which orbax imports, out of
-    verify and compare."""
+    verify and compare. The arrays' declarations are checked (:func:`check_array_declarations`,
+    ``steps``: the ledger's step indices, when known) before any chunk is read."""
+    root = (Path(bundle) / ARRAYS).resolve()
+    stores = check_array_declarations(root, steps)
+    leaves: dict[int, dict[str, np.ndarray]] = {}
+    for (step, what), store in stores.items():
+        try:
+            leaves.setdefault(step, {})[what] = np.asarray(store.read().result())
+        except Exception as e:  # tensorstore raises many kinds on a damaged chunk
+            raise BundleError(f"{ARRAYS}/{step_key(step)}.{what}: cannot read the array "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None  # fmt: skip
+    return {step: (leaf["logits"], leaf["hidden"]) for step, leaf in leaves.items()}
+
+
+def check_array_declarations(root: Path, steps: list[int] | None) -> dict[tuple[int, str], Any]:
+    """From the stored metadata alone, before any chunk is read: the tree holds ``step_NNNNN``
+    entries (of ``steps`` when given), each exactly ``{hidden, logits}``, float32 vectors of one
+    length per name, at most :data:`MAX_HIDDEN` / :data:`MAX_VOCAB` long, and all of them together
+    at most :data:`MAX_ARRAY_EXPANSION` times the bytes the tree holds on disk. Returns the opened
+    (not yet read) tensorstore arrays, {(step, "hidden" | "logits"): array}. Reads the zarr
+    metadata with tensorstore, not orbax, so JAX is never imported."""
     import tensorstore as ts
 
-    root = (Path(bundle) / ARRAYS).resolve()
+    where = f"{ARRAYS}/"
+    meta = read_json(root / "_METADATA", MAX_JSON_BYTES, f"{ARRAYS}/_METADATA", BundleError)
+    tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
+    if not isinstance(tree, dict):
+        raise BundleError(f"{where}_METADATA: expected an orbax tree_metadata object")
+    wanted = None if steps is None else {f"('{step_key(i)}', '{name}')" for i in steps for name in ("hidden", "logits")}
+    for key in tree:
+        if wanted is not None and key not in wanted:
+            raise BundleError(f"{where}_METADATA: declares {key[:80]}, which is not a step of the ledger "
+                              "(expected hidden and logits of each step)")  # fmt: skip
+    if wanted is None and len(tree) % 2:
+        raise BundleError(f"{where}_METADATA: declares {len(tree)} arrays; expected hidden and logits per step")
     kvstore = {"driver": "ocdbt", "base": f"file://{root}"} if (root / "manifest.ocdbt").is_file() else \
         {"driver": "file", "path": f"{root}/"}  # fmt: skip
     drivers = {".zarray": "zarr", "zarr.json": "zarr3"}  # the file that marks an array, by zarr version
-    leaves: dict[int, dict[str, np.ndarray]] = {}
-    for key in sorted(ts.KvStore.open(kvstore).result().list().result()):
-        name, _, marker = key.decode().rpartition("/")
-        if marker not in drivers or not name.startswith("step_"):
-            continue
-        step, _, what = name.partition(".")
-        spec = {"driver": drivers[marker], "kvstore": {**kvstore, "path": kvstore.get("path", "") + name + "/"}}
-        leaves.setdefault(int(step.split("_")[1]), {})[what] = ts.open(spec, open=True).result().read().result()
-    for step, leaf in leaves.items():
-        missing = [what for what in ("logits", "hidden") if what not in leaf]
-        if missing:
-            raise ValueError(f"{ARRAYS}/{step_key(step)}: no {' or '.join(missing)} array in the orbax tree")
-    return {step: (leaf["logits"], leaf["hidden"]) for step, leaf in leaves.items()}
+    declared: dict[str, dict[str, Any]] = {}
+    try:
+        for key in sorted(ts.KvStore.open(kvstore).result().list().result()):
+            name, _, marker = key.decode("utf-8", "replace").rpartition("/")
+            if marker not in drivers:
+                continue
+            step, _, what = name.partition(".")
+            spec = {"driver": drivers[marker], "kvstore": {**kvstore, "path": kvstore.get("path", "") + name + "/"}}
+            # open=True reads the array's metadata (.zarray / zarr.json) only, no chunk
+            declared.setdefault(step, {})[what] = ts.open(spec, open=True).result()
+    except Exception as e:  # tensorstore raises many kinds on a damaged tree
+        raise BundleError(f"{where}: cannot read the array metadata ({type(e).__name__}: {str(e)[:200]})") from None
+    if not declared:
+        raise BundleError(f"{where}: holds no arrays; expected hidden and logits of each step")
+    lengths: dict[str, set[int]] = {"hidden": set(), "logits": set()}
+    total = 0
+    stores: dict[tuple[int, str], Any] = {}
+    for key, arrays in declared.items():
+        if not STEP_KEY.fullmatch(key) or set(arrays) != {"hidden", "logits"}:
+            raise BundleError(f"{where}{key[:40]}: expected a step_NNNNN entry holding hidden and logits")
+        if wanted is not None and f"('{key}', 'hidden')" not in wanted:
+            raise BundleError(f"{where}{key[:40]}: not a step of the ledger")
+        for name, store in arrays.items():
+            shape, dtype = tuple(int(n) for n in store.shape), store.dtype.name
+            if len(shape) != 1 or dtype != "float32":
+                raise BundleError(f"{where}{key}/{name}: declared {dtype}{list(shape)}, expected a float32 vector")
+            lengths[name].add(shape[0])
+            total += 4 * shape[0]
+            stores[(int(key.split("_")[1]), name)] = store
+    for name, bound in (("logits", MAX_VOCAB), ("hidden", MAX_HIDDEN)):
+        if len(lengths[name]) > 1 or any(n > bound or n == 0 for n in lengths[name]):
+            raise BundleError(f"{where}: {name} declared with lengths {sorted(lengths[name])[:4]}; expected one "
+                              f"length per bundle, between 1 and {bound:,}")  # fmt: skip
+    on_disk = sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(root) for f in files)
+    if total > MAX_ARRAY_EXPANSION * on_disk + (1 << 20):
+        raise BundleError(f"{where}: the metadata declares {total:,} bytes of arrays, but the tree holds only "
+                          f"{on_disk:,} bytes on disk; float32 logits and hidden states do not compress "
+                          "that far")  # fmt: skip
+    return stores
 
 
 def environment_record() -> dict[str, Any]:
@@ -98,7 +203,8 @@ def environment_record() -> dict[str, Any]:
 
 
 def bundle_digest(bundle: Path) -> str:
-    return blake3.blake3((Path(bundle) / CHECKSUMS).read_bytes()).hexdigest()
+    """BLAKE3 of the bundle's ``CHECKSUMS.b3`` (read only if it is a regular file of sane size)."""
+    return blake3.blake3(read_regular(Path(bundle) / CHECKSUMS, MAX_LISTING_BYTES, CHECKSUMS)).hexdigest()
 
 
 def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | None, explorer_html: str | None,
@@ -109,6 +215,20 @@ def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | N
     a remote checkpoint's are in its local mirror)."""
     out = Path(out)
     work = partial_dir(out)
+    try:
+        _assemble(work, manifest, ledger, steps, anchor_file, explorer_html, tokenizer_dir)
+        swap_into_place(work, out)
+    except BaseException as e:
+        shutil.rmtree(work, ignore_errors=True)  # a partial bundle would keep the disk full
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise OutputError(f"{out}: cannot write the bundle: {reason}; the partial bundle was removed") from None
+    return out
+
+
+def _assemble(work: Path, manifest, ledger: dict, steps, anchor_file: Path | None, explorer_html: str | None,
+              tokenizer_dir: Path | None) -> None:  # fmt: skip
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -147,18 +267,65 @@ def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | N
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     write_json_atomic(work / RECEIPT, receipt)
-    _swap_into_place(work, out)
-    return out
 
 
-def _swap_into_place(work: Path, out: Path) -> None:
+def swap_into_place(work: Path, out: Path) -> None:
     """Replace ``out`` by ``work``; an existing bundle is only removed once the new one is in place."""
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
         os.rename(work, out)
         return
-    if any(out.iterdir()) and not (out / RECEIPT).exists() and not (out / "ledger.json").exists():
-        raise FileExistsError(f"{out}: exists and is not a kimi-jax bundle; refusing to replace it")
+    problem = not_a_bundle(out)
+    if problem is not None:
+        raise OutputError(f"{out}: not replaced: {problem}")
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     os.rename(out, old)
-    os.rename(work, out)
+    os.rename(work, out)  # killed between the renames: recover_interrupted_swap puts ``old`` back
     shutil.rmtree(old, ignore_errors=True)
+
+
+def not_a_bundle(out: Path) -> str | None:
+    """Why the existing ``out`` may not be replaced by a new bundle, or None when it may: it is an
+    empty folder, or a kimi-jax bundle whose receipt's bundle_digest is the BLAKE3 of its
+    ``CHECKSUMS.b3`` and whose every file is listed there with its digest, so replacing it loses
+    nothing but a bundle. A file named ledger.json or receipt.json proves nothing."""
+    if out.is_symlink() or not out.is_dir():
+        return "it exists and is not a folder (a bundle is a folder)"
+    if not any(out.iterdir()):
+        return None
+    listing = "a kimi-jax bundle is replaced only when its receipt.json verifies against its CHECKSUMS.b3"
+    try:
+        receipt = read_json(out / RECEIPT, MAX_JSON_BYTES, RECEIPT, BundleError)
+        listed = bundle_digest(out)
+    except (KimiJaxError, OSError) as e:
+        return f"it is a non-empty folder that is not a kimi-jax bundle ({str(e)[:160]}); {listing}"
+    if not isinstance(receipt, dict) or listed is None or receipt.get("bundle_digest") != listed:
+        return (f"it is a non-empty folder that is not a kimi-jax bundle ({RECEIPT} does not match {CHECKSUMS}); "
+                f"{listing}")
+    problems = verify_checksums(out, exclude=(CHECKSUMS, RECEIPT))
+    if problems:
+        return (f"it holds files that are not part of its bundle ({problems[0]}"
+                f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); {listing}")  # fmt: skip
+    return None
+
+
+def recover_interrupted_swap(out: Path) -> list[str]:
+    """Finish what a run killed inside :func:`swap_into_place` (or while assembling) left beside
+    ``out``: put the previous bundle back from ``.OUT.old-PID`` when ``out`` is missing, else remove
+    it (the new bundle is in place), and remove ``.OUT.partial``. Call only while holding the
+    output lock. Returns one line per thing done."""
+    notes = []
+    olds = sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in olds:
+        if not old.is_dir() or old.is_symlink():
+            continue
+        if not out.exists() and not out.is_symlink():
+            os.rename(old, out)
+            notes.append(f"restored {out} from {old.name}, left by a run killed while replacing it")
+        else:
+            shutil.rmtree(old)
+            notes.append(f"removed {old}, left by a run killed after replacing {out}")
+    partial = partial_dir(out)
+    if partial.is_dir() and not partial.is_symlink():
+        shutil.rmtree(partial)
+        notes.append(f"removed {partial}, left by a run killed while writing its bundle")
+    return notes

@@ -24,21 +24,24 @@ from typing import Iterable
 
 import blake3
 
-from kimi_jax.fileio import write_bytes_atomic
+from kimi_jax.errors import InputError
+from kimi_jax.fileio import open_regular, read_regular, write_bytes_atomic
 
 __all__ = ["CHECKSUMS_NAME", "hash_file", "list_files", "write_checksums", "verify_checksums", "parse_checksums"]
 
 CHECKSUMS_NAME = "CHECKSUMS.b3"
+# One line of about 100 bytes per file: 64 MiB lists far more files than any bundle holds.
+MAX_LISTING_BYTES = 64 * 1024 * 1024
 _BLOCK = 1 << 20
 _LINE = re.compile(r"^([0-9a-f]{64})  (.+)$")
 
 
 def hash_file(path: Path) -> str:
-    """BLAKE3 hex digest of a file, read in 1 MiB blocks."""
+    """BLAKE3 hex digest of a regular file, read in 1 MiB blocks."""
     hasher = blake3.blake3()
     buf = bytearray(_BLOCK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
+    with open(open_regular(path), "rb", buffering=0) as f:
         while True:
             n = f.readinto(buf)
             if not n:
@@ -148,11 +151,11 @@ def verify_checksums(root: Path, exclude: Iterable[str] = (CHECKSUMS_NAME,)) -> 
     names the file."""
     root = Path(root)
     listing = root / CHECKSUMS_NAME
-    try:
-        text = listing.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not listing.exists() and not listing.is_symlink():
         return [f"{listing}: missing; nothing to verify against"]
-    except (OSError, UnicodeDecodeError) as e:
+    try:
+        text = read_regular(listing, MAX_LISTING_BYTES, CHECKSUMS_NAME).decode("utf-8")
+    except (InputError, UnicodeDecodeError) as e:
         return [f"{listing}: cannot read ({e})"]
     entries, problems = parse_checksums(text, str(listing))
     exclude = tuple(exclude)
@@ -163,7 +166,11 @@ def verify_checksums(root: Path, exclude: Iterable[str] = (CHECKSUMS_NAME,)) -> 
         if not path.is_file():
             problems.append(f"{path}: listed in {CHECKSUMS_NAME} but missing")
             continue
-        actual = hash_file(path)
+        try:
+            actual = hash_file(path)
+        except InputError as e:
+            problems.append(str(e))
+            continue
         if actual != digest:
             problems.append(f"{path}: BLAKE3 mismatch (listed {digest[:16]}..., file has {actual[:16]}...)")
     for rel in list_files(root, exclude):

@@ -12,14 +12,13 @@ and every message about it says so.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import blake3
 
 from kimi_jax.errors import KimiJaxError
-from kimi_jax.fileio import write_json_atomic
+from kimi_jax.fileio import parse_json, read_regular, write_json_atomic
 from kimi_jax.ledger.ledger import LEDGER_VERSION_CHANGES, checkpoint_record, f32, step_identity
 from kimi_jax.platform_info import (
     fingerprint_digest,
@@ -30,6 +29,8 @@ from kimi_jax.storage.codecs import LEGACY_DEQUANT_NOTE, describe_dequant, recor
 from kimi_jax.storage.digests import checkpoint_identity, identity_differences
 
 ANCHOR_VERSION = 2  # 2: checkpoint.config_digest is BLAKE3, as in ledger version 2, and the dequant condition
+# An anchor is a few kilobytes (the platform fingerprint is the largest part).
+MAX_ANCHOR_BYTES = 1024 * 1024
 ANCHORED = ("token", "logit", "hidden_digest", "logits_digest", "bytes_read")
 
 
@@ -85,12 +86,12 @@ def freeze(plan, run_one_step, path: Path | None = None) -> tuple[Path, dict[str
 
 
 def load_anchor(path: Path) -> dict[str, Any]:
-    try:
-        anchor = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise AnchorMismatch(f"{path}: anchor file does not exist; create it with `kimi-jax anchor freeze`") from None
-    except json.JSONDecodeError as e:
-        raise AnchorMismatch(f"{path}: anchor file is not valid JSON ({e})") from None
+    if not Path(path).exists():
+        raise AnchorMismatch(f"{path}: anchor file does not exist; create it with `kimi-jax anchor freeze`")
+    anchor = parse_json(read_regular(path, MAX_ANCHOR_BYTES, "anchor file", AnchorMismatch), f"{path}: anchor file",
+                        AnchorMismatch)  # fmt: skip
+    if not isinstance(anchor, dict):
+        raise AnchorMismatch(f"{path}: anchor file must hold a JSON object, got {type(anchor).__name__}")
     if anchor.get("anchor_version") != ANCHOR_VERSION:
         raise AnchorMismatch(f"{path}: anchor_version is {anchor.get('anchor_version')!r}, this kimi-jax reads version "
                              f"{ANCHOR_VERSION} ({LEDGER_VERSION_CHANGES[2]}); a version-1 anchor was computed with "
@@ -127,4 +128,5 @@ def check(anchor: dict[str, Any], path: Path, step) -> dict[str, Any]:
         where = ("the platform differs:\n  " + "\n  ".join(platform)) if platform else "the platform is identical"
         raise AnchorMismatch(f"{path}: step 0 does not match the frozen anchor:\n  " + "\n  ".join(diffs)
                              + f"\n{where}")  # fmt: skip
-    return {"file": str(path), "status": "matched", "anchor_digest": blake3.blake3(Path(path).read_bytes()).hexdigest()}
+    data = read_regular(path, MAX_ANCHOR_BYTES, "anchor file", AnchorMismatch)
+    return {"file": str(path), "status": "matched", "anchor_digest": blake3.blake3(data).hexdigest()}

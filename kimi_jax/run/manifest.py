@@ -53,7 +53,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from kimi_jax.errors import ManifestError
-from kimi_jax.fileio import canonical_json, default_cache_dir
+from kimi_jax.fileio import canonical_json, default_cache_dir, read_regular
 from kimi_jax.storage.codecs import DEQUANT_MODES
 from kimi_jax.run.manifest_yaml import (
     MANIFEST_VERSION,
@@ -100,6 +100,8 @@ CAPTURE_KINDS: tuple[str, ...] = ("norms", "routing", "logits")
 
 # Most problems reported for one manifest; the rest are summarised in one line.
 _MAX_REPORTED = 50
+# The shipped manifests are under 2 KB; a megabyte of YAML is not a manifest.
+MAX_MANIFEST_BYTES = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -746,14 +748,11 @@ def load_manifest(
     """
     display = os.fspath(path)
     file = Path(display).expanduser()
-    try:
-        raw = file.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{display}: manifest file not found") from None
-    except IsADirectoryError:
-        raise ManifestError(f"{display}: is a directory, expected a YAML manifest file") from None
-    except OSError as exc:
-        raise ManifestError(f"{display}: cannot read manifest: {exc.strerror or exc}") from None
+    if file.is_dir():
+        raise ManifestError(f"{display}: is a directory, expected a YAML manifest file")
+    if not file.exists():
+        raise ManifestError(f"{display}: manifest file not found")
+    raw = read_regular(file, MAX_MANIFEST_BYTES, "manifest", ManifestError)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -21,6 +21,8 @@ from kimi_jax.errors import ManifestError
 MANIFEST_VERSION = 1
 # Most YAML node references walked when recording line numbers (guards alias bombs).
 _MAX_NODES = 200_000
+# Deepest nesting accepted; the deepest manifest field (vindex.prompts.N.M) is 4 levels down.
+MAX_DEPTH = 16
 
 
 def describe_value(value: Any) -> str:
@@ -145,6 +147,9 @@ def _check_keys(root: yaml.Node, display: str) -> list[str]:
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 stack.append((item, (*path, str(i))))
+        if len(path) > MAX_DEPTH:
+            return [f"{display}:{node.start_mark.line + 1}: {'.'.join(path[:4])}...: nested more than {MAX_DEPTH} "
+                    "levels deep; no manifest field is"]  # fmt: skip
     problems.sort(key=lambda text: int(text[len(display) + 1 :].split(":", 1)[0]))
     return problems
 
@@ -195,13 +200,25 @@ def _yaml_error(display: str, exc: yaml.YAMLError) -> ManifestError:
     return ManifestError(f"{where}: YAML error: {exc}")
 
 
+def _unprintable(text: str, exc: yaml.reader.ReaderError) -> str:
+    """Where and what: PyYAML refuses control characters before it parses anything."""
+    char = exc.character if isinstance(exc.character, int) else 0
+    return f"{text[: exc.position].count(chr(10)) + 1}: character U+{char:04X} is not allowed in YAML ({exc.reason})"
+
+
 def parse_yaml(text: str, display: str) -> tuple[dict[str, Any], Origins]:
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        raise ManifestError(f"{display}:{_unprintable(text, exc)}") from None
     try:
         try:
             node = loader.get_single_node()
         except yaml.YAMLError as exc:
             raise _yaml_error(display, exc) from None
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise ManifestError(f"{display}: YAML nested too deeply (a manifest is at most {MAX_DEPTH} levels "
+                                "deep)") from None
         if node is None:
             raise ManifestError(
                 f"{display}: manifest is empty; expected a mapping with version: "
@@ -236,7 +253,10 @@ class _OverrideError(Exception):
 
 
 def _parse_override_value(raw: str) -> Any:
-    loader = yaml.SafeLoader(raw)
+    try:
+        loader = yaml.SafeLoader(raw)
+    except yaml.reader.ReaderError as exc:
+        raise _OverrideError(f"value {raw[:40]!r}: line {_unprintable(raw, exc)}") from None
     try:
         try:
             node = loader.get_single_node()
@@ -247,12 +267,28 @@ def _parse_override_value(raw: str) -> Any:
                     f"value {raw!r} is not a YAML scalar or flow value ([...] or {{...}}); "
                     "quote text that contains ': ' or starts with '- '"
                 )
+            if _nesting(node) > MAX_DEPTH:
+                raise _OverrideError(f"value {raw[:40]!r}... is nested more than {MAX_DEPTH} levels deep")
             return loader.construct_document(node)
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or str(exc)
-            raise _OverrideError(f"value {raw!r} is not valid YAML: {problem}") from None
+            raise _OverrideError(f"value {raw[:80]!r} is not valid YAML: {problem}") from None
+        except RecursionError:
+            raise _OverrideError(f"value {raw[:40]!r}... is nested too deeply") from None
     finally:
         loader.dispose()
+
+
+def _nesting(root: yaml.Node) -> int:
+    """How deeply collections nest in a node tree, counted without recursion (stops past MAX_DEPTH)."""
+    deepest, stack = 0, [(root, 0)]
+    while stack and deepest <= MAX_DEPTH:
+        node, depth = stack.pop()
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            deepest = max(deepest, depth + 1)
+            items = node.value if isinstance(node, yaml.SequenceNode) else [v for pair in node.value for v in pair]
+            stack.extend((child, depth + 1) for child in items)
+    return deepest
 
 
 def _set_path(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kimi_jax.config import ModelConfig
 from kimi_jax.errors import CheckpointError, ManifestError, TokenizerError
+from kimi_jax.fileio import write_failure
 from kimi_jax.run.manifest import Manifest, load_manifest
 from kimi_jax.storage.checkpoint import CheckpointIndex
 from kimi_jax.storage.remote import RemoteSettings
@@ -47,6 +48,12 @@ def prepare_run(manifest: Manifest) -> RunPlan:
                              storage.digest_file, remote_settings(manifest))  # fmt: skip
     except CheckpointError as e:
         raise manifest.error("storage.digest_file" if "digest file" in str(e) else where, str(e)) from None
+    except OSError as e:  # generating a synthetic checkpoint into the cache failed
+        if write_failure(e) is None:
+            raise
+        raise manifest.error(where, f"cannot write the synthetic checkpoint into {manifest.model.cache_dir}: "
+                                    f"{write_failure(e)}; set model.cache_dir or $KIMI_JAX_CACHE to a writable "
+                                    "folder") from None  # fmt: skip
     index = source.index
     tokenizer = load_tokenizer(index.root, index.config.vocab_size)  # a remote checkpoint's are mirrored there
     prompt, prompt_text = _prompt_tokens(manifest, index, tokenizer)

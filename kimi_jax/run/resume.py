@@ -8,17 +8,17 @@ so its presence marks a complete step; anything else is ignored on resume.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
-import json
 import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.errors import KimiJaxError
-from kimi_jax.fileio import write_bytes_atomic, write_json_atomic
+from kimi_jax.errors import KimiJaxError, OutputError
+from kimi_jax.fileio import read_json, write_bytes_atomic, write_failure, write_json_atomic
 from kimi_jax.model.layers import LatentCache
 from kimi_jax.records import ByteCounts, LayerRecord, StepRecord
 
@@ -36,18 +36,34 @@ class RunCheckpoints:
         self.root = work_dir(Path(out))
         ident_file = self.root / "identity.json"
         if resume and ident_file.exists():
-            saved = json.loads(ident_file.read_text())
+            saved = read_json(ident_file, 1 << 20, "saved run identity", ResumeError)
             if saved != identity:
                 diffs = [k for k in identity if saved.get(k) != identity[k]]
                 raise ResumeError(f"{self.root}: saved steps belong to a different run (differs in {diffs}); "
                                   "remove it or run without --resume")  # fmt: skip
         else:
-            if self.root.exists():
-                shutil.rmtree(self.root)
-            self.root.mkdir(parents=True)
-            write_json_atomic(ident_file, identity)
+            with self._writing("start saving the run's steps"):
+                if self.root.exists():
+                    shutil.rmtree(self.root)
+                self.root.mkdir(parents=True)
+                write_json_atomic(ident_file, identity)
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        try:
+            yield
+        except OSError as e:
+            reason = write_failure(e)
+            if reason is None:
+                raise
+            raise OutputError(f"{self.root}: cannot {what}: {reason}. The steps saved before are kept: once that is "
+                              "fixed, run the same command with --resume") from None  # fmt: skip
 
     def save(self, run: str, step: StepRecord) -> None:
+        with self._writing(f"save step {step.index} of the {run} run"):
+            self._save(run, step)
+
+    def _save(self, run: str, step: StepRecord) -> None:
         folder = self.root / run
         folder.mkdir(exist_ok=True)
         # float32 holds bfloat16 values exactly, and npz cannot store bfloat16 itself
@@ -68,7 +84,7 @@ class RunCheckpoints:
         """The completed steps of ``run`` (consecutive from 0) and the caches after the last one."""
         steps, caches = [], None
         while (json_file := self.root / run / f"step_{len(steps):05d}.json").exists():
-            record = json.loads(json_file.read_text())
+            record = read_json(json_file, 1 << 30, "saved step", ResumeError)
             with np.load(json_file.with_suffix(".npz")) as z:
                 arrays = {k: z[k] for k in z.files}
             layers = [LayerRecord(**{**layer, "io": ByteCounts(**layer["io"])}) for layer in record.pop("layers")]

@@ -7,16 +7,18 @@ import os
 import signal
 from pathlib import Path
 
-from kimi_jax.errors import KimiJaxError
+from kimi_jax.errors import KimiJaxError, OutputError
 from kimi_jax.explorer.page import render_explorer
-from kimi_jax.ledger.bundle import write_bundle
+from kimi_jax.ledger.bundle import recover_interrupted_swap, write_bundle
 from kimi_jax.ledger.ledger import build_ledger, step_identity, validate_ledger
 from kimi_jax.model.engine import Engine, OnLayer
 from kimi_jax.model.jax_setup import enable_compilation_cache
 from kimi_jax.records import StepRecord
 from kimi_jax.run import anchor as anchors
 from kimi_jax.run.console import Progress, TextStream, streamed_text, to_stderr
-from kimi_jax.run.plan import RunPlan, load_plan
+from kimi_jax.run.manifest import load_manifest
+from kimi_jax.run.output import check_output_dir, hold_output
+from kimi_jax.run.plan import RunPlan, prepare_run
 from kimi_jax.run.resume import RunCheckpoints
 from kimi_jax.storage.reader import evict_page_cache, resident_bytes
 from kimi_jax.storage.residency import ResidencyPlan, budget_plan
@@ -25,20 +27,23 @@ from kimi_jax.storage.residency import ResidencyPlan, budget_plan
 def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None,
                  prove: bool = True, resume: bool = False, echo=to_stderr, progress: bool = True,
                  text_out=None):  # fmt: skip
-    plan = load_plan(manifest_path, overrides, out_dir)
-    return execute(plan, prove=prove, resume=resume, echo=echo, progress=progress, text_out=text_out)
+    manifest = load_manifest(manifest_path, overrides or [], out_dir)
+    check_output_dir(manifest.output.dir, manifest.model.checkpoint)  # before a synthetic checkpoint is made
+    return execute(prepare_run(manifest), prove=prove, resume=resume, echo=echo, progress=progress, text_out=text_out)
 
 
 def _fault_hook():
-    """Testing aid: ``KIMI_JAX_FAULT=RUN:STEP:LAYER`` kills the process (SIGKILL) inside that layer."""
+    """Testing aid: ``KIMI_JAX_FAULT=RUN:STEP:LAYER[:SIGNAL]`` sends the process SIGNAL (default
+    SIGKILL, or e.g. SIGINT) inside that layer."""
     spec = os.environ.get("KIMI_JAX_FAULT")
     if not spec:
         return None
-    run, step, layer = spec.split(":")
+    run, step, layer, *sig = spec.split(":")
+    signum = getattr(signal, sig[0]) if sig else signal.SIGKILL
 
     def maybe_die(name: str, s: int, l: int) -> None:
         if (name, s, l) == (run, int(step), int(layer)):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
 
     return maybe_die
 
@@ -80,7 +85,18 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=to_std
 
     Every completed step is checkpointed beside the output; with ``resume`` a killed run
     continues from its last completed step. ``text_out`` (e.g. sys.stdout) receives the generated
-    text as the first run produces it; ``echo`` the report lines; ``progress`` goes to stderr."""
+    text as the first run produces it; ``echo`` the report lines; ``progress`` goes to stderr.
+    The output folder is held exclusively and checked before any compute."""
+    out = Path(plan.manifest.output.dir)
+    check_output_dir(out, plan.index.root)  # before the lock file is created beside it
+    with hold_output(out):
+        for note in recover_interrupted_swap(out):
+            echo(note)
+        check_output_dir(out, plan.index.root)  # again, now that no other run can change it
+        return _execute_held(plan, prove, resume, echo, progress, text_out)
+
+
+def _execute_held(plan: RunPlan, prove: bool, resume: bool, echo, progress: bool, text_out) -> RunOutcome:
     m = plan.manifest
     anchor = anchors.precheck(plan)
     enable_compilation_cache(m.model.cache_dir)
@@ -102,8 +118,14 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=to_std
     anchor_record = anchors.check(anchor, m.anchor, steps[0]) if anchor is not None else None
     ledger = build_ledger(plan, steps, page_cache, anchor_record, proof, residency_record(plan, residency))
     validate_ledger(ledger)
-    write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None, explorer_html=render_explorer(ledger),
-                 tokenizer_dir=plan.tokenizer.root if plan.tokenizer else None)  # fmt: skip
+    try:
+        write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None,
+                     explorer_html=render_explorer(ledger),
+                     tokenizer_dir=plan.tokenizer.root if plan.tokenizer else None)  # fmt: skip
+    except OutputError as e:
+        raise OutputError(f"{e}. The completed steps are kept in {checkpoints.root}: once that is fixed, run the "
+                          "same command with --resume to write the bundle without computing them "
+                          "again") from None  # fmt: skip
     checkpoints.discard()
     path = out / "ledger.json"
     report(steps, proof, path, echo, ledger["stopped"])

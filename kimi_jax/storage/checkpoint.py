@@ -12,8 +12,8 @@ Canonical names drop the layout's prefix: ``layers.3.mlp.experts.7.down_proj.wei
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
 import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +24,7 @@ import blake3
 
 from kimi_jax.config import ModelConfig, load_model_config
 from kimi_jax.errors import CheckpointError
+from kimi_jax.fileio import read_json
 from kimi_jax.shapes import expert_shapes, global_shapes, layer_shapes
 from kimi_jax.storage.layouts import KIMI_K25_PREFIX, TEXT_PREFIX, indexed_layout
 from kimi_jax.storage.safetensors_header import (
@@ -33,13 +34,18 @@ from kimi_jax.storage.safetensors_header import (
 )
 
 WeightFormat = Literal["plain", "int4", "fp8"]
+INDEX_FILE = "model.safetensors.index.json"
+# Kimi K2.5's index lists about 200,000 tensors in about 20 MB; anything far larger is not an index.
+MAX_INDEX_BYTES = 256 * 1024 * 1024
 
 # Prefixes in the order we try them; the first that owns `layers.` names wins.
 _TEXT_PREFIXES = (KIMI_K25_PREFIX, TEXT_PREFIX)
 _HEAD_NAMES = {"language_model.lm_head.weight": "lm_head.weight", "lm_head.weight": "lm_head.weight"}
 _SKIPPED_PREFIXES = ("vision_tower.", "mm_projector.", "language_model.vision_tower.")
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
-_EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# at most 6 digits: no real model has a million layers or experts, and int() of a huge digit run fails
+_LAYER_RE = re.compile(r"^layers\.(\d{1,6})\.(.+)$")
+_EXPERT_ID_RE = re.compile(r"^mlp\.experts\.(\d{1,6})\.")
+_EXPERT_RE = re.compile(r"^mlp\.experts\.(\d{1,6})\.(gate_proj|up_proj|down_proj)\.weight$")
 _PLAIN_DTYPES = {"BF16", "F32", "F16"}
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 
@@ -156,16 +162,20 @@ def open_checkpoint(root: str | Path) -> CheckpointIndex:
     if not root.is_dir():
         raise CheckpointError(f"{root}: checkpoint directory does not exist")
     cfg = load_model_config(root)
-    shard_paths = _shard_paths(root)
+    weight_map = _read_weight_map(root)
+    shard_paths = _shard_paths(root, weight_map)
     with ThreadPoolExecutor(max_workers=8) as pool:
         headers = tuple(pool.map(read_shard_header, shard_paths))
-    return index_from_headers(root, cfg, headers)
+    return index_from_headers(root, cfg, headers, weight_map=weight_map)
 
 
-def index_from_headers(root: Path, cfg: ModelConfig, headers: tuple[ShardHeader, ...],
-                       source: str | None = None) -> CheckpointIndex:  # fmt: skip
+def index_from_headers(root: Path, cfg: ModelConfig, headers: tuple[ShardHeader, ...], source: str | None = None,
+                       weight_map: dict[str, str] | None | object = ...) -> CheckpointIndex:  # fmt: skip
     """The per-layer map and every check, from parsed shard headers (local or fetched remotely);
-    ``root`` holds config.json and, when present, model.safetensors.index.json."""
+    ``root`` holds config.json and, when present, model.safetensors.index.json (``weight_map``:
+    its weight_map when already read, None when there is none)."""
+    if weight_map is ...:
+        weight_map = _read_weight_map(root)
     records: dict[str, TensorRecord] = {}
     for header in headers:
         for rec in header.tensors:
@@ -173,10 +183,11 @@ def index_from_headers(root: Path, cfg: ModelConfig, headers: tuple[ShardHeader,
                 other = records[rec.stored_name].shard.name
                 raise CheckpointError(f"{rec.shard}: tensor {rec.stored_name!r} also appears in {other}")
             records[rec.stored_name] = rec
-    _check_index_file(root, records)
+    _check_index_file(root, weight_map, records)
 
     prefix = _detect_prefix(root, records)
     canonical, skipped = _canonicalise(cfg, prefix, records)
+    _check_config_fits_tensors(root, cfg, canonical)
     weights = _group_weights(canonical, cfg)
     layers = _build_layers(root, cfg, weights)
     _check_shapes(root, cfg, weights, layers)
@@ -186,23 +197,18 @@ def index_from_headers(root: Path, cfg: ModelConfig, headers: tuple[ShardHeader,
 
 
 def shard_names(root: Path) -> list[str] | None:
-    """Shard file names the index file lists (sorted), or None when there is no index file."""
-    index_file = root / "model.safetensors.index.json"
-    if not index_file.exists():
-        return None
-    try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        return sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index_file}: expected a JSON object with a 'weight_map' ({e})") from None
+    """Shard file names the index file lists (sorted), or None when there is no index file. Every
+    name is checked to stay inside ``root`` (:func:`_read_weight_map`), remote mirrors included."""
+    weight_map = _read_weight_map(root)
+    return None if weight_map is None else sorted(set(weight_map.values()))
 
 
-def _shard_paths(root: Path) -> list[Path]:
-    names = shard_names(root)
-    if names is not None:
-        missing = [n for n in names if not (root / n).is_file()]
+def _shard_paths(root: Path, weight_map: dict[str, str] | None) -> list[Path]:
+    if weight_map is not None:
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (root / n).exists()]
         if missing:
-            raise CheckpointError(f"{root / 'model.safetensors.index.json'}: weight_map names missing shard file(s): "
+            raise CheckpointError(f"{root / INDEX_FILE}: weight_map names missing shard file(s): "
                                   f"{', '.join(missing[:5])}")  # fmt: skip
         return [root / n for n in names]
     paths = sorted(root.glob("*.safetensors"))
@@ -211,16 +217,47 @@ def _shard_paths(root: Path) -> list[Path]:
     return paths
 
 
-def _check_index_file(root: Path, records: dict[str, TensorRecord]) -> None:
-    index_file = root / "model.safetensors.index.json"
-    if not index_file.exists():
+def _read_weight_map(root: Path) -> dict[str, str] | None:
+    """The index's ``weight_map`` ({tensor: shard file}), or None when the checkpoint has no index.
+
+    Every shard path stays inside the checkpoint folder: a relative path without ``..``, whose
+    folders are real folders inside it. The shard itself may be a symbolic link (Hugging Face
+    caches link snapshots to blobs), which is followed only to a regular file (checked on open)."""
+    index_file = root / INDEX_FILE
+    if not index_file.exists() and not index_file.is_symlink():
+        return None
+    index = read_json(index_file, MAX_INDEX_BYTES, "checkpoint index", CheckpointError)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_file}: expected a JSON object with a 'weight_map' object "
+                              "{tensor name: shard file}")  # fmt: skip
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index_file}: weight_map[{name!r}] is {shard!r}; expected a shard file name")
+        _check_inside(root, index_file, name, shard)
+    return weight_map
+
+
+def _check_inside(root: Path, index_file: Path, name: str, shard: str) -> None:
+    parts = shard.split("/")
+    if "\\" in shard or "\x00" in shard or shard.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise CheckpointError(f"{index_file}: weight_map puts {name!r} in {shard!r}; expected a relative path inside "
+                              f"the checkpoint folder (no absolute path, no '.' or '..')")  # fmt: skip
+    real = Path(os.path.realpath((root / shard).parent))
+    if real != root and root not in real.parents:
+        raise CheckpointError(f"{index_file}: weight_map puts {name!r} in {shard!r}, whose folder resolves to {real}, "
+                              f"outside the checkpoint folder {root}")  # fmt: skip
+
+
+def _check_index_file(root: Path, weight_map: dict[str, str] | None, records: dict[str, TensorRecord]) -> None:
+    if weight_map is None:
         return
-    weight_map = json.loads(index_file.read_text())["weight_map"]
+    index_file = root / INDEX_FILE
     for name, shard in weight_map.items():
         rec = records.get(name)
         if rec is None:
             raise CheckpointError(f"{index_file}: weight_map lists {name!r} in {shard}, but no shard holds it")
-        if rec.shard.name != shard:
+        if rec.shard != root / shard:
             raise CheckpointError(f"{index_file}: weight_map puts {name!r} in {shard}, found in {rec.shard.name}")
     unlisted = [n for n in records if n not in weight_map]
     if unlisted:
@@ -263,6 +300,30 @@ def _canonicalise(cfg: ModelConfig, prefix: str, records: dict[str, TensorRecord
         raise CheckpointError(f"{shard}: tensor {unknown[0]!r} does not belong to the text model under prefix "
                               f"{prefix!r} ({len(unknown)} such tensors)")  # fmt: skip
     return canonical, skipped
+
+
+def _check_config_fits_tensors(root: Path, cfg: ModelConfig, canonical: dict[str, TensorRecord]) -> None:
+    """Before any per-layer or per-expert structure is built from config.json, its layer and expert
+    counts must be ones the tensors present can fill (a config may not make us allocate for 10**9)."""
+    layers, experts = set(), set()
+    for name in canonical:
+        m = _LAYER_RE.match(name)
+        if m:
+            layers.add(int(m.group(1)))
+            e = _EXPERT_ID_RE.match(m.group(2))
+            if e:
+                experts.add(int(e.group(1)))
+    if cfg.num_hidden_layers > len(layers):
+        raise CheckpointError(f"{root / 'config.json'}: num_hidden_layers is {cfg.num_hidden_layers}, but the shards "
+                              f"hold tensors of {len(layers)} decoder layer(s)")  # fmt: skip
+    first_moe = next((i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)), None)
+    if first_moe is not None and cfg.n_routed_experts > len(experts):
+        # an id no layer holds is missing from every MoE layer, the first included
+        missing = [e for e in range(min(cfg.n_routed_experts, len(experts) + 8)) if e not in experts][:8]
+        raise CheckpointError(f"{root}: layer {first_moe} should have experts 0..{cfg.n_routed_experts - 1}; missing "
+                              f"{missing}{' ...' if cfg.n_routed_experts > len(experts) + 8 else ''} (config.json "
+                              f"n_routed_experts is {cfg.n_routed_experts}, the shards hold {len(experts)} expert "
+                              "ids)")  # fmt: skip
 
 
 def _group_weights(canonical: dict[str, TensorRecord], cfg: ModelConfig) -> dict[str, WeightEntry]:

@@ -35,6 +35,7 @@ import blake3
 import numpy as np
 
 from kimi_jax.errors import StorageError
+from kimi_jax.fileio import open_regular
 from kimi_jax.storage.checkpoint import WeightEntry
 from kimi_jax.storage.digests import DigestTable, weights_digest
 from kimi_jax.storage.safetensors_header import TensorRecord
@@ -250,10 +251,7 @@ class ShardReader:
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError as e:
-                    raise StorageError(f"{path}: cannot open shard ({e.strerror})") from None
+                fd = open_regular(path, "shard", StorageError)
                 self._fds[path] = fd
             return fd
 
@@ -295,6 +293,7 @@ class ShardReader:
                     f"{first.offset + done} ({nbytes - done} of {nbytes} bytes missing); the shard is truncated"
                 )
             done += got
+            attempt = 0  # retries count consecutive failures; progress resets them
         self.count_call(first.shard, first.offset, nbytes, time.perf_counter() - started)
         return buffers
 
@@ -334,7 +333,7 @@ def _at(run: list[TensorRecord], done: int) -> str:
 def evict_page_cache(paths: Iterable[Path]) -> None:
     """Ask the kernel to drop these files from the page cache, so the next reads are cold."""
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path, "shard", StorageError)
         try:
             # Dirty pages (a freshly written shard) are not dropped, so flush them first.
             os.fdatasync(fd)
@@ -364,7 +363,7 @@ def resident_bytes(path: Path) -> int:
     if size == 0:
         return 0
     libc = _load_libc()
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path, "shard", StorageError)
     try:
         addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):

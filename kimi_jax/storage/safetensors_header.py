@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from kimi_jax.errors import CheckpointError
+from kimi_jax.fileio import open_regular, parse_json
 
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -68,10 +69,12 @@ class ShardHeader:
 
 
 def read_shard_header(path: Path) -> ShardHeader:
-    """Parse one shard's header; reject truncation and inconsistent entries, naming the tensor."""
+    """Parse one local shard's header (a regular file only); reject truncation and inconsistent
+    entries, naming the tensor (:func:`parse_shard_header`, which remote shards go through too)."""
+    fd = open_regular(path, "shard", CheckpointError)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             n = header_length(path, f.read(8), size)
             raw = f.read(n)
     except OSError as e:
@@ -91,47 +94,79 @@ def header_length(path: Path, prefix: bytes, size: int) -> int:
 
 def parse_shard_header(path: Path, raw: bytes, size: int) -> ShardHeader:
     """Parse the JSON header ``raw`` (the bytes after the 8-byte length) of a ``size``-byte shard.
-    ``path`` names the shard in errors and records; it need not exist locally (remote shards)."""
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupted safetensors header: not valid JSON ({e})") from None
+    ``path`` names the shard in errors and records; it need not exist locally (remote shards).
+
+    As the safetensors format requires, the tensors must tile the data section exactly: no
+    overlaps, no gaps, nothing past its end (an overlap would let two tensors share bytes and
+    silently change what is computed)."""
+    header = parse_json(raw, f"{path}: corrupted safetensors header", CheckpointError,
+                        object_pairs_hook=_unique_keys)  # fmt: skip
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupted safetensors header: expected a JSON object")
 
     data_start = 8 + len(raw)
     metadata = header.pop("__metadata__", None) or {}
-    records = []
-    data_end = data_start
-    for name, entry in header.items():
-        records.append(_parse_entry(path, name, entry, data_start))
-        data_end = max(data_end, records[-1].offset + records[-1].nbytes)
-    if data_end > size:
-        raise CheckpointError(
-            f"{path}: shard is truncated: header declares tensor data up to byte {data_end}, file has {size} bytes"
-        )
-    records.sort(key=lambda r: r.offset)
-    return ShardHeader(path, size, data_start, data_end, tuple(records), dict(metadata))
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupted safetensors header: __metadata__ must map strings to strings")
+    spans = sorted((_parse_entry(path, name, entry), name) for name, entry in header.items())
+    data_size = size - data_start
+    cursor, previous = 0, None
+    for (begin, end, _), name in spans:
+        if begin < cursor:
+            raise CheckpointError(f"{path}: tensor {name!r} data_offsets [{begin}, {end}] overlap tensor "
+                                  f"{previous!r}, which ends at {cursor}; tensors may not share bytes")  # fmt: skip
+        if begin > cursor:
+            after = f"after tensor {previous!r}" if previous else "at the start of the data section"
+            raise CheckpointError(f"{path}: bytes [{cursor}, {begin}) of the data section belong to no tensor "
+                                  f"({after}, before {name!r}); safetensors tensors must be contiguous")  # fmt: skip
+        if end > data_size:
+            raise CheckpointError(f"{path}: shard is truncated or its offsets are corrupt: tensor {name!r} "
+                                  f"data_offsets [{begin}, {end}] end at byte {data_start + end} of the file, which "
+                                  f"has {size} bytes")  # fmt: skip
+        cursor, previous = end, name
+    if cursor != data_size:
+        raise CheckpointError(f"{path}: {data_size - cursor} bytes after the last tensor"
+                              f"{f' ({previous!r})' if previous else ''} belong to no tensor; the header's tensors "
+                              f"end at byte {data_start + cursor} of a {size}-byte file")  # fmt: skip
+    records = [TensorRecord(name, path, data_start + begin, end - begin, rec[0], rec[1])
+               for (begin, end, rec), name in spans]  # fmt: skip
+    return ShardHeader(path, size, data_start, data_start + cursor, tuple(records), dict(metadata))
 
 
-def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorRecord:
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_entry(path: Path, name: str, entry: Any) -> tuple[int, int, tuple[str, tuple[int, ...]]]:
+    """``(begin, end, (dtype, shape))`` of one header entry, offsets relative to the data section."""
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CheckpointError(f"{where}: corrupted header entry, expected dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_SIZES:
-        raise CheckpointError(f"{where}: unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise CheckpointError(f"{where}: corrupted shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise CheckpointError(f"{where}: corrupted data_offsets {offsets!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"{where}: unsupported dtype {dtype!r}; expected one of {', '.join(DTYPE_SIZES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: corrupted shape {shape!r}; expected a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise CheckpointError(f"{where}: corrupted data_offsets {offsets!r}; expected [begin, end] integers")
     begin, end = offsets
+    if not 0 <= begin <= end:
+        raise CheckpointError(f"{where}: corrupted data_offsets {offsets}; expected 0 <= begin <= end")
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
-    if begin < 0 or end - begin != expected:
+    if end - begin != expected:
         raise CheckpointError(
             f"{where}: data_offsets {offsets} span {end - begin} bytes, but {dtype}{shape} needs {expected}"
         )
-    return TensorRecord(name, path, data_start + begin, expected, dtype, tuple(shape))
+    return begin, end, (dtype, tuple(shape))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,13 +3,15 @@ arrays restored on first use, failures as :class:`CheckFailed`."""
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from kimi_jax.ledger.bundle import ARRAYS, step_key
+from kimi_jax.errors import KimiJaxError
+from kimi_jax.fileio import parse_json, read_regular
+from kimi_jax.ledger.bundle import ARRAYS, MAX_JSON_BYTES, step_key
 from kimi_jax.verify.report import CheckFailed
 
 
@@ -32,16 +34,18 @@ class BundleView:
     def json(self, name: str) -> Any:
         def load() -> Any:
             path = self.root / name
+            if not path.exists() and not path.is_symlink():
+                raise CheckFailed(f"{name}: missing from the bundle")
             try:
-                return json.loads(path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise CheckFailed(f"{name}: missing from the bundle") from None
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckFailed(f"{name}: not valid JSON ({e})") from None
-            except OSError as e:
-                raise CheckFailed(f"{name}: cannot read ({e})") from None
+                return parse_json(read_regular(path, MAX_JSON_BYTES, name), name)
+            except KimiJaxError as e:
+                raise CheckFailed(self.relative(str(e))) from None
 
         return self._memo(name, load)
+
+    def relative(self, text: str) -> str:
+        """A message with this bundle's folder left out of the paths it names."""
+        return text.replace(str(self.root) + os.sep, "")
 
     def has(self, name: str) -> bool:
         return (self.root / name).is_file()
@@ -65,8 +69,11 @@ class BundleView:
 
             if not (self.root / ARRAYS).is_dir():
                 raise CheckFailed(f"{ARRAYS}/: missing from the bundle; expected the orbax tree of per-step arrays")
+            indices = [s.get("index") for s in self.steps()]
             try:
-                arrays = load_arrays(self.root)
+                arrays = load_arrays(self.root, [i for i in indices if isinstance(i, int) and not isinstance(i, bool)])
+            except KimiJaxError as e:  # declared shapes checked before restoring
+                raise CheckFailed(self.relative(str(e))) from None
             except Exception as e:  # orbax raises many kinds on a damaged tree
                 raise CheckFailed(f"{ARRAYS}/: cannot restore the orbax tree ({type(e).__name__}: {str(e)[:200]})") from None
             for step, (logits, hidden) in arrays.items():

@@ -4,7 +4,8 @@ The checks, in order (each prints ``N. name: OK``, ``N. name: FAILED: reason`` o
 ``N. name: SKIPPED: reason``):
 
 1. ``checksums``: every file's BLAKE3 matches ``CHECKSUMS.b3``; no listed file is missing and no
-   file is unlisted (``receipt.json`` and ``CHECKSUMS.b3`` itself excepted); no links or special files.
+   file is unlisted (``receipt.json`` and ``CHECKSUMS.b3`` itself excepted); no links or special
+   files, and no file outside the bundle layout (:func:`kimi_jax.ledger.bundle.in_bundle_layout`).
 2. ``receipt``: ``bundle_digest`` is the BLAKE3 of ``CHECKSUMS.b3``; ``manifest_digest`` equals the
    ledger's and the digest recomputed from ``manifest.json``; the ledger's run settings and
    checkpoint path are the manifest's; the verdict (tokens, steps, non-perturbing, anchor) and
@@ -25,14 +26,16 @@ The checks, in order (each prints ``N. name: OK``, ``N. name: FAILED: reason`` o
    rules say (``stopped``), no earlier.
 9. ``non-perturbation``: ``non_perturbation.json`` is present, equals the ledger's record, and shows
    bare == instrumented == the ledger's own steps.
-10. ``explorer``: the ledger embedded in ``explorer.html`` equals ``ledger.json`` and the page holds
-    no other JSON data block (SKIPPED when the bundle has no explorer page).
+10. ``explorer``: ``explorer.html`` is byte for byte the page rendered from ``ledger.json``
+    (SKIPPED when the bundle has no explorer page).
 11. ``text``: the bundled tokenizer files are the ones the ledger's digests name, the prompt as
     given encodes to the prompt ids, and every text field re-derives (SKIPPED when the checkpoint
     ships no tokenizer).
-12. ``replay`` (only with ``--replay``): the bundle's manifest is run again, without the
-    non-perturbation proof, against the checkpoint it names; every measured value must match
-    (wall-clock and page-cache fields excepted).
+12. ``replay`` (only with ``--replay``, and only when checks 1-11 passed): the bundle's manifest is
+    run again, without the non-perturbation proof, against the checkpoint it names; every measured
+    value must match (wall-clock and page-cache fields excepted). It writes only into the user's
+    own cache and a temporary folder, never where the bundle says, and generates the full-shape
+    synthetic preset only with ``allow_large``.
 """
 
 from __future__ import annotations
@@ -81,6 +84,15 @@ _CHECKS: tuple[tuple[str, Callable[[BundleView], str]], ...] = (
 CHECK_NAMES = tuple(name for name, _ in _CHECKS)
 
 
+def _replay_if_sound(bundle: BundleView, done: list[Check], allow_large: bool) -> str:
+    """A bundle that failed an offline check is not run: what it asks to compute is not trusted."""
+    failed = [c.name for c in done if c.status == FAILED]
+    if failed:
+        raise CheckFailed(f"not replayed: the offline check(s) {', '.join(failed)} FAILED, and a bundle is re-run "
+                          "only once everything it says is consistent")  # fmt: skip
+    return check_replay(bundle, allow_large)
+
+
 def _run_check(number: int, name: str, fn: Callable[[BundleView], str], bundle: BundleView) -> Check:
     try:
         note = fn(bundle)
@@ -94,11 +106,12 @@ def _run_check(number: int, name: str, fn: Callable[[BundleView], str], bundle: 
         return Check(number, name, FAILED, f"unexpected structure in the bundle's JSON ({type(e).__name__}: {e})")
 
 
-def verify_bundle(path: str | os.PathLike, replay: bool = False,
-                  on_check: Callable[[Check], None] | None = None) -> Report:
+def verify_bundle(path: str | os.PathLike, replay: bool = False, on_check: Callable[[Check], None] | None = None,
+                  allow_large: bool = False) -> Report:  # fmt: skip
     """Run every check on the bundle at ``path`` (a bundle directory, an archive, or a ``receipt.json``).
 
-    ``on_check`` is called with each :class:`Check` as soon as it completes."""
+    ``on_check`` is called with each :class:`Check` as soon as it completes. The replay runs only
+    when every offline check passed; ``allow_large`` lets it generate the full-shape preset."""
     from kimi_jax.ledger.archive import is_archive, open_bundle
 
     source = os.fspath(path)
@@ -106,7 +119,8 @@ def verify_bundle(path: str | os.PathLike, replay: bool = False,
     with open_bundle(path) as root:
         shown = f"{source} (bundle folder {root.name})" if is_archive(source) else str(root)
         bundle = BundleView(Path(root))
-        todo = list(_CHECKS) + ([("replay", check_replay)] if replay else [])
+        replayed = lambda b: _replay_if_sound(b, checks, allow_large)  # noqa: E731
+        todo = list(_CHECKS) + ([("replay", replayed)] if replay else [])
         for number, (name, fn) in enumerate(todo, start=1):
             check = _run_check(number, name, fn, bundle)
             checks.append(check)

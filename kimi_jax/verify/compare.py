@@ -319,13 +319,46 @@ def compare_manifests(a: str | os.PathLike, b: str | os.PathLike) -> ManifestCom
 
 
 def _read_json(root: Path, name: str) -> Any:
+    from kimi_jax.fileio import read_json
+    from kimi_jax.ledger.bundle import MAX_JSON_BYTES
+
     path = root / name
+    if not path.exists() and not path.is_symlink():
+        raise CompareError(f"{path}: missing; expected a kimi-jax run bundle")
+    return read_json(path, MAX_JSON_BYTES, name, CompareError)
+
+
+def _read_ledger(root: Path) -> dict[str, Any]:
+    """The bundle's ledger, which must validate against the ledger schema: everything below reads
+    its structure as the schema states it."""
+    import jsonschema
+
+    from kimi_jax.ledger.ledger import LEDGER_SCHEMA
+
+    ledger = _read_json(root, "ledger.json")
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(LEDGER_SCHEMA).iter_errors(ledger))
+    if error is not None:
+        raise CompareError(f"{root / 'ledger.json'}: does not validate against the ledger schema at "
+                           f"{error.json_path}: {error.message[:160]}; `kimi-jax verify` says more")  # fmt: skip
+    return ledger
+
+
+def _read_resolved_manifest(root: Path, notes: list[str]) -> dict[str, Any]:
+    """The bundle's manifest.json when it is a valid manifest; else {} and a note."""
+    from pydantic import ValidationError
+
+    from kimi_jax.run.manifest import Manifest
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CompareError(f"{path}: missing; expected a kimi-jax run bundle") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CompareError(f"{path}: not valid JSON ({e})") from None
+        resolved = _read_json(root, "manifest.json")
+        Manifest.model_validate(resolved, context={"base_dir": root, "check_paths": False})
+        return resolved
+    except CompareError as e:
+        notes.append(f"manifests not compared: {e}")
+    except ValidationError as e:
+        notes.append(f"manifests not compared: {root / 'manifest.json'} is not a valid manifest "
+                     f"({str(e).splitlines()[0][:120]})")  # fmt: skip
+    return {}
 
 
 def _max_abs(x: np.ndarray | None, y: np.ndarray | None) -> float | None:
@@ -357,11 +390,11 @@ def _layer_divergence(sa: dict, sb: dict) -> tuple[int | None, str, int | None]:
     return first_norm, detail, first_expert
 
 
-def _load_arrays(root: Path, notes: list[str], name: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def _load_arrays(root: Path, notes: list[str], name: str, steps: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     from kimi_jax.ledger.bundle import load_arrays
 
     try:
-        return load_arrays(root)
+        return load_arrays(root, steps)
     except Exception as e:  # orbax raises many kinds on a damaged or missing tree
         notes.append(f"{name}: stored arrays could not be read ({type(e).__name__}: {str(e)[:120]}); array "
                      "differences are not reported")  # fmt: skip
@@ -371,12 +404,10 @@ def _load_arrays(root: Path, notes: list[str], name: str) -> dict[int, tuple[np.
 def _compare_bundle_dirs(ra: Path, rb: Path, name_a: str, name_b: str) -> BundleComparison:
     from kimi_jax.platform_info import platform_differences
 
-    la, lb = _read_json(ra, "ledger.json"), _read_json(rb, "ledger.json")
-    for ledger, root in ((la, ra), (lb, rb)):
-        if not isinstance(ledger, dict) or not isinstance(ledger.get("steps"), list):
-            raise CompareError(f"{root / 'ledger.json'}: expected a ledger object with a steps list")
+    la, lb = _read_ledger(ra), _read_ledger(rb)
     notes: list[str] = []
-    arrays_a, arrays_b = _load_arrays(ra, notes, name_a), _load_arrays(rb, notes, name_b)
+    arrays_a = _load_arrays(ra, notes, name_a, [s["index"] for s in la["steps"]])
+    arrays_b = _load_arrays(rb, notes, name_b, [s["index"] for s in lb["steps"]])
     steps: list[StepComparison] = []
     for sa, sb in zip(la["steps"], lb["steps"]):
         i = sa.get("index")
@@ -402,10 +433,8 @@ def _compare_bundle_dirs(ra: Path, rb: Path, name_a: str, name_b: str) -> Bundle
     sw_a, sw_b = la.get("software") or {}, lb.get("software") or {}
     software = [f"{k}: {sw_a.get(k)!r} -> {sw_b.get(k)!r}" for k in sorted(set(sw_a) | set(sw_b))
                 if sw_a.get(k) != sw_b.get(k)]  # fmt: skip
-    try:
-        resolved_a, resolved_b = _read_json(ra, "manifest.json"), _read_json(rb, "manifest.json")
-    except CompareError as e:
-        notes.append(f"manifests not compared: {e}")
+    resolved_a, resolved_b = _read_resolved_manifest(ra, notes), _read_resolved_manifest(rb, notes)
+    if not resolved_a or not resolved_b:
         resolved_a = resolved_b = {}
     manifest = compare_resolved(resolved_a, resolved_b, _ledger_identity(la), _ledger_identity(lb), name_a, name_b)
     return BundleComparison(name_a, name_b, len(la["steps"]), len(lb["steps"]), steps, first_step, first_layer,

@@ -4,7 +4,6 @@ anchor, continuity, non-perturbation, explorer. Each takes the loaded bundle and
 
 from __future__ import annotations
 
-import json
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +11,9 @@ from typing import Any, Callable
 import blake3
 import numpy as np
 
-from kimi_jax.ledger.bundle import ARRAYS, step_key
+from kimi_jax.errors import KimiJaxError
+from kimi_jax.fileio import parse_json, read_regular
+from kimi_jax.ledger.bundle import ARRAYS, MAX_JSON_BYTES, step_key
 from kimi_jax.storage.digests import identity_differences
 from kimi_jax.verify.bundle_view import BundleView
 from kimi_jax.verify.report import (
@@ -195,7 +196,7 @@ def check_anchor(b: BundleView) -> str:
     frozen = anchor.get("checkpoint") if isinstance(anchor.get("checkpoint"), dict) else {}
     for key in identity_differences(frozen, ckpt):
         problems.append(f"anchor.json: checkpoint.{key} is {short(frozen.get(key))}, this run's is {short(ckpt.get(key))}")
-    digest = blake3.blake3((b.root / "anchor.json").read_bytes()).hexdigest()
+    digest = blake3.blake3(read_regular(b.root / "anchor.json", MAX_JSON_BYTES, "anchor.json")).hexdigest()
     if record.get("anchor_digest") != digest:
         problems.append(f"ledger.json anchor.anchor_digest is {short(record.get('anchor_digest'))}, but "
                         f"BLAKE3(anchor.json) is {digest}")  # fmt: skip
@@ -410,12 +411,33 @@ class _DataBlocks(HTMLParser):
 
 
 def check_explorer(b: BundleView) -> str:
+    """The page is a pure function of the ledger, so it must be byte for byte the page this
+    kimi-jax renders from ledger.json: nothing planted in it (a script, a link) survives."""
+    from kimi_jax.explorer.page import render_explorer
+
     if not b.has("explorer.html"):
         raise CheckSkipped("the bundle has no explorer.html")
     try:
-        text = (b.root / "explorer.html").read_text(encoding="utf-8")
+        page = read_regular(b.root / "explorer.html", 2 * MAX_JSON_BYTES, "explorer.html")
+        want = render_explorer(b.ledger).encode("utf-8")
+    except KimiJaxError as e:
+        raise CheckFailed(b.relative(str(e))) from None
+    if page == want:
+        return ""
+    at = next((i for i, (x, y) in enumerate(zip(page, want)) if x != y), min(len(page), len(want)))
+    why = [f"explorer.html: not the page rendered from ledger.json (first difference at byte {at:,} of "
+           f"{len(page):,}; the rendered page has {len(want):,} bytes)"]  # fmt: skip
+    try:
+        text = page.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CheckFailed(f"explorer.html: not UTF-8 ({e})") from None
+        raise CheckFailed(join_problems([*why, f"explorer.html: not UTF-8 ({e})"])) from None
+    problems = _explain_page(b, text)
+    require(why + problems)
+    return ""
+
+
+def _explain_page(b: BundleView, text: str) -> list[str]:
+    """What differs in a page that is not the rendered one: its embedded ledger, or extra data blocks."""
     parser = _DataBlocks()
     parser.feed(text)
     parser.close()
@@ -430,16 +452,15 @@ def check_explorer(b: BundleView) -> str:
                         f"#{EXPLORER_ELEMENT_ID}")  # fmt: skip
     if len(ours) == 1:
         try:
-            embedded = json.loads(ours[0][1])
-        except json.JSONDecodeError as e:
+            embedded = parse_json(ours[0][1].encode("utf-8", "surrogatepass"), "explorer.html")
+        except KimiJaxError as e:
             problems.append(f"explorer.html: #{EXPLORER_ELEMENT_ID} is not valid JSON ({e})")
         else:
             if embedded != b.json("ledger.json"):
                 where = first_difference(b.json("ledger.json"), embedded, "")
                 problems.append(f"explorer.html: the ledger embedded in #{EXPLORER_ELEMENT_ID} differs from "
                                 f"ledger.json (first at {where or '<root>'})")  # fmt: skip
-    require(problems)
-    return ""
+    return problems
 
 
 def first_difference(a: Any, b: Any, here: str) -> str | None:

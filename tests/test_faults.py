@@ -1,0 +1,188 @@
+"""Fault injection: the reader survives EIO and short reads; the bundle writer loses nothing when
+the disk fills at any of its writes or the process is killed between the two renames of the swap."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kimi_jax.errors import OutputError, StorageError
+from kimi_jax.ledger import bundle as bundle_mod
+from kimi_jax.ledger.bundle import RECEIPT, partial_dir, recover_interrupted_swap, write_bundle
+from kimi_jax.run.plan import load_plan
+from kimi_jax.run.resume import RunCheckpoints
+from kimi_jax.run.runner import execute
+from kimi_jax.storage.checkpoint import open_checkpoint
+from kimi_jax.storage.reader import ShardReader
+from kimi_jax.verify.checklist import verify_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+# -- the reader ------------------------------------------------------------------------------------
+
+
+def _records(ckpt):
+    idx = open_checkpoint(ckpt)
+    return [p for w in list(idx.weights.values())[:12] for p in w.parts.values()]
+
+
+def test_transient_eio_and_short_reads_give_the_same_bytes(tiny_checkpoints, monkeypatch):
+    records = _records(tiny_checkpoints["kimi-k2.5"])
+    with ShardReader() as reader:
+        want = [a.copy() for a in reader.read_records(records, layer=None)]
+    real = ShardReader._pread
+    calls = {"n": 0}
+
+    def flaky(self, fd, view, offset):
+        calls["n"] += 1
+        if calls["n"] % 3 == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, fd, view[: max(1, len(view) // 3)], offset)  # never more than a third at once
+
+    monkeypatch.setattr(ShardReader, "_pread", flaky)
+    with ShardReader(retries=3, backoff_s=0.0) as reader:
+        got = reader.read_records(records, layer=None)
+        assert reader.run.total == sum(r.nbytes for r in records)
+    assert all((a == b).all() for a, b in zip(got, want))
+
+
+def test_persistent_eio_is_named_and_a_vanished_shard_is_not_read(tiny_checkpoints, tmp_path, monkeypatch):
+    ckpt = Path(shutil.copytree(tiny_checkpoints["kimi-k2.5"], tmp_path / "ckpt"))
+    records = _records(ckpt)
+
+    def broken(self, fd, view, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(ShardReader, "_pread", broken)
+        with ShardReader(retries=1, backoff_s=0.0) as reader, pytest.raises(StorageError, match="failed after 2"):
+            reader.read_records(records[:1], layer=None)
+    shard = records[0].shard
+    shard.unlink()
+    os.mkfifo(shard)  # swapped for a FIFO after indexing: refused, not waited on
+    with ShardReader() as reader, pytest.raises(StorageError, match="shard is a FIFO; expected a regular file"):
+        reader.read_records(records[:1], layer=None)
+
+
+# -- the bundle writer ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def outcome(tiny_checkpoints, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    (tmp / "m.yaml").write_text(f"version: 1\nmodel: {{checkpoint: {tiny_checkpoints['kimi-k2.5']}}}\n"
+                                "prompt: {tokens: [9]}\ngenerate: {max_new_tokens: 2}\noutput: {dir: fresh}\n")  # fmt: skip
+    plan = load_plan(str(tmp / "m.yaml"))
+    return plan.manifest, execute(plan, prove=True, echo=lambda *_: None, progress=False)
+
+
+WRITERS = ("write_json_atomic", "write_bytes_atomic", "save_arrays", "write_checksums")
+
+
+def _inject(monkeypatch, fail_at: int | None, error) -> list[str]:
+    """Count every write the bundle writer makes; the ``fail_at``-th raises ``error``."""
+    done: list[str] = []
+
+    def wrap(name, real):
+        def write(*args, **kwargs):
+            done.append(name)
+            if len(done) - 1 == fail_at:
+                raise error
+            return real(*args, **kwargs)
+
+        return write
+
+    for name in WRITERS:
+        monkeypatch.setattr(bundle_mod, name, wrap(name, getattr(bundle_mod, name)))
+    monkeypatch.setattr(bundle_mod.shutil, "copyfile", wrap("copyfile", shutil.copyfile))
+    return done
+
+
+def test_a_full_disk_at_any_write_keeps_the_old_bundle_and_removes_the_partial(outcome, small_bundle, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
+    manifest, result = outcome
+    with monkeypatch.context() as m:
+        writes = _inject(m, None, None)
+        write_bundle(tmp_path / "count", manifest, result.ledger, result.steps, None, "<html></html>")
+    assert len(writes) >= 8 and set(writes) >= {*WRITERS, "copyfile"}
+
+    old = _tree(small_bundle)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    orbax_full = ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device [os_error_code='28']")
+    for k, kind in enumerate(writes):
+        out = Path(shutil.copytree(small_bundle, tmp_path / f"out-{k}"))
+        with monkeypatch.context() as m:
+            _inject(m, k, orbax_full if kind == "save_arrays" else full)
+            with pytest.raises(OutputError, match=r"cannot write the bundle: no space left on device.*the partial "
+                                                  r"bundle was removed"):  # fmt: skip
+                write_bundle(out, manifest, result.ledger, result.steps, None, "<html></html>")
+        assert _tree(out) == old, f"write {k} ({kind}): the previous bundle changed"
+        assert not partial_dir(out).exists(), f"write {k} ({kind}): the partial bundle was left behind"
+    out = write_bundle(tmp_path / f"out-{len(writes) - 1}", manifest, result.ledger, result.steps, None, None)
+    assert verify_bundle(out).ok
+
+
+def test_a_full_disk_while_saving_a_step_keeps_the_saved_steps(outcome, tmp_path, monkeypatch):
+    _, result = outcome
+    checkpoints = RunCheckpoints(tmp_path / "out", {"x": 1}, resume=False)
+    checkpoints.save("instrumented", result.steps[0])
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("kimi_jax.run.resume.write_bytes_atomic", full)
+    with pytest.raises(OutputError, match=r"cannot save step 1 of the instrumented run: no space left on device.*--resume"):
+        checkpoints.save("instrumented", result.steps[1])
+    assert len(RunCheckpoints(tmp_path / "out", {"x": 1}, resume=True).load("instrumented")[0]) == 1
+
+
+_KILLER = """
+import os, signal, sys
+from pathlib import Path
+from kimi_jax.ledger import bundle
+real, calls, when = os.rename, [], int(sys.argv[3])
+def rename(a, b):
+    calls.append((a, b))
+    if len(calls) == when:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(a, b)
+bundle.os.rename = rename
+if when == 3:  # after both renames, before the old bundle is removed
+    bundle.shutil.rmtree = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+bundle.swap_into_place(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("when", [2, 3], ids=["between-the-renames", "after-both-renames"])
+def test_kill_during_the_swap_loses_nothing(small_bundle, tmp_path, when):
+    out = Path(shutil.copytree(small_bundle, tmp_path / "out"))
+    new = Path(shutil.copytree(small_bundle, tmp_path / ".out.partial"))
+    receipt = json.loads((new / RECEIPT).read_text())
+    receipt["created"] = "the new bundle"  # the receipt is not in CHECKSUMS.b3: still a valid bundle
+    (new / RECEIPT).write_text(json.dumps(receipt))
+    old_tree, new_tree = _tree(out), _tree(new)
+    killed = subprocess.run([sys.executable, "-c", _KILLER, str(new), str(out), str(when)], cwd=REPO,
+                            capture_output=True, text=True)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert any(name.startswith(".out.old-") for name in left), left
+
+    notes = recover_interrupted_swap(out)
+    assert _tree(out) == (old_tree if when == 2 else new_tree)  # one complete bundle, never a mixture
+    assert verify_bundle(out).ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "nothing .out.* left behind"
+    assert notes and ("restored" in notes[0] if when == 2 else "removed" in notes[0])

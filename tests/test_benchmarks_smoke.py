@@ -79,3 +79,12 @@ def test_bf16_tolerance_smoke():
     records = _smoke("bf16_tolerance.py")
     summary = next(r for r in records if r.get("benchmark") == "bf16_tolerance")
     assert summary["steps_compared"] == 4 and 0 < summary["max_rel_err"] < 1
+
+
+def test_scaleout_smoke():
+    records = [r for r in _smoke("scaleout.py") if "processes" in r]
+    assert sorted(r["processes"] for r in records) == [1, 2]
+    for r in records:
+        assert r["verified"] and r["same_tokens_as_one_device"] and r["total_bytes_equal_one_device"], r
+    two = next(r for r in records if r["processes"] == 2)
+    assert len(two["bytes_per_process_per_token"]) == 2 and 0.5 <= two["largest_share"] < 1

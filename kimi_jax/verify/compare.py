@@ -57,8 +57,8 @@ RESULT_FIELDS: dict[str, str] = {
     "generate.sampling": "other sampling settings or another seed draw other tokens",
     "generate.stop": "stop strings can end the run at another step",
     "generate.ignore_eos": "the end-of-sequence and end-of-turn tokens stop the run only without it",
-    "compute.mesh": "a mesh adds the experts' partial sums across devices in another order (and a resident "
-                    "placement reads its weights before step 0, not in each step)",
+    "compute.mesh": "a mesh adds the experts' partial sums across devices in another order, which also depends on "
+                    "the placement (which device holds which expert)",
 }
 # Fields that cannot change the tokens, digests or bytes read, and why.
 NEUTRAL_FIELDS: dict[str, str] = {

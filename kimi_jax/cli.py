@@ -86,7 +86,7 @@ def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: b
     outcome = run_manifest(manifest, list(overrides), out_dir, prove=prove, resume=resume,
                            echo=(lambda *_: None) if quiet else to_stderr, progress=not quiet,
                            text_out=None if as_json else sys.stdout)  # fmt: skip
-    if as_json:
+    if as_json and outcome.ledger is not None:  # in a multi-process run, process 0 reports
         click.echo(json.dumps(outcome.summary(), ensure_ascii=False))
 
 
@@ -117,12 +117,19 @@ def anchor_freeze(manifest: str, overrides: tuple[str, ...], out_file: str | Non
     from kimi_jax.run.plan import load_plan
     from kimi_jax.run.runner import run_steps
 
+    from kimi_jax.run import distributed
+
     plan = load_plan(manifest, list(overrides))
-    enable_compilation_cache(plan.manifest.model.cache_dir)
-    path, values = freeze(plan, lambda p: run_steps(p, keep_capture=False, max_new_tokens=1)[0],
-                          Path(out_file) if out_file else None)  # fmt: skip
-    click.echo(f"anchor frozen to {path}: token {values['token']}, logit {values['logit']}, "
-               f"{values['bytes_read']:,} bytes; hidden {values['hidden_digest']}; logits {values['logits_digest']}")
+    settings = distributed.join(plan)  # a mesh over several processes: every process runs the steps
+    with distributed.fail_fast(settings):
+        enable_compilation_cache(plan.manifest.model.cache_dir)
+        writer = distributed.is_writer()
+        path, values = freeze(plan, lambda p: run_steps(p, keep_capture=False, max_new_tokens=1)[0],
+                              Path(out_file) if out_file else None, write=writer)  # fmt: skip
+        distributed.finish()
+    if writer:
+        click.echo(f"anchor frozen to {path}: token {values['token']}, logit {values['logit']}, "
+                   f"{values['bytes_read']:,} bytes; hidden {values['hidden_digest']}; logits {values['logits_digest']}")
 
 
 @main.command()

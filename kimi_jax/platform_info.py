@@ -36,12 +36,15 @@ def package_version(package: str) -> str | None:
         return None
 
 
-def platform_fingerprint() -> dict[str, Any]:
+def platform_fingerprint(mesh: str | None = None) -> dict[str, Any]:
+    """What can change bits on the same input. ``mesh`` (e.g. ``"2x4 streamed"``) is given for a run
+    on a device mesh: where a sum is split across devices changes its rounding, so the mesh and
+    the number of processes sharing it are part of the platform (absent for one device)."""
     import jax
 
     model, flags = _cpu()
     device = jax.devices()[0]
-    return {
+    fingerprint = {
         "jax": jax.__version__,
         "jaxlib": package_version("jaxlib"),
         "numpy": package_version("numpy"),
@@ -59,6 +62,14 @@ def platform_fingerprint() -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_enable_x64": bool(jax.config.jax_enable_x64),
     }
+    if mesh is not None:
+        fingerprint.update(mesh=mesh, process_count=jax.process_count())
+    return fingerprint
+
+
+def mesh_label(expert: int, model: int, placement: str) -> str:
+    """How a mesh is named in platform fingerprints and anchors: ``"2x4 streamed"``."""
+    return f"{expert}x{model} {placement}"
 
 
 def fingerprint_digest(fp: dict[str, Any]) -> str:

@@ -51,6 +51,7 @@ class LayerRecord:
     read_s: float
     compute_s: float
     io: ByteCounts = dataclasses.field(default_factory=ByteCounts)
+    bytes_per_process: list[int] | None = None  # a multi-process run: the bytes each process read from storage
 
 
 @dataclasses.dataclass
@@ -69,3 +70,4 @@ class StepRecord:
     # ReadCounters.content(): weights_digest (None unless checked against a digest file), bytes_network, bytes_cache
     storage: dict[str, Any] | None = None
     io: ByteCounts = dataclasses.field(default_factory=ByteCounts)  # every layer's plus the embedding rows and head
+    bytes_per_process: list[int] | None = None  # a multi-process run: the bytes each process read from storage

@@ -79,3 +79,25 @@ def test_bf16_tolerance_smoke():
     records = _smoke("bf16_tolerance.py")
     summary = next(r for r in records if r.get("benchmark") == "bf16_tolerance")
     assert summary["steps_compared"] == 4 and 0 < summary["max_rel_err"] < 1
+
+
+def test_scaleout_smoke():
+    records = [r for r in _smoke("scaleout.py") if "processes" in r]
+    assert sorted(r["processes"] for r in records) == [1, 2]
+    for r in records:
+        assert r["verified"] and r["same_tokens_as_one_device"] and r["total_bytes_equal_one_device"], r
+    two = next(r for r in records if r["processes"] == 2)
+    assert len(two["bytes_per_process_per_token"]) == 2 and 0.5 <= two["largest_share"] < 1
+
+
+def test_device_check_runs_on_cpu():
+    """tools/device-check waits for a GPU; its smoke size on CPU keeps it working until then."""
+    tool = BENCH.parent / "tools" / "device-check"
+    proc = subprocess.run([sys.executable, str(tool), "--smoke", "--allow-cpu"], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert all(p["tokens_equal"] for p in summary["parity_vs_cpu"].values())
+    assert summary["streamed"]["token_bytes"] == summary["cpu"]["token_bytes"] == summary["resident"]["token_bytes"]
+    assert summary["streamed"]["token_bytes_from_storage"] > summary["resident"]["token_bytes_from_storage"]
+    assert summary["resident"]["load_bytes"] > 0 and summary["host_to_device"]["plain_device_put_gbs"] > 0

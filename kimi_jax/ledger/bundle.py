@@ -101,12 +101,22 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def save_arrays(path: Path, steps) -> None:
+def _local_checkpointer():
+    """An orbax checkpointer that involves only this process: in a multi-process run only process 0
+    writes the bundle, and orbax would otherwise wait at a barrier for every process (imports JAX:
+    only a run, which already has, saves arrays)."""
+    import jax
     import orbax.checkpoint as ocp
 
+    me = jax.process_index()
+    only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=only_me), multiprocessing_options=only_me)
+
+
+def save_arrays(path: Path, steps) -> None:
     tree = {step_key(s.index): {"hidden": np.asarray(s.hidden, np.float32), "logits": np.asarray(s.logits, np.float32)}
             for s in steps}  # fmt: skip
-    ocp.PyTreeCheckpointer().save(path.resolve(), tree)
+    _local_checkpointer().save(path.resolve(), tree)
 
 
 def load_arrays(bundle: Path, steps: list[int] | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:

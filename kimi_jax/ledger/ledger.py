@@ -148,6 +148,11 @@ def _matrix(item: dict) -> dict:
     return {"type": "array", "items": {"type": "array", "items": item}}
 
 
+# Per-process bytes and run.mesh are written by every run of this version; a ledger without them
+# (written by hand, or before meshes) is a one-process run.
+_PER_PROCESS = {"type": "array", "items": _INT, "minItems": 1}
+
+
 _LAYER = _obj({
     "layer": _m(_INT, "Decoder layer index."),
     "kind": _m({"enum": ["dense", "moe"]}, "Dense MLP or mixture-of-experts block."),
@@ -170,6 +175,7 @@ _LAYER = _obj({
     "experts_from_memory": _m(_INT, "Of experts_used: already in memory (expert cache hits)."),
     "experts_predicted": _m(_INT, "Distinct experts the layer's router, applied early, predicted."),
     "experts_predicted_used": _m(_INT, "Of experts_predicted: used by this layer."),
+    "bytes_per_process": _m(_PER_PROCESS, "Of bytes_from_storage, what each process read, by process index."),
 }, required=["layer", "kind", "bytes_read"])  # fmt: skip
 
 _STEP = _obj({
@@ -207,6 +213,7 @@ _STEP = _obj({
     "weights_digest": _d(_HEX_OR_NULL, "BLAKE3 over the sorted 'NAME<TAB>DIGEST' lines of every stored tensor this "
                          "step used, read or served from memory (an embedding row as NAME[ROW]), digests from the "
                          "checked digest file (storage.digests.weights_digest); null when no digest file was checked."),
+    "bytes_per_process": _m(_PER_PROCESS, "Of bytes_from_storage, what each process read, by process index."),
     "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of this step."),
     "layers": {"type": "array", "items": _LAYER},
 }, required=["index", "context", "token", "logit", "probability", "rank", "hidden_digest", "logits_digest", "bytes_read",
@@ -274,6 +281,14 @@ LEDGER_SCHEMA: dict[str, Any] = {
             "page_cache_evicted": _m({"type": "boolean"}, "Shards were dropped from the page cache before the run."),
             "page_cache_resident_bytes": _m(_INT, "Bytes of the shards in the page cache when the run started."),
             "shard_bytes": _m(_INT, "Total size of the checkpoint's shard files."),
+            "mesh": {"oneOf": [{"type": "null"}, _obj({
+                "expert": _m(_INT, "Devices along the expert-parallel axis."),
+                "model": _m(_INT, "Devices along the tensor-parallel axis."),
+                "placement": _m({"enum": ["streamed", "resident"]}, "How weights reach the devices."),
+                "process_count": _m(_INT, "Processes sharing the mesh."),
+                "load_bytes_per_process": _m(_PER_PROCESS, "Bytes each process read before step 0 "
+                                                           "(the resident placement's load; zeros when streamed)."),
+            })]},  # fmt: skip
         }, required=["prompt", "prompt_input", "sampling", "stop", "max_new_tokens", "kv_cache", "dtype", "capture",
                      "page_cache_evicted", "page_cache_resident_bytes", "shard_bytes"]),  # fmt: skip
         "steps": {"type": "array", "items": _STEP, "minItems": 1},
@@ -290,6 +305,7 @@ LEDGER_SCHEMA: dict[str, Any] = {
         "totals": _obj({"bytes_read": _m(_INT, "Bytes used over all steps (sum of the steps' bytes_read)."),
                         "bytes_network": _m(_INT, "Bytes fetched over the network over all steps."),
                         "bytes_cache": _m(_INT, "Bytes served by the range cache over all steps."),
+                        "bytes_per_process": _m(_PER_PROCESS, "Bytes each process read over all steps."),
                         "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds over all steps.")},
                        required=["bytes_read", "wall_s"]),  # fmt: skip
         "anchor": {"oneOf": [{"type": "null"}, _obj({
@@ -366,7 +382,14 @@ def layer_entry(rec, capture: list[str], normalize: bool) -> dict[str, Any]:
     if rec.kind == "moe":
         entry.update(experts_used=rec.io.experts_used, experts_from_memory=rec.io.experts_from_memory,
                      experts_predicted=rec.io.experts_predicted, experts_predicted_used=rec.io.experts_predicted_used)  # fmt: skip
+    entry["bytes_per_process"] = per_process(rec)
     return entry
+
+
+def per_process(rec) -> list[int]:
+    """What each process read from storage for a step or layer; one process read all of it."""
+    counts = getattr(rec, "bytes_per_process", None)
+    return [int(b) for b in counts] if counts is not None else [int(rec.io.from_storage)]
 
 
 def _sources(io) -> dict[str, int]:
@@ -389,7 +412,8 @@ def step_entry(step, capture: list[str], normalize: bool, tokenizer=None, sampli
     storage = step.storage or {}
     layers = [layer_entry(r, capture, normalize) for r in step.layers]
     entry.update(hidden_digest=derived["hidden_digest"], logits_digest=derived["logits_digest"],
-                 bytes_read=int(step.bytes_read), **_sources(step.io), expert_hit_rate=expert_hit_rate(layers),
+                 bytes_read=int(step.bytes_read), **_sources(step.io), bytes_per_process=per_process(step),
+                 expert_hit_rate=expert_hit_rate(layers),
                  bytes_network=int(storage.get("bytes_network", 0)), bytes_cache=int(storage.get("bytes_cache", 0)),
                  weights_digest=storage.get("weights_digest"), wall_s=f32(step.wall_s), layers=layers)  # fmt: skip
     return entry
@@ -417,8 +441,9 @@ def checkpoint_record(plan) -> dict[str, Any]:
 
 
 def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, proof: dict | None,
-                 residency: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """``residency``: the run's ``run.residency`` record (what the budget kept), when it had one."""
+                 residency: dict[str, Any] | None = None, mesh: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """``residency``: the run's ``run.residency`` record (what the budget kept), when it had one;
+    ``mesh``: ``run.mesh`` of a mesh run (see the schema), None for one device."""
     from kimi_jax.ledger.text_fields import text_section
     from kimi_jax.platform_info import (
         fingerprint_digest,
@@ -428,7 +453,7 @@ def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, p
 
     m, idx, tokenizer, decoding = plan.manifest, plan.index, plan.tokenizer, plan.decoding
     capture = list(m.capture)
-    platform = platform_fingerprint()
+    platform = platform_fingerprint(plan.mesh.label() if plan.mesh else None)
     software = {"kimi-jax": package_version("kimi-jax") or "source"}
     for pkg in ("jax", "jaxlib", "numpy", "safetensors", "blake3", "tiktoken", "tokenizers", "jinja2"):
         if package_version(pkg):
@@ -446,13 +471,14 @@ def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, p
                 "matmul": m.compute.matmul, **({"residency": residency} if residency is not None else {}),
                 "capture": capture,
                 "sampling": decoding.sampling.as_dict() if decoding.sampling else None, "stop": decoding.settings(),
-                **page_cache},  # fmt: skip
+                **page_cache, "mesh": mesh},  # fmt: skip
         "steps": [step_entry(s, capture, idx.config.norm_topk_prob, tokenizer, decoding.sampling) for s in steps],
         "stopped": decoding.final_reason([int(s.token) for s in steps]),
         "text": text_section(tokenizer, list(plan.prompt), [int(s.token) for s in steps]),
         "totals": {"bytes_read": sum(int(s.bytes_read) for s in steps),
                    "bytes_network": sum(int((s.storage or {}).get("bytes_network", 0)) for s in steps),
                    "bytes_cache": sum(int((s.storage or {}).get("bytes_cache", 0)) for s in steps),
+                   "bytes_per_process": [sum(col) for col in zip(*(per_process(s) for s in steps))],
                    "wall_s": f32(sum(s.wall_s for s in steps))},  # fmt: skip
         "anchor": anchor,
         "non_perturbation": proof,

@@ -12,6 +12,7 @@ values come back from the same jitted calls whether or not they are kept.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,14 +44,18 @@ HEAD_CHUNK_ROWS = 16384
 OnLayer = Callable[[int, int, int], None]
 
 
-def decode_weight(entry: WeightEntry, parts: dict[str, np.ndarray], index: CheckpointIndex,
-                  dequant: str = EXACT) -> Any:  # fmt: skip
+def decode_weight(entry: WeightEntry, parts: dict[str, Any], index: CheckpointIndex, dequant: str = EXACT,
+                  check: bool = True) -> Any:  # fmt: skip
     """Stored parts -> a plain array or a quantized container that stays packed until the matmul
-    and is then dequantized in mode ``dequant`` (see :mod:`kimi_jax.storage.codecs`)."""
+    and is then dequantized in mode ``dequant`` (see :mod:`kimi_jax.storage.codecs`).
+
+    ``check=False`` when an int4 weight's ``weight_shape`` was already checked where it was read (a
+    mesh process reads only its share of a weight, and only one process reads the metadata)."""
     if entry.format == "plain":
         return parts["weight"]
     if entry.format == "int4":
-        entry.check_weight_shape(parts)
+        if check:
+            entry.check_weight_shape(parts)
         return Int4Weight(parts["weight_packed"], parts["weight_scale"], in_features=entry.shape[1],
                           group_size=index.config.quant.group_size, dequant=dequant)  # fmt: skip
     return Fp8Weight(parts["weight"], parts["weight_scale_inv"], block_size=index.config.quant.fp8_block_size,
@@ -74,23 +79,31 @@ class _ExpertReads:
 
     def __call__(self, stack_ids: list[int]) -> ExpertStack:
         started = time.perf_counter()
-        distinct = list(dict.fromkeys(stack_ids))  # padding repeats an id; order kept: sorted ids first
-        stack = expert_stack(self.engine.cfg, self.layer, stack_ids, self.engine.store.experts(self.layer, distinct))
+        if self.engine.placement is not None:  # a mesh: this process's share, staged on its devices
+            stack = self.engine.placement.expert_stack(self.layer, stack_ids)
+        else:
+            distinct = list(dict.fromkeys(stack_ids))  # padding repeats an id; order kept: sorted ids first
+            stack = expert_stack(self.engine.cfg, self.layer, stack_ids, self.engine.store.experts(self.layer, distinct))
         self.seconds += time.perf_counter() - started
         return stack
 
 
 class Engine:
-    """Streams one checkpoint. ``generate`` decodes tokens; see :class:`StepRecord`."""
+    """Streams one checkpoint. ``generate`` decodes tokens; see :class:`StepRecord`.
+
+    With ``mesh`` (a :class:`~kimi_jax.model.mesh.MeshShape`) the same layer functions run on a
+    device mesh: the weights come from a placement (:mod:`kimi_jax.model.placement`) that reads
+    only this process's share, and byte counts are gathered from every process."""
 
     def __init__(self, index: CheckpointIndex, dtype: str = "float32", prefetch: bool = True, io_retries: int = 3,
                  keep_capture: bool = True, reader: ShardReader | None = None, dequant: str = EXACT,
                  matmul: str = "widened", residency: ResidencyPlan | None = None, expert_cache: str = "lru",
-                 speculate: bool = False):  # fmt: skip
+                 speculate: bool = False, mesh=None):  # fmt: skip
         """``dequant`` is compute.dequant, ``matmul`` compute.matmul; ``residency``
         (:func:`~kimi_jax.storage.residency.plan_residency`, default: keep nothing) says what stays in
         memory, ``expert_cache`` is the policy of the expert cache within it, and ``speculate`` reads
-        the experts an early router predicts ahead."""
+        the experts an early router predicts ahead. ``mesh`` replaces the three: its placement says
+        where the weights live."""
         self.index = index
         self.keep_capture = keep_capture
         self.cfg = index.config
@@ -110,6 +123,17 @@ class Engine:
         self._expert_stacks: dict[int, ExpertStack] = {}
         self.speculate = speculate and not self.all_experts_resident
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-jax-prefetch")
+        self.mesh = self.placement = None
+        self.load_bytes_per_process: list[int] | None = None  # read before step 0 (a resident placement)
+        if mesh is not None:
+            from kimi_jax.model.mesh import build_mesh, gather_counts
+            from kimi_jax.model.placement import make_placement
+
+            self.mesh = build_mesh(mesh)
+            self.all_experts_resident = self.speculate = False
+            decode = functools.partial(decode_weight, dequant=self.dequant)
+            self.placement = make_placement(index, self.mesh, mesh.placement, self.reader, self.dtype, decode)
+            self.load_bytes_per_process = [row[0] for row in gather_counts([self.reader.run.total])]
 
     @classmethod
     def from_plan(cls, plan: Any, keep_capture: bool = True, residency: ResidencyPlan | None = None) -> "Engine":
@@ -125,7 +149,8 @@ class Engine:
         residency = residency if residency is not None else budget_plan(plan.index, m.storage.resident_bytes)
         return cls(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture,
                    reader=reader, dequant=m.compute.dequant, matmul=m.compute.matmul, residency=residency,
-                   expert_cache=m.storage.expert_cache, speculate=m.storage.speculate)  # fmt: skip
+                   expert_cache=m.storage.expert_cache, speculate=m.storage.speculate,
+                   mesh=getattr(plan, "mesh", None))  # fmt: skip
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -142,10 +167,20 @@ class Engine:
 
     def _load_base(self, layer: int):
         started = time.perf_counter()
+        if self.placement is not None:
+            return self.placement.stage_layer(layer), time.perf_counter() - started
         return layer_params(self.cfg, layer, self.store.base(layer)), time.perf_counter() - started
+
+    def _assemble(self, loaded: Any) -> Any:
+        """On a mesh, what the prefetch thread staged onto the devices, in its compute layout. That
+        step is a collective, so it runs here, on the thread that runs the layers, in the same order
+        in every process; the prefetch thread only reads and copies (process-local work)."""
+        return self.placement.assemble(loaded) if self.placement is not None else loaded
 
     def _load_head(self):
         started = time.perf_counter()
+        if self.placement is not None:
+            return self.placement.stage_head(), time.perf_counter() - started
         tensors = dict(self.store.head())
         if "lm_head.weight" not in tensors:  # tied embeddings
             tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
@@ -153,7 +188,12 @@ class Engine:
 
     def _logits(self, head: HeadParams, hidden: jax.Array) -> np.ndarray:
         """Logits in vocabulary chunks: the head (2.3 GB in BF16 for Kimi) is never widened to
-        float32 or copied whole; only one chunk at a time is."""
+        float32 or copied whole; only one chunk at a time is. (On a mesh each device holds a vocabulary
+        slice of the head; the slices are gathered.)"""
+        if self.placement is not None:
+            from kimi_jax.model.placement import logits_on_host
+
+            return logits_on_host(self.cfg, head, hidden)
         stored = isinstance(head.lm_head, StoredWeight)
         lm_head = head.lm_head.weight if stored else head.lm_head
         vocab = lm_head.shape[0]
@@ -168,6 +208,8 @@ class Engine:
 
     def _embed(self, tokens: list[int]) -> jax.Array:
         """Read only the embedding rows of the distinct tokens in ``tokens``."""
+        if self.placement is not None:
+            return self.placement.embed(tokens)
         entry = self.index.embed.parts["weight"]
         row = entry.nbytes // entry.shape[0]
         distinct = sorted(set(tokens))
@@ -201,6 +243,7 @@ class Engine:
             params, read_s = pending.result()
             is_last = layer + 1 == cfg.num_hidden_layers
             pending = self._submit(self._load_head) if is_last else self._submit(self._load_base, layer + 1)
+            params = self._assemble(params)
             cache = caches[layer] if caches is not None else None
             moe = self.index.layers[layer].kind == "moe"
             if self.speculate and moe:
@@ -210,7 +253,8 @@ class Engine:
             else:
                 expert_reads = _ExpertReads(self, layer)
                 started = time.perf_counter()
-                x, cache, routing, capture = layer_step(cfg, params, x, pos, cache, expert_reads)
+                plan = self.placement.plan_slots(layer) if self.placement is not None else None
+                x, cache, routing, capture = layer_step(cfg, params, x, pos, cache, expert_reads, plan)
                 x.block_until_ready()
                 fetch_s = expert_reads.seconds
                 compute_s = time.perf_counter() - started - fetch_s
@@ -220,9 +264,14 @@ class Engine:
             del params
             if on_layer:
                 on_layer(layer, self.reader.step.total)
-        head, _ = pending.result()
+        head = self._assemble(pending.result()[0])
         hidden = x[-1]
         logits = self._logits(head, hidden)
+        if self.mesh is not None:  # activations come out split over the model axis: gather them
+            from kimi_jax.model.mesh import replicate
+
+            hidden = replicate(hidden, self.mesh)
+            new_caches = replicate(new_caches, self.mesh) if new_caches is not None else None
         return np.asarray(hidden), np.asarray(logits), records, new_caches
 
     def _resident_moe(self, layer: int, params: Any, x: jax.Array, pos: jax.Array, cache: Any):
@@ -294,9 +343,15 @@ class Engine:
             else:
                 tokens, positions = list(context), np.arange(len(context))
             step_on_layer = functools.partial(on_layer, step) if on_layer else None
-            hidden, logits, layers, caches = self.forward(tokens, positions, caches, step_on_layer)
+            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                hidden, logits, layers, caches = self.forward(tokens, positions, caches, step_on_layer)
             by_layer = self.store.end_step()
             counters: ReadCounters = self.reader.end_step()
+            per_process: dict[int | None, list[int]] | None = None
+            if self.placement is not None:  # the store served nothing: count the placement's reads, every process's
+                by_layer, per_process = self.placement.byte_counts(counters, tokens)
+                for rec in layers:
+                    rec.bytes_per_process = per_process.get(rec.layer)
             io = ByteCounts()
             for counts in by_layer.values():
                 io = io.add(counts)
@@ -307,7 +362,8 @@ class Engine:
             token = int(np.argmax(logits)) if decoding is None else decoding.choose(step, logits)
             record = StepRecord(step, list(context), token, float(logits[token]), logits, hidden, layers,
                                 io.used, {k: v.used for k, v in by_layer.items()}, time.perf_counter() - started,
-                                caches, counters.content(), io)  # fmt: skip
+                                caches, counters.content(), io,
+                                None if per_process is None else [sum(c) for c in zip(*per_process.values())])  # fmt: skip
             steps.append(record)
             if on_step:
                 on_step(record)

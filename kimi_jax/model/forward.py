@@ -23,6 +23,9 @@ from kimi_jax.model.params import DenseLayerParams, ExpertStack, MoEBaseParams, 
 # stack_ids -> the stack of those experts, slot j holding expert stack_ids[j]. The ids are sorted
 # distinct ids, then padding that repeats the first: an expert is never needed twice.
 FetchExperts = Callable[[list[int]], ExpertStack]
+# the router's picks idx [T, k] -> (stack_ids, slots): which expert each stack slot holds and where
+# each pick finds its expert. A device mesh deals the experts to its devices (kimi_jax.model.placement).
+PlanSlots = Callable[[np.ndarray], tuple[list, np.ndarray]]
 
 
 def plan_expert_slots(idx: np.ndarray, n_routed_experts: int, bucket: bool = True) -> tuple[list[int], list[int], np.ndarray]:
@@ -42,8 +45,10 @@ def plan_expert_slots(idx: np.ndarray, n_routed_experts: int, bucket: bool = Tru
 
 
 def layer_step(cfg: ModelConfig, params: DenseLayerParams | MoEBaseParams, x: jax.Array, pos: jax.Array,
-               cache: LatentCache | None, fetch_experts: FetchExperts) -> tuple[jax.Array, LatentCache | None, Routing | None, dict[str, jax.Array]]:  # fmt: skip
+               cache: LatentCache | None, fetch_experts: FetchExperts, plan_slots: PlanSlots | None = None) -> tuple[jax.Array, LatentCache | None, Routing | None, dict[str, jax.Array]]:  # fmt: skip
     """Run one layer on ``x`` [T, hidden] at positions ``pos``; returns (x, cache, routing, capture).
+
+    ``plan_slots`` lays out the expert stack (default: :func:`plan_expert_slots`, bucketed).
 
     ``routing`` is None for a dense layer; ``capture`` holds ``norm_in`` and ``norm_out`` (device
     scalars: a bare run never fetches them). A MoE layer waits for the router's picks, because the
@@ -53,7 +58,11 @@ def layer_step(cfg: ModelConfig, params: DenseLayerParams | MoEBaseParams, x: ja
         x, cache, capture = dense_layer(cfg, params, x, pos, cache)
         return x, cache, None, capture
     h, cache, routing, capture = moe_attention_and_route(cfg, params, x, pos, cache)
-    _, stack_ids, slots = plan_expert_slots(np.asarray(routing.idx), cfg.n_routed_experts)
+    picks = np.asarray(routing.idx)
+    if plan_slots is None:
+        _, stack_ids, slots = plan_expert_slots(picks, cfg.n_routed_experts)
+    else:
+        stack_ids, slots = plan_slots(picks)
     x, capture_out = moe_experts(cfg, params, fetch_experts(stack_ids), jnp.asarray(slots), routing.weights_scaled, h)
     return x, cache, routing, {**capture, **capture_out}
 
@@ -79,4 +88,4 @@ def forward_all(cfg: ModelConfig, tensors: Mapping[str, Any], tokens: Sequence[i
     return final_logits(cfg, head_params(cfg, tensors), x)
 
 
-__all__ = ["FetchExperts", "plan_expert_slots", "layer_step", "experts_from_tensors", "forward_all"]
+__all__ = ["FetchExperts", "PlanSlots", "plan_expert_slots", "layer_step", "experts_from_tensors", "forward_all"]

@@ -40,6 +40,7 @@ import numpy as np
 
 from kimi_jax.config import ModelConfig, yarn_mscale
 from kimi_jax.model.matmul import StoredWeight, stored_linear
+from kimi_jax.model.mesh import over_expert_axis
 from kimi_jax.model.params import (
     AttentionParams,
     DenseLayerParams,
@@ -358,7 +359,7 @@ def moe_experts(cfg: ModelConfig, p: MoEBaseParams, experts: ExpertStack, slots:
     TRACE_COUNTS["moe_experts"] += 1
     hn = rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps)
     with jax.named_scope("routed_experts"):
-        ffn = routed_experts(experts, slots, weights_scaled, hn).astype(h.dtype)
+        ffn = over_expert_axis(routed_experts)(experts, slots, weights_scaled, hn).astype(h.dtype)
     if p.shared_experts is not None:
         with jax.named_scope("shared_expert"):
             ffn = ffn + swiglu(hn, p.shared_experts)

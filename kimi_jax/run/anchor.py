@@ -41,12 +41,15 @@ class AnchorMismatch(KimiJaxError):
 def _conditions(plan) -> dict[str, Any]:
     """What a step-0 result depends on besides the platform: checkpoint (with its content root when
     a digest file was checked), prompt, compute mode, and for a sampled run the sampling settings
-    (the seed draws step 0's token)."""
+    (the seed draws step 0's token), and the mesh of a mesh run."""
     m, sampling = plan.manifest, plan.decoding.sampling
-    return {"checkpoint": checkpoint_identity(checkpoint_record(plan)),
-            "prompt": list(plan.prompt), "dtype": m.compute.dtype, "dequant": m.compute.dequant,
-            "kv_cache": m.generate.kv_cache,
-            "sampling": sampling.as_dict() if sampling else None}  # fmt: skip
+    conditions = {"checkpoint": checkpoint_identity(checkpoint_record(plan)),
+                  "prompt": list(plan.prompt), "dtype": m.compute.dtype, "dequant": m.compute.dequant,
+                  "kv_cache": m.generate.kv_cache,
+                  "sampling": sampling.as_dict() if sampling else None}  # fmt: skip
+    if plan.mesh is not None:  # absent for one device, so anchors frozen before meshes existed still fit
+        conditions["mesh"] = plan.mesh.label()
+    return conditions
 
 
 def condition_differences(anchor: dict[str, Any], want: dict[str, Any]) -> list[str]:
@@ -69,8 +72,11 @@ def anchor_values(step) -> dict[str, Any]:
             "logits_digest": ident["logits_digest"], "bytes_read": ident["bytes_read"]}  # fmt: skip
 
 
-def freeze(plan, run_one_step, path: Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """Run step 0 twice with ``run_one_step(plan) -> StepRecord``; write the anchor if identical."""
+def freeze(plan, run_one_step, path: Path | None = None, write: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Run step 0 twice with ``run_one_step(plan) -> StepRecord``; write the anchor if identical.
+
+    ``write`` is False in the processes of a multi-process run other than process 0: they run the
+    steps with it but leave the file to it."""
     target = Path(path) if path else plan.manifest.anchor
     if target is None:
         raise plan.manifest.error("anchor", "no anchor file to freeze into: set anchor to a path (or pass --out)")
@@ -78,10 +84,11 @@ def freeze(plan, run_one_step, path: Path | None = None) -> tuple[Path, dict[str
     if first != second:
         diffs = [f"{k}: {first[k]!r} then {second[k]!r}" for k in ANCHORED if first[k] != second[k]]
         raise AnchorMismatch("anchor not frozen: two runs of step 0 differ:\n  " + "\n  ".join(diffs))
-    platform = platform_fingerprint()
+    platform = platform_fingerprint(plan.mesh.label() if plan.mesh else None)
     anchor = {"anchor_version": ANCHOR_VERSION, **_conditions(plan), **first,
               "platform": platform, "platform_digest": fingerprint_digest(platform)}  # fmt: skip
-    write_json_atomic(target, anchor)
+    if write:
+        write_json_atomic(target, anchor)
     return target, anchor
 
 
@@ -119,12 +126,12 @@ def precheck(plan) -> dict[str, Any] | None:
     return anchor
 
 
-def check(anchor: dict[str, Any], path: Path, step) -> dict[str, Any]:
+def check(anchor: dict[str, Any], path: Path, step, mesh: str | None = None) -> dict[str, Any]:
     """Compare step 0 with the anchor; raise with a field-by-field report on any difference."""
     got = anchor_values(step)
     diffs = [f"{k}: anchor {anchor[k]!r}, this run {got[k]!r}" for k in ANCHORED if anchor[k] != got[k]]
     if diffs:
-        platform = platform_differences(anchor["platform"], platform_fingerprint())
+        platform = platform_differences(anchor["platform"], platform_fingerprint(mesh))
         where = ("the platform differs:\n  " + "\n  ".join(platform)) if platform else "the platform is identical"
         raise AnchorMismatch(f"{path}: step 0 does not match the frozen anchor:\n  " + "\n  ".join(diffs)
                              + f"\n{where}")  # fmt: skip

@@ -73,7 +73,9 @@ __all__ = [
     "Manifest",
     "ModelSection",
     "SyntheticSection",
+    "MeshSection",
     "ComputeSection",
+    "DistributedSection",
     "StorageSection",
     "PromptSection",
     "ChatMessage",
@@ -91,6 +93,7 @@ MANIFEST_SCHEMA_ID = "urn:kimi-jax:schema:manifest:v1"
 _JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 Preset = Literal["tiny", "small", "full-shape"]
+Placement = Literal["streamed", "resident"]
 DType = Literal["float32", "bfloat16"]
 Dequant = Literal[DEQUANT_MODES]  # "exact" | "bf16-rounded"
 CaptureKind = Literal["norms", "routing", "logits"]
@@ -245,6 +248,20 @@ class ModelSection(_Section):
         return self
 
 
+class MeshSection(_Section):
+    """The device mesh (see kimi_jax/model/mesh.py): ``expert`` x ``model`` must equal the number
+    of devices present, over all processes of a multi-process run."""
+
+    expert: int = Field(default=1, ge=1, description="Devices along the expert-parallel axis (routed experts split).")
+    model: int = Field(default=1, ge=1,
+                       description="Devices along the tensor-parallel axis (attention heads, MLP features split).")  # fmt: skip
+    placement: Placement = Field(
+        default="streamed",
+        description="streamed: each layer read when needed, each process reading only its devices' share; "
+        "resident: every layer read once before step 0 and kept on the devices.",
+    )
+
+
 class ComputeSection(_Section):
     dtype: DType = Field(
         default="float32",
@@ -265,6 +282,12 @@ class ComputeSection(_Section):
         "then one matmul: the reference) | stored (BF16 stays BF16 and meets the activation split into "
         "three bf16 parts, quantized weights are dequantized one small tile at a time: several times "
         "faster on CPU, equal to widened up to float32 rounding).",
+    )
+    mesh: MeshSection | None = Field(
+        default=None,
+        # Absent: one device, as before the field existed (and the same manifest identity).
+        exclude_if=lambda value: value is None,
+        description="Run on a device mesh (optional); absent: one device.",
     )
 
 
@@ -429,6 +452,34 @@ class GenerateSection(_Section):
     )
 
 
+class DistributedSection(_Section):
+    """A multi-process run (``jax.distributed``). Each field may instead come from the environment
+    (KIMI_JAX_COORDINATOR, KIMI_JAX_NUM_PROCESSES, KIMI_JAX_PROCESS_ID); see
+    kimi_jax/run/distributed.py. Where and how the run is launched is not part of its identity."""
+
+    coordinator: str | None = Field(default=None, description="HOST:PORT where process 0 listens for the others.")
+    num_processes: int | None = Field(default=None, ge=1, description="How many processes take part.")
+    process_id: int | None = Field(default=None, ge=0, description="This process's index, 0..num_processes-1.")
+    timeout_s: float = Field(
+        default=300.0, gt=0,
+        description="Seconds without progress (or to connect) before a process gives up on its peers.",
+    )  # fmt: skip
+
+    @field_validator("coordinator", mode="after")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        host, _, port = (value or "").rpartition(":")
+        if value is not None and not (host and port.isdigit() and 0 < int(port) < 65536):
+            raise _fail(f"expected HOST:PORT (e.g. 10.0.0.1:8476), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _process_in_range(self) -> DistributedSection:
+        if self.process_id is not None and self.num_processes is not None and self.process_id >= self.num_processes:
+            raise _fail(f"process_id {self.process_id} is not below num_processes {self.num_processes}")
+        return self
+
+
 class OutputSection(_Section):
     dir: ManifestPath = Field(
         description="Run output directory (need not exist); relative to the manifest's folder."
@@ -529,6 +580,11 @@ class Manifest(_Section):
         description="Anchor JSON file (need not exist yet); relative to the manifest's folder.",
     )
     output: OutputSection
+    distributed: DistributedSection | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="Multi-process settings (optional).",
+    )
     vindex: VindexSection | None = Field(
         default=None,
         # Left out of resolved_dict() (and so of the digest) when absent: a manifest without
@@ -590,10 +646,12 @@ class Manifest(_Section):
 
 def identity_of(resolved: dict[str, Any]) -> dict[str, Any]:
     """A resolved manifest dict without the fields that only say where things are written
-    (``output.dir``, ``model.cache_dir``): the same run written elsewhere, or resumed into another
-    folder, keeps its identity."""
+    (``output.dir``, ``model.cache_dir``) or how the processes find each other (``distributed``):
+    the same run written elsewhere, resumed into another folder, or launched from another host,
+    keeps its identity. (The process count is in the platform fingerprint instead.)"""
     data = copy.deepcopy(resolved)
     data.pop("output", None)
+    data.pop("distributed", None)
     if isinstance(data.get("model"), dict):
         data["model"].pop("cache_dir", None)
     return data

@@ -30,6 +30,14 @@ class RunPlan:
     prompt_text: str | None = None  # what the prompt ids encode: prompt.text, or the rendered chat
     decoding: Decoding = Decoding()
 
+    @property
+    def mesh(self):
+        """The manifest's ``compute.mesh`` as a :class:`~kimi_jax.model.mesh.MeshShape`, or None for one device."""
+        from kimi_jax.model.mesh import MeshShape  # imports JAX; a plan is also read without it
+
+        section = self.manifest.compute.mesh
+        return None if section is None else MeshShape(section.expert, section.model, section.placement)
+
 
 def resolve_checkpoint(manifest: Manifest) -> Path | str:
     model = manifest.model

@@ -15,6 +15,7 @@ from kimi_jax.model.engine import Engine, OnLayer
 from kimi_jax.model.jax_setup import enable_compilation_cache
 from kimi_jax.records import StepRecord
 from kimi_jax.run import anchor as anchors
+from kimi_jax.run import distributed
 from kimi_jax.run.console import Progress, TextStream, streamed_text, to_stderr
 from kimi_jax.run.manifest import load_manifest
 from kimi_jax.run.output import check_output_dir, hold_output
@@ -27,9 +28,15 @@ from kimi_jax.storage.residency import ResidencyPlan, budget_plan
 def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None,
                  prove: bool = True, resume: bool = False, echo=to_stderr, progress: bool = True,
                  text_out=None):  # fmt: skip
+    """Load and run a manifest; a multi-process run joins its peers first (see run/distributed.py)."""
     manifest = load_manifest(manifest_path, overrides or [], out_dir)
     check_output_dir(manifest.output.dir, manifest.model.checkpoint)  # before a synthetic checkpoint is made
-    return execute(prepare_run(manifest), prove=prove, resume=resume, echo=echo, progress=progress, text_out=text_out)
+    plan = prepare_run(manifest)
+    settings = distributed.join(plan)
+    with distributed.fail_fast(settings):
+        outcome = execute(plan, prove=prove, resume=resume, echo=echo, progress=progress, text_out=text_out)
+        distributed.finish()
+    return outcome
 
 
 def _fault_hook():
@@ -55,8 +62,8 @@ class NonPerturbationFailure(KimiJaxError):
 @dataclasses.dataclass
 class RunOutcome:
     steps: list  # StepRecord of the instrumented run
-    ledger: dict
-    ledger_path: Path
+    ledger: dict | None  # None in the processes of a multi-process run other than process 0
+    ledger_path: Path | None
     text: str | None = None  # the generated text as streamed (special tokens and stop string left out)
 
     def summary(self) -> dict:
@@ -71,9 +78,12 @@ class RunOutcome:
 
 def run_steps(plan: RunPlan, keep_capture: bool = True, max_new_tokens: int | None = None, on_step=None,
               on_layer: OnLayer | None = None, done: list | None = None, caches: list | None = None,
-              residency: ResidencyPlan | None = None) -> list:  # fmt: skip
+              residency: ResidencyPlan | None = None, on_load=None) -> list:  # fmt: skip
+    """``on_load(bytes per process)`` is told what a mesh engine read before step 0 (the resident placement)."""
     m = plan.manifest
     with Engine.from_plan(plan, keep_capture, residency) as engine:
+        if on_load is not None and engine.load_bytes_per_process is not None:
+            on_load(engine.load_bytes_per_process)
         return engine.generate(list(plan.prompt), max_new_tokens or m.generate.max_new_tokens, m.generate.kv_cache,
                                on_step, done=done, caches=caches, on_layer=on_layer,
                                decoding=plan.decoding)  # fmt: skip
@@ -88,6 +98,8 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=to_std
     text as the first run produces it; ``echo`` the report lines; ``progress`` goes to stderr.
     The output folder is held exclusively and checked before any compute."""
     out = Path(plan.manifest.output.dir)
+    if not distributed.is_writer():  # a multi-process run: the output folder is process 0's alone
+        return _execute_held(plan, prove, resume, echo, progress, text_out)
     check_output_dir(out, plan.index.root)  # before the lock file is created beside it
     with hold_output(out):
         for note in recover_interrupted_swap(out):
@@ -98,25 +110,33 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=to_std
 
 def _execute_held(plan: RunPlan, prove: bool, resume: bool, echo, progress: bool, text_out) -> RunOutcome:
     m = plan.manifest
-    anchor = anchors.precheck(plan)
+    distributed.check_mesh(plan)  # before compute: a mesh that does not fit is an error naming compute.mesh
+    writer = distributed.is_writer()  # a multi-process run: only process 0 reports, streams text and writes
+    echo, text_out = (echo, text_out) if writer else (lambda *_: None, None)
+    anchor = anchors.precheck(plan) if writer else None  # only process 0 needs the anchor file
     enable_compilation_cache(m.model.cache_dir)
     page_cache = page_cache_record(plan)
     for line in describe_run(plan, page_cache):
         echo(line)
     out = Path(m.output.dir)
     identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
-    checkpoints = RunCheckpoints(out, identity, resume)
+    checkpoints = distributed.SharedCheckpoints(RunCheckpoints(out, identity, resume) if writer else None, plan)
     runs = [("bare", False), ("instrumented", True)] if prove else [("instrumented", True)]
     residency = budget_plan(plan.index, m.storage.resident_bytes)  # once: both runs keep the same weights
     # the text appears as the first run produces it (the bare run when proving); the second repeats its tokens
     stream = TextStream(plan.tokenizer, plan.decoding.stop_strings, text_out) if text_out is not None else None
-    results = {name: run_with_progress(plan, name, keep, checkpoints, anchor, echo, progress,
-                                       stream if name == runs[0][0] else None, residency)
+    loaded: dict[str, list[int]] = {}
+    results = {name: run_with_progress(plan, name, keep, checkpoints, anchor, echo, progress and writer,
+                                       stream if name == runs[0][0] else None, residency,
+                                       on_load=lambda counts, name=name: loaded.__setitem__(name, counts))
                for name, keep in runs}  # fmt: skip
+    if not writer:
+        return RunOutcome(results["instrumented"], None, None)
     proof = prove_non_perturbation(results["bare"], results["instrumented"]) if prove else None
     steps = results["instrumented"]
-    anchor_record = anchors.check(anchor, m.anchor, steps[0]) if anchor is not None else None
-    ledger = build_ledger(plan, steps, page_cache, anchor_record, proof, residency_record(plan, residency))
+    anchor_record = anchors.check(anchor, m.anchor, steps[0], mesh_label(plan)) if anchor is not None else None
+    ledger = build_ledger(plan, steps, page_cache, anchor_record, proof, residency_record(plan, residency),
+                          mesh_record(plan, loaded.get("instrumented")))  # fmt: skip
     validate_ledger(ledger)
     try:
         write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None,
@@ -143,6 +163,20 @@ def page_cache_record(plan: RunPlan) -> dict:
     return {"page_cache_evicted": plan.manifest.storage.evict_page_cache and local,
             "page_cache_resident_bytes": sum(resident_bytes(p) for p in shards),
             "shard_bytes": sum(h.file_size for h in plan.index.shards)}  # fmt: skip
+
+
+def mesh_label(plan: RunPlan) -> str | None:
+    return plan.mesh.label() if plan.mesh is not None else None
+
+
+def mesh_record(plan: RunPlan, load_bytes_per_process: list[int] | None) -> dict | None:
+    """``run.mesh`` of the ledger: the mesh, the processes sharing it, what each read before step 0."""
+    mesh = plan.mesh
+    if mesh is None:
+        return None
+    processes = distributed.process_count()
+    return {"expert": mesh.expert, "model": mesh.model, "placement": mesh.placement, "process_count": processes,
+            "load_bytes_per_process": load_bytes_per_process or [0] * processes}  # fmt: skip
 
 
 def residency_record(plan: RunPlan, residency: ResidencyPlan) -> dict:
@@ -172,9 +206,9 @@ def describe_run(plan: RunPlan, page_cache: dict) -> list[str]:
     return lines
 
 
-def run_with_progress(plan: RunPlan, name: str, keep_capture: bool, checkpoints: RunCheckpoints, anchor: dict | None,
+def run_with_progress(plan: RunPlan, name: str, keep_capture: bool, checkpoints, anchor: dict | None,
                       echo=to_stderr, progress: bool = True, stream: TextStream | None = None,
-                      residency: ResidencyPlan | None = None) -> list[StepRecord]:  # fmt: skip
+                      residency: ResidencyPlan | None = None, on_load=None) -> list[StepRecord]:  # fmt: skip
     """One run (bare or instrumented) with its progress on stderr, resuming from and saving to
     ``checkpoints``; ``stream`` gets its tokens as text; ``residency`` is the budget's plan (resolved
     once for both runs).
@@ -194,12 +228,13 @@ def run_with_progress(plan: RunPlan, name: str, keep_capture: bool, checkpoints:
 
     def on_layer(step: int, layer: int, step_bytes: int) -> None:
         bar.layer(step, layer, step_bytes)
+        distributed.beat(f"{name} step {step} layer {layer}")
         if fault:
             fault(name, step, layer)
 
     def on_step(step: StepRecord) -> None:
         if step.index == 0 and anchor is not None:
-            anchors.check(anchor, m.anchor, step)  # stops the run on any difference
+            anchors.check(anchor, m.anchor, step, mesh_label(plan))  # stops the run on any difference
         checkpoints.save(name, step)
         bar.step(step)
         if stream is not None:
@@ -207,7 +242,7 @@ def run_with_progress(plan: RunPlan, name: str, keep_capture: bool, checkpoints:
 
     try:
         steps = run_steps(plan, keep_capture, on_step=on_step, on_layer=on_layer, done=done_steps, caches=caches,
-                          residency=residency)  # fmt: skip
+                          residency=residency, on_load=on_load)  # fmt: skip
     finally:
         bar.close()
         if plan.source is not None:

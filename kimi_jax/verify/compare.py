@@ -57,6 +57,8 @@ RESULT_FIELDS: dict[str, str] = {
     "generate.sampling": "other sampling settings or another seed draw other tokens",
     "generate.stop": "stop strings can end the run at another step",
     "generate.ignore_eos": "the end-of-sequence and end-of-turn tokens stop the run only without it",
+    "compute.mesh": "a mesh adds the experts' partial sums across devices in another order, which also depends on "
+                    "the placement (which device holds which expert)",
 }
 # Fields that cannot change the tokens, digests or bytes read, and why.
 NEUTRAL_FIELDS: dict[str, str] = {
@@ -67,6 +69,8 @@ NEUTRAL_FIELDS: dict[str, str] = {
     "anchor": "the anchor is only compared with step 0, never fed into compute",
     "model.cache_dir": "only where synthetic checkpoints are cached",
     "vindex": "settings of `kimi-jax vindex`, not read by `kimi-jax run`",
+    "distributed": "only how the processes of a run find each other (their number, like the machine, is part of "
+                   "the platform fingerprint)",
 }
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import parse_json, read_regular
 from kimi_jax.ledger.bundle import ARRAYS, MAX_JSON_BYTES, step_key
+from kimi_jax.platform_info import mesh_label
 from kimi_jax.storage.digests import identity_differences
 from kimi_jax.verify.bundle_view import BundleView
 from kimi_jax.verify.report import (
@@ -192,6 +193,9 @@ def check_anchor(b: BundleView) -> str:
     run = ledger.get("run") or {}
     want = {"prompt": run.get("prompt"), "dtype": run.get("dtype"), "dequant": recorded_dequant(run.get("dequant")),
             "kv_cache": run.get("kv_cache"), "sampling": run.get("sampling")}  # fmt: skip
+    mesh = run.get("mesh")
+    if isinstance(mesh, dict) or "mesh" in anchor:  # an anchor frozen on a mesh, or a mesh run's bundle
+        want["mesh"] = mesh_label(mesh["expert"], mesh["model"], mesh["placement"]) if isinstance(mesh, dict) else None
     problems += [f"anchor.json was frozen for a different run: {d}" for d in condition_differences(anchor, want)]
     frozen = anchor.get("checkpoint") if isinstance(anchor.get("checkpoint"), dict) else {}
     for key in identity_differences(frozen, ckpt):
@@ -217,6 +221,7 @@ def check_continuity(b: BundleView) -> str:
     problems += _stop_problems(b, steps, run)
     layer_plan: list[tuple[Any, Any]] | None = None
     outside, note = _embedding_head_bytes(ledger)
+    processes = (run.get("mesh") or {}).get("process_count", 1)
     for n, step in enumerate(steps):
         if step.get("index") != n:
             problems.append(f"steps[{n}].index is {short(step.get('index'))}, expected {n}")
@@ -251,10 +256,18 @@ def check_continuity(b: BundleView) -> str:
             if step_bytes != layer_bytes + extra:
                 problems.append(f"steps[{n}].bytes_read is {step_bytes}, expected {layer_bytes + extra}: its layers' "
                                 f"{layer_bytes} plus {extra} for embedding rows and the head")  # fmt: skip
+        problems += _per_process_problems(f"steps[{n}]", step, processes)
+        for layer in layers:
+            problems += _per_process_problems(f"steps[{n}].layers[{layer.get('layer')}]", layer, processes)
     total = sum(int(s.get("bytes_read") or 0) for s in steps)
-    recorded = (ledger.get("totals") or {}).get("bytes_read")
+    totals = ledger.get("totals") or {}
+    recorded = totals.get("bytes_read")
     if recorded != total:
         problems.append(f"totals.bytes_read is {short(recorded)}, but the steps' bytes_read sum to {total}")
+    columns = [sum(col) for col in zip(*(s.get("bytes_per_process") or [] for s in steps))]
+    if "bytes_per_process" in totals and totals.get("bytes_per_process") != columns:
+        problems.append(f"totals.bytes_per_process is {short(totals.get('bytes_per_process'))}, but the steps' "
+                        f"bytes_per_process sum to {columns}")  # fmt: skip
     require(problems)
     return note
 
@@ -310,6 +323,21 @@ def _stop_problems(b: BundleView, steps: list[dict[str, Any]], run: dict[str, An
     if stopped != want:
         problems.append(f"stopped is {short(stopped)}, but the stop rules give {short(want)}")
     return problems
+
+
+def _per_process_problems(where: str, record: dict[str, Any], processes: int) -> list[str]:
+    """A step's or layer's bytes_per_process: one count per process of the run, summing to what was
+    read from storage (``bytes_from_storage``; ``bytes_read`` in a ledger without the split)."""
+    counts = record.get("bytes_per_process")
+    if counts is None and processes == 1:
+        return []  # a ledger that does not itemise processes: one process read everything
+    if not isinstance(counts, list) or len(counts) != processes:
+        return [f"{where}.bytes_per_process is {short(counts)}, expected one count for each of the {processes} process(es)"]
+    field = "bytes_from_storage" if "bytes_from_storage" in record else "bytes_read"
+    if sum(counts) != record.get(field):
+        return [f"{where}.bytes_per_process {short(counts)} sums to {sum(counts)}, but {field} is "
+                f"{short(record.get(field))}"]  # fmt: skip
+    return []
 
 
 def _embedding_head_bytes(ledger: dict[str, Any]) -> tuple[Callable[[int, list], int] | None, str]:

@@ -77,6 +77,7 @@ def check_replay(b: BundleView, allow_large: bool = False) -> str:
         data["anchor"] = None  # the anchor is checked by check 7; replay compares step 0 in full anyway
         if isinstance(data.get("model"), dict):
             data["model"]["cache_dir"] = str(default_cache_dir())  # never a folder the bundle chose
+        data.pop("distributed", None)  # a replay is one process: a mesh must fit this machine's devices
         try:
             plan = prepare_run(parse_manifest_dict(data, source=str(b.root / "manifest.json"), base_dir=b.root))
         except KimiJaxError as e:

@@ -1,0 +1,117 @@
+"""Runs mesh jobs in a fresh process, where XLA_FLAGS can still give JAX 8 CPU devices.
+
+``python tests/mesh_worker.py JOBS_JSON`` prints one JSON line per job. The flag must be set
+before JAX initialises its CPU backend, which the test process itself has long done; one worker
+runs many jobs, so the start-up cost is paid once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+# JAX is imported after XLA_FLAGS is set, on purpose
+import jax
+import numpy as np
+
+from kimi_jax.ledger.ledger import step_identity
+from kimi_jax.model.engine import Engine, decode_weight
+from kimi_jax.model.mesh import MeshError, MeshShape, build_mesh, host_value
+from kimi_jax.model.params import expert_stack
+from kimi_jax.model.placement import MeshReads, deal_expert_slots
+from kimi_jax.storage.checkpoint import open_checkpoint
+from kimi_jax.storage.reader import ShardReader
+
+
+def leaves_bytes(tree) -> list[tuple[str, bytes]]:
+    return [(str(np.asarray(host_value(a)).dtype), np.asarray(host_value(a)).tobytes())
+            for a in jax.tree_util.tree_leaves(tree)]  # fmt: skip
+
+
+def placement_reads(ckpt: str, expert: int, model: int) -> dict:
+    """Every weight of every layer, the head and one expert stack read through the mesh equal the
+    single-device read bit for bit; the mesh read exactly the same bytes."""
+    index = open_checkpoint(ckpt)
+    cfg = index.config
+    mesh = build_mesh(MeshShape(expert, model))
+    single, meshed = ShardReader(), ShardReader()
+    reads = MeshReads(index, mesh, meshed, np.float32, decode_weight)
+    mismatched = []
+    for layer in range(cfg.num_hidden_layers):
+        entries = list(index.layers[layer].base.values())
+        want = single.read_weights(entries, layer)
+        got = reads.assemble(reads.stage_weights(entries, layer, lambda tensors: tensors))
+        for e in entries:
+            if leaves_bytes(decode_weight(e, want[e.name], index)) != leaves_bytes(got[e.name]):
+                mismatched.append(e.name)
+    layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
+    picked = np.array([[3, 7, 1, 12], [7, 2, 1, 9]])
+    stack_ids, slots = deal_expert_slots(picked, cfg.n_routed_experts, mesh.size)
+    stack = reads.expert_stack(layer, stack_ids)
+    distinct = sorted({int(e) for e in picked.ravel()})
+    entries = [w for e in distinct for w in index.layers[layer].experts[e].values()]
+    parts = single.read_weights(entries, layer)
+    tensors = {w.name: decode_weight(w, parts[w.name], index) for w in entries}
+    got = [(dtype, np.frombuffer(raw, np.uint8)) for dtype, raw in leaves_bytes(stack)]
+    for slot, picked_expert in enumerate(stack_ids):
+        if picked_expert is None:
+            continue
+        one = leaves_bytes(expert_stack(cfg, layer, [picked_expert], tensors))
+        per_slot = [raw.reshape(len(stack_ids), -1)[slot].tobytes() for _, raw in got]
+        if [raw for _, raw in one] != per_slot:
+            mismatched.append(f"layers.{layer}.mlp.experts.{picked_expert}")
+    empty_zero = all(not raw.reshape(len(stack_ids), -1)[s].any() for s, e in enumerate(stack_ids) if e is None
+                     for _, raw in got)  # fmt: skip
+    return {"mismatched": mismatched, "single_bytes": single.run.total, "mesh_bytes": meshed.run.total,
+            "empty_slots_zero": empty_zero,
+            "slots_point_at_picks": all(stack_ids[s] == e for s, e in zip(slots.ravel(), picked.ravel())),
+            "specs": sorted({str(a.sharding.spec) for a in jax.tree_util.tree_leaves(stack)})}  # fmt: skip
+
+
+def mesh_mismatch(expert: int, model: int) -> dict:
+    try:
+        build_mesh(MeshShape(expert, model))
+    except MeshError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def generate(ckpt: str, steps: int, kv_cache: bool, mesh: MeshShape | None):
+    with Engine(open_checkpoint(ckpt), mesh=mesh) as engine:
+        return engine.generate([5, 9, 400], steps, kv_cache=kv_cache)
+
+
+def tokens_on_meshes(ckpt: str, steps: int, kv_cache: bool, meshes: list[list], repeat: bool = False) -> dict:
+    """Greedy decoding on one device and on each mesh ``[expert, model, placement]``: tokens, the
+    largest logit difference, bytes; with ``repeat``, the first mesh runs twice (same-mesh digests)."""
+    one = generate(ckpt, steps, kv_cache, None)
+    out = {"tokens": [s.token for s in one], "meshes": []}
+    for expert, model, placement in meshes:
+        got = generate(ckpt, steps, kv_cache, MeshShape(expert, model, placement))
+        out["meshes"].append({
+            "mesh": [expert, model, placement], "tokens": [s.token for s in got],
+            "max_abs_logit_diff": max(float(np.abs(a.logits - b.logits).max()) for a, b in zip(one, got)),
+            "max_abs_logit": max(float(np.abs(a.logits).max()) for a in one),
+            "bytes": [s.bytes_read for s in got], "one_device_bytes": [s.bytes_read for s in one],
+            "from_storage": [s.io.from_storage for s in got],
+            "bytes_per_process": [s.bytes_per_process for s in got],
+            "layer_bytes_sum": all(sum(r.bytes_read for r in s.layers) + s.bytes_per_layer.get(None, 0) == s.bytes_read
+                                   for s in got),
+        })  # fmt: skip
+    if repeat:
+        expert, model, placement = meshes[0]
+        first = [step_identity(s) for s in generate(ckpt, steps, kv_cache, MeshShape(expert, model, placement))]
+        again = [step_identity(s) for s in generate(ckpt, steps, kv_cache, MeshShape(expert, model, placement))]
+        out["same_mesh_identical"] = first == again
+    return out
+
+
+JOBS = {"placement_reads": placement_reads, "mesh_mismatch": mesh_mismatch, "tokens_on_meshes": tokens_on_meshes}
+
+if __name__ == "__main__":
+    for job in json.loads(sys.argv[1]):
+        name, kwargs = job["job"], job.get("args", {})
+        print(json.dumps({"job": name, "args": kwargs, "result": JOBS[name](**kwargs)}), flush=True)

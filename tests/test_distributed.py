@@ -1,0 +1,143 @@
+"""Two processes on localhost over jax.distributed (CPU, gloo): an anchor frozen on the mesh, per-process
+bytes, one bundle that verifies, a killed process named by the survivor within the timeout, and
+--resume on the mesh.
+
+Every process is a real ``kimi-jax run`` with one CPU device; the expected byte shares are derived
+here from the checkpoint index and the routing in the ledger, following the rule the placement
+documents: rows of each stored tensor in one block per device, distinct experts (by id) dealt
+round-robin to the devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kimi_jax.model.engine import Engine
+from kimi_jax.storage.checkpoint import open_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 20  # distributed.timeout_s of these runs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(manifest: Path, out: Path | None, processes: int, *args: str, env_of=lambda pid: {}, wait_s: float = 600,
+           command: tuple[str, ...] = ("run",)):  # fmt: skip
+    """Start ``processes`` ``kimi-jax run`` (or ``command``) processes; (returncode, stderr, seconds) of each."""
+    port = free_port()
+    base = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                JAX_PLATFORMS="cpu", KIMI_JAX_COORDINATOR=f"127.0.0.1:{port}", KIMI_JAX_NUM_PROCESSES=str(processes))  # fmt: skip
+    base.pop("XLA_FLAGS", None)
+    started = time.monotonic()
+    where = ["--out", str(out)] if out is not None else []
+    procs = [subprocess.Popen([sys.executable, "-m", "kimi_jax.cli", *command, str(manifest), *where, *args],
+                              env={**base, "KIMI_JAX_PROCESS_ID": str(pid), **env_of(pid)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for pid in range(processes)]  # fmt: skip
+    ended: dict[int, float] = {}
+    while len(ended) < processes and time.monotonic() - started < wait_s:
+        for pid, proc in enumerate(procs):
+            if pid not in ended and proc.poll() is not None:
+                ended[pid] = time.monotonic() - started
+        time.sleep(0.2)
+    results = []
+    for pid, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=max(1.0, wait_s - (time.monotonic() - started)))
+        results.append((proc.returncode, err, ended.get(pid, time.monotonic() - started)))
+    return results
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_checkpoints, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("distributed") / "m.yaml"
+    path.write_text(f"version: 1\nmodel:\n  checkpoint: {tiny_checkpoints['kimi-k2.5']}\nprompt:\n  tokens: [5, 9, 400]\n"
+                    "generate: {max_new_tokens: 3, kv_cache: true}\ncompute:\n  mesh: {expert: 2, model: 1}\n"
+                    f"distributed: {{timeout_s: {TIMEOUT_S}}}\nanchor: anchor.json\noutput:\n  dir: out\n")  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole_run(manifest) -> Path:
+    # the anchor: step 0 run twice on the two-process mesh must agree bit for bit; process 0 writes it
+    for code, err, _ in launch(manifest, None, 2, command=("anchor", "freeze")):
+        assert code == 0, err[-3000:]
+    out = manifest.parent / "whole"
+    for code, err, _ in launch(manifest, out, 2):
+        assert code == 0, err[-3000:]
+    return out
+
+
+def shares(index, ledger: dict) -> dict[tuple[int, int | None], list[int]]:
+    """Bytes each of 2 processes (one device each) should read, per (step, layer), from the rule above."""
+    def rows_split(rec) -> list[int]:
+        block = -(-rec.shape[0] // 2)
+        row = rec.nbytes // rec.shape[0]
+        return [row * max(0, min(rec.shape[0], (p + 1) * block) - p * block) for p in range(2)]
+
+    want = {}
+    for step in ledger["steps"]:
+        for layer in step["layers"]:
+            lm = index.layers[layer["layer"]]
+            got = [0, 0]
+            for entry in lm.base.values():
+                for part, rec in entry.parts.items():
+                    split = [rec.nbytes, 0] if part == "weight_shape" else rows_split(rec)
+                    got = [a + b for a, b in zip(got, split)]
+            for j, expert in enumerate(sorted({e for row in layer.get("experts") or [] for e in row})):
+                got[j % 2] += lm.expert_bytes(expert)
+            want[(step["index"], layer["layer"])] = got
+    return want
+
+
+def test_two_processes_read_their_shares_and_total_the_one_device_run(whole_run, tiny_checkpoints):
+    ledger = json.loads((whole_run / "ledger.json").read_text())
+    index = open_checkpoint(tiny_checkpoints["kimi-k2.5"])
+    with Engine(index) as engine:
+        one = engine.generate([5, 9, 400], 3, kv_cache=True)
+    assert [s["token"] for s in ledger["steps"]] == [s.token for s in one]
+    assert [s["bytes_read"] for s in ledger["steps"]] == [s.bytes_read for s in one]  # every byte read once
+    assert ledger["run"]["mesh"]["process_count"] == 2 and ledger["platform"]["process_count"] == 2
+    assert ledger["anchor"]["status"] == "matched"
+    anchor = json.loads((whole_run.parent / "anchor.json").read_text())
+    assert anchor["mesh"] == "2x1 streamed" and anchor["platform"]["process_count"] == 2
+    for (step, layer), want in shares(index, ledger).items():
+        assert ledger["steps"][step]["layers"][layer]["bytes_per_process"] == want, (step, layer)
+    per_step = [s["bytes_per_process"] for s in ledger["steps"]]
+    assert all(min(p) > 0.3 * sum(p) for p in per_step), per_step  # each process did its part of the reading
+    verify = subprocess.run([sys.executable, "-m", "kimi_jax.cli", "verify", str(whole_run)], capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))  # fmt: skip
+    assert verify.returncode == 0 and "VERIFIED" in verify.stdout, verify.stdout[-3000:]
+
+
+def test_a_killed_process_is_named_by_the_other_and_the_run_resumes(manifest, whole_run):
+    out = manifest.parent / "killed"
+    # process 1 dies inside layer 1 of step 1 of the instrumented run (SIGKILL: no goodbye)
+    results = launch(manifest, out, 2, env_of=lambda pid: {"KIMI_JAX_FAULT": "instrumented:1:1"} if pid == 1 else {})
+    (code0, err0, _), (code1, _, died) = results
+    assert code1 == -9
+    assert code0 == 3 and "error: PeerProcessLost: process 0 of 2" in err0, err0[-3000:]
+    assert results[0][2] - died < TIMEOUT_S + 10  # named within the timeout, not a hang
+    assert not (out / "ledger.json").exists()
+    for code, err, _ in launch(manifest, out, 2, "--resume"):
+        assert code == 0, err[-3000:]
+    resumed, whole = (json.loads((d / "ledger.json").read_text())["steps"] for d in (out, whole_run))
+    fields = ("token", "hidden_digest", "logits_digest", "bytes_read", "bytes_per_process")
+    assert [[s[f] for f in fields] for s in resumed] == [[s[f] for f in fields] for s in whole]
+
+
+def test_a_process_whose_peers_never_come_fails_with_a_named_error(manifest, tmp_path):
+    (code, err, seconds), = launch(manifest, tmp_path / "alone", 1, env_of=lambda pid: {"KIMI_JAX_NUM_PROCESSES": "2"},
+                                   wait_s=TIMEOUT_S + 60)  # fmt: skip
+    assert code == 3 and "error: DistributedError: process 0 of 2 could not join the others" in err, err[-3000:]
+    assert seconds < TIMEOUT_S + 30

@@ -103,6 +103,8 @@ def test_a_mesh_refuses_one_device_residency_settings(tiny_checkpoints, tmp_path
     path.write_text(path.read_text().replace("synthetic: {preset: tiny}", f"checkpoint: {tiny_checkpoints['kimi-k2.5']}"))
     with pytest.raises(ManifestError, match=r"compute.mesh: storage.resident_bytes \(1048576\) applies to one device"):
         check_mesh(prepare_run(load_manifest(path)))
+    with pytest.raises(ManifestError, match=r"compute.mesh: compute.matmul \('stored'\) applies to one device"):
+        check_mesh(prepare_run(load_manifest(path, ["storage.resident_bytes=0", "compute.matmul=stored"])))
 
 
 # -- host-side planning ------------------------------------------------------------------------

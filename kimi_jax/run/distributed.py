@@ -134,12 +134,14 @@ def check_mesh(plan) -> None:
         return
     from kimi_jax.model.mesh import MeshError, mesh_devices
 
-    storage = plan.manifest.storage
-    for field, value, off in (("resident_bytes", storage.resident_bytes, 0), ("speculate", storage.speculate, False)):
+    m = plan.manifest
+    for field, value, off in (("storage.resident_bytes", m.storage.resident_bytes, 0),
+                              ("storage.speculate", m.storage.speculate, False),
+                              ("compute.matmul", m.compute.matmul, "widened")):  # fmt: skip
         if value != off:
-            raise plan.manifest.error("compute.mesh", f"storage.{field} ({value!r}) applies to one device; on a mesh "
-                                                      "the placement decides what stays on the devices "
-                                                      "(compute.mesh.placement: resident keeps every weight)")  # fmt: skip
+            raise m.error("compute.mesh", f"{field} ({value!r}) applies to one device; on a mesh the placement "
+                                          "decides what stays on the devices (compute.mesh.placement: resident keeps "
+                                          f"every weight) and weights are widened for the matmuls ({field}: {off!r})")  # fmt: skip
     try:
         mesh_devices(plan.mesh)
     except MeshError as e:

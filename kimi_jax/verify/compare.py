@@ -489,18 +489,19 @@ def compare_paths(a: str | os.PathLike, b: str | os.PathLike) -> ManifestCompari
 # -- reports ------------------------------------------------------------------------------------
 
 
+def _section(title: str, items: list[str], empty: str | None = None) -> list[str]:
+    """A titled, indented list, or one line saying there is nothing (``TITLE: none`` unless ``empty``)."""
+    if not items:
+        return [empty or f"{title}: none"]
+    return [f"{title}:", *(f"  {item}" for item in items)]
+
+
 def _format_manifest(c: ManifestComparison, heading: bool = True) -> list[str]:
     lines = [f"manifests: A = {c.a}", f"           B = {c.b}"] if heading else []
-    if c.result_differences:
-        lines.append("differences that can change results:")
-        lines += [f"  {d.describe()}  ({d.why})" for d in c.result_differences]
-    else:
-        lines.append("differences that can change results: none")
-    if c.neutral_differences:
-        lines.append("differences that cannot change results:")
-        lines += [f"  {d.describe()}  ({d.why})" for d in c.neutral_differences]
-    else:
-        lines.append("differences that cannot change results: none")
+    lines += _section("differences that can change results",
+                      [f"{d.describe()}  ({d.why})" for d in c.result_differences])
+    lines += _section("differences that cannot change results",
+                      [f"{d.describe()}  ({d.why})" for d in c.neutral_differences])
     lines += [f"note: {n}" for n in c.notes]
     return lines
 
@@ -531,14 +532,9 @@ def _format_bundles(c: BundleComparison) -> list[str]:
             lines.append(f"first layer where norms differ in step {c.first_divergent_step}: none ({c.layer_detail})")
         if c.first_expert_layer is not None:
             lines.append(f"first layer where the selected experts differ: layer {c.first_expert_layer}")
-    if c.platform_differences:
-        lines.append("platform differences:")
-        lines += [f"  {d}" for d in c.platform_differences]
-    else:
-        lines.append("platform: identical")
+    lines += _section("platform differences", c.platform_differences, empty="platform: identical")
     if c.software_differences:
-        lines.append("software differences:")
-        lines += [f"  {d}" for d in c.software_differences]
+        lines += _section("software differences", c.software_differences)
     lines += _format_manifest(c.manifest, heading=False)
     lines.append(f"expected from the manifests: {c.manifest.verdict}")
     lines += [f"note: {n}" for n in c.notes]

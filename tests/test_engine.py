@@ -149,12 +149,12 @@ def test_config_tensor_mismatch_reported_with_manifest_field(tiny_checkpoints, t
 
 
 def test_chunked_head_gives_the_same_logits(tiny_checkpoints, monkeypatch):
-    from kimi_jax.model import engine as engine_mod
+    from kimi_jax.model import layers as layers_mod
 
     idx = open_checkpoint(tiny_checkpoints["kimi-k2.5"])
     with Engine(idx) as engine:
         whole = engine.generate([5, 6], 2, kv_cache=True)
-    monkeypatch.setattr(engine_mod, "HEAD_CHUNK_ROWS", 300)  # 2048 rows: 6 full chunks and a short one
+    monkeypatch.setattr(layers_mod, "HEAD_CHUNK_ROWS", 300)  # 2048 rows: 6 full chunks and a short one
     with Engine(idx) as engine:
         chunked = engine.generate([5, 6], 2, kv_cache=True)
     assert [s.token for s in whole] == [s.token for s in chunked]

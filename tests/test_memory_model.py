@@ -38,6 +38,32 @@ def streamed(k25):
     return _generate(k25, 0)
 
 
+@pytest.fixture(scope="module")
+def streamed_stored(k25):
+    return _generate(k25, 0, matmul="stored")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_whole_model_program_is_bitwise_the_layer_by_layer_run(k25, dtype, streamed, streamed_stored):
+    """Everything fits: after the first step (which reads it all) each decode step is one program
+    (kimi_jax.model.resident.whole_model_step). Its tokens, logits, hidden state, bytes used and
+    routing are bitwise those of streaming every weight, whichever matmul path."""
+    from kimi_jax.model import layers
+
+    for matmul, reference in (("widened", streamed), ("stored", streamed_stored)):
+        if dtype == "bfloat16":
+            reference = _generate(k25, 0, matmul=matmul, dtype=dtype)
+        before = layers.TRACE_COUNTS["whole_model_step"]
+        with Engine(k25, dtype, matmul=matmul, residency=plan_residency(k25, 1 << 40)) as engine:
+            steps = engine.generate(PROMPT, 4, kv_cache=True)
+            assert engine._whole_model_in_memory()
+        assert layers.TRACE_COUNTS["whole_model_step"] > before or dtype == "bfloat16"  # (traced once per settings)
+        assert _identity(steps) == _identity(reference), (matmul, dtype)
+        assert [[layer.experts for layer in s.layers] for s in steps] == [[layer.experts for layer in s.layers] for s in reference]
+        assert [[(layer.norm_in, layer.norm_out) for layer in s.layers] for s in steps] == [
+            [(layer.norm_in, layer.norm_out) for layer in s.layers] for s in reference]
+
+
 @pytest.mark.parametrize("settings", [
     {"budget": 1 << 40},  # everything fits: loaded once
     {"budget": "bases+experts/4", "expert_cache": "lru", "speculate": True},

@@ -27,7 +27,7 @@ from kimi_jax.model.forward import layer_step
 from kimi_jax.model.matmul import StoredWeight
 from kimi_jax.model.params import ExpertStack, HeadParams, expert_stack, head_params, layer_params
 from kimi_jax.model.quant import Fp8Weight, Int4Weight
-from kimi_jax.model.resident import resident_moe_layer
+from kimi_jax.model.resident import resident_moe_layer, whole_model_step
 from kimi_jax.model.speculation import predict_experts
 from kimi_jax.records import ByteCounts, LayerRecord, StepRecord
 from kimi_jax.storage.codecs import EXACT, check_dequant_mode
@@ -38,8 +38,6 @@ from kimi_jax.storage.safetensors_header import TensorRecord
 from kimi_jax.storage.weight_store import WeightStore
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Rows of the lm_head per logits call: 16384 x 7168 BF16 is 235 MB, 470 MB once widened.
-HEAD_CHUNK_ROWS = 16384
 # Called after each layer with (step, layer, bytes read so far this step): progress display.
 OnLayer = Callable[[int, int, int], None]
 
@@ -187,24 +185,14 @@ class Engine:
         return head_params(self.cfg, tensors), time.perf_counter() - started
 
     def _logits(self, head: HeadParams, hidden: jax.Array) -> np.ndarray:
-        """Logits in vocabulary chunks: the head (2.3 GB in BF16 for Kimi) is never widened to
-        float32 or copied whole; only one chunk at a time is. (On a mesh each device holds a vocabulary
-        slice of the head; the slices are gathered.)"""
+        """Logits of the last position (:func:`~kimi_jax.model.layers.head_logits`: in vocabulary chunks
+        unless the head is stored). On a mesh each device holds a vocabulary slice of the head; the
+        slices are gathered."""
         if self.placement is not None:
             from kimi_jax.model.placement import logits_on_host
 
             return logits_on_host(self.cfg, head, hidden)
-        stored = isinstance(head.lm_head, StoredWeight)
-        lm_head = head.lm_head.weight if stored else head.lm_head
-        vocab = lm_head.shape[0]
-        if vocab <= HEAD_CHUNK_ROWS:
-            return np.asarray(layers.final_logits(self.cfg, head, hidden))
-        chunks = []
-        for i in range(0, vocab, HEAD_CHUNK_ROWS):
-            rows = lm_head[i : i + HEAD_CHUNK_ROWS]
-            chunks.append(layers.final_logits(self.cfg, HeadParams(head.norm, StoredWeight(rows) if stored else rows),
-                                              hidden))  # fmt: skip
-        return np.concatenate([np.asarray(c) for c in chunks])
+        return np.asarray(layers.head_logits(self.cfg, head, hidden))
 
     def _embed(self, tokens: list[int]) -> jax.Array:
         """Read only the embedding rows of the distinct tokens in ``tokens``."""
@@ -236,6 +224,8 @@ class Engine:
         cfg = self.cfg
         x = self._embed(tokens)
         pos = jnp.asarray(positions, dtype=jnp.int32)
+        if caches is not None and self._whole_model_in_memory():
+            return self._forward_whole(x, pos, caches, on_layer)
         pending = self._submit(self._load_base, 0)
         records: list[LayerRecord] = []
         new_caches = [] if caches is not None else None
@@ -273,6 +263,32 @@ class Engine:
             hidden = replicate(hidden, self.mesh)
             new_caches = replicate(new_caches, self.mesh) if new_caches is not None else None
         return np.asarray(hidden), np.asarray(logits), records, new_caches
+
+    def _whole_model_in_memory(self) -> bool:
+        """Every layer's weights, every expert and the head are in memory (read in an earlier step)."""
+        layers_kept = len(self.residency.layers) == self.cfg.num_hidden_layers and self.residency.head
+        moe = sum(lm.kind == "moe" for lm in self.index.layers)
+        return self.all_experts_resident and layers_kept and len(self._expert_stacks) == moe and self.mesh is None
+
+    def _forward_whole(self, x: jax.Array, pos: jax.Array, caches: list, on_layer: Callable[[int, int], None] | None):
+        """:meth:`forward` as one program for the layers (:func:`~kimi_jax.model.resident.whole_model_step`)
+        and the head: the weights are taken from memory (and counted as used), the programs run, and
+        the picks returned give each layer's expert bytes. Layers are not timed apart: the program's time is the
+        step's (``compute_s`` of each layer is 0)."""
+        n = self.cfg.num_hidden_layers
+        bases = tuple(layer_params(self.cfg, layer, self.store.base(layer)) for layer in range(n))
+        stacks = tuple(self._expert_stacks.get(layer) for layer in range(n))
+        head = self._load_head()[0]
+        hidden, caches, routings, captures = whole_model_step(self.cfg, bases, stacks, x, pos, tuple(caches))
+        logits = self._logits(head, hidden)
+        records = []
+        for layer, (routing, capture) in enumerate(zip(routings, captures)):
+            if routing is not None:
+                self.store.count_all_experts(layer, sorted({int(e) for e in np.asarray(routing.idx).reshape(-1)}), False)
+            records.append(self._layer_record(layer, routing, capture, 0.0, 0.0))
+            if on_layer:
+                on_layer(layer, self.reader.step.total)
+        return np.asarray(hidden), logits, records, list(caches)
 
     def _resident_moe(self, layer: int, params: Any, x: jax.Array, pos: jax.Array, cache: Any):
         """A MoE layer whose experts are all kept, stacked, as one program (read whole the first time):

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.config import ModelConfig
-from kimi_jax.model.layers import F32, LatentCache, Routing, dense_layer, final_logits, moe_attention_and_route, moe_experts
+from kimi_jax.model.layers import (F32, UNROLLED_SLOTS, LatentCache, Routing, dense_layer, final_logits,
+                                   moe_attention_and_route, moe_experts)
 from kimi_jax.model.params import DenseLayerParams, ExpertStack, MoEBaseParams, expert_stack, head_params, layer_params
 
 # stack_ids -> the stack of those experts, slot j holding expert stack_ids[j]. The ids are sorted
@@ -34,12 +35,15 @@ def plan_expert_slots(idx: np.ndarray, n_routed_experts: int, bucket: bool = Tru
     Returns ``(distinct, stack_ids, slots)``: ``distinct`` are the ids in ``idx`` [T, k], sorted,
     each read once; ``stack_ids`` pads them (when ``bucket``) to the next power of two by repeating
     the first, so stacks of one size share one compiled program and padding never reads another
-    expert; ``slots[t, j]`` is the position of ``idx[t, j]`` in the stack. Padding slots are never
+    expert (with at most ``UNROLLED_SLOTS`` picks, to the power of two of their count); ``slots[t, j]`` is the position of ``idx[t, j]`` in the stack. Padding slots are never
     referenced, so :func:`kimi_jax.model.layers.routed_experts` skips them.
     """
     idx = np.asarray(idx)
     ids = np.unique(idx)
-    n = min(1 << (len(ids) - 1).bit_length(), n_routed_experts) if bucket else len(ids)
+    # A few picks (an unrolled stack, see routed_experts) are bucketed by their count, as the
+    # in-memory program must (kimi_jax.model.resident): the two then run the same slots, bitwise.
+    least = idx.size if idx.size <= UNROLLED_SLOTS else len(ids)
+    n = min(1 << (max(len(ids), least) - 1).bit_length(), n_routed_experts) if bucket else len(ids)
     distinct = [int(i) for i in ids]
     return distinct, distinct + [distinct[0]] * (n - len(distinct)), np.searchsorted(ids, idx).astype(np.int32)
 

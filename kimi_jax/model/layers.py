@@ -289,28 +289,49 @@ def route(cfg: ModelConfig, gate: RouterParams, x: jax.Array) -> Routing:
 # ---------------------------------------------------------------------------------------- experts
 
 
-def routed_experts(experts: ExpertStack, slots: jax.Array, weights: jax.Array, x: jax.Array) -> jax.Array:
+# Stored-weight experts for at most this many picks (T x k) run as an unrolled loop: with one token
+# to decode (8 picks for top-8) that is a plain sequence of small matmuls, where the scan's loop
+# carries and a gathered copy of the picked experts cost more than the matmuls themselves. Decided by
+# the picks, not the stack: the host's stack and the in-memory one differ in padding, never in form.
+UNROLLED_SLOTS = 16
+
+
+def routed_experts(experts: ExpertStack, slots: jax.Array, weights: jax.Array, x: jax.Array,
+                   stack_ids: jax.Array | None = None) -> jax.Array:  # fmt: skip
     """``sum_k weights[t,k] * Expert_{slots[t,k]}(x[t])`` (float32) over a stack of n experts.
 
-    Scans the stack one expert at a time (so a quantized stack is dequantized one expert at a time)
-    and skips, with a real conditional, every slot no token references: padding slots are never
-    computed, whatever they hold. A referenced expert runs on all T rows and keeps its own.
+    Slot ``j`` holds ``experts[j]``, or with ``stack_ids`` [n] (a stack of every expert kept in
+    memory) ``experts[stack_ids[j]]``, indexed in place. Slots are summed in order. A stack of
+    :class:`~kimi_jax.model.matmul.StoredWeight` for at most :data:`UNROLLED_SLOTS` picks runs as an
+    unrolled loop (padding slots add zeros); any other scans the stack one expert at a time (so a quantized stack is
+    dequantized one expert at a time) and skips, with a real conditional, every slot no token
+    references: padding slots are never computed, whatever they hold. A referenced expert runs on
+    all T rows and keeps its own.
     """
-    n = experts.gate_proj.shape[0]
+    n = experts.gate_proj.shape[0] if stack_ids is None else stack_ids.shape[0]
     hit = slots[..., None] == jnp.arange(n, dtype=slots.dtype)  # [T, k, n]
     combine = jnp.sum(jnp.where(hit, weights.astype(F32)[..., None], 0.0), axis=1).T  # [n, T]
     used = jnp.any(hit, axis=1).T  # [n, T]
 
-    def one_expert(acc, xs):
-        gate, up, down, c, u = xs
-
-        def run(acc):
-            y = swiglu(x, MLPParams(gate_proj=gate, up_proj=up, down_proj=down)).astype(F32)
-            return acc + jnp.where(u[:, None], y * c[:, None], 0.0)
-
-        return jax.lax.cond(jnp.any(u), run, lambda acc: acc, acc), None
+    def add_expert(acc, gate, up, down, c, u):
+        y = swiglu(x, MLPParams(gate_proj=gate, up_proj=up, down_proj=down)).astype(F32)
+        return acc + jnp.where(u[:, None], y * c[:, None], 0.0)
 
     acc = jnp.zeros(x.shape, F32)
+    if isinstance(experts.gate_proj, StoredWeight) and slots.size <= UNROLLED_SLOTS:
+        # Always a dynamic index (slot j of the host's stack is index j, kept from being folded into a
+        # static slice): XLA compiles a dot on a static slice differently, and the two must agree bitwise.
+        ids = stack_ids if stack_ids is not None else jax.lax.optimization_barrier(jnp.arange(n, dtype=jnp.int32))
+        for j in range(n):
+            expert = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, ids[j], 0, False), experts)
+            acc = add_expert(acc, expert.gate_proj, expert.up_proj, expert.down_proj, combine[j], used[j])
+        return acc
+    if stack_ids is not None:
+        experts = jax.tree_util.tree_map(lambda a: jnp.take(a, stack_ids, axis=0), experts)
+
+    def one_expert(acc, xs):
+        return jax.lax.cond(jnp.any(xs[-1]), lambda acc: add_expert(acc, *xs), lambda acc: acc, acc), None
+
     acc, _ = jax.lax.scan(one_expert, acc, (experts.gate_proj, experts.up_proj, experts.down_proj, combine, used))
     return acc
 
@@ -350,21 +371,27 @@ def moe_attention_and_route(cfg: ModelConfig, p: MoEBaseParams, x: jax.Array, po
 
 @functools.partial(jax.jit, static_argnums=0)
 def moe_experts(cfg: ModelConfig, p: MoEBaseParams, experts: ExpertStack, slots: jax.Array,
-                weights_scaled: jax.Array, h: jax.Array):
+                weights_scaled: jax.Array, h: jax.Array, stack_ids: jax.Array | None = None):
     """FFN half of a MoE layer: ``h + routed(hn) + shared(hn)``; returns (x_out, {norm_out}).
 
     ``slots`` [T, k] index each selected expert within ``experts`` (see
-    :func:`kimi_jax.model.forward.plan_expert_slots`).
+    :func:`kimi_jax.model.forward.plan_expert_slots`), or within ``stack_ids`` when ``experts``
+    holds every expert (see :func:`routed_experts`).
     """
     TRACE_COUNTS["moe_experts"] += 1
     hn = rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps)
     with jax.named_scope("routed_experts"):
-        ffn = over_expert_axis(routed_experts)(experts, slots, weights_scaled, hn).astype(h.dtype)
+        routed = functools.partial(routed_experts, stack_ids=stack_ids)
+        ffn = over_expert_axis(routed)(experts, slots, weights_scaled, hn).astype(h.dtype)
     if p.shared_experts is not None:
         with jax.named_scope("shared_expert"):
             ffn = ffn + swiglu(hn, p.shared_experts)
     x_out = h + ffn
     return x_out, {"norm_out": _last_norm(x_out)}
+
+
+# Rows of the lm_head per logits call when it is widened: 16384 x 7168 BF16 is 235 MB, 470 MB widened.
+HEAD_CHUNK_ROWS = 16384
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -378,8 +405,23 @@ def final_logits(cfg: ModelConfig, head: HeadParams, x_last: jax.Array) -> jax.A
         return _linear_accumulator(rms_norm(x_last, head.norm, cfg.rms_norm_eps), head.lm_head)
 
 
+def head_logits(cfg: ModelConfig, head: HeadParams, x_last: jax.Array) -> jax.Array:
+    """:func:`final_logits` in vocabulary chunks of :data:`HEAD_CHUNK_ROWS` rows when the head is
+    widened, so the head (2.3 GB in BF16 for Kimi) is never widened to float32 whole, only a chunk at
+    a time; a :class:`~kimi_jax.model.matmul.StoredWeight` head is never widened, so it is one call.
+    The same chunks whether run eagerly (the streaming engine) or traced (a whole-model program)."""
+    stored = isinstance(head.lm_head, StoredWeight)
+    lm_head = head.lm_head.weight if stored else head.lm_head
+    vocab = lm_head.shape[0]
+    if stored or vocab <= HEAD_CHUNK_ROWS:
+        return final_logits(cfg, head, x_last)
+    rows = range(0, vocab, HEAD_CHUNK_ROWS)
+    return jnp.concatenate([final_logits(cfg, HeadParams(head.norm, lm_head[i : i + HEAD_CHUNK_ROWS]), x_last)
+                            for i in rows], axis=-1)  # fmt: skip
+
+
 __all__ = [
     "linear", "rms_norm", "swiglu", "rope_inv_freq", "rope_cos_sin", "apply_rope", "LatentCache",
     "mla", "Routing", "route", "routed_experts", "dense_layer", "moe_attention_and_route",
-    "moe_experts", "final_logits", "TRACE_COUNTS",
+    "moe_experts", "final_logits", "head_logits", "HEAD_CHUNK_ROWS", "UNROLLED_SLOTS", "TRACE_COUNTS",
 ]

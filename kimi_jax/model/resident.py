@@ -1,4 +1,4 @@
-"""A MoE layer whose experts are all in memory, as one program: no host round trip for the router.
+"""Programs for weights kept in memory: a MoE layer with all its experts, and the whole model.
 
 When the residency budget holds every expert, each MoE layer's experts are stacked once,
 ``[n_routed_experts, ...]``, and the layer runs as a single jitted call: attention and the router,
@@ -8,6 +8,11 @@ expert stack is the host's (:func:`kimi_jax.model.forward.plan_expert_slots`) co
 program: the same distinct ids in the same order, padded to the same power of two, so the experts
 run in the same order on the same values and the result is bitwise the streamed one
 (``tests/test_memory_model.py``).
+
+When everything is kept (every layer, every expert, the head), a decode step is one program for
+the layers, :func:`whole_model_step` (the same layer functions, traced together), and one for the
+head: the host does nothing per layer; it learns the picks of every layer at the end, for the byte
+accounting.
 """
 
 from __future__ import annotations
@@ -47,9 +52,35 @@ def resident_moe_layer(cfg: ModelConfig, p: MoEBaseParams, experts: ExpertStack,
     layers.TRACE_COUNTS["resident_moe_layer"] += 1
     h, cache, routing, capture = layers.moe_attention_and_route(cfg, p, x, positions, cache)
     stack_ids, slots = expert_plan_in_program(routing.idx, cfg.n_routed_experts)
-    picked = jax.tree_util.tree_map(lambda a: jnp.take(a, stack_ids, axis=0), experts)
-    x_out, capture_out = layers.moe_experts(cfg, p, picked, slots, routing.weights_scaled, h)
+    x_out, capture_out = layers.moe_experts(cfg, p, experts, slots, routing.weights_scaled, h, stack_ids)
     return x_out, cache, routing, {**capture, **capture_out}
 
 
-__all__ = ["expert_plan_in_program", "resident_moe_layer"]
+@functools.partial(jax.jit, static_argnums=0)
+def whole_model_step(cfg: ModelConfig, bases: tuple, stacks: tuple, x: jax.Array, positions: jax.Array,
+                     caches: tuple):  # fmt: skip
+    """Every layer as one program: ``bases[l]`` are layer l's non-expert weights, ``stacks[l]`` all
+    its routed experts (None for a dense layer), ``caches[l]`` its latent cache.
+
+    Returns (hidden_last, caches, routings, captures), one routing (None for a dense layer) and one
+    capture dict per layer, as the layer-by-layer engine gets them. The head stays a call of its own:
+    traced into this program, XLA compiled its product differently (not bitwise the streamed logits)."""
+    layers.TRACE_COUNTS["whole_model_step"] += 1
+    routings, captures, out_caches = [], [], []
+    for base, stack, cache in zip(bases, stacks, caches):
+        # Layer boundaries stay what they are between separate calls: XLA does not fuse across a
+        # barrier, so each layer (and the head) compiles as it does alone and the result is bitwise
+        # the layer-by-layer one (tests/test_memory_model.py).
+        x = jax.lax.optimization_barrier(x)
+        if stack is None:
+            x, cache, capture = layers.dense_layer(cfg, base, x, positions, cache)
+            routing = None
+        else:
+            x, cache, routing, capture = resident_moe_layer(cfg, base, stack, x, positions, cache)
+        routings.append(routing)
+        captures.append(capture)
+        out_caches.append(cache)
+    return x[-1], tuple(out_caches), tuple(routings), tuple(captures)
+
+
+__all__ = ["expert_plan_in_program", "resident_moe_layer", "whole_model_step"]

@@ -25,6 +25,8 @@ No JAX here: the engine passes ``decode`` (stored parts -> the weight the model 
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import threading
 from collections.abc import Callable, Iterable
@@ -160,10 +162,14 @@ class WeightStore:
         entries = [w for e in range(len(self.index.layers[layer].experts)) for w in self._expert_entries(layer, e)]
         return self._read(entries, layer)
 
+    @functools.lru_cache(maxsize=None)
+    def _expert_sizes(self, layer: int) -> tuple[int, ...]:
+        return tuple(sum(w.nbytes for w in self._expert_entries(layer, e)) for e in range(len(self.index.layers[layer].experts)))
+
     def count_all_experts(self, layer: int, distinct: list[int], read_now: bool) -> None:
         """The use of ``distinct`` experts of a layer whose experts are all in memory: read this step
         (``read_now``: the used ones count as read when needed, the rest as preloaded) or earlier."""
-        sizes = [sum(w.nbytes for w in self._expert_entries(layer, e)) for e in range(len(self.index.layers[layer].experts))]
+        sizes = self._expert_sizes(layer)
         used = sum(sizes[e] for e in distinct)
         if read_now:
             self._count(layer, used=used, from_storage=used, preloaded=sum(sizes) - used)

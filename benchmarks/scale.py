@@ -8,6 +8,7 @@ compute, and peak RSS (target: under budget + 2 GiB).
     python benchmarks/scale.py --budget 0 --matmul widened  # 0.1.0's behaviour in this tree
     python benchmarks/scale.py --tokens 0                 # the single-token pass only
     python benchmarks/scale.py --baseline 8594dfb         # also the BOS pass of that commit, same invocation
+    python benchmarks/scale.py --page-cache keep          # keep the shards' pages (auto drops them: they do not fit)
     python benchmarks/scale.py --smoke                    # the tiny preset, to check the script runs
 
 ``--baseline REV`` checks REV out with ``git worktree add`` into a temporary folder and runs its own
@@ -30,7 +31,7 @@ from common import emit, machine, peak_rss_bytes
 
 from kimi_jax.model.engine import Engine
 from kimi_jax.storage.checkpoint import open_checkpoint
-from kimi_jax.storage.residency import plan_residency, resolve_budget
+from kimi_jax.storage.residency import drops_page_cache, plan_residency, resolve_budget
 from kimi_jax.storage.synth import ensure_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--matmul", default="stored", choices=["stored", "widened"], help="compute.matmul")
     parser.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"])
     parser.add_argument("--speculate", action="store_true", help="storage.speculate: read predicted experts ahead")
+    parser.add_argument("--page-cache", default="auto", choices=["auto", "keep", "drop"], help="storage.page_cache")
+    parser.add_argument("--kv-only", action="store_true", help="skip the multi-token run without the KV cache")
     parser.add_argument("--baseline", metavar="REV", help="also run REV's BOS pass (a git worktree), first")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
@@ -91,11 +94,12 @@ def main() -> None:
                             else args.budget)  # fmt: skip
     residency = plan_residency(index, budget)
     engine_args = {"matmul": args.matmul, "residency": residency, "expert_cache": args.expert_cache,
-                   "speculate": args.speculate}
+                   "speculate": args.speculate, "page_cache": args.page_cache}
     emit({"benchmark": "scale", "preset": preset, "machine": machine(), "index_s": round(time.perf_counter() - started, 2),
           "predicted_bytes_per_token": index.predicted_bytes_per_token(), "matmul": args.matmul,
           "budget_bytes": budget, "resident_layers": len(residency.layers), "head_resident": residency.head,
-          "expert_cache_bytes": residency.expert_capacity})  # fmt: skip
+          "expert_cache_bytes": residency.expert_capacity, "page_cache": args.page_cache,
+          "drops_page_cache": drops_page_cache(args.page_cache, index)})  # fmt: skip
     if before is not None:
         emit({**before, "run": "baseline-one-token"})
     one = run(index, 1, False, engine_args)
@@ -105,7 +109,7 @@ def main() -> None:
     one["bytes_equal_prediction"] = one["bytes_read"][0] == index.predicted_bytes_per_token()
     emit({"run": "one-token", **one})
     if args.tokens:
-        for kv in (True, False):
+        for kv in (True,) if args.kv_only else (True, False):
             emit({"run": f"{args.tokens}-tokens", **run(index, 2 if args.smoke else args.tokens, kv, engine_args)})
 
 

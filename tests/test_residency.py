@@ -39,7 +39,12 @@ def test_plan_fills_bases_then_head_then_experts(tiny_checkpoints):
     head = sum(w.nbytes for w in idx.head.values())
     assert plan_residency(idx, 0) == residency.ResidencyPlan(0, frozenset(), False, 0)
     two = plan_residency(idx, bases[0] + bases[1])
-    assert two.layers == {0, 1} and not two.head and two.expert_capacity == 0
+    if head > two.budget:  # the head does not fit: bases only
+        assert two.layers == {0, 1} and not two.head and two.expert_capacity == 0
+    # not every base fits with the head: the head first (a streamed head is read whole each step)
+    some = plan_residency(idx, head + bases[0] + bases[1])
+    assert some.head and some.layers == {0, 1} and some.expert_capacity == 0
+    assert plan_residency(idx, head - 1).head is False
     everything = sum(bases) + head
     full = plan_residency(idx, everything + 12345)
     assert full.layers == set(range(len(bases))) and full.head and full.expert_capacity == 12345
@@ -160,3 +165,35 @@ def test_speculation_skips_experts_already_in_memory(tiny_checkpoints):
         assert counts.from_memory == counts.used and counts.mispredicted == counts.from_speculation == 0
         assert counts.experts_predicted_used == 1 and reader.step.total == 0
     store.close()
+
+
+def test_page_cache_policy_drops_only_what_cannot_stay_cached(tiny_checkpoints, monkeypatch):
+    """auto drops the pages of shards larger than the memory available; keep and drop are what they say."""
+    idx = open_checkpoint(tiny_checkpoints["kimi-k2.5"])
+    shards = sum(h.file_size for h in idx.shards)
+    assert residency.drops_page_cache("drop", idx) and not residency.drops_page_cache("keep", idx)
+    monkeypatch.setattr(residency, "available_memory", lambda: shards + 1)
+    assert not residency.drops_page_cache("auto", idx)
+    monkeypatch.setattr(residency, "available_memory", lambda: shards - 1)
+    assert residency.drops_page_cache("auto", idx)
+    with pytest.raises(ValueError, match="storage.page_cache must be one of"):
+        residency.drops_page_cache("sometimes", idx)
+
+
+def test_dropped_ranges_leave_the_page_cache_and_the_bytes_are_the_same(tiny_checkpoints):
+    """With storage.page_cache: drop every range read is advised out of the page cache (mincore sees
+    it gone) and the run reads the same bytes and computes the same tokens."""
+    from kimi_jax.model.engine import Engine
+    from kimi_jax.storage.reader import evict_page_cache, resident_bytes
+
+    idx = open_checkpoint(tiny_checkpoints["kimi-k2.5"])
+    shards = [h.path for h in idx.shards]
+    runs = {}
+    for mode in ("keep", "drop"):
+        evict_page_cache(shards)
+        with Engine(idx, page_cache=mode) as engine:
+            steps = engine.generate([1792, 5], 2, kv_cache=True)
+        runs[mode] = ([s.token for s in steps], [s.bytes_read for s in steps], sum(resident_bytes(p) for p in shards))
+    assert runs["keep"][:2] == runs["drop"][:2]
+    assert runs["keep"][2] > 0
+    assert runs["drop"][2] < runs["keep"][2] / 4  # only pages the headers' reads and readahead left

@@ -276,7 +276,10 @@ LEDGER_SCHEMA: dict[str, Any] = {
                 "expert_cache": _m({"enum": ["lru", "lfu"]}, "Expert cache eviction policy."),
                 "speculate": _m({"type": "boolean"}, "storage.speculate: predicted experts are read ahead (not when "
                                                      "every expert is kept)."),
-            }),
+                "page_cache": _m({"enum": ["keep", "drop"]}, "storage.page_cache as resolved: ranges read were "
+                                 "dropped from the OS page cache (drop) or kept (keep). Absent from ledgers written before it existed."),
+            }, required=["budget_bytes", "resident_layers", "head_resident", "expert_cache_bytes", "expert_cache",
+                         "speculate"]),
             "capture": _m({"type": "array", "items": {"enum": ["norms", "routing", "logits"]}}, "Capture fields kept."),
             "page_cache_evicted": _m({"type": "boolean"}, "Shards were dropped from the page cache before the run."),
             "page_cache_resident_bytes": _m(_INT, "Bytes of the shards in the page cache when the run started."),

@@ -33,7 +33,7 @@ from kimi_jax.records import ByteCounts, LayerRecord, StepRecord
 from kimi_jax.storage.codecs import EXACT, check_dequant_mode
 from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
 from kimi_jax.storage.reader import ReadCounters, ShardReader
-from kimi_jax.storage.residency import ResidencyPlan, budget_plan, plan_residency
+from kimi_jax.storage.residency import ResidencyPlan, budget_plan, drops_page_cache, plan_residency
 from kimi_jax.storage.safetensors_header import TensorRecord
 from kimi_jax.storage.weight_store import WeightStore
 
@@ -96,12 +96,13 @@ class Engine:
     def __init__(self, index: CheckpointIndex, dtype: str = "float32", prefetch: bool = True, io_retries: int = 3,
                  keep_capture: bool = True, reader: ShardReader | None = None, dequant: str = EXACT,
                  matmul: str = "widened", residency: ResidencyPlan | None = None, expert_cache: str = "lru",
-                 speculate: bool = False, mesh=None):  # fmt: skip
+                 speculate: bool = False, mesh=None, page_cache: str = "auto"):  # fmt: skip
         """``dequant`` is compute.dequant, ``matmul`` compute.matmul; ``residency``
         (:func:`~kimi_jax.storage.residency.plan_residency`, default: keep nothing) says what stays in
         memory, ``expert_cache`` is the policy of the expert cache within it, and ``speculate`` reads
         the experts an early router predicts ahead. ``mesh`` replaces the three: its placement says
-        where the weights live."""
+        where the weights live. ``page_cache`` is storage.page_cache
+        (:func:`~kimi_jax.storage.residency.drops_page_cache`)."""
         self.index = index
         self.keep_capture = keep_capture
         self.cfg = index.config
@@ -110,6 +111,7 @@ class Engine:
         self.prefetch = prefetch
         # A given reader (remote, digest-checked) replaces the plain local one; the engine only calls its interface.
         self.reader = reader if reader is not None else ShardReader(retries=io_retries)
+        self.reader.drop_after_read = drops_page_cache(page_cache, index)
         self.residency = residency if residency is not None else plan_residency(index, 0)
         dequant = self.dequant
         self.store = WeightStore(index, self.reader, self.residency, expert_cache,
@@ -148,7 +150,7 @@ class Engine:
         return cls(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture,
                    reader=reader, dequant=m.compute.dequant, matmul=m.compute.matmul, residency=residency,
                    expert_cache=m.storage.expert_cache, speculate=m.storage.speculate,
-                   mesh=getattr(plan, "mesh", None))  # fmt: skip
+                   mesh=getattr(plan, "mesh", None), page_cache=m.storage.page_cache)  # fmt: skip
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -356,6 +356,13 @@ class StorageSection(_Section):
         exclude_if=lambda value: value == "lru",
         description="Eviction policy of the expert cache: lru | lfu (least frequently used).",
     )
+    page_cache: Literal["auto", "keep", "drop"] = Field(
+        default="auto",
+        exclude_if=lambda value: value == "auto",
+        description="Drop each range read from the OS page cache (drop), keep it (keep), or drop only when the "
+        "shards are larger than the memory available at the start (auto): pages of a checkpoint that cannot "
+        "stay cached make the kernel reclaim memory on every read.",
+    )
     speculate: bool = Field(
         default=False,
         exclude_if=lambda value: value is False,

@@ -22,7 +22,7 @@ from kimi_jax.run.output import check_output_dir, hold_output
 from kimi_jax.run.plan import RunPlan, prepare_run
 from kimi_jax.run.resume import RunCheckpoints
 from kimi_jax.storage.reader import evict_page_cache, resident_bytes
-from kimi_jax.storage.residency import ResidencyPlan, budget_plan
+from kimi_jax.storage.residency import ResidencyPlan, budget_plan, drops_page_cache
 
 
 def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None,
@@ -184,7 +184,8 @@ def residency_record(plan: RunPlan, residency: ResidencyPlan) -> dict:
     s = plan.manifest.storage
     return {"budget_bytes": residency.budget, "resident_layers": len(residency.layers),
             "head_resident": residency.head, "expert_cache_bytes": residency.expert_capacity,
-            "expert_cache": s.expert_cache, "speculate": s.speculate}  # fmt: skip
+            "expert_cache": s.expert_cache, "speculate": s.speculate,
+            "page_cache": "drop" if drops_page_cache(s.page_cache, plan.index) else "keep"}  # fmt: skip
 
 
 def describe_run(plan: RunPlan, page_cache: dict) -> list[str]:

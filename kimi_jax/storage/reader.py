@@ -128,6 +128,9 @@ class ShardReader:
         # When a list: every positioned read appends (shard, offset, nbytes, seconds, perf_counter when it
         # ended); benchmarks use it.
         self.trace: list[tuple[Path, int, int, float, float]] | None = None
+        # storage.page_cache (kimi_jax.storage.residency.drops_page_cache): drop each range from the
+        # page cache once read, when the shards do not fit in memory.
+        self.drop_after_read = False
 
     def __enter__(self) -> "ShardReader":
         return self
@@ -295,6 +298,11 @@ class ShardReader:
             done += got
             attempt = 0  # retries count consecutive failures; progress resets them
         self.count_call(first.shard, first.offset, nbytes, time.perf_counter() - started)
+        if self.drop_after_read:
+            try:
+                os.posix_fadvise(fd, first.offset, nbytes, os.POSIX_FADV_DONTNEED)
+            except OSError:  # advice only
+                pass
         return buffers
 
     def count_call(self, shard: Path, offset: int, nbytes: int, elapsed: float) -> None:

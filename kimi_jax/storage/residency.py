@@ -3,7 +3,8 @@
 ``storage.resident_bytes`` is filled once, in priority order, from the index's sizes:
 
 1. the non-expert weights of every layer, layer 0 first (every step needs all of them);
-2. the head (final norm and lm_head);
+2. the head (final norm and lm_head), or first when not all of the bases and it fit (a streamed
+   head is the largest piece read whole each step);
 3. routed experts, by observed use: what is left is an :class:`ExpertCache` with LRU or LFU
    eviction.
 
@@ -28,6 +29,7 @@ AUTO = "auto"
 # the page cache of the shards and everything else on the machine.
 AUTO_FRACTION = 0.5
 EXPERT_POLICIES = ("lru", "lfu")
+PAGE_CACHE_MODES = ("auto", "keep", "drop")
 Policy = Literal["lru", "lfu"]
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -85,17 +87,35 @@ class ResidencyPlan:
 def plan_residency(index: CheckpointIndex, budget: int) -> ResidencyPlan:
     """Fill ``budget`` bytes in priority order: layer bases (layer 0 first), then the head, then experts.
 
-    A base that does not fit is skipped (a later, smaller one may still fit); the head likewise."""
-    left, layers = budget, set()
+    A base that does not fit is skipped (a later, smaller one may still fit). When the budget cannot
+    hold every base and the head, the head goes first: every step needs all of them, so a byte kept
+    saves a byte read whichever it is, but a streamed head is read whole at the end of each step
+    (2.3 GB for Kimi K2.5, against 0.3 GB for a streamed base) and that is memory on top of the budget."""
+    head_bytes = sum(w.nbytes for w in index.head.values())
+    head = head_bytes <= budget < sum(lm.base_bytes for lm in index.layers) + head_bytes
+    left, layers = budget - (head_bytes if head else 0), set()
     for lm in index.layers:
         if lm.base_bytes <= left:
             layers.add(lm.index)
             left -= lm.base_bytes
-    head_bytes = sum(w.nbytes for w in index.head.values())
-    head = head_bytes <= left
-    if head:
+    if not head and head_bytes <= left:
+        head = True
         left -= head_bytes
     return ResidencyPlan(budget=budget, layers=frozenset(layers), head=head, expert_capacity=left)
+
+
+def drops_page_cache(mode: str, index: CheckpointIndex) -> bool:
+    """``storage.page_cache``: whether each range is dropped from the OS page cache once read
+    (``posix_fadvise(DONTNEED)``). ``drop`` always, ``keep`` never; ``auto`` when the shards are larger
+    than the memory available now: their pages could not all stay cached until the next step, and
+    holding them only makes the kernel reclaim memory on every read (reading the 33 GB of one
+    full-shape K2.5 token took 41 s keeping the pages and 4.8 s dropping them, benchmarks/RESULTS.md).
+    A checkpoint that fits keeps its pages: the next step reads them from memory."""
+    if mode not in PAGE_CACHE_MODES:
+        raise ValueError(f"storage.page_cache must be one of {PAGE_CACHE_MODES}, got {mode!r}")
+    if mode == "auto":
+        return index.source is None and sum(h.file_size for h in index.shards) > available_memory()
+    return mode == "drop"
 
 
 def budget_plan(index: CheckpointIndex, resident_bytes: int | str) -> ResidencyPlan:
@@ -180,5 +200,5 @@ def replay_hit_rate(trace: list[list[tuple[int, list[int]]]], capacity_bytes: in
     return cache.hits / total if total else 0.0
 
 
-__all__ = ["AUTO", "AUTO_FRACTION", "EXPERT_POLICIES", "parse_size", "available_memory", "resolve_budget",
+__all__ = ["AUTO", "AUTO_FRACTION", "EXPERT_POLICIES", "PAGE_CACHE_MODES", "drops_page_cache", "parse_size", "available_memory", "resolve_budget",
            "ResidencyPlan", "plan_residency", "budget_plan", "ExpertCache", "replay_hit_rate"]  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
@@ -65,6 +66,27 @@ def on_device(weight: Any, matmul: str) -> Any:
     linear weight wrapped for stored-precision matmuls when ``matmul == "stored"``."""
     weight = jax.tree_util.tree_map(jax.device_put, weight)
     return StoredWeight(weight) if matmul == "stored" and len(weight.shape) == 2 else weight
+
+
+@contextlib.contextmanager
+def _long_lived_frozen():
+    """Yields ``freeze()``: collect once, then move every object alive to the collector's permanent
+    generation (``gc.freeze``) until the block ends. Python's full collections otherwise walk all of
+    them every few steps: 80-150 ms pauses in a 70 ms decode step of the medium model. Frozen objects
+    are still freed by reference counting. Left alone when the process has already frozen objects."""
+    frozen = []
+
+    def freeze() -> None:
+        if not frozen and gc.get_freeze_count() == 0:
+            gc.collect()
+            gc.freeze()
+            frozen.append(True)
+
+    try:
+        yield freeze
+    finally:
+        if frozen:
+            gc.unfreeze()
 
 
 class _ExpertReads:
@@ -353,7 +375,14 @@ class Engine:
                 raise ValueError("resuming a kv_cache run needs the caches of its last completed step")
             caches = self.empty_caches(len(prompt), max_new_tokens)
         caches = caches if kv_cache else None
+        with _long_lived_frozen() as freeze:
+            return self._generate(steps, context, max_new_tokens, kv_cache, caches, on_step, on_layer, decoding, freeze)
+
+    def _generate(self, steps, context, max_new_tokens, kv_cache, caches, on_step, on_layer, decoding,
+                  freeze: Callable[[], None]) -> list[StepRecord]:  # fmt: skip
         for step in range(len(steps), max_new_tokens):
+            if step > 0:
+                freeze()  # once: what the first step built (weights kept, programs, the index) is long-lived
             started = time.perf_counter()
             self.store.begin_step()
             if kv_cache and step > 0:

@@ -101,3 +101,12 @@ def test_device_check_runs_on_cpu():
     assert summary["streamed"]["token_bytes"] == summary["cpu"]["token_bytes"] == summary["resident"]["token_bytes"]
     assert summary["streamed"]["token_bytes_from_storage"] > summary["resident"]["token_bytes_from_storage"]
     assert summary["resident"]["load_bytes"] > 0 and summary["host_to_device"]["plain_device_put_gbs"] > 0
+
+
+@pytest.mark.parametrize("budget", ["auto", "0"])
+def test_decode_profile_smoke(budget):
+    (record,) = _smoke("decode_profile.py", "--budget", budget)
+    assert record["whole_model_program"] is (budget == "auto")
+    assert record["decode_steps"] == 3 and record["stage_ms_per_step"]
+    if budget == "auto":
+        assert set(record["programs_alone_ms"]) >= {"whole_model_program", "head", "moe_experts"}

@@ -98,3 +98,14 @@ def test_advise_reads_nothing_it_counts(tmp_path, monkeypatch):
         reader.advise([_rec(path, 4096, 8192, "a"), _rec(path, 0, 0, "empty")])
         assert reader.run.total == reader.run.calls == 0
     assert advised == [(4096, 8192, os.POSIX_FADV_WILLNEED)]
+
+
+def test_freed_read_buffers_are_mapped_on_their_own_on_glibc():
+    """The engine's request for a fixed mmap threshold takes on glibc (mallopt returns 1)."""
+    import platform
+
+    from kimi_jax.storage.reader import return_freed_buffers
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert return_freed_buffers() is True

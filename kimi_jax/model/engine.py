@@ -33,7 +33,7 @@ from kimi_jax.model.speculation import predict_experts
 from kimi_jax.records import ByteCounts, LayerRecord, StepRecord
 from kimi_jax.storage.codecs import EXACT, check_dequant_mode
 from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
-from kimi_jax.storage.reader import ReadCounters, ShardReader
+from kimi_jax.storage.reader import ReadCounters, ShardReader, return_freed_buffers
 from kimi_jax.storage.residency import ResidencyPlan, budget_plan, drops_page_cache, plan_residency
 from kimi_jax.storage.safetensors_header import TensorRecord
 from kimi_jax.storage.weight_store import WeightStore
@@ -134,6 +134,8 @@ class Engine:
         # A given reader (remote, digest-checked) replaces the plain local one; the engine only calls its interface.
         self.reader = reader if reader is not None else ShardReader(retries=io_retries)
         self.reader.drop_after_read = drops_page_cache(page_cache, index)
+        if self.reader.drop_after_read and isinstance(self.reader, ShardReader):
+            return_freed_buffers()  # a checkpoint larger than memory: freed read buffers go back at once
         self.residency = residency if residency is not None else plan_residency(index, 0)
         dequant = self.dequant
         self.store = WeightStore(index, self.reader, self.residency, expert_cache,

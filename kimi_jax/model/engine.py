@@ -134,7 +134,7 @@ class Engine:
         # A given reader (remote, digest-checked) replaces the plain local one; the engine only calls its interface.
         self.reader = reader if reader is not None else ShardReader(retries=io_retries)
         self.reader.drop_after_read = drops_page_cache(page_cache, index)
-        if self.reader.drop_after_read and isinstance(self.reader, ShardReader):
+        if self.reader.drop_after_read:
             return_freed_buffers()  # a checkpoint larger than memory: freed read buffers go back at once
         self.residency = residency if residency is not None else plan_residency(index, 0)
         dequant = self.dequant

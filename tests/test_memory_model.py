@@ -143,3 +143,21 @@ def test_bfloat16_decodes_with_the_kv_cache(k25):
         cached = engine.generate(PROMPT, 3, kv_cache=True)
         recomputed = engine.generate(PROMPT, 3, kv_cache=False)
     assert [s.token for s in cached] == [s.token for s in recomputed]
+
+
+def test_whole_model_program_bare_and_instrumented_agree(tmp_path, monkeypatch):
+    """With the KV cache and everything in memory the decode steps are the whole-model program; the
+    bare run (which fetches only the picks) and the instrumented run still prove identical, and the
+    bundle verifies."""
+    calls = []
+    whole = Engine._forward_whole
+    monkeypatch.setattr(Engine, "_forward_whole", lambda self, *a: calls.append(self.keep_capture) or whole(self, *a))
+    out = tmp_path / "bundle"
+    run_manifest("manifests/demo.yaml", ["storage.resident_bytes=auto", "generate.kv_cache=true"], str(out),
+                 echo=lambda *_: None, progress=False)  # fmt: skip
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert ledger["run"]["kv_cache"] is True and ledger["run"]["residency"]["page_cache"] == "keep"
+    assert ledger["non_perturbation"]["identical"] is True
+    assert all(s["bytes_from_storage"] < s["bytes_read"] for s in ledger["steps"][1:])
+    assert calls == [False] * 4 + [True] * 4  # steps 1-4 of the bare run, then of the instrumented one
+    assert verify_bundle(out).ok

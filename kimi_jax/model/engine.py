@@ -307,6 +307,13 @@ class Engine:
         head = self._load_head()[0]
         hidden, caches, routings, captures = whole_model_step(self.cfg, bases, stacks, x, pos, tuple(caches))
         logits = self._logits(head, hidden)
+        # One transfer for every layer's picks (and the capture, when kept) instead of one per array. A
+        # bare run fetches only the picks, which the byte accounting needs, as the layer-by-layer run does.
+        if self.keep_capture:
+            routings, captures = jax.device_get((routings, captures))
+        else:
+            picks = jax.device_get([None if r is None else r.idx for r in routings])
+            routings = [None if r is None else r._replace(idx=idx) for r, idx in zip(routings, picks)]
         records = []
         for layer, (routing, capture) in enumerate(zip(routings, captures)):
             if routing is not None:

@@ -92,14 +92,14 @@ def main() -> None:
     index = open_checkpoint(ensure_synthetic(preset))
     budget = resolve_budget(args.budget if args.budget == "auto" else int(args.budget) if args.budget.isdigit()
                             else args.budget)  # fmt: skip
-    residency = plan_residency(index, budget)
+    residency = plan_residency(index, budget, drops_page_cache(args.page_cache, index))
     engine_args = {"matmul": args.matmul, "residency": residency, "expert_cache": args.expert_cache,
-                   "speculate": args.speculate, "page_cache": args.page_cache}
+                   "speculate": args.speculate}
     emit({"benchmark": "scale", "preset": preset, "machine": machine(), "index_s": round(time.perf_counter() - started, 2),
           "predicted_bytes_per_token": index.predicted_bytes_per_token(), "matmul": args.matmul,
           "budget_bytes": budget, "resident_layers": len(residency.layers), "head_resident": residency.head,
           "expert_cache_bytes": residency.expert_capacity, "page_cache": args.page_cache,
-          "drops_page_cache": drops_page_cache(args.page_cache, index)})  # fmt: skip
+          "drops_page_cache": residency.drop_page_cache})  # fmt: skip
     if before is not None:
         emit({**before, "run": "baseline-one-token"})
     one = run(index, 1, False, engine_args)

@@ -191,7 +191,9 @@ def test_dropped_ranges_leave_the_page_cache_and_the_bytes_are_the_same(tiny_che
     runs = {}
     for mode in ("keep", "drop"):
         evict_page_cache(shards)
-        with Engine(idx, page_cache=mode) as engine:
+        plan = residency.budget_plan(idx, 0, mode)
+        assert plan.drop_page_cache is (mode == "drop")
+        with Engine(idx, residency=plan) as engine:
             steps = engine.generate([1792, 5], 2, kv_cache=True)
         runs[mode] = ([s.token for s in steps], [s.bytes_read for s in steps], sum(resident_bytes(p) for p in shards))
     assert runs["keep"][:2] == runs["drop"][:2]

@@ -277,7 +277,8 @@ LEDGER_SCHEMA: dict[str, Any] = {
                 "speculate": _m({"type": "boolean"}, "storage.speculate: predicted experts are read ahead (not when "
                                                      "every expert is kept)."),
                 "page_cache": _m({"enum": ["keep", "drop"]}, "storage.page_cache as resolved: ranges read were "
-                                 "dropped from the OS page cache (drop) or kept (keep). Absent from ledgers written before it existed."),
+                                 "dropped from the OS page cache (drop) or kept (keep). Absent from ledgers "
+                                 "written before it existed."),
             }, required=["budget_bytes", "resident_layers", "head_resident", "expert_cache_bytes", "expert_cache",
                          "speculate"]),
             "capture": _m({"type": "array", "items": {"enum": ["norms", "routing", "logits"]}}, "Capture fields kept."),

@@ -34,7 +34,7 @@ from kimi_jax.records import ByteCounts, LayerRecord, StepRecord
 from kimi_jax.storage.codecs import EXACT, check_dequant_mode
 from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
 from kimi_jax.storage.reader import ReadCounters, ShardReader, return_freed_buffers
-from kimi_jax.storage.residency import ResidencyPlan, budget_plan, drops_page_cache, plan_residency
+from kimi_jax.storage.residency import ResidencyPlan, budget_plan, plan_residency
 from kimi_jax.storage.safetensors_header import TensorRecord
 from kimi_jax.storage.weight_store import WeightStore
 
@@ -118,13 +118,12 @@ class Engine:
     def __init__(self, index: CheckpointIndex, dtype: str = "float32", prefetch: bool = True, io_retries: int = 3,
                  keep_capture: bool = True, reader: ShardReader | None = None, dequant: str = EXACT,
                  matmul: str = "widened", residency: ResidencyPlan | None = None, expert_cache: str = "lru",
-                 speculate: bool = False, mesh=None, page_cache: str = "auto"):  # fmt: skip
+                 speculate: bool = False, mesh=None):  # fmt: skip
         """``dequant`` is compute.dequant, ``matmul`` compute.matmul; ``residency``
         (:func:`~kimi_jax.storage.residency.plan_residency`, default: keep nothing) says what stays in
         memory, ``expert_cache`` is the policy of the expert cache within it, and ``speculate`` reads
-        the experts an early router predicts ahead. ``mesh`` replaces the three: its placement says
-        where the weights live. ``page_cache`` is storage.page_cache
-        (:func:`~kimi_jax.storage.residency.drops_page_cache`)."""
+        the experts an early router predicts ahead (``residency`` also says whether ranges read leave
+        the page cache). ``mesh`` replaces the three: its placement says where the weights live."""
         self.index = index
         self.keep_capture = keep_capture
         self.cfg = index.config
@@ -133,10 +132,10 @@ class Engine:
         self.prefetch = prefetch
         # A given reader (remote, digest-checked) replaces the plain local one; the engine only calls its interface.
         self.reader = reader if reader is not None else ShardReader(retries=io_retries)
-        self.reader.drop_after_read = drops_page_cache(page_cache, index)
+        self.residency = residency if residency is not None else plan_residency(index, 0)
+        self.reader.drop_after_read = self.residency.drop_page_cache
         if self.reader.drop_after_read:
             return_freed_buffers()  # a checkpoint larger than memory: freed read buffers go back at once
-        self.residency = residency if residency is not None else plan_residency(index, 0)
         dequant = self.dequant
         self.store = WeightStore(index, self.reader, self.residency, expert_cache,
                                  decode=lambda e, parts: on_device(decode_weight(e, parts, index, dequant), matmul))  # fmt: skip
@@ -165,16 +164,17 @@ class Engine:
 
         ``plan`` is a run plan or a vindex plan: anything with ``index`` and ``manifest``, and a run
         plan's ``source`` (remote, digest-checked) supplies the reader; without one, shards are read locally.
-        ``residency`` defaults to the manifest's budget resolved now (``auto`` measures memory: a caller
-        running the plan twice resolves it once and passes it)."""
+        ``residency`` defaults to the manifest's budget and page-cache choice resolved now (``auto``
+        measures memory: a caller running the plan twice resolves it once and passes it)."""
         m = plan.manifest
         source = getattr(plan, "source", None)
         reader = source.reader(m.storage.io_retries) if source is not None else None
-        residency = residency if residency is not None else budget_plan(plan.index, m.storage.resident_bytes)
+        residency = residency if residency is not None else budget_plan(plan.index, m.storage.resident_bytes,
+                                                                          m.storage.page_cache)  # fmt: skip
         return cls(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture,
                    reader=reader, dequant=m.compute.dequant, matmul=m.compute.matmul, residency=residency,
                    expert_cache=m.storage.expert_cache, speculate=m.storage.speculate,
-                   mesh=getattr(plan, "mesh", None), page_cache=m.storage.page_cache)  # fmt: skip
+                   mesh=getattr(plan, "mesh", None))  # fmt: skip
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -317,7 +317,7 @@ class Engine:
         records = []
         for layer, (routing, capture) in enumerate(zip(routings, captures)):
             if routing is not None:
-                self.store.count_all_experts(layer, sorted({int(e) for e in np.asarray(routing.idx).reshape(-1)}), False)
+                self.store.count_all_experts(layer, routing.idx, False)
             records.append(self._layer_record(layer, routing, capture, 0.0, 0.0))
             if on_layer:
                 on_layer(layer, self.reader.step.total)
@@ -337,7 +337,7 @@ class Engine:
         x, cache, routing, capture = resident_moe_layer(self.cfg, params, stack, x, pos, cache)
         x.block_until_ready()
         compute_s = time.perf_counter() - started
-        self.store.count_all_experts(layer, sorted({int(e) for e in np.asarray(routing.idx).reshape(-1)}), read_now)
+        self.store.count_all_experts(layer, routing.idx, read_now)
         return x, cache, routing, capture, fetch_s, compute_s
 
     def _layer_record(self, layer: int, routing: layers.Routing | None, capture: dict, read_s: float,

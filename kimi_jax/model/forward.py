@@ -35,7 +35,8 @@ def plan_expert_slots(idx: np.ndarray, n_routed_experts: int, bucket: bool = Tru
     Returns ``(distinct, stack_ids, slots)``: ``distinct`` are the ids in ``idx`` [T, k], sorted,
     each read once; ``stack_ids`` pads them (when ``bucket``) to the next power of two by repeating
     the first, so stacks of one size share one compiled program and padding never reads another
-    expert (with at most ``UNROLLED_SLOTS`` picks, to the power of two of their count); ``slots[t, j]`` is the position of ``idx[t, j]`` in the stack. Padding slots are never
+    expert (for at most ``UNROLLED_SLOTS`` picks, to the power of two of the number of picks);
+    ``slots[t, j]`` is the position of ``idx[t, j]`` in the stack. Padding slots are never
     referenced, so :func:`kimi_jax.model.layers.routed_experts` skips them.
     """
     idx = np.asarray(idx)

@@ -303,10 +303,10 @@ def routed_experts(experts: ExpertStack, slots: jax.Array, weights: jax.Array, x
     Slot ``j`` holds ``experts[j]``, or with ``stack_ids`` [n] (a stack of every expert kept in
     memory) ``experts[stack_ids[j]]``, indexed in place. Slots are summed in order. A stack of
     :class:`~kimi_jax.model.matmul.StoredWeight` for at most :data:`UNROLLED_SLOTS` picks runs as an
-    unrolled loop (padding slots add zeros); any other scans the stack one expert at a time (so a quantized stack is
-    dequantized one expert at a time) and skips, with a real conditional, every slot no token
-    references: padding slots are never computed, whatever they hold. A referenced expert runs on
-    all T rows and keeps its own.
+    unrolled loop (padding slots add zeros). Any other stack is scanned one expert at a time (so a
+    quantized stack is dequantized one expert at a time), and every slot no token references is
+    skipped with a real conditional: padding slots are never computed, whatever they hold. A
+    referenced expert runs on all T rows and keeps its own.
     """
     n = experts.gate_proj.shape[0] if stack_ids is None else stack_ids.shape[0]
     hit = slots[..., None] == jnp.arange(n, dtype=slots.dtype)  # [T, k, n]
@@ -408,8 +408,7 @@ def final_logits(cfg: ModelConfig, head: HeadParams, x_last: jax.Array) -> jax.A
 def head_logits(cfg: ModelConfig, head: HeadParams, x_last: jax.Array) -> jax.Array:
     """:func:`final_logits` in vocabulary chunks of :data:`HEAD_CHUNK_ROWS` rows when the head is
     widened, so the head (2.3 GB in BF16 for Kimi) is never widened to float32 whole, only a chunk at
-    a time; a :class:`~kimi_jax.model.matmul.StoredWeight` head is never widened, so it is one call.
-    The same chunks whether run eagerly (the streaming engine) or traced (a whole-model program)."""
+    a time; a :class:`~kimi_jax.model.matmul.StoredWeight` head is never widened, so it is one call."""
     stored = isinstance(head.lm_head, StoredWeight)
     lm_head = head.lm_head.weight if stored else head.lm_head
     vocab = lm_head.shape[0]

@@ -22,7 +22,7 @@ from kimi_jax.run.output import check_output_dir, hold_output
 from kimi_jax.run.plan import RunPlan, prepare_run
 from kimi_jax.run.resume import RunCheckpoints
 from kimi_jax.storage.reader import evict_page_cache, resident_bytes
-from kimi_jax.storage.residency import ResidencyPlan, budget_plan, drops_page_cache
+from kimi_jax.storage.residency import ResidencyPlan, budget_plan
 
 
 def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None,
@@ -122,7 +122,8 @@ def _execute_held(plan: RunPlan, prove: bool, resume: bool, echo, progress: bool
     identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
     checkpoints = distributed.SharedCheckpoints(RunCheckpoints(out, identity, resume) if writer else None, plan)
     runs = [("bare", False), ("instrumented", True)] if prove else [("instrumented", True)]
-    residency = budget_plan(plan.index, m.storage.resident_bytes)  # once: both runs keep the same weights
+    # once: both runs keep the same weights and treat the page cache alike
+    residency = budget_plan(plan.index, m.storage.resident_bytes, m.storage.page_cache)
     # the text appears as the first run produces it (the bare run when proving); the second repeats its tokens
     stream = TextStream(plan.tokenizer, plan.decoding.stop_strings, text_out) if text_out is not None else None
     loaded: dict[str, list[int]] = {}
@@ -185,7 +186,7 @@ def residency_record(plan: RunPlan, residency: ResidencyPlan) -> dict:
     return {"budget_bytes": residency.budget, "resident_layers": len(residency.layers),
             "head_resident": residency.head, "expert_cache_bytes": residency.expert_capacity,
             "expert_cache": s.expert_cache, "speculate": s.speculate,
-            "page_cache": "drop" if drops_page_cache(s.page_cache, plan.index) else "keep"}  # fmt: skip
+            "page_cache": "drop" if residency.drop_page_cache else "keep"}  # fmt: skip
 
 
 def describe_run(plan: RunPlan, page_cache: dict) -> list[str]:

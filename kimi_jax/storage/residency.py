@@ -72,19 +72,22 @@ def resolve_budget(spec: int | str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ResidencyPlan:
-    """Which weights a budget keeps: the bases of ``layers``, the head if ``head``, and an expert cache."""
+    """Which weights a budget keeps: the bases of ``layers``, the head if ``head``, and an expert cache;
+    and whether ranges read are dropped from the OS page cache (:func:`drops_page_cache`), resolved
+    with the budget, once, when the run starts."""
 
     budget: int
     layers: frozenset[int]
     head: bool
     expert_capacity: int
+    drop_page_cache: bool = False
 
     @property
     def pinned_bytes(self) -> int:
         return self.budget - self.expert_capacity
 
 
-def plan_residency(index: CheckpointIndex, budget: int) -> ResidencyPlan:
+def plan_residency(index: CheckpointIndex, budget: int, drop_page_cache: bool = False) -> ResidencyPlan:
     """Fill ``budget`` bytes in priority order: layer bases (layer 0 first), then the head, then experts.
 
     A base that does not fit is skipped (a later, smaller one may still fit). When the budget cannot
@@ -101,7 +104,8 @@ def plan_residency(index: CheckpointIndex, budget: int) -> ResidencyPlan:
     if not head and head_bytes <= left:
         head = True
         left -= head_bytes
-    return ResidencyPlan(budget=budget, layers=frozenset(layers), head=head, expert_capacity=left)
+    return ResidencyPlan(budget=budget, layers=frozenset(layers), head=head, expert_capacity=left,
+                         drop_page_cache=drop_page_cache)
 
 
 def drops_page_cache(mode: str, index: CheckpointIndex) -> bool:
@@ -118,9 +122,10 @@ def drops_page_cache(mode: str, index: CheckpointIndex) -> bool:
     return mode == "drop"
 
 
-def budget_plan(index: CheckpointIndex, resident_bytes: int | str) -> ResidencyPlan:
-    """The plan for the manifest's ``storage.resident_bytes`` (``auto`` measured now)."""
-    return plan_residency(index, resolve_budget(resident_bytes))
+def budget_plan(index: CheckpointIndex, resident_bytes: int | str, page_cache: str = "auto") -> ResidencyPlan:
+    """The plan for the manifest's ``storage.resident_bytes`` and ``storage.page_cache`` (``auto``
+    measured now, for either)."""
+    return plan_residency(index, resolve_budget(resident_bytes), drops_page_cache(page_cache, index))
 
 
 class ExpertCache:
@@ -200,5 +205,5 @@ def replay_hit_rate(trace: list[list[tuple[int, list[int]]]], capacity_bytes: in
     return cache.hits / total if total else 0.0
 
 
-__all__ = ["AUTO", "AUTO_FRACTION", "EXPERT_POLICIES", "PAGE_CACHE_MODES", "drops_page_cache", "parse_size", "available_memory", "resolve_budget",
-           "ResidencyPlan", "plan_residency", "budget_plan", "ExpertCache", "replay_hit_rate"]  # fmt: skip
+__all__ = ["AUTO", "AUTO_FRACTION", "EXPERT_POLICIES", "PAGE_CACHE_MODES", "drops_page_cache", "parse_size",
+           "available_memory", "resolve_budget", "ResidencyPlan", "plan_residency", "budget_plan", "ExpertCache", "replay_hit_rate"]  # fmt: skip

@@ -25,8 +25,6 @@ No JAX here: the engine passes ``decode`` (stored parts -> the weight the model 
 
 from __future__ import annotations
 
-import functools
-
 import dataclasses
 import threading
 from collections.abc import Callable, Iterable
@@ -67,6 +65,7 @@ class WeightStore:
         self._counts: dict[int | None, ByteCounts] = {}
         self._speculation: dict[int, _Speculation] = {}
         self._unused: list[tuple[int, Future, int]] = []  # (layer, read, bytes) predicted but not used
+        self._expert_sizes: dict[int, list[int]] = {}  # layer -> bytes of each expert (count_all_experts)
         self._pool = ThreadPoolExecutor(max_workers=SPECULATIVE_READERS, thread_name_prefix="kimi-jax-speculate")
 
     def close(self) -> None:
@@ -162,14 +161,15 @@ class WeightStore:
         entries = [w for e in range(len(self.index.layers[layer].experts)) for w in self._expert_entries(layer, e)]
         return self._read(entries, layer)
 
-    @functools.lru_cache(maxsize=None)
-    def _expert_sizes(self, layer: int) -> tuple[int, ...]:
-        return tuple(sum(w.nbytes for w in self._expert_entries(layer, e)) for e in range(len(self.index.layers[layer].experts)))
-
-    def count_all_experts(self, layer: int, distinct: list[int], read_now: bool) -> None:
-        """The use of ``distinct`` experts of a layer whose experts are all in memory: read this step
-        (``read_now``: the used ones count as read when needed, the rest as preloaded) or earlier."""
-        sizes = self._expert_sizes(layer)
+    def count_all_experts(self, layer: int, picks: np.ndarray, read_now: bool) -> None:
+        """The use of the distinct experts among the router's ``picks`` (any shape) of a layer whose
+        experts are all in memory: read this step (``read_now``: the used ones count as read when
+        needed, the rest as preloaded) or earlier."""
+        distinct = [int(e) for e in np.unique(np.asarray(picks))]
+        sizes = self._expert_sizes.get(layer)
+        if sizes is None:  # asked every step of every layer: the sizes are summed once
+            lm = self.index.layers[layer]
+            sizes = self._expert_sizes[layer] = [lm.expert_bytes(e) for e in range(len(lm.experts))]
         used = sum(sizes[e] for e in distinct)
         if read_now:
             self._count(layer, used=used, from_storage=used, preloaded=sum(sizes) - used)

@@ -25,7 +25,7 @@ from common import machine
 from kimi_jax.model.engine import Engine
 from kimi_jax.model.jax_setup import enable_compilation_cache
 from kimi_jax.storage.checkpoint import open_checkpoint
-from kimi_jax.storage.layouts import SYNTH_LAYOUTS
+from kimi_jax.settings import SYNTH_LAYOUTS
 from kimi_jax.storage.synth import ensure_synthetic
 
 

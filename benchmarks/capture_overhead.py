@@ -20,7 +20,8 @@ import time
 from kimi_jax.ledger.ledger import step_entry
 from kimi_jax.model.engine import Engine
 from kimi_jax.storage.checkpoint import open_checkpoint
-from kimi_jax.storage.residency import parse_size, plan_residency, resolve_budget
+from kimi_jax.settings import parse_size
+from kimi_jax.storage.residency import plan_residency, resolve_budget
 from kimi_jax.storage.synth import ensure_synthetic
 
 

@@ -132,7 +132,7 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from kimi_jax.run.manifest import parse_manifest_dict
+    from kimi_jax.manifest import parse_manifest_dict
     from kimi_jax.storage.checkpoint import open_checkpoint
     from kimi_jax.storage.reader import ShardReader, evict_page_cache
     from kimi_jax.vindex.plan import plan_vindex

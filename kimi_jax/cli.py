@@ -11,7 +11,7 @@ import click
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.explorer.page import explore_command
-from kimi_jax.storage.layouts import SYNTH_LAYOUTS
+from kimi_jax.settings import SYNTH_LAYOUTS
 
 
 # Commands whose completed steps survive an interrupt and continue with --resume.
@@ -206,7 +206,7 @@ def schema(which: str) -> None:
 
         click.echo(json.dumps(LEDGER_SCHEMA, indent=2))
         return
-    from kimi_jax.run.manifest import manifest_json_schema
+    from kimi_jax.manifest import manifest_json_schema
 
     click.echo(json.dumps(manifest_json_schema(), indent=2))
 
@@ -269,7 +269,7 @@ def archive(bundle: str, out_file: str | None) -> None:
 def vindex(manifest: str, overrides: tuple[str, ...], out_dir: str | None, progress: bool) -> None:
     """Singular-value statistics of every expert (phase 1), router spectra (phase 2) and routing
     statistics (phase 3), streamed and resumable; writes OUTPUT.vindex/ beside the run bundle OUTPUT/."""
-    from kimi_jax.run.manifest import load_manifest
+    from kimi_jax.manifest import load_manifest
     from kimi_jax.vindex.plan import plan_vindex
     from kimi_jax.vindex.runner import run_vindex
 

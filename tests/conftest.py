@@ -27,7 +27,7 @@ def tiny_checkpoints(synth_dir):
 @pytest.fixture(scope="session")
 def small_bundle(tiny_checkpoints, tmp_path_factory):
     """A 2-step proven run of the tiny K2.5 checkpoint: a bundle every verify check passes on."""
-    from kimi_jax.run.manifest import parse_manifest_dict
+    from kimi_jax.manifest import parse_manifest_dict
     from kimi_jax.run.plan import prepare_run
     from kimi_jax.run.runner import execute
 

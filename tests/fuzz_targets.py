@@ -211,7 +211,7 @@ _yaml_scalars = st.one_of(st.sampled_from(["1", "true", "null", "~", "[1, 2]", "
 def manifest_target(ckpt: Path, work: Path):
     import yaml
 
-    from kimi_jax.run.manifest import load_manifest
+    from kimi_jax.manifest import load_manifest
 
     base = {"version": 1, "model": {"checkpoint": str(ckpt)}, "prompt": {"tokens": [7, 300]},
             "generate": {"max_new_tokens": 2}, "output": {"dir": "out"}}  # fmt: skip

@@ -18,7 +18,7 @@ from kimi_jax.ledger.archive import (
     archive_bundle,
     safe_extract,
 )
-from kimi_jax.run.manifest import parse_manifest_dict
+from kimi_jax.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
 from kimi_jax.run.runner import execute
 from kimi_jax.verify.checklist import verify_bundle

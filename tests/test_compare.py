@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from kimi_jax.cli import main
 from kimi_jax.errors import ManifestError
 from kimi_jax.ledger.archive import archive_bundle
-from kimi_jax.run.manifest import parse_manifest_dict
+from kimi_jax.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
 from kimi_jax.run.runner import execute
 from kimi_jax.verify.compare import (

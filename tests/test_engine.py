@@ -19,7 +19,7 @@ from kimi_jax.errors import ManifestError
 from kimi_jax.model import layers as model
 from kimi_jax.model.engine import Engine
 from kimi_jax.model.params import expert_stack, head_params, layer_params
-from kimi_jax.run.manifest import parse_manifest_dict
+from kimi_jax.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
 from kimi_jax.shapes import checkpoint_shapes
 from kimi_jax.storage.checkpoint import open_checkpoint

@@ -283,7 +283,7 @@ def test_a_bundle_written_with_its_page_passes_the_verifier(tiny_checkpoints, tm
     """What ``write_bundle(..., explorer_html=render_explorer(ledger))`` gives: a page the verifier accepts."""
     verify = pytest.importorskip("kimi_jax.verify.checklist")
     from kimi_jax.ledger.bundle import write_bundle
-    from kimi_jax.run.manifest import parse_manifest_dict
+    from kimi_jax.manifest import parse_manifest_dict
     from kimi_jax.run.plan import prepare_run
     from kimi_jax.run.runner import execute
 

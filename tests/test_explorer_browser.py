@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from kimi_jax.explorer.page import explore_command, render_explorer
 from kimi_jax.ledger.ledger import provenance_map
-from kimi_jax.run.manifest import parse_manifest_dict
+from kimi_jax.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
 from kimi_jax.run.runner import execute
 

@@ -120,3 +120,57 @@ def test_the_cycle_finder_finds_a_type_only_back_import():
 def test_no_module_takes_another_modules_private_names():
     found = [line for _, (_, private) in sorted(GRAPH.items()) for line in private]
     assert found == [], "\n".join(found)
+
+
+# The order data flows in: a module may import from its own stage and from stages below it, never
+# from a stage above or beside it. Rank 0 is the ground every stage stands on.
+STAGES = {
+    "kimi_jax": 0, "errors": 0, "records": 0, "fileio": 0, "settings": 0, "config": 0, "platform_info": 0,
+    "shapes": 0, "text": 0,
+    "manifest": 1,
+    "storage": 2,
+    "model": 3, "ledger": 3,
+    "explorer": 4,
+    "run": 5,
+    "verify": 6, "vindex": 6,
+    "cli": 7,
+}
+# Replay re-executes a bundle: the one place verify runs the model.
+ALLOWED_CLIMBS = {("kimi_jax.verify.replay", "kimi_jax.run.plan"), ("kimi_jax.verify.replay", "kimi_jax.run.runner")}
+
+
+def stage_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_every_module_has_a_stage():
+    assert sorted({stage_of(m) for m in MODULES} - set(STAGES)) == []
+
+
+def stage_violations(graph: dict[str, set[str]]) -> list[str]:
+    """``A imports B`` for each import that climbs to a later stage or crosses to a sibling one."""
+    wrong = []
+    for name, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            a, b = stage_of(name), stage_of(target)
+            if a == b or (name, target) in ALLOWED_CLIMBS or STAGES[a] == STAGES[b] == 0:
+                continue  # within a stage, or on the ground (where the cycle test keeps order)
+            if STAGES[b] >= STAGES[a]:
+                wrong.append(f"{name} (stage {a}) imports {target} (stage {b})")
+    return wrong
+
+
+def test_imports_follow_the_stage_order():
+    wrong = stage_violations({name: targets for name, (targets, _) in GRAPH.items()})
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_the_stage_check_finds_a_climb_and_a_sibling():
+    graph = {"kimi_jax.storage.reader": {"kimi_jax.manifest.schema", "kimi_jax.model.layers"},
+             "kimi_jax.ledger.ledger": {"kimi_jax.model.params", "kimi_jax.errors"},
+             "kimi_jax.verify.replay": {"kimi_jax.run.plan"}}
+    assert stage_violations(graph) == [
+        "kimi_jax.ledger.ledger (stage ledger) imports kimi_jax.model.params (stage model)",
+        "kimi_jax.storage.reader (stage storage) imports kimi_jax.model.layers (stage model)",
+    ]

@@ -18,7 +18,7 @@ from kimi_jax.ledger.ledger import (
 )
 from kimi_jax.model import engine as engine_mod
 from kimi_jax.run.anchor import AnchorMismatch
-from kimi_jax.run.manifest import parse_manifest_dict
+from kimi_jax.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
 from kimi_jax.run.runner import NonPerturbationFailure, execute
 

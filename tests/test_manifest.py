@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from kimi_jax.errors import ManifestError
-from kimi_jax.run.manifest import (
+from kimi_jax.manifest import (
     Manifest,
     load_manifest,
     manifest_json_schema,
@@ -858,3 +858,43 @@ def test_digest_stable_and_sensitive(ws: Path, monkeypatch: pytest.MonkeyPatch) 
     assert rounded.resolved_dict()["compute"] == {"dtype": "float32", "dequant": "bf16-rounded"}
     assert rounded.digest() != digest
     assert load_manifest(write(ws, GOOD.replace("7, 9", "7, 8"), "other.yaml")).digest() != digest
+
+
+def _field_paths(cls, prefix=()):
+    """Every dotted field path of a manifest section class, sub-sections walked."""
+    from kimi_jax.manifest.fields import model_in
+
+    for name, info in cls.model_fields.items():
+        path = (*prefix, name)
+        yield path
+        sub = model_in(info.annotation)
+        if sub is not None:
+            yield from _field_paths(sub, path)
+
+
+def test_every_manifest_field_declares_its_effect_on_results():
+    """compare classifies differences by what the schema declares; a field declaring nothing would
+    be reported as "not known to leave results unchanged", so none may be left undeclared."""
+    from kimi_jax.manifest import field_effect
+
+    paths = [".".join(p) for p in _field_paths(Manifest)]
+    assert "storage.remote.timeout_s" in paths and "generate.sampling.seed" in paths
+    undeclared = [p for p in paths if field_effect(p) is None]
+    assert undeclared == []
+    assert field_effect("model.cache_dir").kind == "neutral"  # a neutral field inside a result section
+    assert field_effect("model.synthetic.seed").kind == "result"
+    assert field_effect("storage.resident_bytes").kind == "neutral"  # a section's own declaration
+    assert field_effect("compute.mesh.placement").kind == "result"
+    assert field_effect("prompt.chat.0.content").kind == "result"  # list items inherit
+    assert field_effect("no.such.field") is None
+
+
+def test_fields_added_later_stay_out_of_the_identity_at_their_defaults():
+    data = yaml.safe_load(GOOD)
+    data["model"] = {"synthetic": {"preset": "tiny"}}
+    plain = parse_manifest_dict(data)
+    resolved = plain.resolved_dict()
+    assert "matmul" not in resolved["compute"] and "speculate" not in resolved["storage"]
+    changed = parse_manifest_dict({**data, "storage": {"speculate": True}})
+    assert changed.resolved_dict()["storage"]["speculate"] is True
+    assert changed.digest() != plain.digest()

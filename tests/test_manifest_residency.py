@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from kimi_jax.errors import ManifestError
-from kimi_jax.run.manifest import load_manifest
+from kimi_jax.manifest import load_manifest
 from kimi_jax.verify.compare import compare_resolved
 
 BASE = """\

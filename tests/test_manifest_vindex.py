@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kimi_jax.errors import ManifestError
-from kimi_jax.run.manifest import VindexSection, load_manifest, manifest_json_schema
+from kimi_jax.manifest import VindexSection, load_manifest, manifest_json_schema
 
 BASE = """\
 version: 1

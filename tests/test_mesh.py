@@ -18,7 +18,7 @@ import pytest
 from kimi_jax.errors import ManifestError
 from kimi_jax.model.placement import deal_expert_slots, row_range
 from kimi_jax.run.distributed import settings_from
-from kimi_jax.run.manifest import load_manifest
+from kimi_jax.manifest import load_manifest
 from kimi_jax.storage.safetensors_header import TensorRecord
 
 WORKER = Path(__file__).with_name("mesh_worker.py")
@@ -99,7 +99,7 @@ def test_a_mesh_refuses_one_device_residency_settings(tiny_checkpoints, tmp_path
     from kimi_jax.run.distributed import check_mesh
     from kimi_jax.run.plan import prepare_run
 
-    path = _manifest_file(tmp_path, f"compute: {{mesh: {{expert: 1, model: 1}}}}\nstorage: {{resident_bytes: 1MiB}}\n")
+    path = _manifest_file(tmp_path, "compute: {mesh: {expert: 1, model: 1}}\nstorage: {resident_bytes: 1MiB}\n")
     path.write_text(path.read_text().replace("synthetic: {preset: tiny}", f"checkpoint: {tiny_checkpoints['kimi-k2.5']}"))
     with pytest.raises(ManifestError, match=r"compute.mesh: storage.resident_bytes \(1048576\) applies to one device"):
         check_mesh(prepare_run(load_manifest(path)))

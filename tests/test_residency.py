@@ -7,7 +7,8 @@ import pytest
 from kimi_jax.storage import residency
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.reader import ShardReader
-from kimi_jax.storage.residency import ExpertCache, parse_size, plan_residency, replay_hit_rate, resolve_budget
+from kimi_jax.settings import parse_size
+from kimi_jax.storage.residency import ExpertCache, plan_residency, replay_hit_rate, resolve_budget
 from kimi_jax.storage.weight_store import WeightStore
 
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from kimi_jax.cli import main
 from kimi_jax.run.anchor import AnchorMismatch
-from kimi_jax.run.manifest import parse_manifest_dict
+from kimi_jax.manifest import parse_manifest_dict
 from kimi_jax.run.plan import load_plan, prepare_run
 from kimi_jax.run.runner import execute, run_steps
 from kimi_jax.storage.synth import synth_checkpoint

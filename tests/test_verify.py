@@ -16,7 +16,7 @@ from kimi_jax.explorer.page import write_explorer
 from kimi_jax.ledger.archive import archive_bundle
 from kimi_jax.ledger.bundle import RECEIPT, bundle_digest
 from kimi_jax.ledger.checksums import write_checksums
-from kimi_jax.run.manifest import manifest_digest
+from kimi_jax.manifest import manifest_digest
 from kimi_jax.run.plan import load_plan
 from kimi_jax.run.runner import execute
 from kimi_jax.verify import checklist

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from kimi_jax.errors import ManifestError
 from kimi_jax.ledger.checksums import verify_checksums
-from kimi_jax.run.manifest import load_manifest
+from kimi_jax.manifest import load_manifest
 from kimi_jax.storage import codecs
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.reader import ShardReader
@@ -358,7 +358,7 @@ def test_ledger_bundles_give_the_engine_statistics(phase3_run, tmp_path):
 
 KILLER = """
 import os, signal, sys
-from kimi_jax.run.manifest import load_manifest
+from kimi_jax.manifest import load_manifest
 from kimi_jax.vindex.plan import plan_vindex
 from kimi_jax.vindex.runner import run_vindex
 plan = plan_vindex(load_manifest(sys.argv[1]))

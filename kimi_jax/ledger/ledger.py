@@ -41,7 +41,7 @@ import blake3
 import numpy as np
 
 from kimi_jax.ledger.floats import f32, f32_list
-from kimi_jax.storage.codecs import DEQUANT_MODES
+from kimi_jax.settings import DEQUANT_MODES
 
 LEDGER_VERSION = 2
 LEDGER_SCHEMA_ID = f"urn:kimi-jax:schema:ledger:v{LEDGER_VERSION}"

@@ -32,12 +32,12 @@ import jax
 import jax.numpy as jnp
 
 from kimi_jax.model.quant import Fp8Weight
+from kimi_jax.settings import MATMUL_MODES
 from kimi_jax.storage.codecs import block_size_pair
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
 _HIGHEST = jax.lax.Precision.HIGHEST
-MATMUL_MODES = ("stored", "widened")
 # Bytes of one dequantized float32 tile: well inside the caches, and far below the allocation size
 # (glibc: 32 MiB) above which every call maps fresh pages and pays a page fault per 4 KiB.
 TILE_BYTES = 2 << 20

@@ -3,11 +3,7 @@
 ``freeze`` runs the manifest's prompt for one token twice, in two fresh engines, and writes the
 anchor only if both runs agree bit for bit. Every later run of a manifest that names the anchor
 compares its step 0 against it and stops on any difference, saying which fields differ and
-whether the platform does.
-
-The dequantization mode of quantized weights is one of the conditions (anchor version 2). An anchor
-without one (kimi-jax 0.1.0 wrote none: it always rounded to bfloat16) is read as bf16-rounded,
-and every message about it says so.
+whether the platform does. The file's format is :mod:`kimi_jax.ledger.anchor_record`.
 """
 
 from __future__ import annotations
@@ -19,19 +15,15 @@ import blake3
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import parse_json, read_regular, write_json_atomic
-from kimi_jax.ledger.ledger import LEDGER_VERSION_CHANGES, checkpoint_record, f32, step_identity
+from kimi_jax.ledger.anchor_record import ANCHOR_VERSION, ANCHORED, MAX_ANCHOR_BYTES, anchor_values, condition_differences
+from kimi_jax.ledger.ledger import LEDGER_VERSION_CHANGES, checkpoint_record
 from kimi_jax.platform_info import (
     fingerprint_digest,
     platform_differences,
     platform_fingerprint,
 )
-from kimi_jax.storage.codecs import LEGACY_DEQUANT_NOTE, describe_dequant, recorded_dequant
+from kimi_jax.storage.codecs import LEGACY_DEQUANT_NOTE
 from kimi_jax.storage.digests import checkpoint_identity, identity_differences
-
-ANCHOR_VERSION = 2  # 2: checkpoint.config_digest is BLAKE3, as in ledger version 2, and the dequant condition
-# An anchor is a few kilobytes (the platform fingerprint is the largest part).
-MAX_ANCHOR_BYTES = 1024 * 1024
-ANCHORED = ("token", "logit", "hidden_digest", "logits_digest", "bytes_read")
 
 
 class AnchorMismatch(KimiJaxError):
@@ -50,26 +42,6 @@ def _conditions(plan) -> dict[str, Any]:
     if plan.mesh is not None:  # absent for one device, so anchors frozen before meshes existed still fit
         conditions["mesh"] = plan.mesh.label()
     return conditions
-
-
-def condition_differences(anchor: dict[str, Any], want: dict[str, Any]) -> list[str]:
-    """``key: anchor X, this run Y`` for each condition but the checkpoint that differs. An anchor
-    without a ``dequant`` condition is read as bf16-rounded, and the line says why."""
-    diffs = []
-    for key, value in want.items():
-        if key == "dequant":
-            if recorded_dequant(anchor.get(key)) != value:
-                diffs.append(f"dequant (dequantization mode of quantized weights): anchor "
-                             f"{describe_dequant(anchor.get(key))}, this run {value}")  # fmt: skip
-        elif key != "checkpoint" and anchor.get(key) != value:
-            diffs.append(f"{key}: anchor {anchor.get(key)!r}, this run {value!r}")
-    return diffs
-
-
-def anchor_values(step) -> dict[str, Any]:
-    ident = step_identity(step)
-    return {"token": ident["token"], "logit": f32(step.logit), "hidden_digest": ident["hidden_digest"],
-            "logits_digest": ident["logits_digest"], "bytes_read": ident["bytes_read"]}  # fmt: skip
 
 
 def freeze(plan, run_one_step, path: Path | None = None, write: bool = True) -> tuple[Path, dict[str, Any]]:

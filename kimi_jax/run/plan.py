@@ -9,7 +9,7 @@ from pathlib import Path
 from kimi_jax.config import ModelConfig
 from kimi_jax.errors import CheckpointError, ManifestError, TokenizerError
 from kimi_jax.fileio import write_failure
-from kimi_jax.run.manifest import Manifest, load_manifest
+from kimi_jax.manifest import Manifest, load_manifest
 from kimi_jax.storage.checkpoint import CheckpointIndex
 from kimi_jax.storage.remote import RemoteSettings
 from kimi_jax.storage.source import CheckpointSource, open_source

@@ -17,7 +17,7 @@ from kimi_jax.records import StepRecord
 from kimi_jax.run import anchor as anchors
 from kimi_jax.run import distributed
 from kimi_jax.run.console import Progress, TextStream, streamed_text, to_stderr
-from kimi_jax.run.manifest import load_manifest
+from kimi_jax.manifest import load_manifest
 from kimi_jax.run.output import check_output_dir, hold_output
 from kimi_jax.run.plan import RunPlan, prepare_run
 from kimi_jax.run.resume import RunCheckpoints

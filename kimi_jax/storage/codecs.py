@@ -29,14 +29,13 @@ import numpy as np
 
 from kimi_jax.config import DEFAULT_FP8_BLOCK
 from kimi_jax.errors import FormatError
+from kimi_jax.settings import BF16_ROUNDED, DEQUANT_MODES, EXACT
 
 BF16 = ml_dtypes.bfloat16
 FP8 = ml_dtypes.float8_e4m3fn
 FP8_MAX = 448.0
 NIBBLE_SHIFTS = np.arange(8, dtype=np.uint32) * 4  # nibble j of a word sits at bits [4j, 4j+4)
 
-EXACT, BF16_ROUNDED = "exact", "bf16-rounded"
-DEQUANT_MODES: tuple[str, ...] = (EXACT, BF16_ROUNDED)
 # Records written before the mode existed (ledger v1, anchor v1, manifests without
 # compute.dequant) were all computed by kimi-jax 0.1.0, which always rounded to bfloat16.
 LEGACY_DEQUANT = BF16_ROUNDED

@@ -13,10 +13,7 @@ Two questions get two kinds of name:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal, get_args
 
-SynthLayout = Literal["kimi-k2.5", "kimi-k2-fp8", "deepseek-v3", "hf-bf16"]
-SYNTH_LAYOUTS: tuple[str, ...] = get_args(SynthLayout)
 # The Kimi releases: they ship Kimi's tokenizer files (tiktoken.model, tokenizer_config.json).
 KIMI_SYNTH_LAYOUTS: tuple[str, ...] = ("kimi-k2.5", "kimi-k2-fp8")
 

@@ -18,37 +18,16 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import re
 from collections.abc import Hashable
-from typing import Any, Literal
+from typing import Any
 
+from kimi_jax.settings import AUTO, EXPERT_POLICIES, PAGE_CACHE_MODES, parse_size
+from kimi_jax.settings import ExpertPolicy as Policy
 from kimi_jax.storage.checkpoint import CheckpointIndex
 
-AUTO = "auto"
 # Half of MemAvailable: the rest is for activations, the layer being streamed, the prefetched one,
 # the page cache of the shards and everything else on the machine.
 AUTO_FRACTION = 0.5
-EXPERT_POLICIES = ("lru", "lfu")
-PAGE_CACHE_MODES = ("auto", "keep", "drop")
-Policy = Literal["lru", "lfu"]
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(value: int | str) -> int:
-    """``8GiB``, ``512 MiB``, ``1.5GB``, ``4096`` or an int -> bytes. Raises ValueError saying what is expected."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size such as 8GiB, 512MiB or a byte count, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"expected a size >= 0, got {value}")
-        return value
-    match = _SIZE.match(str(value))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"expected a size such as 8GiB, 512MiB, 1.5GB or a byte count, or 'auto'; got {value!r}")
-    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def available_memory() -> int:
@@ -205,5 +184,5 @@ def replay_hit_rate(trace: list[list[tuple[int, list[int]]]], capacity_bytes: in
     return cache.hits / total if total else 0.0
 
 
-__all__ = ["AUTO", "AUTO_FRACTION", "EXPERT_POLICIES", "PAGE_CACHE_MODES", "drops_page_cache", "parse_size",
+__all__ = ["AUTO_FRACTION", "drops_page_cache",
            "available_memory", "resolve_budget", "ResidencyPlan", "plan_residency", "budget_plan", "ExpertCache", "replay_hit_rate"]  # fmt: skip

@@ -38,7 +38,8 @@ from kimi_jax.config import ModelConfig, QuantScheme, parse_model_config
 from kimi_jax.fileio import default_cache_dir
 from kimi_jax.shapes import checkpoint_shapes
 from kimi_jax.storage import codecs
-from kimi_jax.storage.layouts import KIMI_SYNTH_LAYOUTS, SYNTH_LAYOUTS, synth_prefix
+from kimi_jax.settings import SYNTH_LAYOUTS
+from kimi_jax.storage.layouts import KIMI_SYNTH_LAYOUTS, synth_prefix
 from kimi_jax.storage.safetensors_header import DTYPE_SIZES, PlannedTensor, write_shard
 from kimi_jax.text.kimi_format import RESERVED_SPECIAL_TOKENS
 from kimi_jax.text.synthetic import tokenizer_files

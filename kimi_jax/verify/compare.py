@@ -1,10 +1,8 @@
 """``kimi-jax compare A B``: what two manifests should produce, or where two bundles differ.
 
-Two manifests (YAML files): their differences are split into fields that can change results
-(the checkpoint's identity, its tokenizer included, ``compute.dtype``, ``compute.dequant``,
-``compute.matmul``, ``prompt``, ``generate.max_new_tokens``, ``generate.kv_cache``, ``generate.sampling``,
-``generate.stop``, ``generate.ignore_eos``) and fields that cannot (``capture``, proven
-non-perturbing; ``storage``; ``output``; ``anchor``; ``model.cache_dir``), with a plain verdict:
+Two manifests (YAML files): their differences are split into fields that can change results and
+fields that cannot, as each field declares it in the manifest schema
+(:func:`kimi_jax.manifest.field_effect`), with a plain verdict:
 
 * ``bitwise identical runs expected``
 * ``identical for the first N steps (only max_new_tokens differs)``
@@ -34,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from kimi_jax.errors import KimiJaxError
+from kimi_jax.manifest import field_effect
+from kimi_jax.manifest.fields import UNDECLARED
 from kimi_jax.storage.codecs import LEGACY_DEQUANT, LEGACY_DEQUANT_NOTE
 from kimi_jax.storage.digests import checkpoint_identity, identity_differences
 
@@ -42,37 +42,6 @@ __all__ = ["Difference", "ManifestComparison", "StepComparison", "BundleComparis
 
 VERDICT_IDENTICAL = "bitwise identical runs expected"
 TOKENIZER_WHY = "a different tokenizer encodes the same text to other ids, decodes other text and can stop elsewhere"
-
-# Fields whose value can change what a run computes, and why.
-RESULT_FIELDS: dict[str, str] = {
-    "model": "a different checkpoint computes different values",
-    "compute.dtype": "activations are computed in a different precision",
-    "compute.dequant": "quantized weights are dequantized differently (the exact float32 product, or that product "
-                       "rounded to bfloat16)",
-    "compute.matmul": "stored-precision and widened matmuls sum the same products in a different order",
-    "prompt": "the input tokens differ",
-    "generate.max_new_tokens": "a different number of tokens is generated",
-    "generate.kv_cache": "decoding with the latent cache computes attention in the absorbed form, a different "
-                         "order of floating-point operations",
-    "generate.sampling": "other sampling settings or another seed draw other tokens",
-    "generate.stop": "stop strings can end the run at another step",
-    "generate.ignore_eos": "the end-of-sequence and end-of-turn tokens stop the run only without it",
-    "compute.mesh": "a mesh adds the experts' partial sums across devices in another order, which also depends on "
-                    "the placement (which device holds which expert)",
-}
-# Fields that cannot change the tokens, digests or bytes read, and why.
-NEUTRAL_FIELDS: dict[str, str] = {
-    "capture": "capture is proven non-perturbing (bare and instrumented runs agree bitwise)",
-    "storage": "storage settings change how and when bytes are read (prefetch, retries, page cache, residency "
-               "budget, expert cache, speculative reads), not which bytes a step uses or what is computed",
-    "output": "only where the bundle is written",
-    "anchor": "the anchor is only compared with step 0, never fed into compute",
-    "model.cache_dir": "only where synthetic checkpoints are cached",
-    "vindex": "settings of `kimi-jax vindex`, not read by `kimi-jax run`",
-    "distributed": "only how the processes of a run find each other (their number, like the machine, is part of "
-                   "the platform fingerprint)",
-}
-
 
 class CompareError(KimiJaxError):
     """The two things given cannot be compared (a manifest and a bundle, unreadable input)."""
@@ -166,21 +135,14 @@ def _flatten(value: Any, here: str = "") -> dict[str, Any]:
 
 
 def _classify(field: str) -> tuple[str, str]:
-    """('result' | 'neutral', why) by the longest matching field prefix."""
-    best: tuple[int, str, str] | None = None
-    for table, kind in ((RESULT_FIELDS, "result"), (NEUTRAL_FIELDS, "neutral")):
-        for prefix, why in table.items():
-            if field == prefix or field.startswith(prefix + "."):
-                if best is None or len(prefix) > best[0]:
-                    best = (len(prefix), kind, why)
-    if best is None:
-        return "result", "not known to leave results unchanged"
-    return best[1], best[2]
+    """('result' | 'neutral', why): what the manifest schema declares of the field."""
+    effect = field_effect(field) or UNDECLARED
+    return effect.kind, effect.why
 
 
 def _model_differences(ma: dict[str, Any], mb: dict[str, Any], ida: dict | None, idb: dict | None,
                        notes: list[str]) -> list[Difference]:  # fmt: skip
-    why = RESULT_FIELDS["model"]
+    why = _classify("model")[1]
     syn_a, syn_b = ma.get("synthetic"), mb.get("synthetic")
     path_a, path_b = ma.get("checkpoint"), mb.get("checkpoint")
     if syn_a is not None and syn_b is not None:  # deterministic generators: the spec is the identity
@@ -307,7 +269,7 @@ def _checkpoint_identity(manifest) -> tuple[dict | None, str | None]:
 def compare_manifests(a: str | os.PathLike, b: str | os.PathLike) -> ManifestComparison:
     """Load two manifest files and say whether their runs should be bitwise identical. A checkpoint
     that is not on disk is no error here: the manifests are then compared by its path."""
-    from kimi_jax.run.manifest import load_manifest
+    from kimi_jax.manifest import load_manifest
 
     ma, mb = load_manifest(a, check_paths=False), load_manifest(b, check_paths=False)
     ida, problem_a = _checkpoint_identity(ma)
@@ -351,7 +313,7 @@ def _read_resolved_manifest(root: Path, notes: list[str]) -> dict[str, Any]:
     """The bundle's manifest.json when it is a valid manifest; else {} and a note."""
     from pydantic import ValidationError
 
-    from kimi_jax.run.manifest import Manifest
+    from kimi_jax.manifest import Manifest
 
     try:
         resolved = _read_json(root, "manifest.json")

@@ -160,7 +160,7 @@ def check_digests(b: BundleView) -> str:
 
 
 def check_anchor(b: BundleView) -> str:
-    from kimi_jax.run.anchor import ANCHOR_VERSION, ANCHORED, condition_differences
+    from kimi_jax.ledger.anchor_record import ANCHOR_VERSION, ANCHORED, condition_differences
     from kimi_jax.storage.codecs import LEGACY_DEQUANT_NOTE, recorded_dequant
 
     ledger = b.ledger

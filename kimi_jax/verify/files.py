@@ -19,7 +19,7 @@ from kimi_jax.ledger.bundle import (
     bundle_digest,
     in_bundle_layout,
 )
-from kimi_jax.run.manifest import load_manifest, manifest_digest
+from kimi_jax.manifest import load_manifest, manifest_digest
 from kimi_jax.verify.bundle_view import BundleView
 from kimi_jax.verify.report import CheckFailed, require, short
 

@@ -57,7 +57,7 @@ def check_replay(b: BundleView, allow_large: bool = False) -> str:
     from kimi_jax.errors import KimiJaxError
     from kimi_jax.fileio import default_cache_dir
     from kimi_jax.platform_info import platform_differences
-    from kimi_jax.run.manifest import parse_manifest_dict
+    from kimi_jax.manifest import parse_manifest_dict
     from kimi_jax.run.plan import prepare_run
     from kimi_jax.run.runner import execute
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import blake3
 
 from kimi_jax.errors import ManifestError
-from kimi_jax.run.manifest import Manifest, VindexSection
+from kimi_jax.manifest import Manifest, VindexSection
 from kimi_jax.run.plan import prepare_run, prompt_problems
 from kimi_jax.storage.checkpoint import CheckpointIndex
 from kimi_jax.vindex.routing import LedgerError, Trace, read_ledger

@@ -39,7 +39,7 @@ from kimi_jax.fileio import write_bytes_atomic, write_json_atomic
 from kimi_jax.ledger.checksums import CHECKSUMS_NAME, write_checksums
 from kimi_jax.model.jax_setup import enable_compilation_cache
 from kimi_jax.platform_info import package_version
-from kimi_jax.run.manifest import VindexSection
+from kimi_jax.manifest import VindexSection
 from kimi_jax.storage.reader import ShardReader, evict_page_cache
 from kimi_jax.vindex.page import build_html
 from kimi_jax.vindex.phases import (

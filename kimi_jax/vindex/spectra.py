@@ -47,7 +47,7 @@ from jax.scipy.linalg import eigh_tridiagonal
 from kimi_jax.model.params import stack_weights
 from kimi_jax.model.quant import dequant_fp8_block_jax, dequant_int4_jax
 from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
-from kimi_jax.storage.codecs import EXACT
+from kimi_jax.settings import EXACT
 
 METHOD = "gram-f32 + sytrd + bisection (values only)"
 METHOD_VERSION = 1

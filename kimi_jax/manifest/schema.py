@@ -30,14 +30,10 @@ rejected, never executed.
 
 from __future__ import annotations
 
-import copy
-import difflib
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-import blake3
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -45,7 +41,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -53,58 +48,26 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from kimi_jax.errors import ManifestError
-from kimi_jax.fileio import canonical_json, default_cache_dir, read_regular
-from kimi_jax.storage.codecs import DEQUANT_MODES
-from kimi_jax.run.manifest_yaml import (
-    MANIFEST_VERSION,
-    Origins,
-    apply_overrides,
-    describe_value,
-    parse_yaml,
-    split_field,
-)
-from kimi_jax.storage.layouts import SynthLayout
-from kimi_jax.storage.residency import AUTO, parse_size
+from kimi_jax.fileio import default_cache_dir
+from kimi_jax.manifest.fields import Effect, added_later, effect_in, neutral, result
+from kimi_jax.manifest.identity import identity_of, manifest_digest
+from kimi_jax.manifest.origins import MANIFEST_VERSION, Origins, describe_value, split_field
+from kimi_jax.settings import AUTO, DEQUANT_MODES, MATMUL_MODES, ExpertPolicy, PageCacheMode, SynthLayout, parse_size
 
 __all__ = [
-    "MANIFEST_VERSION",
-    "MANIFEST_SCHEMA_ID",
-    "CAPTURE_KINDS",
-    "Manifest",
-    "ModelSection",
-    "SyntheticSection",
-    "MeshSection",
-    "ComputeSection",
-    "DistributedSection",
-    "StorageSection",
-    "PromptSection",
-    "ChatMessage",
-    "GenerateSection",
-    "SamplingSection",
-    "OutputSection",
-    "VindexSection",
-    "load_manifest",
-    "parse_manifest_dict",
-    "manifest_json_schema",
-    "default_cache_dir",
+    "CAPTURE_KINDS", "Manifest", "ModelSection", "SyntheticSection", "MeshSection", "ComputeSection",
+    "DistributedSection", "StorageSection", "RemoteSection", "PromptSection", "ChatMessage", "GenerateSection",
+    "SamplingSection", "OutputSection", "VindexSection", "field_effect",
 ]
-
-MANIFEST_SCHEMA_ID = "urn:kimi-jax:schema:manifest:v1"
-_JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 Preset = Literal["tiny", "small", "full-shape"]
 Placement = Literal["streamed", "resident"]
 DType = Literal["float32", "bfloat16"]
 Dequant = Literal[DEQUANT_MODES]  # "exact" | "bf16-rounded"
 CaptureKind = Literal["norms", "routing", "logits"]
-MatmulMode = Literal["stored", "widened"]
-ExpertPolicy = Literal["lru", "lfu"]
+MatmulMode = Literal[MATMUL_MODES]
 CAPTURE_KINDS: tuple[str, ...] = ("norms", "routing", "logits")
 
-# Most problems reported for one manifest; the rest are summarised in one line.
-_MAX_REPORTED = 50
-# The shipped manifests are under 2 KB; a megabyte of YAML is not a manifest.
-MAX_MANIFEST_BYTES = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +190,7 @@ class ModelSection(_Section):
     synthetic: SyntheticSection | None = Field(
         default=None, description="Generate a synthetic checkpoint instead of reading one."
     )
-    cache_dir: ManifestPath | None = Field(
+    cache_dir: Annotated[ManifestPath | None, neutral("only where synthetic checkpoints are cached")] = Field(
         default=None,
         validate_default=True,
         description="Directory for generated synthetic checkpoints; "
@@ -263,30 +226,32 @@ class MeshSection(_Section):
 
 
 class ComputeSection(_Section):
-    dtype: DType = Field(
+    EFFECT: ClassVar[Effect] = result("the arithmetic of the run differs")
+
+    dtype: Annotated[DType, result("activations are computed in a different precision")] = Field(
         default="float32",
         description="Activation dtype: float32 | bfloat16 (bfloat16 activations and matmul inputs, "
         "float32 accumulation, normalisation statistics, softmax, router and logits).",
     )
-    dequant: Dequant = Field(
+    dequant: Annotated[Dequant, result("quantized weights are dequantized differently (the exact float32 product, "
+                                       "or that product rounded to bfloat16)")] = Field(
         default="exact",
         description="Quantized weights (int4, FP8): exact = the float32 product q * scale, nothing "
         "rounded after it; bf16-rounded = that product rounded to bfloat16, as compressed-tensors' "
         "decompressor and bf16 kernels produce it. In bfloat16 compute both give the same weights.",
     )
-    matmul: MatmulMode = Field(
-        default="widened",
-        # Left out of the identity at its default, the arithmetic every earlier manifest ran with.
-        exclude_if=lambda value: value == "widened",
+    matmul: Annotated[MatmulMode, result("stored-precision and widened matmuls sum the same products in a "
+                                         "different order")] = added_later(
+        "widened",
         description="How weights enter matmuls: widened (each weight widened whole to the activation dtype, "
         "then one matmul: the reference) | stored (BF16 stays BF16 and meets the activation split into "
         "three bf16 parts, quantized weights are dequantized one small tile at a time: several times "
         "faster on CPU, equal to widened up to float32 rounding).",
     )
-    mesh: MeshSection | None = Field(
-        default=None,
-        # Absent: one device, as before the field existed (and the same manifest identity).
-        exclude_if=lambda value: value is None,
+    mesh: Annotated[MeshSection | None, result("a mesh adds the experts' partial sums across devices in another "
+                                               "order, which also depends on the placement (which device holds "
+                                               "which expert)")] = added_later(
+        None,
         description="Run on a device mesh (optional); absent: one device.",
     )
 
@@ -314,6 +279,10 @@ class RemoteSection(_Section):
 
 
 class StorageSection(_Section):
+    EFFECT: ClassVar[Effect] = neutral(
+        "storage settings change how and when bytes are read (prefetch, retries, page cache, residency budget, "
+        "expert cache, speculative reads, digest checks), not which bytes a step uses or what is computed")
+
     evict_page_cache: bool = Field(
         default=False,
         description="Drop the shards from the OS page cache before the run (cold measurement).",
@@ -325,47 +294,38 @@ class StorageSection(_Section):
     io_retries: int = Field(
         default=3, ge=0, le=10, description="Retries of transient I/O errors (0..10)."
     )
-    # The fields below are left out of the manifest's identity while they hold their defaults, so
-    # manifests written before they existed keep their digest (none of them changes results).
-    verify_digests: bool = Field(
-        default=True,
-        exclude_if=lambda value: value is True,
+    verify_digests: bool = added_later(
+        True,
         description="Check every tensor read against the checkpoint's digest file when there is one "
         "(`kimi-jax digest`); false switches the check off.",
     )
-    digest_file: ManifestPath | None = Field(
-        default=None,
-        exclude_if=lambda value: value is None,
+    digest_file: ManifestPath | None = added_later(
+        None,
         description="The digest file to check against; default checkpoint.b3.json beside the checkpoint.",
     )
-    remote: RemoteSection | None = Field(
-        default=None,
-        exclude_if=lambda value: value is None,
+    remote: RemoteSection | None = added_later(
+        None,
         description="How a remote checkpoint (http(s)://, hf://, s3://) is read.",
     )
-    resident_bytes: Annotated[int | str, BeforeValidator(_check_resident_bytes)] = Field(
-        default=0,
-        exclude_if=lambda value: value == 0,
+    resident_bytes: Annotated[int | str, BeforeValidator(_check_resident_bytes)] = added_later(
+        0,
         json_schema_extra={"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]},
         description="Memory for weights kept across steps, in stored precision: a size (8GiB, 512MiB, bytes), "
         "0 = stream everything every step, auto = half of the memory available at the start. Filled with "
         "every layer's non-expert weights, then the head, then an expert cache.",
     )
-    expert_cache: ExpertPolicy = Field(
-        default="lru",
-        exclude_if=lambda value: value == "lru",
+    expert_cache: ExpertPolicy = added_later(
+        "lru",
         description="Eviction policy of the expert cache: lru | lfu (least frequently used).",
     )
-    page_cache: Literal["auto", "keep", "drop"] = Field(
-        default="auto",
-        exclude_if=lambda value: value == "auto",
+    page_cache: PageCacheMode = added_later(
+        "auto",
         description="Drop each range read from the OS page cache (drop), keep it (keep), or drop only when the "
         "shards are larger than the memory available at the start (auto): pages of a checkpoint that cannot "
         "stay cached make the kernel reclaim memory on every read.",
     )
-    speculate: bool = Field(
-        default=False,
-        exclude_if=lambda value: value is False,
+    speculate: bool = added_later(
+        False,
         description="Apply each MoE layer's router to the hidden state entering the layer and read the experts it "
         "predicts in the background while the layer's attention runs: pays off when reads are slow (cold "
         "disk, network mount), costs CPU when the shards are in the page cache.",
@@ -379,6 +339,8 @@ class ChatMessage(_Section):
 
 class PromptSection(_Section):
     """Exactly one of ``tokens`` / ``text`` / ``chat``."""
+
+    EFFECT: ClassVar[Effect] = result("the input tokens differ")
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -398,18 +360,14 @@ class PromptSection(_Section):
         min_length=1,
         description="Prompt text; needs a checkpoint that ships a tokenizer (tiktoken.model or tokenizer.json).",
     )
-    # Absent ones are left out of resolved_dict() (and so of the digest): a manifest that does not
-    # use them keeps the identity it had before they existed.
-    chat: list[ChatMessage] | None = Field(
-        default=None,
+    chat: list[ChatMessage] | None = added_later(
+        None,
         min_length=1,
-        exclude_if=lambda value: value is None,
         description="A conversation [{role, content}, ...], rendered with the checkpoint's chat template "
         "and its generation prompt.",
     )
-    chat_template_kwargs: dict[str, bool | int | float | str] | None = Field(
-        default=None,
-        exclude_if=lambda value: value is None,
+    chat_template_kwargs: dict[str, bool | int | float | str] | None = added_later(
+        None,
         description="Extra variables for the chat template (e.g. {thinking: false} for Kimi K2.5's instant mode).",
     )
 
@@ -437,24 +395,27 @@ class SamplingSection(_Section):
 
 
 class GenerateSection(_Section):
-    max_new_tokens: int = Field(default=5, ge=1, description="Tokens to generate (>= 1).")
-    kv_cache: bool = Field(default=False, description="Use a KV cache while decoding.")
-    # The fields below are left out of resolved_dict() at their defaults, so manifests that do not
-    # use them keep the identity they had before the fields existed.
-    sampling: SamplingSection | None = Field(
-        default=None,
-        exclude_if=lambda value: value is None,
+    EFFECT: ClassVar[Effect] = result("the tokens are chosen or stopped differently")
+
+    max_new_tokens: Annotated[int, result("a different number of tokens is generated")] = Field(
+        default=5, ge=1, description="Tokens to generate (>= 1).")
+    kv_cache: Annotated[bool, result("decoding with the latent cache computes attention in the absorbed form, a "
+                                     "different order of floating-point operations")] = Field(
+        default=False, description="Use a KV cache while decoding.")
+    sampling: Annotated[SamplingSection | None, result("other sampling settings or another seed draw other "
+                                                       "tokens")] = added_later(
+        None,
         description="Seeded sampling {temperature, top_k, top_p, min_p, seed}; absent: greedy.",
     )
-    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
-        default=None,
+    stop: Annotated[list[Annotated[str, Field(min_length=1)]] | None,
+                    result("stop strings can end the run at another step")] = added_later(
+        None,
         min_length=1,
-        exclude_if=lambda value: value is None,
         description="Stop when the generated text contains one of these strings (needs a tokenizer).",
     )
-    ignore_eos: bool = Field(
-        default=False,
-        exclude_if=lambda value: value is False,
+    ignore_eos: Annotated[bool, result("the end-of-sequence and end-of-turn tokens stop the run only without "
+                                       "it")] = added_later(
+        False,
         description="Keep generating past the end-of-sequence and end-of-turn tokens (fixed-length runs).",
     )
 
@@ -463,6 +424,10 @@ class DistributedSection(_Section):
     """A multi-process run (``jax.distributed``). Each field may instead come from the environment
     (KIMI_JAX_COORDINATOR, KIMI_JAX_NUM_PROCESSES, KIMI_JAX_PROCESS_ID); see
     kimi_jax/run/distributed.py. Where and how the run is launched is not part of its identity."""
+
+    EFFECT: ClassVar[Effect] = neutral(
+        "only how the processes of a run find each other (their number, like the machine, is part of the "
+        "platform fingerprint)")
 
     coordinator: str | None = Field(default=None, description="HOST:PORT where process 0 listens for the others.")
     num_processes: int | None = Field(default=None, ge=1, description="How many processes take part.")
@@ -488,6 +453,8 @@ class DistributedSection(_Section):
 
 
 class OutputSection(_Section):
+    EFFECT: ClassVar[Effect] = neutral("only where the bundle is written")
+
     dir: ManifestPath = Field(
         description="Run output directory (need not exist); relative to the manifest's folder."
     )
@@ -512,6 +479,8 @@ class VindexSection(_Section):
     """``kimi-jax vindex``: singular-value statistics of the experts (phase 1), the routers
     (phase 2) and routing statistics (phase 3). Ranges are checked against the checkpoint
     before any compute."""
+
+    EFFECT: ClassVar[Effect] = neutral("settings of `kimi-jax vindex`, not read by `kimi-jax run`")
 
     phases: list[Annotated[int, Field(ge=1, le=3)]] = Field(
         default_factory=lambda: list(VINDEX_PHASES),
@@ -569,34 +538,33 @@ class VindexSection(_Section):
 class Manifest(_Section):
     """A validated run manifest. Paths are absolute; see :func:`load_manifest`."""
 
-    version: Annotated[Literal[1], BeforeValidator(_check_version)] = Field(
+    version: Annotated[Literal[1], BeforeValidator(_check_version),
+                       result("another schema version may mean other settings")] = Field(
         description="Manifest schema version; must be 1."
     )
-    model: ModelSection
+    model: Annotated[ModelSection, result("a different checkpoint computes different values")]
     compute: ComputeSection = Field(default_factory=ComputeSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     prompt: PromptSection
     generate: GenerateSection = Field(default_factory=GenerateSection)
-    capture: list[CaptureKind] = Field(
+    capture: Annotated[list[CaptureKind], neutral("capture is proven non-perturbing (bare and instrumented "
+                                                  "runs agree bitwise)")] = Field(
         default_factory=lambda: list(CAPTURE_KINDS),
         json_schema_extra={"uniqueItems": True},
         description="What to record: norms | routing | logits (unique); [] = bare run.",
     )
-    anchor: ManifestPath | None = Field(
+    anchor: Annotated[ManifestPath | None, neutral("the anchor is only compared with step 0, never fed into "
+                                                   "compute")] = Field(
         default=None,
         description="Anchor JSON file (need not exist yet); relative to the manifest's folder.",
     )
     output: OutputSection
-    distributed: DistributedSection | None = Field(
-        default=None,
-        exclude_if=lambda value: value is None,
+    distributed: DistributedSection | None = added_later(
+        None,
         description="Multi-process settings (optional).",
     )
-    vindex: VindexSection | None = Field(
-        default=None,
-        # Left out of resolved_dict() (and so of the digest) when absent: a manifest without
-        # a vindex section keeps the identity it had before the section existed.
-        exclude_if=lambda value: value is None,
+    vindex: VindexSection | None = added_later(
+        None,
         description="Settings of `kimi-jax vindex` (optional).",
     )
 
@@ -641,7 +609,8 @@ class Manifest(_Section):
     # -- identity ------------------------------------------------------------------------------
 
     def resolved_dict(self) -> dict[str, Any]:
-        """The full manifest with defaults filled and absolute paths as strings (JSON-ready)."""
+        """The manifest with defaults filled and absolute paths as strings (JSON-ready); fields
+        declared with :func:`~kimi_jax.manifest.fields.added_later` are left out at their defaults."""
         return self.model_dump(mode="json")
 
     def identity_dict(self) -> dict[str, Any]:
@@ -651,209 +620,7 @@ class Manifest(_Section):
         return manifest_digest(self.resolved_dict())
 
 
-def identity_of(resolved: dict[str, Any]) -> dict[str, Any]:
-    """A resolved manifest dict without the fields that only say where things are written
-    (``output.dir``, ``model.cache_dir``) or how the processes find each other (``distributed``):
-    the same run written elsewhere, resumed into another folder, or launched from another host,
-    keeps its identity. (The process count is in the platform fingerprint instead.)"""
-    data = copy.deepcopy(resolved)
-    data.pop("output", None)
-    data.pop("distributed", None)
-    if isinstance(data.get("model"), dict):
-        data["model"].pop("cache_dir", None)
-    return data
-
-
-def manifest_digest(resolved: dict[str, Any]) -> str:
-    """The run's manifest identity: BLAKE3 hex of :func:`identity_of` as canonical JSON (sorted keys,
-    compact separators). Takes the dict, so a bundle's ``manifest.json`` is digested without
-    re-validating paths that may no longer exist."""
-    return blake3.blake3(canonical_json(identity_of(resolved))).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation and error messages.
-
-_MISSING_HINTS = {
-    ("version",): f"required; expected version: {MANIFEST_VERSION}",
-    ("model",): "required; set model.checkpoint (a checkpoint directory) or model.synthetic",
-    ("prompt",): "required; set prompt.tokens (a list of token ids), prompt.text or prompt.chat",
-    ("output",): "required; set output.dir (or pass --out)",
-    ("output", "dir"): "required; set output.dir (or pass --out)",
-    ("model", "synthetic", "preset"): "required; expected one of 'tiny', 'small', 'full-shape'",
-}
-
-_TYPE_NAMES = {
-    "int_type": "an integer",
-    "float_type": "a number",
-    "bool_type": "a boolean (true or false)",
-    "string_type": "a string",
-    "list_type": "a list",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "dict_type": "a mapping",
-}
-
-
-def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The model class validating the mapping at ``loc`` (for listing its allowed keys)."""
-    cls: type[BaseModel] = Manifest
-    for part in loc:
-        info = cls.model_fields.get(str(part))
-        if info is None:
-            return None
-        sub = _model_in(info.annotation)
-        if sub is None:
-            return None
-        cls = sub
-    return cls
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _error_message(err: Mapping[str, Any]) -> str:
-    kind = err.get("type", "")
-    ctx = err.get("ctx") or {}
-    value = err.get("input")
-    loc = tuple(str(x) for x in err.get("loc", ()))
-    if kind == "manifest":
-        return str(ctx.get("message", err.get("msg", "")))
-    if kind == "missing":
-        return _MISSING_HINTS.get(loc, "required field is missing")
-    if kind == "extra_forbidden":
-        cls = _section_at(loc[:-1])
-        if cls is None:
-            return "unknown key"
-        allowed = list(cls.model_fields)
-        close = difflib.get_close_matches(loc[-1], allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown key{hint}; expected one of: {', '.join(allowed)}"
-    if kind == "literal_error":
-        return f"must be one of {ctx.get('expected', '?')}, got {describe_value(value)}"
-    if kind in _TYPE_NAMES:
-        return f"expected {_TYPE_NAMES[kind]}, got {describe_value(value)}"
-    if kind == "greater_than_equal":
-        return f"must be >= {ctx.get('ge')}, got {describe_value(value).split(' ', 1)[-1]}"
-    if kind == "less_than_equal":
-        return f"must be <= {ctx.get('le')}, got {describe_value(value).split(' ', 1)[-1]}"
-    if kind == "greater_than":
-        return f"must be > {ctx.get('gt')}, got {describe_value(value).split(' ', 1)[-1]}"
-    if kind == "less_than":
-        return f"must be < {ctx.get('lt')}, got {describe_value(value).split(' ', 1)[-1]}"
-    if kind == "too_short":
-        return "must be a non-empty list"
-    if kind == "string_too_short":
-        return "must be a non-empty string"
-    if kind == "value_error":
-        return str(ctx.get("error", err.get("msg", "")))
-    return str(err.get("msg", "invalid value"))
-
-
-def _format_errors(exc: ValidationError, origins: Origins) -> ManifestError:
-    entries: list[tuple[tuple[int, int], int, str]] = []
-    for n, err in enumerate(exc.errors(include_url=False)):
-        loc = tuple(str(x) for x in err.get("loc", ()))
-        kind = {"extra_forbidden": "key", "missing": "missing"}.get(err.get("type", ""), "value")
-        where, order = origins.locate(loc, kind)
-        field = ".".join(loc) or "<manifest>"
-        entries.append((order, n, f"{where}: {field}: {_error_message(err)}"))
-    entries.sort()
-    lines = [text for _, _, text in entries[:_MAX_REPORTED]]
-    if len(entries) > _MAX_REPORTED:
-        lines.append(f"... and {len(entries) - _MAX_REPORTED} more problems")
-    error = ManifestError("\n".join(lines))
-    error.problems = tuple(text for _, _, text in entries)  # type: ignore[attr-defined]
-    return error
-
-
-def _validate(
-    data: Any, origins: Origins, base_dir: Path, source: Path | None, check_paths: bool = True
-) -> Manifest:
-    if not isinstance(data, Mapping):
-        raise ManifestError(f"{origins.display}: the manifest must be a mapping, got {describe_value(data)}")
-    context = {"base_dir": base_dir, "check_paths": check_paths}
-    try:
-        manifest = Manifest.model_validate(dict(data), context=context)
-    except ValidationError as exc:
-        raise _format_errors(exc, origins) from None
-    manifest._source = source
-    manifest._origins = origins
-    return manifest
-
-
-# ---------------------------------------------------------------------------------------------
-# Public entry points.
-
-
-def load_manifest(
-    path: str | os.PathLike[str],
-    overrides: Iterable[str] = (),
-    out_dir: str | os.PathLike[str] | None = None,
-    *,
-    check_paths: bool = True,
-) -> Manifest:
-    """Load, override, validate and resolve a YAML run manifest.
-
-    ``overrides`` are ``dotted.key=VALUE`` strings (the CLI's repeatable ``--set``), VALUE
-    parsed as a YAML scalar or flow value; ``out_dir`` (the CLI's ``--out``) replaces
-    ``output.dir`` and resolves against the current working directory. Raises
-    :class:`ManifestError` listing every problem as ``FILE:LINE: FIELD: message``.
-
-    ``check_paths=False`` skips what needs the filesystem (that ``model.checkpoint`` is a folder
-    holding config.json): for reading a manifest whose checkpoint is elsewhere or gone, as
-    ``compare`` and ``verify`` do. A bundle's ``manifest.json`` loads here too (JSON is YAML).
-    """
-    display = os.fspath(path)
-    file = Path(display).expanduser()
-    if file.is_dir():
-        raise ManifestError(f"{display}: is a directory, expected a YAML manifest file")
-    if not file.exists():
-        raise ManifestError(f"{display}: manifest file not found")
-    raw = read_regular(file, MAX_MANIFEST_BYTES, "manifest", ManifestError)
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ManifestError(
-            f"{display}: manifest is not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
-    data, origins = parse_yaml(text, display)
-    data = apply_overrides(data, origins, overrides, out_dir)
-    absolute = Path(os.path.abspath(file))
-    return _validate(data, origins, absolute.parent, absolute, check_paths)
-
-
-def parse_manifest_dict(
-    data: dict[str, Any], source: str = "<dict>", *, base_dir: str | os.PathLike[str] | None = None
-) -> Manifest:
-    """Validate a manifest given as a dict (tests, other tools). Relative paths resolve
-    against ``base_dir`` (default: the working directory); errors read ``SOURCE: FIELD: ...``."""
-    origins = Origins(str(source), has_lines=False)
-    base = Path(os.path.abspath(Path(base_dir).expanduser())) if base_dir is not None else Path.cwd()
-    return _validate(data, origins, base, None)
-
-
-def manifest_json_schema() -> dict[str, Any]:
-    """JSON Schema (draft 2020-12) of manifest version 1, generated from the pydantic models.
-
-    It checks structure and types and rejects unknown keys; it cannot check what needs the
-    filesystem (the checkpoint directory and its config.json)."""
-    generated = Manifest.model_json_schema(mode="validation")
-    generated.pop("title", None)
-    generated.pop("description", None)
-    schema: dict[str, Any] = {
-        "$schema": _JSON_SCHEMA_DIALECT,
-        "$id": MANIFEST_SCHEMA_ID,
-        "title": f"kimi-jax run manifest (version {MANIFEST_VERSION})",
-        "description": "Declarative run manifest of kimi-jax: checkpoint, compute, storage, "
-        "prompt, generation, capture, anchor and output settings.",
-    }
-    schema.update(generated)
-    return schema
+def field_effect(field: str) -> Effect | None:
+    """What the manifest declares a different value of the dotted ``field`` does to a run (see
+    :mod:`kimi_jax.manifest.fields`); None when nothing on its path declares it."""
+    return effect_in(Manifest, split_field(field))

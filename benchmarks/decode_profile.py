@@ -30,19 +30,23 @@ from common import emit, machine
 from kimi_jax.fileio import default_cache_dir
 from kimi_jax.model import layers
 from kimi_jax.model.engine import Engine
-from kimi_jax.model.params import layer_params
-from kimi_jax.model.resident import expert_plan_in_program, resident_moe_layer, whole_model_step
+from kimi_jax.model.slots import expert_plan_in_program
+from kimi_jax.model.source import LocalSource
+from kimi_jax.model.step import kept_moe_layer, whole_model_step
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.residency import plan_residency, resolve_budget
 
-STAGES = ("_embed", "_forward_whole", "_resident_moe", "_load_base", "_load_head", "_logits", "_layer_record")
+STAGES = ((Engine, "_forward_fused"), (Engine, "_layer_record"), (LocalSource, "embed"),
+          (LocalSource, "stage_layer"), (LocalSource, "stage_head"), (LocalSource, "fused_weights"),
+          (LocalSource, "logits"))  # fmt: skip
 
 
-def timed_stages(engine_cls) -> dict[str, float]:
-    """Wrap the engine's stages with wall-clock timers; returns the running totals (seconds)."""
+def timed_stages() -> dict[str, float]:
+    """Wrap the engine's and its weight source's stages with wall-clock timers; returns the running
+    totals (seconds)."""
     totals: dict[str, float] = collections.defaultdict(float)
-    for name in STAGES:
-        original = getattr(engine_cls, name)
+    for cls, name in STAGES:
+        original = getattr(cls, name)
 
         def timed(*args, _original=original, _name=name, **kwargs):
             started = time.perf_counter()
@@ -51,7 +55,7 @@ def timed_stages(engine_cls) -> dict[str, float]:
             finally:
                 totals[_name] += time.perf_counter() - started
 
-        setattr(engine_cls, name, functools.wraps(original)(timed))
+        setattr(cls, name, functools.wraps(original)(timed))
     return totals
 
 
@@ -69,9 +73,7 @@ def programs_alone(engine: Engine, caches: list) -> dict[str, float]:
     """Each program of a decode step on its own, on the engine's kept weights (all of them kept)."""
     cfg = engine.cfg
     n = cfg.num_hidden_layers
-    bases = tuple(layer_params(cfg, layer, engine.store.base(layer)) for layer in range(n))
-    stacks = tuple(engine._expert_stacks.get(layer) for layer in range(n))
-    head = engine._load_head()[0]
+    bases, stacks, head = engine.source.fused_weights()
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, cfg.hidden_size)).astype(np.float32))
     pos = jnp.asarray([len(PROMPT)], jnp.int32)
     moe = next(layer for layer in range(n) if stacks[layer] is not None)
@@ -79,7 +81,7 @@ def programs_alone(engine: Engine, caches: list) -> dict[str, float]:
     stack_ids, slots = expert_plan_in_program(routing.idx, cfg.n_routed_experts)
     return {
         "dense_layer": best_ms(functools.partial(layers.dense_layer, cfg), bases[0], x, pos, caches[0]),
-        "moe_layer": best_ms(functools.partial(resident_moe_layer, cfg), bases[moe], stacks[moe], x, pos, caches[moe]),
+        "moe_layer": best_ms(functools.partial(kept_moe_layer, cfg), bases[moe], stacks[moe], x, pos, caches[moe]),
         "moe_attention_and_router": best_ms(functools.partial(layers.moe_attention_and_route, cfg), bases[moe], x,
                                             pos, caches[moe]),  # fmt: skip
         "moe_experts": best_ms(functools.partial(layers.moe_experts, cfg), bases[moe], stacks[moe], slots,
@@ -107,7 +109,7 @@ def main() -> None:
     index = open_checkpoint(ckpt)
     budget = resolve_budget(args.budget if args.budget == "auto" else args.budget if not args.budget.isdigit()
                             else int(args.budget))  # fmt: skip
-    totals = timed_stages(Engine)
+    totals = timed_stages()
     with Engine(index, "float32", matmul="stored", residency=plan_residency(index, budget)) as engine:
         engine.generate(PROMPT, tokens, kv_cache=True)  # compiles (and fills the budget)
         walls: list[float] = []
@@ -121,10 +123,10 @@ def main() -> None:
         steps = engine.generate(PROMPT, tokens, kv_cache=True, on_step=on_step)
         per_step = {name: round(seconds * 1000 / len(walls), 3) for name, seconds in totals.items()}
         record = {"benchmark": "decode_profile", "checkpoint": str(ckpt), "budget_bytes": budget, "machine": machine(),
-                  "whole_model_program": engine._whole_model_in_memory(), "decode_steps": len(walls),
+                  "whole_model_program": engine.source.fused_ready(), "decode_steps": len(walls),
                   "step_ms_median": round(statistics.median(walls) * 1000, 3), "step_ms_mean": round(
                       statistics.mean(walls) * 1000, 3), "stage_ms_per_step": per_step}  # fmt: skip
-        if engine._whole_model_in_memory():
+        if engine.source.fused_ready():
             record["programs_alone_ms"] = programs_alone(engine, steps[-1].caches)
     emit(record)
 

@@ -18,10 +18,12 @@ import jax
 import numpy as np
 
 from kimi_jax.ledger.ledger import step_identity
-from kimi_jax.model.engine import Engine, decode_weight
+from kimi_jax.model.engine import Engine
 from kimi_jax.model.mesh import MeshError, MeshShape, build_mesh, host_value
 from kimi_jax.model.params import expert_stack
-from kimi_jax.model.placement import MeshReads, deal_expert_slots
+from kimi_jax.model.placement import MeshReads
+from kimi_jax.model.slots import deal_expert_slots
+from kimi_jax.model.weights import WeightPolicy
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.reader import ShardReader
 
@@ -38,14 +40,15 @@ def placement_reads(ckpt: str, expert: int, model: int) -> dict:
     cfg = index.config
     mesh = build_mesh(MeshShape(expert, model))
     single, meshed = ShardReader(), ShardReader()
-    reads = MeshReads(index, mesh, meshed, np.float32, decode_weight)
+    policy = WeightPolicy()
+    reads = MeshReads(index, mesh, meshed, np.float32, policy)
     mismatched = []
     for layer in range(cfg.num_hidden_layers):
-        entries = list(index.layers[layer].base.values())
-        want = single.read_weights(entries, layer)
+        entries = index.layers[layer].base
+        want = single.read_weights(entries.values(), layer)
         got = reads.assemble(reads.stage_weights(entries, layer, lambda tensors: tensors))
-        for e in entries:
-            if leaves_bytes(decode_weight(e, want[e.name], index)) != leaves_bytes(got[e.name]):
+        for e in entries.values():
+            if leaves_bytes(policy.decode(e, want[e.name], index)) != leaves_bytes(got[e.name]):
                 mismatched.append(e.name)
     layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
     picked = np.array([[3, 7, 1, 12], [7, 2, 1, 9]])
@@ -54,7 +57,7 @@ def placement_reads(ckpt: str, expert: int, model: int) -> dict:
     distinct = sorted({int(e) for e in picked.ravel()})
     entries = [w for e in distinct for w in index.layers[layer].experts[e].values()]
     parts = single.read_weights(entries, layer)
-    tensors = {w.name: decode_weight(w, parts[w.name], index) for w in entries}
+    tensors = {w.name: policy.decode(w, parts[w.name], index) for w in entries}
     got = [(dtype, np.frombuffer(raw, np.uint8)) for dtype, raw in leaves_bytes(stack)]
     for slot, picked_expert in enumerate(stack_ids):
         if picked_expert is None:

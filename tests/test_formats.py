@@ -13,12 +13,8 @@ import numpy as np
 import pytest
 
 from kimi_jax.errors import FormatError
-from kimi_jax.model.quant import (
-    Fp8Weight,
-    Int4Weight,
-    dequant_fp8_block_jax,
-    dequant_int4_jax,
-)
+from kimi_jax.model.quant import dequant_fp8_block_jax, dequant_int4_jax
+from kimi_jax.model.weights import Fp8Weight, Int4Weight
 from kimi_jax.storage.codecs import (
     dequant_fp8_block,
     dequant_int4,

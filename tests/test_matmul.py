@@ -1,4 +1,5 @@
-"""The stored-precision matmul (kimi_jax.model.matmul) against float64 truth and the widened reference.
+"""The stored-precision matmul (kimi_jax.model.matmul, reached through kimi_jax.model.weights.linear_f32)
+against float64 truth and the widened reference.
 
 Oracle: the exactly dequantized weight (numpy codecs: q * scale, or fp8 * scale_inv, in float64)
 times the activation in float64. Bound: float32 summation of n products errs by at most
@@ -7,6 +8,7 @@ times the activation in float64. Bound: float32 summation of n products errs by 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -15,11 +17,25 @@ import numpy as np
 import pytest
 
 from kimi_jax.model import matmul
-from kimi_jax.model.matmul import StoredWeight, split_bf16, stored_linear, tile_rows, widened_linear
-from kimi_jax.model.quant import Fp8Weight, Int4Weight
+from kimi_jax.model.matmul import dense_product, split_bf16, tile_rows
+from kimi_jax.model.weights import Fp8Weight, Int4Weight, PlainWeight, linear_f32, materialize
 from kimi_jax.storage.codecs import BF16, pack_int4, quantize_fp8_block
 
 U = 2.0**-24
+
+
+def _as(w, matmul: str):
+    """``w`` (a container or a plain array) meeting the ``matmul`` product."""
+    return dataclasses.replace(w, matmul=matmul) if hasattr(w, "matmul") else PlainWeight(w, matmul)
+
+
+def stored_linear(x, w):
+    return linear_f32(x, _as(w, "stored"))
+
+
+def widened_linear(x, w):
+    """The weight widened whole to the activation's dtype, then one product in that dtype."""
+    return dense_product(x, materialize(w, x.dtype))
 # Measured on this machine: the largest |error| / (u * sum|x w|) is below 2 for both paths at
 # these sizes; 8 leaves room for other kernels' summation orders and still fails a lost bit.
 BOUND_IN_U = 8.0
@@ -109,17 +125,19 @@ def test_fp8_tiles_within_float32_rounding(small_tiles):
     assert _error_in_u(ref, x, dequant) < BOUND_IN_U
 
 
-def test_leading_axes_and_wrapper():
+def test_leading_axes_and_the_plain_container():
     rng = np.random.default_rng(5)
     w = rng.standard_normal((16, 32)).astype(BF16)
     x = rng.standard_normal((2, 3, 32)).astype(np.float32)
-    wrapped = StoredWeight(jnp.asarray(w))
+    wrapped = PlainWeight(jnp.asarray(w), "stored")
     assert wrapped.shape == (16, 32)
-    y = stored_linear(jnp.asarray(x), wrapped.weight)
+    y = linear_f32(jnp.asarray(x), wrapped)
     assert y.shape == (2, 3, 16)
     np.testing.assert_array_equal(np.asarray(wrapped.dequantize()), w.astype(np.float32))
-    leaves = jax.tree_util.tree_leaves(wrapped)
+    leaves, treedef = jax.tree_util.tree_flatten(wrapped)
     assert len(leaves) == 1
+    # the product is static metadata: a widened weight is another pytree, so another program
+    assert treedef != jax.tree_util.tree_flatten(PlainWeight(jnp.asarray(w)))[1]
 
 
 def _largest_f32_buffer(fn, *args) -> int:

@@ -46,7 +46,7 @@ def streamed_stored(k25):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_whole_model_program_is_bitwise_the_layer_by_layer_run(k25, dtype, streamed, streamed_stored):
     """Everything fits: after the first step (which reads it all) each decode step is one program
-    (kimi_jax.model.resident.whole_model_step). Its tokens, logits, hidden state, bytes used and
+    (kimi_jax.model.step.whole_model_step). Its tokens, logits, hidden state, bytes used and
     routing are bitwise those of streaming every weight, whichever matmul path."""
     from kimi_jax.model import layers
 
@@ -56,7 +56,7 @@ def test_whole_model_program_is_bitwise_the_layer_by_layer_run(k25, dtype, strea
         before = layers.TRACE_COUNTS["whole_model_step"]
         with Engine(k25, dtype, matmul=matmul, residency=plan_residency(k25, 1 << 40)) as engine:
             steps = engine.generate(PROMPT, 4, kv_cache=True)
-            assert engine._whole_model_in_memory()
+            assert engine.source.fused_ready()
         assert layers.TRACE_COUNTS["whole_model_step"] > before or dtype == "bfloat16"  # (traced once per settings)
         assert _identity(steps) == _identity(reference), (matmul, dtype)
         assert [[layer.experts for layer in s.layers] for s in steps] == [[layer.experts for layer in s.layers] for s in reference]
@@ -150,8 +150,8 @@ def test_whole_model_program_bare_and_instrumented_agree(tmp_path, monkeypatch):
     bare run (which fetches only the picks) and the instrumented run still prove identical, and the
     bundle verifies."""
     calls = []
-    whole = Engine._forward_whole
-    monkeypatch.setattr(Engine, "_forward_whole", lambda self, *a: calls.append(self.keep_capture) or whole(self, *a))
+    whole = Engine._forward_fused
+    monkeypatch.setattr(Engine, "_forward_fused", lambda self, *a: calls.append(self.keep_capture) or whole(self, *a))
     out = tmp_path / "bundle"
     run_manifest("manifests/demo.yaml", ["storage.resident_bytes=auto", "generate.kv_cache=true"], str(out),
                  echo=lambda *_: None, progress=False)  # fmt: skip

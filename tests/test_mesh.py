@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from kimi_jax.errors import ManifestError
-from kimi_jax.model.placement import deal_expert_slots, row_range
+from kimi_jax.model.placement import row_range
+from kimi_jax.model.slots import deal_expert_slots
 from kimi_jax.run.distributed import settings_from
 from kimi_jax.manifest import load_manifest
 from kimi_jax.storage.safetensors_header import TensorRecord

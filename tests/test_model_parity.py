@@ -23,17 +23,17 @@ torch.set_num_threads(2)
 
 from kimi_jax.errors import CheckpointError  # noqa: E402
 from kimi_jax.model import layers as M  # noqa: E402
-from kimi_jax.model.forward import experts_from_tensors, forward_all, layer_step, plan_expert_slots  # noqa: E402
+from kimi_jax.model.slots import plan_expert_slots  # noqa: E402
 from kimi_jax.model.params import (  # noqa: E402
     RouterParams,
     dense_layer_params,
     expert_stack,
     head_params,
-    layer_params,
     moe_base_params,
 )
 from kimi_jax.shapes import checkpoint_shapes  # noqa: E402
 from tests import hf_oracle  # noqa: E402
+from tests.reference import forward_all, run_layers  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS, CAPACITY, TOL = 24, 16, 48, 1e-4
 
@@ -62,17 +62,13 @@ def cached_greedy(cfg, tensors, prompt, steps):
     [steps + 1, vocab], every Routing, and TRACE_COUNTS around the first decode step and at the end.
     """
     embed, head = tensors["embed_tokens.weight"], head_params(cfg, tensors)
-    layers = [layer_params(cfg, i, tensors) for i in range(cfg.num_hidden_layers)]
-    caches = [M.LatentCache.empty(cfg, CAPACITY) for _ in layers]
+    caches = M.LatentCache.for_run(cfg, CAPACITY)
     routings = []
 
     def step(tokens, start):
         x = jnp.asarray(embed[np.asarray(tokens)])
         positions = jnp.arange(start, start + len(tokens), dtype=jnp.int32)
-        for i, p in enumerate(layers):
-            x, caches[i], routing, _ = layer_step(cfg, p, x, positions, caches[i], experts_from_tensors(cfg, i, tensors))
-            if routing is not None:
-                routings.append(routing)
+        x = run_layers(cfg, tensors, x, positions, caches, routings)
         return np.asarray(M.final_logits(cfg, head, x[-1]))
 
     traces = [dict(M.TRACE_COUNTS)]
@@ -257,7 +253,7 @@ def test_padding_slots_are_never_used(case):
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
 def test_quantized_expert_stack_matches_dequantized(one_group, kind):
     case = one_group
-    from kimi_jax.model import quant
+    from kimi_jax.model.weights import Fp8Weight, Int4Weight
     from kimi_jax.storage import codecs
 
     cfg, layer, base, h, routing = _moe_inputs(case)
@@ -269,10 +265,10 @@ def test_quantized_expert_stack_matches_dequantized(one_group, kind):
             w = case.tensors[name]
             if kind == "int4":
                 packed, scale = codecs.quantize_int4(w, group_size=32)
-                q = quant.Int4Weight(packed=packed, scale=scale, in_features=w.shape[1], group_size=32)
+                q = Int4Weight(packed=packed, scale=scale, in_features=w.shape[1], group_size=32)
             else:
                 weight, scale_inv = codecs.quantize_fp8_block(w, block_size=(16, 16))
-                q = quant.Fp8Weight(weight=weight, scale_inv=scale_inv, block_size=(16, 16))
+                q = Fp8Weight(weight=weight, scale_inv=scale_inv, block_size=(16, 16))
             quantized[name] = q
             dequantized[name] = np.asarray(q.dequantize(jnp.float32))
     q_stack = expert_stack(cfg, layer, ids, quantized)

@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax.config import ModelConfig, yarn_mscale
-from kimi_jax.model.matmul import StoredWeight, stored_linear
 from kimi_jax.model.mesh import over_expert_axis
 from kimi_jax.model.params import (
     AttentionParams,
@@ -50,9 +49,9 @@ from kimi_jax.model.params import (
     MoEBaseParams,
     RouterParams,
 )
+from kimi_jax.model.weights import dot_f32, is_stored, linear_f32, materialize, row_slice
 
 F32 = jnp.float32
-_HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 shortcuts for float32 matmuls on GPU
 
 # Incremented when a stage is traced (a Python side effect at trace time, not in the program):
 # lets callers and tests see that layers of one shape share one compiled program.
@@ -62,44 +61,20 @@ TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 # ------------------------------------------------------------------------------------ primitives
 
 
-def _materialize(w: Any, dtype) -> jax.Array:
-    """A weight as a dense array of ``dtype``: dequantize containers, cast plain arrays."""
-    if hasattr(w, "dequantize"):
-        return w.dequantize(dtype)
-    return jnp.asarray(w).astype(dtype)
-
-
-def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """einsum accumulated in float32. bfloat16 operands are widened first: that is exact, so the
-    products and the float32 sum are those of a bf16 x bf16 -> f32 dot, which XLA's CPU backend
-    rejects for some specs (``hts,sr->thr`` with s >= 8: "Unsupported element type for
-    DotThunk", jax 0.10.2)."""
-    return jnp.einsum(spec, a.astype(F32), b.astype(F32), precision=_HIGHEST, preferred_element_type=F32)
-
-
 def _mm(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-    return _dot(spec, a, b).astype(dtype)
-
-
-def _linear_accumulator(x: jax.Array, w: Any) -> jax.Array:
-    """``x @ w.T`` as the float32 accumulator; a :class:`~kimi_jax.model.matmul.StoredWeight` is
-    multiplied in its stored precision, anything else widened to ``x.dtype`` first."""
-    if isinstance(w, StoredWeight):
-        return stored_linear(x, w.weight)
-    return _dot("...i,oi->...o", x, _materialize(w, x.dtype))
+    return dot_f32(spec, a, b).astype(dtype)
 
 
 def linear(x: jax.Array, w: Any) -> jax.Array:
-    """``x @ w.T`` in ``x.dtype`` for an HF ``[out, in]`` weight, plain, quantized container or
-    :class:`~kimi_jax.model.matmul.StoredWeight`."""
-    return _linear_accumulator(x, w).astype(x.dtype)
+    """``x @ w.T`` in ``x.dtype`` for an HF ``[out, in]`` weight (:func:`~kimi_jax.model.weights.linear_f32`)."""
+    return linear_f32(x, w).astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, weight: Any, eps: float) -> jax.Array:
     """transformers' RMSNorm: normalize in float32, round to ``x.dtype``, then scale."""
     xf = x.astype(F32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return _materialize(weight, x.dtype) * y.astype(x.dtype)
+    return materialize(weight, x.dtype) * y.astype(x.dtype)
 
 
 def swiglu(x: jax.Array, p: MLPParams) -> jax.Array:
@@ -191,6 +166,11 @@ class LatentCache:
             length=jnp.zeros((), jnp.int32),
         )
 
+    @classmethod
+    def for_run(cls, cfg: ModelConfig, capacity: int, dtype=F32) -> list[LatentCache]:
+        """An empty cache per layer, for ``capacity`` positions (prompt plus tokens to generate)."""
+        return [cls.empty(cfg, capacity, dtype) for _ in range(cfg.num_hidden_layers)]
+
     @property
     def capacity(self) -> int:
         return int(self.c_kv.shape[0])
@@ -222,7 +202,7 @@ def _attend_naive(cfg, p: AttentionParams, q_nope, q_pe, c_kv, k_pe, positions) 
     kv = linear(c_kv, p.kv_b_proj).reshape(t, nh, nope + cfg.v_head_dim)
     k = jnp.concatenate([kv[..., :nope], jnp.broadcast_to(k_pe[:, None, :], (t, nh, k_pe.shape[-1]))], -1)
     q = jnp.concatenate([q_nope, q_pe], axis=-1)
-    scores = _dot("thd,shd->hts", q, k)
+    scores = dot_f32("thd,shd->hts", q, k)
     probs = _softmax(scores * cfg.softmax_scale, positions, positions, dt)
     return _mm("hts,shv->thv", probs, kv[..., nope:], dt).reshape(t, nh * cfg.v_head_dim)
 
@@ -230,11 +210,11 @@ def _attend_naive(cfg, p: AttentionParams, q_nope, q_pe, c_kv, k_pe, positions) 
 def _attend_absorbed(cfg, p: AttentionParams, q_nope, q_pe, cache: LatentCache, positions) -> jax.Array:
     """Attend over the latent cache: W_UK folded into q, W_UV applied after the softmax."""
     t, nh, nope, dt = q_nope.shape[0], cfg.num_attention_heads, cfg.qk_nope_head_dim, q_nope.dtype
-    w_kv = _materialize(p.kv_b_proj, dt).reshape(nh, nope + cfg.v_head_dim, cfg.kv_lora_rank)
+    w_kv = materialize(p.kv_b_proj, dt).reshape(nh, nope + cfg.v_head_dim, cfg.kv_lora_rank)
     c_kv, k_pe = cache.c_kv.astype(dt), cache.k_pe.astype(dt)
     q_lat = _mm("thd,hdr->thr", q_nope, w_kv[:, :nope], dt)
-    scores = _dot("thr,sr->hts", q_lat, c_kv)
-    scores += _dot("thp,sp->hts", q_pe, k_pe)
+    scores = dot_f32("thr,sr->hts", q_lat, c_kv)
+    scores += dot_f32("thp,sp->hts", q_pe, k_pe)
     k_pos = jnp.arange(cache.capacity, dtype=positions.dtype)
     probs = _softmax(scores * cfg.softmax_scale, positions, k_pos, dt)
     o_lat = _mm("hts,sr->thr", probs, c_kv, dt)
@@ -271,7 +251,7 @@ def route(cfg: ModelConfig, gate: RouterParams, x: jax.Array) -> Routing:
     """noaux_tc sigmoid router on normalized ``x`` [T, hidden], float32 throughout."""
     t, e, k = x.shape[0], cfg.n_routed_experts, cfg.num_experts_per_tok
     scores = jax.nn.sigmoid(linear(x.astype(F32), gate.weight))  # [T, E]
-    choice = scores + _materialize(gate.e_score_correction_bias, F32)
+    choice = scores + materialize(gate.e_score_correction_bias, F32)
     if cfg.n_group > 1:
         # transformers: group score = sum of the top-2 biased scores; keep topk_group groups and
         # set every expert of the other groups to -inf (the DeepSeek remote code uses 0.0).
@@ -302,7 +282,7 @@ def routed_experts(experts: ExpertStack, slots: jax.Array, weights: jax.Array, x
 
     Slot ``j`` holds ``experts[j]``, or with ``stack_ids`` [n] (a stack of every expert kept in
     memory) ``experts[stack_ids[j]]``, indexed in place. Slots are summed in order. A stack of
-    :class:`~kimi_jax.model.matmul.StoredWeight` for at most :data:`UNROLLED_SLOTS` picks runs as an
+    weights meeting the stored-precision product for at most :data:`UNROLLED_SLOTS` picks runs as an
     unrolled loop (padding slots add zeros). Any other stack is scanned one expert at a time (so a
     quantized stack is dequantized one expert at a time), and every slot no token references is
     skipped with a real conditional: padding slots are never computed, whatever they hold. A
@@ -318,7 +298,7 @@ def routed_experts(experts: ExpertStack, slots: jax.Array, weights: jax.Array, x
         return acc + jnp.where(u[:, None], y * c[:, None], 0.0)
 
     acc = jnp.zeros(x.shape, F32)
-    if isinstance(experts.gate_proj, StoredWeight) and slots.size <= UNROLLED_SLOTS:
+    if is_stored(experts.gate_proj) and slots.size <= UNROLLED_SLOTS:
         # Always a dynamic index (slot j of the host's stack is index j, kept from being folded into a
         # static slice): XLA compiles a dot on a static slice differently, and the two must agree bitwise.
         ids = stack_ids if stack_ids is not None else jax.lax.optimization_barrier(jnp.arange(n, dtype=jnp.int32))
@@ -375,7 +355,7 @@ def moe_experts(cfg: ModelConfig, p: MoEBaseParams, experts: ExpertStack, slots:
     """FFN half of a MoE layer: ``h + routed(hn) + shared(hn)``; returns (x_out, {norm_out}).
 
     ``slots`` [T, k] index each selected expert within ``experts`` (see
-    :func:`kimi_jax.model.forward.plan_expert_slots`), or within ``stack_ids`` when ``experts``
+    :func:`kimi_jax.model.slots.plan_expert_slots`), or within ``stack_ids`` when ``experts``
     holds every expert (see :func:`routed_experts`).
     """
     TRACE_COUNTS["moe_experts"] += 1
@@ -402,21 +382,19 @@ def final_logits(cfg: ModelConfig, head: HeadParams, x_last: jax.Array) -> jax.A
     (8 significant bits) would tie the top tokens far more often than the arithmetic requires."""
     TRACE_COUNTS["final_logits"] += 1
     with jax.named_scope("head"):
-        return _linear_accumulator(rms_norm(x_last, head.norm, cfg.rms_norm_eps), head.lm_head)
+        return linear_f32(rms_norm(x_last, head.norm, cfg.rms_norm_eps), head.lm_head)
 
 
 def head_logits(cfg: ModelConfig, head: HeadParams, x_last: jax.Array) -> jax.Array:
     """:func:`final_logits` in vocabulary chunks of :data:`HEAD_CHUNK_ROWS` rows when the head is
     widened, so the head (2.3 GB in BF16 for Kimi) is never widened to float32 whole, only a chunk at
-    a time; a :class:`~kimi_jax.model.matmul.StoredWeight` head is never widened, so it is one call."""
-    stored = isinstance(head.lm_head, StoredWeight)
-    lm_head = head.lm_head.weight if stored else head.lm_head
-    vocab = lm_head.shape[0]
-    if stored or vocab <= HEAD_CHUNK_ROWS:
+    a time; a head meeting the stored-precision product is never widened, so it is one call."""
+    vocab = head.lm_head.shape[0]
+    if is_stored(head.lm_head) or vocab <= HEAD_CHUNK_ROWS:
         return final_logits(cfg, head, x_last)
     rows = range(0, vocab, HEAD_CHUNK_ROWS)
-    return jnp.concatenate([final_logits(cfg, HeadParams(head.norm, lm_head[i : i + HEAD_CHUNK_ROWS]), x_last)
-                            for i in rows], axis=-1)  # fmt: skip
+    return jnp.concatenate([final_logits(cfg, HeadParams(head.norm, row_slice(head.lm_head, i, i + HEAD_CHUNK_ROWS)),
+                                         x_last) for i in rows], axis=-1)  # fmt: skip
 
 
 __all__ = [

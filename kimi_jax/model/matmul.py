@@ -1,39 +1,35 @@
-"""Matmuls on weights kept in their stored precision: nothing is widened to float32 whole.
+"""Matmul kernels for weights kept in their stored precision: nothing is widened to float32 whole.
 
 XLA on CPU does not fuse a ``convert`` into a ``dot``: ``x @ w.astype(float32).T`` writes a float32
 copy of the whole weight on every call and only then multiplies (see the HLO note in
 ``benchmarks/RESULTS.md``). Its dot kernels do take bfloat16 operands with float32 accumulation.
 So a weight stays as stored and the *activation* is adapted instead:
 
-* BF16 weight, float32 activation: ``x`` is split exactly into three bfloat16 parts
-  (``x == hi + mid + lo``), each part is multiplied by the weight in one bf16 x bf16 -> f32 dot
-  (every product is exact: 8 x 8 significant bits fit float32's 24), and the three partial results
-  are added in float32. Only float32 accumulation rounds, as in the widened product.
-* int4 pack-quantized and block FP8: the weight is dequantized and multiplied one tile of output
-  rows at a time (``lax.scan``, tiles of about ``TILE_BYTES`` in float32), so only one small tile
-  is ever float32, never the whole matrix. Each tile is dequantized exactly as the whole matrix
-  would be (the container's own ``dequantize``, whatever its mode) and each output row is the same
-  dot product, so the result is the widened one. (The per-group form ``y = sum_g s_g * (x_g . q_g)``
-  was measured too: XLA runs it as a batched dot over 32-wide groups and it was no faster than
-  widening; see benchmarks/RESULTS.md.)
+* BF16 weight, float32 activation (:func:`bf16_product`): ``x`` is split exactly into three
+  bfloat16 parts (``x == hi + mid + lo``), each part is multiplied by the weight in one bf16 x
+  bf16 -> f32 dot (every product is exact: 8 x 8 significant bits fit float32's 24), and the
+  three partial results are added in float32. Only float32 accumulation rounds, as in the widened
+  product.
+* int4 pack-quantized and block FP8 (:func:`tiled_product`): the weight is dequantized and
+  multiplied one tile of output rows at a time (``lax.scan``, tiles of about ``TILE_BYTES`` in
+  float32), so only one small tile is ever float32, never the whole matrix. Each tile is
+  dequantized exactly as the whole matrix would be (the container's own ``dequantize``, whatever
+  its mode) and each output row is the same dot product, so the result is the widened one. (The
+  per-group form ``y = sum_g s_g * (x_g . q_g)`` was measured too: XLA runs it as a batched dot
+  over 32-wide groups and it was no faster than widening; see benchmarks/RESULTS.md.)
 
 BF16 weights with float32 activations give the widened product up to float32 rounding (a
-different summation order), not bitwise; which of the two a run used is the manifest's
-``compute.matmul`` (``stored`` here, ``widened`` the reference), recorded in the ledger. Weights
-reach :func:`kimi_jax.model.layers.linear` wrapped in :class:`StoredWeight` only in ``stored`` mode.
+different summation order), not bitwise. Which product a weight meets is its container's
+``matmul`` field (:mod:`kimi_jax.model.weights`, from the manifest's ``compute.matmul``); the
+dispatch is :func:`kimi_jax.model.weights.linear_f32`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-from kimi_jax.model.quant import Fp8Weight
-from kimi_jax.settings import MATMUL_MODES
-from kimi_jax.storage.codecs import block_size_pair
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
@@ -41,30 +37,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # Bytes of one dequantized float32 tile: well inside the caches, and far below the allocation size
 # (glibc: 32 MiB) above which every call maps fresh pages and pays a page fault per 4 KiB.
 TILE_BYTES = 2 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredWeight:
-    """A linear weight ``[..., out, in]`` that reaches the matmul in its stored precision.
-
-    ``weight`` is a plain array (BF16 or float32) or a quantized container (``Int4Weight`` /
-    ``Fp8Weight``). A pytree, so expert stacks stack it and ``lax.scan`` slices it like the bare weight.
-    """
-
-    weight: Any
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape)
-
-    def dequantize(self, dtype=F32) -> jax.Array:
-        """The dense array (for the few uses that need one: the absorbed attention's reshaped kv_b_proj)."""
-        if hasattr(self.weight, "dequantize"):
-            return self.weight.dequantize(dtype)
-        return jnp.asarray(self.weight).astype(dtype)
-
-
-jax.tree_util.register_dataclass(StoredWeight, data_fields=["weight"], meta_fields=[])
 
 
 def split_bf16(x: jax.Array) -> jax.Array:
@@ -101,7 +73,9 @@ def _activation_parts(x: jax.Array) -> jax.Array:
     return jnp.stack([x, jnp.zeros_like(x)]) if x.dtype == BF16 else split_bf16(x)
 
 
-def _plain(x: jax.Array, w: jax.Array) -> jax.Array:
+def plain_product(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [T, in] @ w.T`` (float32 result) for a plain weight in its stored dtype: a BF16 weight
+    meets the exact bf16 parts of ``x``; any other dtype is multiplied as it is."""
     w = jnp.asarray(w)
     if w.dtype == BF16:
         return _bf16_dot("ti,oi->to", _activation_parts(x), w)
@@ -119,9 +93,9 @@ def tile_rows(n_out: int, n_in: int, row_multiple: int = 1) -> int:
     return rows
 
 
-def _tiled(x: jax.Array, w: Any, rows: int) -> jax.Array:
-    """``x @ dequantize(w).T`` one tile of ``rows`` output rows at a time (``lax.scan``): each tile is
-    dequantized exactly as the whole matrix would be, multiplied, and dropped."""
+def tiled_product(x: jax.Array, w: Any, rows: int) -> jax.Array:
+    """``x [T, in] @ dequantize(w).T`` one tile of ``rows`` output rows at a time (``lax.scan``):
+    each tile is dequantized exactly as the whole matrix would be, multiplied, and dropped."""
     n_out = w.shape[-2]
     tiles = n_out // rows
 
@@ -139,25 +113,10 @@ def _tiled(x: jax.Array, w: Any, rows: int) -> jax.Array:
     return jnp.moveaxis(ys, 0, 1).reshape(x.shape[0], n_out)
 
 
-def stored_linear(x: jax.Array, w: Any) -> jax.Array:
-    """``x @ w.T`` (float32 result) for ``x`` [..., in] and a weight in its stored form [out, in]."""
-    lead, n_in = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, n_in)
-    if not hasattr(w, "dequantize"):
-        y = _plain(x2, w)
-    elif len(w.shape) == 2:
-        block = block_size_pair(w.block_size)[0] if isinstance(w, Fp8Weight) else 1
-        rows = tile_rows(w.shape[0], w.shape[1], block)
-        y = _tiled(x2, w, rows) if rows < w.shape[0] else widened_linear(x2, w)
-    else:  # stacked experts: the engine's expert scan hands them over one at a time
-        y = widened_linear(x2, w)
-    return y.reshape(*lead, y.shape[-1])
-
-
-def widened_linear(x: jax.Array, w: Any) -> jax.Array:
-    """The reference: the weight widened (dequantized) to ``x.dtype`` whole, then one matmul (float32 result)."""
-    dense = w.dequantize(x.dtype) if hasattr(w, "dequantize") else jnp.asarray(w).astype(x.dtype)
+def dense_product(x: jax.Array, dense: jax.Array) -> jax.Array:
+    """``x @ dense.T`` with a float32 accumulator, in the operands' own dtypes (the stored path's
+    product of a weight it dequantizes whole: small matrices and expert slices)."""
     return jnp.einsum("...i,oi->...o", x, dense, precision=_HIGHEST, preferred_element_type=F32)
 
 
-__all__ = ["MATMUL_MODES", "TILE_BYTES", "StoredWeight", "split_bf16", "tile_rows", "stored_linear", "widened_linear"]
+__all__ = ["TILE_BYTES", "split_bf16", "plain_product", "tile_rows", "tiled_product", "dense_product"]

@@ -16,10 +16,13 @@ was dealt is zeros. Small metadata tensors that no layer computes with (an int4 
 ``weight_shape``) are read whole by the process that reads that weight's first rows, and checked
 there.
 
-Placements: :class:`StreamedPlacement` reads each layer when it is needed (on the engine's
-prefetch thread, so the next layer's reads and host-to-device copies overlap this layer's
-compute: at most two layers are on the devices); :class:`ResidentPlacement` reads every layer
-once, up front, and keeps all experts of a layer as one stack in expert-id order.
+Placements, each a :class:`~kimi_jax.model.source.WeightSource`: :class:`StreamedPlacement`
+reads each layer when it is needed (on the engine's prefetch thread, so the next layer's reads and
+host-to-device copies overlap this layer's compute), and keeps across steps the layers and head the
+residency budget names (``storage.resident_bytes``: the same choice as on one device, each process
+keeping its devices' share; experts are dealt to the devices anew each step, so there is no expert
+cache); :class:`ResidentPlacement` reads every layer once, up front, and keeps all experts of a
+layer as one stack in expert-id order.
 """
 
 from __future__ import annotations
@@ -35,24 +38,27 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from kimi_jax.config import ModelConfig
 from kimi_jax.model import layers
-from kimi_jax.model.forward import plan_expert_slots
 from kimi_jax.model.mesh import (
+    MeshShape,
+    build_mesh,
     gather_counts,
     host_value,
     leaf_spec,
+    replicate,
     replicated,
     staging_sharding,
 )
 from kimi_jax.model.params import ExpertStack, HeadParams, head_params, layer_params
+from kimi_jax.model.slots import deal_expert_slots
+from kimi_jax.model.source import StepBytes, WeightSource
+from kimi_jax.model.weights import WeightPolicy
 from kimi_jax.records import ByteCounts
 from kimi_jax.storage.checkpoint import EXPERT_PROJS, CheckpointIndex, WeightEntry
+from kimi_jax.storage.formats import METADATA_PARTS
 from kimi_jax.storage.reader import ShardReader
+from kimi_jax.storage.residency import ResidencyPlan
 from kimi_jax.storage.safetensors_header import TensorRecord
-
-# Parts that describe a weight but are not computed with.
-METADATA_PARTS = ("weight_shape",)
 
 
 def row_range(rec: TensorRecord, start: int, stop: int) -> TensorRecord:
@@ -62,50 +68,25 @@ def row_range(rec: TensorRecord, start: int, stop: int) -> TensorRecord:
                                shape=(stop - start, *rec.shape[1:]))  # fmt: skip
 
 
-def deal_expert_slots(idx: np.ndarray, n_routed: int, devices: int) -> tuple[list[int | None], np.ndarray]:
-    """Mesh version of :func:`kimi_jax.model.forward.plan_expert_slots`: ``(stack_ids, slots)``.
-
-    The stack has the single-device bucket size rounded up to a multiple of ``devices`` and one
-    block of slots per device; the j-th distinct expert (by id) goes to device ``j % devices``,
-    so every device holds at most one more expert than any other. ``stack_ids[s]`` is the
-    expert in slot ``s`` or None (zeros, never referenced); ``slots[t, k]`` is the slot of
-    ``idx[t, k]``.
-    """
-    distinct, stack_ids, _ = plan_expert_slots(idx, n_routed)
-    per_device = -(-len(stack_ids) // devices)
-    placed: list[int | None] = [None] * (per_device * devices)
-    where = {}
-    for j, expert in enumerate(distinct):
-        slot = (j % devices) * per_device + j // devices
-        placed[slot] = expert
-        where[expert] = slot
-    slots = np.vectorize(where.__getitem__, otypes=[np.int32])(np.asarray(idx))
-    return placed, slots
-
-
-# (entry, parts, index, check) -> the weight: kimi_jax.model.engine.decode_weight, passed in by the
-# engine (which imports this module) so that one function builds every weight container.
-DecodeWeight = Callable[..., Any]
-
-
 @dataclasses.dataclass(frozen=True)
 class Staged:
     """Weights on this process's devices in the staging layout, and how they become parameters."""
 
-    entries: list[WeightEntry]
+    entries: dict[str, WeightEntry]  # by the name the parameters know the weight by
     keys: tuple[tuple[str, str], ...]  # (weight name, stored part) of each staged array
     rows: tuple[int, ...]
     targets: tuple[NamedSharding, ...]  # the compute layout of each
     arrays: tuple[jax.Array, ...]
     build: Callable[[dict], Any]  # canonical name -> weight, to the layer's or the head's parameters
+    layer: int | None = None  # the layer staged (None: the head)
 
 
 class MeshReads:
     """This process's reads for a mesh, and the arrays they become. Counts go to ``reader``."""
 
-    def __init__(self, index: CheckpointIndex, mesh: Mesh, reader: ShardReader, dtype, decode: DecodeWeight):
+    def __init__(self, index: CheckpointIndex, mesh: Mesh, reader: ShardReader, dtype, policy: WeightPolicy):
         self.index, self.cfg, self.mesh, self.reader, self.dtype = index, index.config, mesh, reader, dtype
-        self.decode = decode
+        self.policy = policy
         self.devices = list(mesh.devices.flat)  # process order (mesh.mesh_devices)
         me = jax.process_index()
         local = [i for i, d in enumerate(self.devices) if d.process_index == me]
@@ -158,25 +139,27 @@ class MeshReads:
 
     # -- layers ----------------------------------------------------------------------------------
 
-    def stage_weights(self, entries: list[WeightEntry], layer: int | None, build: Callable[[dict], Any]) -> Staged:
-        """Read this process's share of ``entries`` and copy it onto its devices. Process-local (no
-        collective), so it may run on the engine's prefetch thread; :meth:`assemble` finishes it."""
-        compute = [(e, part, rec) for e in entries for part, rec in e.parts.items() if part not in METADATA_PARTS]
+    def stage_weights(self, entries: dict[str, WeightEntry], layer: int | None, build: Callable[[dict], Any]) -> Staged:
+        """Read this process's share of ``entries`` (by the name the parameters know each by) and copy
+        it onto its devices. Process-local (no collective), so it may run on the engine's prefetch
+        thread; :meth:`assemble` finishes it."""
+        compute = [(name, part, rec) for name, e in entries.items() for part, rec in e.parts.items()
+                   if part not in METADATA_PARTS]  # fmt: skip
         staged = self._read_rows([rec for _, _, rec in compute], layer)
-        self._check_metadata(entries, layer)
+        self._check_metadata(list(entries.values()), layer)
         heads = self.cfg.num_attention_heads
-        targets = tuple(NamedSharding(self.mesh, leaf_spec(e.name.split("."), rec.shape, self.mesh, heads))
-                        for e, _, rec in compute)  # fmt: skip
-        return Staged(entries, tuple((e.name, part) for e, part, _ in compute), tuple(rec.shape[0] for _, _, rec in compute),
-                      targets, tuple(staged), build)  # fmt: skip
+        targets = tuple(NamedSharding(self.mesh, leaf_spec(name.split("."), rec.shape, self.mesh, heads))
+                        for name, _, rec in compute)  # fmt: skip
+        return Staged(entries, tuple((name, part) for name, part, _ in compute), tuple(rec.shape[0] for *_, rec in compute),
+                      targets, tuple(staged), build, layer)  # fmt: skip
 
     def assemble(self, staged: Staged) -> Any:
         """Staged weights in their compute layouts, built into parameters. A collective: every process
         calls it at the same point of the run, so it runs on the thread that runs the layers."""
         arrays = dict(zip(staged.keys, _unstage(staged.rows, staged.targets)(staged.arrays)))
         # weight_shape was checked where it was read (_check_metadata)
-        tensors = {e.name: self.decode(e, {p: arrays[(e.name, p)] for p in e.parts if p not in METADATA_PARTS},
-                                       self.index, check=False) for e in staged.entries}  # fmt: skip
+        tensors = {name: self.policy.decode(e, {p: arrays[(name, p)] for p in e.parts if p not in METADATA_PARTS},
+                                            self.index, check=False) for name, e in staged.entries.items()}  # fmt: skip
         return staged.build(tensors)
 
     def _check_metadata(self, entries: list[WeightEntry], layer: int | None) -> None:
@@ -187,16 +170,11 @@ class MeshReads:
                 e.check_weight_shape(parts[e.name])
 
     def stage_layer(self, layer: int) -> Staged:
-        entries = list(self.index.layers[layer].base.values())
-        return self.stage_weights(entries, layer, lambda tensors: layer_params(self.cfg, layer, tensors))
+        return self.stage_weights(self.index.layers[layer].base, layer,
+                                  lambda tensors: layer_params(self.cfg, layer, tensors))  # fmt: skip
 
     def stage_head(self) -> Staged:
-        def build(tensors: dict) -> HeadParams:
-            if "lm_head.weight" not in tensors:  # tied embeddings
-                tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-            return head_params(self.cfg, tensors)
-
-        return self.stage_weights(list(self.index.head.values()), None, build)
+        return self.stage_weights(self.index.head, None, lambda tensors: head_params(self.cfg, tensors))
 
     def expert_stack(self, layer: int, stack_ids: list[int | None]) -> ExpertStack:
         """The stack ``stack_ids`` (None: a zero slot) of ``layer``; this process reads only the
@@ -223,7 +201,7 @@ class MeshReads:
                     blocks[i] = np.stack(rows)
                 fields[proj][part] = self._stage(blocks, block, (rec.shape, rec.numpy_dtype))
         # Staged is already the compute layout: each device computes the experts its process read.
-        return ExpertStack(**{proj: self.decode(like[proj], fields[proj], self.index, check=False)
+        return ExpertStack(**{proj: self.policy.decode(like[proj], fields[proj], self.index, check=False)
                               for proj in EXPERT_PROJS})  # fmt: skip
 
     def embed(self, tokens: list[int]) -> jax.Array:
@@ -255,8 +233,36 @@ def _gather_rows(target: NamedSharding, dtype):
     return jax.jit(lambda table, order: jnp.take(table, order, axis=0).astype(dtype), out_shardings=target)
 
 
-class StreamedPlacement:
-    """Each layer read from storage when it is needed; see the module docstring.
+class _MeshExperts:
+    """A MoE layer's routed experts on the mesh, for one step (an
+    :class:`~kimi_jax.model.step.ExpertSource`): planned on the host, dealt to the devices; nothing is
+    read ahead (the deal needs the router's picks)."""
+
+    fused = False
+
+    def __init__(self, placement: StreamedPlacement, layer: int):
+        self.placement, self.layer, self.seconds = placement, layer, 0.0
+
+    def read_ahead(self, params: Any, x: jax.Array) -> None:
+        pass
+
+    def plan(self, picks: np.ndarray) -> tuple[list[int | None], np.ndarray]:
+        self.placement.picked[self.layer] = sorted({int(e) for e in np.asarray(picks).reshape(-1)})
+        return self.placement.plan_experts(picks)
+
+    def stack(self, stack_ids: list | None) -> ExpertStack:
+        started = time.perf_counter()
+        stack = self.placement.expert_stack(self.layer, stack_ids)
+        self.seconds += time.perf_counter() - started
+        return stack
+
+    def done(self, routing: layers.Routing) -> None:
+        pass  # counted from the picks the plan saw
+
+
+class StreamedPlacement(WeightSource):
+    """Each layer read from storage when it is needed, but the layers and head the residency budget
+    keeps; see the module docstring.
 
     ``stage_layer``/``stage_head`` read and copy onto the devices (safe on a prefetch thread);
     ``assemble`` turns the result into parameters on the thread that runs the layers."""
@@ -264,27 +270,61 @@ class StreamedPlacement:
     placement = "streamed"
     keeps_experts = False  # routed experts come from storage in every step
 
-    def __init__(self, reads: MeshReads):
-        self.reads = reads
-        self._picked: dict[int, list[int]] = {}  # this step: each MoE layer's distinct experts
+    def __init__(self, reads: MeshReads, residency: ResidencyPlan):
+        super().__init__(reads.index)
+        self.reads, self.residency, self.mesh = reads, residency, reads.mesh
+        self.picked: dict[int, list[int]] = {}  # this step: each MoE layer's distinct experts
+        self._kept: dict[int | None, Any] = {}  # layer (None: the head) -> parameters kept across steps
 
-    def plan_slots(self, layer: int) -> Callable[[np.ndarray], tuple[list[int | None], np.ndarray]]:
-        """The slot plan ``layer_step`` uses for ``layer``; it remembers the layer's picks for the byte counts."""
+    def begin_step(self) -> None:
+        self.reads.reader.begin_step()
 
-        def plan(idx: np.ndarray) -> tuple[list[int | None], np.ndarray]:
-            self._picked[layer] = sorted({int(e) for e in np.asarray(idx).reshape(-1)})
-            return self.plan_experts(idx)
+    def bytes_so_far(self) -> int:
+        return self.reads.reader.step.total
 
-        return plan
+    def embed(self, tokens: list[int]) -> jax.Array:
+        return self.reads.embed(tokens)
 
-    def byte_counts(self, counters, tokens: list[int]) -> tuple[dict, dict]:
+    def stage_layer(self, layer: int) -> Any:
+        return self._kept.get(layer) or self.reads.stage_layer(layer)
+
+    def stage_head(self) -> Any:
+        return self._kept.get(None) or self.reads.stage_head()
+
+    def assemble(self, staged: Any) -> Any:
+        if not isinstance(staged, Staged):
+            return staged  # kept parameters
+        params = self.reads.assemble(staged)
+        if staged.layer in self.residency.layers or (staged.layer is None and self.residency.head):
+            self._kept[staged.layer] = params
+        return params
+
+    def routed_experts(self, layer: int) -> _MeshExperts:
+        return _MeshExperts(self, layer)
+
+    def plan_experts(self, idx: np.ndarray) -> tuple[list[int | None], np.ndarray]:
+        return deal_expert_slots(idx, self.cfg.n_routed_experts, len(self.reads.devices))
+
+    def expert_stack(self, layer: int, stack_ids: list[int | None]) -> ExpertStack:
+        return self.reads.expert_stack(layer, stack_ids)
+
+    def logits(self, head: HeadParams, hidden: jax.Array) -> np.ndarray:
+        """Final norm and the vocabulary-split head; the logits gathered whole to every host."""
+        return host_value(layers.final_logits(self.cfg, head, hidden))
+
+    def gather(self, hidden: jax.Array, caches: list | None) -> tuple[jax.Array, list | None]:
+        """Activations come out split over the model axis: gathered whole (a collective)."""
+        return replicate(hidden, self.mesh), replicate(caches, self.mesh) if caches is not None else None
+
+    def end_step(self, tokens: list[int]) -> StepBytes:
         """One step's :class:`~kimi_jax.records.ByteCounts` per layer (None: embedding rows and head),
         over every process (a collective), and what each process read, per layer.
 
         ``used`` is what a one-device run would count for the same routing (the layer's non-expert
         weights and its distinct experts; the embedding rows and the head); ``from_storage`` is what
         the processes read; the rest was on the devices already (``from_memory``)."""
-        index = self.reads.index
+        counters = self.reads.reader.end_step()
+        index = self.index
         keys: list[int | None] = [None, *range(len(index.layers))]
         rows = gather_counts([counters.per_layer.get(k, 0) for k in keys]
                              + [counters.per_layer_overread.get(k, 0) for k in keys])  # fmt: skip
@@ -292,33 +332,15 @@ class StreamedPlacement:
         embed_row = index.embed_row_bytes()
         used = {None: len(set(tokens)) * embed_row + sum(e.nbytes for e in index.head.values())}
         for layer, lm in enumerate(index.layers):
-            used[layer] = lm.base_bytes + sum(lm.expert_bytes(e) for e in self._picked.get(layer, []))
+            used[layer] = lm.base_bytes + sum(lm.expert_bytes(e) for e in self.picked.get(layer, []))
         counts = {}
         for i, k in enumerate(keys):
-            read, experts = sum(per_process[k]), len(self._picked.get(k, [])) if k is not None else 0
+            read, experts = sum(per_process[k]), len(self.picked.get(k, [])) if k is not None else 0
             counts[k] = ByteCounts(used=used[k], from_memory=used[k] - read, from_storage=read,
                                    overread=sum(row[len(keys) + i] for row in rows), experts_used=experts,
                                    experts_from_memory=experts if self.keeps_experts else 0)  # fmt: skip
-        self._picked = {}
-        return counts, per_process
-
-    def embed(self, tokens: list[int]) -> jax.Array:
-        return self.reads.embed(tokens)
-
-    def stage_layer(self, layer: int) -> Any:
-        return self.reads.stage_layer(layer)
-
-    def stage_head(self) -> Any:
-        return self.reads.stage_head()
-
-    def assemble(self, staged: Any) -> Any:
-        return self.reads.assemble(staged)
-
-    def plan_experts(self, idx: np.ndarray) -> tuple[list[int | None], np.ndarray]:
-        return deal_expert_slots(idx, self.reads.cfg.n_routed_experts, len(self.reads.devices))
-
-    def expert_stack(self, layer: int, stack_ids: list[int | None]) -> ExpertStack:
-        return self.reads.expert_stack(layer, stack_ids)
+        self.picked = {}
+        return StepBytes(counts, per_process, counters)
 
 
 class ResidentPlacement(StreamedPlacement):
@@ -330,18 +352,16 @@ class ResidentPlacement(StreamedPlacement):
     placement = "resident"
     keeps_experts = True
 
-    def __init__(self, reads: MeshReads):
-        super().__init__(reads)
+    def __init__(self, reads: MeshReads, residency: ResidencyPlan):
+        super().__init__(reads, residency)
         cfg = reads.cfg
-        started = time.perf_counter()
         self._layers = [reads.assemble(reads.stage_layer(layer)) for layer in range(cfg.num_hidden_layers)]
         devices = len(reads.devices)
         every = list(range(cfg.n_routed_experts)) + [None] * (-cfg.n_routed_experts % devices)
         self._experts = {layer: reads.expert_stack(layer, every) for layer in range(cfg.num_hidden_layers)
-                         if cfg.is_moe_layer(layer)}  # fmt: skip
+                         if self.experts(layer) is not None}  # fmt: skip
         self._head = reads.assemble(reads.stage_head())
         jax.block_until_ready((self._layers, self._experts, self._head))
-        self.load_s = time.perf_counter() - started
 
     def stage_layer(self, layer: int) -> Any:
         return self._layers[layer]
@@ -349,28 +369,21 @@ class ResidentPlacement(StreamedPlacement):
     def stage_head(self) -> Any:
         return self._head
 
-    def assemble(self, staged: Any) -> Any:
-        return staged  # already parameters
-
     def plan_experts(self, idx: np.ndarray) -> tuple[list[int | None], np.ndarray]:
-        return list(range(self.reads.cfg.n_routed_experts)), np.asarray(idx, dtype=np.int32)
+        return list(range(self.cfg.n_routed_experts)), np.asarray(idx, dtype=np.int32)
 
     def expert_stack(self, layer: int, stack_ids: list[int | None]) -> ExpertStack:
         return self._experts[layer]
 
 
-def make_placement(index: CheckpointIndex, mesh: Mesh, placement: str, reader: ShardReader, dtype,
-                   decode: DecodeWeight) -> StreamedPlacement:  # fmt: skip
-    reads = MeshReads(index, mesh, reader, dtype, decode)
-    return ResidentPlacement(reads) if placement == "resident" else StreamedPlacement(reads)
+def make_placement(index: CheckpointIndex, shape: MeshShape, reader: ShardReader, residency: ResidencyPlan,
+                   policy: WeightPolicy, dtype) -> StreamedPlacement:  # fmt: skip
+    """The mesh ``shape``'s placement, reading through ``reader``; what it read before step 0 (a
+    resident placement) is gathered from every process into ``load_bytes_per_process``."""
+    reads = MeshReads(index, build_mesh(shape), reader, dtype, policy)
+    placement = (ResidentPlacement if shape.placement == "resident" else StreamedPlacement)(reads, residency)
+    placement.load_bytes_per_process = [row[0] for row in gather_counts([reader.run.total])]
+    return placement
 
 
-def logits_on_host(cfg: ModelConfig, head: HeadParams, hidden: jax.Array) -> np.ndarray:
-    """Final norm and the vocabulary-split head; the logits gathered whole to every host."""
-    return host_value(layers.final_logits(cfg, head, hidden))
-
-
-__all__ = [
-    "METADATA_PARTS", "row_range", "deal_expert_slots", "Staged", "MeshReads", "StreamedPlacement",
-    "ResidentPlacement", "make_placement", "logits_on_host",
-]
+__all__ = ["row_range", "Staged", "MeshReads", "StreamedPlacement", "ResidentPlacement", "make_placement"]

@@ -1,15 +1,10 @@
-"""Quantized weights kept packed inside JAX (pytrees) until the matmul: int4 pack-quantized and
-block FP8. The stored formats, their numpy decoders and the two dequantization modes (``exact``,
-``bf16-rounded``) are in :mod:`kimi_jax.storage.codecs`; the functions here give the same bits.
-
-A container carries its mode as static metadata, so the jitted layer functions need no extra
-argument and a program compiled for one mode is never reused for the other. Whatever the mode,
-a weight materialized as bfloat16 (``compute.dtype: bfloat16``) is the product rounded once to
+"""Dequantization inside JAX: int4 pack-quantized and block FP8, the JAX twins of the numpy
+decoders in :mod:`kimi_jax.storage.codecs` (same bits, both modes: ``exact`` and ``bf16-rounded``).
+The weight containers that call them are in :mod:`kimi_jax.model.weights`. Whatever the mode, a
+weight materialized as bfloat16 (``compute.dtype: bfloat16``) is the product rounded once to
 bfloat16: both modes give the same matmul input there."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -77,45 +72,4 @@ def dequant_fp8_block_jax(weight: jax.Array, scale_inv: jax.Array, block_size=DE
     return _finish(weight.astype(jnp.float32) * s, dtype, mode)
 
 
-@dataclasses.dataclass(frozen=True)
-class Int4Weight:
-    """A pack-quantized int4 linear weight kept packed inside JAX (a pytree)."""
-
-    packed: jax.Array  # int32 [..., out, ceil(in/8)]
-    scale: jax.Array  # bf16 [..., out, ceil(in/group_size)]
-    in_features: int
-    group_size: int
-    dequant: str = EXACT  # exact | bf16-rounded
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.packed.shape[:-1], self.in_features)
-
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        return dequant_int4_jax(self.packed, self.scale, self.in_features, self.group_size, dtype, self.dequant)
-
-
-@dataclasses.dataclass(frozen=True)
-class Fp8Weight:
-    """A block-FP8 linear weight kept as FP8 inside JAX (a pytree)."""
-
-    weight: jax.Array  # float8_e4m3fn [..., out, in]
-    scale_inv: jax.Array  # f32 [..., ceil(out/b0), ceil(in/b1)]
-    block_size: tuple = DEFAULT_FP8_BLOCK
-    dequant: str = EXACT  # exact | bf16-rounded
-
-    def __post_init__(self):
-        object.__setattr__(self, "block_size", tuple(int(b) for b in self.block_size))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape)
-
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        return dequant_fp8_block_jax(self.weight, self.scale_inv, self.block_size, dtype, self.dequant)
-
-
-jax.tree_util.register_dataclass(Int4Weight, data_fields=["packed", "scale"],
-                                 meta_fields=["in_features", "group_size", "dequant"])
-jax.tree_util.register_dataclass(Fp8Weight, data_fields=["weight", "scale_inv"],
-                                 meta_fields=["block_size", "dequant"])
+__all__ = ["dequant_int4_jax", "dequant_fp8_block_jax"]

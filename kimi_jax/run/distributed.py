@@ -135,13 +135,10 @@ def check_mesh(plan) -> None:
     from kimi_jax.model.mesh import MeshError, mesh_devices
 
     m = plan.manifest
-    for field, value, off in (("storage.resident_bytes", m.storage.resident_bytes, 0),
-                              ("storage.speculate", m.storage.speculate, False),
-                              ("compute.matmul", m.compute.matmul, "widened")):  # fmt: skip
-        if value != off:
-            raise m.error("compute.mesh", f"{field} ({value!r}) applies to one device; on a mesh the placement "
-                                          "decides what stays on the devices (compute.mesh.placement: resident keeps "
-                                          f"every weight) and weights are widened for the matmuls ({field}: {off!r})")  # fmt: skip
+    if m.storage.speculate:
+        raise m.error("compute.mesh", "storage.speculate (true) applies to one device: on a mesh each step deals the "
+                                      "experts the router picked to the devices, so there is nothing to read ahead; "
+                                      "set storage.speculate: false")  # fmt: skip
     try:
         mesh_devices(plan.mesh)
     except MeshError as e:
@@ -251,12 +248,11 @@ class SharedCheckpoints:
         tokens = [int(t) for t in np.asarray(broadcast_one_to_all(mine))]
         m = self.plan.manifest
         if m.generate.kv_cache:
-            from kimi_jax.model.engine import DTYPES
             from kimi_jax.model.layers import LatentCache
+            from kimi_jax.model.weights import DTYPES
 
-            cfg, capacity = self.plan.index.config, len(self.plan.prompt) + m.generate.max_new_tokens
-            template = caches or [LatentCache.empty(cfg, capacity, DTYPES[m.compute.dtype])
-                                  for _ in range(cfg.num_hidden_layers)]  # fmt: skip
+            capacity = len(self.plan.prompt) + m.generate.max_new_tokens
+            template = caches or LatentCache.for_run(self.plan.index.config, capacity, DTYPES[m.compute.dtype])
             shared = broadcast_one_to_all(template)
             caches = [LatentCache(*(np.asarray(a) for a in (c.c_kv, c.k_pe, c.length))) for c in shared]
         if self.files is None:  # the others need only the tokens, to continue the context

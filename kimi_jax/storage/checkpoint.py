@@ -26,6 +26,7 @@ from kimi_jax.config import ModelConfig, load_model_config
 from kimi_jax.errors import CheckpointError
 from kimi_jax.fileio import read_json
 from kimi_jax.shapes import expert_shapes, global_shapes, layer_shapes
+from kimi_jax.storage.formats import WeightFormat, format_of
 from kimi_jax.storage.layouts import KIMI_K25_PREFIX, TEXT_PREFIX, indexed_layout
 from kimi_jax.storage.safetensors_header import (
     ShardHeader,
@@ -33,7 +34,6 @@ from kimi_jax.storage.safetensors_header import (
     read_shard_header,
 )
 
-WeightFormat = Literal["plain", "int4", "fp8"]
 INDEX_FILE = "model.safetensors.index.json"
 # Kimi K2.5's index lists about 200,000 tensors in about 20 MB; anything far larger is not an index.
 MAX_INDEX_BYTES = 256 * 1024 * 1024
@@ -126,8 +126,10 @@ class CheckpointIndex:
 
     @property
     def head(self) -> dict[str, WeightEntry]:
-        names = ["norm.weight", "lm_head.weight" if "lm_head.weight" in self.weights else "embed_tokens.weight"]
-        return {n: self.weights[n] for n in names}
+        """The final norm and the lm_head, by canonical name; with tied embeddings (no stored
+        lm_head) ``lm_head.weight`` is the embedding's entry."""
+        return {"norm.weight": self.weights["norm.weight"],
+                "lm_head.weight": self.weights.get("lm_head.weight", self.embed)}  # fmt: skip
 
     def embed_row_bytes(self) -> int:
         e = self.embed
@@ -348,12 +350,15 @@ def _group_weights(canonical: dict[str, TensorRecord], cfg: ModelConfig) -> dict
 def _make_weight(name: str, parts: dict[str, TensorRecord], cfg: ModelConfig) -> WeightEntry:
     keys = set(parts)
     shard = next(iter(parts.values())).shard
-    if keys == {"weight"}:
+    fmt = format_of(keys)
+    if fmt is None:
+        raise CheckpointError(f"{shard}: {name}: unrecognised combination of stored tensors {sorted(keys)}")
+    if fmt.name == "plain":
         rec = parts["weight"]
         if rec.dtype == "F8_E4M3":
             raise CheckpointError(f"{shard}: {name} is F8_E4M3 but has no weight_scale_inv")
         return WeightEntry(name, "plain", rec.shape, dict(parts))
-    if keys == {"weight", "weight_scale_inv"}:
+    if fmt.name == "fp8":
         w, s = parts["weight"], parts["weight_scale_inv"]
         if w.dtype != "F8_E4M3" or s.dtype != "F32" or len(w.shape) != 2:
             raise CheckpointError(f"{shard}: {name}: expected F8_E4M3 weight with F32 weight_scale_inv, "
@@ -364,24 +369,22 @@ def _make_weight(name: str, parts: dict[str, TensorRecord], cfg: ModelConfig) ->
             raise CheckpointError(f"{shard}: {name}.weight_scale_inv has shape {list(s.shape)}, expected "
                                   f"{list(want)} for a {list(w.shape)} weight in {b0}x{b1} blocks")  # fmt: skip
         return WeightEntry(name, "fp8", w.shape, {"weight": w, "weight_scale_inv": s})
-    if keys == {"weight_packed", "weight_scale", "weight_shape"}:
-        if cfg.quant.kind != "int4-pack":
-            raise CheckpointError(f"{shard}: {name} is int4 pack-quantized but config.json declares no "
-                                  "compressed-tensors quantization_config")  # fmt: skip
-        p, s, ws = parts["weight_packed"], parts["weight_scale"], parts["weight_shape"]
-        g = cfg.quant.group_size
-        if p.dtype != "I32" or len(p.shape) != 2 or s.dtype not in _PLAIN_DTYPES or len(s.shape) != 2:
-            raise CheckpointError(f"{shard}: {name}: expected I32 weight_packed and BF16 weight_scale, "
-                                  f"found {p.dtype}{list(p.shape)} and {s.dtype}{list(s.shape)}")  # fmt: skip
-        if ws.dtype not in ("I32", "I64") or ws.shape != (2,):
-            raise CheckpointError(f"{shard}: {name}.weight_shape must be I32 or I64 of shape [2], "
-                                  f"found {ws.dtype}{list(ws.shape)}")  # fmt: skip
-        in_features = s.shape[1] * g
-        if p.shape[0] != s.shape[0] or p.shape[1] != math.ceil(in_features / 8):
-            raise CheckpointError(f"{shard}: {name}: weight_packed {list(p.shape)} and weight_scale "
-                                  f"{list(s.shape)} disagree for group_size {g}")  # fmt: skip
-        return WeightEntry(name, "int4", (p.shape[0], in_features), dict(parts))
-    raise CheckpointError(f"{shard}: {name}: unrecognised combination of stored tensors {sorted(keys)}")
+    if cfg.quant.kind != "int4-pack":
+        raise CheckpointError(f"{shard}: {name} is int4 pack-quantized but config.json declares no "
+                              "compressed-tensors quantization_config")  # fmt: skip
+    p, s, ws = parts["weight_packed"], parts["weight_scale"], parts["weight_shape"]
+    g = cfg.quant.group_size
+    if p.dtype != "I32" or len(p.shape) != 2 or s.dtype not in _PLAIN_DTYPES or len(s.shape) != 2:
+        raise CheckpointError(f"{shard}: {name}: expected I32 weight_packed and BF16 weight_scale, "
+                              f"found {p.dtype}{list(p.shape)} and {s.dtype}{list(s.shape)}")  # fmt: skip
+    if ws.dtype not in ("I32", "I64") or ws.shape != (2,):
+        raise CheckpointError(f"{shard}: {name}.weight_shape must be I32 or I64 of shape [2], "
+                              f"found {ws.dtype}{list(ws.shape)}")  # fmt: skip
+    in_features = s.shape[1] * g
+    if p.shape[0] != s.shape[0] or p.shape[1] != math.ceil(in_features / 8):
+        raise CheckpointError(f"{shard}: {name}: weight_packed {list(p.shape)} and weight_scale "
+                              f"{list(s.shape)} disagree for group_size {g}")  # fmt: skip
+    return WeightEntry(name, "int4", (p.shape[0], in_features), dict(parts))
 
 
 def _build_layers(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry]) -> tuple[LayerMap, ...]:

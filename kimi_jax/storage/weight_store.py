@@ -131,8 +131,9 @@ class WeightStore:
         return self._resident_or_read(layer, entries, layer, layer in self.plan.layers)
 
     def head(self) -> dict[str, Any]:
-        """The final norm and lm_head (or the tied embedding), by canonical name."""
-        return self._resident_or_read("head", list(self.index.head.values()), None, self.plan.head)
+        """The final norm and lm_head (the embedding, when tied), by canonical name."""
+        weights = self._resident_or_read("head", list(self.index.head.values()), None, self.plan.head)
+        return {role: weights[entry.name] for role, entry in self.index.head.items()}
 
     def records(self, records: list[TensorRecord], labels: list[str]) -> list[np.ndarray]:
         """Raw tensors outside any layer (embedding rows), always read: they are a few rows."""

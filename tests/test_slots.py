@@ -1,4 +1,4 @@
-"""The in-program expert plan agrees with the host's (kimi_jax.model.forward.plan_expert_slots)."""
+"""The in-program expert plan agrees with the host's (kimi_jax.model.slots)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax.model.forward import plan_expert_slots
-from kimi_jax.model.resident import expert_plan_in_program
+from kimi_jax.model.slots import expert_plan_in_program, plan_expert_slots
 
 
 @pytest.mark.parametrize("t,k,n_experts", [(1, 8, 64), (1, 6, 16), (3, 4, 16), (5, 8, 384), (4, 4, 8)])

@@ -82,9 +82,32 @@ def mesh_mismatch(expert: int, model: int) -> dict:
     return {"error": None}
 
 
-def generate(ckpt: str, steps: int, kv_cache: bool, mesh: MeshShape | None):
-    with Engine(open_checkpoint(ckpt), mesh=mesh) as engine:
+def generate(ckpt: str, steps: int, kv_cache: bool, mesh: MeshShape | None, **engine_args):
+    with Engine(open_checkpoint(ckpt), mesh=mesh, **engine_args) as engine:
         return engine.generate([5, 9, 400], steps, kv_cache=kv_cache)
+
+
+def settings_on_meshes(ckpt: str, matmul: str, meshes: list[list]) -> dict:
+    """One device and each mesh ``[expert, model]`` with the same residency budget (every layer's
+    non-expert weights and the head kept) and ``matmul``: tokens, logit difference, bytes by source."""
+    from kimi_jax.storage.residency import plan_residency
+
+    index = open_checkpoint(ckpt)
+    budget = plan_residency(index, 1 << 40).pinned_bytes  # the bases and the head, no experts
+
+    def run(mesh):
+        steps = generate(ckpt, 4, True, mesh, matmul=matmul, residency=plan_residency(index, budget))
+        return {"tokens": [s.token for s in steps], "used": [s.bytes_read for s in steps],
+                "from_memory": [s.io.from_memory for s in steps], "from_storage": [s.io.from_storage for s in steps],
+                "logits": [s.logits for s in steps]}  # fmt: skip
+
+    one = run(None)
+    out = {"one": {k: v for k, v in one.items() if k != "logits"}, "meshes": []}
+    for expert, model in meshes:
+        got = run(MeshShape(expert, model))
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(one["logits"], got.pop("logits")))
+        out["meshes"].append({"mesh": [expert, model], "max_abs_logit_diff": diff, **got})
+    return out
 
 
 def tokens_on_meshes(ckpt: str, steps: int, kv_cache: bool, meshes: list[list], repeat: bool = False) -> dict:
@@ -112,7 +135,8 @@ def tokens_on_meshes(ckpt: str, steps: int, kv_cache: bool, meshes: list[list], 
     return out
 
 
-JOBS = {"placement_reads": placement_reads, "mesh_mismatch": mesh_mismatch, "tokens_on_meshes": tokens_on_meshes}
+JOBS = {"placement_reads": placement_reads, "mesh_mismatch": mesh_mismatch, "tokens_on_meshes": tokens_on_meshes,
+        "settings_on_meshes": settings_on_meshes}
 
 if __name__ == "__main__":
     for job in json.loads(sys.argv[1]):

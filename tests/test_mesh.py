@@ -96,16 +96,18 @@ def test_distributed_settings_from_manifest_and_environment(tmp_path):
         settings_from(no_mesh, {})
 
 
-def test_a_mesh_refuses_one_device_residency_settings(tiny_checkpoints, tmp_path):
+def test_a_mesh_refuses_speculation_only(tiny_checkpoints, tmp_path):
+    """A residency budget and stored matmuls run on a mesh (below); reading ahead the experts an
+    early router predicts does not: a mesh deals the picked experts to its devices each step."""
     from kimi_jax.run.distributed import check_mesh
     from kimi_jax.run.plan import prepare_run
 
-    path = _manifest_file(tmp_path, "compute: {mesh: {expert: 1, model: 1}}\nstorage: {resident_bytes: 1MiB}\n")
+    path = _manifest_file(tmp_path, "compute: {mesh: {expert: 1, model: 1}, matmul: stored}\n"
+                                    "storage: {resident_bytes: 1MiB}\n")  # fmt: skip
     path.write_text(path.read_text().replace("synthetic: {preset: tiny}", f"checkpoint: {tiny_checkpoints['kimi-k2.5']}"))
-    with pytest.raises(ManifestError, match=r"compute.mesh: storage.resident_bytes \(1048576\) applies to one device"):
-        check_mesh(prepare_run(load_manifest(path)))
-    with pytest.raises(ManifestError, match=r"compute.mesh: compute.matmul \('stored'\) applies to one device"):
-        check_mesh(prepare_run(load_manifest(path, ["storage.resident_bytes=0", "compute.matmul=stored"])))
+    check_mesh(prepare_run(load_manifest(path)))
+    with pytest.raises(ManifestError, match=r"compute.mesh: storage.speculate \(true\) applies to one device"):
+        check_mesh(prepare_run(load_manifest(path, ["storage.speculate=true"])))
 
 
 # -- host-side planning ------------------------------------------------------------------------
@@ -163,6 +165,23 @@ MESH_CASES = [
 # Largest |logit difference| allowed between a mesh and one device. Measured: at most 1.2e-5 on
 # logits up to 13 in magnitude (a psum adds the experts' partial sums in another order).
 LOGIT_TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("matmul", ["widened", "stored"])
+def test_a_residency_budget_and_stored_matmuls_on_a_mesh_match_one_device(tiny_checkpoints, matmul):
+    """The same budget keeps the same layers and head on a mesh (each process its devices' share):
+    after step 0 they come from memory and only experts and embedding rows are read, byte for byte
+    as on one device; tokens are one device's, logits within the mesh tolerance."""
+    job = {"job": "settings_on_meshes", "args": {"ckpt": str(tiny_checkpoints["kimi-k2.5"]), "matmul": matmul,
+                                                 "meshes": [[1, 8], [2, 4]]}}  # fmt: skip
+    (result,) = run_worker([job])
+    one = result["one"]
+    assert one["from_memory"][0] == 0 and all(m > 0 for m in one["from_memory"][1:])
+    for m in result["meshes"]:
+        assert m["tokens"] == one["tokens"], m["mesh"]
+        assert m["max_abs_logit_diff"] < LOGIT_TOLERANCE, m["mesh"]
+        assert (m["used"], m["from_memory"], m["from_storage"]) == (one["used"], one["from_memory"],
+                                                                    one["from_storage"]), m["mesh"]
 
 
 def test_greedy_tokens_on_meshes_match_one_device(tiny_checkpoints):

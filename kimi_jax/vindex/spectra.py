@@ -46,8 +46,9 @@ from jax.scipy.linalg import eigh_tridiagonal
 
 from kimi_jax.model.params import stack_weights
 from kimi_jax.model.quant import dequant_fp8_block_jax, dequant_int4_jax
-from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
 from kimi_jax.settings import EXACT
+from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
+from kimi_jax.storage.formats import FORMATS
 
 METHOD = "gram-f32 + sytrd + bisection (values only)"
 METHOD_VERSION = 1
@@ -136,7 +137,6 @@ def matrix_kind(entry: WeightEntry, index: CheckpointIndex) -> MatrixKind:
     return MatrixKind("plain", (), tuple(entry.shape))
 
 
-_PART_NAMES = {"int4": ("weight_packed", "weight_scale"), "fp8": ("weight", "weight_scale_inv"), "plain": ("weight",)}
 
 
 def stack_parts(kind: MatrixKind, entries: list[WeightEntry], parts: dict[str, dict[str, np.ndarray]],
@@ -147,7 +147,7 @@ def stack_parts(kind: MatrixKind, entries: list[WeightEntry], parts: dict[str, d
     for entry in entries:
         got = parts[entry.name]
         entry.check_weight_shape(got)
-        items.append(tuple(got[part] for part in _PART_NAMES[kind.fmt]))
+        items.append(tuple(got[part] for part in FORMATS[kind.fmt].compute_parts))
     items += [items[-1]] * (size - len(items))
     return stack_weights(items, f"{entries[0].name} (and {len(entries) - 1} more)")
 

@@ -95,7 +95,9 @@ def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: b
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a manifest field (repeatable).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output directory (replaces output.dir).")
 def prove(manifest: str, overrides: tuple[str, ...], out_dir: str | None) -> None:
-    """Prove capture is non-perturbing: bare and instrumented runs must agree on every step."""
+    """Prove capture is non-perturbing: bare and instrumented runs must agree on every step.
+
+    The same as ``kimi-jax run MANIFEST --prove`` (run proves by default), named for what it checks."""
     from kimi_jax.run.runner import run_manifest
 
     run_manifest(manifest, list(overrides), out_dir, prove=True, text_out=sys.stdout)
@@ -112,21 +114,9 @@ def anchor() -> None:
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Anchor file (default: the manifest's anchor).")
 def anchor_freeze(manifest: str, overrides: tuple[str, ...], out_file: str | None) -> None:
     """Run step 0 twice, require bitwise-identical results, write the anchor file."""
-    from kimi_jax.model.jax_setup import enable_compilation_cache
-    from kimi_jax.run.anchor import freeze
-    from kimi_jax.run.plan import load_plan
-    from kimi_jax.run.runner import run_steps
+    from kimi_jax.run.runner import freeze_anchor
 
-    from kimi_jax.run import distributed
-
-    plan = load_plan(manifest, list(overrides))
-    settings = distributed.join(plan)  # a mesh over several processes: every process runs the steps
-    with distributed.fail_fast(settings):
-        enable_compilation_cache(plan.manifest.model.cache_dir)
-        writer = distributed.is_writer()
-        path, values = freeze(plan, lambda p: run_steps(p, keep_capture=False, max_new_tokens=1)[0],
-                              Path(out_file) if out_file else None, write=writer)  # fmt: skip
-        distributed.finish()
+    path, values, writer = freeze_anchor(manifest, list(overrides), out_file)
     if writer:
         click.echo(f"anchor frozen to {path}: token {values['token']}, logit {values['logit']}, "
                    f"{values['bytes_read']:,} bytes; hidden {values['hidden_digest']}; logits {values['logits_digest']}")

@@ -30,6 +30,11 @@ class InputError(KimiJaxError):
     the UTF-8 JSON it should be."""
 
 
+class ResumeError(KimiJaxError):
+    """A run cannot continue from what was given to resume it: the saved work does not belong to
+    this run, or part of it is missing."""
+
+
 class OutputError(KimiJaxError):
     """A folder kimi-jax writes to (a run's output, the cache) cannot be used: another run holds it,
     it is not ours to replace, or the disk is full or read-only."""

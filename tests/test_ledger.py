@@ -20,7 +20,8 @@ from kimi_jax.model import engine as engine_mod
 from kimi_jax.run.anchor import AnchorMismatch
 from kimi_jax.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
-from kimi_jax.run.runner import NonPerturbationFailure, execute
+from kimi_jax.ledger.run_record import NonPerturbationFailure
+from kimi_jax.run.runner import execute
 
 
 def _plan(tmp_path, ckpt, **extra):

@@ -40,6 +40,7 @@ from typing import Any, Iterator
 import blake3
 import numpy as np
 
+from kimi_jax.errors import KimiJaxError
 from kimi_jax.ledger.floats import f32, f32_list
 from kimi_jax.settings import DEQUANT_MODES
 
@@ -54,6 +55,10 @@ LEDGER_VERSION_CHANGES = {2: (
     "prompt and generated text; run.dequant records how quantized weights were dequantized (version 1 always "
     "rounded them to bfloat16: bf16-rounded)")}
 TOP_K = 16
+
+
+class LedgerInvalid(KimiJaxError):
+    """A ledger being written does not satisfy its own schema (a defect of this kimi-jax, not of the input)."""
 
 # -- float32-exact JSON numbers (f32, f32_list: kimi_jax.ledger.floats) -------------------------
 
@@ -444,10 +449,9 @@ def checkpoint_record(plan) -> dict[str, Any]:
                                                          "digest": tokenizer.digest}}  # fmt: skip
 
 
-def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, proof: dict | None,
-                 residency: dict[str, Any] | None = None, mesh: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """``residency``: the run's ``run.residency`` record (what the budget kept), when it had one;
-    ``mesh``: ``run.mesh`` of a mesh run (see the schema), None for one device."""
+def build_ledger(plan, steps, facts) -> dict[str, Any]:
+    """The ledger of a run plan's ``steps`` (:class:`~kimi_jax.records.StepRecord`) and the run's
+    other records, ``facts`` (:class:`~kimi_jax.ledger.run_record.RunFacts`)."""
     from kimi_jax.ledger.text_fields import text_section
     from kimi_jax.platform_info import (
         fingerprint_digest,
@@ -472,10 +476,10 @@ def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, p
         "platform_digest": fingerprint_digest(platform),
         "run": {"prompt": list(plan.prompt), "prompt_input": prompt_input(m), "max_new_tokens": m.generate.max_new_tokens,
                 "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype, "dequant": m.compute.dequant,
-                "matmul": m.compute.matmul, **({"residency": residency} if residency is not None else {}),
+                "matmul": m.compute.matmul, **({"residency": facts.residency} if facts.residency is not None else {}),
                 "capture": capture,
                 "sampling": decoding.sampling.as_dict() if decoding.sampling else None, "stop": decoding.settings(),
-                **page_cache, "mesh": mesh},  # fmt: skip
+                **facts.page_cache, "mesh": facts.mesh},  # fmt: skip
         "steps": [step_entry(s, capture, idx.config.norm_topk_prob, tokenizer, decoding.sampling) for s in steps],
         "stopped": decoding.final_reason([int(s.token) for s in steps]),
         "text": text_section(tokenizer, list(plan.prompt), [int(s.token) for s in steps]),
@@ -484,8 +488,8 @@ def build_ledger(plan, steps, page_cache: dict[str, Any], anchor: dict | None, p
                    "bytes_cache": sum(int((s.storage or {}).get("bytes_cache", 0)) for s in steps),
                    "bytes_per_process": [sum(col) for col in zip(*(per_process(s) for s in steps))],
                    "wall_s": f32(sum(s.wall_s for s in steps))},  # fmt: skip
-        "anchor": anchor,
-        "non_perturbation": proof,
+        "anchor": facts.anchor,
+        "non_perturbation": facts.proof,
     }
 
 
@@ -501,7 +505,7 @@ def validate_ledger(ledger: dict) -> None:
     jsonschema.Draft202012Validator(LEDGER_SCHEMA).validate(ledger)
     loose = unclassified_fields(ledger)
     if loose:
-        raise ValueError(f"ledger fields without provenance in the schema: {loose}")
+        raise LedgerInvalid(f"ledger fields without provenance in the schema: {loose}")
 
 
 def audit_derived(ledger: dict, arrays: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.errors import KimiJaxError
+from kimi_jax.errors import ResumeError
 from kimi_jax.model import layers
 from kimi_jax.model.source import LocalSource, WeightSource
 from kimi_jax.model.step import layer_step, whole_model_step
@@ -37,14 +37,10 @@ from kimi_jax.records import ByteCounts, LayerRecord, StepRecord
 from kimi_jax.settings import EXACT
 from kimi_jax.storage.checkpoint import CheckpointIndex
 from kimi_jax.storage.reader import ShardReader, return_freed_buffers
-from kimi_jax.storage.residency import ResidencyPlan, budget_plan, plan_residency
+from kimi_jax.storage.residency import ResidencyPlan, plan_residency
 
 # Called after each layer with (step, layer, bytes read so far this step): progress display.
 OnLayer = Callable[[int, int, int], None]
-
-
-class ResumeError(KimiJaxError):
-    """A run cannot continue from what was given to resume it."""
 
 
 class LayerOutput(NamedTuple):
@@ -116,20 +112,18 @@ class Engine:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-jax-prefetch")
 
     @classmethod
-    def from_plan(cls, plan: Any, keep_capture: bool = True, residency: ResidencyPlan | None = None) -> "Engine":
-        """The engine a plan describes: its checkpoint, with the manifest's compute and storage settings.
+    def from_plan(cls, plan: Any, keep_capture: bool = True) -> "Engine":
+        """The engine a plan describes: its checkpoint, with the manifest's compute and storage settings
+        and the plan's resolved ``residency``.
 
-        ``plan`` is a run plan or a vindex plan: anything with ``index`` and ``manifest``, and a run
-        plan's ``source`` (remote, digest-checked) supplies the reader; without one, shards are read locally.
-        ``residency`` defaults to the manifest's budget and page-cache choice resolved now (``auto``
-        measures memory: a caller running the plan twice resolves it once and passes it)."""
+        ``plan`` is a run plan or a vindex plan: anything with ``index``, ``manifest`` and
+        ``residency``; a run plan's ``source`` (remote, digest-checked) supplies the reader; without
+        one, shards are read locally."""
         m = plan.manifest
         source = getattr(plan, "source", None)
         reader = source.reader(m.storage.io_retries) if source is not None else None
-        residency = residency if residency is not None else budget_plan(plan.index, m.storage.resident_bytes,
-                                                                          m.storage.page_cache)  # fmt: skip
         return cls(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture,
-                   reader=reader, dequant=m.compute.dequant, matmul=m.compute.matmul, residency=residency,
+                   reader=reader, dequant=m.compute.dequant, matmul=m.compute.matmul, residency=plan.residency,
                    expert_cache=m.storage.expert_cache, speculate=m.storage.speculate,
                    mesh=getattr(plan, "mesh", None))  # fmt: skip
 
@@ -312,4 +306,4 @@ class Engine:
         return record, caches
 
 
-__all__ = ["Engine", "OnLayer", "LayerOutput", "ResumeError"]
+__all__ = ["Engine", "OnLayer", "LayerOutput", "make_source"]

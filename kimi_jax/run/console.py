@@ -7,6 +7,7 @@
 * :class:`Progress` draws a per-layer bar when stderr is a terminal and otherwise (CI logs, pipes)
   writes one line per step. The run whose text streams to a terminal draws no bar: its redraws
   would overwrite the text on the same screen.
+* :func:`describe_run` says what is about to run; :func:`report` sums up the steps at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import codecs
 import io
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 from kimi_jax.text.tokenizer import Tokenizer, display_text
@@ -130,3 +132,38 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def describe_run(plan, page_cache: dict) -> list[str]:
+    """What is about to run, from where, and how its bytes are checked: lines for the console."""
+    m, cfg = plan.manifest, plan.index.config
+    lines = [f"{plan.index.layout} checkpoint {plan.index.location}"]
+    if plan.source is not None and plan.source.digest_file:
+        checked = plan.source.digests is not None
+        state = (f"every tensor read is checked (content root {plan.source.digests.root})" if checked
+                 else "not checked (storage.verify_digests is false)")  # fmt: skip
+        lines.append(f"digest file {plan.source.digest_file}: {state}")
+    sampling = plan.decoding.sampling
+    choice = f"sampling {sampling.as_dict()}" if sampling else "greedy"
+    lines.append(f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; "
+                 f"prompt {list(plan.prompt)}; up to {m.generate.max_new_tokens} new tokens, {choice}, "
+                 f"kv_cache {m.generate.kv_cache}, {m.compute.dtype}, dequant {m.compute.dequant}; page cache "
+                 f"{page_cache['page_cache_resident_bytes']:,} of {page_cache['shard_bytes']:,} shard bytes "
+                 "resident")  # fmt: skip
+    return lines
+
+
+def report(steps: list, proof: dict | None, ledger_path: Path, echo=to_stderr,
+           stopped: dict | None = None) -> None:  # fmt: skip
+    """Per step: token, logit, bytes used and where they came from, the expert cache's hit rate, wall time."""
+    echo(f"{'step':>4} {'token':>8} {'logit':>12} {'bytes used':>14} {'from storage':>14} {'from memory':>14} "
+         f"{'expert hits':>11} {'wall s':>8}")  # fmt: skip
+    for s in steps:
+        used = sum(layer.io.experts_used for layer in s.layers)
+        hits = f"{sum(layer.io.experts_from_memory for layer in s.layers) / used:.0%}" if used else "-"
+        echo(f"{s.index:>4} {s.token:>8} {s.logit:>12.6f} {s.bytes_read:>14,} "
+             f"{s.io.from_storage + s.io.from_speculation:>14,} {s.io.from_memory:>14,} {hits:>11} {s.wall_s:>8.3f}")  # fmt: skip
+    echo("tokens: " + " ".join(str(s.token) for s in steps))
+    if stopped is not None:
+        echo(f"stopped: {stopped['reason']}" + "".join(f", {k} {v!r}" for k, v in stopped.items() if k != "reason"))
+    echo(("non-perturbation: bare and instrumented runs identical; " if proof else "") + f"ledger: {ledger_path}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 import threading
 import time
@@ -152,6 +153,23 @@ def check_mesh(plan) -> None:
 
 
 _watchdog: Watchdog | None = None
+
+
+def fault_hook():
+    """Testing aid: ``KIMI_JAX_FAULT=RUN:STEP:LAYER[:SIGNAL]`` sends the process SIGNAL (default
+    SIGKILL, or e.g. SIGINT) inside that layer of that run (``bare`` or ``instrumented``), as a
+    process lost mid-run would be; None when unset."""
+    spec = os.environ.get("KIMI_JAX_FAULT")
+    if not spec:
+        return None
+    run, step, layer, *sig = spec.split(":")
+    signum = getattr(signal, sig[0]) if sig else signal.SIGKILL
+
+    def maybe_die(name: str, s: int, l: int) -> None:
+        if (name, s, l) == (run, int(step), int(layer)):
+            os.kill(os.getpid(), signum)
+
+    return maybe_die
 
 
 def beat(where: str) -> None:
@@ -310,5 +328,5 @@ class Watchdog:
 __all__ = [
     "ENVIRONMENT", "EXIT_PEER_LOST", "DistributedError", "PeerProcessLost", "DistributedSettings",
     "settings_from", "initialize", "join", "check_mesh", "beat", "finish", "is_writer", "process_index",
-    "process_count", "fail_fast", "SharedCheckpoints", "Watchdog",
+    "process_count", "fail_fast", "fault_hook", "SharedCheckpoints", "Watchdog",
 ]

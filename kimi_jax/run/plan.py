@@ -10,8 +10,10 @@ from kimi_jax.config import ModelConfig
 from kimi_jax.errors import CheckpointError, ManifestError, TokenizerError
 from kimi_jax.fileio import write_failure
 from kimi_jax.manifest import Manifest, load_manifest
+from kimi_jax.platform_info import mesh_label
 from kimi_jax.storage.checkpoint import CheckpointIndex
 from kimi_jax.storage.remote import RemoteSettings
+from kimi_jax.storage.residency import ResidencyPlan, budget_plan
 from kimi_jax.storage.source import CheckpointSource, open_source
 from kimi_jax.storage.synth import ensure_synthetic
 from kimi_jax.text.chat import end_of_turn_token, render_chat
@@ -29,6 +31,9 @@ class RunPlan:
     tokenizer: Tokenizer | None = None  # None: the checkpoint ships none
     prompt_text: str | None = None  # what the prompt ids encode: prompt.text, or the rendered chat
     decoding: Decoding = Decoding()
+    # What stays in memory and whether ranges read leave the page cache: the manifest's budget and
+    # page-cache choice resolved once (``auto`` measures memory), so every run of the plan agrees.
+    residency: ResidencyPlan | None = None
 
     @property
     def mesh(self):
@@ -37,6 +42,12 @@ class RunPlan:
 
         section = self.manifest.compute.mesh
         return None if section is None else MeshShape(section.expert, section.model, section.placement)
+
+    @property
+    def mesh_label(self) -> str | None:
+        """The mesh as the platform fingerprint names it, or None for one device."""
+        section = self.manifest.compute.mesh
+        return None if section is None else mesh_label(section.expert, section.model, section.placement)
 
 
 def resolve_checkpoint(manifest: Manifest) -> Path | str:
@@ -71,7 +82,9 @@ def prepare_run(manifest: Manifest) -> RunPlan:
                                                         f"{index.location} ships no tokenizer"))  # fmt: skip
     if problems:
         raise ManifestError("\n".join(str(p) for p in problems))
-    return RunPlan(manifest, index, tuple(prompt), source, tokenizer, prompt_text, _decoding(manifest, index, tokenizer))
+    residency = budget_plan(index, storage.resident_bytes, storage.page_cache)
+    return RunPlan(manifest, index, tuple(prompt), source, tokenizer, prompt_text, _decoding(manifest, index, tokenizer),
+                   residency)  # fmt: skip
 
 
 def remote_settings(manifest: Manifest) -> RemoteSettings:

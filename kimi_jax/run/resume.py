@@ -17,14 +17,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.errors import KimiJaxError, OutputError
+from kimi_jax.errors import OutputError, ResumeError
 from kimi_jax.fileio import read_json, write_bytes_atomic, write_failure, write_json_atomic
 from kimi_jax.model.layers import LatentCache
 from kimi_jax.records import ByteCounts, LayerRecord, StepRecord
-
-
-class ResumeError(KimiJaxError):
-    """The saved work does not belong to this run."""
 
 
 def work_dir(out: Path) -> Path:

@@ -59,7 +59,7 @@ def check_replay(b: BundleView, allow_large: bool = False) -> str:
     from kimi_jax.platform_info import platform_differences
     from kimi_jax.manifest import parse_manifest_dict
     from kimi_jax.run.plan import prepare_run
-    from kimi_jax.run.runner import execute
+    from kimi_jax.run.runner import execute, joined
 
     resolved = b.json("manifest.json")
     if not isinstance(resolved, dict):
@@ -84,7 +84,8 @@ def check_replay(b: BundleView, allow_large: bool = False) -> str:
             raise CheckFailed(f"cannot replay: {e} (--replay runs the bundle's manifest against the checkpoint it names, "
                         "which must exist)") from None  # fmt: skip
         try:
-            outcome = execute(plan, prove=False, echo=lambda *_: None, progress=False)
+            with joined(plan):  # checks the mesh against this machine's devices
+                outcome = execute(plan, prove=False, echo=lambda *_: None, progress=False)
         except KimiJaxError as e:
             raise CheckFailed(f"the replay stopped: {e}") from None
     diffs = replay_differences(ledger, outcome.ledger)

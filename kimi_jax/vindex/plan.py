@@ -11,6 +11,7 @@ from kimi_jax.errors import ManifestError
 from kimi_jax.manifest import Manifest, VindexSection
 from kimi_jax.run.plan import prepare_run, prompt_problems
 from kimi_jax.storage.checkpoint import CheckpointIndex
+from kimi_jax.storage.residency import ResidencyPlan
 from kimi_jax.vindex.routing import LedgerError, Trace, read_ledger
 
 
@@ -35,6 +36,7 @@ class VindexPlan:
     max_new_tokens: int
     ledgers: tuple[tuple[Path, str, Trace], ...]  # (bundle dir, BLAKE3 of ledger.json, routing trace)
     out_dir: Path  # OUTPUT.vindex
+    residency: ResidencyPlan  # the run plan's: what phase 3's engine keeps in memory
 
     def moe_layers(self) -> list[int]:
         return [i for i in self.layers if self.index.layers[i].kind == "moe"]
@@ -99,4 +101,4 @@ def plan_vindex(manifest: Manifest) -> VindexPlan:
         raise ManifestError("\n".join(str(p) for p in problems))
     return VindexPlan(manifest, index, tuple(sorted(v.phases)), tuple(layers),
                       None if v.experts is None else tuple(v.experts), v.top_singular_values, tuple(prompts),
-                      max_new, tuple(ledgers), vindex_dir(Path(manifest.output.dir)))  # fmt: skip
+                      max_new, tuple(ledgers), vindex_dir(Path(manifest.output.dir)), run.residency)  # fmt: skip

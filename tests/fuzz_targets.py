@@ -250,7 +250,7 @@ _BUNDLE_JSON = ["ledger.json", "receipt.json", "manifest.json", "provenance.json
 def bundle_target(bundle: Path, work: Path):
     from kimi_jax.explorer.page import write_explorer
     from kimi_jax.verify.checklist import verify_bundle
-    from kimi_jax.verify.compare import compare_bundles
+    from kimi_jax.verify.compare_bundles import compare_bundles
 
     texts = {name: json.loads((bundle / name).read_text()) for name in _BUNDLE_JSON}
     raw_files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())

@@ -14,13 +14,9 @@ from kimi_jax.ledger.archive import archive_bundle
 from kimi_jax.manifest import parse_manifest_dict
 from kimi_jax.run.plan import prepare_run
 from kimi_jax.run.runner import execute
-from kimi_jax.verify.compare import (
-    CompareError,
-    compare_bundles,
-    compare_manifests,
-    compare_paths,
-    compare_resolved,
-)
+from kimi_jax.verify.compare import CompareError, compare_paths
+from kimi_jax.verify.compare_bundles import compare_bundles
+from kimi_jax.verify.compare_manifests import compare_manifests, compare_resolved
 
 
 def _manifest(path: Path, checkpoint, extra: str = "", synthetic: str | None = None) -> Path:

@@ -19,7 +19,7 @@ from kimi_jax.run.runner import execute
 from kimi_jax.storage import digests as digests_mod
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.synth import synth_checkpoint
-from kimi_jax.verify.compare import compare_manifests
+from kimi_jax.verify.compare_manifests import compare_manifests
 
 
 def _quiet(*_):

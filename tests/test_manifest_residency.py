@@ -8,7 +8,7 @@ import pytest
 
 from kimi_jax.errors import ManifestError
 from kimi_jax.manifest import load_manifest
-from kimi_jax.verify.compare import compare_resolved
+from kimi_jax.verify.compare_manifests import compare_resolved
 
 BASE = """\
 version: 1

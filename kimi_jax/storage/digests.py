@@ -27,8 +27,9 @@ from typing import Any, Callable
 import blake3
 import numpy as np
 
-from kimi_jax.errors import CheckpointError
+from kimi_jax.errors import CheckpointError, KimiJaxError
 from kimi_jax.fileio import write_json_atomic
+from kimi_jax.storage.checkpoint import CheckpointIndex, open_checkpoint
 from kimi_jax.storage.safetensors_header import TensorRecord
 
 DIGEST_FILE = "checkpoint.b3.json"
@@ -294,3 +295,20 @@ def identity_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     layout, config and tensor list can be."""
     keys = list(IDENTITY_KEYS) + (["content_root"] if a.get("content_root") and b.get("content_root") else [])
     return [k for k in keys if a.get(k) != b.get(k)]
+
+
+def recorded_checkpoint(record: Any) -> tuple[CheckpointIndex | None, str]:
+    """The checkpoint a record names (a ledger's or manifest's ``checkpoint``: its ``path``), opened,
+    if it is on disk and is still that checkpoint (the same config and tensor list digests): returns
+    ``(CheckpointIndex, "")``, or ``(None, why not)``. Only reads what the record points at."""
+    path = record.get("path") if isinstance(record, dict) else None
+    if not isinstance(path, str) or "://" in path or not (Path(path) / "config.json").is_file():
+        return None, "the checkpoint is not available"
+    try:
+        index = open_checkpoint(path)
+    except KimiJaxError as e:
+        return None, f"the checkpoint at {path} cannot be opened ({e})"
+    if index.config.digest() != record.get("config_digest") or index.tensor_list_digest() != record.get(
+            "tensor_list_digest"):  # fmt: skip
+        return None, f"the checkpoint at {path} is not the one recorded"
+    return index, ""

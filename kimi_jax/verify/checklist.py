@@ -45,17 +45,9 @@ from pathlib import Path
 from typing import Callable
 
 from kimi_jax.verify.bundle_view import BundleView
-from kimi_jax.verify.content import (
-    check_anchor,
-    check_continuity,
-    check_derivations,
-    check_digests,
-    check_explorer,
-    check_non_perturbation,
-    check_provenance,
-    check_schema,
-)
-from kimi_jax.verify.files import check_checksums, check_receipt
+from kimi_jax.verify.explorer_check import check_explorer
+from kimi_jax.verify.file_checks import check_checksums, check_receipt
+from kimi_jax.verify.ledger_checks import check_derivations, check_digests, check_provenance, check_schema
 from kimi_jax.verify.replay import check_replay
 from kimi_jax.verify.report import (
     FAILED,
@@ -66,6 +58,7 @@ from kimi_jax.verify.report import (
     CheckSkipped,
     Report,
 )
+from kimi_jax.verify.run_checks import check_anchor, check_continuity, check_non_perturbation
 from kimi_jax.verify.text import check_text
 
 _CHECKS: tuple[tuple[str, Callable[[BundleView], str]], ...] = (

@@ -7,10 +7,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kimi_jax.errors import KimiJaxError
+from kimi_jax.fileio import default_cache_dir
+from kimi_jax.manifest import parse_manifest_dict
+from kimi_jax.platform_info import platform_differences
 from kimi_jax.storage.codecs import describe_dequant, recorded_dequant
 from kimi_jax.verify.bundle_view import BundleView
-from kimi_jax.verify.content import differences
-from kimi_jax.verify.report import CheckFailed, join_problems, short
+from kimi_jax.verify.report import CheckFailed, differences, join_problems, short
 
 # -- replay -------------------------------------------------------------------------------------
 
@@ -54,11 +57,7 @@ def check_replay(b: BundleView, allow_large: bool = False) -> str:
     user's own cache (``$KIMI_JAX_CACHE`` or ``~/.cache/kimi-jax``), never a folder the bundle
     names, and the run's own output into a temporary folder. A synthetic preset that writes
     hundreds of GB is replayed only with ``allow_large``."""
-    from kimi_jax.errors import KimiJaxError
-    from kimi_jax.fileio import default_cache_dir
-    from kimi_jax.platform_info import platform_differences
-    from kimi_jax.manifest import parse_manifest_dict
-    from kimi_jax.run.plan import prepare_run
+    from kimi_jax.run.plan import prepare_run  # the model and JAX: only when replaying
     from kimi_jax.run.runner import execute, joined
 
     resolved = b.json("manifest.json")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 MAX_SHOWN = 5
 
@@ -80,3 +80,51 @@ class Report:
 
     def format(self) -> str:
         return "\n".join([*(c.line() for c in self.checks), self.summary()])
+
+
+# -- differences between JSON values ---------------------------------------------------------
+
+
+def first_difference(a: Any, b: Any, here: str) -> str | None:
+    diffs = differences(a, b, here, limit=1)
+    return diffs[0][0] if diffs else None
+
+
+def differences(a: Any, b: Any, here: str, limit: int = 20, skip: Callable[[str], bool] | None = None,
+                out: list | None = None, into_lists: bool = True) -> list[tuple[str, Any, Any]]:  # fmt: skip
+    """``(path, a value, b value)`` where two JSON values differ, depth first, at most ``limit``. A key
+    on one side only is one difference (``"<absent>"`` on the other); lists of equal length are
+    compared item by item (``path[n]``) unless ``into_lists`` is false."""
+    out = [] if out is None else out
+    if len(out) >= limit or (skip is not None and skip(here)):
+        return out
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            path = f"{here}.{key}" if here else str(key)
+            if key not in a or key not in b:
+                if not (skip is not None and skip(path)):
+                    out.append((path, a.get(key, "<absent>"), b.get(key, "<absent>")))
+            else:
+                differences(a[key], b[key], path, limit, skip, out, into_lists)
+            if len(out) >= limit:
+                break
+    elif into_lists and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for n, (x, y) in enumerate(zip(a, b)):
+            differences(x, y, f"{here}[{n}]", limit, skip, out, into_lists)
+            if len(out) >= limit:
+                break
+    elif a != b or isinstance(a, bool) != isinstance(b, bool):
+        out.append((here, a, b))
+    return out
+
+
+def first_list_difference(a: Any, b: Any) -> str:
+    if not isinstance(a, list) or not isinstance(b, list):
+        return f"{short(a, 40)} vs {short(b, 40)}"
+    for n, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            if isinstance(x, dict) and isinstance(y, dict):
+                keys = [k for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+                return f"entry {n}: " + ", ".join(f"{k} {short(x.get(k), 30)} vs {short(y.get(k), 30)}" for k in keys)
+            return f"entry {n}: {short(x, 40)} vs {short(y, 40)}"
+    return f"{len(a)} entries vs {len(b)}"

@@ -19,14 +19,13 @@ from kimi_jax.ledger.bundle import (
     bundle_digest,
     in_bundle_layout,
 )
+from kimi_jax.ledger.checksums import verify_checksums
 from kimi_jax.manifest import load_manifest, manifest_digest
 from kimi_jax.verify.bundle_view import BundleView
 from kimi_jax.verify.report import CheckFailed, require, short
 
 
 def check_checksums(b: BundleView) -> str:
-    from kimi_jax.ledger.checksums import verify_checksums
-
     root = b.root
     problems, outside = [], []
     for dirpath, dirnames, filenames in os.walk(root):

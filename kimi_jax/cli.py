@@ -267,7 +267,7 @@ def vindex(manifest: str, overrides: tuple[str, ...], out_dir: str | None, progr
     run_vindex(plan, progress=progress, echo=click.echo)
 
 
-# The explorer's command lives with its page (it imports no JAX, so --help and verify stay JAX-free).
+# The explorer's command is defined with its page, which it serves.
 main.add_command(explore_command)
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 
 from kimi_jax.errors import StorageError
 from kimi_jax.storage.checkpoint import open_checkpoint
-from kimi_jax.storage.reader import ShardReader, evict_page_cache, resident_bytes
+from kimi_jax.storage.reader import ShardReader, evict_page_cache, page_cache_bytes
 
 torch = pytest.importorskip("torch")
 from safetensors import safe_open  # noqa: E402
@@ -115,9 +115,9 @@ def test_page_cache_eviction_and_residency(tmp_path):
     path.write_bytes(np.random.default_rng(0).bytes(4 << 20))
     with open(path, "rb") as f:
         f.read()
-    warm = resident_bytes(path)
+    warm = page_cache_bytes(path)
     evict_page_cache([path])
-    cold = resident_bytes(path)
+    cold = page_cache_bytes(path)
     if warm == 0:
         pytest.skip("this filesystem does not report page-cache residency")
     assert warm == path.stat().st_size

@@ -185,7 +185,7 @@ def test_dropped_ranges_leave_the_page_cache_and_the_bytes_are_the_same(tiny_che
     """With storage.page_cache: drop every range read is advised out of the page cache (mincore sees
     it gone) and the run reads the same bytes and computes the same tokens."""
     from kimi_jax.model.engine import Engine
-    from kimi_jax.storage.reader import evict_page_cache, resident_bytes
+    from kimi_jax.storage.reader import evict_page_cache, page_cache_bytes
 
     idx = open_checkpoint(tiny_checkpoints["kimi-k2.5"])
     shards = [h.path for h in idx.shards]
@@ -196,7 +196,7 @@ def test_dropped_ranges_leave_the_page_cache_and_the_bytes_are_the_same(tiny_che
         assert plan.drop_page_cache is (mode == "drop")
         with Engine(idx, residency=plan) as engine:
             steps = engine.generate([1792, 5], 2, kv_cache=True)
-        runs[mode] = ([s.token for s in steps], [s.bytes_read for s in steps], sum(resident_bytes(p) for p in shards))
+        runs[mode] = ([s.token for s in steps], [s.bytes_read for s in steps], sum(page_cache_bytes(p) for p in shards))
     assert runs["keep"][:2] == runs["drop"][:2]
     assert runs["keep"][2] > 0
     assert runs["drop"][2] < runs["keep"][2] / 4  # only pages the headers' reads and readahead left

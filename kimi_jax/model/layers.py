@@ -1,6 +1,7 @@
 """DeepSeek-V3 / Kimi forward pass as pure JAX functions, one jitted call per layer stage.
 
-The streaming engine reads one layer at a time, so a layer is split where the host must act:
+A layer is split where the host may have to act (:mod:`kimi_jax.model.step` decides how each layer
+runs; when a layer's experts are all in memory, the two MoE halves run inside one program):
 
 * :func:`dense_layer`: a whole dense layer (attention + SwiGLU MLP).
 * :func:`moe_attention_and_route`: attention of a MoE layer, then the router. The host reads the

@@ -2,17 +2,19 @@
 
 Every class is a frozen dataclass registered with :func:`jax.tree_util.register_dataclass`, with
 field names that follow the checkpoint (``q_a_proj``, ``kv_b_proj``, ``shared_experts``...) and
-weights in the HF ``[out, in]`` layout. A weight may be a plain numpy/jax array or a quantized
-container from :mod:`kimi_jax.model.quant` (``Int4Weight`` / ``Fp8Weight``): anything with
-``.shape`` and ``.dequantize(dtype)``. :func:`kimi_jax.model.layers.linear` accepts both.
+weights in the HF ``[out, in]`` layout. A linear weight is a container from
+:mod:`kimi_jax.model.weights` (``Int4Weight`` / ``Fp8Weight`` / ``PlainWeight``, carrying how it
+meets the matmul), or a plain numpy/jax array (the in-memory references of the tests); norm scales
+and biases are arrays. :func:`kimi_jax.model.weights.linear_f32` takes either.
 
 Canonical tensor names carry no ``model.`` prefix: ``layers.3.self_attn.q_a_proj.weight``,
 ``layers.3.mlp.gate.e_score_correction_bias``, ``layers.3.mlp.experts.7.down_proj.weight``,
 ``norm.weight``, ``lm_head.weight``.
 
-The streaming engine splits a MoE layer in two: :class:`MoEBaseParams` (everything but the
-routed experts, read before the router runs) and :class:`ExpertStack` (only the experts the
-router picked, stacked along a leading axis, possibly padded to a bucket size).
+A MoE layer's parameters come in two parts: :class:`MoEBaseParams` (everything but the routed
+experts, read before the router runs) and :class:`ExpertStack` (routed experts stacked along a
+leading axis: the ones the router picked, padded to a bucket size, or every expert of the layer
+when they are kept; see :mod:`kimi_jax.model.slots`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from kimi_jax.config import ModelConfig
 from kimi_jax.errors import CheckpointError
 from kimi_jax.shapes import expert_shapes, head_shapes, layer_shapes
 
-Weight = Any  # np.ndarray | jax.Array | Int4Weight | Fp8Weight
+Weight = Any  # np.ndarray | jax.Array | Int4Weight | Fp8Weight | PlainWeight
 
 
 def _pytree(cls):
@@ -65,10 +67,11 @@ class RouterParams:
 
 @_pytree
 class ExpertStack:
-    """The ``n`` routed experts read for one layer, stacked on a leading axis.
+    """``n`` routed experts of one layer, stacked on a leading axis.
 
-    Slot ``j`` of the stack holds expert ``expert_ids[j]`` (the engine keeps that mapping on the
-    host); padding slots hold any finite weights and are never referenced by the router's slots.
+    Which expert each slot holds is the slot plan's (:mod:`kimi_jax.model.slots`): the experts
+    picked, in order, padded; every expert in id order; or a mesh's deal. Padding slots hold any
+    finite weights (or zeros) and no pick refers to them.
     """
 
     gate_proj: Weight  # [n, moe_inter, hidden]

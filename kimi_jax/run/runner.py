@@ -29,7 +29,7 @@ from kimi_jax.run.console import Progress, TextStream, describe_run, report, str
 from kimi_jax.run.output import check_output_dir, hold_output
 from kimi_jax.run.plan import RunPlan, load_plan, prepare_run
 from kimi_jax.run.resume import RunCheckpoints
-from kimi_jax.storage.reader import evict_page_cache, resident_bytes
+from kimi_jax.storage.reader import evict_page_cache, page_cache_bytes
 
 
 @contextlib.contextmanager
@@ -174,7 +174,7 @@ def _page_cache(plan: RunPlan) -> dict:
     evict = plan.manifest.storage.evict_page_cache and local
     if evict:
         evict_page_cache(shards)
-    return page_cache_record(evict, sum(resident_bytes(p) for p in shards), sum(h.file_size for h in plan.index.shards))
+    return page_cache_record(evict, sum(page_cache_bytes(p) for p in shards), sum(h.file_size for h in plan.index.shards))
 
 
 def run_with_progress(plan: RunPlan, name: str, keep_capture: bool, checkpoints, anchor: dict | None,

@@ -360,9 +360,8 @@ def return_freed_buffers() -> bool:
     """Make malloc map every buffer of ``STREAMED_BUFFER_MMAP_BYTES`` or more on its own, so a read
     buffer goes back to the system when it is freed (glibc; returns False elsewhere). By default
     glibc raises that threshold to 32 MiB after the first large free, and buffers below it freed by
-    another thread than the one that allocated them stay in that thread's arena: streaming the full
-    K2.5 shape with the KV cache peaked at 2.21 GiB over the budget with the default and 1.64 GiB
-    with this (benchmarks/RESULTS.md section 8). The cost is a page fault per 4 KiB of each fresh
+    another thread than the one that allocated them stay in that thread's arena (the peak memory this
+    saves at full shape is measured in benchmarks/RESULTS.md section 8). The cost is a page fault per 4 KiB of each fresh
     buffer, small next to reading it from storage. Process-wide, so the engine asks for it only
     when streaming a checkpoint larger than memory."""
     try:
@@ -385,7 +384,7 @@ def _load_libc():
     return _libc
 
 
-def resident_bytes(path: Path) -> int:
+def page_cache_bytes(path: Path) -> int:
     """Bytes of ``path`` currently in the page cache (``mincore`` over a read-only mapping)."""
     size = path.stat().st_size
     if size == 0:

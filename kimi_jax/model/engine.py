@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, NamedTuple
@@ -30,6 +29,7 @@ import numpy as np
 
 from kimi_jax.errors import ResumeError
 from kimi_jax.model import layers
+from kimi_jax.model.jax_setup import long_lived_frozen
 from kimi_jax.model.source import LocalSource, WeightSource
 from kimi_jax.model.step import layer_step, whole_model_step
 from kimi_jax.model.weights import DTYPES, WeightPolicy
@@ -50,27 +50,6 @@ class LayerOutput(NamedTuple):
     capture: dict
     read_s: float  # getting its weights (the non-expert ones and the experts)
     compute_s: float
-
-
-@contextlib.contextmanager
-def _long_lived_frozen():
-    """Yields ``freeze()``: collect once, then move every object alive to the collector's permanent
-    generation (``gc.freeze``) until the block ends. Python's full collections otherwise walk all of
-    them every few steps: 80-150 ms pauses in a 70 ms decode step of the medium model. Frozen objects
-    are still freed by reference counting. Left alone when the process has already frozen objects."""
-    frozen = []
-
-    def freeze() -> None:
-        if not frozen and gc.get_freeze_count() == 0:
-            gc.collect()
-            gc.freeze()
-            frozen.append(True)
-
-    try:
-        yield freeze
-    finally:
-        if frozen:
-            gc.unfreeze()
 
 
 def make_source(index: CheckpointIndex, reader: ShardReader, residency: ResidencyPlan, expert_cache: str,
@@ -264,7 +243,7 @@ class Engine:
                 raise ResumeError("resuming a kv_cache run needs the caches of its last completed step")
             caches = self.empty_caches(len(prompt), max_new_tokens)
         caches = caches if kv_cache else None
-        with _long_lived_frozen() as freeze:
+        with long_lived_frozen() as freeze:
             for step in range(len(steps), max_new_tokens):
                 if step > 0:
                     freeze()  # once: what the first step built (weights kept, programs, the index) is long-lived

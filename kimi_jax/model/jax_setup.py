@@ -1,7 +1,10 @@
-"""Process-wide JAX settings: the persistent compilation cache."""
+"""Process-wide settings of a run: JAX's persistent compilation cache, and the Python collector
+kept off what a decode loop keeps alive."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from pathlib import Path
 
 import jax
@@ -28,3 +31,24 @@ def enable_compilation_cache(cache_dir: Path | None = None) -> Path:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         _enabled = path
     return _enabled
+
+
+@contextlib.contextmanager
+def long_lived_frozen():
+    """Yields ``freeze()``: collect once, then move every object alive to the collector's permanent
+    generation (``gc.freeze``) until the block ends. Python's full collections otherwise walk all of
+    them every few steps: 80-150 ms pauses in a 70 ms decode step of the medium model. Frozen objects
+    are still freed by reference counting. Left alone when the process has already frozen objects."""
+    frozen = []
+
+    def freeze() -> None:
+        if not frozen and gc.get_freeze_count() == 0:
+            gc.collect()
+            gc.freeze()
+            frozen.append(True)
+
+    try:
+        yield freeze
+    finally:
+        if frozen:
+            gc.unfreeze()

@@ -48,7 +48,8 @@ def main() -> None:
         args.repeats, args.steps = 1, 2
     index = open_checkpoint(ensure_synthetic(args.preset))
     prompt = [index.config.bos_token_id]
-    budget = resolve_budget(args.budget if args.budget == "auto" else parse_size(args.budget))
+    budget = resolve_budget(args.budget if args.budget == "auto" else parse_size(args.budget), index,
+                            len(prompt) + args.steps)  # fmt: skip
     engine_args = {"matmul": args.matmul, "residency": plan_residency(index, budget)}
     one_run(index, True, prompt, args.steps, args.kv_cache, engine_args)  # warm-up: compile everything once
     bare, inst = [], []

@@ -108,7 +108,7 @@ def main() -> None:
     tokens = 5 if args.smoke else args.tokens
     index = open_checkpoint(ckpt)
     budget = resolve_budget(args.budget if args.budget == "auto" else args.budget if not args.budget.isdigit()
-                            else int(args.budget))  # fmt: skip
+                            else int(args.budget), index, len(PROMPT) + tokens)  # fmt: skip
     totals = timed_stages()
     with Engine(index, "float32", matmul="stored", residency=plan_residency(index, budget)) as engine:
         engine.generate(PROMPT, tokens, kv_cache=True)  # compiles (and fills the budget)

@@ -91,7 +91,7 @@ def main() -> None:
     started = time.perf_counter()
     index = open_checkpoint(ensure_synthetic(preset))
     budget = resolve_budget(args.budget if args.budget == "auto" else int(args.budget) if args.budget.isdigit()
-                            else args.budget)  # fmt: skip
+                            else args.budget, index, 1 + args.tokens)  # fmt: skip
     residency = plan_residency(index, budget, drops_page_cache(args.page_cache, index))
     engine_args = {"matmul": args.matmul, "residency": residency, "expert_cache": args.expert_cache,
                    "speculate": args.speculate}

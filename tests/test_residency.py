@@ -24,10 +24,23 @@ def test_parse_size_rejects_with_what_is_expected(bad):
         parse_size(bad)
 
 
-def test_auto_is_a_fraction_of_available_memory(monkeypatch):
+def test_auto_is_available_memory_less_a_streamed_steps_working_set(monkeypatch, tiny_checkpoints):
+    idx = open_checkpoint(tiny_checkpoints["kimi-k2.5"])
+    cfg = idx.config
     monkeypatch.setattr(residency, "available_memory", lambda: 10 * 2**30)
-    assert resolve_budget("auto") == int(10 * 2**30 * residency.AUTO_FRACTION)
+    bases = sorted(lm.base_bytes for lm in idx.layers)
+    expert = max(lm.expert_bytes(e) for lm in idx.layers for e in range(len(lm.experts)))
+    cache_row = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    for positions in (1, 6, 10_000):  # one token; a short run; a prompt that picks every expert of a layer
+        picked = min(cfg.n_routed_experts, positions * cfg.num_experts_per_tok)
+        working = bases[-1] + bases[-2] + picked * expert + positions * cache_row + residency.RUNTIME_BYTES
+        assert residency.streamed_working_set(idx, positions) == working
+        assert resolve_budget("auto", idx, positions) == 10 * 2**30 - working
     assert resolve_budget("1MiB") == 2**20
+    # too little memory for the head too: the head streams, and its bytes come off the budget as well
+    head = sum(w.nbytes for w in idx.head.values())
+    monkeypatch.setattr(residency, "available_memory", lambda: residency.streamed_working_set(idx, 1) + head - 1)
+    assert resolve_budget("auto", idx, 1) == 0
 
 
 def test_available_memory_is_positive():

@@ -82,7 +82,7 @@ def prepare_run(manifest: Manifest) -> RunPlan:
                                                         f"{index.location} ships no tokenizer"))  # fmt: skip
     if problems:
         raise ManifestError("\n".join(str(p) for p in problems))
-    residency = budget_plan(index, storage.resident_bytes, storage.page_cache)
+    residency = budget_plan(index, storage.resident_bytes, storage.page_cache, len(prompt) + manifest.generate.max_new_tokens)
     return RunPlan(manifest, index, tuple(prompt), source, tokenizer, prompt_text, _decoding(manifest, index, tokenizer),
                    residency)  # fmt: skip
 

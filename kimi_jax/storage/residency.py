@@ -9,8 +9,9 @@
    eviction.
 
 Sizes are the stored sizes (BF16 stays BF16, int4 stays packed), so the budget is the bytes the
-kept weights occupy. ``0`` keeps nothing (pure streaming, as before); ``auto`` takes
-``AUTO_FRACTION`` of the memory the kernel reports available when the run starts.
+kept weights occupy. ``0`` keeps nothing (pure streaming); ``auto`` is the memory the kernel reports
+available when the run starts less the working set of a streamed step
+(:func:`streamed_working_set`): what the engine holds beside the budget.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from kimi_jax.settings import AUTO, EXPERT_POLICIES, PAGE_CACHE_MODES, parse_siz
 from kimi_jax.settings import ExpertPolicy as Policy
 from kimi_jax.storage.checkpoint import CheckpointIndex
 
-# Half of MemAvailable: the rest is for activations, the layer being streamed, the prefetched one,
-# the page cache of the shards and everything else on the machine.
-AUTO_FRACTION = 0.5
+# What the process holds beside weights and caches: the interpreter, JAX and its compiled programs,
+# read buffers on their way to the device, XLA's temporaries. The demo peaks at 0.45 GiB resident
+# with weights of a few MB (benchmarks/RESULTS.md records it at the medium and full shapes).
+RUNTIME_BYTES = 1 << 30
 
 
 def available_memory() -> int:
@@ -42,11 +44,29 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def resolve_budget(spec: int | str) -> int:
-    """The manifest's ``resident_bytes`` as bytes: ``auto`` is measured now, anything else parsed."""
-    if spec == AUTO:
-        return int(available_memory() * AUTO_FRACTION)
-    return parse_size(spec)
+def streamed_working_set(index: CheckpointIndex, positions: int) -> int:
+    """Bytes a step holds beside the budget when weights stream, for a run of ``positions`` positions
+    (prompt and generated tokens): the non-expert weights of two layers (the one computing and the one
+    read ahead), the routed experts one layer's positions pick at once (top-k of each, at most every
+    expert of the layer), the latent caches, and :data:`RUNTIME_BYTES`. Sizes are the largest of their
+    kind, so the bound holds for every layer."""
+    cfg = index.config
+    bases = sorted((lm.base_bytes for lm in index.layers), reverse=True)
+    expert = max((lm.expert_bytes(e) for lm in index.layers for e in range(len(lm.experts))), default=0)
+    picked = min(cfg.n_routed_experts, positions * cfg.num_experts_per_tok) if expert else 0
+    caches = cfg.num_hidden_layers * positions * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    return sum(bases[:2]) + picked * expert + caches + RUNTIME_BYTES
+
+
+def resolve_budget(spec: int | str, index: CheckpointIndex | None = None, positions: int = 1) -> int:
+    """The manifest's ``resident_bytes`` as bytes: ``auto`` is the memory available now less the
+    working set of a streamed step of ``index`` (and less the head when the rest cannot hold it, since
+    a streamed head is read whole on top of it); anything else is parsed."""
+    if spec != AUTO:
+        return parse_size(spec)
+    free = available_memory() - (streamed_working_set(index, positions) if index is not None else RUNTIME_BYTES)
+    head = sum(w.nbytes for w in index.head.values()) if index is not None else 0
+    return max(0, free if free >= head else free - head)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +121,11 @@ def drops_page_cache(mode: str, index: CheckpointIndex) -> bool:
     return mode == "drop"
 
 
-def budget_plan(index: CheckpointIndex, resident_bytes: int | str, page_cache: str = "auto") -> ResidencyPlan:
+def budget_plan(index: CheckpointIndex, resident_bytes: int | str, page_cache: str = "auto",
+                positions: int = 1) -> ResidencyPlan:  # fmt: skip
     """The plan for the manifest's ``storage.resident_bytes`` and ``storage.page_cache`` (``auto``
-    measured now, for either)."""
-    return plan_residency(index, resolve_budget(resident_bytes), drops_page_cache(page_cache, index))
+    measured now, for either) for a run of ``positions`` positions."""
+    return plan_residency(index, resolve_budget(resident_bytes, index, positions), drops_page_cache(page_cache, index))
 
 
 class ExpertCache:
@@ -184,5 +205,5 @@ def replay_hit_rate(trace: list[list[tuple[int, list[int]]]], capacity_bytes: in
     return cache.hits / total if total else 0.0
 
 
-__all__ = ["AUTO_FRACTION", "drops_page_cache",
+__all__ = ["RUNTIME_BYTES", "streamed_working_set", "drops_page_cache",
            "available_memory", "resolve_budget", "ResidencyPlan", "plan_residency", "budget_plan", "ExpertCache", "replay_hit_rate"]  # fmt: skip

@@ -7,11 +7,18 @@ two manifests describe the same run.
 """
 
 from kimi_jax.manifest.identity import identity_of, manifest_digest
-from kimi_jax.manifest.load import MANIFEST_SCHEMA_ID, load_manifest, manifest_json_schema, parse_manifest_dict
+from kimi_jax.manifest.load import (
+    MANIFEST_SCHEMA_ID,
+    load_manifest,
+    manifest_json_schema,
+    parse_manifest_dict,
+    recorded_manifest,
+)
 from kimi_jax.manifest.origins import MANIFEST_VERSION
 from kimi_jax.manifest.schema import CAPTURE_KINDS, Manifest, VindexSection, field_effect
 
 __all__ = [
     "MANIFEST_VERSION", "MANIFEST_SCHEMA_ID", "CAPTURE_KINDS", "Manifest", "VindexSection", "load_manifest",
-    "parse_manifest_dict", "manifest_json_schema", "manifest_digest", "identity_of", "field_effect",
+    "parse_manifest_dict", "recorded_manifest", "manifest_json_schema", "manifest_digest", "identity_of",
+    "field_effect",
 ]

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-__all__ = ["Effect", "result", "neutral", "added_later", "effect_in", "model_in", "UNDECLARED"]
+__all__ = ["Effect", "result", "neutral", "added_later", "effect_in", "model_in", "with_recorded_defaults",
+           "UNDECLARED"]  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +42,29 @@ def neutral(why: str) -> Effect:
 UNDECLARED = result("not known to leave results unchanged")
 
 
-def added_later(default: Any, **field_kwargs: Any) -> Any:
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """What a field's absence means in a recorded manifest: the value runs had before the field existed."""
+
+    value: Any
+
+
+_SAME = object()
+
+
+def added_later(default: Any, was: Any = _SAME, **field_kwargs: Any) -> Any:
     """A field added after manifests were first written: left out of ``resolved_dict()`` (and so of
-    the manifest's digest) while it holds ``default``, so manifests written before the field
-    existed keep their identity."""
-    return Field(default=default, exclude_if=lambda value: value == default, **field_kwargs)
+    the manifest's digest) while it holds the value runs had before it existed, so manifests written
+    then keep their identity.
+
+    That value is ``default``, unless the default has changed since (``was``: the old behaviour).
+    Then a manifest that says nothing gets the new default and a new identity (it computes something
+    else), and a recorded manifest that leaves the field out still means ``was``
+    (:func:`with_recorded_defaults`)."""
+    original = default if was is _SAME else was
+    info = Field(default=default, exclude_if=lambda value: value == original, **field_kwargs)
+    info.metadata.append(Recorded(original))
+    return info
 
 
 def model_in(annotation: Any) -> type[BaseModel] | None:
@@ -75,3 +94,20 @@ def effect_in(root: type[BaseModel], path: Sequence[str]) -> Effect | None:
         found = next((m for m in info.metadata if isinstance(m, Effect)), found)
         cls = sub
     return found
+
+
+def with_recorded_defaults(root: type[BaseModel], data: Any) -> Any:
+    """A recorded resolved manifest (a bundle's ``manifest.json``) with every field it leaves out at
+    its recorded value filled in, section by section, so it validates as the run it records even
+    where a default has changed since."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for name, info in root.model_fields.items():
+        recorded = next((m for m in info.metadata if isinstance(m, Recorded)), None)
+        sub = model_in(info.annotation)
+        if name not in out and recorded is not None:
+            out[name] = recorded.value
+        elif sub is not None and isinstance(out.get(name), dict):
+            out[name] = with_recorded_defaults(sub, out[name])
+    return out

@@ -13,10 +13,12 @@ from pydantic import ValidationError
 from kimi_jax.errors import ManifestError
 from kimi_jax.fileio import read_regular
 from kimi_jax.manifest.errors import format_errors
+from kimi_jax.manifest.fields import with_recorded_defaults
 from kimi_jax.manifest.origins import MANIFEST_VERSION, Origins, apply_overrides, describe_value, parse_yaml
 from kimi_jax.manifest.schema import Manifest
 
-__all__ = ["MANIFEST_SCHEMA_ID", "MAX_MANIFEST_BYTES", "load_manifest", "parse_manifest_dict", "manifest_json_schema"]
+__all__ = ["MANIFEST_SCHEMA_ID", "MAX_MANIFEST_BYTES", "load_manifest", "parse_manifest_dict", "recorded_manifest",
+           "manifest_json_schema"]  # fmt: skip
 
 MANIFEST_SCHEMA_ID = "urn:kimi-jax:schema:manifest:v1"
 _JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -85,6 +87,13 @@ def parse_manifest_dict(
     origins = Origins(str(source), has_lines=False)
     base = Path(os.path.abspath(Path(base_dir).expanduser())) if base_dir is not None else Path.cwd()
     return _validate(data, origins, base, None)
+
+
+def recorded_manifest(resolved: Any) -> Any:
+    """A recorded resolved manifest (a bundle's ``manifest.json``) as the run it records: the fields
+    it leaves out filled with what they meant when it was written (see
+    :func:`~kimi_jax.manifest.fields.added_later`), even where a default has changed since."""
+    return with_recorded_defaults(Manifest, resolved)
 
 
 def manifest_json_schema() -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kimi_jax.errors import KimiJaxError
-from kimi_jax.manifest import field_effect, load_manifest
+from kimi_jax.manifest import field_effect, load_manifest, recorded_manifest
 from kimi_jax.manifest.fields import UNDECLARED
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.codecs import LEGACY_DEQUANT, LEGACY_DEQUANT_NOTE
@@ -125,6 +125,7 @@ def compare_resolved(a: dict[str, Any], b: dict[str, Any], identity_a: dict | No
     where known."""
     notes: list[str] = []
     a, b = _with_legacy_dequant(a, name_a, notes), _with_legacy_dequant(b, name_b, notes)
+    a, b = recorded_manifest(a), recorded_manifest(b)  # a field left out means what it meant when written
     result: list[Difference] = []
     neutral: list[Difference] = []
 

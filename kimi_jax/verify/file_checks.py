@@ -20,7 +20,7 @@ from kimi_jax.ledger.bundle import (
     in_bundle_layout,
 )
 from kimi_jax.ledger.checksums import verify_checksums
-from kimi_jax.manifest import load_manifest, manifest_digest
+from kimi_jax.manifest import load_manifest, manifest_digest, recorded_manifest
 from kimi_jax.verify.bundle_view import BundleView
 from kimi_jax.verify.report import CheckFailed, require, short
 
@@ -115,12 +115,15 @@ def check_receipt(b: BundleView) -> str:
 def _run_matches_manifest(ledger: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
     """The ledger's run settings and checkpoint are the ones manifest.json asks for."""
     run = ledger.get("run") or {}
+    resolved = recorded_manifest(resolved)
     section = lambda name: resolved.get(name) if isinstance(resolved.get(name), dict) else {}  # noqa: E731
     want = {"run.max_new_tokens": ("generate.max_new_tokens", section("generate").get("max_new_tokens")),
             "run.kv_cache": ("generate.kv_cache", section("generate").get("kv_cache")),
             "run.dtype": ("compute.dtype", section("compute").get("dtype")),
             "run.dequant": ("compute.dequant", section("compute").get("dequant")),
             "run.capture": ("capture", resolved.get("capture"))}  # fmt: skip
+    if "matmul" in run:  # ledgers before kimi-jax recorded it ran widened products
+        want["run.matmul"] = ("compute.matmul", section("compute").get("matmul"))
     want["run.prompt_input"] = ("prompt", {k: v for k, v in section("prompt").items() if v is not None})
     want["run.sampling"] = ("generate.sampling", section("generate").get("sampling"))
     want["run.stop.strings"] = ("generate.stop", section("generate").get("stop") or [])
@@ -130,6 +133,7 @@ def _run_matches_manifest(ledger: dict[str, Any], resolved: dict[str, Any]) -> l
         want["checkpoint.path"] = ("model.checkpoint", section("model")["checkpoint"])
     have = {"run.max_new_tokens": run.get("max_new_tokens"), "run.kv_cache": run.get("kv_cache"),
             "run.dtype": run.get("dtype"), "run.dequant": run.get("dequant"), "run.capture": run.get("capture"),
+            "run.matmul": run.get("matmul"),
             "run.prompt": run.get("prompt"), "checkpoint.path": (ledger.get("checkpoint") or {}).get("path"),
             "run.prompt_input": run.get("prompt_input"), "run.sampling": run.get("sampling"),
             "run.stop.strings": (run.get("stop") or {}).get("strings")}  # fmt: skip

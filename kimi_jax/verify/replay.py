@@ -9,7 +9,7 @@ from typing import Any
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import default_cache_dir
-from kimi_jax.manifest import parse_manifest_dict
+from kimi_jax.manifest import parse_manifest_dict, recorded_manifest
 from kimi_jax.platform_info import platform_differences
 from kimi_jax.storage.codecs import describe_dequant, recorded_dequant
 from kimi_jax.verify.bundle_view import BundleView
@@ -78,7 +78,8 @@ def check_replay(b: BundleView, allow_large: bool = False) -> str:
             data["model"]["cache_dir"] = str(default_cache_dir())  # never a folder the bundle chose
         data.pop("distributed", None)  # a replay is one process: a mesh must fit this machine's devices
         try:
-            plan = prepare_run(parse_manifest_dict(data, source=str(b.root / "manifest.json"), base_dir=b.root))
+            plan = prepare_run(parse_manifest_dict(recorded_manifest(data), source=str(b.root / "manifest.json"),
+                                                   base_dir=b.root))  # fmt: skip
         except KimiJaxError as e:
             raise CheckFailed(f"cannot replay: {e} (--replay runs the bundle's manifest against the checkpoint it names, "
                         "which must exist)") from None  # fmt: skip

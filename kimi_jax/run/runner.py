@@ -13,6 +13,7 @@ from kimi_jax.ledger.bundle import recover_interrupted_swap, write_bundle
 from kimi_jax.ledger.ledger import build_ledger, step_identity, validate_ledger
 from kimi_jax.model.engine import Engine, OnLayer
 from kimi_jax.model.jax_setup import enable_compilation_cache
+from kimi_jax.note.render import write_note_files
 from kimi_jax.records import StepRecord
 from kimi_jax.run import anchor as anchors
 from kimi_jax.run import distributed
@@ -142,7 +143,8 @@ def _execute_held(plan: RunPlan, prove: bool, resume: bool, echo, progress: bool
     try:
         write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None,
                      explorer_html=render_explorer(ledger),
-                     tokenizer_dir=plan.tokenizer.root if plan.tokenizer else None)  # fmt: skip
+                     tokenizer_dir=plan.tokenizer.root if plan.tokenizer else None,
+                     render_from_files=write_note_files)  # fmt: skip
     except OutputError as e:
         raise OutputError(f"{e}. The completed steps are kept in {checkpoints.root}: once that is fixed, run the "
                           "same command with --resume to write the bundle without computing them "

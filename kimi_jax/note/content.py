@@ -321,14 +321,19 @@ def perturbation(f: Facts) -> list[Block]:
 def classification(f: Facts) -> list[Block]:
     labels = f.b.json("provenance.json") if f.b.has("provenance.json") else {}
     labels = labels if isinstance(labels, dict) else {}
-    picked = lambda kind: sorted(k.removeprefix("steps.") for k, v in labels.items()  # noqa: E731
-                                 if v == kind and k.startswith("steps."))  # fmt: skip
+    def picked(kind: str, layer: bool) -> str:
+        prefix = "steps[].layers[]." if layer else "steps[]."
+        names = sorted(k.removeprefix(prefix) for k, v in labels.items() if v == kind and k.startswith(prefix)
+                       and (layer or not k.startswith("steps[].layers[].")))  # fmt: skip
+        return ("per layer: " if layer else "per step: ") + (", ".join(names) or "none")
+
     return [Heading("5. Output Formation Ledger"),
             Para(f"Each generated token has a ledger entry with {len(f.layers)} layer observations. Every field is "
                  "classified by the ledger schema's x-provenance (provenance.json), not by runtime annotation:"),
-            Para("Measured (M), direct from execution, per step:", "B"), Para(", ".join(picked("measured")), "mono"),
-            Para("Derived (D), computed deterministically from measured values, per step:", "B"),
-            Para(", ".join(picked("derived")), "mono"),
+            Para("Measured (M), direct from execution:", "B"), Para(picked("measured", False), "mono"),
+            Para(picked("measured", True), "mono"),
+            Para("Derived (D), computed deterministically from measured values:", "B"),
+            Para(picked("derived", False), "mono"), Para(picked("derived", True), "mono"),
             Para("verify recomputes every derived field from the measured values and the stored arrays.")]
 
 
@@ -361,11 +366,11 @@ def surfaces(f: Facts) -> list[Block]:
     if "norms" in f.capture:
         series = [(f"step {s.get('index')}", [float(layer.get("norm_out") or 0) for layer in s.get("layers") or []])
                   for s in f.steps]  # fmt: skip
-        blocks += [Para("Residual norm trajectory. The L2 norm of the residual stream after each layer, at the last "
-                        "position, one line per step (measured). Any phases a reader sees are visual summaries, "
-                        "not a segmentation the model endorses."),
-                   Chart("Figure 2. Residual norm after each layer (ledger: steps[].layers[].norm_out).", "lines",
-                         series, "L2 norm")]  # fmt: skip
+        blocks += [Chart("Figure 2. Residual norm after each layer (ledger: steps[].layers[].norm_out).", "lines",
+                         series, "L2 norm"),
+                   Para("Residual norm trajectory. The L2 norm of the residual stream after each layer, at the last "
+                        "position, one line per step (measured; Figure 2). Any phases a reader sees are visual "
+                        "summaries, not a segmentation the model endorses.")]  # fmt: skip
     else:
         blocks.append(Para("Norms were not captured (capture: " + ", ".join(f.capture) + "), so no trajectory is drawn."))
     if f.top_k:

@@ -132,7 +132,7 @@ def _heading(pdf, block: Heading) -> None:
 def _para(pdf, block: Para) -> None:
     if block.style == "mono":
         pdf.set_font("Mono", "", SMALL_PT)
-        pdf.multi_cell(0, 3.8, safe(block.text), new_x="LMARGIN", new_y="NEXT")
+        pdf.multi_cell(0, 3.8, safe(block.text), align="L", new_x="LMARGIN", new_y="NEXT")
     else:
         pdf.set_font("Sans", block.style, BODY_PT)
         pdf.multi_cell(0, 4.6, safe(block.text), new_x="LMARGIN", new_y="NEXT")
@@ -178,7 +178,7 @@ def _table(pdf, block: Table) -> None:
 
 def _badge(pdf, block: Badge) -> None:
     pdf.ln(1)
-    pdf.set_font("Sans", "B", SMALL_PT + 1)
+    pdf.set_font("Sans", "B", SMALL_PT + 0.5)
     pdf.set_fill_color(240, 243, 247)
     pdf.multi_cell(0, 6, safe(block.text), fill=True, align="C", new_x="LMARGIN", new_y="NEXT")
     pdf.ln(2)

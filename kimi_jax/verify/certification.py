@@ -170,8 +170,8 @@ class _Page(html.parser.HTMLParser):
 
 
 def _local_link(href: str) -> bool:
-    """A link to a file of the bundle itself (the note), which the page may offer to open."""
-    return href in ("note.pdf", "ledger.json")
+    """A link within the page, or to the bundle's own note, which the page offers to open."""
+    return href == "note.pdf" or (href.startswith("#") and "/" not in href)
 
 
 def check_explorer_scope(b: BundleView) -> str:

@@ -204,7 +204,7 @@ def check_explorer_scope(b: BundleView) -> str:
                 problems.append(f"{EXPLORER}: #{EXPLORER_DATA_ID} is not ledger.json: the page would show values the "
                                 "ledger does not hold")  # fmt: skip
     require(problems)
-    return f"the page embeds ledger.json and nothing else, and loads nothing ({len(text):,} bytes)"
+    return "the page embeds ledger.json and nothing else, and loads nothing"
 
 
 # --- runtime contract --------------------------------------------------------------------------

@@ -31,13 +31,14 @@ The checks, in order (each prints ``N. name: OK``, ``N. name: FAILED: reason`` o
 11. ``text``: the bundled tokenizer files are the ones the ledger's digests name, the prompt as
     given encodes to the prompt ids, and every text field re-derives (SKIPPED when the checkpoint
     ships no tokenizer).
-12-15. the certification checks (:mod:`kimi_jax.verify.certification`): ``synthetic-audit`` (X0 when
-    the weights are named by content and nothing is a kimi-jax synthetic, else X1 with the reasons;
-    FAILED only when the origin records contradict each other), ``explorer-scope`` (the page
-    embeds ledger.json and nothing else, and loads nothing), ``runtime-contract`` (the execution
-    properties the note states match the manifest, the environment record and the per-step
-    counters), ``ratification-scope`` (what a matched anchor ratifies: step 0's anchored fields
-    under its conditions; SKIPPED without an anchor).
+12. ``synthetic-audit`` (the certification checks, :mod:`kimi_jax.verify.certification`): X0 when the
+    weights are named by content and nothing is a kimi-jax synthetic, else X1 with the reasons;
+    FAILED only when the origin records contradict each other.
+13. ``explorer-scope``: the page embeds ledger.json and nothing else, and loads nothing.
+14. ``runtime-contract``: the execution properties the note states match the manifest, the
+    environment record and the per-step and per-layer counters.
+15. ``ratification-scope``: what a matched anchor ratifies, step 0's anchored fields under its
+    conditions, and nothing more (SKIPPED without an anchor).
 16. ``note``: ``note.pdf`` and ``certification.json`` are byte for byte what this kimi-jax renders from
     the bundle's other files (SKIPPED for a bundle written before notes existed).
 17. ``replay`` (only with ``--replay``, and only when checks 1-16 passed): the bundle's manifest is

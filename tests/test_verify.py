@@ -133,7 +133,7 @@ def test_cli_prints_numbered_checks_and_exits_by_outcome(demo, tmp_path):
     out = CliRunner().invoke(main, ["verify", str(bad)])
     assert out.exit_code == 1
     assert "1. checksums: FAILED: stray.txt: present but not listed in CHECKSUMS.b3" in out.output
-    assert "NOT VERIFIED: 1 of 11 checks FAILED (checksums)" in out.output.splitlines()[-1]
+    assert f"NOT VERIFIED: 1 of {len(CHECK_NAMES)} checks FAILED (checksums)" in out.output.splitlines()[-1]
 
 
 def test_no_checks_is_not_success():
@@ -567,7 +567,8 @@ def test_replay_runs_only_a_bundle_that_passed_the_offline_checks(demo, tmp_path
     _edit_json(root, "ledger.json", lambda l: l["steps"][1].update(entropy=1.0))  # not resealed
     report = verify_bundle(root, replay=True)
     assert report.status("replay") == "FAILED"
-    assert report.reason("replay").startswith("not replayed: the offline check(s) checksums, derivations, explorer FAILED")
+    assert report.reason("replay").startswith("not replayed: the offline check(s) checksums, derivations, explorer, "
+                                              "explorer-scope, note FAILED")  # fmt: skip
     assert not cache.exists(), "a bundle that failed verification made the replay write"
 
 

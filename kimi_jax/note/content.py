@@ -175,7 +175,7 @@ class Facts:
             (self.audit.verdict, "synthetic surface audit: " + ("nothing recognisably synthetic; the weights are named by "
                                                                 "content" if self.audit.verdict == X0 else
                                                                 "synthetic; " + "; ".join(self.audit.reasons))),
-            ("NP" if self.proven else "NP?", "capture proven non-perturbing (section 4)" if self.proven else
+            ("NP" if self.proven else "no NP", "capture proven non-perturbing (section 4)" if self.proven else
              "capture not proven non-perturbing (the run skipped the proof)"),
             (f"{len(self.steps)} tok / {len(self.layers)} layers / {pass_kind}",
              f"{len(self.steps)} generated token(s), each through all {len(self.layers)} layers; "
@@ -386,7 +386,7 @@ def surfaces(f: Facts) -> list[Block]:
                         "position, one line per step (measured; Figure 2). Any phases a reader sees are visual "
                         "summaries, not a segmentation the model endorses.")]  # fmt: skip
     else:
-        blocks.append(Para("Norms were not captured (capture: " + ", ".join(f.capture) + "), so no trajectory is drawn."))
+        blocks.append(Para(f"Norms were not captured (capture: {list(f.capture)}), so no trajectory is drawn."))
     if f.top_k:
         per_layer = [len({e for s in f.steps for pos in (s["layers"][i].get("experts") or []) for e in pos})
                      for i in range(len(f.layers))]  # fmt: skip

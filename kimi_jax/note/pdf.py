@@ -125,7 +125,7 @@ def _heading(pdf, block: Heading) -> None:
         pdf.add_page()
     pdf.ln(2.5)
     pdf.set_font("Sans", "B", 12)
-    pdf.multi_cell(0, 6.5, safe(block.text), new_x="LMARGIN", new_y="NEXT")
+    pdf.multi_cell(0, 6.5, safe(block.text), align="L", new_x="LMARGIN", new_y="NEXT")
     pdf.ln(1)
 
 
@@ -135,7 +135,7 @@ def _para(pdf, block: Para) -> None:
         pdf.multi_cell(0, 3.8, safe(block.text), align="L", new_x="LMARGIN", new_y="NEXT")
     else:
         pdf.set_font("Sans", block.style, BODY_PT)
-        pdf.multi_cell(0, 4.6, safe(block.text), new_x="LMARGIN", new_y="NEXT")
+        pdf.multi_cell(0, 4.6, safe(block.text), align="L", new_x="LMARGIN", new_y="NEXT")
     pdf.ln(1.5)
 
 
@@ -145,7 +145,7 @@ def _bullets(pdf, block: Bullets) -> None:
         x = pdf.l_margin
         pdf.set_x(x)
         pdf.cell(5, 4.6, "•")
-        pdf.multi_cell(pdf.w - pdf.r_margin - x - 5, 4.6, safe(item), new_x="LMARGIN", new_y="NEXT")
+        pdf.multi_cell(pdf.w - pdf.r_margin - x - 5, 4.6, safe(item), align="L", new_x="LMARGIN", new_y="NEXT")
         pdf.ln(0.8)
     pdf.ln(1)
 
@@ -156,7 +156,7 @@ def _table(pdf, block: Table) -> None:
     if pdf.will_page_break(20):
         pdf.add_page()
     pdf.set_font("Sans", "I", SMALL_PT + 0.5)
-    pdf.multi_cell(0, 4.2, safe(block.caption), new_x="LMARGIN", new_y="NEXT")
+    pdf.multi_cell(0, 4.2, safe(block.caption), align="L", new_x="LMARGIN", new_y="NEXT")
     pdf.ln(0.5)
     pdf.set_font("Sans", "", SMALL_PT + 0.5)
     width = pdf.w - pdf.l_margin - pdf.r_margin
@@ -275,7 +275,7 @@ def _chart(pdf, block: Chart) -> None:
     pdf.set_line_width(0.2)
     pdf.set_y(top + height)
     pdf.set_font("Sans", "I", SMALL_PT + 0.5)
-    pdf.multi_cell(0, 4.2, safe(block.caption), new_x="LMARGIN", new_y="NEXT")
+    pdf.multi_cell(0, 4.2, safe(block.caption), align="L", new_x="LMARGIN", new_y="NEXT")
     pdf.ln(2)
 
 

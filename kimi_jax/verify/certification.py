@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple
 
 from kimi_jax.fileio import read_regular
 from kimi_jax.ledger.bundle import MAX_JSON_BYTES, TOKENIZER
+from kimi_jax.platform_info import mesh_label
 from kimi_jax.verify.bundle_view import BundleView
 from kimi_jax.verify.report import Check, CheckFailed, CheckSkipped, require, run_check, short
 
@@ -315,12 +316,20 @@ def runtime_contract(b: BundleView) -> tuple[list[str], list[str]]:
             held.append("one device" if mesh is None else f"mesh {shape[0]}x{shape[1]} {shape[2]}, "
                         f"{processes} process(es)")  # fmt: skip
     # platform: the ledger's is the environment record's
-    if b.has("environment.json"):
+    # platform: the ledger's is the environment record's; the environment record is taken without the
+    # mesh, which a mesh run's ledger adds (mesh label and process count) and run.mesh states
+    platform = ledger.get("platform") if isinstance(ledger.get("platform"), dict) else {}
+    on_mesh = {k: platform[k] for k in ("mesh", "process_count") if k in platform}
+    if isinstance(mesh, dict) and on_mesh != {"mesh": mesh_label(mesh.get("expert"), mesh.get("model"), mesh.get("placement")),
+                                              "process_count": mesh.get("process_count")}:  # fmt: skip
+        problems.append(f"ledger.json platform names mesh {short(on_mesh)}, run.mesh is {short(mesh)}")
+    elif b.has("environment.json"):
         env = b.json("environment.json")
-        if not isinstance(env, dict) or env.get("platform") != ledger.get("platform"):
+        rest = {k: v for k, v in platform.items() if k not in on_mesh}
+        if not isinstance(env, dict) or env.get("platform") != rest:
             problems.append("environment.json platform differs from ledger.json platform")
         else:
-            held.append(f"platform {(ledger.get('platform') or {}).get('backend')}")
+            held.append(f"platform {platform.get('backend')}")
     return held, problems
 
 

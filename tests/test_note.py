@@ -285,14 +285,15 @@ def test_token_text_reaches_the_page_escaped(demo, tmp_path):
     assert "\u202e" not in flat and "\U0001f600" not in flat
 
 
-def test_note_command_writes_outside_the_bundle_only(demo, tmp_path):
+def test_note_command_writes_outside_the_bundle_only(demo, tmp_path, monkeypatch):
     from kimi_jax.ledger.archive import archive_bundle
 
     runner = CliRunner()
     inside = runner.invoke(main, ["note", str(demo), "-o", str(demo / "again.pdf")])
     assert inside.exit_code == 2 and "inside the bundle" in inside.output
+    assert not (demo / "again.pdf").exists()
     archive = archive_bundle(demo, tmp_path / "demo.tar.gz")
-    with runner.isolated_filesystem(temp_dir=tmp_path):
-        result = runner.invoke(main, ["note", str(archive)])
-        assert result.exit_code == 0, result.output
-        assert Path("demo.note.pdf").read_bytes() == (demo / NOTE).read_bytes()
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(main, ["note", str(archive)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo.note.pdf").read_bytes() == (demo / NOTE).read_bytes()

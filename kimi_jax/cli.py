@@ -11,6 +11,7 @@ import click
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.explorer.page import explore_command
+from kimi_jax.note.render import note_command
 from kimi_jax.settings import SYNTH_LAYOUTS
 
 
@@ -269,6 +270,7 @@ def vindex(manifest: str, overrides: tuple[str, ...], out_dir: str | None, progr
 
 # The explorer's command is defined with its page, which it serves.
 main.add_command(explore_command)
+main.add_command(note_command)
 
 if __name__ == "__main__":
     main()

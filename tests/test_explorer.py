@@ -109,7 +109,7 @@ def parse(page: str) -> _Page:
 
 def _own_code() -> str:
     base = resources.files("kimi_jax").joinpath("assets", "explorer")
-    names = ("explorer.html", "explorer.js", "explorer.css")
+    names = ("explorer.html", "explorer.js", "explorer.css", "verify.js")
     return "\n".join(base.joinpath(n).read_text(encoding="utf-8") for n in names)
 
 
@@ -134,12 +134,13 @@ def test_markup_in_token_text_cannot_close_the_script_block():
     for bad in ("<", ">", "&", "\u2028", "\u2029"):
         assert bad not in data
     assert json.loads(data) == ledger
-    # the only script end tags are the three real ones, and no hostile text appears raw anywhere
-    assert len(re.findall(r"</script", page, re.IGNORECASE)) == 3
+    # the only script end tags are the four real ones (ledger data, libraries, explorer, verifier), and no
+    # hostile text appears raw anywhere
+    assert len(re.findall(r"</script", page, re.IGNORECASE)) == 4
     for text in HOSTILE[:4]:
         assert text not in page
     assert "window.__pwned" in data  # it is there, as inert JSON string content
-    assert len(parse(page).scripts) == 3
+    assert len(parse(page).scripts) == 4
 
 
 def test_json_for_script_round_trips_awkward_strings():
@@ -158,6 +159,8 @@ def test_nothing_is_fetched_from_anywhere():
     for tag, attrs in parsed.elements:
         assert tag not in {"link", "img", "iframe", "object", "embed", "base", "video", "audio", "source", "form"}, tag
         for name, value in attrs.items():
+            if tag == "a" and name == "href" and value in ("note.pdf", "#verify"):
+                continue  # links the reader may follow (the bundle's note beside the page, a section), never fetched
             assert name not in url_attrs, (tag, name, value)
             if not (tag == "meta" and name == "content"):
                 assert not re.search(r"(https?:)?//", value or ""), (tag, name, value)

@@ -338,7 +338,7 @@ def test_markup_in_token_text_is_inert(open_page, ledger, tmp_path, shots):
     assert shown == [s["token_text"] for s in hostile["steps"]]
     assert o.page.get_by_text("<script>window.__pwned=1</script>", exact=True).first.is_visible()
     assert o.page.locator("img").count() == 0 and o.page.locator("b").count() == 0
-    assert o.page.locator("script").count() == 3
+    assert o.page.locator("script").count() == 4
     o.page.locator('#timeline-table tbody tr[data-step="1"]').click()
     assert o.text('#step-fields td[data-field="token_text"]') == texts[1]
     assert "prov-derived" in o.page.locator('#step-fields td[data-field="token_text"]').get_attribute("class")
@@ -376,7 +376,7 @@ def test_text_and_token_texts_are_shown_next_to_ids_and_inert(open_page, ledger,
     o = open_page(page)
     _shot(o, shots / "explorer_hostile_texts.png")
     assert o.page.evaluate("typeof window.__pwned") == "undefined"
-    assert o.page.locator("img, svg, b, i").count() == 0 and o.page.locator("script").count() == 3
+    assert o.page.locator("img, svg, b, i").count() == 0 and o.page.locator("script").count() == 4
 
     field = lambda path: o.text(f'#text-table td[data-field="{path}"]')  # noqa: E731
     assert field("run.prompt_input") == f"user: {HOSTILE_TEXTS[0]}\n<i>assistant</i>: {HOSTILE_TEXTS[4]}"

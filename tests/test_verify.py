@@ -17,6 +17,7 @@ from kimi_jax.ledger.archive import archive_bundle
 from kimi_jax.ledger.bundle import RECEIPT, bundle_digest
 from kimi_jax.ledger.checksums import write_checksums
 from kimi_jax.manifest import manifest_digest
+from kimi_jax.note.render import write_note_files
 from kimi_jax.run.plan import load_plan
 from kimi_jax.run.runner import execute
 from kimi_jax.verify import checklist
@@ -64,9 +65,12 @@ def _edit_json(root: Path, name: str, change) -> None:
 
 
 def _resign(root: Path) -> None:
-    """What a forger would do: render the explorer page again, refresh CHECKSUMS.b3 and the receipt's digest."""
+    """What a forger would do: render the explorer page and the note again, refresh CHECKSUMS.b3 and the
+    receipt's digest."""
     if (root / "explorer.html").exists():
         write_explorer(root)
+    if (root / "note.pdf").exists():
+        write_note_files(root)
     _reseal(root)
 
 
@@ -91,12 +95,12 @@ def _statuses(report: Report) -> dict[str, str]:
 
 def test_demo_bundle_verifies(demo):
     report = verify_bundle(demo)
-    assert [c.number for c in report.checks] == list(range(1, 12))
+    assert [c.number for c in report.checks] == list(range(1, len(CHECK_NAMES) + 1))
     assert [c.name for c in report.checks] == list(CHECK_NAMES)
     documented = re.findall(r"^ ?\d+\. ``([a-z-]+)``", checklist.__doc__, re.M)  # the numbered list verify documents
-    assert documented[:11] == list(CHECK_NAMES) and documented[11:] == ["replay"]
+    assert documented == [*CHECK_NAMES, "replay"]
     statuses = _statuses(report)
-    assert statuses.pop("anchor") == "SKIPPED"
+    assert statuses.pop("anchor") == statuses.pop("ratification-scope") == "SKIPPED"
     assert statuses.pop("explorer") in ("SKIPPED", "OK")  # the explorer page is optional
     assert set(statuses.values()) == {"OK"}, report.format()
     assert report.ok
@@ -129,7 +133,7 @@ def test_cli_prints_numbered_checks_and_exits_by_outcome(demo, tmp_path):
     out = CliRunner().invoke(main, ["verify", str(bad)])
     assert out.exit_code == 1
     assert "1. checksums: FAILED: stray.txt: present but not listed in CHECKSUMS.b3" in out.output
-    assert "NOT VERIFIED: 1 of 11 checks FAILED (checksums)" in out.output.splitlines()[-1]
+    assert f"NOT VERIFIED: 1 of {len(CHECK_NAMES)} checks FAILED (checksums)" in out.output.splitlines()[-1]
 
 
 def test_no_checks_is_not_success():
@@ -427,14 +431,19 @@ def test_explorer_page_must_be_the_rendered_page_byte_for_byte(demo, tmp_path):
     _write_page(root, ledger_text=json.dumps(ledger))
     _reseal(root)
     report = verify_bundle(root)
-    assert report.failed == ["explorer"], report.format()
+    # the page now shows what the ledger does not hold: explorer scope fails too, and so the note's
+    # certification table (written when it passed) is no longer what the bundle renders to
+    assert report.failed == ["explorer", "explorer-scope", "note"], report.format()
     assert "differs from ledger.json (first at steps[0].token)" in report.reason("explorer")
+    assert "#ledger-data is not ledger.json" in report.reason("explorer-scope")
+    assert "certification.json: not the certification.json rendered" in report.reason("note")
 
     _write_page(root, extra='<script type="application/json" id="other">{"a": 1}</script>\n')
     _reseal(root)
     report = verify_bundle(root)
-    assert report.failed == ["explorer"], report.format()
+    assert report.failed == ["explorer", "explorer-scope", "note"], report.format()
     assert "other JSON data blocks (ids other)" in report.reason("explorer")
+    assert "data blocks ['ledger-data', 'other']" in report.reason("explorer-scope")
 
 
 def test_rendered_explorer_page_verifies(demo, tmp_path):
@@ -452,7 +461,7 @@ def test_rendered_explorer_page_verifies(demo, tmp_path):
 
 def test_replay_matches_and_catches_an_edited_measurement(anchored, tmp_path):
     report = verify_bundle(anchored, replay=True)
-    assert [c.name for c in report.checks][-1] == "replay" and report.checks[-1].number == 12
+    assert [c.name for c in report.checks][-1] == "replay" and report.checks[-1].number == len(CHECK_NAMES) + 1
     assert report.status("replay") == "OK" and report.ok, report.format()
 
     root = _copy(anchored, tmp_path)
@@ -558,7 +567,8 @@ def test_replay_runs_only_a_bundle_that_passed_the_offline_checks(demo, tmp_path
     _edit_json(root, "ledger.json", lambda l: l["steps"][1].update(entropy=1.0))  # not resealed
     report = verify_bundle(root, replay=True)
     assert report.status("replay") == "FAILED"
-    assert report.reason("replay").startswith("not replayed: the offline check(s) checksums, derivations, explorer FAILED")
+    assert report.reason("replay").startswith("not replayed: the offline check(s) checksums, derivations, explorer, "
+                                              "explorer-scope, note FAILED")  # fmt: skip
     assert not cache.exists(), "a bundle that failed verification made the replay write"
 
 

@@ -1,7 +1,7 @@
 """``explorer.html``: the offline ledger explorer, one self-contained page over ``ledger.json``.
 
-The page works from ``file://`` with no network: Chart.js 4 and chartjs-chart-matrix (vendored
-in ``kimi_jax/assets`` with their licenses) and the page's own script and style
+The page works from ``file://`` with no network: Chart.js 4, chartjs-chart-matrix and the BLAKE3 of
+@noble/hashes (vendored in ``kimi_jax/assets`` with their licenses) and the page's own scripts and style
 (``kimi_jax/assets/explorer/``) are inlined at render time, and a Content-Security-Policy meta
 tag forbids every fetch (``default-src 'none'``).
 
@@ -42,6 +42,8 @@ from kimi_jax.ledger.checksums import MAX_LISTING_BYTES
 TITLE = "Kimi K2.5 Output Formation Ledger"
 PAGE = "explorer.html"
 LIBRARIES = ("chart.umd.min.js", "chartjs-chart-matrix.min.js")
+# The "verify this bundle" view: @noble/hashes' BLAKE3 (vendored with its license) and its script.
+VERIFIER = ("noble-hashes-blake3.js",)
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
        "base-uri 'none'; form-action 'none'")  # fmt: skip
 
@@ -92,6 +94,8 @@ def _static_parts() -> dict[str, str]:
         "CSS": css,
         "LIBRARIES": libraries,
         "APP": _script_text(_resource("explorer", "explorer.js"), "kimi_jax/assets/explorer/explorer.js"),
+        "VERIFIER": "\n;\n".join([*(inline_library(name) for name in VERIFIER),
+                                    _script_text(_resource("explorer", "verify.js"), "kimi_jax/assets/explorer/verify.js")]),
     }
 
 
@@ -118,6 +122,7 @@ def render_explorer(ledger: dict, title: str = TITLE) -> str:
         "CSS": parts["CSS"],
         "LIBRARIES": parts["LIBRARIES"],
         "APP": parts["APP"],
+        "VERIFIER": parts["VERIFIER"],
         "LEDGER": embedded,
         "PROVENANCE": json_for_script(dict(sorted(provenance_map().items()))),
     }

@@ -13,6 +13,8 @@ Layout of a bundle directory::
                             (absent when it ships none), so verify re-derives every text field
     arrays/                 orbax-checkpoint tree {"step_00000": {"hidden": f32[H], "logits": f32[V]}, ...}
     explorer.html           the offline explorer page
+    certification.json      the note's certification table as data (verify's certification checks)
+    note.pdf                the technical note, rendered from the files above (kimi_jax/note)
     CHECKSUMS.b3            BLAKE3 of every file above, in the format ``b3sum --check`` reads
     receipt.json            bundle digest (BLAKE3 of CHECKSUMS.b3), manifest digest, anchor, verdict, time
 
@@ -37,7 +39,7 @@ import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import blake3
 import numpy as np
@@ -70,7 +72,8 @@ MAX_ARRAY_EXPANSION = 4
 # Every file a bundle may hold (see the module doc); under arrays/ the names orbax-checkpoint
 # gives the files of one PyTree checkpoint (metadata, the OCDBT manifest and data files).
 BUNDLE_FILES = ("manifest.json", "manifest.yaml", "ledger.json", "anchor.json", "non_perturbation.json",
-                "provenance.json", "environment.json", "explorer.html", CHECKSUMS, RECEIPT)  # fmt: skip
+                "provenance.json", "environment.json", "explorer.html", "certification.json", "note.pdf", CHECKSUMS,
+                RECEIPT)  # fmt: skip
 ARRAY_FILES = re.compile(r"(_CHECKPOINT_METADATA|_METADATA|_ROOT_METADATA|_sharding|commit_success\.txt"
                          r"|array_metadatas/process_\d+"
                          r"|(ocdbt\.process_\d+/)?(manifest\.ocdbt|d/[0-9a-f]+))")  # fmt: skip
@@ -218,15 +221,17 @@ def bundle_digest(bundle: Path) -> str:
 
 
 def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | None, explorer_html: str | None,
-                 tokenizer_dir: Path | None = None) -> Path:  # fmt: skip
+                 tokenizer_dir: Path | None = None, render_from_files: Callable[[Path], None] | None = None) -> Path:  # fmt: skip
     """Assemble the bundle beside ``out`` and move it into place atomically; returns ``out``.
 
     ``tokenizer_dir`` holds the tokenizer files the ledger names (default: the checkpoint folder;
-    a remote checkpoint's are in its local mirror)."""
+    a remote checkpoint's are in its local mirror). ``render_from_files(folder)`` is called with the
+    assembled folder before ``CHECKSUMS.b3`` is written, to add the files rendered from the others
+    (the runner passes the note's writer, which sits above this module)."""
     out = Path(out)
     work = partial_dir(out)
     try:
-        _assemble(work, manifest, ledger, steps, anchor_file, explorer_html, tokenizer_dir)
+        _assemble(work, manifest, ledger, steps, anchor_file, explorer_html, tokenizer_dir, render_from_files)
         swap_into_place(work, out)
     except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)  # a partial bundle would keep the disk full
@@ -238,7 +243,7 @@ def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | N
 
 
 def _assemble(work: Path, manifest, ledger: dict, steps, anchor_file: Path | None, explorer_html: str | None,
-              tokenizer_dir: Path | None) -> None:  # fmt: skip
+              tokenizer_dir: Path | None, render_from_files: Callable[[Path], None] | None = None) -> None:  # fmt: skip
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -263,6 +268,8 @@ def _assemble(work: Path, manifest, ledger: dict, steps, anchor_file: Path | Non
                                  "written")  # fmt: skip
     if explorer_html is not None:
         write_bytes_atomic(work / "explorer.html", explorer_html.encode())
+    if render_from_files is not None:
+        render_from_files(work)
     write_checksums(work)
     proof = ledger.get("non_perturbation")
     receipt = {

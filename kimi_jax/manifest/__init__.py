@@ -10,6 +10,7 @@ from kimi_jax.manifest.identity import identity_of, manifest_digest
 from kimi_jax.manifest.load import (
     MANIFEST_SCHEMA_ID,
     load_manifest,
+    load_recorded_manifest,
     manifest_json_schema,
     parse_manifest_dict,
     recorded_manifest,
@@ -19,6 +20,6 @@ from kimi_jax.manifest.schema import CAPTURE_KINDS, Manifest, VindexSection, fie
 
 __all__ = [
     "MANIFEST_VERSION", "MANIFEST_SCHEMA_ID", "CAPTURE_KINDS", "Manifest", "VindexSection", "load_manifest",
-    "parse_manifest_dict", "recorded_manifest", "manifest_json_schema", "manifest_digest", "identity_of",
+    "parse_manifest_dict", "recorded_manifest", "load_recorded_manifest", "manifest_json_schema", "manifest_digest", "identity_of",
     "field_effect",
 ]

@@ -11,14 +11,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from kimi_jax.errors import ManifestError
-from kimi_jax.fileio import read_regular
+from kimi_jax.fileio import parse_json, read_regular
 from kimi_jax.manifest.errors import format_errors
 from kimi_jax.manifest.fields import with_recorded_defaults
 from kimi_jax.manifest.origins import MANIFEST_VERSION, Origins, apply_overrides, describe_value, parse_yaml
 from kimi_jax.manifest.schema import Manifest
 
 __all__ = ["MANIFEST_SCHEMA_ID", "MAX_MANIFEST_BYTES", "load_manifest", "parse_manifest_dict", "recorded_manifest",
-           "manifest_json_schema"]  # fmt: skip
+           "load_recorded_manifest", "manifest_json_schema"]  # fmt: skip
 
 MANIFEST_SCHEMA_ID = "urn:kimi-jax:schema:manifest:v1"
 _JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -94,6 +94,16 @@ def recorded_manifest(resolved: Any) -> Any:
     it leaves out filled with what they meant when it was written (see
     :func:`~kimi_jax.manifest.fields.added_later`), even where a default has changed since."""
     return with_recorded_defaults(Manifest, resolved)
+
+
+def load_recorded_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """A bundle's ``manifest.json`` validated as the run it records (:func:`recorded_manifest`),
+    without checking that the checkpoint it names is still there."""
+    display = os.fspath(path)
+    raw = read_regular(Path(display), MAX_MANIFEST_BYTES, "manifest", ManifestError)
+    data = parse_json(raw, display, ManifestError)
+    origins = Origins(display, has_lines=False)
+    return _validate(recorded_manifest(data), origins, Path(os.path.abspath(display)).parent, None, check_paths=False)
 
 
 def manifest_json_schema() -> dict[str, Any]:

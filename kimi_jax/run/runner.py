@@ -22,6 +22,7 @@ from kimi_jax.ledger.run_record import (
 from kimi_jax.manifest import load_manifest
 from kimi_jax.model.engine import Engine, OnLayer
 from kimi_jax.model.jax_setup import enable_compilation_cache
+from kimi_jax.note.render import write_note_files
 from kimi_jax.records import StepRecord
 from kimi_jax.run import anchor as anchors
 from kimi_jax.run import distributed
@@ -154,7 +155,8 @@ def _execute_held(plan: RunPlan, prove: bool, resume: bool, echo, progress: bool
     try:
         write_bundle(out, m, ledger, steps, m.anchor if anchor is not None else None,
                      explorer_html=render_explorer(ledger),
-                     tokenizer_dir=plan.tokenizer.root if plan.tokenizer else None)  # fmt: skip
+                     tokenizer_dir=plan.tokenizer.root if plan.tokenizer else None,
+                     render_from_files=write_note_files)  # fmt: skip
     except OutputError as e:
         raise OutputError(f"{e}. The completed steps are kept in {checkpoints.root}: once that is fixed, run the "
                           "same command with --resume to write the bundle without computing them "

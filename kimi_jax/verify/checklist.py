@@ -31,7 +31,17 @@ The checks, in order (each prints ``N. name: OK``, ``N. name: FAILED: reason`` o
 11. ``text``: the bundled tokenizer files are the ones the ledger's digests name, the prompt as
     given encodes to the prompt ids, and every text field re-derives (SKIPPED when the checkpoint
     ships no tokenizer).
-12. ``replay`` (only with ``--replay``, and only when checks 1-11 passed): the bundle's manifest is
+12. ``synthetic-audit`` (the certification checks, :mod:`kimi_jax.verify.certification`): X0 when the
+    weights are named by content and nothing is a kimi-jax synthetic, else X1 with the reasons;
+    FAILED only when the origin records contradict each other.
+13. ``explorer-scope``: the page embeds ledger.json and nothing else, and loads nothing.
+14. ``runtime-contract``: the execution properties the note states match the manifest, the
+    environment record and the per-step and per-layer counters.
+15. ``ratification-scope``: what a matched anchor ratifies, step 0's anchored fields under its
+    conditions, and nothing more (SKIPPED without an anchor).
+16. ``note``: ``note.pdf`` and ``certification.json`` are byte for byte what this kimi-jax renders from
+    the bundle's other files (SKIPPED for a bundle written before notes existed).
+17. ``replay`` (only with ``--replay``, and only when checks 1-16 passed): the bundle's manifest is
     run again, without the non-perturbation proof, against the checkpoint it names; every measured
     value must match (wall-clock and page-cache fields excepted). It writes only into the user's
     own cache and a temporary folder, never where the bundle says, and generates the full-shape
@@ -45,18 +55,18 @@ from pathlib import Path
 from typing import Callable
 
 from kimi_jax.verify.bundle_view import BundleView
+from kimi_jax.verify.certification import CERTIFICATION_CHECKS
 from kimi_jax.verify.explorer_check import check_explorer
 from kimi_jax.verify.file_checks import check_checksums, check_receipt
 from kimi_jax.verify.ledger_checks import check_derivations, check_digests, check_provenance, check_schema
+from kimi_jax.verify.note_check import check_note
 from kimi_jax.verify.replay import check_replay
 from kimi_jax.verify.report import (
     FAILED,
-    OK,
-    SKIPPED,
     Check,
     CheckFailed,
-    CheckSkipped,
     Report,
+    run_check,
 )
 from kimi_jax.verify.run_checks import check_anchor, check_continuity, check_non_perturbation
 from kimi_jax.verify.text import check_text
@@ -73,6 +83,8 @@ _CHECKS: tuple[tuple[str, Callable[[BundleView], str]], ...] = (
     ("non-perturbation", check_non_perturbation),
     ("explorer", check_explorer),
     ("text", check_text),
+    *CERTIFICATION_CHECKS,
+    ("note", check_note),
 )
 CHECK_NAMES = tuple(name for name, _ in _CHECKS)
 
@@ -84,19 +96,6 @@ def _replay_if_sound(bundle: BundleView, done: list[Check], allow_large: bool) -
         raise CheckFailed(f"not replayed: the offline check(s) {', '.join(failed)} FAILED, and a bundle is re-run "
                           "only once everything it says is consistent")  # fmt: skip
     return check_replay(bundle, allow_large)
-
-
-def _run_check(number: int, name: str, fn: Callable[[BundleView], str], bundle: BundleView) -> Check:
-    try:
-        note = fn(bundle)
-        return Check(number, name, OK, note or "")
-    except CheckSkipped as e:
-        return Check(number, name, SKIPPED, str(e))
-    except CheckFailed as e:
-        return Check(number, name, FAILED, str(e))
-    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
-        # a ledger or record whose structure is not what the schema says (reported by check 3)
-        return Check(number, name, FAILED, f"unexpected structure in the bundle's JSON ({type(e).__name__}: {e})")
 
 
 def verify_bundle(path: str | os.PathLike, replay: bool = False, on_check: Callable[[Check], None] | None = None,
@@ -115,7 +114,7 @@ def verify_bundle(path: str | os.PathLike, replay: bool = False, on_check: Calla
         replayed = lambda b: _replay_if_sound(b, checks, allow_large)  # noqa: E731
         todo = list(_CHECKS) + ([("replay", replayed)] if replay else [])
         for number, (name, fn) in enumerate(todo, start=1):
-            check = _run_check(number, name, fn, bundle)
+            check = run_check(number, name, fn, bundle)
             checks.append(check)
             if on_check is not None:
                 on_check(check)

@@ -82,6 +82,20 @@ class Report:
         return "\n".join([*(c.line() for c in self.checks), self.summary()])
 
 
+def run_check(number: int, name: str, fn: Callable[[Any], str], bundle: Any) -> Check:
+    """Run one check on a bundle view: its note (OK), or why it was SKIPPED or FAILED."""
+    try:
+        note = fn(bundle)
+        return Check(number, name, OK, note or "")
+    except CheckSkipped as e:
+        return Check(number, name, SKIPPED, str(e))
+    except CheckFailed as e:
+        return Check(number, name, FAILED, str(e))
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        # a ledger or record whose structure is not what the schema says (reported by check 3)
+        return Check(number, name, FAILED, f"unexpected structure in the bundle's JSON ({type(e).__name__}: {e})")
+
+
 # -- differences between JSON values ---------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ from kimi_jax.model.step import kept_moe_layer, whole_model_step
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.residency import plan_residency, resolve_budget
 
-STAGES = ((Engine, "_forward_fused"), (Engine, "_layer_record"), (LocalSource, "embed"),
+STAGES = ((Engine, "_forward_fused"), (Engine, "layer_record"), (LocalSource, "embed"),
           (LocalSource, "stage_layer"), (LocalSource, "stage_head"), (LocalSource, "fused_weights"),
           (LocalSource, "logits"))  # fmt: skip
 

@@ -139,13 +139,16 @@ class Engine:
 
     def forward(self, tokens: list[int], positions: np.ndarray, caches: list | None,
                 on_layer: Callable[[int, int], None] | None = None):  # fmt: skip
-        """Run ``tokens`` at ``positions`` through every layer; returns (hidden_last, logits,
-        [LayerOutput], caches). ``on_layer(layer, bytes read so far this step)`` is called after each layer."""
+        """Run ``tokens`` at ``positions`` through every layer; returns (hidden, logits, [LayerOutput],
+        caches): the hidden state and logits at the last position, or at every row when the caches are
+        :class:`~kimi_jax.model.layers.BatchedLatentCache` (each row a sequence's next token).
+        ``on_layer(layer, bytes read so far this step)`` is called after each layer."""
         cfg, source = self.cfg, self.source
         x = source.embed(tokens)
         pos = jnp.asarray(positions, dtype=jnp.int32)
+        every_row = bool(caches) and isinstance(caches[0], layers.BatchedLatentCache)
         if caches is not None and source.fused_ready():
-            return self._forward_fused(x, pos, caches, on_layer)
+            return self._forward_fused(x, pos, caches, on_layer, every_row)
         outputs: list[LayerOutput] = []
         new_caches = [] if caches is not None else None
         pending = self._submit(source.stage_layer, 0)
@@ -171,17 +174,19 @@ class Engine:
             if on_layer:
                 on_layer(layer, source.bytes_so_far())
         head = source.assemble(pending.result()[0])
-        hidden = x[-1]
+        hidden = x if every_row else x[-1]
         logits = source.logits(head, hidden)
         hidden, new_caches = source.gather(hidden, new_caches)
         return np.asarray(hidden), np.asarray(logits), outputs, new_caches
 
-    def _forward_fused(self, x: jax.Array, pos: jax.Array, caches: list, on_layer: Callable[[int, int], None] | None):
+    def _forward_fused(self, x: jax.Array, pos: jax.Array, caches: list, on_layer: Callable[[int, int], None] | None,
+                       every_row: bool = False):  # fmt: skip
         """:meth:`forward` as one program for the layers and one for the head: the weights are taken
         from memory (and counted as used), the programs run, and the picks returned give each layer's
         expert bytes. Layers are not timed apart: the program's time is the step's."""
         bases, stacks, head = self.source.fused_weights()
-        hidden, caches, routings, captures = whole_model_step(self.cfg, bases, stacks, x, pos, tuple(caches))
+        hidden, caches, routings, captures = whole_model_step(self.cfg, bases, stacks, x, pos, tuple(caches),
+                                                              every_row=every_row)  # fmt: skip
         logits = self.source.logits(head, hidden)
         # One transfer for every layer's picks (and the capture, when kept) instead of one per array. A
         # bare run fetches only the picks, which the byte accounting needs, as the layer-by-layer run does.
@@ -199,16 +204,20 @@ class Engine:
                 on_layer(layer, self.source.bytes_so_far())
         return np.asarray(hidden), logits, outputs, list(caches)
 
-    def _layer_record(self, layer: int, out: LayerOutput, io: ByteCounts, per_process: dict | None) -> LayerRecord:
-        """A bare run leaves the capture arrays on the device: same programs, nothing fetched."""
-        keep, routing = self.keep_capture, out.routing
+    def layer_record(self, layer: int, out: LayerOutput, io: ByteCounts, per_process: dict | None,
+                     row: int | None = None) -> LayerRecord:  # fmt: skip
+        """The record of one layer of a step; with ``row``, of the sequence at that row of a batch. A
+        bare run leaves the capture arrays on the device: same programs, nothing fetched."""
+        keep, routing, capture = self.keep_capture, out.routing, out.capture
+        norm_in, norm_out = ((capture["norm_in"], capture["norm_out"]) if row is None
+                             else (capture["norms_in"][row], capture["norms_out"][row])) if keep else (None, None)
+        rows = slice(None) if row is None else slice(row, row + 1)
         return LayerRecord(
             layer=layer, kind=self.index.layers[layer].kind,
-            norm_in=float(out.capture["norm_in"]) if keep else None,
-            norm_out=float(out.capture["norm_out"]) if keep else None,
-            experts=np.asarray(routing.idx).tolist() if keep and routing else None,
-            routing_weights=np.asarray(routing.weights_norm).tolist() if keep and routing else None,
-            router_scores=np.asarray(routing.scores).tolist() if keep and routing else None,
+            norm_in=float(norm_in) if keep else None, norm_out=float(norm_out) if keep else None,
+            experts=np.asarray(routing.idx)[rows].tolist() if keep and routing else None,
+            routing_weights=np.asarray(routing.weights_norm)[rows].tolist() if keep and routing else None,
+            router_scores=np.asarray(routing.scores)[rows].tolist() if keep and routing else None,
             bytes_read=io.used, read_s=out.read_s, compute_s=out.compute_s, io=io,
             bytes_per_process=None if per_process is None else per_process.get(layer),
         )  # fmt: skip
@@ -247,7 +256,7 @@ class Engine:
             for step in range(len(steps), max_new_tokens):
                 if step > 0:
                     freeze()  # once: what the first step built (weights kept, programs, the index) is long-lived
-                record, caches = self._step(step, context, kv_cache and step > 0, caches, on_layer, decoding)
+                record, caches = self.step(step, context, kv_cache and step > 0, caches, on_layer, decoding)
                 steps.append(record)
                 if on_step:
                     on_step(record)
@@ -256,7 +265,7 @@ class Engine:
                     break
         return steps
 
-    def _step(self, step: int, context: list[int], decode_one: bool, caches: list | None,
+    def step(self, step: int, context: list[int], decode_one: bool, caches: list | None,
               on_layer: OnLayer | None, decoding) -> tuple[StepRecord, list | None]:  # fmt: skip
         """One step: the whole context (the prompt, or full recompute) or only its last token (KV cache)."""
         started = time.perf_counter()
@@ -269,7 +278,7 @@ class Engine:
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             hidden, logits, outputs, caches = self.forward(tokens, positions, caches, step_on_layer)
         by_layer, per_process, counters = self.source.end_step(tokens)
-        layer_records = [self._layer_record(i, out, by_layer.get(i, ByteCounts()), per_process)
+        layer_records = [self.layer_record(i, out, by_layer.get(i, ByteCounts()), per_process)
                          for i, out in enumerate(outputs)]  # fmt: skip
         io = ByteCounts()
         for counts in by_layer.values():

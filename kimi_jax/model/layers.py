@@ -87,6 +87,12 @@ def _last_norm(x: jax.Array) -> jax.Array:
     return jnp.linalg.norm(x[-1].astype(F32))
 
 
+def _row_norms(x: jax.Array) -> jax.Array:
+    """L2 norm (float32) of the residual stream at every row: each sequence's own when the rows are a
+    batch of sequences (:class:`BatchedLatentCache`)."""
+    return jnp.linalg.norm(x.astype(F32), axis=-1)
+
+
 # ------------------------------------------------------------------------------------------ RoPE
 
 
@@ -177,6 +183,37 @@ class LatentCache:
         return int(self.c_kv.shape[0])
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BatchedLatentCache:
+    """The latent caches of B sequences decoding together, one row of the activations each.
+
+    ``c_kv`` [B, S, kv_lora_rank], ``k_pe`` [B, S, rope], ``length`` [B]: sequence b's
+    :class:`LatentCache`, padded to the batch's capacity S (positions past a sequence's own are
+    never visible to it). Given this cache, attention takes row b of ``x`` as sequence b's next
+    token, at ``positions[b]``."""
+
+    c_kv: jax.Array
+    k_pe: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def stack(cls, caches: list[LatentCache]) -> BatchedLatentCache:
+        """One layer's caches of several sequences, zero-padded to the largest capacity."""
+        capacity = max(c.capacity for c in caches)
+
+        def pad(a: jax.Array) -> jax.Array:
+            return jnp.pad(a, ((0, capacity - a.shape[0]), (0, 0)))
+
+        return cls(jnp.stack([pad(c.c_kv) for c in caches]), jnp.stack([pad(c.k_pe) for c in caches]),
+                   jnp.stack([c.length for c in caches]))  # fmt: skip
+
+    def rows(self, keep: list[int]) -> BatchedLatentCache:
+        """The caches of the sequences at rows ``keep`` (finished sequences leave the batch)."""
+        index = jnp.asarray(keep, dtype=jnp.int32)
+        return BatchedLatentCache(self.c_kv[index], self.k_pe[index], self.length[index])
+
+
 def _mla_inputs(cfg: ModelConfig, p: AttentionParams, x: jax.Array, positions: jax.Array):
     """q_nope [T,H,nope], rotated q_pe [T,H,rope], normalized c_kv [T,R], rotated k_pe [T,rope]."""
     t, nh, nope = x.shape[0], cfg.num_attention_heads, cfg.qk_nope_head_dim
@@ -222,11 +259,34 @@ def _attend_absorbed(cfg, p: AttentionParams, q_nope, q_pe, cache: LatentCache, 
     return _mm("thr,hvr->thv", o_lat, w_kv[:, nope:], dt).reshape(t, nh * cfg.v_head_dim)
 
 
-def mla(cfg: ModelConfig, p: AttentionParams, x: jax.Array, positions: jax.Array, cache: LatentCache | None):
-    """Multi-head latent attention of normalized ``x`` [T, hidden]; returns (out, cache)."""
+def _attend_each_row(cfg, p: AttentionParams, q_nope, q_pe, c_kv, k_pe, cache: BatchedLatentCache,
+                     positions) -> tuple[jax.Array, BatchedLatentCache]:  # fmt: skip
+    """Row b is sequence b's next token: written into its own cache at ``positions[b]``, then
+    attending over that cache alone (absorbed attention, one sequence at a time under ``vmap``)."""
+
+    def one(q_nope, q_pe, c_kv, k_pe, c_cache, k_cache, length, position):
+        row = LatentCache(
+            c_kv=jax.lax.dynamic_update_slice(c_cache, c_kv[None].astype(c_cache.dtype), (position, 0)),
+            k_pe=jax.lax.dynamic_update_slice(k_cache, k_pe[None].astype(k_cache.dtype), (position, 0)),
+            length=jnp.maximum(length, position + 1).astype(jnp.int32),
+        )
+        out = _attend_absorbed(cfg, p, q_nope[None], q_pe[None], row, position[None])
+        return out[0], row.c_kv, row.k_pe, row.length
+
+    out, c_all, k_all, lengths = jax.vmap(one)(q_nope, q_pe, c_kv, k_pe, cache.c_kv, cache.k_pe, cache.length,
+                                               positions)  # fmt: skip
+    return out, BatchedLatentCache(c_all, k_all, lengths)
+
+
+def mla(cfg: ModelConfig, p: AttentionParams, x: jax.Array, positions: jax.Array,
+        cache: LatentCache | BatchedLatentCache | None):  # fmt: skip
+    """Multi-head latent attention of normalized ``x`` [T, hidden]; returns (out, cache). With a
+    :class:`BatchedLatentCache` the rows are B sequences' next tokens, each attending over its own cache."""
     q_nope, q_pe, c_kv, k_pe = _mla_inputs(cfg, p, x, positions)
     if cache is None:
         out = _attend_naive(cfg, p, q_nope, q_pe, c_kv, k_pe, positions)
+    elif isinstance(cache, BatchedLatentCache):
+        out, cache = _attend_each_row(cfg, p, q_nope, q_pe, c_kv, k_pe, cache, positions)
     else:
         start = positions[0]
         cache = LatentCache(
@@ -336,7 +396,8 @@ def dense_layer(cfg: ModelConfig, p: DenseLayerParams, x: jax.Array, positions: 
     h, cache = _attention_residual(cfg, p, x, positions, cache)
     with jax.named_scope("mlp"):
         x_out = h + swiglu(rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps), p.mlp)
-    return x_out, cache, {"norm_in": _last_norm(x), "norm_out": _last_norm(x_out)}
+    return x_out, cache, {"norm_in": _last_norm(x), "norm_out": _last_norm(x_out), "norms_in": _row_norms(x),
+                          "norms_out": _row_norms(x_out)}  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -347,7 +408,7 @@ def moe_attention_and_route(cfg: ModelConfig, p: MoEBaseParams, x: jax.Array, po
     h, cache = _attention_residual(cfg, p, x, positions, cache)
     with jax.named_scope("router"):
         routing = route(cfg, p.gate, rms_norm(h, p.post_attention_layernorm, cfg.rms_norm_eps))
-    return h, cache, routing, {"norm_in": _last_norm(x)}
+    return h, cache, routing, {"norm_in": _last_norm(x), "norms_in": _row_norms(x)}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -368,7 +429,7 @@ def moe_experts(cfg: ModelConfig, p: MoEBaseParams, experts: ExpertStack, slots:
         with jax.named_scope("shared_expert"):
             ffn = ffn + swiglu(hn, p.shared_experts)
     x_out = h + ffn
-    return x_out, {"norm_out": _last_norm(x_out)}
+    return x_out, {"norm_out": _last_norm(x_out), "norms_out": _row_norms(x_out)}
 
 
 # Rows of the lm_head per logits call when it is widened: 16384 x 7168 BF16 is 235 MB, 470 MB widened.
@@ -399,7 +460,7 @@ def head_logits(cfg: ModelConfig, head: HeadParams, x_last: jax.Array) -> jax.Ar
 
 
 __all__ = [
-    "linear", "rms_norm", "swiglu", "rope_inv_freq", "rope_cos_sin", "apply_rope", "LatentCache",
+    "linear", "rms_norm", "swiglu", "rope_inv_freq", "rope_cos_sin", "apply_rope", "LatentCache", "BatchedLatentCache",
     "mla", "Routing", "route", "routed_experts", "dense_layer", "moe_attention_and_route",
     "moe_experts", "final_logits", "head_logits", "HEAD_CHUNK_ROWS", "UNROLLED_SLOTS", "TRACE_COUNTS",
 ]

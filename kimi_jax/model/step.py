@@ -91,13 +91,14 @@ def kept_layer(cfg: ModelConfig, base: DenseLayerParams | MoEBaseParams, stack: 
     return kept_moe_layer(cfg, base, stack, x, positions, cache)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="every_row")
 def whole_model_step(cfg: ModelConfig, bases: tuple, stacks: tuple, x: jax.Array, positions: jax.Array,
-                     caches: tuple):  # fmt: skip
+                     caches: tuple, every_row: bool = False):  # fmt: skip
     """Every layer as one program: ``bases[l]`` are layer l's non-expert weights, ``stacks[l]`` all
     its routed experts (None for a dense layer), ``caches[l]`` its latent cache.
 
-    Returns (hidden_last, caches, routings, captures), one routing (None for a dense layer) and one
+    Returns (hidden, caches, routings, captures): the hidden state at the last position (at every
+    row with ``every_row``: a batch of sequences), one routing (None for a dense layer) and one
     capture dict per layer, as the layer-by-layer engine gets them. The head stays a call of its own:
     traced into this program, XLA compiled its product differently (not bitwise the streamed logits)."""
     layers.TRACE_COUNTS["whole_model_step"] += 1
@@ -109,7 +110,7 @@ def whole_model_step(cfg: ModelConfig, bases: tuple, stacks: tuple, x: jax.Array
         routings.append(routing)
         captures.append(capture)
         out_caches.append(cache)
-    return x[-1], tuple(out_caches), tuple(routings), tuple(captures)
+    return x if every_row else x[-1], tuple(out_caches), tuple(routings), tuple(captures)
 
 
 __all__ = ["ExpertSource", "layer_step", "kept_moe_layer", "kept_layer", "whole_model_step"]

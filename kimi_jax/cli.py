@@ -12,7 +12,7 @@ import click
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.explorer.page import explore_command
 from kimi_jax.note.render import note_command
-from kimi_jax.settings import SYNTH_LAYOUTS
+from kimi_jax.settings import SYNTH_LAYOUTS, SYNTH_PRESETS
 
 
 # Commands whose completed steps survive an interrupt and continue with --resume.
@@ -124,7 +124,7 @@ def anchor_freeze(manifest: str, overrides: tuple[str, ...], out_file: str | Non
 
 
 @main.command()
-@click.option("--preset", type=click.Choice(["tiny", "small", "full-shape"]), default="tiny", show_default=True)
+@click.option("--preset", type=click.Choice(SYNTH_PRESETS), default="tiny", show_default=True)
 @click.option("--layout", type=click.Choice(SYNTH_LAYOUTS), default="kimi-k2.5", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--weight-shape-dtype", type=click.Choice(["I32", "I64"]), default="I32", show_default=True,

@@ -11,7 +11,8 @@ import re
 from typing import Literal, get_args
 
 __all__ = [
-    "EXACT", "BF16_ROUNDED", "DEQUANT_MODES", "MATMUL_MODES", "SynthLayout", "SYNTH_LAYOUTS", "AUTO",
+    "EXACT", "BF16_ROUNDED", "DEQUANT_MODES", "MATMUL_MODES", "SynthPreset", "SYNTH_PRESETS", "SynthLayout",
+    "SYNTH_LAYOUTS", "AUTO",
     "ExpertPolicy", "EXPERT_POLICIES", "PageCacheMode", "PAGE_CACHE_MODES", "parse_size",
 ]
 
@@ -22,7 +23,9 @@ DEQUANT_MODES: tuple[str, ...] = (EXACT, BF16_ROUNDED)
 # How weights enter matmuls (kimi_jax.model.matmul).
 MATMUL_MODES: tuple[str, ...] = ("stored", "widened")
 
-# Which real release a synthetic checkpoint imitates (kimi_jax.storage.layouts).
+# Synthetic checkpoints (kimi_jax.storage.synth): the model's size, and which real release it imitates.
+SynthPreset = Literal["tiny", "small", "full-shape", "full-shape-routed"]
+SYNTH_PRESETS: tuple[str, ...] = get_args(SynthPreset)
 SynthLayout = Literal["kimi-k2.5", "kimi-k2-fp8", "deepseek-v3", "hf-bf16"]
 SYNTH_LAYOUTS: tuple[str, ...] = get_args(SynthLayout)
 

@@ -151,3 +151,40 @@ def test_full_shape_sparse_layout_matches_reference_sizes(tmp_path):
     assert idx.predicted_bytes_per_token() == 32_986_531_072
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == 595_148_192_736
+
+
+def test_full_shape_routed_writes_what_routing_needs_and_picks_vary(tmp_path):
+    """full-shape-routed: routers, biases, norms and the first active token rows are written, every
+    other weight is a hole; tokens and layers then pick different experts (the plain full-shape model
+    ties every router). Shrunk to small dimensions here: the same generator, the same choices."""
+    import numpy as np
+
+    from kimi_jax.model.engine import Engine
+    from kimi_jax.storage.checkpoint import open_checkpoint
+    from kimi_jax.storage.reader import ShardReader
+    from kimi_jax.storage.synth import ROUTED_ACTIVE_TOKENS, synth_checkpoint
+
+    small = dict(vocab_size=ROUTED_ACTIVE_TOKENS + 512, hidden_size=64, intermediate_size=96,
+                 moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, q_lora_rank=32,
+                 kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=32,
+                 num_experts_per_tok=4)  # fmt: skip
+    picks = {}
+    for preset in ("full-shape", "full-shape-routed"):
+        idx = open_checkpoint(synth_checkpoint(tmp_path / preset, preset=preset, **small))
+        with ShardReader() as reader:
+            parts = reader.read_weights([idx.weights["embed_tokens.weight"], idx.weights["layers.1.self_attn.q_a_proj.weight"],
+                                         idx.weights["layers.1.mlp.gate.weight"]], layer=None)  # fmt: skip
+        embed = parts["embed_tokens.weight"]["weight"].astype(np.float32)
+        assert not parts["layers.1.self_attn.q_a_proj.weight"]["weight"].astype(np.float32).any()  # a hole
+        assert not embed[ROUTED_ACTIVE_TOKENS:].any()  # past the active rows: holes
+        written = preset == "full-shape-routed"
+        assert embed[:ROUTED_ACTIVE_TOKENS].any() == written
+        assert parts["layers.1.mlp.gate.weight"]["weight"].astype(np.float32).any() == written
+        with Engine(idx) as engine:
+            steps = engine.generate([3, 500, 4000], 3, kv_cache=True)
+        picks[preset] = [[sorted(set(sum(layer.experts, []))) for layer in s.layers if layer.experts] for s in steps]
+    flat = [p for step in picks["full-shape"] for p in step]
+    assert all(p == flat[0] for p in flat)  # every router ties: the same experts everywhere
+    routed = picks["full-shape-routed"]
+    assert len({tuple(p) for p in routed[0]}) > 1  # layers pick differently
+    assert len({tuple(step[0]) for step in routed}) > 1  # and tokens do

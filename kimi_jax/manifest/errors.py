@@ -18,6 +18,7 @@ from kimi_jax.errors import ManifestError
 from kimi_jax.manifest.fields import model_in
 from kimi_jax.manifest.origins import MANIFEST_VERSION, Origins, describe_value
 from kimi_jax.manifest.schema import Manifest
+from kimi_jax.settings import SYNTH_PRESETS
 
 __all__ = ["format_errors"]
 
@@ -31,7 +32,7 @@ _MISSING_HINTS = {
     ("prompt",): "required; set prompt.tokens (a list of token ids), prompt.text or prompt.chat",
     ("output",): "required; set output.dir (or pass --out)",
     ("output", "dir"): "required; set output.dir (or pass --out)",
-    ("model", "synthetic", "preset"): "required; expected one of 'tiny', 'small', 'full-shape'",
+    ("model", "synthetic", "preset"): "required; expected one of " + ", ".join(repr(p) for p in SYNTH_PRESETS),
 }
 
 _TYPE_NAMES = {

@@ -52,7 +52,16 @@ from kimi_jax.fileio import default_cache_dir
 from kimi_jax.manifest.fields import Effect, added_later, effect_in, neutral, result
 from kimi_jax.manifest.identity import identity_of, manifest_digest
 from kimi_jax.manifest.origins import MANIFEST_VERSION, Origins, describe_value, split_field
-from kimi_jax.settings import AUTO, DEQUANT_MODES, MATMUL_MODES, ExpertPolicy, PageCacheMode, SynthLayout, parse_size
+from kimi_jax.settings import (
+    AUTO,
+    DEQUANT_MODES,
+    MATMUL_MODES,
+    ExpertPolicy,
+    PageCacheMode,
+    SynthLayout,
+    SynthPreset,
+    parse_size,
+)
 
 __all__ = [
     "CAPTURE_KINDS", "Manifest", "ModelSection", "SyntheticSection", "MeshSection", "ComputeSection",
@@ -60,7 +69,6 @@ __all__ = [
     "SamplingSection", "OutputSection", "VindexSection", "field_effect",
 ]
 
-Preset = Literal["tiny", "small", "full-shape"]
 Placement = Literal["streamed", "resident"]
 DType = Literal["float32", "bfloat16"]
 Dequant = Literal[DEQUANT_MODES]  # "exact" | "bf16-rounded"
@@ -161,7 +169,9 @@ class _Section(BaseModel):
 class SyntheticSection(_Section):
     """A synthetic checkpoint, generated on first use into ``model.cache_dir``."""
 
-    preset: Preset = Field(description="Model size: tiny | small | full-shape.")
+    preset: SynthPreset = Field(description="Model size: tiny | small | full-shape | full-shape-routed (the real "
+                                            "K2.5 shapes, sparse; -routed: random routers, norms and 8192 active "
+                                            "tokens, so picks vary by token and layer).")
     layout: SynthLayout = Field(
         default="kimi-k2.5",
         description="Tensor naming and quantization layout of the generated checkpoint.",

@@ -171,7 +171,8 @@ def _parse_entry(path: Path, name: str, entry: Any) -> tuple[int, int, tuple[str
 
 @dataclasses.dataclass(frozen=True)
 class PlannedTensor:
-    """A tensor to write: ``data`` is an array, or None to leave its bytes as a file hole."""
+    """A tensor to write: ``data`` is an array, or None to leave its bytes as a file hole; an array
+    with fewer rows than ``shape`` fills the leading rows and leaves the rest a hole."""
 
     name: str
     dtype: str
@@ -205,8 +206,10 @@ def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, st
                 f.seek(nbytes, os.SEEK_CUR)
                 continue
             arr = np.ascontiguousarray(t.data)
-            if arr.dtype != NUMPY_DTYPES[t.dtype] or arr.shape != t.shape:
+            leading = arr.ndim == len(t.shape) and arr.ndim > 0 and arr.shape[1:] == t.shape[1:] and arr.shape[0] <= t.shape[0]
+            if arr.dtype != NUMPY_DTYPES[t.dtype] or not leading:
                 raise ValueError(f"{t.name}: data is {arr.dtype}{arr.shape}, planned {t.dtype}{t.shape}")
             f.write(arr.tobytes())
+            f.seek(nbytes - arr.nbytes, os.SEEK_CUR)
         f.truncate(start + cursor)
     return cursor

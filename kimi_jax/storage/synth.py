@@ -18,7 +18,16 @@ the synthetic models take text and chat prompts.
 
 Every logical weight's float values depend only on (seed, name), so one seed gives the same
 model in every layout, up to each layout's quantization. ``full-shape`` writes the real Kimi
-K2.5 dimensions with tensor bytes left as file holes (sparse files).
+K2.5 dimensions with tensor bytes left as file holes (sparse files): every weight reads as zero, so
+every router ties and every token picks the same experts.
+
+``full-shape-routed`` is the same sparse model with what routing depends on written for real:
+random routers and correction biases, random norm scales, and random embedding and lm_head rows for
+the first :data:`ROUTED_ACTIVE_TOKENS` token ids (0.8 GB written; every other weight a hole). Its
+attention and experts still compute zeros, so the hidden state entering every layer is the
+current token's embedding: picks vary by token and by layer (each layer has its own router), and the
+greedy next token is a fixed function of the current one (tokens stay among the active ids). What it
+is not: routing that depends on context, or the skew and reuse of a trained model's routing.
 """
 
 from __future__ import annotations
@@ -66,6 +75,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=384,
                        num_experts_per_tok=8, max_position_embeddings=262144),
 }  # fmt: skip
+PRESETS["full-shape-routed"] = PRESETS["full-shape"]  # the same model, its routing written for real
+# Token ids whose embedding and lm_head rows full-shape-routed writes (the first ones).
+ROUTED_ACTIVE_TOKENS = 8192
+
+
+def _routes(name: str) -> bool:
+    """A tensor full-shape-routed writes for real: what the routers see and pick with."""
+    return name.endswith(("mlp.gate.weight", "e_score_correction_bias", "layernorm.weight")) or name in (
+        "norm.weight", "embed_tokens.weight", "lm_head.weight")
 
 
 def text_config(preset: str, layout: str, **overrides: Any) -> dict[str, Any]:
@@ -238,7 +256,8 @@ def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: already exists; synth never overwrites a checkpoint")
-    sparse = preset == "full-shape" if sparse is None else sparse
+    sparse = preset.startswith("full-shape") if sparse is None else sparse
+    routed = preset == "full-shape-routed"
     raw_cfg = config_json(preset, layout, **overrides)
     cfg = parse_model_config(raw_cfg)
     prefix = synth_prefix(layout)
@@ -253,7 +272,13 @@ def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
 
     for layer, name, shape in checkpoint_shapes(cfg):
         key = "head" if layer is None and name != "embed_tokens.weight" else ("embed" if layer is None else f"L{layer}")
-        value = None if sparse else (lambda n=name, s=shape: values(n, s))
+        if not sparse:
+            value = lambda n=name, s=shape: values(n, s)  # noqa: E731
+        elif routed and _routes(name):  # the embedding and lm_head: their first rows only, the rest holes
+            rows = min(shape[0], ROUTED_ACTIVE_TOKENS) if name.endswith(("embed_tokens.weight", "lm_head.weight")) else shape[0]
+            value = lambda n=name, s=(rows, *shape[1:]): values(n, s)  # noqa: E731
+        else:
+            value = None
         fmt = _format_of(layout, name)
         for sname, dtype, sshape, make in _stored(name, shape, fmt, value, cfg.quant, weight_shape_dtype, encoders):
             full = ("language_model." if layout == "kimi-k2.5" else "") + sname if sname == "lm_head.weight" else prefix + sname

@@ -394,7 +394,7 @@ BAD_CASES = [
         GOOD.replace("checkpoint: ../ckpt/kimi", "synthetic:\n    preset: huge"),
         "model.synthetic.preset",
         "preset:",
-        ["'tiny', 'small' or 'full-shape'", "got string 'huge'"],
+        ["'tiny', 'small', 'full-shape' or 'full-shape-routed'", "got string 'huge'"],
     ),
     (
         "bad-layout-enum",

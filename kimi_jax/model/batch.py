@@ -98,7 +98,7 @@ def generate_batch(engine, prompts: list[list[int]], max_new_tokens: int, decodi
     return [s.steps for s in seqs], passes
 
 
-def _own_bytes(index, layer_routing: list, row: int) -> tuple[dict, int]:
+def own_bytes(index, layer_routing: list, row: int) -> tuple[dict, int]:
     """The bytes row ``row``'s token used, by layer (None: its embedding row and the head), as its
     lone run counts them: every layer's non-expert weights and its own distinct experts."""
     per_layer: dict = {None: index.embed_row_bytes() + sum(w.nbytes for w in index.head.values())}
@@ -124,7 +124,7 @@ def _decode_pass(engine, live: list[_Sequence], caches: list[BatchedLatentCache]
     routing = [out.routing for out in outputs]
     records = []
     for b, (seq, context) in enumerate(zip(live, contexts)):
-        per_layer, used = _own_bytes(engine.index, routing, b)
+        per_layer, used = own_bytes(engine.index, routing, b)
         layer_records = [engine.layer_record(layer, out, ByteCounts(used=per_layer[layer]), None, row=b)
                          for layer, out in enumerate(outputs)]  # fmt: skip
         step = len(seq.steps)
@@ -137,4 +137,4 @@ def _decode_pass(engine, live: list[_Sequence], caches: list[BatchedLatentCache]
     return records, caches, io, wall_s
 
 
-__all__ = ["PassRecord", "generate_batch"]
+__all__ = ["PassRecord", "generate_batch", "own_bytes"]

@@ -138,15 +138,16 @@ class Engine:
         return done
 
     def forward(self, tokens: list[int], positions: np.ndarray, caches: list | None,
-                on_layer: Callable[[int, int], None] | None = None):  # fmt: skip
+                on_layer: Callable[[int, int], None] | None = None, every_row: bool | None = None):  # fmt: skip
         """Run ``tokens`` at ``positions`` through every layer; returns (hidden, logits, [LayerOutput],
-        caches): the hidden state and logits at the last position, or at every row when the caches are
-        :class:`~kimi_jax.model.layers.BatchedLatentCache` (each row a sequence's next token).
-        ``on_layer(layer, bytes read so far this step)`` is called after each layer."""
+        caches): the hidden state and logits at the last position, or at every row with ``every_row``
+        (the default when the caches are :class:`~kimi_jax.model.layers.BatchedLatentCache`, each row
+        a sequence's next token). ``on_layer(layer, bytes read so far this step)`` is called after each layer."""
         cfg, source = self.cfg, self.source
         x = source.embed(tokens)
         pos = jnp.asarray(positions, dtype=jnp.int32)
-        every_row = bool(caches) and isinstance(caches[0], layers.BatchedLatentCache)
+        if every_row is None:
+            every_row = bool(caches) and isinstance(caches[0], layers.BatchedLatentCache)
         if caches is not None and source.fused_ready():
             return self._forward_fused(x, pos, caches, on_layer, every_row)
         outputs: list[LayerOutput] = []

@@ -110,3 +110,10 @@ def test_decode_profile_smoke(budget):
     assert record["decode_steps"] == 3 and record["stage_ms_per_step"]
     if budget == "auto":
         assert set(record["programs_alone_ms"]) >= {"whole_model_program", "head", "moe_experts"}
+
+
+def test_batch_smoke():
+    records = _smoke("batch.py")
+    batches = {r["batch"]: r for r in records if r.get("run") == "batch"}
+    assert batches[3]["decoded_tokens"] == 3 * 2 and batches[1]["decoded_tokens"] == 2
+    assert any(r.get("run") == "drafts" and r["drafts"] == 2 for r in records)

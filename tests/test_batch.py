@@ -67,3 +67,20 @@ def test_sampled_sequences_replay_their_seeds_and_leave_when_they_stop(k25):
     for i in (0, 2):
         assert [s.token for s in steps[i]] == [s.token for s in lone(k25, PROMPTS[i], 4, decodings[i])]
     assert [p.sequences for p in passes[3:]] == [(0, 1, 2), (0, 2), (0, 2)]
+
+
+def test_a_prompt_in_chunks_picks_the_same_tokens_and_holds_a_chunk_at_a_time(k25):
+    prompt = [1792, 5, 9, 300, 7, 8, 9]
+    whole = lone(k25, prompt, 4)
+    with Engine(k25, prefill_chunk=3) as engine:
+        chunked = engine.generate(prompt, 4, kv_cache=True)
+    with Engine(k25, prefill_chunk=len(prompt)) as engine:  # a chunk as long as the prompt: one pass
+        one_chunk = engine.generate(prompt, 4, kv_cache=True)
+    assert [step_identity(s) for s in one_chunk] == [step_identity(s) for s in whole]
+    assert [s.token for s in chunked] == [s.token for s in whole]
+    np.testing.assert_allclose(chunked[0].logits, whole[0].logits, rtol=0, atol=1e-4 * float(np.abs(whole[0].logits).max()))
+    # every position's routing is recorded, in order; each of the 3 passes read each layer's non-expert weights
+    assert [layer.experts for layer in chunked[0].layers] == [layer.experts for layer in whole[0].layers]
+    bases = sum(lm.base_bytes for lm in k25.layers)
+    assert chunked[0].bytes_read - whole[0].bytes_read >= 2 * bases
+    assert [s.bytes_read for s in chunked[1:]] == [s.bytes_read for s in whole[1:]]

@@ -423,6 +423,14 @@ class GenerateSection(_Section):
         min_length=1,
         description="Stop when the generated text contains one of these strings (needs a tokenizer).",
     )
+    prefill_chunk: Annotated[int | None, result("a prompt run in chunks sums its products in other groupings "
+                                                "(float32 rounding)")] = added_later(
+        None,
+        ge=1,
+        description="With the KV cache: run a prompt longer than this in passes of this many positions, so a pass "
+        "holds at most this many positions' activations and experts (each pass reads each layer's experts once). "
+        "Absent: the whole prompt in one pass.",
+    )
     ignore_eos: Annotated[bool, result("the end-of-sequence and end-of-turn tokens stop the run only without "
                                        "it")] = added_later(
         False,

@@ -52,6 +52,22 @@ class LayerOutput(NamedTuple):
     compute_s: float
 
 
+def _joined(chunks: list[list[LayerOutput]]) -> list[LayerOutput]:
+    """Each layer's outputs over the passes of a chunked prompt: the routing of every position in
+    order, the capture of the last pass (the step's last position) with every row's norms, the
+    times summed."""
+    if len(chunks) == 1:
+        return chunks[0]
+    joined = []
+    for outs in zip(*chunks):
+        routing = None if outs[0].routing is None else layers.Routing(*(jnp.concatenate(parts)
+                                                                        for parts in zip(*(o.routing for o in outs))))
+        capture = {**outs[-1].capture, **{k: jnp.concatenate([o.capture[k] for o in outs])
+                                           for k in ("norms_in", "norms_out")}}  # fmt: skip
+        joined.append(LayerOutput(routing, capture, sum(o.read_s for o in outs), sum(o.compute_s for o in outs)))
+    return joined
+
+
 def make_source(index: CheckpointIndex, reader: ShardReader, residency: ResidencyPlan, expert_cache: str,
                 policy: WeightPolicy, dtype, speculate: bool, mesh=None) -> WeightSource:  # fmt: skip
     """The weights' source for one device, or for the mesh ``mesh`` (a :class:`~kimi_jax.model.mesh.MeshShape`)."""
@@ -72,12 +88,14 @@ class Engine:
     def __init__(self, index: CheckpointIndex, dtype: str = "float32", prefetch: bool = True, io_retries: int = 3,
                  keep_capture: bool = True, reader: ShardReader | None = None, dequant: str = EXACT,
                  matmul: str = "widened", residency: ResidencyPlan | None = None, expert_cache: str = "lru",
-                 speculate: bool = False, mesh=None):  # fmt: skip
-        """``dequant`` is compute.dequant, ``matmul`` compute.matmul; ``residency``
+                 speculate: bool = False, mesh=None, prefill_chunk: int | None = None):  # fmt: skip
+        """``dequant`` is compute.dequant, ``matmul`` compute.matmul; ``prefill_chunk`` (with the KV
+        cache) runs a prompt longer than it in passes of that many positions; ``residency``
         (:func:`~kimi_jax.storage.residency.plan_residency`, default: keep nothing) says what stays in
         memory and whether ranges read leave the page cache, ``expert_cache`` is the policy of the
         expert cache within it, and ``speculate`` reads the experts an early router predicts ahead."""
         self.index, self.cfg, self.keep_capture, self.prefetch = index, index.config, keep_capture, prefetch
+        self.prefill_chunk = prefill_chunk
         self.dtype = DTYPES[dtype]
         # A given reader (remote, digest-checked) replaces the plain local one; the engine only calls its interface.
         self.reader = reader if reader is not None else ShardReader(retries=io_retries)
@@ -104,7 +122,7 @@ class Engine:
         return cls(plan.index, m.compute.dtype, m.storage.prefetch, m.storage.io_retries, keep_capture=keep_capture,
                    reader=reader, dequant=m.compute.dequant, matmul=m.compute.matmul, residency=plan.residency,
                    expert_cache=m.storage.expert_cache, speculate=m.storage.speculate,
-                   mesh=getattr(plan, "mesh", None))  # fmt: skip
+                   mesh=getattr(plan, "mesh", None), prefill_chunk=m.generate.prefill_chunk)  # fmt: skip
 
     @property
     def load_bytes_per_process(self) -> list[int] | None:
@@ -138,11 +156,13 @@ class Engine:
         return done
 
     def forward(self, tokens: list[int], positions: np.ndarray, caches: list | None,
-                on_layer: Callable[[int, int], None] | None = None, every_row: bool | None = None):  # fmt: skip
+                on_layer: Callable[[int, int], None] | None = None, every_row: bool | None = None,
+                head: bool = True):  # fmt: skip
         """Run ``tokens`` at ``positions`` through every layer; returns (hidden, logits, [LayerOutput],
         caches): the hidden state and logits at the last position, or at every row with ``every_row``
         (the default when the caches are :class:`~kimi_jax.model.layers.BatchedLatentCache`, each row
-        a sequence's next token). ``on_layer(layer, bytes read so far this step)`` is called after each layer."""
+        a sequence's next token). ``on_layer(layer, bytes read so far this step)`` is called after each layer.
+        Without ``head`` the head is neither read nor run (logits None): a prompt's chunk before its last."""
         cfg, source = self.cfg, self.source
         x = source.embed(tokens)
         pos = jnp.asarray(positions, dtype=jnp.int32)
@@ -155,8 +175,10 @@ class Engine:
         pending = self._submit(source.stage_layer, 0)
         for layer in range(cfg.num_hidden_layers):
             staged, read_s = pending.result()
-            last = layer + 1 == cfg.num_hidden_layers
-            pending = self._submit(source.stage_head) if last else self._submit(source.stage_layer, layer + 1)
+            if layer + 1 < cfg.num_hidden_layers:
+                pending = self._submit(source.stage_layer, layer + 1)
+            elif head:
+                pending = self._submit(source.stage_head)
             params = source.assemble(staged)
             experts = source.experts(layer)
             if experts is not None:
@@ -174,11 +196,10 @@ class Engine:
             del params
             if on_layer:
                 on_layer(layer, source.bytes_so_far())
-        head = source.assemble(pending.result()[0])
         hidden = x if every_row else x[-1]
-        logits = source.logits(head, hidden)
+        logits = np.asarray(source.logits(source.assemble(pending.result()[0]), hidden)) if head else None
         hidden, new_caches = source.gather(hidden, new_caches)
-        return np.asarray(hidden), np.asarray(logits), outputs, new_caches
+        return np.asarray(hidden), logits, outputs, new_caches
 
     def _forward_fused(self, x: jax.Array, pos: jax.Array, caches: list, on_layer: Callable[[int, int], None] | None,
                        every_row: bool = False):  # fmt: skip
@@ -276,8 +297,14 @@ class Engine:
         else:
             tokens, positions = list(context), np.arange(len(context))
         step_on_layer = functools.partial(on_layer, step) if on_layer else None
+        chunk = self.prefill_chunk if caches is not None and self.prefill_chunk else len(tokens)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            hidden, logits, outputs, caches = self.forward(tokens, positions, caches, step_on_layer)
+            passes = []
+            for start in range(0, len(tokens), chunk):  # a long prompt: one pass per chunk of positions
+                *result, caches = self.forward(tokens[start : start + chunk], positions[start : start + chunk], caches,
+                                               step_on_layer, head=start + chunk >= len(tokens))  # fmt: skip
+                passes.append(result)
+        hidden, logits, outputs = passes[-1][0], passes[-1][1], _joined([p[2] for p in passes])
         by_layer, per_process, counters = self.source.end_step(tokens)
         layer_records = [self.layer_record(i, out, by_layer.get(i, ByteCounts()), per_process)
                          for i, out in enumerate(outputs)]  # fmt: skip

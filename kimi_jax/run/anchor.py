@@ -41,6 +41,8 @@ def _conditions(plan) -> dict[str, Any]:
                   "sampling": sampling.as_dict() if sampling else None}  # fmt: skip
     if plan.mesh is not None:  # absent for one device, so anchors frozen before meshes existed still fit
         conditions["mesh"] = plan.mesh.label()
+    if m.generate.kv_cache and m.generate.prefill_chunk and len(plan.prompt) > m.generate.prefill_chunk:
+        conditions["prefill_chunk"] = m.generate.prefill_chunk  # absent when the prompt runs in one pass
     return conditions
 
 

@@ -82,10 +82,13 @@ def test_digest_resumes_from_its_journal(digested, tmp_path, monkeypatch):
     monkeypatch.setattr(digests_mod, "_hash_tensor", dies_after_ten)
     with pytest.raises(KeyboardInterrupt):
         digests_mod.compute_digests(index, out, workers=1)
-    assert not out.exists() and len((tmp_path / "d.b3.json.partial").read_text().splitlines()) == 10
+    # the journal: one line tying it to this run (shards and journal file), then the ten finished tensors
+    assert not out.exists() and len((tmp_path / "d.b3.json.partial").read_text().splitlines()) == 11
     monkeypatch.setattr(digests_mod, "_hash_tensor", real)
-    _, table, hashed = digests_mod.compute_digests(index, out, workers=2)
+    notes = []
+    _, table, hashed = digests_mod.compute_digests(index, out, workers=2, on_note=notes.append)
     assert 0 < hashed < total  # the ten journalled tensors were not hashed again
+    assert notes == [f"resuming from {tmp_path / 'd.b3.json.partial'}: 10 of {sum(len(h.tensors) for h in index.shards)} tensors were hashed by an earlier run"]
     assert not (tmp_path / "d.b3.json.partial").exists()
     assert json.loads(out.read_text()) == json.loads((digested / "checkpoint.b3.json").read_text())
 

@@ -3,7 +3,9 @@
 Each completed step of each run (bare, instrumented) is saved under ``.OUT.work/RUN/`` as
 ``step_NNNNN.npz`` (logits, hidden state, and with a KV cache the latent caches after the step)
 and then ``step_NNNNN.json`` (the rest of the record). The JSON is written last and atomically,
-so its presence marks a complete step; anything else is ignored on resume.
+so its presence marks a complete step; anything else is ignored on resume. An existing
+``.OUT.work`` is removed only when it holds nothing but what a run saves there
+(:func:`holds_only_saved_steps`); anything else beside the output is never deleted.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -27,6 +31,25 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
+RUNS = ("bare", "instrumented")
+_SAVED = re.compile(r"(step_\d{5,}\.(json|npz)|\.step_\d{5,}\.(json|npz)\.tmp-\w+)")
+
+
+def holds_only_saved_steps(root: Path) -> bool:
+    """Whether ``root`` is a real folder holding nothing but a run's saved steps (identity.json,
+    and per run step_NNNNN.json/.npz and their temp files)."""
+    if root.is_symlink() or not root.is_dir():
+        return False
+    for entry in os.scandir(root):
+        if entry.name in RUNS and entry.is_dir(follow_symlinks=False):
+            if not all(f.is_file(follow_symlinks=False) and _SAVED.fullmatch(f.name) for f in os.scandir(entry.path)):
+                return False
+        elif not (entry.is_file(follow_symlinks=False) and re.fullmatch(r"\.?identity\.json(\.tmp-\w+)?",
+                                                                         entry.name)):  # fmt: skip
+            return False
+    return True
+
+
 class RunCheckpoints:
     def __init__(self, out: Path, identity: dict, resume: bool):
         self.root = work_dir(Path(out))
@@ -38,6 +61,9 @@ class RunCheckpoints:
                 raise ResumeError(f"{self.root}: saved steps belong to a different run (differs in {diffs}); "
                                   "remove it or run without --resume")  # fmt: skip
         else:
+            if (self.root.exists() or self.root.is_symlink()) and not holds_only_saved_steps(self.root):
+                raise OutputError(f"{self.root}: not removed: a run keeps its completed steps there, but this holds "
+                                  "other files; move it away")  # fmt: skip
             with self._writing("start saving the run's steps"):
                 if self.root.exists():
                     shutil.rmtree(self.root)

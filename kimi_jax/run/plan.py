@@ -13,7 +13,7 @@ from kimi_jax.manifest import Manifest, load_manifest
 from kimi_jax.platform_info import mesh_label
 from kimi_jax.storage.checkpoint import CheckpointIndex
 from kimi_jax.storage.digests import DigestFileError
-from kimi_jax.storage.remote import RemoteSettings
+from kimi_jax.storage.remote import RemoteSettings, relocated
 from kimi_jax.storage.residency import ResidencyPlan, budget_plan
 from kimi_jax.storage.source import CheckpointSource, open_source
 from kimi_jax.storage.synth import ensure_synthetic
@@ -77,8 +77,11 @@ def prepare_run(manifest: Manifest) -> RunPlan:
                                     f"{write_failure(e)}; set model.cache_dir or $KIMI_JAX_CACHE to a writable "
                                     "folder") from None  # fmt: skip
     index = source.index
-    tokenizer = load_tokenizer(index.root, index.config.vocab_size)  # a remote checkpoint's are mirrored there
-    prompt, prompt_text = _prompt_tokens(manifest, index, tokenizer)
+    try:
+        tokenizer = load_tokenizer(index.root, index.config.vocab_size)  # a remote checkpoint's are mirrored there
+        prompt, prompt_text = _prompt_tokens(manifest, index, tokenizer)
+    except (TokenizerError, ManifestError) as e:
+        raise e if index.source is None else relocated(e, index.root, index.source) from None
     problems = prompt_problems(manifest, index.config, prompt, manifest.generate.max_new_tokens)
     if manifest.generate.stop is not None and tokenizer is None:
         problems.append(manifest.error("generate.stop", f"stop strings need the generated text, but the checkpoint "

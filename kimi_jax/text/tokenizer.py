@@ -242,20 +242,6 @@ def split_long_runs(text: str, limit: int) -> list[str]:
     return pieces
 
 
-def gpt2_byte_alphabet() -> dict[str, int]:
-    """Byte-level BPE's printable stand-ins: bytes that print as themselves keep their character,
-    the others take characters from U+0100 upwards, in byte order."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    alphabet, extra = {}, 0
-    for byte in range(256):
-        if byte in kept:
-            alphabet[chr(byte)] = byte
-        else:
-            alphabet[chr(256 + extra)] = byte
-            extra += 1
-    return alphabet
-
-
 class JsonTokenizer(Tokenizer):
     """A ``tokenizer.json``, parsed and run by the ``tokenizers`` package in the worker process."""
 

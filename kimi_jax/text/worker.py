@@ -171,6 +171,20 @@ class Worker:
 # -- the child ------------------------------------------------------------------------------------
 
 
+def gpt2_byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins: bytes that print as themselves keep their character,
+    the others take characters from U+0100 upwards, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet, extra = {}, 0
+    for byte in range(256):
+        if byte in kept:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(256 + extra)] = byte
+            extra += 1
+    return alphabet
+
+
 def _watch_parent() -> None:
     parent = os.getppid()
 
@@ -212,7 +226,6 @@ class _Child:
 
         from kimi_jax.errors import TokenizerError
         from kimi_jax.fileio import parse_json, read_regular
-        from kimi_jax.text.tokenizer import gpt2_byte_alphabet
 
         data = read_regular(path, TOKENIZER_JSON_LIMIT, "tokenizer file", TokenizerError)
         if blake3.blake3(data).hexdigest() != digest:

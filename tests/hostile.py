@@ -387,6 +387,48 @@ def archive_cases(bundle: Path, tmp: Path) -> list[Case]:
     ]  # fmt: skip
 
 
+# -- tokenizer files and chat templates ----------------------------------------------------------
+
+
+def byte_level_tokenizer() -> dict:
+    """A minimal byte-level BPE ``tokenizer.json``: the 256 byte tokens, no merges."""
+    from kimi_jax.text.worker import gpt2_byte_alphabet
+
+    vocab = {c: i for i, c in enumerate(gpt2_byte_alphabet())}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": 256, "content": "</s>", "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True}],
+            "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": []}}  # fmt: skip
+
+
+def growing_normalizer(spec: dict) -> dict:
+    """Each 'l' becomes a thousand, four times over: a few KB of text ask for GBs."""
+    grow = {"type": "Replace", "pattern": {"String": "l"}, "content": "l" * 1000}
+    return {**spec, "normalizer": {"type": "Sequence", "normalizers": [grow] * 4}}
+
+
+def catastrophic_split(spec: dict) -> dict:
+    """A regex that backtracks exponentially: Oniguruma gives up and tokenizers panics."""
+    split = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    return {**spec, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, spec["pre_tokenizer"]]}}
+
+
+HOSTILE_TEXT = "hello world " * 100 + "a" * 5000 + "b"  # grows under growing_normalizer, backtracks under the split
+
+
+def sparse_file(path: Path, size: int) -> Path:
+    """A file of ``size`` zero bytes that takes no disk and no time to write (a hole)."""
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
 def all_cases(ckpt: Path, bundle: Path, tmp: Path) -> list[Case]:
     return [*checkpoint_cases(ckpt, tmp / "ckpt"), *manifest_cases(ckpt, tmp / "manifests"),
             *bundle_cases(bundle, tmp / "bundles"), *archive_cases(bundle, tmp / "archives")]  # fmt: skip

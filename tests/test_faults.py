@@ -219,3 +219,27 @@ def test_recovery_never_touches_folders_it_cannot_prove_are_a_killed_runs(small_
         {name: t for name, t in trees.items() if name != ".out.old-0123456789abcdef"}  # fmt: skip
     assert (mine[".out.old-0123456789abcdef"] / ".kimi-jax-owner").exists()
     assert sum("left" in n and "alone" in n for n in notes) == 3, notes
+
+
+def test_nan_weights_stop_the_run_at_the_first_step_naming_the_layer(tiny_checkpoints, tmp_path):
+    """Main computed every step with NaN weights, then failed writing them: an internal error."""
+    from click.testing import CliRunner
+
+    from kimi_jax.cli import main
+
+    ckpt = Path(shutil.copytree(tiny_checkpoints["kimi-k2.5"], tmp_path / "ckpt"))
+    rec = open_checkpoint(ckpt).layers[1].base["layers.1.self_attn.o_proj.weight"].parts["weight"]
+    assert rec.dtype == "BF16"
+    with open(rec.shard, "r+b") as f:
+        f.seek(rec.offset)
+        f.write(b"\xc0\x7f" * (rec.nbytes // 2))  # bfloat16 NaN
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"version: 1\nmodel:\n  checkpoint: {ckpt}\nprompt:\n  tokens: [7, 300]\n"
+                        f"generate:\n  max_new_tokens: 3\noutput:\n  dir: {tmp_path / 'out'}\n")  # fmt: skip
+    result = CliRunner().invoke(main, ["run", str(manifest), "--no-prove", "-q"])
+    assert result.exit_code == 2 and "internal error" not in result.output, result.output
+    assert "error: step 0 of the instrumented run: layer 1's output is not finite (its norm is nan)" in result.output
+    result = CliRunner().invoke(main, ["run", str(manifest), "-q"])  # proving: the bare run comes first
+    assert result.exit_code == 2 and "step 0 of the bare run: the hidden state after the last layer is not finite" \
+        in result.output, result.output  # fmt: skip
+    assert not (tmp_path / "out").exists()

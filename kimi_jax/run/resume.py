@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.errors import OutputError, ResumeError
+from kimi_jax.errors import CheckpointError, OutputError, ResumeError
 from kimi_jax.fileio import read_json, write_bytes_atomic, write_failure, write_json_atomic
 from kimi_jax.model.layers import LatentCache
 from kimi_jax.records import ByteCounts, LayerRecord, StepRecord
@@ -48,6 +49,24 @@ def holds_only_saved_steps(root: Path) -> bool:
                                                                          entry.name)):  # fmt: skip
             return False
     return True
+
+
+def check_finite(run: str, step: StepRecord) -> None:
+    """A step whose activations are not finite stops the run, naming the first layer whose input or
+    output norm is NaN or infinite (an instrumented run measures them), else what is not finite."""
+    where = f"step {step.index} of the {run} run"
+    for rec in step.layers:
+        for what, value in (("input", rec.norm_in), ("output", rec.norm_out)):
+            if value is not None and not math.isfinite(value):
+                raise CheckpointError(f"{where}: layer {rec.layer}'s {what} is not finite (its norm is {value}); the "
+                                      "checkpoint's weights hold NaN or infinite values, or the activations overflow "
+                                      "the compute dtype")  # fmt: skip
+    for what, values in (("hidden state after the last layer", step.hidden), ("logits", step.logits)):
+        if values is not None and not np.isfinite(np.asarray(values, np.float32)).all():
+            named = "" if any(r.norm_out is not None for r in step.layers) else \
+                " (a run with capture, the instrumented run of `kimi-jax run --no-prove`, names the first such layer)"  # fmt: skip
+            raise CheckpointError(f"{where}: the {what} is not finite; the checkpoint's weights hold NaN or infinite "
+                                  f"values, or the activations overflow the compute dtype{named}")  # fmt: skip
 
 
 class RunCheckpoints:
@@ -82,6 +101,7 @@ class RunCheckpoints:
                               "fixed, run the same command with --resume") from None  # fmt: skip
 
     def save(self, run: str, step: StepRecord) -> None:
+        check_finite(run, step)  # as soon as a step is done: a NaN would otherwise surface only in the ledger
         with self._writing(f"save step {step.index} of the {run} run"):
             self._save(run, step)
 

@@ -304,7 +304,9 @@ def main() -> None:
         import tokenizers  # noqa: F401
     except ImportError:
         pass
-    _limit_memory(int(sys.argv[1]))
+    global WORKER_MEMORY
+    WORKER_MEMORY = int(sys.argv[1])  # the parent's figure, named in our messages
+    _limit_memory(WORKER_MEMORY)
     child = _Child()
     for line in sys.stdin.buffer:
         try:

@@ -24,10 +24,11 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import blake3
 import numpy as np
 
 from kimi_jax.errors import KimiJaxError
-from kimi_jax.fileio import read_json
+from kimi_jax.fileio import parse_json, read_regular
 
 
 class LedgerError(KimiJaxError):
@@ -71,13 +72,25 @@ def read_ledger(bundle: Path, n_layers: int, n_experts: int) -> Trace:
     """The routing trace recorded in ``bundle/ledger.json`` (``steps[].layers[]`` with ``layer``,
     ``kind``, ``experts`` [T][k] and ``routing_weights`` [T][k]); every problem names the file
     and the JSON path."""
+    return ledger_digest_and_trace(bundle, n_layers, n_experts)[1]
+
+
+def ledger_digest_and_trace(bundle: Path, n_layers: int, n_experts: int) -> tuple[str, Trace]:
+    """(BLAKE3 of the ledger.json bytes read, their routing trace): one read, so the digest is of
+    what was parsed. The file is a stranger's bundle's: read as verify reads it (a size limit,
+    regular files only, bounded nesting, strict JSON)."""
     from kimi_jax.ledger.bundle import MAX_JSON_BYTES
 
     path = Path(bundle) / "ledger.json"
     if not os.path.lexists(path):
         raise LedgerError(f"{path}: no ledger.json in the run bundle")
-    # a stranger's bundle: the reader verify uses (size limit, regular files, bounded nesting, strict JSON)
-    data = read_json(path, MAX_JSON_BYTES, "ledger", LedgerError)
+    raw = read_regular(path, MAX_JSON_BYTES, "ledger", LedgerError)
+    return blake3.blake3(raw).hexdigest(), routing_from_ledger(parse_json(raw, str(path), LedgerError), path, n_layers,
+                                                               n_experts)  # fmt: skip
+
+
+def routing_from_ledger(data: Any, path: Path, n_layers: int, n_experts: int) -> Trace:
+    """The routing trace of a parsed ledger (see :func:`read_ledger`)."""
 
     def bad(where: str, what: str) -> LedgerError:
         return LedgerError(f"{path}: {where}: {what}")

@@ -59,7 +59,10 @@ MAX_ERROR_LINE = 1000  # characters of one line of an error message (it may quot
 
 
 def _bounded(message: str) -> str:
-    return "\n".join(line if len(line) <= MAX_ERROR_LINE else f"{line[:MAX_ERROR_LINE]}... ({len(line):,} characters)"
+    """Each line cut to its first and last characters (what went wrong is usually said last)."""
+    head, tail = MAX_ERROR_LINE * 3 // 5, MAX_ERROR_LINE * 2 // 5
+    return "\n".join(line if len(line) <= MAX_ERROR_LINE else
+                     f"{line[:head]} ...[{len(line) - head - tail:,} characters]... {line[-tail:]}"
                      for line in message.splitlines()[:50])  # fmt: skip
 
 

@@ -40,6 +40,8 @@ class Faults:
         self.stall_s = 0.0  # wait this long before answering any request at all
         self.endless: set[str] = set()  # these paths: HTTP 200, no Content-Length, zeros until the client hangs up
         self.trickle_routes_s = 0.0  # send the JSON routes one byte per this many seconds
+        # rewrite(request path, status, headers, body) -> (status, headers, body): any answer, as the fuzzer likes
+        self.rewrite: Callable[[str, int, dict[str, str], bytes], tuple[int, dict[str, str], bytes]] | None = None
 
 
 class RangeServer:
@@ -69,6 +71,9 @@ class RangeServer:
                 self._serve(head=False)
 
             def _send(self, status: int, headers: dict[str, str], body: bytes = b"", head: bool = False) -> None:
+                if server.faults.rewrite is not None:
+                    status, headers, body = server.faults.rewrite(self.path, status, dict(headers), body)
+                    self.close_connection = True  # a Content-Length that lies must not confuse the next request
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)

@@ -186,7 +186,7 @@ def test_hf_pin_must_be_a_commit_and_is_not_echoed_whole(hub, tmp_path):
 
 def test_a_bundle_read_from_a_branch_of_the_hub_verifies(hub, tmp_path):
     """Main recorded hf://org/tiny@COMMIT and failed check 2 against manifest.json's hf://org/tiny@main."""
-    from kimi_jax.run.manifest import parse_manifest_dict
+    from kimi_jax.manifest import parse_manifest_dict
     from kimi_jax.run.plan import prepare_run
     from kimi_jax.run.runner import execute
     from kimi_jax.verify.checklist import verify_bundle

@@ -153,7 +153,7 @@ def test_a_template_message_is_capped(folder):
 def test_a_template_that_renders_no_tokens_is_a_named_manifest_error(ckpt, tmp_path):
     """Main went on with an empty prompt and ended in an internal error."""
     from kimi_jax.errors import ManifestError
-    from kimi_jax.run.manifest import parse_manifest_dict
+    from kimi_jax.manifest import parse_manifest_dict
     from kimi_jax.run.plan import prepare_run
     from tests.hostile import checkpoint_like
 

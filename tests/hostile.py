@@ -390,11 +390,17 @@ def archive_cases(bundle: Path, tmp: Path) -> list[Case]:
 # -- tokenizer files and chat templates ----------------------------------------------------------
 
 
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes, in byte order: bytes that print as themselves
+    keep their character, the others take characters from U+0100 upwards."""
+    kept = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    extra = iter(range(256, 512))
+    return [chr(b) if b in kept else chr(next(extra)) for b in range(256)]
+
+
 def byte_level_tokenizer() -> dict:
     """A minimal byte-level BPE ``tokenizer.json``: the 256 byte tokens, no merges."""
-    from kimi_jax.text.worker import gpt2_byte_alphabet
-
-    vocab = {c: i for i, c in enumerate(gpt2_byte_alphabet())}
+    vocab = {c: i for i, c in enumerate(_byte_level_alphabet())}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     return {"version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": 256, "content": "</s>", "single_word": False, "lstrip": False, "rstrip": False,

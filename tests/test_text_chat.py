@@ -9,11 +9,10 @@ import pytest
 
 from kimi_jax.errors import TokenizerError
 from kimi_jax.storage.synth import synth_checkpoint
-from kimi_jax.text import chat as chat_mod
-from kimi_jax.text import worker as worker_mod
 from kimi_jax.text.chat import end_of_turn_token, render_chat
 from kimi_jax.text.tokenizer import load_tokenizer
-from kimi_jax.text.worker import RENDER_SECONDS
+
+RENDER_SECONDS = 10  # the worker's wall-time limit on one rendering (kimi_jax/text/worker.py)
 
 CHATS = [
     [{"role": "user", "content": "Tell me a story."}],
@@ -123,6 +122,9 @@ def test_hostile_templates_end_in_named_errors_before_they_grow(folder, template
 def test_what_the_sandbox_cannot_see_is_bounded_by_the_worker(folder, monkeypatch):
     """A loop that outputs nothing runs into the wall-time limit; a string doubled by '~' into the
     worker's memory limit; either way one named line, and the worker is replaced for the next call."""
+    from kimi_jax.text import chat as chat_mod
+    from kimi_jax.text import worker as worker_mod
+
     monkeypatch.setattr(worker_mod, "WORKER_MEMORY", 256 << 20)
     monkeypatch.setattr(chat_mod, "RENDER_SECONDS", 2.0)
     (folder / "chat_template.jinja").write_text(

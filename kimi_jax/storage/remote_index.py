@@ -27,14 +27,7 @@ from kimi_jax.errors import CheckpointError, KimiJaxError
 from kimi_jax.fileio import read_json, read_regular, write_bytes_atomic, write_json_atomic
 from kimi_jax.storage.checkpoint import CheckpointIndex, index_from_headers, shard_names
 from kimi_jax.storage.digests import DIGEST_FILE
-from kimi_jax.storage.remote import (
-    HEADER_BATCH_BYTES,
-    RemoteFile,
-    RemoteSettings,
-    RemoteStore,
-    open_transport,
-    relocated,
-)
+from kimi_jax.storage.remote import HEADER_BATCH_BYTES, RemoteFile, RemoteSettings, RemoteStore, relocated
 from kimi_jax.storage.safetensors_header import MAX_HEADER_BYTES, ShardHeader, header_length, parse_shard_header
 from kimi_jax.text.tokenizer import TOKENIZER_FILES
 
@@ -74,6 +67,19 @@ def _named_by_url(mirror: Path, location: str) -> Iterator[None]:
         yield
     except KimiJaxError as e:
         raise relocated(e, mirror, location) from None
+
+
+def open_transport(location: str, settings: RemoteSettings):
+    """(transport, location with any revision pinned) for a remote checkpoint folder."""
+    from kimi_jax.storage.remote_http import HttpTransport, hf_transport
+
+    if location.startswith("hf://"):
+        return hf_transport(location, settings)
+    if location.startswith("s3://"):
+        from kimi_jax.storage.remote_s3 import S3Transport
+
+        return S3Transport(location, settings), location.rstrip("/")
+    return HttpTransport(location, settings), location.rstrip("/")
 
 
 def open_remote_checkpoint(location: str, settings: RemoteSettings, cache_dir: Path

@@ -219,7 +219,8 @@ def environment():
         raise jinja2.TemplateError(clip(message))
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        if _is_int(indent) and indent > MAX_JSON_INDENT:
+        width = indent if _is_int(indent) else len(indent) if isinstance(indent, str) else 0
+        if width > MAX_JSON_INDENT:
             raise TemplateLimit(f"the filter 'tojson': indent {clip(str(indent), 20)} is more than {MAX_JSON_INDENT}")
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 

@@ -537,6 +537,8 @@ def verify_text_cases(bundle: Path, tmp: Path) -> list[Case]:
     """A stranger's bundle carrying a hostile template or tokenizer: check 11 fails by name, in bounds."""
     forged = {f"template-{name}": ({"chat_template.jinja": HOSTILE_TEMPLATES[name][0].encode()}, {"chat": CHAT},
                                    HOSTILE_TEMPLATES[name][1]) for name in ("nested-ranges", "power-tower", "doubling")}
+    forged["tokenizer-config-deep"] = ({"tokenizer_config.json": b"[" * 100_000 + b"]" * 100_000}, {"text": "hi"},
+                                       "tokenizer_config.json: JSON nested too deeply")  # fmt: skip
     forged["json-growing-normalizer"] = ({"tiktoken.model": None, "tokenizer.json": json.dumps(growing_normalizer(
         byte_level_tokenizer())).encode()}, {"text": HOSTILE_TEXT}, "encoding text failed: the process doing it ended")
     cases = []

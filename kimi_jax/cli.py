@@ -21,13 +21,23 @@ RESUMABLE = ("run", "prove")
 
 class _Group(click.Group):
     """Print our own errors as one clean line instead of a traceback; anything else is a bug of
-    ours, reported in one line that says where its traceback was saved."""
+    ours, reported in one line that says where its traceback was saved. A reader that stops
+    reading (``kimi-jax verify B | head``) ends the command quietly."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:
+                sys.stdout.flush()  # a closed pipe shows here, not at exit
+        except BrokenPipeError:
+            _quiet_stdout()
+            if ctx.invoked_subcommand in RESUMABLE:
+                click.echo("stdout was closed; the completed steps are kept beside the output folder: run the same "
+                           "command with --resume to continue", err=True)  # fmt: skip
+            sys.exit(EXIT_BROKEN_PIPE)
         except KimiJaxError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_bounded(str(e))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             command = ctx.invoked_subcommand
@@ -35,12 +45,35 @@ class _Group(click.Group):
                     "to continue") if command in RESUMABLE else ""  # fmt: skip
             click.echo(f"interrupted{more}", err=True)
             sys.exit(130)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit,
+                GeneratorExit):  # fmt: skip
             raise
-        except Exception as e:  # noqa: BLE001 - the point is to catch what nothing else did
+        except BaseException as e:  # noqa: BLE001 - the point is to catch what nothing else did (a Rust panic too)
             click.echo(f"internal error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
                        f"(a bug in kimi-jax; the traceback was saved to {_save_traceback()})", err=True)  # fmt: skip
             sys.exit(70)
+
+
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a program ended by SIGPIPE
+MAX_ERROR_LINE = 1000  # characters of one line of an error message (it may quote a stranger's file)
+
+
+def _bounded(message: str) -> str:
+    """Each line cut to its first and last characters (what went wrong is usually said last)."""
+    head, tail = MAX_ERROR_LINE * 3 // 5, MAX_ERROR_LINE * 2 // 5
+    return "\n".join(line if len(line) <= MAX_ERROR_LINE else
+                     f"{line[:head]} ...[{len(line) - head - tail:,} characters]... {line[-tail:]}"
+                     for line in message.splitlines()[:50])  # fmt: skip
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so what is still buffered for the closed pipe is dropped at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _save_traceback() -> str:
@@ -179,7 +212,8 @@ def digest(checkpoint: str, out_file: str | None, workers: int, progress: bool) 
         bar.update(done - bar.n)
 
     try:
-        path, table, hashed = compute_digests(index, Path(out_file) if out_file else None, workers, advance)
+        path, table, hashed = compute_digests(index, Path(out_file) if out_file else None, workers, advance,
+                                              on_note=lambda line: click.echo(line, err=True))  # fmt: skip
     finally:
         bar.close()
     seconds = time.perf_counter() - started

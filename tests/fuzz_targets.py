@@ -2,11 +2,18 @@
 
 Targets: ``safetensors`` (the shard header parser and the checkpoint index), ``manifest`` (the
 manifest loader with --set overrides), ``bundle`` (the ledger/bundle readers of verify, compare
-and explore), ``archive`` (archive extraction). The property, for every generated input: the
-call succeeds or raises a ``KimiJaxError`` (verify always returns a report), never anything
-else; it writes nothing outside its output and leaves no temporary files; and the whole run
-stays under the memory bound, since it runs in a child whose address space is limited
-(RLIMIT_AS) to what it held after warming up plus ``--bound-bytes``.
+and explore), ``archive`` (archive extraction), ``template`` (chat templates, generated from
+jinja fragments and hostile operations, and mutations of the checkpoint's own), ``tokenizer``
+(tiktoken.model, tokenizer_config.json and tokenizer.json, mutated or with generated normalizers
+and regexes), ``digest`` (the digest file), ``remote`` (a checkpoint served from 127.0.0.1 by a
+server whose every answer the fuzzer may rewrite: status, headers, body) and ``vindex`` (run
+bundles' ledgers read for routing). The property, for every generated input: the call succeeds
+or raises a ``KimiJaxError`` (verify always returns a report), never anything else; it writes
+nothing outside its output and leaves no temporary files; what it returns is right where that
+can be checked (a remote read's bytes are the local ones); and the whole run stays under the
+memory bound, since it runs in a child whose address space is limited (RLIMIT_AS) to what it
+held after warming up plus ``--bound-bytes`` (the template and tokenizer worker process has its
+own limit, kimi_jax/text/worker.py).
 
 ``python -m tests.fuzz_targets TARGET --checkpoint CKPT --bundle BUNDLE --work DIR
 (--examples N | --seconds S) [--report FILE]``; ``tests/test_fuzz.py`` runs it per target.
@@ -336,10 +343,306 @@ def archive_target(bundle: Path, work: Path):
     return run, {"data": st.one_of(tar_archives(), mutated_bytes(good))}
 
 
+# -- chat templates --------------------------------------------------------------------------------
+
+_BIG = st.sampled_from([10**9, 10**10, 2**64, 10**100, 100_000, 100_001, 4_194_305, -(10**9)])
+_INTS = st.one_of(st.integers(-5, 50), _BIG)
+_LEAVES = st.one_of(
+    _INTS.map(str), st.sampled_from(["messages", "messages[0]", "messages[0].content", "'x'", "'ab'", "''", "none",
+                                     "true", "[1, 2]", "{'a': 1}", "add_generation_prompt", "bos_token", "loop",
+                                     "range", "ns", "ns.s", "lipsum", "namespace", "cycler", "joiner", "dict"]))  # fmt: skip
+
+
+@st.composite
+def template_expressions(draw, depth: int = 0) -> str:
+    if depth > 3 or draw(st.integers(0, 3)) == 0:
+        return draw(_LEAVES)
+    kind = draw(st.sampled_from(["binop", "call", "filter", "method", "attr", "index", "concat"]))
+    inner = draw(template_expressions(depth + 1))
+    if kind == "binop":
+        return f"({inner} {draw(st.sampled_from(['**', '*', '+', '%', '//', '-', '~', 'in', '==']))} " \
+               f"{draw(template_expressions(depth + 1))})"  # fmt: skip
+    if kind == "call":
+        name = draw(st.sampled_from(["range", "lipsum", "raise_exception", "dict", "namespace", "cycler", "strftime_now"]))
+        return f"{name}({inner})"
+    if kind == "filter":
+        f = draw(st.sampled_from(["join", "center", "indent", "format", "batch", "slice", "replace", "tojson", "list",
+                                  "string", "sum", "length", "first", "wordwrap", "truncate", "int", "float", "round",
+                                  "unique", "sort", "reverse", "map('string')", "select"]))  # fmt: skip
+        args = draw(st.lists(template_expressions(depth + 1), max_size=2))
+        return f"({inner}|{f}{'(' + ', '.join(args) + ')' if args and '(' not in f else ''})"
+    if kind == "method":
+        m = draw(st.sampled_from(["replace", "join", "format", "center", "ljust", "zfill", "split", "upper", "items",
+                                  "expandtabs", "count", "startswith", "__class__", "mro"]))  # fmt: skip
+        args = draw(st.lists(template_expressions(depth + 1), max_size=2))
+        return f"{inner}.{m}({', '.join(args)})"
+    if kind == "attr":
+        return f"{inner}.{draw(st.sampled_from(['content', 'role', '__class__', '__globals__', 'x']))}"
+    if kind == "index":
+        return f"{inner}[{draw(template_expressions(depth + 1))}]"
+    return f"{inner} ~ {draw(template_expressions(depth + 1))}"
+
+
+@st.composite
+def template_sources(draw, depth: int = 0) -> str:
+    parts = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["output", "for", "set", "if", "macro", "text", "raw"] if depth < 2 else
+                                    ["output", "set", "text"]))  # fmt: skip
+        expr = draw(template_expressions())
+        if kind == "output":
+            parts.append(f"{{{{ {expr} }}}}")
+        elif kind == "for":
+            parts.append(f"{{% for x in {expr} %}}{draw(template_sources(depth + 1))}{{% endfor %}}")
+        elif kind == "set":
+            parts.append(f"{{% set ns = namespace(s={expr}) %}}{{% set ns.s = ns.s ~ ns.s %}}")
+        elif kind == "if":
+            parts.append(f"{{% if {expr} %}}{draw(template_sources(depth + 1))}{{% endif %}}")
+        elif kind == "macro":
+            parts.append(f"{{% macro m(n) %}}{draw(template_sources(depth + 1))}{{{{ m(n) }}}}{{% endmacro %}}"
+                         f"{{{{ m({expr}) }}}}")  # fmt: skip
+        elif kind == "text":
+            parts.append(draw(st.text(max_size=12)))
+        else:
+            parts.append(draw(st.sampled_from(["{% for", "{{", "{% endfor %}", "}}", "{#", "{% raw %}"])))
+    return "".join(parts)
+
+
+def template_target(ckpt: Path, work: Path):
+    from kimi_jax.text import chat as chat_mod
+    from kimi_jax.text.chat import render_chat
+    from kimi_jax.text.sandbox import MAX_RENDERED_CHARS
+    from kimi_jax.text.tokenizer import load_tokenizer
+
+    chat_mod.RENDER_SECONDS = 3.0  # the mechanism is the same at any limit; the fuzzer's time is not
+    folder = Path(shutil.copytree(ckpt, work / "tok", ignore=shutil.ignore_patterns("*.safetensors")))
+    original = (ckpt / "chat_template.jinja").read_bytes()
+    tokenizer = load_tokenizer(folder, 2048)
+    messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]),
+                                               "content": st.text(max_size=40)}), min_size=1, max_size=3)  # fmt: skip
+    sources = st.one_of(template_sources(), mutated_bytes(original).map(lambda b: b.decode("utf-8", "replace")))
+
+    def run(source: str, chat: list, generation_prompt: bool) -> None:
+        EXAMPLES["count"] += 1
+        (folder / "chat_template.jinja").write_text(source, encoding="utf-8", errors="surrogatepass")
+        started = time.monotonic()
+        text = holds(lambda: render_chat(tokenizer, chat, generation_prompt), work)
+        assert time.monotonic() - started < chat_mod.RENDER_SECONDS + 10
+        if text is not None:
+            assert isinstance(text, str) and len(text) <= MAX_RENDERED_CHARS
+
+    return run, {"source": sources, "chat": messages, "generation_prompt": st.booleans()}
+
+
+# -- tokenizer files -----------------------------------------------------------------------------
+
+_NORMALIZERS = st.one_of(
+    st.builds(lambda p, c: {"type": "Replace", "pattern": p, "content": c},
+              st.one_of(st.builds(lambda t: {"String": t}, st.text(max_size=3)),
+                        st.builds(lambda t: {"Regex": t}, st.sampled_from(["", "a*", "(a+)+$", ".", "l", "[", "\\p{L}"]))),
+              st.one_of(st.text(max_size=5), st.integers(1, 3000).map(lambda n: "l" * n))),
+    st.sampled_from([{"type": "NFKC"}, {"type": "Lowercase"}, {"type": "Strip", "strip_left": True, "strip_right": True},
+                     {"type": "Prepend", "prepend": "▁"}, {"type": "BertNormalizer"}, {"type": "Nope"}]),
+)  # fmt: skip
+_PRE_TOKENIZERS = st.one_of(
+    st.builds(lambda r, b: {"type": "Split", "pattern": {"Regex": r}, "behavior": b, "invert": False},
+              st.sampled_from(["(a+)+$", "\\s+", "(x|x)*y", "", "[", "\\p{N}{1,3}", "(?=a)"]),
+              st.sampled_from(["Isolated", "Removed", "MergedWithNext", "Contiguous", "Bogus"])),
+    st.sampled_from([{"type": "ByteLevel", "add_prefix_space": False}, {"type": "Whitespace"},
+                     {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always"}, {"type": "Digits"}]),
+)  # fmt: skip
+
+
+def tokenizer_target(ckpt: Path, work: Path):
+    from kimi_jax.text.chat import render_chat
+    from kimi_jax.text.tokenizer import load_tokenizer
+    from tests.hostile import byte_level_tokenizer
+
+    ranks = (ckpt / "tiktoken.model").read_bytes()
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    spec = byte_level_tokenizer()
+
+    @st.composite
+    def folders(draw) -> dict[str, bytes]:
+        kind = draw(st.sampled_from(["tiktoken", "tiktoken", "json", "json"]))
+        files = {"tokenizer_config.json": json.dumps(draw(st.one_of(st.just(config), mutated_json(config)))).encode()}
+        if kind == "tiktoken":
+            files["tiktoken.model"] = draw(st.one_of(st.just(ranks), mutated_bytes(ranks[:8192]).map(lambda b: b + ranks[8192:])))
+        else:
+            value = draw(st.one_of(mutated_json(spec), st.builds(
+                lambda n, t: {**spec, "normalizer": {"type": "Sequence", "normalizers": n},
+                              "pre_tokenizer": {"type": "Sequence", "pretokenizers": t}},
+                st.lists(_NORMALIZERS, max_size=4), st.lists(_PRE_TOKENIZERS, max_size=3))))  # fmt: skip
+            files["tokenizer.json"] = json.dumps(value).encode()
+        return files
+
+    texts = st.one_of(st.text(max_size=40), st.sampled_from(["hello world " * 50 + "a" * 3000 + "b", "<|im_end|>",
+                                                             "[BOS]x", "\ud800", "1234567"]))  # fmt: skip
+
+    def run(files: dict[str, bytes], text: str, vocab: int) -> None:
+        EXAMPLES["count"] += 1
+        folder = _fresh(work, "tok")
+        folder.mkdir()
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        (folder / "chat_template.jinja").write_bytes((ckpt / "chat_template.jinja").read_bytes())
+
+        def use():
+            tokenizer = load_tokenizer(folder, vocab)
+            try:
+                ids = tokenizer.encode(text)
+                assert all(isinstance(i, int) for i in ids)
+                for token in ids[:20]:
+                    data = tokenizer.token_bytes(token)
+                    assert data is None or isinstance(data, bytes)
+                render_chat(tokenizer, [{"role": "user", "content": text}])
+            finally:
+                tokenizer.close()
+
+        holds(use, work)
+
+    return run, {"files": folders(), "text": texts, "vocab": st.sampled_from([2048, 1793, 2**22, 1])}
+
+
+# -- digest files ------------------------------------------------------------------------------------
+
+
+def digest_target(ckpt: Path, work: Path):
+    from kimi_jax.storage.checkpoint import open_checkpoint
+    from kimi_jax.storage.digests import compute_digests, load_digest_file, shard_tensors
+
+    index = open_checkpoint(ckpt)
+    compute_digests(index, work / "good.b3.json", workers=1)
+    good = json.loads((work / "good.b3.json").read_text())
+    raw = (work / "good.b3.json").read_bytes()
+    (work / "good.b3.json").unlink()
+
+    def run(data: bytes) -> None:
+        EXAMPLES["count"] += 1
+        path = _fresh(work, "d.b3.json")
+        path.write_bytes(data)
+
+        def load():
+            table = load_digest_file(path)
+            table.check_matches(shard_tensors(index))
+            assert table.root == good["root"], "a digest file that passed every check names other weights"
+
+        holds(load, work)
+
+    data = st.one_of(st.builds(lambda v: json.dumps(v).encode(), mutated_json(good)), mutated_bytes(raw[:4096])
+                     .map(lambda b: b + raw[4096:]), st.builds(lambda v: json.dumps(v).encode(), json_values))  # fmt: skip
+    return run, {"data": data}
+
+
+# -- remote responses ---------------------------------------------------------------------------------
+
+_STATUSES = st.sampled_from([200, 206, 204, 301, 304, 400, 403, 404, 416, 429, 500, 503])
+_HEADER_CHANGES = st.dictionaries(
+    st.sampled_from(["Content-Length", "Content-Range", "ETag", "Last-Modified", "Content-Encoding",
+                     "Transfer-Encoding", "Content-Type"]),
+    st.one_of(st.none(), st.sampled_from(["gzip", "identity", "br", "0", "-1", "99999999999999999999", "bytes 0-0/1",
+                                          "bytes */0", '"other"', "W/\"x\"", "chunked", "x" * 200])),
+    max_size=2)  # fmt: skip
+
+
+def remote_target(ckpt: Path, work: Path):
+    """A checkpoint (with its digest file) served from 127.0.0.1; each example rewrites some of the
+    server's answers (by request number). Whatever the server does, the client returns the local
+    bytes or raises a KimiJaxError, within its deadlines."""
+    from kimi_jax.storage.digests import compute_digests
+    from kimi_jax.storage.reader import ShardReader
+    from kimi_jax.storage.remote import RemoteSettings
+    from kimi_jax.storage.source import open_source
+    from tests.range_server import folder_server
+
+    served = Path(shutil.copytree(ckpt, work / "served", ignore=shutil.ignore_patterns("*.b3.json*")))
+    from kimi_jax.storage.checkpoint import open_checkpoint
+
+    local = open_checkpoint(served)
+    compute_digests(local, workers=1)
+    names = sorted(local.weights)[:6]
+    with ShardReader() as reader:
+        want = {n: {k: a.tobytes() for k, a in parts.items()}
+                for n, parts in reader.read_weights([local.weights[n] for n in names], None).items()}  # fmt: skip
+    server = folder_server(served).__enter__()
+    settings = RemoteSettings(timeout_s=1.0, retries=1, backoff_s=0.001, max_in_flight=4, request_bytes=1 << 14)
+
+    @st.composite
+    def plans(draw) -> dict[int, tuple]:
+        plan = {}
+        for _ in range(draw(st.integers(1, 4))):
+            number = draw(st.integers(0, 40))
+            plan[number] = (draw(st.one_of(st.none(), _STATUSES)), draw(_HEADER_CHANGES),
+                            draw(st.sampled_from(["keep", "truncate", "extend", "flip", "empty", "garbage"])))
+        return plan
+
+    def run(plan: dict[int, tuple]) -> None:
+        EXAMPLES["count"] += 1
+        seen = [0]
+
+        def rewrite(path: str, status: int, headers: dict, body: bytes):
+            n, seen[0] = seen[0], seen[0] + 1
+            if n not in plan:
+                return status, headers, body
+            new_status, changes, how = plan[n]
+            for key, value in changes.items():
+                headers.pop(key, None) if value is None else headers.__setitem__(key, value)
+            body = {"keep": body, "truncate": body[: len(body) // 2], "extend": body + b"\0" * 64, "empty": b"",
+                    "flip": bytes([body[0] ^ 1]) + body[1:] if body else body, "garbage": b"\xff" * 32}[how]  # fmt: skip
+            return new_status or status, headers, body
+
+        server.faults.rewrite = rewrite
+        cache = _fresh(work, "cache")
+
+        def read():
+            source = open_source(server.base + "/ckpt/", cache, remote=settings)
+            try:
+                got = source.reader(settings.retries).read_weights([source.index.weights[n] for n in names], None)
+                assert {n: {k: a.tobytes() for k, a in parts.items()} for n, parts in got.items()} == want
+            finally:
+                source.close()
+
+        started = time.monotonic()
+        holds(read, work, output=cache)
+        assert time.monotonic() - started < 120
+        server.faults.rewrite = None
+
+    return run, {"plan": plans()}
+
+
+# -- vindex ledgers ------------------------------------------------------------------------------------
+
+
+def vindex_target(bundle: Path, work: Path):
+    from kimi_jax.vindex.routing import read_ledger
+
+    ledger = json.loads((bundle / "ledger.json").read_text())
+    raw = (bundle / "ledger.json").read_bytes()
+
+    def run(data: bytes, n_layers: int, n_experts: int) -> None:
+        EXAMPLES["count"] += 1
+        folder = _fresh(work, "b")
+        folder.mkdir()
+        (folder / "ledger.json").write_bytes(data)
+        trace = holds(lambda: read_ledger(folder, n_layers, n_experts), work)
+        for layer, (experts, weights) in (trace or {}).items():
+            assert 0 <= layer < n_layers and experts.shape == weights.shape
+            assert experts.size == 0 or (experts.min() >= 0 and experts.max() < n_experts)
+
+    data = st.one_of(st.builds(lambda v: json.dumps(v).encode(), mutated_json(ledger)),
+                     mutated_bytes(raw[:4096]).map(lambda b: b + raw[4096:]))  # fmt: skip
+    return run, {"data": data, "n_layers": st.integers(1, 6), "n_experts": st.integers(1, 32)}
+
+
 TARGETS = {"safetensors": lambda a, w: safetensors_target(a.checkpoint, w),
            "manifest": lambda a, w: manifest_target(a.checkpoint, w),
            "bundle": lambda a, w: bundle_target(a.bundle, w),
-           "archive": lambda a, w: archive_target(a.bundle, w)}  # fmt: skip
+           "archive": lambda a, w: archive_target(a.bundle, w),
+           "template": lambda a, w: template_target(a.checkpoint, w),
+           "tokenizer": lambda a, w: tokenizer_target(a.checkpoint, w),
+           "digest": lambda a, w: digest_target(a.checkpoint, w),
+           "remote": lambda a, w: remote_target(a.checkpoint, w),
+           "vindex": lambda a, w: vindex_target(a.bundle, w)}  # fmt: skip
 
 
 def main() -> None:

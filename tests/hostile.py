@@ -387,6 +387,217 @@ def archive_cases(bundle: Path, tmp: Path) -> list[Case]:
     ]  # fmt: skip
 
 
+# -- tokenizer files and chat templates ----------------------------------------------------------
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes, in byte order: bytes that print as themselves
+    keep their character, the others take characters from U+0100 upwards."""
+    kept = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    extra = iter(range(256, 512))
+    return [chr(b) if b in kept else chr(next(extra)) for b in range(256)]
+
+
+def byte_level_tokenizer() -> dict:
+    """A minimal byte-level BPE ``tokenizer.json``: the 256 byte tokens, no merges."""
+    vocab = {c: i for i, c in enumerate(_byte_level_alphabet())}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": 256, "content": "</s>", "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True}],
+            "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": []}}  # fmt: skip
+
+
+def growing_normalizer(spec: dict) -> dict:
+    """Each 'l' becomes a thousand, four times over: a few KB of text ask for GBs."""
+    grow = {"type": "Replace", "pattern": {"String": "l"}, "content": "l" * 1000}
+    return {**spec, "normalizer": {"type": "Sequence", "normalizers": [grow] * 4}}
+
+
+def catastrophic_split(spec: dict) -> dict:
+    """A regex that backtracks exponentially: Oniguruma gives up and tokenizers panics."""
+    split = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    return {**spec, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, spec["pre_tokenizer"]]}}
+
+
+HOSTILE_TEXT = "hello world " * 100 + "a" * 5000 + "b"  # grows under growing_normalizer, backtracks under the split
+
+
+def sparse_file(path: Path, size: int) -> Path:
+    """A file of ``size`` zero bytes that takes no disk and no time to write (a hole)."""
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+HOSTILE_TEMPLATES = {
+    # name: (template, part of the error); the audit's cases first
+    "nested-ranges": ("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+                      "the rendered text is longer than the 4,194,304 characters"),
+    "lipsum": ("{{ lipsum(10**7) }}", "lipsum(): argument 10000000 is larger than the 100,000"),
+    "power-tower": ("{{ 10 ** (10 ** 10) }}", "would build a number of more than 65,536 bits"),
+    "string-repetition": ("{{ 'x' * 10**10 }}", "would build 10,000,000,000 characters or items"),
+    "messages-repetition": ("{{ messages * 10**9 }}", "would build 1,000,000,000 characters or items"),
+    "recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion too deep"),
+    "range-1e9": ("{{ range(10**9)|list }}", "range(): argument 1000000000 is larger than the 100,000"),
+    "doubling": ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+                 "{{ ns.s }}", "needs more than the 1,024 MiB of memory it may use"),
+    "long-exception": ("{{ raise_exception('E' * 10**6) }}", "(1,000,000 characters)"),
+    "renders-nothing": ("{% if false %}x{% endif %}", "encode to no tokens; a prompt needs at least one token"),
+}  # fmt: skip
+
+
+def _rewrite_json(path: Path, change) -> None:
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.unlink()
+    path.write_text(json.dumps(raw))
+
+
+def _tokenizer_json(folder: Path, spec: dict) -> None:
+    (folder / "tiktoken.model").unlink()
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+
+
+TOKENIZER_DAMAGE = {
+    # name: (how, part of the error)
+    "json-growing-normalizer": (lambda f: _tokenizer_json(f, growing_normalizer(byte_level_tokenizer())),
+                                "encoding text failed: the process doing it ended with signal SIGABRT"),
+    "json-catastrophic-split": (lambda f: _tokenizer_json(f, catastrophic_split(byte_level_tokenizer())),
+                                "encoding text failed: PanicException"),
+    "special-token-10MB": (lambda f: _rewrite_json(f / "tokenizer_config.json", lambda c: c["added_tokens_decoder"]
+                                                   .update({"1792": {"content": "<" + "x" * 10_000_000 + ">"}})),
+                           "a token name of 10,000,002 characters"),
+    "special-token-surrogate": (lambda f: (f / "tokenizer_config.json").unlink() or (f / "tokenizer_config.json")
+                                .write_text('{"added_tokens_decoder": {"1792": {"content": "\\udc80"}}}'),
+                                "a lone surrogate that no text can contain"),
+    "tiktoken-240MB": (lambda f: sparse_file(f / "tiktoken.model", 240 << 20), "more than the 33,554,432"),
+    "rank-5000-digits": (lambda f: (f / "tiktoken.model").unlink() or (f / "tiktoken.model")
+                         .write_text("QQ== " + "9" * 5000 + "\n"), "a rank below 10**9"),
+    "tokenizer-config-deep": (lambda f: (f / "tokenizer_config.json").unlink() or (f / "tokenizer_config.json")
+                              .write_text("[" * 100_000 + "]" * 100_000), "JSON nested too deeply"),
+}  # fmt: skip
+
+
+def _chat_manifest(path: Path, ckpt: Path, out: Path, prompt: str = f"chat: {json.dumps(CHAT)}") -> Path:
+    path.write_text(f"version: 1\nmodel:\n  checkpoint: {ckpt}\nprompt:\n  {prompt}\ngenerate:\n  max_new_tokens: 1\n"
+                    f"output:\n  dir: {out}\n")  # fmt: skip
+    return path
+
+
+def text_cases(ckpt: Path, tmp: Path) -> list[Case]:
+    """A checkpoint's chat template and tokenizer files, each run from a manifest that needs them."""
+    cases = []
+    for name, (template, expect) in HOSTILE_TEMPLATES.items():
+        folder = checkpoint_like(ckpt, tmp / f"template-{name}")
+        (folder / "chat_template.jinja").unlink()
+        (folder / "chat_template.jinja").write_text(template)
+        manifest = _chat_manifest(tmp / f"template-{name}.yaml", folder, tmp / "out")
+        cases.append(Case(f"template/{name}", ("run", str(manifest)), expect))
+    for name, (damage, expect) in TOKENIZER_DAMAGE.items():
+        folder = checkpoint_like(ckpt, tmp / f"tokenizer-{name}")
+        damage(folder)
+        manifest = _chat_manifest(tmp / f"tokenizer-{name}.yaml", folder, tmp / "out",
+                                  f"text: {json.dumps(HOSTILE_TEXT)}")  # fmt: skip
+        cases.append(Case(f"tokenizer/{name}", ("run", str(manifest)), expect))
+    return cases
+
+
+def forge_text(root: Path, files: dict[str, bytes | None], prompt_input: dict) -> None:
+    """What a forger does to make verify run the bundle's own template and tokenizer on the bundle's
+    own text: change the tokenizer/ files (None: remove), record their digests in the ledger, give
+    the prompt as text or chat, and reseal (checks 1 and 2 then pass)."""
+    from kimi_jax.text.tokenizer import file_digests, files_digest
+
+    folder = root / "tokenizer"
+    for name, data in files.items():
+        (folder / name).unlink(missing_ok=True)
+        if data is not None:
+            (folder / name).write_bytes(data)
+    digests = file_digests(folder, tuple(sorted(p.name for p in folder.iterdir())))
+
+    def change(ledger: dict) -> None:
+        recorded = ledger["checkpoint"]["tokenizer"]
+        recorded.update(files=digests, digest=files_digest(digests),
+                        kind="tiktoken" if "tiktoken.model" in digests else "tokenizer.json")  # fmt: skip
+        ledger["run"]["prompt_input"] = prompt_input
+
+    _rewrite_json(root / "ledger.json", change)
+    reseal(root)
+
+
+def verify_text_cases(bundle: Path, tmp: Path) -> list[Case]:
+    """A stranger's bundle carrying a hostile template or tokenizer: check 11 fails by name, in bounds."""
+    forged = {f"template-{name}": ({"chat_template.jinja": HOSTILE_TEMPLATES[name][0].encode()}, {"chat": CHAT},
+                                   HOSTILE_TEMPLATES[name][1]) for name in ("nested-ranges", "power-tower", "doubling")}
+    forged["tokenizer-config-deep"] = ({"tokenizer_config.json": b"[" * 100_000 + b"]" * 100_000}, {"text": "hi"},
+                                       "tokenizer_config.json: JSON nested too deeply")  # fmt: skip
+    forged["json-growing-normalizer"] = ({"tiktoken.model": None, "tokenizer.json": json.dumps(growing_normalizer(
+        byte_level_tokenizer())).encode()}, {"text": HOSTILE_TEXT}, "encoding text failed: the process doing it ended")
+    cases = []
+    for name, (files, prompt_input, expect) in forged.items():
+        root = Path(shutil.copytree(bundle, tmp / name))
+        forge_text(root, files, prompt_input)
+        cases.append(Case(f"verify-text/{name}", ("verify", str(root)), expect, (1,)))  # only check 11 says it
+    root = Path(shutil.copytree(bundle, tmp / "tiktoken-240MB"))
+    sparse_file(root / "tokenizer" / "tiktoken.model", 240 << 20)
+    reseal(root)
+    cases.append(Case("verify-text/tiktoken-240MB", ("verify", str(root)), "more than the 33,554,432", (1,)))
+    return cases
+
+
+def digest_cases(ckpt: Path, tmp: Path) -> list[Case]:
+    """The digest file beside a checkpoint, or named by the manifest."""
+    cases = []
+    for name, make, expect in (
+            ("3GiB", lambda p: sparse_file(p, 3 << 30), "digest file is 3,221,225,472 bytes, more than the 268,435,456"),
+            ("deep", lambda p: p.write_text("[" * 100_000 + "]" * 100_000), "JSON nested too deeply"),
+            ("fifo", lambda p: os.mkfifo(p), "digest file is a FIFO; expected a regular file"),
+            ("folder", lambda p: p.mkdir(), "digest file is a folder; expected a regular file")):  # fmt: skip
+        folder = checkpoint_like(ckpt, tmp / f"digest-{name}")
+        (folder / "checkpoint.b3.json").unlink(missing_ok=True)
+        make(folder / "checkpoint.b3.json")
+        path = tmp / f"digest-{name}.yaml"
+        path.write_text(manifest_text(folder, tmp / "out"))
+        cases.append(Case(f"digest/{name}", ("run", str(path)), expect))
+    path = tmp / "digest-dev-zero.yaml"
+    path.write_text(manifest_text(ckpt, tmp / "out", "storage:\n  digest_file: /dev/zero\n"))
+    cases.append(Case("digest/named-dev-zero", ("run", str(path)), "/dev/zero: digest file is a character device"))
+    return cases
+
+
+def vindex_cases(ckpt: Path, bundle: Path, tmp: Path) -> list[Case]:
+    """Bundles whose ledgers the vindex counts routing from."""
+    cases = []
+    for name, text, expect in (
+            ("deep-ledger", "[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+            ("huge-expert-id", json.dumps({"steps": [{"layers": [{"layer": 1, "kind": "moe", "experts": [[10**30]],
+                                                                  "routing_weights": [[1.0]]}]}]}),
+             "expected integer expert ids"),
+            ("5000-digit-number", '{"steps": [' + "9" * 5000 + "]}", "Exceeds the limit (4300 digits)")):  # fmt: skip
+        root = tmp / f"vindex-{name}"
+        root.mkdir(parents=True)
+        (root / "ledger.json").write_text(text)
+        path = tmp / f"vindex-{name}.yaml"
+        path.write_text(manifest_text(ckpt, tmp / "out", f"vindex:\n  phases: [3]\n  bundles: [{root}]\n"))
+        cases.append(Case(f"vindex/{name}", ("vindex", str(path), "--no-progress"), expect))
+    return cases
+
+
 def all_cases(ckpt: Path, bundle: Path, tmp: Path) -> list[Case]:
     return [*checkpoint_cases(ckpt, tmp / "ckpt"), *manifest_cases(ckpt, tmp / "manifests"),
-            *bundle_cases(bundle, tmp / "bundles"), *archive_cases(bundle, tmp / "archives")]  # fmt: skip
+            *bundle_cases(bundle, tmp / "bundles"), *archive_cases(bundle, tmp / "archives"),
+            *text_cases(ckpt, _made(tmp / "text")), *verify_text_cases(bundle, _made(tmp / "verify-text")),
+            *digest_cases(ckpt, _made(tmp / "digest")), *vindex_cases(ckpt, bundle, _made(tmp / "vindex"))]  # fmt: skip
+
+
+def _made(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path

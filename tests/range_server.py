@@ -2,8 +2,9 @@
 
 Why our own (a small ``http.server`` subclass) rather than nginx: the tests must make the server
 misbehave on cue (drop a connection mid-range, answer 503 then recover, send a short body, ignore
-Range, serve other bytes, change the ETag) and count exactly which ranges were asked for; a stdlib
-server started inside the test does all of that with no service to install or start in CI.
+Range, serve other bytes, change or drop the ETag, compress, trickle, stall, send a body without
+end) and count exactly which ranges were asked for; a stdlib server started inside the test does
+all of that with no service to install or start in CI.
 
 Only single ranges (``bytes=A-B``) are implemented: that is all a range reader sends.
 """
@@ -33,6 +34,14 @@ class Faults:
         self.flip: tuple[str, int] | None = None  # (file name, absolute offset): serve that byte inverted
         self.etag_change_after: int | None = None  # after N range requests, the ETag changes
         self.delay_s = 0.0  # wait this long before answering each range request (to see requests overlap)
+        self.etag_vanish_after: int | None = None  # after N range requests, answer without an ETag
+        self.encoding: str | None = None  # send range bodies with this Content-Encoding header
+        self.trickle_s = 0.0  # send range bodies one byte per this many seconds
+        self.stall_s = 0.0  # wait this long before answering any request at all
+        self.endless: set[str] = set()  # these paths: HTTP 200, no Content-Length, zeros until the client hangs up
+        self.trickle_routes_s = 0.0  # send the JSON routes one byte per this many seconds
+        # rewrite(request path, status, headers, body) -> (status, headers, body): any answer, as the fuzzer likes
+        self.rewrite: Callable[[str, int, dict[str, str], bytes], tuple[int, dict[str, str], bytes]] | None = None
 
 
 class RangeServer:
@@ -46,6 +55,7 @@ class RangeServer:
         self.body_bytes_sent = 0
         self.active = 0  # requests being answered right now, and the most at once
         self.max_active = 0
+        self.request_headers: list[dict[str, str]] = []  # of every request, in order
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,6 +71,9 @@ class RangeServer:
                 self._serve(head=False)
 
             def _send(self, status: int, headers: dict[str, str], body: bytes = b"", head: bool = False) -> None:
+                if server.faults.rewrite is not None:
+                    status, headers, body = server.faults.rewrite(self.path, status, dict(headers), body)
+                    self.close_connection = True  # a Content-Length that lies must not confuse the next request
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -83,9 +96,23 @@ class RangeServer:
 
             def _answer(self, head: bool) -> None:
                 path = self.path.split("?", 1)[0]
+                with server.lock:
+                    server.request_headers.append(dict(self.headers.items()))
+                time.sleep(server.faults.stall_s)
+                if path in server.faults.endless:
+                    self._endless()
+                    return
                 if path in server.routes:
                     body = json.dumps(server.routes[path]).encode()
-                    self._send(200, {"Content-Type": "application/json", "Content-Length": str(len(body))}, body, head)
+                    headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+                    if server.faults.trickle_routes_s and not head:
+                        self.send_response(200)
+                        for k, v in headers.items():
+                            self.send_header(k, v)
+                        self.end_headers()
+                        self._dribble(body, server.faults.trickle_routes_s)
+                        return
+                    self._send(200, headers, body, head)
                     return
                 file = server.resolve(path)
                 if file is None or not file.is_file():
@@ -111,6 +138,8 @@ class RangeServer:
                 time.sleep(faults.delay_s)
                 if faults.etag_change_after is not None and served > faults.etag_change_after:
                     etag = '"replaced"'
+                if faults.etag_vanish_after is not None and served > faults.etag_vanish_after:
+                    etag = None
                 if status is not None:
                     self._send(status, {"Content-Length": "0"})
                     return
@@ -123,6 +152,13 @@ class RangeServer:
                 if faults.flip and path.endswith("/" + faults.flip[0]) and start <= faults.flip[1] < end:
                     body[faults.flip[1] - start] ^= 0xFF
                 headers = {"Content-Range": f"bytes {start}-{end - 1}/{size}", "ETag": etag}
+                if etag is None:
+                    del headers["ETag"]
+                if faults.encoding:
+                    headers["Content-Encoding"] = faults.encoding
+                if faults.trickle_s:
+                    self._trickle(headers, bytes(body))
+                    return
                 if drop:
                     headers["Content-Length"] = str(len(body))
                     self._send(206, headers, bytes(body[: len(body) // 2]))
@@ -132,6 +168,37 @@ class RangeServer:
                     body = body[:-16]
                 headers["Content-Length"] = str(len(body))
                 self._send(206, headers, bytes(body))
+
+            def _trickle(self, headers: dict[str, str], body: bytes) -> None:
+                self.send_response(206)
+                for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self._dribble(body, server.faults.trickle_s)
+
+            def _dribble(self, body: bytes, every_s: float) -> None:
+                try:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(every_s)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
+
+            def _endless(self) -> None:
+                self.send_response(200)
+                self.end_headers()  # no Content-Length: the body ends when the connection does
+                block, sent = bytes(1 << 16), 0
+                try:  # bounded: stops when the client hangs up, or after 256 MiB at most
+                    while sent < 256 << 20:
+                        self.wfile.write(block)
+                        sent += len(block)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                with server.lock:
+                    server.body_bytes_sent += sent
+                self.close_connection = True
 
             def _whole_file(self, size: int, etag: str) -> None:
                 size = server.faults.huge_body or size

@@ -94,6 +94,20 @@ def test_archive_refuses_links_and_non_bundles(bundle, tmp_path):
     assert not (tmp_path / "out.tar.gz").exists()
 
 
+def test_archive_refuses_files_that_are_not_part_of_the_bundle(bundle, tmp_path):
+    """Main packed them, making an archive that verify then refused."""
+    copy = Path(shutil.copytree(bundle, tmp_path / "b"))
+    (copy / "notes.txt").write_text("kept beside the bundle's files")
+    with pytest.raises(ArchiveError, match=r"notes.txt: not part of the bundle layout, so verify would refuse"):
+        archive_bundle(copy, tmp_path / "out.tar.gz")
+    (copy / "notes.txt").unlink()
+    (copy / "arrays" / "stray").mkdir()
+    (copy / "arrays" / "stray" / "x.bin").write_bytes(b"x")
+    with pytest.raises(ArchiveError, match=r"x.bin: not part of the bundle layout"):
+        archive_bundle(copy, tmp_path / "out.tar.gz")
+    assert not (tmp_path / "out.tar.gz").exists()
+
+
 # -- hostile archives ---------------------------------------------------------------------------
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -20,6 +22,7 @@ from kimi_jax.storage import digests as digests_mod
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.synth import synth_checkpoint
 from kimi_jax.verify.compare_manifests import compare_manifests
+from tests.hostile import sparse_file
 
 
 def _quiet(*_):
@@ -82,10 +85,13 @@ def test_digest_resumes_from_its_journal(digested, tmp_path, monkeypatch):
     monkeypatch.setattr(digests_mod, "_hash_tensor", dies_after_ten)
     with pytest.raises(KeyboardInterrupt):
         digests_mod.compute_digests(index, out, workers=1)
-    assert not out.exists() and len((tmp_path / "d.b3.json.partial").read_text().splitlines()) == 10
+    # the journal: one line tying it to this run (shards and journal file), then the ten finished tensors
+    assert not out.exists() and len((tmp_path / "d.b3.json.partial").read_text().splitlines()) == 11
     monkeypatch.setattr(digests_mod, "_hash_tensor", real)
-    _, table, hashed = digests_mod.compute_digests(index, out, workers=2)
+    notes = []
+    _, table, hashed = digests_mod.compute_digests(index, out, workers=2, on_note=notes.append)
     assert 0 < hashed < total  # the ten journalled tensors were not hashed again
+    assert notes == [f"resuming from {tmp_path / 'd.b3.json.partial'}: 10 of {sum(len(h.tensors) for h in index.shards)} tensors were hashed by an earlier run"]
     assert not (tmp_path / "d.b3.json.partial").exists()
     assert json.loads(out.read_text()) == json.loads((digested / "checkpoint.b3.json").read_text())
 
@@ -164,3 +170,118 @@ def test_compare_tells_same_layout_other_weights_apart_by_content_root(digested,
     after = compare_manifests(a, b)
     assert not after.identical
     assert [d.field for d in after.result_differences] == ["model (checkpoint content_root)"]
+
+
+# -- the digest file is a stranger's file; the journal is ours only when provably so ---------------
+
+
+def _manifest_file(tmp_path: Path, ckpt: Path, digest_file: str | None = None) -> Path:
+    storage = f"storage:\n  digest_file: {digest_file}\n" if digest_file else ""
+    path = tmp_path / "m.yaml"
+    path.write_text(f"version: 1\nmodel:\n  checkpoint: {ckpt}\nprompt:\n  tokens: [7]\ngenerate:\n  max_new_tokens: 1\n"
+                    f"{storage}output:\n  dir: {tmp_path / 'out'}\n")  # fmt: skip
+    return path
+
+
+def _beside(ckpt: Path, tmp_path: Path, make) -> Path:
+    """A checkpoint whose files link to ``ckpt``'s, with ``make(path)`` at checkpoint.b3.json."""
+    from tests.hostile import checkpoint_like
+
+    folder = checkpoint_like(ckpt, tmp_path / "ckpt")
+    (folder / "checkpoint.b3.json").unlink()
+    make(folder / "checkpoint.b3.json")
+    return folder
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda p: sparse_file(p, 3 << 30), "digest file is 3,221,225,472 bytes, more than the 268,435,456"),
+    (lambda p: p.write_text("[" * 100_000 + "]" * 100_000), "digest file: JSON nested too deeply"),
+    (lambda p: p.write_text('{"format": "kimi-jax-tensor-digests", "version": 1, "algorithm": "blake3", "root": 1, '
+                            '"tensors": {"x": {"shard": "s", "offset": ' + "9" * 5000 + "}}}"),
+     "digest file: not valid JSON (Exceeds the limit (4300 digits)"),
+    (lambda p: p.write_text('{"format": "kimi-jax-tensor-digests", "version": 1, "algorithm": "blake3", "root": 1, '
+                            '"tensors": {"x": {"shard": "s", "offset": -5, "length": 1, "digest": "0"}}, "rows": {}}'),
+     "tensors['x'].offset: expected a non-negative integer, got '-5'"),
+    (lambda p: os.mkfifo(p), "checkpoint.b3.json: digest file is a FIFO; expected a regular file"),
+    (lambda p: p.mkdir(), "checkpoint.b3.json: digest file is a folder; expected a regular file"),
+])  # fmt: skip
+def test_a_digest_file_beside_the_checkpoint_is_read_through_bounds(digested, tmp_path, make, expected):
+    """Main read it whole (a 3 GiB file: 6.3 GiB, 25 s), let deep JSON or a 5,000-digit number end in
+    an internal error, ignored a FIFO, and blamed storage.digest_file, which the manifest never set."""
+    ckpt = _beside(digested, tmp_path, make)
+    result = CliRunner().invoke(main, ["run", str(_manifest_file(tmp_path, ckpt)), "-q"])
+    assert result.exit_code == 2 and expected in result.output, result.output
+    assert "model.checkpoint: " in result.output and "storage.digest_file" not in result.output
+    assert "internal error" not in result.output
+
+
+@pytest.mark.parametrize("named, expected", [
+    ("/dev/zero", "/dev/zero: digest file is a character device; expected a regular file"),
+    ("FOLDER", "digest file is a folder; expected a regular file"),
+    ("MISSING", "the digest file named in the manifest does not exist"),
+])  # fmt: skip
+def test_a_named_digest_file_that_is_not_a_file_says_what_it_is(digested, tmp_path, named, expected):
+    """Main said 'does not exist' of a FIFO, /dev/zero or a folder."""
+    (tmp_path / "FOLDER").mkdir()
+    path = named if named.startswith("/") else str(tmp_path / named)
+    result = CliRunner().invoke(main, ["run", str(_manifest_file(tmp_path, digested, path)), "-q"])
+    assert result.exit_code == 2 and "storage.digest_file: " in result.output and expected in result.output, \
+        result.output  # fmt: skip
+
+
+def test_digest_does_not_trust_a_journal_it_did_not_write(digested, tmp_path):
+    """Main resumed from a shipped checkpoint.b3.json.partial and printed its forged root, exit 0."""
+    ckpt = Path(shutil.copytree(digested, tmp_path / "ckpt"))
+    (ckpt / "checkpoint.b3.json").unlink()
+    genuine = json.loads((digested / "checkpoint.b3.json").read_text())
+    forged = [json.dumps({"name": n, **{**e, "digest": "0" * 64}}) for n, e in genuine["tensors"].items()]
+    (ckpt / "checkpoint.b3.json.partial").write_text("\n".join(forged) + "\n")
+    result = CliRunner().invoke(main, ["digest", str(ckpt), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "checkpoint.b3.json.partial: not resumed: it was not written by `kimi-jax digest` of these files on " \
+           "this machine" in result.output  # fmt: skip
+    assert f"content root {genuine['root']}" in result.output
+    assert json.loads((ckpt / "checkpoint.b3.json").read_text()) == genuine
+
+
+def test_a_journal_line_with_missing_fields_is_skipped_and_rehashed(digested, tmp_path, monkeypatch):
+    """Main stopped with an internal error (KeyError) on such a line of its own journal."""
+    index = open_checkpoint(digested)
+    real, calls = digests_mod._hash_tensor, [0]
+
+    def dies_after_three(*args):
+        calls[0] += 1
+        if calls[0] > 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args)
+
+    out = tmp_path / "d.b3.json"
+    monkeypatch.setattr(digests_mod, "_hash_tensor", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        digests_mod.compute_digests(index, out, workers=1)
+    journal = tmp_path / "d.b3.json.partial"
+    header, first, *rest = journal.read_text().splitlines()
+    broken = json.loads(first)
+    del broken["shard"], broken["offset"]
+    journal.write_text("\n".join([header, json.dumps(broken), *rest]) + "\n")
+    monkeypatch.setattr(digests_mod, "_hash_tensor", real)
+    notes = []
+    _, table, _ = digests_mod.compute_digests(index, out, workers=2, on_note=notes.append)
+    assert notes and "2 of" in notes[0]  # the two intact entries resumed, the broken one hashed again
+    assert table.root == json.loads((digested / "checkpoint.b3.json").read_text())["root"]
+
+
+@pytest.mark.parametrize("failure, expected", [
+    (errno.EROFS, "read-only file system [EROFS]"), (errno.ENOSPC, "no space left on device [ENOSPC]")])
+def test_digest_onto_a_read_only_or_full_disk_is_named(digested, tmp_path, monkeypatch, failure, expected):
+    """Main ended in an internal error."""
+    def refuse(path, *args, **kwargs):
+        raise OSError(failure, os.strerror(failure), str(path))
+
+    monkeypatch.setattr(digests_mod, "write_json_atomic", refuse)
+    result = CliRunner().invoke(main, ["digest", str(digested), "--no-progress", "--out", str(tmp_path / "d.json")])
+    assert result.exit_code == 2 and expected in result.output, result.output
+    assert "the tensors hashed so far are kept in d.json.partial" in result.output
+    monkeypatch.setattr(digests_mod, "open", refuse, raising=False)
+    result = CliRunner().invoke(main, ["digest", str(digested), "--no-progress", "--out", str(tmp_path / "e.json")])
+    assert result.exit_code == 2 and expected in result.output, result.output

@@ -136,6 +136,23 @@ def test_a_killed_process_is_named_by_the_other_and_the_run_resumes(manifest, wh
     assert [[s[f] for f in fields] for s in resumed] == [[s[f] for f in fields] for s in whole]
 
 
+def test_a_killed_process_0_is_named_by_the_survivor(manifest, whole_run, tmp_path):
+    """Process 0 hosts the coordination service: on main its death made jaxlib abort the survivor
+    (a fatal log and SIGABRT, exit -6) instead of exit 3 and PeerProcessLost."""
+    (tmp_path / "tmp").mkdir()
+    where = {"TMPDIR": str(tmp_path / "tmp")}  # where the survivor saves jaxlib's log of the abort
+    results = launch(manifest, tmp_path / "killed0", 2,
+                     env_of=lambda pid: {"KIMI_JAX_FAULT": "bare:0:0", **where} if pid == 0 else where)  # fmt: skip
+    (code0, _, died), (code1, err1, ended) = results
+    assert code0 == -9
+    assert code1 == 3 and "error: PeerProcessLost: process 1 of 2" in err1, err1[-3000:]
+    assert "Check failure" not in err1 and "terminate called" not in err1, err1[-3000:]
+    assert ended - died < TIMEOUT_S + 10
+    if "coordination service of process 0" in err1:  # (else the collective noticed first: gloo's error line)
+        (saved,) = (tmp_path / "tmp").glob("kimi-jax-peer-lost-*.txt")
+        assert str(saved) in err1 and "coordination service" in saved.read_text()
+
+
 def test_a_process_whose_peers_never_come_fails_with_a_named_error(manifest, tmp_path):
     (code, err, seconds), = launch(manifest, tmp_path / "alone", 1, env_of=lambda pid: {"KIMI_JAX_NUM_PROCESSES": "2"},
                                    wait_s=TIMEOUT_S + 60)  # fmt: skip

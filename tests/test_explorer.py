@@ -299,3 +299,24 @@ def test_a_bundle_written_with_its_page_passes_the_verifier(tiny_checkpoints, tm
     checks = {c.name: c for c in verify.verify_bundle(out).checks}
     assert checks["explorer"].status == "OK", checks["explorer"].reason
     assert checks["checksums"].status == "OK", checks["checksums"].reason
+
+
+def test_exploring_a_read_only_bundle_without_a_page_is_a_named_error(small_bundle, tmp_path, monkeypatch):
+    """Main ended in an internal error (PermissionError/EROFS) rendering the page into the bundle."""
+    import errno
+    import os
+    import shutil
+
+    from kimi_jax.cli import main
+
+    bundle = Path(shutil.copytree(small_bundle, tmp_path / "bundle"))
+    (bundle / "explorer.html").unlink()
+
+    def read_only(path, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr("kimi_jax.fileio.write_bytes_atomic", read_only)
+    result = CliRunner().invoke(main, ["explore", str(bundle), "--no-browser"])
+    assert result.exit_code == 2, result.output
+    assert f"error: {bundle}: the bundle has no explorer.html, and rendering one into it failed: read-only file " \
+           "system [EROFS]" in result.output and "internal error" not in result.output  # fmt: skip

@@ -1,5 +1,6 @@
 """Fault injection: the reader survives EIO and short reads; the bundle writer loses nothing when
-the disk fills at any of its writes or the process is killed between the two renames of the swap."""
+the disk fills at any of its writes or the process is killed at any point of the swap, and the
+recovery afterwards touches only what the killed run provably left."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 
 from kimi_jax.errors import OutputError, StorageError
 from kimi_jax.ledger import bundle as bundle_mod
-from kimi_jax.ledger.bundle import RECEIPT, partial_dir, recover_interrupted_swap, write_bundle
+from kimi_jax.ledger.bundle import RECEIPT, recover_interrupted_swap, write_bundle
+from kimi_jax.run.output import hold_output
 from kimi_jax.run.plan import load_plan
 from kimi_jax.run.resume import RunCheckpoints
 from kimi_jax.run.runner import execute
@@ -132,7 +134,8 @@ def test_a_full_disk_at_any_write_keeps_the_old_bundle_and_removes_the_partial(o
                                                   r"bundle was removed"):  # fmt: skip
                 write_bundle(out, manifest, result.ledger, result.steps, None, "<html></html>")
         assert _tree(out) == old, f"write {k} ({kind}): the previous bundle changed"
-        assert not partial_dir(out).exists(), f"write {k} ({kind}): the partial bundle was left behind"
+        left = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")]
+        assert not left, f"write {k} ({kind}): the partial bundle was left behind"
     out = write_bundle(tmp_path / f"out-{len(writes) - 1}", manifest, result.ledger, result.steps, None, None)
     assert verify_bundle(out).ok
 
@@ -153,24 +156,35 @@ def test_a_full_disk_while_saving_a_step_keeps_the_saved_steps(outcome, tmp_path
 _KILLER = """
 import os, signal, sys
 from pathlib import Path
-from kimi_jax.ledger import bundle
-real, calls, when = os.rename, [], int(sys.argv[3])
+from kimi_jax.ledger import bundle, swap
+from kimi_jax.run.output import hold_output
+new, out, when = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+real, calls = os.rename, []
 def rename(a, b):
     calls.append((a, b))
     if len(calls) == when:
         os.kill(os.getpid(), signal.SIGKILL)
     real(a, b)
-bundle.os.rename = rename
-if when == 3:  # after both renames, before the old bundle is removed
-    bundle.shutil.rmtree = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-bundle.swap_into_place(Path(sys.argv[1]), Path(sys.argv[2]))
+swap.os.rename = rename
+if when == 3:  # after both renames, while the old bundle is being removed
+    real_unlink = os.unlink
+    def unlink(path, *a, **k):
+        real_unlink(path, *a, **k)
+        os.kill(os.getpid(), signal.SIGKILL)
+    swap.os.unlink = unlink
+with hold_output(out):
+    token = swap.current_token(out)
+    work = swap.partial_dir(out, token)
+    real(new, work)
+    swap.mark(work, token)
+    bundle.swap_into_place(work, out, token)
 """
 
 
-@pytest.mark.parametrize("when", [2, 3], ids=["between-the-renames", "after-both-renames"])
+@pytest.mark.parametrize("when", [1, 2, 3], ids=["before-the-renames", "between-the-renames", "removing-the-old"])
 def test_kill_during_the_swap_loses_nothing(small_bundle, tmp_path, when):
     out = Path(shutil.copytree(small_bundle, tmp_path / "out"))
-    new = Path(shutil.copytree(small_bundle, tmp_path / ".out.partial"))
+    new = Path(shutil.copytree(small_bundle, tmp_path / "new"))
     receipt = json.loads((new / RECEIPT).read_text())
     receipt["created"] = "the new bundle"  # the receipt is not in CHECKSUMS.b3: still a valid bundle
     (new / RECEIPT).write_text(json.dumps(receipt))
@@ -179,10 +193,53 @@ def test_kill_during_the_swap_loses_nothing(small_bundle, tmp_path, when):
                             capture_output=True, text=True)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert any(name.startswith(".out.old-") for name in left), left
+    assert ".out.lock" in left and len(left) > 2, left  # the killed run's lock record and what it left
 
-    notes = recover_interrupted_swap(out)
-    assert _tree(out) == (old_tree if when == 2 else new_tree)  # one complete bundle, never a mixture
+    with hold_output(out):  # as the next run does: it reads the killed run's record, then recovers
+        notes = recover_interrupted_swap(out)
+    assert _tree(out) == (old_tree if when < 3 else new_tree)  # one complete bundle, never a mixture
     assert verify_bundle(out).ok
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "nothing .out.* left behind"
-    assert notes and ("restored" in notes[0] if when == 2 else "removed" in notes[0])
+    assert notes and {1: "removed the marker", 2: "restored", 3: "removed"}[when] in " ".join(notes)
+
+
+def test_recovery_never_touches_folders_it_cannot_prove_are_a_killed_runs(small_bundle, tmp_path):
+    """Main's recovery deleted a user's '.out.old-mybackup' and renamed a '.out.partial' to 'out'."""
+    out = tmp_path / "out"
+    mine = {name: Path(shutil.copytree(small_bundle, tmp_path / name))
+            for name in (".out.old-mybackup", ".out.partial", ".out.old-0123456789abcdef")}  # fmt: skip
+    (mine[".out.partial"] / "thesis.tex").write_text("years of work")
+    trees = {name: _tree(path) for name, path in mine.items()}
+    # a marker with a token no lock recorded proves nothing either
+    (mine[".out.old-0123456789abcdef"] / ".kimi-jax-owner").write_text("0123456789abcdef")
+    with hold_output(out):
+        notes = recover_interrupted_swap(out)
+    assert not out.exists()
+    assert {name: _tree(path) for name, path in mine.items() if name != ".out.old-0123456789abcdef"} == \
+        {name: t for name, t in trees.items() if name != ".out.old-0123456789abcdef"}  # fmt: skip
+    assert (mine[".out.old-0123456789abcdef"] / ".kimi-jax-owner").exists()
+    assert sum("left" in n and "alone" in n for n in notes) == 3, notes
+
+
+def test_nan_weights_stop_the_run_at_the_first_step_naming_the_layer(tiny_checkpoints, tmp_path):
+    """Main computed every step with NaN weights, then failed writing them: an internal error."""
+    from click.testing import CliRunner
+
+    from kimi_jax.cli import main
+
+    ckpt = Path(shutil.copytree(tiny_checkpoints["kimi-k2.5"], tmp_path / "ckpt"))
+    rec = open_checkpoint(ckpt).layers[1].base["layers.1.self_attn.o_proj.weight"].parts["weight"]
+    assert rec.dtype == "BF16"
+    with open(rec.shard, "r+b") as f:
+        f.seek(rec.offset)
+        f.write(b"\xc0\x7f" * (rec.nbytes // 2))  # bfloat16 NaN
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"version: 1\nmodel:\n  checkpoint: {ckpt}\nprompt:\n  tokens: [7, 300]\n"
+                        f"generate:\n  max_new_tokens: 3\noutput:\n  dir: {tmp_path / 'out'}\n")  # fmt: skip
+    result = CliRunner().invoke(main, ["run", str(manifest), "--no-prove", "-q"])
+    assert result.exit_code == 2 and "internal error" not in result.output, result.output
+    assert "error: step 0 of the instrumented run: layer 1's output is not finite (its norm is nan)" in result.output
+    result = CliRunner().invoke(main, ["run", str(manifest), "-q"])  # proving: the bare run comes first
+    assert result.exit_code == 2 and "step 0 of the bare run: the hidden state after the last layer is not finite" \
+        in result.output, result.output  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Examples per target in CI: the bundle target verifies, compares and renders a bundle each time.
-FUZZ_EXAMPLES = {"safetensors": 150, "manifest": 200, "bundle": 12, "archive": 200}
+FUZZ_EXAMPLES = {"safetensors": 150, "manifest": 200, "bundle": 12, "archive": 200, "template": 150, "tokenizer": 40,
+                 "digest": 150, "remote": 30, "vindex": 150}  # fmt: skip
 MEMORY_BOUND = 2 << 30  # the same bound as the hostile corpus (tests/test_hostile_inputs.py)
 
 

@@ -3,7 +3,11 @@
 The corpus (tests/hostile.py) is generated here and run through the CLI in a child process whose
 address space is limited to what it had after warming up plus MEMORY_BOUND (RLIMIT_AS): an
 archive expanding to 1.5 GiB, an orbax tree declaring 2**28 logits, a pax header of 1.5 GiB, a
-config asking for 10**9 layers must all be refused within it.
+config asking for 10**9 layers, a 3 GiB digest file, chat templates asking for 10**10 characters
+and tokenizer files that make the tokenizers library abort must all be refused within it. Each
+case must also end within CASE_SECONDS, and its output stay under OUTPUT_CHARS (error lines
+quote strangers' files, capped). Templates and tokenizer.json run in the worker process, which
+has its own limits (kimi_jax/text/worker.py: 1 GiB beyond its start, 10 s per rendering).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The stated bound: hostile input may make a command use at most this much address space beyond
 # the warmed-up process (the largest legitimate input, a 256 MiB ledger.json, needs about 1.5 GiB).
 MEMORY_BOUND = 2 << 30
+CASE_SECONDS = 60  # the slowest legitimate limit inside is the worker's 30 s to parse a tokenizer.json
+OUTPUT_CHARS = 20_000  # verify's eleven lines, each capped
 
 
 def test_hostile_corpus_ends_in_named_errors_within_the_memory_bound(tiny_checkpoints, small_bundle, tmp_path):
@@ -50,8 +56,13 @@ def test_hostile_corpus_ends_in_named_errors_within_the_memory_bound(tiny_checkp
     assert not problems, "\n\n".join(problems)
     peak = max(r["vm_peak"] for r in results["results"])
     assert peak <= results["limit"]
+    slow = [f"{r['name']}: {r['seconds']} s" for r in results["results"] if r["seconds"] > CASE_SECONDS]
+    assert not slow, slow
+    long = [f"{r['name']}: {r['output_chars']:,} characters" for r in results["results"]
+            if r["output_chars"] > OUTPUT_CHARS]  # fmt: skip
+    assert not long, long
     assert not list((tmp_path / "child-tmp").iterdir()), "a command left temporary files behind"
-    assert len(cases) >= 40
+    assert len(cases) >= 70
 
 
 # -- classes worth a closer look ----------------------------------------------------------------

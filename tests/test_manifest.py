@@ -898,3 +898,39 @@ def test_fields_added_later_stay_out_of_the_identity_at_their_defaults():
     changed = parse_manifest_dict({**data, "storage": {"speculate": True}})
     assert changed.resolved_dict()["storage"]["speculate"] is True
     assert changed.digest() != plain.digest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers a stranger (or a typo) can write: named at load, never an internal error after compute.
+
+
+@pytest.mark.parametrize("field, value", [
+    ("storage.remote.timeout_s", ".inf"), ("storage.remote.cache_gib", ".inf"), ("distributed.timeout_s", ".inf"),
+    ("generate.sampling.temperature", ".nan"), ("generate.sampling.top_p", "-.inf"),
+])  # fmt: skip
+def test_non_finite_settings_are_refused_at_load(ws: Path, field: str, value: str) -> None:
+    """Main accepted them and failed with an internal error once the resolved manifest was written."""
+    (line,) = error_lines(ws, GOOD, [f"{field}={value}"])
+    shown = {".inf": "inf", "-.inf": "-inf", ".nan": "nan"}[value]
+    assert line == f"--set {field}={value}: {field}: must be a finite number, got float {shown}"
+
+
+def test_integers_past_pythons_digit_limit_are_named(ws: Path) -> None:
+    """Python refuses to read integers of more than 4,300 digits (ValueError): main let that
+    through as an internal error, from the manifest file and from --set alike."""
+    huge = "9" * 5000
+    (line,) = error_lines(ws, GOOD.replace("[163584, 7, 9]", f"[163584, {huge}]"))
+    assert line == f"{ws / 'cfg' / 'run.yaml'}:5: YAML error: an integer of 5,000 digits; no manifest field holds more " \
+        "than 40"  # fmt: skip
+    (line,) = error_lines(ws, GOOD, [f"generate.max_new_tokens={huge}"])
+    assert line.endswith("is not valid YAML: an integer of 5,000 digits; no manifest field holds more than 40")
+    assert len(line) < 400
+
+
+def test_a_number_in_exponent_form_is_a_number(ws: Path) -> None:
+    """YAML 1.1 reads 1e-300 (no dot) as a string: main refused --set ...temperature=1e-300."""
+    manifest = load_manifest(write(ws, GOOD), ["generate.sampling.temperature=1e-300", "generate.sampling.seed=1"])
+    assert manifest.generate.sampling.temperature == 1e-300
+    manifest = load_manifest(write(ws, GOOD), ["generate.sampling.temperature=2E+1"])
+    assert manifest.generate.sampling.temperature == 20.0
+    assert load_manifest(write(ws, GOOD), ["prompt.text='1e5'", "prompt.tokens=null"]).prompt.text == "1e5"

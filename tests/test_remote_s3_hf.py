@@ -12,6 +12,7 @@ from kimi_jax.cli import main
 from kimi_jax.errors import CheckpointError, StorageError
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.reader import ShardReader
+from kimi_jax.storage.remote import RemoteSettings
 from kimi_jax.storage.source import open_source
 
 pytest.importorskip("aiohttp")
@@ -123,3 +124,77 @@ def test_hf_unknown_revision_or_empty_commit_is_a_named_error(hub, tmp_path):
         open_source("hf://org/tiny@nope", tmp_path / "cache")
     with pytest.raises(CheckpointError, match=f"/org/tiny/resolve/{OLD}/config.json: not found"):
         open_source("hf://org/tiny@v0", tmp_path / "cache")
+
+
+def _timed(call, seconds: float):
+    """(seconds taken or None when still running after ``seconds``, the result or exception)."""
+    import threading
+    import time
+
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append(call())
+        except Exception as e:  # noqa: BLE001 - handed back to the test to judge
+            box.append(e)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return (None if thread.is_alive() else time.monotonic() - started), (box[0] if box else None)
+
+
+def test_s3_retries_are_bounded_as_a_whole(tmp_path, monkeypatch):
+    """Main: botocore's, s3fs's and our retries multiplied (timeout_s 3 gave up after 227 s)."""
+    pytest.importorskip("s3fs")
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):  # fmt: skip
+        monkeypatch.setenv(key, value)
+    with RangeServer(lambda path: None) as stalled:
+        stalled.faults.stall_s = 60  # accepts every request and never answers
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", stalled.base)
+        settings = RemoteSettings(timeout_s=1.0, retries=1, backoff_s=0.01)
+        seconds, outcome = _timed(lambda: open_source("s3://kimi-ckpt/tiny", tmp_path / "cache", remote=settings), 40)
+    assert seconds is not None, "still waiting after 40 s"
+    assert isinstance(outcome, StorageError) and "failed after 2 attempt(s)" in str(outcome), outcome
+    # the bound: (retries + 1) deadlines of timeout_s + 4 MiB (config.json's cap) at 256 KiB/s, plus backoff
+    assert seconds < 2 * (1.0 + 16) + 5
+
+
+def test_hf_revision_lookup_has_a_deadline(hub, tmp_path):
+    """Main's model_info call had no timeout: a Hub that trickles its answer held it indefinitely."""
+    hub.faults.trickle_routes_s = 0.5  # a byte every half second: no socket timeout ever fires
+    settings = RemoteSettings(timeout_s=1.0, retries=0)
+    seconds, outcome = _timed(lambda: open_source("hf://org/tiny@v1", tmp_path / "cache", remote=settings), 30)
+    assert seconds is not None, "still waiting after 30 s"
+    assert isinstance(outcome, CheckpointError) and "revision 'v1' of org/tiny could not be resolved" in str(outcome)
+    assert seconds < 1.0 + 4 + 3  # timeout_s + 1 MiB (an API answer's cap) at 256 KiB/s
+
+
+def test_hf_pin_must_be_a_commit_and_is_not_echoed_whole(hub, tmp_path):
+    """Main took any 'sha' as the commit and echoed a 200,000-character one into a 200 KB error."""
+    hub.routes["/api/models/org/tiny/revision/v9"] = {"id": "org/tiny", "sha": "f" * 200_000, "siblings": []}
+    with pytest.raises(CheckpointError, match="which is not a commit") as e:
+        open_source("hf://org/tiny@v9", tmp_path / "cache")
+    assert len(str(e.value)) < 400
+    hub.routes["/api/models/org/tiny/revision/v9"] = {"id": "org/tiny", "sha": "main", "siblings": []}
+    with pytest.raises(CheckpointError, match="'main', which is not a commit"):
+        open_source("hf://org/tiny@v9", tmp_path / "cache")
+
+
+def test_a_bundle_read_from_a_branch_of_the_hub_verifies(hub, tmp_path):
+    """Main recorded hf://org/tiny@COMMIT and failed check 2 against manifest.json's hf://org/tiny@main."""
+    from kimi_jax.manifest import parse_manifest_dict
+    from kimi_jax.run.plan import prepare_run
+    from kimi_jax.run.runner import execute
+    from kimi_jax.verify.checklist import verify_bundle
+
+    data = {"version": 1, "model": {"checkpoint": "hf://org/tiny@main", "cache_dir": str(tmp_path / "cache")},
+            "prompt": {"tokens": [7, 300]}, "generate": {"max_new_tokens": 1}, "output": {"dir": str(tmp_path / "b")}}  # fmt: skip
+    outcome = execute(prepare_run(parse_manifest_dict(data, source=str(tmp_path / "m.yaml"))), prove=False,
+                      echo=lambda *_: None, progress=False)  # fmt: skip
+    assert outcome.ledger["checkpoint"]["path"] == f"hf://org/tiny@{COMMIT}"
+    report = verify_bundle(tmp_path / "b")  # a --no-prove run: only the proof's check may fail
+    assert report.status("receipt") == "OK" and report.failed == ["non-perturbation"], report.format()

@@ -20,7 +20,8 @@ def served(small_bundle, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("outside the bundle")
     (bundle / "leak.txt").symlink_to(secret)
-    (bundle / "inner.json").symlink_to(bundle / "ledger.json")
+    (bundle / "anchor.json").symlink_to(bundle / "ledger.json")  # a link that stays inside, at a name of the layout
+    (bundle / "notes.txt").write_text("kept in the bundle's folder, not part of the bundle")
     os.mkfifo(bundle / "pipe")
     server = make_server(bundle, 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -52,7 +53,7 @@ def test_serves_the_bundle_files(served):
     assert "default-src 'none'" in headers["Content-Security-Policy"] and headers["Content-Type"] == "text/html"
     assert _get(port, "/")[:2] == (200, body)
     assert _get(port, "/ledger.json")[1] == (bundle / "ledger.json").read_bytes()
-    assert _get(port, "/inner.json")[0] == 200  # a link that stays inside the bundle
+    assert _get(port, "/anchor.json")[0] == 200  # a link that stays inside the bundle
     assert _get(port, "/explorer.html", host=f"localhost:{port}")[0] == 200
     status, body, headers = _get(port, "/explorer.html", method="HEAD")
     assert status == 200 and body == b"" and int(headers["Content-Length"]) == (bundle / "explorer.html").stat().st_size
@@ -71,3 +72,12 @@ def test_refuses_requests_addressed_to_another_host(served, host):
     _, port = served
     status, body, _ = _get(port, "/explorer.html", host=host)
     assert status == 403 and b"127.0.0.1" in body
+
+
+def test_files_outside_the_bundle_layout_are_not_served(served):
+    """Main served any regular file under the bundle folder, part of the bundle or not."""
+    bundle, port = served
+    assert (bundle / "notes.txt").is_file()
+    assert _get(port, "/notes.txt")[0] == 404
+    assert _get(port, "/tokenizer/../notes.txt")[0] == 404
+    assert _get(port, "/receipt.json")[0] == 200 and _get(port, "/CHECKSUMS.b3")[0] == 200

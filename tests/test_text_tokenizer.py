@@ -4,6 +4,7 @@ on the synthetic tokenizer files ``kimi-jax synth`` ships (trained by tiktoken's
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from importlib import resources
 
@@ -16,6 +17,7 @@ from kimi_jax.storage.synth import synth_checkpoint
 from kimi_jax.text.kimi_format import format_ranks
 from kimi_jax.text.synthetic import TRAINED_RANKS, train_ranks
 from kimi_jax.text.tokenizer import JsonTokenizer, display_text, load_tokenizer
+from tests.hostile import HOSTILE_TEXT, byte_level_tokenizer, catastrophic_split, growing_normalizer, sparse_file
 
 tiktoken = pytest.importorskip("tiktoken")
 from tiktoken.load import load_tiktoken_bpe  # noqa: E402
@@ -185,3 +187,62 @@ def test_digest_covers_every_tokenizer_file(ckpt, tmp_path, ours):
     assert load_tokenizer(folder, VOCAB).digest == ours.digest
     (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
     assert load_tokenizer(folder, VOCAB).digest != ours.digest
+
+
+# -- the bounds: a tokenizer file can make the tokenizer fail, never the process -----------------
+
+
+def _json_folder(tmp_path, spec: dict):
+    folder = tmp_path / "json-tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (growing_normalizer, r"tokenizer.json: encoding text failed: the process doing it ended with signal SIGABRT: "
+                         r"memory allocation of \d+ bytes failed"),
+    (catastrophic_split, r"tokenizer.json: encoding text failed: PanicException: Onig: Regex search error: "
+                         r"retry-limit-in-match over"),
+])  # fmt: skip
+def test_a_hostile_tokenizer_json_is_a_named_error_in_a_process_that_survives(tmp_path, damage, expected):
+    """Main: a Rust allocation abort (SIGABRT) took the process down; a panic escaped as a raw
+    traceback (pyo3's PanicException is a BaseException)."""
+    ours = load_tokenizer(_json_folder(tmp_path, damage(byte_level_tokenizer())))
+    assert ours.encode("abc") == [97, 98, 99]  # harmless text still encodes
+    with pytest.raises(TokenizerError, match=expected):
+        ours.encode(HOSTILE_TEXT)
+    assert ours.encode("abc") == [97, 98, 99]  # a new worker took over
+    assert b"".join(ours.token_bytes(t) for t in ours.encode("hé")) == "hé".encode()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda d: _edit_config(d, added_tokens_decoder={"1792": {"content": "<|" + "x" * 10_000_000 + "|>"}}),
+     r"added_tokens_decoder.1792: a token name of 10,000,004 characters; at most 1,024 are allowed"),
+    (lambda d: (d / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"1792": {"content": "\\ud800"}}}'),
+     r"added_tokens_decoder.1792: the token name holds '\\ud800' at character 0, a lone surrogate"),
+    (lambda d: sparse_file(d / "tiktoken.model", 240 << 20),
+     r"tiktoken.model: tokenizer file is 251,658,240 bytes, more than the 33,554,432 a tiktoken.model"),
+    (lambda d: (d / "tiktoken.model").write_text("QQ== " + "9" * 5000 + "\n"),
+     r"tiktoken.model:1: expected 'BASE64 RANK' \(a rank below 10\*\*9\)"),
+    (lambda d: (d / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000),
+     r"tokenizer_config.json: JSON nested too deeply"),
+    (lambda d: ((d / "tokenizer_config.json").unlink(), os.mkfifo(d / "tokenizer_config.json")),
+     r"tokenizer_config.json: tokenizer config is a FIFO; expected a regular file"),
+    (lambda d: ((d / "chat_template.jinja").unlink(), os.mkfifo(d / "chat_template.jinja")),
+     r"chat_template.jinja: tokenizer file is a FIFO; expected a regular file"),
+])  # fmt: skip
+def test_tokenizer_files_are_capped_and_checked_before_tables_are_built(ckpt, tmp_path, damage, expected):
+    """Main: a 10 MB special token cost 4.5 GiB, a 240 MB tiktoken.model 2.8 GiB, a 5,000-digit rank
+    or 100,000-deep JSON an internal error, a lone surrogate an internal error."""
+    folder = _copy(ckpt, tmp_path)
+    damage(folder)
+    with pytest.raises(TokenizerError, match=expected):
+        load_tokenizer(folder, VOCAB)
+
+
+def test_special_token_count_is_checked_against_the_vocabulary(ckpt, tmp_path):
+    """A bundle's logits may declare up to 2**22 entries: main built that many special tokens."""
+    with pytest.raises(TokenizerError, match=r"leaves 4,192,512 ids for special tokens after the 1,792 base tokens; "
+                                             r"a tokenizer has at most 65,536"):  # fmt: skip
+        load_tokenizer(_copy(ckpt, tmp_path), 2**22)

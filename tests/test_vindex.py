@@ -353,6 +353,29 @@ def test_ledger_bundles_give_the_engine_statistics(phase3_run, tmp_path):
         read_ledger(tmp_path / "b1", 3, 8)
 
 
+def _sparse(path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)  # a hole: no disk, no time
+
+
+@pytest.mark.parametrize("name, write, fragment", [
+    ("deep", lambda f: f.write_text("[" * 100_000 + "]" * 100_000), "JSON nested too deeply"),
+    ("huge-int", lambda f: f.write_text('{"steps": [{"layers": [{"layer": 1, "kind": "moe", "experts": [[1' + "0" * 30
+                                        + ']], "routing_weights": [[1.0]]}]}]}'), "expected integer expert ids"),
+    ("int-past-4300-digits", lambda f: f.write_text('{"steps": [' + "9" * 5000 + "]}"), "not valid JSON"),
+    ("big-weight", lambda f: f.write_text('{"steps": [{"layers": [{"layer": 1, "kind": "moe", "experts": [[1]], '
+                                          '"routing_weights": [[1' + "0" * 400 + "]]}]}]}"), "finite numbers"),
+    ("300-MiB", lambda f: _sparse(f, 300 << 20), "ledger is 314,572,800 bytes, more than the 268,435,456"),
+    ("fifo", lambda f: os.mkfifo(f), "ledger is a FIFO; expected a regular file"),
+])  # fmt: skip
+def test_hostile_ledgers_are_read_as_verify_reads_them(tmp_path, name, write, fragment):
+    """Main read bundle ledgers with plain json.loads: MemoryError, RecursionError, OverflowError."""
+    (tmp_path / "b").mkdir()
+    write(tmp_path / "b" / "ledger.json")
+    with pytest.raises(LedgerError, match=re.escape(fragment)):
+        read_ledger(tmp_path / "b", 3, 8)
+
+
 # ------------------------------------------------------------------------------------- resume
 
 

@@ -146,7 +146,16 @@ def _ensure_page(bundle: Path) -> Path:
         return page
     if not (bundle / "ledger.json").is_file():
         raise click.UsageError(f"{bundle}: neither {PAGE} nor ledger.json found; is this a kimi-jax bundle?")
-    write_explorer(bundle)
+    try:
+        write_explorer(bundle)
+    except OSError as e:
+        from kimi_jax.errors import OutputError
+        from kimi_jax.fileio import write_failure
+
+        if write_failure(e) is None:
+            raise
+        raise OutputError(f"{bundle}: the bundle has no {PAGE}, and rendering one into it failed: {write_failure(e)}; "
+                          "copy the bundle somewhere writable and explore the copy") from None  # fmt: skip
     click.echo(f"rendered {page} from ledger.json", err=True)
     checksums = bundle / "CHECKSUMS.b3"
     if checksums.is_file() and f"  {PAGE}\n".encode() not in read_regular(checksums, MAX_LISTING_BYTES, checksums.name):
@@ -157,7 +166,8 @@ def _ensure_page(bundle: Path) -> Path:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Serves the bundle's regular files, resolved inside it, and nothing else: no listings, no
-    file outside the bundle (a symbolic link leading out is not followed), and only to requests
+    file outside the bundle (a symbolic link leading out is not followed), no file outside the
+    bundle layout (:func:`kimi_jax.ledger.bundle.in_bundle_layout`), and only to requests
     whose ``Host`` is the address the server is bound to, so a page on another site cannot reach
     it by rebinding its own name to 127.0.0.1."""
 
@@ -195,10 +205,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 shutil.copyfileobj(f, self.wfile)
 
     def _resolve(self) -> Path | None:
-        """The regular file inside the bundle that the request names, or None."""
+        """The regular file inside the bundle that the request names, or None. Only the files of
+        a bundle's layout are served: anything else kept in the bundle's folder is not the bundle's."""
+        from kimi_jax.ledger.bundle import in_bundle_layout
+
         rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         parts = [p for p in rel.split("/") if p] or [PAGE]
-        if "\x00" in rel or "\\" in rel or any(p in (".", "..") for p in parts):
+        if "\x00" in rel or "\\" in rel or any(p in (".", "..") for p in parts) or not in_bundle_layout("/".join(parts)):
             return None
         target = Path(os.path.realpath(self.root.joinpath(*parts)))
         return target if self.root in target.parents and target.is_file() else None

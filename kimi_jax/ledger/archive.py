@@ -1,7 +1,8 @@
 """Bundle archives: one deterministic ``.tar.gz`` per bundle, and extraction that trusts nothing.
 
 :func:`archive_bundle` packs a bundle directory under a single top-level folder named after the
-bundle. The archive depends only on the bundle's relative paths and bytes: entries are sorted,
+bundle, and refuses one holding anything outside the bundle layout (verify would refuse the
+archive). The archive depends only on the bundle's relative paths and bytes: entries are sorted,
 every mtime is 0, uid/gid are 0 with no user or group names, modes are normalised (0755 folders,
 0644 files) and the gzip header carries mtime 0 and no file name. The same bundle therefore always
 packs to a byte-identical archive, wherever it lies and whenever it was written.
@@ -35,7 +36,7 @@ from typing import Iterator
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import atomic_writer, open_regular, write_failure
-from kimi_jax.ledger.bundle import MAX_JSON_BYTES
+from kimi_jax.ledger.bundle import ARRAYS, MAX_JSON_BYTES, TOKENIZER, in_bundle_layout
 
 __all__ = ["ArchiveError", "UnsafeArchive", "archive_bundle", "safe_extract", "open_bundle", "is_archive",
            "default_archive_path"]  # fmt: skip
@@ -84,6 +85,11 @@ def _bundle_entries(bundle: Path) -> list[tuple[str, Path]]:
             if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
                 raise ArchiveError(f"{path}: is not a regular file or folder; a bundle to archive may hold only "
                                    "regular files and folders")  # fmt: skip
+            part = rel in (ARRAYS, TOKENIZER) or rel.startswith(ARRAYS + "/") if stat.S_ISDIR(mode) else \
+                in_bundle_layout(rel)  # fmt: skip
+            if not part:
+                raise ArchiveError(f"{path}: not part of the bundle layout, so verify would refuse the archive; move "
+                                   "it out of the bundle folder before archiving")  # fmt: skip
             entries.append((rel, path))
     entries.sort(key=lambda e: e[0].split("/"))
     return entries

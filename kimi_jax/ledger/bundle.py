@@ -20,9 +20,9 @@ Layout of a bundle directory::
 
 A bundle is assembled in a hidden sibling directory and renamed into place only when complete,
 so a crashed run never leaves something that looks like a bundle. An existing folder is replaced
-only when it is provably a kimi-jax bundle (:func:`not_a_bundle`); a run killed between the two
-renames of the swap leaves the old bundle at ``.OUT.old-PID``, which the next run over the same
-folder restores or removes (:func:`recover_interrupted_swap`).
+only when it is provably a kimi-jax bundle (:func:`not_a_bundle`); a run killed during the swap
+leaves folders named and marked with its lock's token, which the next run over the same folder
+restores or removes, and it touches nothing else (:mod:`kimi_jax.ledger.swap`).
 
 Readers of bundles strangers send never trust sizes: JSON files are read through
 :data:`MAX_JSON_BYTES`, and the orbax arrays' declared shapes are checked before anything is
@@ -32,7 +32,6 @@ read (:func:`check_array_declarations`).
 from __future__ import annotations
 
 import datetime
-import glob
 import os
 import re
 import shutil
@@ -48,6 +47,7 @@ from kimi_jax.errors import KimiJaxError, OutputError, TokenizerError
 from kimi_jax.fileio import read_json, read_regular, write_bytes_atomic, write_failure, write_json_atomic
 from kimi_jax.ledger.checksums import CHECKSUMS_NAME, MAX_LISTING_BYTES, verify_checksums, write_checksums
 from kimi_jax.ledger.ledger import provenance_map
+from kimi_jax.ledger.swap import MARKER, current_token, mark, partial_dir, recover, replace
 
 BUNDLE_VERSION = 1
 CHECKSUMS = CHECKSUMS_NAME
@@ -98,10 +98,6 @@ def step_key(index: int) -> str:
 
 
 STEP_KEY = re.compile(r"step_\d{5,}")
-
-
-def partial_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
 
 
 def _local_checkpointer():
@@ -229,12 +225,18 @@ def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | N
     assembled folder before ``CHECKSUMS.b3`` is written, to add the files rendered from the others
     (the runner passes the note's writer, which sits above this module)."""
     out = Path(out)
-    work = partial_dir(out)
+    token = current_token(out)
+    work = partial_dir(out, token)
+    made = False
     try:
+        work.mkdir()  # exclusive: a folder of that name is never ours to reuse
+        made = True
+        mark(work, token)
         _assemble(work, manifest, ledger, steps, anchor_file, explorer_html, tokenizer_dir, render_from_files)
-        swap_into_place(work, out)
+        swap_into_place(work, out, token)
     except BaseException as e:
-        shutil.rmtree(work, ignore_errors=True)  # a partial bundle would keep the disk full
+        if made:
+            shutil.rmtree(work, ignore_errors=True)  # our own partial bundle would keep the disk full
         reason = write_failure(e)
         if reason is None:
             raise
@@ -244,9 +246,6 @@ def write_bundle(out: Path, manifest, ledger: dict, steps, anchor_file: Path | N
 
 def _assemble(work: Path, manifest, ledger: dict, steps, anchor_file: Path | None, explorer_html: str | None,
               tokenizer_dir: Path | None, render_from_files: Callable[[Path], None] | None = None) -> None:  # fmt: skip
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
     write_json_atomic(work / "manifest.json", manifest.resolved_dict())
     if manifest.source is not None and Path(manifest.source).exists():
         shutil.copyfile(manifest.source, work / "manifest.yaml")
@@ -270,7 +269,7 @@ def _assemble(work: Path, manifest, ledger: dict, steps, anchor_file: Path | Non
         write_bytes_atomic(work / "explorer.html", explorer_html.encode())
     if render_from_files is not None:
         render_from_files(work)
-    write_checksums(work)
+    write_checksums(work, exclude=(MARKER,))
     proof = ledger.get("non_perturbation")
     receipt = {
         "receipt_version": BUNDLE_VERSION,
@@ -286,18 +285,14 @@ def _assemble(work: Path, manifest, ledger: dict, steps, anchor_file: Path | Non
     write_json_atomic(work / RECEIPT, receipt)
 
 
-def swap_into_place(work: Path, out: Path) -> None:
-    """Replace ``out`` by ``work``; an existing bundle is only removed once the new one is in place."""
-    if not out.exists() and not out.is_symlink():
-        os.rename(work, out)
-        return
-    problem = not_a_bundle(out)
-    if problem is not None:
-        raise OutputError(f"{out}: not replaced: {problem}")
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.rename(out, old)
-    os.rename(work, out)  # killed between the renames: recover_interrupted_swap puts ``old`` back
-    shutil.rmtree(old, ignore_errors=True)
+def swap_into_place(work: Path, out: Path, token: str) -> None:
+    """Replace ``out`` by ``work`` (marked with ``token``); an existing bundle is only removed once
+    the new one is in place, and a kill at any point is undone by :func:`recover_interrupted_swap`."""
+    if out.exists() or out.is_symlink():
+        problem = not_a_bundle(out)
+        if problem is not None:
+            raise OutputError(f"{out}: not replaced: {problem}")
+    replace(work, out, token)
 
 
 def not_a_bundle(out: Path) -> str | None:
@@ -326,23 +321,6 @@ def not_a_bundle(out: Path) -> str | None:
 
 
 def recover_interrupted_swap(out: Path) -> list[str]:
-    """Finish what a run killed inside :func:`swap_into_place` (or while assembling) left beside
-    ``out``: put the previous bundle back from ``.OUT.old-PID`` when ``out`` is missing, else remove
-    it (the new bundle is in place), and remove ``.OUT.partial``. Call only while holding the
-    output lock. Returns one line per thing done."""
-    notes = []
-    olds = sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in olds:
-        if not old.is_dir() or old.is_symlink():
-            continue
-        if not out.exists() and not out.is_symlink():
-            os.rename(old, out)
-            notes.append(f"restored {out} from {old.name}, left by a run killed while replacing it")
-        else:
-            shutil.rmtree(old)
-            notes.append(f"removed {old}, left by a run killed after replacing {out}")
-    partial = partial_dir(out)
-    if partial.is_dir() and not partial.is_symlink():
-        shutil.rmtree(partial)
-        notes.append(f"removed {partial}, left by a run killed while writing its bundle")
-    return notes
+    """Finish what runs killed while writing ``out`` left beside it, touching only folders provably
+    theirs (:func:`kimi_jax.ledger.swap.recover`). Call only while holding the output lock."""
+    return recover(out)

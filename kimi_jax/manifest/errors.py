@@ -81,6 +81,8 @@ def _error_message(err: Mapping[str, Any]) -> str:
         return f"unknown key{hint}; expected one of: {', '.join(allowed)}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected', '?')}, got {describe_value(value)}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {describe_value(value)}"
     if kind in _TYPE_NAMES:
         return f"expected {_TYPE_NAMES[kind]}, got {describe_value(value)}"
     if kind == "greater_than_equal":

@@ -1,6 +1,9 @@
 """Reading a manifest's YAML: where every value came from, and ``--set`` overrides.
 
-Values are parsed with PyYAML's ``SafeLoader`` only. Alongside the data, :class:`Origins` records
+Values are parsed with PyYAML's ``SafeLoader`` only, with two changes (:class:`ManifestLoader`):
+a number in exponent form without a dot (``1e-300``, YAML 1.2's spelling, and what JSON writers
+produce) is a number, not a string; and an integer of more than :data:`MAX_INT_DIGITS` digits is
+a named error rather than Python's digit-limit ValueError. Alongside the data, :class:`Origins` records
 the line of every key and value (or the ``--set``/``--out`` text a value came from), so schema
 errors can name ``FILE:LINE: field``. Duplicate keys and non-string keys are rejected here, before
 validation, since ``safe_load`` would silently keep the last duplicate.
@@ -9,6 +12,7 @@ validation, since ``safe_load`` would silently keep the last duplicate.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,26 @@ MANIFEST_VERSION = 1
 _MAX_NODES = 200_000
 # Deepest nesting accepted; the deepest manifest field (vindex.prompts.N.M) is 4 levels down.
 MAX_DEPTH = 16
+# Longest integer accepted: no field holds more than a 64-bit count or id.
+MAX_INT_DIGITS = 40
+
+
+class ManifestLoader(yaml.SafeLoader):
+    """SafeLoader, with exponent numbers without a dot read as numbers and integers bounded."""
+
+
+def _bounded_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    digits = sum(ch.isdigit() for ch in node.value)
+    if digits > MAX_INT_DIGITS:
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of {digits:,} digits; no manifest field holds "
+                                                f"more than {MAX_INT_DIGITS}", node.start_mark)  # fmt: skip
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+ManifestLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
+ManifestLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                     list("-+0123456789"))  # fmt: skip
 
 
 def describe_value(value: Any) -> str:
@@ -208,7 +232,7 @@ def _unprintable(text: str, exc: yaml.reader.ReaderError) -> str:
 
 def parse_yaml(text: str, display: str) -> tuple[dict[str, Any], Origins]:
     try:
-        loader = yaml.SafeLoader(text)
+        loader = ManifestLoader(text)
     except yaml.reader.ReaderError as exc:
         raise ManifestError(f"{display}:{_unprintable(text, exc)}") from None
     try:
@@ -254,7 +278,7 @@ class _OverrideError(Exception):
 
 def _parse_override_value(raw: str) -> Any:
     try:
-        loader = yaml.SafeLoader(raw)
+        loader = ManifestLoader(raw)
     except yaml.reader.ReaderError as exc:
         raise _OverrideError(f"value {raw[:40]!r}: line {_unprintable(raw, exc)}") from None
     try:
@@ -327,7 +351,7 @@ def apply_overrides(
         if not isinstance(text, str):
             problems.append(f"--set {text!r}: an override must be a KEY=VALUE string")
             continue
-        label = f"--set {text}"
+        label = f"--set {text if len(text) <= 120 else text[:100] + f'... ({len(text):,} characters)'}"
         key, sep, raw = text.partition("=")
         if not sep:
             problems.append(

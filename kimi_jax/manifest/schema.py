@@ -159,7 +159,9 @@ TokenId = Annotated[int, Field(ge=0)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: a NaN or infinite setting is refused here, at load, by name (it used to
+    # pass, and surfaced as an internal error once the resolved manifest was written after the compute)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------

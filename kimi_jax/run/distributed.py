@@ -13,7 +13,10 @@ A run must never hang on a dead peer. Three things hold that:
   :class:`Watchdog`: no layer finished for ``timeout_s`` means the run cannot go on.
 
 Either way the error is printed as one line and the process exits at once (code 3): the orderly
-``jax.distributed`` shutdown waits for every peer, so it is skipped when one is gone.
+``jax.distributed`` shutdown waits for every peer, so it is skipped when one is gone. Process 0
+hosts the coordination service, and when it dies jaxlib aborts the others from its own threads;
+a run started from the command line is therefore supervised by the process the user started
+(:mod:`kimi_jax.run.supervisor`), which turns that abort into the same line and exit code.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 from collections.abc import Iterator, Mapping
 
 from kimi_jax.errors import KimiJaxError, ManifestError
+from kimi_jax.run.supervisor import started_from_the_cli, supervise, supervised
 
 ENVIRONMENT = {"coordinator": "KIMI_JAX_COORDINATOR", "num_processes": "KIMI_JAX_NUM_PROCESSES",
                "process_id": "KIMI_JAX_PROCESS_ID"}  # fmt: skip
@@ -120,6 +124,8 @@ def join(plan) -> DistributedSettings | None:
     global _watchdog
     settings = settings_from(plan.manifest)
     if settings is not None and settings.num_processes > 1:
+        if started_from_the_cli() and not supervised():  # see run/supervisor.py: process 0 may die
+            supervise(settings.process_id, settings.num_processes, settings.coordinator)
         # Watched from before joining: jaxlib ends a process that waits too long for its peers with a
         # fatal log of its own, so the named error must come first.
         _watchdog = _watchdog or Watchdog(settings, joining=True)

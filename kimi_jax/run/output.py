@@ -6,8 +6,10 @@ one holding it), and any non-empty folder that is not provably a kimi-jax bundle
 
 :func:`hold_output` takes an exclusive ``flock`` on ``.OUT.lock`` beside the folder for the whole
 run, ``--resume`` included, so two runs never share a bundle's work and partial folders; a second
-run fails at once, naming the folder and the PID holding it. The lock file holds the holder's PID
-and is removed when the run ends.
+run fails at once, naming the folder and the PID holding it. The lock file holds the holder's
+record (PID and the token that names and marks what the run puts beside the folder, see
+:mod:`kimi_jax.ledger.swap`) and is removed when the run ends; a killed run's record is read by
+the next holder, which then recovers exactly that run's leftovers.
 """
 
 from __future__ import annotations
@@ -21,11 +23,8 @@ from typing import Iterator
 from kimi_jax.errors import OutputError
 from kimi_jax.fileio import write_failure
 from kimi_jax.ledger.bundle import not_a_bundle
+from kimi_jax.ledger.swap import lock_path, new_token, read_record_fd, write_record_fd
 from kimi_jax.storage.remote import is_remote
-
-
-def lock_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.lock"
 
 
 def check_output_dir(out: Path, checkpoint: Path | str | None) -> None:
@@ -62,12 +61,19 @@ def hold_output(out: Path) -> Iterator[None]:
         raise OutputError(f"{out}: cannot create the lock {path.name} beside the output folder: "
                           f"{write_failure(e) or e}") from None  # fmt: skip
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        previous = read_record_fd(fd)  # a killed holder's record: its leftovers are to recover
+        pending = sorted({*previous.get("pending", []), *([previous["token"]] if previous.get("token") else [])})
+        write_record_fd(fd, {"pid": os.getpid(), "token": new_token(), "pending": pending})
+    except OSError as e:
+        os.close(fd)  # the file keeps the killed run's record for the next try
+        raise OutputError(f"{out}: cannot write the lock {path.name} beside the output folder: "
+                          f"{write_failure(e) or e}") from None  # fmt: skip
+    try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # while still holding it: a waiting run then finds a fresh file (see _acquire)
+        if not read_record_fd(fd).get("pending"):  # else kept: a killed run's leftovers are still to recover
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # while still holding it: a waiting run then finds a fresh file (see _acquire)
         os.close(fd)
 
 
@@ -77,7 +83,7 @@ def _acquire(path: Path, out: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            holder = read_record_fd(fd).get("pid") or "unknown"
             os.close(fd)
             raise OutputError(f"{out}: another kimi-jax run (PID {holder}) is writing this output folder; wait for it "
                               f"to finish, or choose another output.dir (lock: {path})") from None  # fmt: skip

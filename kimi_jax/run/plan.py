@@ -12,7 +12,8 @@ from kimi_jax.fileio import write_failure
 from kimi_jax.manifest import Manifest, load_manifest
 from kimi_jax.platform_info import mesh_label
 from kimi_jax.storage.checkpoint import CheckpointIndex
-from kimi_jax.storage.remote import RemoteSettings
+from kimi_jax.storage.digests import DigestFileError
+from kimi_jax.storage.remote import RemoteSettings, relocated
 from kimi_jax.storage.residency import ResidencyPlan, budget_plan
 from kimi_jax.storage.source import CheckpointSource, open_source
 from kimi_jax.storage.synth import ensure_synthetic
@@ -65,8 +66,10 @@ def prepare_run(manifest: Manifest) -> RunPlan:
     try:
         source = open_source(resolve_checkpoint(manifest), manifest.model.cache_dir, storage.verify_digests,
                              storage.digest_file, remote_settings(manifest))  # fmt: skip
+    except DigestFileError as e:  # the manifest's field only when the manifest named the file
+        raise manifest.error("storage.digest_file" if storage.digest_file is not None else where, str(e)) from None
     except CheckpointError as e:
-        raise manifest.error("storage.digest_file" if "digest file" in str(e) else where, str(e)) from None
+        raise manifest.error(where, str(e)) from None
     except OSError as e:  # generating a synthetic checkpoint into the cache failed
         if write_failure(e) is None:
             raise
@@ -74,8 +77,11 @@ def prepare_run(manifest: Manifest) -> RunPlan:
                                     f"{write_failure(e)}; set model.cache_dir or $KIMI_JAX_CACHE to a writable "
                                     "folder") from None  # fmt: skip
     index = source.index
-    tokenizer = load_tokenizer(index.root, index.config.vocab_size)  # a remote checkpoint's are mirrored there
-    prompt, prompt_text = _prompt_tokens(manifest, index, tokenizer)
+    try:
+        tokenizer = load_tokenizer(index.root, index.config.vocab_size)  # a remote checkpoint's are mirrored there
+        prompt, prompt_text = _prompt_tokens(manifest, index, tokenizer)
+    except (TokenizerError, ManifestError) as e:
+        raise e if index.source is None else relocated(e, index.root, index.source) from None
     problems = prompt_problems(manifest, index.config, prompt, manifest.generate.max_new_tokens)
     if manifest.generate.stop is not None and tokenizer is None:
         problems.append(manifest.error("generate.stop", f"stop strings need the generated text, but the checkpoint "
@@ -122,14 +128,21 @@ def _prompt_tokens(manifest: Manifest, index: CheckpointIndex, tokenizer: Tokeni
     if tokenizer is None:
         raise manifest.error(field, f"the checkpoint {index.location} ships no tokenizer (tiktoken.model or "
                                     "tokenizer.json); give the prompt as prompt.tokens")  # fmt: skip
-    if prompt.text is not None:
-        return tokenizer.encode(prompt.text), prompt.text
-    messages = [message.model_dump() for message in prompt.chat]
     try:
-        text = render_chat(tokenizer, messages, add_generation_prompt=True, template_kwargs=prompt.chat_template_kwargs)
+        if prompt.text is not None:
+            text, ids = prompt.text, tokenizer.encode(prompt.text)
+        else:
+            messages = [message.model_dump() for message in prompt.chat]
+            text = render_chat(tokenizer, messages, add_generation_prompt=True,
+                               template_kwargs=prompt.chat_template_kwargs)  # fmt: skip
+            ids = tokenizer.encode(text, add_special_tokens=False)
     except TokenizerError as e:
         raise manifest.error(field, str(e)) from None
-    return tokenizer.encode(text, add_special_tokens=False), text
+    if not ids:
+        made = "the chat template rendered" if prompt.chat is not None else "the text is"
+        raise manifest.error(field, f"{made} {len(text):,} characters that encode to no tokens; a prompt needs at "
+                                    "least one token")  # fmt: skip
+    return ids, text
 
 
 def _decoding(manifest: Manifest, index: CheckpointIndex, tokenizer: Tokenizer | None) -> Decoding:

@@ -3,7 +3,9 @@
 Each completed step of each run (bare, instrumented) is saved under ``.OUT.work/RUN/`` as
 ``step_NNNNN.npz`` (logits, hidden state, and with a KV cache the latent caches after the step)
 and then ``step_NNNNN.json`` (the rest of the record). The JSON is written last and atomically,
-so its presence marks a complete step; anything else is ignored on resume.
+so its presence marks a complete step; anything else is ignored on resume. An existing
+``.OUT.work`` is removed only when it holds nothing but what a run saves there
+(:func:`holds_only_saved_steps`); anything else beside the output is never deleted.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
+import os
+import re
 import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.errors import OutputError, ResumeError
+from kimi_jax.errors import CheckpointError, OutputError, ResumeError
 from kimi_jax.fileio import read_json, write_bytes_atomic, write_failure, write_json_atomic
 from kimi_jax.model.layers import LatentCache
 from kimi_jax.records import ByteCounts, LayerRecord, StepRecord
@@ -25,6 +30,43 @@ from kimi_jax.records import ByteCounts, LayerRecord, StepRecord
 
 def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
+
+
+RUNS = ("bare", "instrumented")
+_SAVED = re.compile(r"(step_\d{5,}\.(json|npz)|\.step_\d{5,}\.(json|npz)\.tmp-\w+)")
+
+
+def holds_only_saved_steps(root: Path) -> bool:
+    """Whether ``root`` is a real folder holding nothing but a run's saved steps (identity.json,
+    and per run step_NNNNN.json/.npz and their temp files)."""
+    if root.is_symlink() or not root.is_dir():
+        return False
+    for entry in os.scandir(root):
+        if entry.name in RUNS and entry.is_dir(follow_symlinks=False):
+            if not all(f.is_file(follow_symlinks=False) and _SAVED.fullmatch(f.name) for f in os.scandir(entry.path)):
+                return False
+        elif not (entry.is_file(follow_symlinks=False) and re.fullmatch(r"\.?identity\.json(\.tmp-\w+)?",
+                                                                         entry.name)):  # fmt: skip
+            return False
+    return True
+
+
+def check_finite(run: str, step: StepRecord) -> None:
+    """A step whose activations are not finite stops the run, naming the first layer whose input or
+    output norm is NaN or infinite (an instrumented run measures them), else what is not finite."""
+    where = f"step {step.index} of the {run} run"
+    for rec in step.layers:
+        for what, value in (("input", rec.norm_in), ("output", rec.norm_out)):
+            if value is not None and not math.isfinite(value):
+                raise CheckpointError(f"{where}: layer {rec.layer}'s {what} is not finite (its norm is {value}); the "
+                                      "checkpoint's weights hold NaN or infinite values, or the activations overflow "
+                                      "the compute dtype")  # fmt: skip
+    for what, values in (("hidden state after the last layer", step.hidden), ("logits", step.logits)):
+        if values is not None and not np.isfinite(np.asarray(values, np.float32)).all():
+            named = "" if any(r.norm_out is not None for r in step.layers) else \
+                " (a run with capture, the instrumented run of `kimi-jax run --no-prove`, names the first such layer)"  # fmt: skip
+            raise CheckpointError(f"{where}: the {what} is not finite; the checkpoint's weights hold NaN or infinite "
+                                  f"values, or the activations overflow the compute dtype{named}")  # fmt: skip
 
 
 class RunCheckpoints:
@@ -38,6 +80,9 @@ class RunCheckpoints:
                 raise ResumeError(f"{self.root}: saved steps belong to a different run (differs in {diffs}); "
                                   "remove it or run without --resume")  # fmt: skip
         else:
+            if (self.root.exists() or self.root.is_symlink()) and not holds_only_saved_steps(self.root):
+                raise OutputError(f"{self.root}: not removed: a run keeps its completed steps there, but this holds "
+                                  "other files; move it away")  # fmt: skip
             with self._writing("start saving the run's steps"):
                 if self.root.exists():
                     shutil.rmtree(self.root)
@@ -56,6 +101,7 @@ class RunCheckpoints:
                               "fixed, run the same command with --resume") from None  # fmt: skip
 
     def save(self, run: str, step: StepRecord) -> None:
+        check_finite(run, step)  # as soon as a step is done: a NaN would otherwise surface only in the ledger
         with self._writing(f"save step {step.index} of the {run} run"):
             self._save(run, step)
 

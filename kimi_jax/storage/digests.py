@@ -10,8 +10,14 @@ however they are split into shards.
 ``kimi-jax digest`` writes the file (:func:`compute_digests`): tensors are hashed in parallel
 (BLAKE3 and ``preadv`` release the GIL), each finished tensor is appended to a journal
 ``checkpoint.b3.json.partial``, so a killed run resumes where it stopped, and the file appears
-atomically at the end. When a digest file is present the reader checks every tensor it reads
-against it (:class:`DigestTable`).
+atomically at the end. A journal is resumed only when it is provably this machine's own for these
+files: its first line records the identity (device, inode, size, mtime) of every shard and of the
+journal itself, which a journal shipped with a checkpoint cannot match. When a digest file is
+present the reader checks every tensor it reads against it (:class:`DigestTable`).
+
+A digest file is a stranger's file like any other: it is read through a size limit
+(:data:`MAX_DIGEST_FILE_BYTES`), regular files only, as bounded JSON, and every entry's types
+and ranges are checked.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,8 +34,8 @@ from typing import Any, Callable
 import blake3
 import numpy as np
 
-from kimi_jax.errors import CheckpointError, KimiJaxError
-from kimi_jax.fileio import write_json_atomic
+from kimi_jax.errors import CheckpointError, KimiJaxError, OutputError
+from kimi_jax.fileio import open_regular, parse_json, read_regular, write_failure, write_json_atomic
 from kimi_jax.storage.checkpoint import CheckpointIndex, open_checkpoint
 from kimi_jax.storage.safetensors_header import TensorRecord
 
@@ -36,6 +43,15 @@ DIGEST_FILE = "checkpoint.b3.json"
 DIGEST_FORMAT = "kimi-jax-tensor-digests"
 DIGEST_FORMAT_VERSION = 1
 HASH_CHUNK = 16 << 20  # bytes per read while hashing: large enough for sequential speed, small for memory
+# Kimi K2.5's digest file: about 210,000 tensors at ~250 bytes each plus 10 MB of embedding row
+# digests, some 65 MB. Four times that is still a digest file; more is not.
+MAX_DIGEST_FILE_BYTES = 256 << 20
+JOURNAL_FORMAT = "kimi-jax-digest-journal"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class DigestFileError(CheckpointError):
+    """A digest file cannot be read, or does not describe the checkpoint it is beside."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,50 +131,77 @@ class DigestTable:
                 entry = self.tensors.get(rec.stored_name)
                 where = f"{self.source}: tensor {rec.stored_name!r}"
                 if entry is None:
-                    raise CheckpointError(f"{where}: not in the digest file; it was written for another checkpoint "
+                    raise DigestFileError(f"{where}: not in the digest file; it was written for another checkpoint "
                                           "(run `kimi-jax digest` again)")  # fmt: skip
                 if (entry.shard, entry.offset, entry.length) != (shard_name, rec.offset, rec.nbytes):
-                    raise CheckpointError(f"{where}: the digest file places it in {entry.shard} at offset "
+                    raise DigestFileError(f"{where}: the digest file places it in {entry.shard} at offset "
                                           f"{entry.offset} ({entry.length} bytes), the checkpoint in {shard_name} at "
                                           f"offset {rec.offset} ({rec.nbytes} bytes); it was written for another "
                                           "checkpoint")  # fmt: skip
                 seen += 1
         if seen != len(self.tensors):
-            raise CheckpointError(f"{self.source}: lists {len(self.tensors)} tensors, the checkpoint has {seen}; "
+            raise DigestFileError(f"{self.source}: lists {len(self.tensors)} tensors, the checkpoint has {seen}; "
                                   "it was written for another checkpoint")  # fmt: skip
 
 
+def _count(value: Any, where: str, positive: bool = False) -> int:
+    if type(value) is not int or value < (1 if positive else 0):
+        raise DigestFileError(f"{where}: expected a{' positive' if positive else ' non-negative'} integer, got "
+                              f"{str(value)[:40]!r}")  # fmt: skip
+    return value
+
+
+def _digest(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise DigestFileError(f"{where}: expected a BLAKE3 digest (64 lowercase hex digits), got {str(value)[:80]!r}")
+    return value
+
+
 def parse_digest_file(raw: bytes, source: str) -> DigestTable:
-    """Read a digest file's bytes; its recorded root must recompute from its entries."""
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{source}: digest file is not valid JSON ({e})") from None
+    """Read a digest file's bytes; every entry is checked, and its recorded root must recompute."""
+    data = parse_json(raw, f"{source}: digest file", DigestFileError)
     if not isinstance(data, dict) or data.get("format") != DIGEST_FORMAT:
-        raise CheckpointError(f"{source}: not a kimi-jax digest file (expected format {DIGEST_FORMAT!r})")
+        raise DigestFileError(f"{source}: not a kimi-jax digest file (expected format {DIGEST_FORMAT!r})")
     if data.get("version") != DIGEST_FORMAT_VERSION or data.get("algorithm") != "blake3":
-        raise CheckpointError(f"{source}: digest file version {data.get('version')!r} / algorithm "
-                              f"{data.get('algorithm')!r}; this kimi-jax reads version {DIGEST_FORMAT_VERSION}, "
-                              "blake3")  # fmt: skip
-    try:
-        tensors = {name: TensorDigest(str(e["shard"]), int(e["offset"]), int(e["length"]), str(e["digest"]))
-                   for name, e in data["tensors"].items()}  # fmt: skip
-        rows = {name: RowDigests(int(r["row_bytes"]), bytes.fromhex(r["digests"])) for name, r in data["rows"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{source}: malformed digest file entry ({type(e).__name__}: {e})") from None
+        raise DigestFileError(f"{source}: digest file version {str(data.get('version'))[:40]!r} / algorithm "
+                              f"{str(data.get('algorithm'))[:40]!r}; this kimi-jax reads version "
+                              f"{DIGEST_FORMAT_VERSION}, blake3")  # fmt: skip
+    for key in ("tensors", "rows"):
+        if not isinstance(data.get(key), dict):
+            raise DigestFileError(f"{source}: {key}: expected an object")
+    tensors, rows = {}, {}
+    for name, e in data["tensors"].items():
+        where = f"{source}: tensors[{name[:120]!r}]"
+        if not isinstance(e, dict) or not isinstance(e.get("shard"), str) or not 0 < len(e["shard"]) <= 1024:
+            raise DigestFileError(f"{where}: expected {{shard, offset, length, digest}} with a shard file name")
+        tensors[name] = TensorDigest(e["shard"], _count(e.get("offset"), f"{where}.offset"),
+                                     _count(e.get("length"), f"{where}.length"), _digest(e.get("digest"), f"{where}.digest"))  # fmt: skip
+    for name, r in data["rows"].items():
+        where = f"{source}: rows[{name[:120]!r}]"
+        if not isinstance(r, dict) or not isinstance(r.get("digests"), str) or len(r["digests"]) % 64:
+            raise DigestFileError(f"{where}: expected {{row_bytes, digests}} with 64 hex digits per row")
+        try:
+            digests = bytes.fromhex(r["digests"])
+        except ValueError:
+            raise DigestFileError(f"{where}.digests: not hex") from None
+        rows[name] = RowDigests(_count(r.get("row_bytes"), f"{where}.row_bytes", positive=True), digests)
     root = content_root(tensors, rows)
     if data.get("root") != root:
-        raise CheckpointError(f"{source}: recorded root {data.get('root')!r} does not recompute from its entries "
-                              f"({root}); the file was edited or damaged")  # fmt: skip
+        raise DigestFileError(f"{source}: recorded root {str(data.get('root'))[:80]!r} does not recompute from its "
+                              f"entries ({root}); the file was edited or damaged")  # fmt: skip
     return DigestTable(source, tensors, rows, root)
 
 
-def load_digest_file(path: Path) -> DigestTable:
+def load_digest_file(path: Path, source: str | None = None) -> DigestTable:
+    """The digest file at ``path``, read as a stranger's: a regular file of at most
+    :data:`MAX_DIGEST_FILE_BYTES`, bounded JSON. Messages name ``source`` (a URL for a remote
+    checkpoint's mirrored copy), else ``path``."""
+    source = source or str(path)
     try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read digest file ({e.strerror or e})") from None
-    return parse_digest_file(raw, str(path))
+        raw = read_regular(path, MAX_DIGEST_FILE_BYTES, "digest file", DigestFileError)
+    except DigestFileError as e:
+        raise DigestFileError(str(e).replace(str(path), source, 1)) from None
+    return parse_digest_file(raw, source)
 
 
 def shard_tensors(index) -> list[tuple[str, list[TensorRecord]]]:
@@ -194,48 +237,112 @@ def _hash_tensor(fd: int, rec: TensorRecord, row_bytes: int | None) -> tuple[str
     return whole.hexdigest(), (bytes(rows) if rows is not None else None)
 
 
-def _journal_entries(journal: Path) -> dict[str, dict[str, Any]]:
-    """Finished tensors of an interrupted run; a torn last line (killed mid-write) is ignored."""
-    done: dict[str, dict[str, Any]] = {}
-    if not journal.exists():
-        return done
-    for line in journal.read_text().splitlines():
+def _file_identity(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _journal_header(index, journal_fd: int) -> dict[str, Any]:
+    """What ties a journal to the run that writes it: the identity of every shard hashed and of the
+    journal file itself (a copy of the journal, or of the shards, has other inodes)."""
+    st = os.fstat(journal_fd)
+    shards = {h.path.name: _file_identity(h.path) for h in index.shards}
+    return {"journal": JOURNAL_FORMAT, "version": 1, "shards": shards, "self": [st.st_dev, st.st_ino]}
+
+
+def _journal_entry(line: str) -> dict[str, Any] | None:
+    """One finished tensor of the journal, or None for a line that is not one (a torn last line)."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("shard"), str):
+        return None
+    if any(type(entry.get(k)) is not int or entry[k] < 0 for k in ("offset", "length")):
+        return None
+    if not isinstance(entry.get("digest"), str) or not _HEX64.fullmatch(entry["digest"]):
+        return None
+    if "rows" in entry and (type(entry.get("row_bytes")) is not int or entry["row_bytes"] < 1
+                            or not isinstance(entry["rows"], str) or len(entry["rows"]) % 64
+                            or re.fullmatch(r"[0-9a-f]*", entry["rows"]) is None):  # fmt: skip
+        return None
+    return entry
+
+
+def _journal_entries(journal: Path, index) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Finished tensors of an interrupted run of this command on these files, and why a journal
+    found there is not resumed (None when it is, or there is none)."""
+    if not os.path.lexists(journal):
+        return {}, None
+    try:
+        fd = open_regular(journal, "digest journal", CheckpointError)
+    except CheckpointError as e:
+        return {}, str(e)
+    with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
+        first = f.readline(1 << 20)
         try:
-            entry = json.loads(line)
-            done[entry["name"]] = entry
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return done
+            header = json.loads(first)
+        except ValueError:
+            header = None
+        if not isinstance(header, dict) or header != _journal_header(index, f.fileno()):
+            return {}, (f"{journal}: not resumed: it was not written by `kimi-jax digest` of these files on this "
+                        "machine (its first line does not record these shards and this journal file)")  # fmt: skip
+        done: dict[str, dict[str, Any]] = {}
+        for line in f:
+            entry = _journal_entry(line)
+            if entry is not None:
+                done[entry["name"]] = entry
+    return done, None
 
 
 def compute_digests(index, out: Path | None = None, workers: int = 4,
-                    on_progress: Callable[[int, int], None] | None = None) -> tuple[Path, DigestTable, int]:  # fmt: skip
+                    on_progress: Callable[[int, int], None] | None = None,
+                    on_note: Callable[[str], None] | None = None) -> tuple[Path, DigestTable, int]:  # fmt: skip
     """Hash every tensor of a local checkpoint into its digest file; returns (path, table, bytes
-    hashed by this call). Resumes from the journal a killed run left; ``on_progress(bytes, total)``."""
+    hashed by this call). Resumes from the journal a killed run of this command left (``on_note``
+    is told when it does, or why a journal found there is not resumed); ``on_progress(bytes, total)``.
+    A full or read-only disk is an OutputError; the journal then keeps what was hashed."""
     if index.source is not None:
         raise CheckpointError(f"{index.source}: `kimi-jax digest` reads a local copy; digest the checkpoint where its "
                               "files are, then serve checkpoint.b3.json beside them")  # fmt: skip
     out = Path(out) if out else index.root / DIGEST_FILE
     journal = out.with_name(out.name + ".partial")
+    try:
+        return _compute(index, out, journal, workers, on_progress, on_note or (lambda _: None))
+    except OSError as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise OutputError(f"{out}: cannot write the digest file: {reason}; the tensors hashed so far are kept in "
+                          f"{journal.name}, and the same command continues from them") from None  # fmt: skip
+
+
+def _compute(index, out: Path, journal: Path, workers: int, on_progress, note) -> tuple[Path, DigestTable, int]:
     row_tensor = index.embed.parts["weight"]
     row_bytes = row_tensor.nbytes // row_tensor.shape[0] if row_tensor.shape and row_tensor.shape[0] else None
     todo = [(name, rec) for name, records in shard_tensors(index) for rec in records]
-    previous = _journal_entries(journal)
+    previous, refused = _journal_entries(journal, index)
+    if refused:
+        note(refused)
     done: dict[str, dict[str, Any]] = {}
     for name, rec in todo:
         entry = previous.get(rec.stored_name)
-        if entry and (entry["shard"], entry["offset"], entry["length"]) == (name, rec.offset, rec.nbytes):
+        if entry and (entry["shard"], entry["offset"], entry["length"]) == (name, rec.offset, rec.nbytes) and \
+                ("rows" in entry) == (rec.stored_name == row_tensor.stored_name and row_bytes is not None):  # fmt: skip
             done[rec.stored_name] = entry
+    if done:
+        note(f"resuming from {journal}: {len(done)} of {len(todo)} tensors were hashed by an earlier run")
     remaining = [(name, rec) for name, rec in todo if rec.stored_name not in done]
     total = sum(rec.nbytes for _, rec in todo)
     progress = [sum(rec.nbytes for _, rec in todo if rec.stored_name in done)]
     lock = threading.Lock()
     fds: dict[Path, int] = {}
-    with open(journal, "a", encoding="utf-8") as log:
-        if done:  # rewrite only the valid lines, so a torn tail does not stay in the middle
-            log.truncate(0)
-            log.writelines(json.dumps(e) + "\n" for e in done.values())
-            log.flush()
+    if os.path.lexists(journal) and not (journal.is_file() and not journal.is_symlink()):
+        raise OutputError(f"{journal}: is not a regular file; the digest journal is written there (move it away)")
+    with open(journal, "w", encoding="utf-8") as log:  # rewritten: our header, then only the valid entries
+        log.write(json.dumps(_journal_header(index, log.fileno())) + "\n")
+        log.writelines(json.dumps(e) + "\n" for e in done.values())
+        log.flush()
 
         def work(item: tuple[str, TensorRecord]) -> None:
             name, rec = item

@@ -8,11 +8,11 @@ this checkpoint's tensors, and hands out readers that check every tensor they re
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
-from kimi_jax.errors import CheckpointError
 from kimi_jax.storage.checkpoint import CheckpointIndex, open_checkpoint
-from kimi_jax.storage.digests import DIGEST_FILE, DigestTable, load_digest_file, shard_tensors
+from kimi_jax.storage.digests import DIGEST_FILE, DigestFileError, DigestTable, load_digest_file, shard_tensors
 from kimi_jax.storage.reader import ShardReader
 from kimi_jax.storage.remote import RemoteFile, RemoteSettings, RemoteStore, is_remote
 
@@ -59,14 +59,13 @@ def open_source(location: str | Path, cache_dir: Path, verify_digests: bool = Tr
 def _with_digests(index: CheckpointIndex, remote_parts, verify_digests: bool,
                   digest_file: Path | None) -> CheckpointSource:  # fmt: skip
     found = Path(digest_file) if digest_file else index.root / DIGEST_FILE  # a remote one is mirrored into root
-    if digest_file and not found.is_file():
-        raise CheckpointError(f"{found}: the digest file named in the manifest does not exist")
-    if not found.is_file():
+    if not os.path.lexists(found):  # a FIFO, a device or a folder there is refused when read, never ignored
+        if digest_file:
+            raise DigestFileError(f"{found}: the digest file named in the manifest does not exist")
         return CheckpointSource(index, None, None, remote_parts)
     where = str(found) if digest_file or remote_parts is None else f"{index.location}/{DIGEST_FILE}"
     if not verify_digests:
         return CheckpointSource(index, None, where, remote_parts)
-    table = load_digest_file(found)
-    table = dataclasses.replace(table, source=where)
+    table = load_digest_file(found, where)
     table.check_matches(shard_tensors(index))
     return CheckpointSource(index, table, where, remote_parts)

@@ -16,15 +16,27 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import os
 from pathlib import Path
 from typing import Any
 
 from kimi_jax.errors import TokenizerError
+from kimi_jax.fileio import read_json, read_regular
+from kimi_jax.text.sandbox import clip
 
 RANKS_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
 RESERVED_SPECIAL_TOKENS = 256  # what Kimi's tokenizer adds after the base tokens
+
+# What these files can legitimately hold, checked before anything is built from them. Kimi's
+# tiktoken.model is 2.8 MB (163,584 ranks) and its tokenizer_config.json 40 KB; tokenizer
+# configs that list every added token reach a few MB.
+RANKS_LIMIT = 32 << 20
+CONFIG_LIMIT = 16 << 20
+MAX_RANKS = 1 << 21
+MAX_TOKEN_BYTES = 1024  # one base token's bytes (real ones: at most a few dozen)
+MAX_SPECIAL_TOKENS = 1 << 16  # ids after the base tokens (Kimi: 256)
+MAX_SPECIAL_NAME = 1024  # characters of one special token's name (Kimi's longest: 25)
 
 # Letters other than Han, split by case: Kimi keeps the cased-word pieces of cl100k-style
 # patterns but makes every Han run a piece of its own.
@@ -44,26 +56,31 @@ KIMI_PATTERN = "|".join((
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:
-    """``tiktoken.model`` -> {token bytes: rank}; ranks must be 0..N-1, each once."""
+    """``tiktoken.model`` -> {token bytes: rank}; ranks must be 0..N-1, each once. The file is
+    read through :data:`RANKS_LIMIT` and may hold at most :data:`MAX_RANKS` ranks."""
+    data = read_regular(path, RANKS_LIMIT, "tiktoken ranks file", TokenizerError)
     try:
-        text = Path(path).read_text(encoding="ascii")
+        text = data.decode("ascii")
     except UnicodeDecodeError as e:
         raise TokenizerError(f"{path}: not a tiktoken ranks file (non-ASCII byte at offset {e.start})") from None
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from None
+    del data
     ranks: dict[bytes, int] = {}
     seen_ranks: dict[int, int] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split()
-        if len(fields) != 2 or not fields[1].isdigit():
-            raise TokenizerError(f"{path}:{number}: expected 'BASE64 RANK', got {line[:60]!r}")
+        if len(fields) != 2 or not fields[1].isdigit() or len(fields[1]) > 9:
+            raise TokenizerError(f"{path}:{number}: expected 'BASE64 RANK' (a rank below 10**9), got {line[:60]!r}")
+        if len(fields[0]) > MAX_TOKEN_BYTES * 4 // 3 + 4:
+            raise TokenizerError(f"{path}:{number}: a token of more than {MAX_TOKEN_BYTES} bytes")
         try:
             token = base64.b64decode(fields[0], validate=True)
         except binascii.Error:
             raise TokenizerError(f"{path}:{number}: {fields[0][:40]!r} is not base64") from None
         rank = int(fields[1])
+        if len(ranks) >= MAX_RANKS:
+            raise TokenizerError(f"{path}: more than {MAX_RANKS:,} ranks")
         if token in ranks:
             raise TokenizerError(f"{path}:{number}: token {token!r} already has rank {ranks[token]}")
         if rank in seen_ranks:
@@ -86,12 +103,10 @@ def format_ranks(ranks: dict[bytes, int]) -> bytes:
 
 
 def read_tokenizer_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    """tokenizer_config.json through the bounded JSON reader ({} when there is none)."""
+    if not os.path.lexists(path):
         return {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path, CONFIG_LIMIT, "tokenizer config", TokenizerError)
     if not isinstance(config, dict):
         raise TokenizerError(f"{path}: expected a JSON object")
     return config
@@ -104,20 +119,33 @@ def token_name(value: Any, path: Path, field: str) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     if not isinstance(value, str) or not value:
-        raise TokenizerError(f"{path}: {field}: expected a token string or {{\"content\": ...}}, got {value!r}")
+        raise TokenizerError(f"{path}: {field}: expected a token string or {{\"content\": ...}}, got "
+                             f"{clip(repr(value), 80)}")  # fmt: skip
+    if len(value) > MAX_SPECIAL_NAME:
+        raise TokenizerError(f"{path}: {field}: a token name of {len(value):,} characters; at most "
+                             f"{MAX_SPECIAL_NAME:,} are allowed")  # fmt: skip
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"{path}: {field}: the token name holds {value[e.start]!r} at character {e.start}, a lone "
+                             "surrogate that no text can contain") from None  # fmt: skip
     return value
 
 
 def special_table(config: dict[str, Any], path: Path, first_id: int, count: int) -> dict[str, int]:
     """{name: id} for ids first_id..first_id+count-1: the names ``added_tokens_decoder`` gives,
     ``<|reserved_token_{id}|>`` for the rest."""
+    if count > MAX_SPECIAL_TOKENS:
+        raise TokenizerError(f"{path}: the model's vocabulary leaves {count:,} ids for special tokens after the "
+                             f"{first_id:,} base tokens; a tokenizer has at most {MAX_SPECIAL_TOKENS:,} (is this the "
+                             "model's tokenizer?)")  # fmt: skip
     decoder = config.get("added_tokens_decoder") or {}
     if not isinstance(decoder, dict):
         raise TokenizerError(f"{path}: added_tokens_decoder: expected an object {{id: {{content: ...}}}}")
     named: dict[int, str] = {}
     for key, entry in decoder.items():
-        field = f"added_tokens_decoder.{key}"
-        if not (isinstance(key, str) and key.isdigit()):
+        field = f"added_tokens_decoder.{clip(key, 40)}"
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):
             raise TokenizerError(f"{path}: {field}: the key must be a token id")
         token = int(key)
         if not first_id <= token < first_id + count:
@@ -128,6 +156,6 @@ def special_table(config: dict[str, Any], path: Path, first_id: int, count: int)
     for token in range(first_id, first_id + count):
         name = named.get(token, f"<|reserved_token_{token}|>")
         if name in table:
-            raise TokenizerError(f"{path}: special token {name!r} is given to ids {table[name]} and {token}")
+            raise TokenizerError(f"{path}: special token {clip(repr(name), 80)} is given to ids {table[name]} and {token}")
         table[name] = token
     return table

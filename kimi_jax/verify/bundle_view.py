@@ -92,6 +92,7 @@ class BundleView:
         def load():
             from kimi_jax.errors import TokenizerError
             from kimi_jax.ledger.bundle import TOKENIZER
+            from kimi_jax.text.sandbox import clip
             from kimi_jax.text.tokenizer import file_digests, files_digest, load_tokenizer
 
             recorded = (self.ledger.get("checkpoint") or {}).get("tokenizer")
@@ -99,13 +100,18 @@ class BundleView:
                 return None
             folder = self.root / TOKENIZER
             files = recorded.get("files") or {}
-            found = file_digests(folder) if folder.is_dir() else {}
-            problems = [f"{TOKENIZER}/{n}: BLAKE3 {found.get(n, '<missing>')}, the ledger records {d}"
-                        for n, d in files.items() if found.get(n) != d]  # fmt: skip
+            if not isinstance(files, dict):
+                raise CheckFailed("ledger.json: checkpoint.tokenizer.files: expected {file name: BLAKE3}")
+            try:
+                found = file_digests(folder) if folder.is_dir() else {}
+            except TokenizerError as e:
+                raise CheckFailed(self.relative(str(e))) from None
+            problems = [f"{TOKENIZER}/{clip(n, 60)}: BLAKE3 {found.get(n, '<missing>')}, the ledger records "
+                        f"{clip(str(d), 70)}" for n, d in files.items() if found.get(n) != d]  # fmt: skip
             problems += [f"{TOKENIZER}/{n}: present but not in the ledger's tokenizer files" for n in found if n not in files]
             if files_digest(files) != recorded.get("digest"):
-                problems.append(f"checkpoint.tokenizer.digest is {recorded.get('digest')}, but its files give "
-                                f"{files_digest(files)}")  # fmt: skip
+                problems.append(f"checkpoint.tokenizer.digest is {clip(str(recorded.get('digest')), 70)}, but its "
+                                f"files give {files_digest(files)}")  # fmt: skip
             if problems:
                 raise CheckFailed("; ".join(problems))
             arrays = self.arrays()
@@ -113,7 +119,7 @@ class BundleView:
             try:
                 tokenizer = load_tokenizer(folder, vocab)
             except TokenizerError as e:
-                raise CheckFailed(f"{TOKENIZER}/: {e}") from None
+                raise CheckFailed(self.relative(str(e))) from None
             if tokenizer is None or tokenizer.kind != recorded.get("kind"):
                 raise CheckFailed(f"{TOKENIZER}/: does not hold a {recorded.get('kind')} tokenizer")
             return tokenizer

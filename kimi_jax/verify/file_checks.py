@@ -21,6 +21,7 @@ from kimi_jax.ledger.bundle import (
 )
 from kimi_jax.ledger.checksums import verify_checksums
 from kimi_jax.manifest import load_manifest, manifest_digest, recorded_manifest
+from kimi_jax.storage.remote import same_checkpoint
 from kimi_jax.verify.bundle_view import BundleView
 from kimi_jax.verify.report import CheckFailed, require, short
 
@@ -137,8 +138,10 @@ def _run_matches_manifest(ledger: dict[str, Any], resolved: dict[str, Any]) -> l
             "run.prompt": run.get("prompt"), "checkpoint.path": (ledger.get("checkpoint") or {}).get("path"),
             "run.prompt_input": run.get("prompt_input"), "run.sampling": run.get("sampling"),
             "run.stop.strings": (run.get("stop") or {}).get("strings")}  # fmt: skip
+    same = {"checkpoint.path": same_checkpoint}  # a remote location is recorded normalised, a Hub revision pinned
     return [f"ledger.json {field} is {short(have[field])}, but manifest.json {where} is {short(value)}"
-            for field, (where, value) in want.items() if have[field] != value]  # fmt: skip
+            for field, (where, value) in want.items()
+            if not same.get(field, lambda written, recorded: written == recorded)(value, have[field])]  # fmt: skip
 
 
 def _validate_resolved_manifest(root: Path) -> list[str]:

@@ -60,6 +60,7 @@ def check_replay(b: BundleView, allow_large: bool = False) -> str:
     hundreds of GB is replayed only with ``allow_large``."""
     from kimi_jax.run.plan import prepare_run  # the model and JAX: only when replaying
     from kimi_jax.run.runner import execute, joined
+    from kimi_jax.storage.remote import is_remote, same_checkpoint
 
     resolved = b.json("manifest.json")
     if not isinstance(resolved, dict):
@@ -77,6 +78,9 @@ def check_replay(b: BundleView, allow_large: bool = False) -> str:
         data["anchor"] = None  # the anchor is checked by check 7; replay compares step 0 in full anyway
         if isinstance(data.get("model"), dict):
             data["model"]["cache_dir"] = str(default_cache_dir())  # never a folder the bundle chose
+            recorded = (ledger.get("checkpoint") or {}).get("path")
+            if is_remote(data["model"].get("checkpoint")) and same_checkpoint(data["model"]["checkpoint"], recorded):
+                data["model"]["checkpoint"] = recorded  # the commit the run read, not where a branch is now
         data.pop("distributed", None)  # a replay is one process: a mesh must fit this machine's devices
         try:
             plan = prepare_run(parse_manifest_dict(recorded_manifest(data), source=str(b.root / "manifest.json"),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+from kimi_jax.errors import KimiJaxError
+
 MAX_SHOWN = 5
+MAX_PROBLEM = 600  # characters of one problem as reported (it may quote a stranger's file)
 
 
 class CheckFailed(Exception):
@@ -15,8 +18,12 @@ class CheckSkipped(Exception):
     """A check does not apply to this bundle; the message says why."""
 
 
+def clip(text: str, limit: int = MAX_PROBLEM) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def join_problems(problems: list[str]) -> str:
-    shown = problems[:MAX_SHOWN]
+    shown = [clip(p) for p in problems[:MAX_SHOWN]]
     more = len(problems) - len(shown)
     return "; ".join(shown) + (f"; ... and {more} more" if more > 0 else "")
 
@@ -43,7 +50,7 @@ class Check(NamedTuple):
     def line(self) -> str:
         if self.status == OK:
             return f"{self.number}. {self.name}: OK" + (f" ({self.reason})" if self.reason else "")
-        return f"{self.number}. {self.name}: {self.status}: {self.reason}"
+        return f"{self.number}. {self.name}: {self.status}: {clip(self.reason, MAX_SHOWN * (MAX_PROBLEM + 2))}"
 
 
 class Report:
@@ -91,6 +98,8 @@ def run_check(number: int, name: str, fn: Callable[[Any], str], bundle: Any) -> 
         return Check(number, name, SKIPPED, str(e))
     except CheckFailed as e:
         return Check(number, name, FAILED, str(e))
+    except KimiJaxError as e:  # a named error reading a stranger's bundle is a failed check, never an exit
+        return Check(number, name, FAILED, bundle.relative(str(e)) if hasattr(bundle, "relative") else str(e))
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
         # a ledger or record whose structure is not what the schema says (reported by check 3)
         return Check(number, name, FAILED, f"unexpected structure in the bundle's JSON ({type(e).__name__}: {e})")

@@ -1,6 +1,10 @@
 """Check 11 of verify, ``text``: the tokenizer the ledger names is the one in the bundle, and every
 text field re-derives from it: the prompt as given encodes to ``run.prompt`` (a chat through the
-bundled template), and the prompt, generated and per-token texts and bytes recompute."""
+bundled template), and the prompt, generated and per-token texts and bytes recompute.
+
+The bundle's template and tokenizer files are a stranger's: they go through the same bounded
+renderer and tokenizer worker as a run's (:mod:`kimi_jax.text.chat`, :mod:`kimi_jax.text.worker`),
+and anything they make fail is this check FAILED, naming the file."""
 
 from __future__ import annotations
 
@@ -29,7 +33,10 @@ def check_text(b: BundleView) -> str:
         try:
             return render_chat(tokenizer, messages, add_generation_prompt=True, template_kwargs=kwargs)
         except TokenizerError as e:
-            raise CheckFailed(f"run.prompt_input.chat: {e}") from None
+            raise CheckFailed(f"run.prompt_input.chat: {b.relative(str(e))}") from None
 
-    require(audit_text(ledger, tokenizer, render))
+    try:
+        require(audit_text(ledger, tokenizer, render))
+    except TokenizerError as e:  # the bundled tokenizer failed on the bundle's own text
+        raise CheckFailed(b.relative(str(e))) from None
     return f"{tokenizer.kind} tokenizer {tokenizer.digest[:16]}: prompt and {len(b.steps())} step(s) re-derived"

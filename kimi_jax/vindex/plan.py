@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
-
-import blake3
 
 from kimi_jax.errors import ManifestError
 from kimi_jax.manifest import Manifest, VindexSection
 from kimi_jax.run.plan import prepare_run, prompt_problems
 from kimi_jax.storage.checkpoint import CheckpointIndex
 from kimi_jax.storage.residency import ResidencyPlan
-from kimi_jax.vindex.routing import LedgerError, Trace, read_ledger
+from kimi_jax.vindex.routing import LedgerError, Trace, ledger_digest_and_trace
 
 
 def vindex_dir(output_dir: Path) -> Path:
@@ -87,16 +86,16 @@ def plan_vindex(manifest: Manifest) -> VindexPlan:
     if 3 in v.phases:
         for i, bundle in enumerate(v.bundles):
             ledger = Path(bundle) / "ledger.json"
-            if not ledger.is_file():
+            if not os.path.lexists(ledger):  # a FIFO or a folder there is refused by the reader, by name
                 problems.append(manifest.error(f"vindex.bundles.{i}", f"{ledger} does not exist (expected a run-bundle "
                                                                       "directory holding ledger.json)"))  # fmt: skip
                 continue
             try:
-                trace = read_ledger(Path(bundle), n_layers, cfg.n_routed_experts)
+                digest, trace = ledger_digest_and_trace(Path(bundle), n_layers, cfg.n_routed_experts)
             except LedgerError as e:
                 problems.append(manifest.error(f"vindex.bundles.{i}", str(e)))
                 continue
-            ledgers.append((Path(bundle), blake3.blake3(ledger.read_bytes()).hexdigest(), trace))
+            ledgers.append((Path(bundle), digest, trace))
     if problems:
         raise ManifestError("\n".join(str(p) for p in problems))
     return VindexPlan(manifest, index, tuple(sorted(v.phases)), tuple(layers),

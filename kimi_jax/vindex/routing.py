@@ -19,14 +19,16 @@ num_experts_per_tok; most-used by count, ties to the lower id).
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import blake3
 import numpy as np
 
 from kimi_jax.errors import KimiJaxError
+from kimi_jax.fileio import parse_json, read_regular
 
 
 class LedgerError(KimiJaxError):
@@ -70,13 +72,25 @@ def read_ledger(bundle: Path, n_layers: int, n_experts: int) -> Trace:
     """The routing trace recorded in ``bundle/ledger.json`` (``steps[].layers[]`` with ``layer``,
     ``kind``, ``experts`` [T][k] and ``routing_weights`` [T][k]); every problem names the file
     and the JSON path."""
+    return ledger_digest_and_trace(bundle, n_layers, n_experts)[1]
+
+
+def ledger_digest_and_trace(bundle: Path, n_layers: int, n_experts: int) -> tuple[str, Trace]:
+    """(BLAKE3 of the ledger.json bytes read, their routing trace): one read, so the digest is of
+    what was parsed. The file is a stranger's bundle's: read as verify reads it (a size limit,
+    regular files only, bounded nesting, strict JSON)."""
+    from kimi_jax.ledger.bundle import MAX_JSON_BYTES
+
     path = Path(bundle) / "ledger.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LedgerError(f"{path}: no ledger.json in the run bundle") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LedgerError(f"{path}: not readable as JSON ({e})") from None
+    if not os.path.lexists(path):
+        raise LedgerError(f"{path}: no ledger.json in the run bundle")
+    raw = read_regular(path, MAX_JSON_BYTES, "ledger", LedgerError)
+    return blake3.blake3(raw).hexdigest(), routing_from_ledger(parse_json(raw, str(path), LedgerError), path, n_layers,
+                                                               n_experts)  # fmt: skip
+
+
+def routing_from_ledger(data: Any, path: Path, n_layers: int, n_experts: int) -> Trace:
+    """The routing trace of a parsed ledger (see :func:`read_ledger`)."""
 
     def bad(where: str, what: str) -> LedgerError:
         return LedgerError(f"{path}: {where}: {what}")
@@ -95,7 +109,7 @@ def read_ledger(bundle: Path, n_layers: int, n_experts: int) -> Trace:
                 raise bad(where, "expected an object")
             layer, kind = rec.get("layer"), rec.get("kind")
             if type(layer) is not int or not 0 <= layer < n_layers:
-                raise bad(f"{where}.layer", f"expected a layer index in 0..{n_layers - 1}, got {layer!r}")
+                raise bad(f"{where}.layer", f"expected a layer index in 0..{n_layers - 1}, got {repr(layer)[:40]}")
             if kind != "moe":
                 continue
             experts, weights = rec.get("experts"), rec.get("routing_weights")
@@ -126,9 +140,12 @@ def _matrix(value: Any, where: str, bad, integer: bool) -> np.ndarray:
         raise bad(where, f"rows must all have the same non-zero length, found lengths {sorted(widths)}")
     for r in value:
         for x in r:
-            ok = type(x) is int if integer else (type(x) in (int, float) and math.isfinite(x))
+            # bounded before numpy sees them: a 400-digit integer overflows int64 and float64 alike
+            small = type(x) is int and -(2**53) <= x <= 2**53
+            ok = small if integer else small or (type(x) is float and math.isfinite(x))
             if not ok:
-                raise bad(where, f"expected {'integer expert ids' if integer else 'finite numbers'}, found {x!r}")
+                raise bad(where, f"expected {'integer expert ids' if integer else 'finite numbers'}, found "
+                                 f"{repr(x)[:40]}")  # fmt: skip
     return np.asarray(value, dtype=np.int64 if integer else np.float64)
 
 

@@ -84,3 +84,28 @@ def test_a_prompt_in_chunks_picks_the_same_tokens_and_holds_a_chunk_at_a_time(k2
     bases = sum(lm.base_bytes for lm in k25.layers)
     assert chunked[0].bytes_read - whole[0].bytes_read >= 2 * bases
     assert [s.bytes_read for s in chunked[1:]] == [s.bytes_read for s in whole[1:]]
+
+
+def test_sequences_join_between_passes_and_leave_when_cancelled(k25):
+    """A sequence added while others decode (a longer one: the caches are padded to its capacity)
+    still gets its lone run's tokens; a cancelled one leaves the rows; every step's sources add up."""
+    from kimi_jax.model.batch import Batch
+
+    with Engine(k25) as engine:
+        batch = Batch(engine)
+        first, _ = batch.add(PROMPTS[0], 6)
+        batch.step()
+        second, _ = batch.add(PROMPTS[2], 9)  # joins with a larger cache
+        third, _ = batch.add(PROMPTS[1], 6)
+        assert batch.live == [first, second, third]
+        batch.step()
+        batch.cancel(third)
+        assert batch.live == [first, second]
+        while batch.live:
+            batch.step()
+    steps = {i: s.steps for i, s in batch.sequences.items()}
+    assert [s.token for s in steps[first]] == [s.token for s in lone(k25, PROMPTS[0], 6)]
+    assert [s.token for s in steps[second]] == [s.token for s in lone(k25, PROMPTS[2], 9)]
+    assert len(steps[third]) == 2 and [s.token for s in steps[third]] == [s.token for s in lone(k25, PROMPTS[1], 2)]
+    for record in (r for rs in steps.values() for r in rs):
+        assert record.io.used == record.bytes_read == record.io.from_memory + record.io.from_storage

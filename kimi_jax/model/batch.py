@@ -9,9 +9,10 @@ pass and a MoE layer reads the union of the experts its rows picked, once. A seq
 
 Bytes are counted twice over, for two questions. Each sequence's step records the bytes *its* token
 used (its embedding row, every layer's non-expert weights, its own distinct experts, the head),
-which is what its lone run records: anchors and proofs compare it. Each :class:`PassRecord` records
-what the pass used and where it came from (the union of the experts, every weight once): the
-machine's traffic, shared among the pass's sequences.
+which is what its lone run records: anchors and proofs compare it; their sources are the pass's,
+shared in proportion (:func:`share`). Each :class:`PassRecord` records what the pass used and where
+it came from (the union of the experts, every weight once): the machine's traffic, shared among
+the pass's sequences.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from kimi_jax.model.layers import BatchedLatentCache, LatentCache
+from kimi_jax.model.layers import BatchedLatentCache
 from kimi_jax.model.jax_setup import long_lived_frozen
 from kimi_jax.records import ByteCounts, StepRecord
 
@@ -42,60 +43,97 @@ class _Sequence:
     index: int
     prompt: list[int]
     decoding: object | None
+    max_new_tokens: int
     steps: list[StepRecord] = dataclasses.field(default_factory=list)
-    caches: list[LatentCache] | None = None
 
     @property
     def context(self) -> list[int]:
         return self.prompt + [s.token for s in self.steps]
 
-    def finished(self, max_new_tokens: int) -> bool:
-        if len(self.steps) >= max_new_tokens:
+    @property
+    def finished(self) -> bool:
+        if len(self.steps) >= self.max_new_tokens:
             return True
         return self.decoding is not None and bool(self.decoding.stop_reason([s.token for s in self.steps]))
 
 
+class Batch:
+    """Sequences decoding together on one engine; a sequence joins or leaves between passes.
+
+    :meth:`add` runs a prompt's step 0 (alone, as its lone run) and, unless it already stopped, joins
+    it to the decoding rows; :meth:`step` runs one pass that decodes a token of every live sequence;
+    :meth:`cancel` takes a sequence out. Not thread-safe: one thread drives it."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.sequences: dict[int, _Sequence] = {}
+        self.passes: list[PassRecord] = []
+        self._live: list[_Sequence] = []  # in row order
+        self._caches: list[BatchedLatentCache] | None = None  # per layer, one row per live sequence
+
+    @property
+    def live(self) -> list[int]:
+        """The sequences still decoding, in row order."""
+        return [s.index for s in self._live]
+
+    def add(self, prompt: list[int], max_new_tokens: int, decoding=None) -> tuple[int, StepRecord]:
+        """Run ``prompt``'s step 0 and join it to the batch; returns (its index, the step)."""
+        seq = _Sequence(len(self.sequences), list(prompt), decoding, max_new_tokens)
+        self.sequences[seq.index] = seq
+        caches = self.engine.empty_caches(len(prompt), max_new_tokens)
+        record, caches = self.engine.step(0, seq.context, False, caches, None, decoding)
+        seq.steps.append(record)
+        self.passes.append(PassRecord(len(self.passes), (seq.index,), record.io, record.wall_s))
+        if not seq.finished:
+            rows = [BatchedLatentCache.stack([c]) for c in caches]
+            self._caches = rows if self._caches is None else [a.join(b) for a, b in zip(self._caches, rows)]
+            self._live.append(seq)
+        return seq.index, record
+
+    def step(self) -> list[tuple[int, StepRecord]]:
+        """One pass: a token of every live sequence; the finished ones leave. Returns (index, step) pairs."""
+        if not self._live:
+            return []
+        records, self._caches, io, wall_s = _decode_pass(self.engine, self._live, self._caches)
+        made = []
+        for seq, record in zip(self._live, records):
+            seq.steps.append(record)
+            made.append((seq.index, record))
+        self.passes.append(PassRecord(len(self.passes), tuple(s.index for s in self._live), io, wall_s))
+        self._keep([s for s in self._live if not s.finished])
+        return made
+
+    def cancel(self, index: int) -> None:
+        """Take sequence ``index`` out of the batch (its steps so far are kept)."""
+        self._keep([s for s in self._live if s.index != index])
+
+    def _keep(self, keep: list[_Sequence]) -> None:
+        if len(keep) == len(self._live):
+            return
+        rows = [self._live.index(s) for s in keep]
+        self._caches = [c.rows(rows) for c in self._caches] if keep else None
+        self._live = keep
+
+
 def generate_batch(engine, prompts: list[list[int]], max_new_tokens: int, decodings: list | None = None,
-                   on_step: Callable[[int, StepRecord], None] | None = None,
-                   on_pass: Callable[[PassRecord], None] | None = None) -> tuple[list[list[StepRecord]], list[PassRecord]]:  # fmt: skip
+                   on_step: Callable[[int, StepRecord], None] | None = None) -> tuple[list[list[StepRecord]], list[PassRecord]]:  # fmt: skip
     """Decode up to ``max_new_tokens`` tokens of each prompt with the KV cache (``engine``: an
     :class:`~kimi_jax.model.engine.Engine`); returns (each sequence's steps, the passes).
 
     ``decodings[i]`` chooses sequence i's tokens and says when it stops (None: greedy for exactly
-    ``max_new_tokens`` tokens); ``on_step(i, record)`` is called after each of sequence i's steps,
-    ``on_pass(record)`` after each pass."""
-    seqs = [_Sequence(i, list(p), (decodings or [None] * len(prompts))[i]) for i, p in enumerate(prompts)]
-    passes: list[PassRecord] = []
-
-    def done_step(seq: _Sequence, record: StepRecord) -> None:
-        seq.steps.append(record)
-        if on_step:
-            on_step(seq.index, record)
-
-    def done_pass(record: PassRecord) -> None:
-        passes.append(record)
-        if on_pass:
-            on_pass(record)
-
+    ``max_new_tokens`` tokens); ``on_step(i, record)`` is called after each of sequence i's steps."""
+    batch = Batch(engine)
     with long_lived_frozen() as freeze:
-        for seq in seqs:  # step 0: each prompt alone, as in its lone run
-            caches = engine.empty_caches(len(seq.prompt), max_new_tokens)
-            record, seq.caches = engine.step(0, seq.context, False, caches, None, seq.decoding)
-            done_step(seq, record)
-            done_pass(PassRecord(len(passes), (seq.index,), record.io, record.wall_s))
-        live = [s for s in seqs if not s.finished(max_new_tokens)]
-        caches = [BatchedLatentCache.stack([s.caches[layer] for s in live]) for layer in range(engine.cfg.num_hidden_layers)]
-        while live:
+        for prompt, decoding in zip(prompts, decodings or [None] * len(prompts)):
+            index, record = batch.add(prompt, max_new_tokens, decoding)
+            if on_step:
+                on_step(index, record)
+        while batch.live:
             freeze()
-            records, caches, io, wall_s = _decode_pass(engine, live, caches)
-            for seq, record in zip(live, records):
-                done_step(seq, record)
-            done_pass(PassRecord(len(passes), tuple(s.index for s in live), io, wall_s))
-            keep = [b for b, s in enumerate(live) if not s.finished(max_new_tokens)]
-            if len(keep) < len(live):
-                caches = [c.rows(keep) for c in caches] if keep else caches
-                live = [live[b] for b in keep]
-    return [s.steps for s in seqs], passes
+            for index, record in batch.step():
+                if on_step:
+                    on_step(index, record)
+    return [batch.sequences[i].steps for i in range(len(prompts))], batch.passes
 
 
 def own_bytes(index, layer_routing: list, row: int) -> tuple[dict, int]:
@@ -106,6 +144,14 @@ def own_bytes(index, layer_routing: list, row: int) -> tuple[dict, int]:
         picked = [] if routing is None else sorted({int(e) for e in np.asarray(routing.idx)[row]})
         per_layer[layer] = lm.base_bytes + sum(lm.expert_bytes(e) for e in picked)
     return per_layer, sum(per_layer.values())
+
+
+def share(used: int, whole: ByteCounts) -> ByteCounts:
+    """A token's part of a shared pass's sources: its own bytes ``used``, split between memory and
+    storage in the pass's proportions (what was read ahead, mispredicted or preloaded is the
+    pass's alone), so a step's sources still add up to its bytes."""
+    storage = used * whole.from_storage // whole.used if whole.used else 0
+    return ByteCounts(used=used, from_storage=storage, from_memory=used - storage)
 
 
 def _decode_pass(engine, live: list[_Sequence], caches: list[BatchedLatentCache]):
@@ -132,9 +178,9 @@ def _decode_pass(engine, live: list[_Sequence], caches: list[BatchedLatentCache]
         records.append(StepRecord(
             index=step, context=context, token=token, logit=float(logits[b][token]), logits=logits[b],
             hidden=hidden[b], layers=layer_records, bytes_read=used, bytes_per_layer=per_layer, wall_s=wall_s,
-            storage=counters.content(), io=ByteCounts(used=used),
+            storage=counters.content(), io=share(used, io),
         ))  # fmt: skip
     return records, caches, io, wall_s
 
 
-__all__ = ["PassRecord", "generate_batch", "own_bytes"]
+__all__ = ["PassRecord", "Batch", "generate_batch", "own_bytes", "share"]

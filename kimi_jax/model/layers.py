@@ -208,6 +208,17 @@ class BatchedLatentCache:
         return cls(jnp.stack([pad(c.c_kv) for c in caches]), jnp.stack([pad(c.k_pe) for c in caches]),
                    jnp.stack([c.length for c in caches]))  # fmt: skip
 
+    def join(self, other: BatchedLatentCache) -> BatchedLatentCache:
+        """These sequences' caches and ``other``'s, in that row order, padded to the larger capacity."""
+        capacity = max(self.c_kv.shape[1], other.c_kv.shape[1])
+
+        def pad(a: jax.Array) -> jax.Array:
+            return jnp.pad(a, ((0, 0), (0, capacity - a.shape[1]), (0, 0)))
+
+        return BatchedLatentCache(jnp.concatenate([pad(self.c_kv), pad(other.c_kv)]),
+                                  jnp.concatenate([pad(self.k_pe), pad(other.k_pe)]),
+                                  jnp.concatenate([self.length, other.length]))  # fmt: skip
+
     def rows(self, keep: list[int]) -> BatchedLatentCache:
         """The caches of the sequences at rows ``keep`` (finished sequences leave the batch)."""
         index = jnp.asarray(keep, dtype=jnp.int32)

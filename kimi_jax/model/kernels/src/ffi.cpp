@@ -40,21 +40,23 @@ float* thread_scratch(int slot, size_t n) {
 
 namespace {
 
-struct Fp8Cache {  // which block row the slot-1 scratch holds, for which call
+struct Fp8Cache {  // which block row a scale buffer holds, for which call
   uint64_t call_id = ~uint64_t(0);
   int64_t block_row = -1;
   bool fold = false, folded = false;
+  std::vector<float> values;
 };
-thread_local Fp8Cache fp8_cache;
 
 }  // namespace
 
+// Four buffers, by block row mod 4: a tile of up to 4 consecutive output rows never needs two block
+// rows that share a buffer, whatever the block height.
 const float* fp8_row_scales(const LinearJob& job, int64_t block_row, bool fold_2_8, bool* folded) {
-  float* s = thread_scratch(1, size_t(job.n_pad));
-  Fp8Cache& c = fp8_cache;
+  thread_local Fp8Cache caches[4];
+  Fp8Cache& c = caches[block_row & 3];
   if (c.call_id == job.call_id && c.block_row == block_row && c.fold == fold_2_8) {
     *folded = c.folded;
-    return s;
+    return c.values.data();
   }
   const int64_t n_bc = (job.n_in + job.block_cols - 1) / job.block_cols;
   const float* src = static_cast<const float*>(job.scale) + block_row * n_bc;
@@ -64,8 +66,13 @@ const float* fp8_row_scales(const LinearJob& job, int64_t block_row, bool fold_2
     if (a >= 0x1p120f && std::isfinite(a)) ok = false;
   }
   const float factor = ok ? 256.0f : 1.0f;
+  if (c.values.size() < size_t(job.n_pad)) c.values.resize(size_t(job.n_pad));
+  float* s = c.values.data();
   for (int64_t i = 0; i < job.n_pad; ++i) s[i] = i < job.n_in ? src[i / job.block_cols] * factor : 0.0f;
-  c = Fp8Cache{job.call_id, block_row, fold_2_8, ok};
+  c.call_id = job.call_id;
+  c.block_row = block_row;
+  c.fold = fold_2_8;
+  c.folded = ok;
   *folded = ok;
   return s;
 }

@@ -668,6 +668,46 @@ int kimi_jax_routed_experts_raw(int format, int mode, int isa, const float* x, i
   return 0;
 }
 
+// Memory bandwidth, measured with the kernels' own threads (benchmarks/kernels.py): kind 0 reads
+// n_bytes of a (returns a checksum so the reads cannot be dropped), 1 copies a to b, 2 computes the
+// STREAM triad b = a + 3 c over floats. Tasks of 1 MiB on our pool (configure it first).
+uint64_t kimi_jax_stream(int kind, const void* a, void* b, const void* c, int64_t n_bytes) {
+  struct Stream {
+    int kind;
+    const char* a;
+    char* b;
+    const char* c;
+    int64_t n;
+    std::atomic<uint64_t> sum{0};
+    static void run(void* self, int64_t task) {
+      Stream& s = *static_cast<Stream*>(self);
+      const int64_t chunk = 1 << 20, begin = task * chunk, end = std::min(s.n, begin + chunk);
+      if (s.kind == 0) {
+        uint64_t x = 0;
+        const uint64_t* p = reinterpret_cast<const uint64_t*>(s.a + begin);
+        for (int64_t i = 0; i < (end - begin) / 8; ++i) x ^= p[i];
+        s.sum.fetch_xor(x, std::memory_order_relaxed);
+      } else if (s.kind == 1) {
+        std::memcpy(s.b + begin, s.a + begin, size_t(end - begin));
+      } else {
+        const float* x = reinterpret_cast<const float*>(s.a + begin);
+        const float* z = reinterpret_cast<const float*>(s.c + begin);
+        float* y = reinterpret_cast<float*>(s.b + begin);
+        for (int64_t i = 0; i < (end - begin) / 4; ++i) y[i] = x[i] + 3.0f * z[i];
+      }
+    }
+  } stream;
+  stream.kind = kind;
+  stream.a = static_cast<const char*>(a);
+  stream.b = static_cast<char*>(b);
+  stream.c = static_cast<const char*>(c);
+  stream.n = n_bytes;
+  const int64_t tasks = (n_bytes + (1 << 20) - 1) >> 20;
+  if (kj::settings.threads.load() > 1) kj::own_pool_run(tasks, Stream::run, &stream);
+  else for (int64_t i = 0; i < tasks; ++i) Stream::run(&stream, i);
+  return stream.sum.load();
+}
+
 }  // extern "C"
 
 #pragma GCC visibility pop

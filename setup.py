@@ -18,7 +18,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SRC = Path("kimi_jax/model/kernels/src")
-SOURCES = ["ffi.cpp", "pool.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx512.cpp"]
+SOURCES = ["ffi.cpp", "pool.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "module.cpp"]
 
 
 def ffi_include_dir() -> str | None:

@@ -6,8 +6,9 @@ Settings (environment, read once when the library is first needed):
 * ``KIMI_JAX_KERNEL_ISA=avx512|avx2|portable`` picks the instruction set (default: the best the CPU
   has). One the CPU lacks makes the kernels unavailable, with that reason.
 * ``KIMI_JAX_KERNEL_THREADS=n`` threads over output rows (default: the CPUs this process may use).
-* ``KIMI_JAX_KERNEL_POOL=own|xla|none``: our own worker threads (default), XLA's intra-op pool, or
-  the calling thread alone (``benchmarks/kernels.py`` measured all three).
+* ``KIMI_JAX_KERNEL_POOL=xla|own|none``: XLA's intra-op thread pool (default: the threads XLA runs
+  its own CPU kernels on, so nothing else spins or competes for the cores between kernel calls), our
+  own worker threads, or the calling thread alone (``benchmarks/kernels.py`` measures all three).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ TARGETS = {
     "kimi_jax_bf16_linear": "KimiJaxBf16Linear",
     "kimi_jax_routed_experts": "KimiJaxRoutedExperts",
 }
-# Our idle workers spin this long after a call before they sleep: the calls of one decode step come
-# back to back, and waking a sleeping thread costs tens of microseconds on a busy VM.
+# With our own pool: idle workers spin this long after a call before they sleep (the calls of one
+# decode step come back to back; waking a sleeping thread costs tens of microseconds on a busy VM).
 SPIN_US = 200
 # Weights below this many bytes are multiplied on the calling thread alone (waking a helper costs
 # more than it saves), and each task of a threaded call covers about TASK_BYTES of weights.
@@ -43,7 +44,7 @@ class Library:
     reason: str | None = None  # why not, when not
     isa: str | None = None
     threads: int = 1
-    pool: str = "own"
+    pool: str = "xla"
     kernel_set_version: int | None = None
     supported_isas: tuple[str, ...] = ()
     path: str | None = None
@@ -101,7 +102,7 @@ def _load() -> Library:
     supported = tuple(name for i, name in enumerate(ISAS) if mask & (1 << i))
     try:
         isa = _env_choice("KIMI_JAX_KERNEL_ISA", ISAS, supported[-1])
-        pool = _env_choice("KIMI_JAX_KERNEL_POOL", POOLS, "own")
+        pool = _env_choice("KIMI_JAX_KERNEL_POOL", POOLS, "xla")
         threads = int(os.environ.get("KIMI_JAX_KERNEL_THREADS") or _default_threads())
     except ValueError as e:
         return Library(False, str(e))

@@ -391,55 +391,6 @@ ffi::Error bf16_linear(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
 
 // -------------------------------------------------------------------------------- routed experts
 
-// One expert's gate and up products for its rows, then h = silu(gate) * up, for intermediate rows
-// [i0, i1) of every task.
-struct GateUpTasks {
-  const KernelTable* table;
-  const LinearJob* gate;
-  const LinearJob* up;
-  float* h;  // [rows][inter], also where gate lands
-  const float* u;
-  int64_t rows_per_task, n_rows, inter;
-
-  static void run(void* self, int64_t task) {
-    const GateUpTasks& g = *static_cast<const GateUpTasks*>(self);
-    const int64_t i0 = task * g.rows_per_task, i1 = std::min(g.inter, i0 + g.rows_per_task);
-    g.table->rows(*g.gate, i0, i1);
-    g.table->rows(*g.up, i0, i1);
-    for (int64_t t = 0; t < g.n_rows; ++t)
-      for (int64_t i = i0; i < i1; ++i) {
-        const float a = g.h[t * g.inter + i];
-        const float silu = a * (1.0f / (1.0f + std::exp(-a)));  // jax.nn.silu: x * sigmoid(x)
-        g.h[t * g.inter + i] = silu * g.u[t * g.inter + i];
-      }
-  }
-};
-
-// One expert's down product for its rows, added into the layer's result with its combine weight.
-struct DownTasks {
-  const KernelTable* table;
-  const LinearJob* down;
-  const float* y;         // [rows][hidden]
-  const int64_t* rows;    // which rows of the layer
-  const float* combine;   // [rows]
-  float* out;             // [T][hidden]
-  int64_t rows_per_task, n_rows, hidden;
-
-  static void run(void* self, int64_t task) {
-    const DownTasks& d = *static_cast<const DownTasks*>(self);
-    const int64_t o0 = task * d.rows_per_task, o1 = std::min(d.hidden, o0 + d.rows_per_task);
-    d.table->rows(*d.down, o0, o1);
-    for (int64_t t = 0; t < d.n_rows; ++t) {
-      float* acc = d.out + d.rows[t] * d.hidden;
-      const float* y = d.y + t * d.hidden;
-      for (int64_t o = o0; o < o1; ++o) {
-        const float term = y[o] * d.combine[t];  // acc + y * c, two roundings, as the XLA path
-        acc[o] = acc[o] + term;
-      }
-    }
-  }
-};
-
 // The layer itself, after every check. gate/up are [n][I][H] and down [n][H][I] in their format
 // (with scales), slots/combine [T][k], ids [n_slots] or null (slot j is stack entry j).
 struct Experts {
@@ -448,6 +399,67 @@ struct Experts {
   int64_t group, b0, b1;
   int64_t n, I, H;
   const void *gate_w, *gate_s, *up_w, *up_s, *down_w, *down_s;
+};
+
+// One picked slot: the rows that picked it, their combine weights, its products.
+struct Pick {
+  std::vector<int64_t> rows;
+  std::vector<float> c;
+  LinearJob gate, up, down;
+  float* h;          // [rows][I]: gate's result, then silu(gate) * up
+  const float* u;    // [rows][I]
+  const float* y;    // [rows][H]: down's result
+  int64_t first_task;  // of the gate/up phase
+};
+
+// Phase 1, every picked expert at once: tasks are (expert, range of intermediate rows); each computes
+// gate and up for its rows and then h = silu(gate) * up there.
+struct GateUpPhase {
+  const KernelTable* table;
+  std::vector<Pick>* picks;
+  int64_t rows_per_task, I;
+
+  static void run(void* self, int64_t task) {
+    const GateUpPhase& g = *static_cast<const GateUpPhase*>(self);
+    std::vector<Pick>& picks = *g.picks;
+    size_t p = 0;
+    while (p + 1 < picks.size() && picks[p + 1].first_task <= task) ++p;
+    const Pick& pick = picks[p];
+    const int64_t i0 = (task - pick.first_task) * g.rows_per_task, i1 = std::min(g.I, i0 + g.rows_per_task);
+    g.table->rows(pick.gate, i0, i1);
+    g.table->rows(pick.up, i0, i1);
+    for (size_t t = 0; t < pick.rows.size(); ++t)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float a = pick.h[int64_t(t) * g.I + i];
+        const float silu = a * (1.0f / (1.0f + std::exp(-a)));  // jax.nn.silu: x * sigmoid(x)
+        pick.h[int64_t(t) * g.I + i] = silu * pick.u[int64_t(t) * g.I + i];
+      }
+  }
+};
+
+// Phase 2: tasks are ranges of hidden rows; each runs every picked expert's down product there, in
+// slot order, and adds it into the result: out[t] = (out[t] + c_j y_j[t]), j ascending, as the XLA path.
+struct DownPhase {
+  const KernelTable* table;
+  const std::vector<Pick>* picks;
+  float* out;  // [T][H]
+  int64_t rows_per_task, H;
+
+  static void run(void* self, int64_t task) {
+    const DownPhase& d = *static_cast<const DownPhase*>(self);
+    const int64_t o0 = task * d.rows_per_task, o1 = std::min(d.H, o0 + d.rows_per_task);
+    for (const Pick& pick : *d.picks) {
+      d.table->rows(pick.down, o0, o1);
+      for (size_t t = 0; t < pick.rows.size(); ++t) {
+        float* acc = d.out + pick.rows[t] * d.H;
+        const float* y = pick.y + int64_t(t) * d.H;
+        for (int64_t o = o0; o < o1; ++o) {
+          const float term = y[o] * pick.c[t];  // two roundings, as acc + y * c in the XLA path
+          acc[o] = acc[o] + term;
+        }
+      }
+    }
+  }
 };
 
 void run_routed(ffi::ThreadPool* xla, const KernelTable* table, const Experts& ex, const float* x, int64_t T,
@@ -464,14 +476,12 @@ void run_routed(ffi::ThreadPool* xla, const KernelTable* table, const Experts& e
   const auto at = [](const void* base, int64_t bytes) {
     return base ? static_cast<const void*>(static_cast<const char*>(base) + bytes) : nullptr;
   };
-  // Caller-thread scratch: slots 3.. (0-2 belong to the row kernels, on every thread).
-  std::vector<int64_t> rows;
-  std::vector<float> c;
-  rows.reserve(size_t(T));
-  c.reserve(size_t(T));
+
+  // Which rows picked which slot (a row that picks a slot twice adds its weights, k ascending).
+  std::vector<Pick> picks;
+  int64_t total = 0;
   for (int64_t j = 0; j < n_slots; ++j) {
-    rows.clear();
-    c.clear();
+    Pick p;
     for (int64_t t = 0; t < T; ++t) {
       bool hit = false;
       float w = 0.0f;
@@ -481,36 +491,60 @@ void run_routed(ffi::ThreadPool* xla, const KernelTable* table, const Experts& e
           w += weight[t * k + e];
         }
       if (hit) {
-        rows.push_back(t);
-        c.push_back(w);
+        p.rows.push_back(t);
+        p.c.push_back(w);
       }
     }
-    if (rows.empty()) continue;  // padding and unpicked slots are never read
+    if (p.rows.empty()) continue;  // padding and unpicked slots are never read
     const int64_t e = ids ? ids[j] : j;
-    const int64_t R = int64_t(rows.size());
-    float* xg = thread_scratch(4, size_t(R * H));
-    for (int64_t r = 0; r < R; ++r) std::memcpy(xg + r * H, x + rows[size_t(r)] * H, size_t(H) * 4);
-    float* xp = thread_scratch(3, size_t(R * pad_h));
-    table->prepare(fmt, xg, false, H, R, H, xp, pad_h);
-    float* h = thread_scratch(5, size_t(R * I));
-    float* uo = thread_scratch(6, size_t(R * I));
-    const Matrix ge{fmt, at(ex.gate_w, e * g_wstride), at(ex.gate_s, e * g_sstride), I, H};
-    const Matrix ue{fmt, at(ex.up_w, e * g_wstride), at(ex.up_s, e * g_sstride), I, H};
-    const Matrix de{fmt, at(ex.down_w, e * d_wstride), at(ex.down_s, e * d_sstride), H, I};
-    const LinearJob gate_job = make_job(ge, ex.mode, ex.group, ex.b0, ex.b1, R, xp, pad_h, h, I);
-    const LinearJob up_job = make_job(ue, ex.mode, ex.group, ex.b0, ex.b1, R, xp, pad_h, uo, I);
-    const int64_t gu_rows = std::max<int64_t>(1, RowTasks::per_task(gate_job) / 2);
-    GateUpTasks gu{table, &gate_job, &up_job, h, uo, gu_rows, R, I};
-    run_tasks(xla, cdiv(I, gu_rows), GateUpTasks::run, &gu, 2 * weight_bytes(fmt, I, H));
-
-    float* hp = thread_scratch(7, size_t(R * pad_i));
-    table->prepare(fmt, h, false, I, R, I, hp, pad_i);
-    float* yd = thread_scratch(8, size_t(R * H));
-    const LinearJob down_job = make_job(de, ex.mode, ex.group, ex.b0, ex.b1, R, hp, pad_i, yd, H);
-    const int64_t dn_rows = RowTasks::per_task(down_job);
-    DownTasks dn{table, &down_job, yd, rows.data(), c.data(), result, dn_rows, R, H};
-    run_tasks(xla, cdiv(H, dn_rows), DownTasks::run, &dn, weight_bytes(fmt, H, I));
+    p.gate.w = at(ex.gate_w, e * g_wstride);  // the rest of the jobs once the buffers are known
+    p.gate.scale = at(ex.gate_s, e * g_sstride);
+    p.up.w = at(ex.up_w, e * g_wstride);
+    p.up.scale = at(ex.up_s, e * g_sstride);
+    p.down.w = at(ex.down_w, e * d_wstride);
+    p.down.scale = at(ex.down_s, e * d_sstride);
+    total += int64_t(p.rows.size());
+    picks.push_back(std::move(p));
   }
+  if (picks.empty()) return;
+
+  // Caller-thread scratch, slots 3.. (0-2 belong to the row kernels, on every thread).
+  float* xp = thread_scratch(3, size_t(total * pad_h));
+  float* h = thread_scratch(5, size_t(total * I));
+  float* u = thread_scratch(6, size_t(total * I));
+  float* hp = thread_scratch(7, size_t(total * pad_i));
+  float* y = thread_scratch(8, size_t(total * H));
+  const int64_t gu_rows = std::max<int64_t>(1, settings.task_bytes.load() / (2 * weight_bytes(fmt, 1, H)));
+  int64_t offset = 0, tasks = 0;
+  for (Pick& p : picks) {
+    const int64_t R = int64_t(p.rows.size());
+    for (int64_t r = 0; r < R; ++r)
+      table->prepare(fmt, x + p.rows[size_t(r)] * H, false, H, 1, H, xp + (offset + r) * pad_h, pad_h);
+    const Matrix ge{fmt, p.gate.w, p.gate.scale, I, H}, ue{fmt, p.up.w, p.up.scale, I, H};
+    p.gate = make_job(ge, ex.mode, ex.group, ex.b0, ex.b1, R, xp + offset * pad_h, pad_h, h + offset * I, I);
+    p.up = make_job(ue, ex.mode, ex.group, ex.b0, ex.b1, R, xp + offset * pad_h, pad_h, u + offset * I, I);
+    p.h = h + offset * I;
+    p.u = u + offset * I;
+    p.y = y + offset * H;
+    p.first_task = tasks;
+    tasks += cdiv(I, gu_rows);
+    offset += R;
+  }
+  GateUpPhase gu{table, &picks, gu_rows, I};
+  run_tasks(xla, tasks, GateUpPhase::run, &gu, int64_t(picks.size()) * 2 * weight_bytes(fmt, I, H));
+
+  offset = 0;
+  for (Pick& p : picks) {
+    const int64_t R = int64_t(p.rows.size());
+    table->prepare(fmt, p.h, false, I, R, I, hp + offset * pad_i, pad_i);
+    const Matrix de{fmt, p.down.w, p.down.scale, H, I};
+    p.down = make_job(de, ex.mode, ex.group, ex.b0, ex.b1, R, hp + offset * pad_i, pad_i, y + offset * H, H);
+    offset += R;
+  }
+  const int64_t dn_rows = std::max<int64_t>(
+      1, settings.task_bytes.load() / (int64_t(picks.size()) * weight_bytes(fmt, 1, I)));
+  DownPhase dn{table, &picks, result, dn_rows, H};
+  run_tasks(xla, cdiv(H, dn_rows), DownPhase::run, &dn, int64_t(picks.size()) * weight_bytes(fmt, H, I));
 }
 
 ffi::Error routed_experts(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gate_w, ffi::AnyBuffer gate_s,
@@ -640,7 +674,7 @@ void kimi_jax_configure(int threads, int pool, int spin_us, int64_t min_parallel
   kj::settings.pool.store(pool);
   kj::settings.min_parallel_bytes.store(min_parallel_bytes);
   kj::settings.task_bytes.store(task_bytes < 1 ? 1 : task_bytes);
-  kj::own_pool_configure(pool == kj::kPoolOwn ? threads : 1, spin_us);
+  kj::own_pool_configure(threads, spin_us);  // started only if used (pool own, or the raw entries)
 }
 
 // For benchmarks and instruction counts (benchmarks/kernels.py --callgrind): the same products without
@@ -703,8 +737,7 @@ uint64_t kimi_jax_stream(int kind, const void* a, void* b, const void* c, int64_
   stream.c = static_cast<const char*>(c);
   stream.n = n_bytes;
   const int64_t tasks = (n_bytes + (1 << 20) - 1) >> 20;
-  if (kj::settings.threads.load() > 1) kj::own_pool_run(tasks, Stream::run, &stream);
-  else for (int64_t i = 0; i < tasks; ++i) Stream::run(&stream, i);
+  kj::own_pool_run(tasks, Stream::run, &stream);
   return stream.sum.load();
 }
 

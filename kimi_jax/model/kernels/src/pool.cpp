@@ -32,19 +32,22 @@ class Pool {
  public:
   ~Pool() { stop_workers(); }
 
+  // Workers start on the first job, so a process that never uses this pool never has them.
   void configure(int threads, int spin_us) {
     std::lock_guard<std::mutex> job(run_mutex_);
     stop_workers();
     spin_us_ = spin_us < 0 ? 0 : spin_us;
     threads_ = threads < 1 ? 1 : threads;
-    stop_.store(false);
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { work(); });
   }
 
   int threads() const { return threads_; }
 
   void run(int64_t n_tasks, TaskFn fn, void* ctx) {
     std::unique_lock<std::mutex> job(run_mutex_, std::try_to_lock);
+    if (job.owns_lock() && workers_.empty() && threads_ > 1) {
+      stop_.store(false);
+      for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { work(); });
+    }
     if (!job.owns_lock() || workers_.empty() || n_tasks < 2) {  // busy, or nothing to share: inline
       for (int64_t i = 0; i < n_tasks; ++i) fn(ctx, i);
       return;

@@ -11,8 +11,9 @@ using TaskFn = void (*)(void* ctx, int64_t task);
 
 enum PoolKind : int { kPoolNone = 0, kPoolOwn = 1, kPoolXla = 2 };
 
-// Our own workers: they spin for spin_us after each job (back-to-back kernel calls find them awake),
-// then sleep on a condition variable. One job at a time; a second caller meanwhile runs inline.
+// Our own workers: started by the first job; they spin for spin_us after each job (back-to-back kernel
+// calls find them awake), then sleep on a condition variable. One job at a time; a second caller
+// meanwhile runs inline.
 void own_pool_configure(int threads, int spin_us);
 void own_pool_run(int64_t n_tasks, TaskFn fn, void* ctx);
 int own_pool_threads();

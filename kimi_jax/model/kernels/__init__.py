@@ -11,11 +11,12 @@ What they compute (``src/``, built by ``pip install -e .``; see setup.py):
 * The routed experts of a MoE layer in one call (gate, up, SiLU, down, weighted sum), each picked
   expert's bytes read once.
 
-Summation order: per output row and activation row, four float32 accumulators of SIMD width
-(16 lanes with AVX-512, 8 otherwise) take the products column chunk by chunk, then a fixed tree adds
-them. The order never depends on how many rows are computed together or by which thread, so a row's
-result is the same alone or in a batch. Against the exact sum, a result errs by at most
-``gamma(m) * sum_i |w_i x_i|`` with ``m = ceil(n / (4 W)) + log2(4 W)`` additions on any one path and
+Summation order: per output row and activation row, two float32 accumulators of SIMD width W (16
+lanes with AVX-512, 8 otherwise) take the products column chunk by chunk (fused multiply-add; the
+portable path rounds each product, then adds), then a fixed tree adds them. The order never depends
+on how many rows are computed together or by which thread, so a row's result is the same alone or in
+a batch. Against the exact sum a result errs by at most ``gamma(m) * sum_i |w_i x_i|``, where
+``m = n / (2W) + 2 + log2(W) <= n / 16 + 10`` bounds the roundings on any one term's path and
 ``gamma(m) = m u / (1 - m u)``, u = 2^-24 (``tests/test_kernels.py`` holds every kernel to it).
 
 The instruction set (AVX-512, AVX2+FMA+F16C, portable C++) is chosen by CPUID when the library

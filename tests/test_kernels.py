@@ -227,6 +227,19 @@ def test_nan_and_inf_propagate_as_on_the_xla_path(isa):
     assert np.isnan(np.asarray(kernel_linear(x_nan, int4, isa=isa))[1]).all()
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_padding_columns_stay_zero_under_infinite_scales(isa):
+    """Columns past in_features are exactly zero, not 0 * inf: all-positive terms under an infinite
+    scale sum to +inf, as on the XLA path, not to NaN (ragged tails of an int4 word and an FP8 chunk)."""
+    x = jnp.full((1, 100), 0.5, jnp.float32)
+    int4 = Int4Weight(jnp.asarray(pack_int4(np.full((3, 100), 3, np.int8))), jnp.full((3, 4), jnp.inf, jnp.bfloat16),
+                      100, 32)  # fmt: skip
+    fp8 = Fp8Weight(jnp.asarray(np.full((3, 100), 0x38, np.uint8).view(FP8)), jnp.full((1, 1), jnp.inf), (128, 128))
+    for w in (int4, fp8):
+        np.testing.assert_array_equal(np.asarray(stored_linear(x, w)), np.inf)
+        np.testing.assert_array_equal(np.asarray(kernel_linear(x, w, isa=isa)), np.inf)
+
+
 def test_what_the_kernels_do_not_take_returns_none():
     rng = np.random.default_rng(61)
     x = jnp.asarray(rng.standard_normal((1, 64)).astype(np.float32))

@@ -64,16 +64,23 @@ struct Int4Dec {
   bool round;
 
   Int4Dec() = default;
-  Int4Dec(const kj::LinearJob& job, int64_t o) {
+  explicit Int4Dec(const kj::LinearJob& job) {
     n_in = job.n_in;
     n_words = (n_in + 7) / 8;
     n_groups = (n_in + job.group_size - 1) / job.group_size;
     gw = job.group_size / 8;
     shift = (gw & (gw - 1)) == 0 ? __builtin_ctzll(uint64_t(gw)) : -1;
-    words = static_cast<const uint32_t*>(job.w) + o * n_words;
-    scales = static_cast<const uint16_t*>(job.scale) + o * n_groups;
+    words = static_cast<const uint32_t*>(job.w);
+    scales = static_cast<const uint16_t*>(job.scale);
     n_full = n_in / COLS;
     round = job.mode == kj::kBf16Rounded;
+  }
+
+  Int4Dec at(const kj::LinearJob&, int64_t o) const {
+    Int4Dec d = *this;
+    d.words += o * n_words;
+    d.scales += o * n_groups;
+    return d;
   }
 
   template <bool TAIL>
@@ -153,8 +160,14 @@ struct Bf16Dec {
   int64_t n_in, n_full;
 
   Bf16Dec() = default;
-  Bf16Dec(const kj::LinearJob& job, int64_t o)
-      : row(static_cast<const uint16_t*>(job.w) + o * job.n_in), n_in(job.n_in), n_full(job.n_in / COLS) {}
+  explicit Bf16Dec(const kj::LinearJob& job)
+      : row(static_cast<const uint16_t*>(job.w)), n_in(job.n_in), n_full(job.n_in / COLS) {}
+
+  Bf16Dec at(const kj::LinearJob&, int64_t o) const {
+    Bf16Dec d = *this;
+    d.row += o * n_in;
+    return d;
+  }
 
   struct Chunk {
     __m256i v[2];
@@ -187,15 +200,29 @@ struct Fp8Dec {  // the float16 trick of isa_avx512.cpp
   static int64_t col(int64_t c, int k, int l) { return COLS * c + V::W * k + l; }
 
   const uint8_t* row;
-  const float* s;
-  int64_t n_in, n_full;
+  const float* s;       // the row's scale per column (n_pad floats), when blocks are not whole chunks
+  const float* blocks;  // else the row's block scales, one per (1 << chunk_shift) chunks
+  int64_t n_in, n_full, n_bc;
+  int chunk_shift;
   bool prescaled, round;
 
   Fp8Dec() = default;
-  Fp8Dec(const kj::LinearJob& job, int64_t o)
-      : row(static_cast<const uint8_t*>(job.w) + o * job.n_in), n_in(job.n_in), n_full(job.n_in / COLS),
+  explicit Fp8Dec(const kj::LinearJob& job)
+      : row(static_cast<const uint8_t*>(job.w)), s(nullptr), blocks(nullptr), n_in(job.n_in), n_full(job.n_in / COLS),
+        n_bc((job.n_in + job.block_cols - 1) / job.block_cols), chunk_shift(-1), prescaled(false),
         round(job.mode == kj::kBf16Rounded) {
-    s = kj::fp8_row_scales(job, o / job.block_rows, true, &prescaled);
+    const int64_t per = job.block_cols / COLS;  // whole chunks per block, a power of two: one scale per chunk
+    if (job.block_cols % COLS == 0 && (per & (per - 1)) == 0) chunk_shift = __builtin_ctzll(uint64_t(per));
+  }
+
+  Fp8Dec at(const kj::LinearJob& job, int64_t o) const {
+    Fp8Dec d = *this;
+    d.row += o * n_in;
+    if (chunk_shift >= 0)
+      d.blocks = static_cast<const float*>(job.scale) + (o / job.block_rows) * n_bc;
+    else
+      d.s = kj::fp8_row_scales(job, o / job.block_rows, true, &d.prescaled);
+    return d;
   }
 
   struct Chunk {
@@ -218,13 +245,30 @@ struct Fp8Dec {  // the float16 trick of isa_avx512.cpp
       const __m256i half = _mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000)));
       __m256 lo = _mm256_cvtph_ps(_mm256_castsi256_si128(half));
       __m256 hi = _mm256_cvtph_ps(_mm256_extracti128_si256(half, 1));
-      const float* sp = s + COLS * c + 16 * h;
-      if (!prescaled) {
-        lo = _mm256_mul_ps(lo, _mm256_set1_ps(256.0f));
-        hi = _mm256_mul_ps(hi, _mm256_set1_ps(256.0f));
+      if (chunk_shift >= 0) {  // one scale for the chunk: 2^8 folded in when that is exact
+        const float b = blocks[c >> chunk_shift];
+        if (__builtin_fabsf(b) < 0x1p120f || !__builtin_isfinite(b)) {
+          lo = _mm256_mul_ps(lo, _mm256_set1_ps(b * 256.0f));
+          hi = _mm256_mul_ps(hi, _mm256_set1_ps(b * 256.0f));
+        } else {
+          lo = _mm256_mul_ps(_mm256_mul_ps(lo, _mm256_set1_ps(256.0f)), _mm256_set1_ps(b));
+          hi = _mm256_mul_ps(_mm256_mul_ps(hi, _mm256_set1_ps(256.0f)), _mm256_set1_ps(b));
+        }
+      } else {
+        const float* sp = s + COLS * c + 16 * h;
+        if (!prescaled) {
+          lo = _mm256_mul_ps(lo, _mm256_set1_ps(256.0f));
+          hi = _mm256_mul_ps(hi, _mm256_set1_ps(256.0f));
+        }
+        lo = _mm256_mul_ps(lo, _mm256_loadu_ps(sp));
+        hi = _mm256_mul_ps(hi, _mm256_loadu_ps(sp + 8));
       }
-      lo = _mm256_mul_ps(lo, _mm256_loadu_ps(sp));
-      hi = _mm256_mul_ps(hi, _mm256_loadu_ps(sp + 8));
+      if (TAIL) {  // columns past n_in are exactly zero, even under an infinite or NaN block scale
+        const __m256i col = _mm256_add_epi32(_mm256_set1_epi32(int32_t(COLS * c + 16 * h)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256i limit = _mm256_set1_epi32(int32_t(n_in));
+        lo = _mm256_and_ps(lo, _mm256_castsi256_ps(_mm256_cmpgt_epi32(limit, col)));
+        hi = _mm256_and_ps(hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(limit, _mm256_add_epi32(col, _mm256_set1_epi32(8)))));
+      }
       const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), _mm256_set1_epi16(0x7F));
       if (_mm256_movemask_epi8(nan)) {
         const __m256 q = _mm256_set1_ps(__builtin_nanf(""));

@@ -73,16 +73,23 @@ struct Int4Dec {
   bool round;
 
   Int4Dec() = default;
-  Int4Dec(const kj::LinearJob& job, int64_t o) {
+  explicit Int4Dec(const kj::LinearJob& job) {
     n_in = job.n_in;
     n_words = (n_in + 7) / 8;
     n_groups = (n_in + job.group_size - 1) / job.group_size;
     gw = job.group_size / 8;
     shift = (gw & (gw - 1)) == 0 ? __builtin_ctzll(uint64_t(gw)) : -1;
-    words = static_cast<const uint32_t*>(job.w) + o * n_words;
-    scales = static_cast<const uint16_t*>(job.scale) + o * n_groups;
+    words = static_cast<const uint32_t*>(job.w);
+    scales = static_cast<const uint16_t*>(job.scale);
     n_full = n_in / COLS;
     round = job.mode == kj::kBf16Rounded;
+  }
+
+  Int4Dec at(const kj::LinearJob&, int64_t o) const {
+    Int4Dec d = *this;
+    d.words += o * n_words;
+    d.scales += o * n_groups;
+    return d;
   }
 
   // Lane l (word 16c + l) gets the scale of group (16c + l) / gw.
@@ -142,8 +149,14 @@ struct Bf16Dec {
   int64_t n_in, n_full;
 
   Bf16Dec() = default;
-  Bf16Dec(const kj::LinearJob& job, int64_t o)
-      : row(static_cast<const uint16_t*>(job.w) + o * job.n_in), n_in(job.n_in), n_full(job.n_in / COLS) {}
+  explicit Bf16Dec(const kj::LinearJob& job)
+      : row(static_cast<const uint16_t*>(job.w)), n_in(job.n_in), n_full(job.n_in / COLS) {}
+
+  Bf16Dec at(const kj::LinearJob&, int64_t o) const {
+    Bf16Dec d = *this;
+    d.row += o * n_in;
+    return d;
+  }
 
   struct Chunk {
     __m512i v[2];
@@ -175,15 +188,29 @@ struct Fp8Dec {
   static int64_t col(int64_t c, int k, int l) { return COLS * c + V::W * k + l; }
 
   const uint8_t* row;
-  const float* s;
-  int64_t n_in, n_full;
+  const float* s;       // the row's scale per column (n_pad floats), when blocks are not whole chunks
+  const float* blocks;  // else the row's block scales, one per (1 << chunk_shift) chunks
+  int64_t n_in, n_full, n_bc;
+  int chunk_shift;
   bool prescaled, round;
 
   Fp8Dec() = default;
-  Fp8Dec(const kj::LinearJob& job, int64_t o)
-      : row(static_cast<const uint8_t*>(job.w) + o * job.n_in), n_in(job.n_in), n_full(job.n_in / COLS),
+  explicit Fp8Dec(const kj::LinearJob& job)
+      : row(static_cast<const uint8_t*>(job.w)), s(nullptr), blocks(nullptr), n_in(job.n_in), n_full(job.n_in / COLS),
+        n_bc((job.n_in + job.block_cols - 1) / job.block_cols), chunk_shift(-1), prescaled(false),
         round(job.mode == kj::kBf16Rounded) {
-    s = kj::fp8_row_scales(job, o / job.block_rows, true, &prescaled);
+    const int64_t per = job.block_cols / COLS;  // whole chunks per block, a power of two: one scale per chunk
+    if (job.block_cols % COLS == 0 && (per & (per - 1)) == 0) chunk_shift = __builtin_ctzll(uint64_t(per));
+  }
+
+  Fp8Dec at(const kj::LinearJob& job, int64_t o) const {
+    Fp8Dec d = *this;
+    d.row += o * n_in;
+    if (chunk_shift >= 0)
+      d.blocks = static_cast<const float*>(job.scale) + (o / job.block_rows) * n_bc;
+    else
+      d.s = kj::fp8_row_scales(job, o / job.block_rows, true, &d.prescaled);
+    return d;
   }
 
   struct Chunk {
@@ -202,13 +229,29 @@ struct Fp8Dec {
       const __m512i half = _mm512_add_epi16(t, _mm512_and_si512(t, _mm512_set1_epi16(0x4000)));
       __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(half));
       __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(half, 1));
-      const float* sp = s + COLS * c + 32 * h;
-      if (!prescaled) {
-        lo = _mm512_mul_ps(lo, _mm512_set1_ps(256.0f));
-        hi = _mm512_mul_ps(hi, _mm512_set1_ps(256.0f));
+      if (chunk_shift >= 0) {  // one scale for the chunk: 2^8 folded in when that is exact
+        const float b = blocks[c >> chunk_shift];
+        if (__builtin_fabsf(b) < 0x1p120f || !__builtin_isfinite(b)) {
+          lo = _mm512_mul_ps(lo, _mm512_set1_ps(b * 256.0f));
+          hi = _mm512_mul_ps(hi, _mm512_set1_ps(b * 256.0f));
+        } else {
+          lo = _mm512_mul_ps(_mm512_mul_ps(lo, _mm512_set1_ps(256.0f)), _mm512_set1_ps(b));
+          hi = _mm512_mul_ps(_mm512_mul_ps(hi, _mm512_set1_ps(256.0f)), _mm512_set1_ps(b));
+        }
+      } else {
+        const float* sp = s + COLS * c + 32 * h;
+        if (!prescaled) {
+          lo = _mm512_mul_ps(lo, _mm512_set1_ps(256.0f));
+          hi = _mm512_mul_ps(hi, _mm512_set1_ps(256.0f));
+        }
+        lo = _mm512_mul_ps(lo, _mm512_loadu_ps(sp));
+        hi = _mm512_mul_ps(hi, _mm512_loadu_ps(sp + 16));
       }
-      lo = _mm512_mul_ps(lo, _mm512_loadu_ps(sp));
-      hi = _mm512_mul_ps(hi, _mm512_loadu_ps(sp + 16));
+      if (TAIL) {  // columns past n_in are exactly zero, even under an infinite or NaN block scale
+        const int64_t col0 = COLS * c + 32 * h;
+        lo = _mm512_maskz_mov_ps(first_lanes16(n_in - col0), lo);
+        hi = _mm512_maskz_mov_ps(first_lanes16(n_in - col0 - 16), hi);
+      }
       const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(v, _mm512_set1_epi16(0x7F)), _mm512_set1_epi16(0x7F));
       if (nan) {  // 0x7F / 0xFF: e4m3fn's only NaNs (it has no infinities)
         lo = _mm512_mask_mov_ps(lo, __mmask16(nan), _mm512_set1_ps(__builtin_nanf("")));

@@ -71,18 +71,26 @@ struct Int4Dec {
 
   const uint32_t* words;
   const uint16_t* scales;
-  int64_t n_words, gw, n_in, n_full;
+  int64_t n_words, n_groups, gw, n_in, n_full;
   bool round;
 
   Int4Dec() = default;
-  Int4Dec(const kj::LinearJob& job, int64_t o) {
+  explicit Int4Dec(const kj::LinearJob& job) {
     n_in = job.n_in;
     n_full = n_in / COLS;
     n_words = (n_in + 7) / 8;
+    n_groups = (n_in + job.group_size - 1) / job.group_size;
     gw = job.group_size / 8;
-    words = static_cast<const uint32_t*>(job.w) + o * n_words;
-    scales = static_cast<const uint16_t*>(job.scale) + o * ((n_in + job.group_size - 1) / job.group_size);
+    words = static_cast<const uint32_t*>(job.w);
+    scales = static_cast<const uint16_t*>(job.scale);
     round = job.mode == kj::kBf16Rounded;
+  }
+
+  Int4Dec at(const kj::LinearJob&, int64_t o) const {
+    Int4Dec d = *this;
+    d.words += o * n_words;
+    d.scales += o * n_groups;
+    return d;
   }
 
   struct Chunk {
@@ -125,8 +133,14 @@ struct Bf16Dec {
   int64_t n_in, n_full;
 
   Bf16Dec() = default;
-  Bf16Dec(const kj::LinearJob& job, int64_t o)
-      : row(static_cast<const uint16_t*>(job.w) + o * job.n_in), n_in(job.n_in), n_full(job.n_in / COLS) {}
+  explicit Bf16Dec(const kj::LinearJob& job)
+      : row(static_cast<const uint16_t*>(job.w)), n_in(job.n_in), n_full(job.n_in / COLS) {}
+
+  Bf16Dec at(const kj::LinearJob&, int64_t o) const {
+    Bf16Dec d = *this;
+    d.row += o * n_in;
+    return d;
+  }
 
   struct Chunk {
     V::F w[K];
@@ -176,13 +190,19 @@ struct Fp8Dec {
   bool round;
 
   Fp8Dec() = default;
-  Fp8Dec(const kj::LinearJob& job, int64_t o)
-      : row(static_cast<const uint8_t*>(job.w) + o * job.n_in), n_in(job.n_in), n_full(job.n_in / COLS),
+  explicit Fp8Dec(const kj::LinearJob& job)
+      : row(static_cast<const uint8_t*>(job.w)), s(nullptr), n_in(job.n_in), n_full(job.n_in / COLS),
         round(job.mode == kj::kBf16Rounded) {
     static const Fp8Table fp8;
-    bool folded;
-    s = kj::fp8_row_scales(job, o / job.block_rows, false, &folded);
     table = fp8.v;
+  }
+
+  Fp8Dec at(const kj::LinearJob& job, int64_t o) const {
+    Fp8Dec d = *this;
+    d.row += o * n_in;
+    bool folded;
+    d.s = kj::fp8_row_scales(job, o / job.block_rows, false, &folded);
+    return d;
   }
 
   struct Chunk {

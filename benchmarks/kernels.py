@@ -12,8 +12,8 @@ memory-speed figures, not cache-speed ones:
 * INT4 (group 32) expert products, gate/up [2048, 7168] and down [7168, 2048], T = 1, 8, 32;
 * BF16 attention products of K2.5 (q_a [1536, 7168], q_b [12288, 1536], kv_a [576, 7168],
   kv_b [16384, 512], o [7168, 8192]) at T = 1, o also at T = 8;
-* BF16 [256, 1024], an expert of the medium model, 32 calls chained in one program: the fixed cost
-  per product, after the time its bytes take at the measured bandwidth;
+* BF16 [256, 1024] (an expert of the medium model) and [16, 64], 32 calls chained in one program:
+  time per expert product, and the fixed cost of a call (the tiny product less the chain's own ops);
 * FP8 (128 x 128 blocks) at K2's expert and o_proj shapes, T = 1 and 8;
 * the routed experts of one K2.5 MoE layer (8 INT4 experts) in one call, T = 1 and 8, against
   :func:`kimi_jax.model.layers.routed_experts` on the same stack.
@@ -175,33 +175,40 @@ def linear_case(fmt, name, shape, rows, ws, rng, repeats, read_gbs, with_widened
     return out
 
 
-def fixed_cost_case(rng, repeats, read_gbs, smoke) -> dict:
-    """32 chained [256, 1024] BF16 products in one program: time per product, and what is left of it
-    after its bytes at the measured read bandwidth."""
-    chain_len, n_sets = (4, 1) if smoke else (32, 8)  # 8 sets x 32 x 512 KiB = 128 MiB cycled
-    sets = [[bf16_weight(rng, 256, 1024) for _ in range(chain_len)] for _ in range(n_sets)]
+def fixed_cost_case(rng, repeats, read_gbs, smoke) -> list:
+    """Products chained in one program (each output, repeated, is the next input): per product, the
+    expert-size [256, 1024] BF16 product, and the fixed cost of one call, from [16, 64] products (whose
+    bytes take nanoseconds) less the same chain with the product replaced by a slice."""
+    chain_len = 4 if smoke else 32
+    out = []
+    for n_out, n_in in ((16, 64), (256, 1024)):
+        n_sets = 1 if smoke or n_out == 16 else 8  # 8 x 32 x 512 KiB = 128 MiB cycled
+        sets = [[bf16_weight(rng, n_out, n_in) for _ in range(chain_len)] for _ in range(n_sets)]
 
-    def chain(product):
-        def run(x, ws):
-            for w in ws:
-                y = product(x, w)
-                x = jnp.concatenate([y, y, y, y], axis=-1)
-            return x
-        return jax.jit(run)
+        def chain(product, reps=n_in // n_out):
+            def run(x, ws):
+                for w in ws:
+                    x = jnp.concatenate([product(x, w)] * reps, axis=-1)
+                return x
+            return jax.jit(run)
 
-    variants = {"kernel": chain(kernels.kernel_linear), "stored": chain(stored_linear)}
-    x = jnp.asarray(rng.standard_normal((1, 1024)).astype(np.float32))
-    got = timed(variants, lambda i: (x, sets[i]), repeats, n_sets)
-    w_bytes = 256 * 1024 * 2
-    bytes_us = w_bytes / (read_gbs * 1e9) * 1e6
-    rec = {"kernel": "bf16", "shape": "expert [256, 1024], chained", "products_per_program": chain_len,
-           "weight_bytes": w_bytes, "bytes_at_read_bandwidth_us": round(bytes_us, 2), "load_average": load_average()}
-    for k, (med, best) in got.items():
-        rec[f"{k}_us_per_product"] = round(med / chain_len * 1e6, 2)
-        rec[f"{k}_best_us_per_product"] = round(best / chain_len * 1e6, 2)
-        rec[f"{k}_fixed_us"] = round(med / chain_len * 1e6 - bytes_us, 2)
-    emit(rec)
-    return rec
+        variants = {"kernel": chain(kernels.kernel_linear), "stored": chain(stored_linear),
+                    "slice": chain(lambda x, w: x[:, : w.shape[0]])}  # fmt: skip
+        x = jnp.asarray(rng.standard_normal((1, n_in)).astype(np.float32))
+        got = timed(variants, lambda i: (x, sets[i]), repeats, n_sets)
+        w_bytes = n_out * n_in * 2
+        rec = {"kernel": "bf16", "shape": f"[{n_out}, {n_in}], chained", "products_per_program": chain_len,
+               "weight_bytes": w_bytes, "load_average": load_average()}  # fmt: skip
+        for k, (med, best) in got.items():
+            rec[f"{k}_us_per_product"] = round(med / chain_len * 1e6, 2)
+            rec[f"{k}_best_us_per_product"] = round(best / chain_len * 1e6, 2)
+        rec["kernel_fixed_us"] = round((got["kernel"][0] - got["slice"][0]) / chain_len * 1e6, 2)
+        rec["stored_fixed_us"] = round((got["stored"][0] - got["slice"][0]) / chain_len * 1e6, 2)
+        rec["kernel_gbs"] = round(w_bytes / (got["kernel"][0] / chain_len) / 1e9, 2)
+        rec["fraction_of_read_bandwidth"] = round(rec["kernel_gbs"] / read_gbs, 3)
+        emit(rec)
+        out.append(rec)
+    return out
 
 
 def moe_case(rng, repeats, read_gbs, smoke) -> list:

@@ -73,6 +73,15 @@ def _env_choice(name: str, choices: tuple[str, ...], default: str | None) -> str
     return value
 
 
+def _env_threads() -> int:
+    value = os.environ.get("KIMI_JAX_KERNEL_THREADS", "").strip()
+    if not value:
+        return _default_threads()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"$KIMI_JAX_KERNEL_THREADS: expected a positive integer, found {value!r}")
+    return int(value)
+
+
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -103,7 +112,7 @@ def _load() -> Library:
     try:
         isa = _env_choice("KIMI_JAX_KERNEL_ISA", ISAS, supported[-1])
         pool = _env_choice("KIMI_JAX_KERNEL_POOL", POOLS, "xla")
-        threads = int(os.environ.get("KIMI_JAX_KERNEL_THREADS") or _default_threads())
+        threads = _env_threads()
     except ValueError as e:
         return Library(False, str(e))
     if isa not in supported:

@@ -16,11 +16,6 @@ enum Format : int { kInt4 = 0, kFp8 = 1, kBf16 = 2 };
 enum Mode : int { kExact = 0, kBf16Rounded = 1 };
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// Activation rows processed together against one decoded weight chunk. Rows beyond it run in
-// further passes, with the same per-row sequence of operations: a row's result never depends on how
-// many rows came.
-constexpr int kRowBlock = 4;
-
 // One weight matrix [n_out, n_in] in its stored form, multiplied by prepared activations.
 struct LinearJob {
   Format format;

@@ -19,7 +19,7 @@
 namespace {
 
 struct V {
-  static constexpr int W = 8, MAX_ACC = 4;
+  static constexpr int W = 8, MAX_ACC = 4, ROW_BLOCK = 4;
   using F = __m256;
   static F zero() { return _mm256_setzero_ps(); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }

@@ -23,7 +23,7 @@
 namespace {
 
 struct V {
-  static constexpr int W = 16, MAX_ACC = 16;
+  static constexpr int W = 16, MAX_ACC = 16, ROW_BLOCK = 4;
   using F = __m512;
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }

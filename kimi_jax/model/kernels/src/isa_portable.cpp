@@ -15,7 +15,7 @@
 namespace {
 
 struct V {
-  static constexpr int W = 8, MAX_ACC = 4;
+  static constexpr int W = 8, MAX_ACC = 4, ROW_BLOCK = 4;
   struct F {
     float v[W];
   };

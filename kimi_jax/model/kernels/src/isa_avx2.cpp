@@ -53,6 +53,7 @@ inline float bf16_to_float(uint16_t bits) {
 inline int64_t clamp(int64_t v, int64_t hi) { return v < 0 ? 0 : v > hi ? hi : v; }
 
 // ------------------------------------------------------------------------------------------ int4
+template <bool ROUND>  // the dequantized weight rounded to bfloat16 (compute.dequant: bf16-rounded)
 struct Int4Dec {
   static constexpr int K = 8, COLS = 8 * V::W;
   static int64_t col(int64_t c, int k, int l) { return 8 * (V::W * c + l) + k; }
@@ -61,7 +62,6 @@ struct Int4Dec {
   const uint16_t* scales;
   int64_t n_words, n_groups, gw, n_in, n_full;
   int shift;       // log2(gw) when gw (words per group) is a power of two, else -1
-  bool round;
 
   Int4Dec() = default;
   explicit Int4Dec(const kj::LinearJob& job) {
@@ -73,7 +73,6 @@ struct Int4Dec {
     words = static_cast<const uint32_t*>(job.w);
     scales = static_cast<const uint16_t*>(job.scale);
     n_full = n_in / COLS;
-    round = job.mode == kj::kBf16Rounded;
   }
 
   Int4Dec at(const kj::LinearJob&, int64_t o) const {
@@ -140,7 +139,7 @@ struct Int4Dec {
     // shift nibble k to the top, shift back with sign: the code q in [-8, 7]
     const __m256i top = k == 7 ? ch.x : _mm256_slli_epi32(ch.x, unsigned(28 - 4 * k));
     __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(top, 28)), ch.s);
-    if (round) w = V::round_bf16(w);
+    if (ROUND) w = V::round_bf16(w);
     if (TAIL) {  // columns past n_in are exactly zero
       const __m256i cols = _mm256_add_epi32(
           _mm256_slli_epi32(_mm256_add_epi32(_mm256_set1_epi32(int32_t(V::W * c)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), 3),
@@ -195,6 +194,7 @@ struct Bf16Dec {
 };
 
 // ------------------------------------------------------------------------------------------- fp8
+template <bool ROUND>  // the dequantized weight rounded to bfloat16 (compute.dequant: bf16-rounded)
 struct Fp8Dec {  // the float16 trick of isa_avx512.cpp
   static constexpr int K = 4, COLS = 4 * V::W;
   static int64_t col(int64_t c, int k, int l) { return COLS * c + V::W * k + l; }
@@ -204,13 +204,12 @@ struct Fp8Dec {  // the float16 trick of isa_avx512.cpp
   const float* blocks;  // else the row's block scales, one per (1 << chunk_shift) chunks
   int64_t n_in, n_full, n_bc;
   int chunk_shift;
-  bool prescaled, round;
+  bool prescaled;
 
   Fp8Dec() = default;
   explicit Fp8Dec(const kj::LinearJob& job)
       : row(static_cast<const uint8_t*>(job.w)), s(nullptr), blocks(nullptr), n_in(job.n_in), n_full(job.n_in / COLS),
-        n_bc((job.n_in + job.block_cols - 1) / job.block_cols), chunk_shift(-1), prescaled(false),
-        round(job.mode == kj::kBf16Rounded) {
+        n_bc((job.n_in + job.block_cols - 1) / job.block_cols), chunk_shift(-1), prescaled(false) {
     const int64_t per = job.block_cols / COLS;  // whole chunks per block, a power of two: one scale per chunk
     if (job.block_cols % COLS == 0 && (per & (per - 1)) == 0) chunk_shift = __builtin_ctzll(uint64_t(per));
   }
@@ -275,8 +274,8 @@ struct Fp8Dec {  // the float16 trick of isa_avx512.cpp
         lo = _mm256_blendv_ps(lo, q, _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(nan))));
         hi = _mm256_blendv_ps(hi, q, _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(nan, 1))));
       }
-      ch.w[2 * h] = round ? V::round_bf16(lo) : lo;
-      ch.w[2 * h + 1] = round ? V::round_bf16(hi) : hi;
+      ch.w[2 * h] = ROUND ? V::round_bf16(lo) : lo;
+      ch.w[2 * h + 1] = ROUND ? V::round_bf16(hi) : hi;
     }
     return ch;
   }

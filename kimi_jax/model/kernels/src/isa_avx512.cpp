@@ -62,6 +62,7 @@ inline __mmask16 first_lanes16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) :
 inline __mmask32 first_lanes32(int64_t n) { return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? 0 : __mmask32((1u << n) - 1); }
 
 // ------------------------------------------------------------------------------------------ int4
+template <bool ROUND>  // the dequantized weight rounded to bfloat16 (compute.dequant: bf16-rounded)
 struct Int4Dec {
   static constexpr int K = 8, COLS = 8 * V::W;
   static int64_t col(int64_t c, int k, int l) { return 8 * (V::W * c + l) + k; }
@@ -70,7 +71,6 @@ struct Int4Dec {
   const uint16_t* scales;
   int64_t n_words, n_groups, gw, n_in, n_full;
   int shift;       // log2(gw) when gw (words per group) is a power of two, else -1
-  bool round;
 
   Int4Dec() = default;
   explicit Int4Dec(const kj::LinearJob& job) {
@@ -82,7 +82,6 @@ struct Int4Dec {
     words = static_cast<const uint32_t*>(job.w);
     scales = static_cast<const uint16_t*>(job.scale);
     n_full = n_in / COLS;
-    round = job.mode == kj::kBf16Rounded;
   }
 
   Int4Dec at(const kj::LinearJob&, int64_t o) const {
@@ -130,7 +129,7 @@ struct Int4Dec {
     const __m512 codes = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const __m512i idx = k ? _mm512_srli_epi32(ch.v, unsigned(4 * k)) : ch.v;
     __m512 w = _mm512_mul_ps(_mm512_permutexvar_ps(idx, codes), ch.s);
-    if (round) w = V::round_bf16(w);
+    if (ROUND) w = V::round_bf16(w);
     if (TAIL) {  // columns past n_in are exactly zero, whatever the padding nibbles and scales hold
       const int64_t valid = (n_in - COLS * c - k + 7) / 8;  // lanes l with 8 (16c + l) + k < n_in
       w = _mm512_maskz_mov_ps(first_lanes16(valid), w);
@@ -183,6 +182,7 @@ struct Bf16Dec {
 // ------------------------------------------------------------------------------------------- fp8
 // e4m3fn byte S.EEEE.MMM -> float16 bits S.0EEEE.MMM0000000 (a float16 2^8 times smaller, subnormals
 // included), converted exactly by vcvtph2ps; the 2^8 is folded into the scale where that is exact.
+template <bool ROUND>  // the dequantized weight rounded to bfloat16 (compute.dequant: bf16-rounded)
 struct Fp8Dec {
   static constexpr int K = 4, COLS = 4 * V::W;
   static int64_t col(int64_t c, int k, int l) { return COLS * c + V::W * k + l; }
@@ -192,13 +192,12 @@ struct Fp8Dec {
   const float* blocks;  // else the row's block scales, one per (1 << chunk_shift) chunks
   int64_t n_in, n_full, n_bc;
   int chunk_shift;
-  bool prescaled, round;
+  bool prescaled;
 
   Fp8Dec() = default;
   explicit Fp8Dec(const kj::LinearJob& job)
       : row(static_cast<const uint8_t*>(job.w)), s(nullptr), blocks(nullptr), n_in(job.n_in), n_full(job.n_in / COLS),
-        n_bc((job.n_in + job.block_cols - 1) / job.block_cols), chunk_shift(-1), prescaled(false),
-        round(job.mode == kj::kBf16Rounded) {
+        n_bc((job.n_in + job.block_cols - 1) / job.block_cols), chunk_shift(-1), prescaled(false) {
     const int64_t per = job.block_cols / COLS;  // whole chunks per block, a power of two: one scale per chunk
     if (job.block_cols % COLS == 0 && (per & (per - 1)) == 0) chunk_shift = __builtin_ctzll(uint64_t(per));
   }
@@ -257,8 +256,8 @@ struct Fp8Dec {
         lo = _mm512_mask_mov_ps(lo, __mmask16(nan), _mm512_set1_ps(__builtin_nanf("")));
         hi = _mm512_mask_mov_ps(hi, __mmask16(nan >> 16), _mm512_set1_ps(__builtin_nanf("")));
       }
-      ch.w[2 * h] = round ? V::round_bf16(lo) : lo;
-      ch.w[2 * h + 1] = round ? V::round_bf16(hi) : hi;
+      ch.w[2 * h] = ROUND ? V::round_bf16(lo) : lo;
+      ch.w[2 * h + 1] = ROUND ? V::round_bf16(hi) : hi;
     }
     return ch;
   }

@@ -65,6 +65,7 @@ inline float round_bf16(float f) {  // kimi_jax.model.quant._round_to_bf16_bits
 // Columns in natural order for every format: vector k of chunk c holds columns COLS c + 8 k + l.
 // int4: one vector is one packed word (8 nibbles, LSB first), so a group of a multiple of 8 columns
 // never splits a word.
+template <bool ROUND>  // the dequantized weight rounded to bfloat16 (compute.dequant: bf16-rounded)
 struct Int4Dec {
   static constexpr int K = 8, COLS = 8 * V::W;
   static int64_t col(int64_t c, int k, int l) { return COLS * c + V::W * k + l; }
@@ -72,7 +73,6 @@ struct Int4Dec {
   const uint32_t* words;
   const uint16_t* scales;
   int64_t n_words, n_groups, gw, n_in, n_full;
-  bool round;
 
   Int4Dec() = default;
   explicit Int4Dec(const kj::LinearJob& job) {
@@ -83,7 +83,6 @@ struct Int4Dec {
     gw = job.group_size / 8;
     words = static_cast<const uint32_t*>(job.w);
     scales = static_cast<const uint16_t*>(job.scale);
-    round = job.mode == kj::kBf16Rounded;
   }
 
   Int4Dec at(const kj::LinearJob&, int64_t o) const {
@@ -118,7 +117,7 @@ struct Int4Dec {
       const float s = bf16_to_float(scales[word / gw]);
       for (int l = 0; l < V::W; ++l) {
         const float q = float(int((bits >> (4 * l)) & 0xFu) - 8);
-        const float v = round ? round_bf16(q * s) : q * s;
+        const float v = ROUND ? round_bf16(q * s) : q * s;
         w[k].v[l] = 8 * word + l < n_in ? v : 0.0f;
       }
     }
@@ -179,6 +178,7 @@ struct Fp8Table {
   }
 };
 
+template <bool ROUND>  // the dequantized weight rounded to bfloat16 (compute.dequant: bf16-rounded)
 struct Fp8Dec {
   static constexpr int K = 4, COLS = 4 * V::W;
   static int64_t col(int64_t c, int k, int l) { return COLS * c + V::W * k + l; }
@@ -187,12 +187,10 @@ struct Fp8Dec {
   const float* s;
   const float* table;
   int64_t n_in, n_full;
-  bool round;
 
   Fp8Dec() = default;
   explicit Fp8Dec(const kj::LinearJob& job)
-      : row(static_cast<const uint8_t*>(job.w)), s(nullptr), n_in(job.n_in), n_full(job.n_in / COLS),
-        round(job.mode == kj::kBf16Rounded) {
+      : row(static_cast<const uint8_t*>(job.w)), s(nullptr), n_in(job.n_in), n_full(job.n_in / COLS) {
     static const Fp8Table fp8;
     table = fp8.v;
   }
@@ -224,7 +222,7 @@ struct Fp8Dec {
       for (int l = 0; l < V::W; ++l) {
         const int64_t i = col(c, k, l);
         const float v = i < n_in ? table[row[i]] * s[i] : 0.0f;
-        w[k].v[l] = round ? round_bf16(v) : v;
+        w[k].v[l] = ROUND ? round_bf16(v) : v;
       }
   }
 };

@@ -44,7 +44,7 @@ def test_matmul_smoke():
 
 
 def test_kernels_smoke():
-    records = _smoke("kernels.py")
+    records = _smoke("cpu_kernels.py")
     cases = [r for r in records if "kernel" in r]
     assert {"int4", "bf16", "fp8", "routed experts (int4)"} <= {r["kernel"] for r in cases}
     assert all(r.get("max_rel_diff_vs_stored", 0) < 1e-5 and r.get("max_rel_diff_vs_xla", 0) < 1e-5 for r in cases)

@@ -8,7 +8,7 @@ Settings (environment, read once when the library is first needed):
 * ``KIMI_JAX_KERNEL_THREADS=n`` threads over output rows (default: the CPUs this process may use).
 * ``KIMI_JAX_KERNEL_POOL=xla|own|none``: XLA's intra-op thread pool (default: the threads XLA runs
   its own CPU kernels on, so nothing else spins or competes for the cores between kernel calls), our
-  own worker threads, or the calling thread alone (``benchmarks/kernels.py`` measures all three).
+  own worker threads, or the calling thread alone (``benchmarks/cpu_kernels.py`` measures all three).
 """
 
 from __future__ import annotations

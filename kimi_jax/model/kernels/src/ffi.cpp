@@ -677,7 +677,7 @@ void kimi_jax_configure(int threads, int pool, int spin_us, int64_t min_parallel
   kj::own_pool_configure(threads, spin_us);  // started only if used (pool own, or the raw entries)
 }
 
-// For benchmarks and instruction counts (benchmarks/kernels.py --callgrind): the same products without
+// For benchmarks and instruction counts (benchmarks/cpu_kernels.py --callgrind): the same products without
 // XLA, on raw pointers, which are NOT checked: shapes as the handlers define them, T rows of x.
 int kimi_jax_linear_raw(int format, int mode, int isa, const void* x, int x_bf16, int64_t n_rows, int64_t n_in,
                         const void* w, const void* scale, int64_t n_out, int64_t group, int64_t b0, int64_t b1,
@@ -702,7 +702,7 @@ int kimi_jax_routed_experts_raw(int format, int mode, int isa, const float* x, i
   return 0;
 }
 
-// Memory bandwidth, measured with the kernels' own threads (benchmarks/kernels.py): kind 0 reads
+// Memory bandwidth, measured with the kernels' own threads (benchmarks/cpu_kernels.py): kind 0 reads
 // n_bytes of a (returns a checksum so the reads cannot be dropped), 1 copies a to b, 2 computes the
 // STREAM triad b = a + 3 c over floats. Tasks of 1 MiB on our pool (configure it first).
 uint64_t kimi_jax_stream(int kind, const void* a, void* b, const void* c, int64_t n_bytes) {

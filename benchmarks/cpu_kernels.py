@@ -26,7 +26,7 @@ chunk are in benchmarks/RESULTS.md, from the disassembly.
 * threading: the INT4 product, the chained BF16 products and the MoE layer with one thread, our own
   worker pool and XLA's intra-op pool (``jax.ffi``'s thread pool), rounds interleaved.
 
-    python benchmarks/kernels.py [--repeats 10] [--smoke] [--callgrind] [--only int4,bf16,fixed,fp8,moe,threading]
+    python benchmarks/cpu_kernels.py [--repeats 10] [--smoke] [--callgrind] [--only int4,bf16,fixed,fp8,moe,threading]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from common import emit, machine
-from kernels_callgrind import SPECS, TOGGLES, spec_bytes
+from cpu_kernels_callgrind import SPECS, TOGGLES, spec_bytes
 
 from kimi_jax.model import kernels
 from kimi_jax.model.kernels._library import library_path
@@ -302,11 +302,11 @@ def threading_case(rng, repeats, smoke) -> dict:
 
 
 def callgrind_all(names) -> None:
-    """Each spec of kernels_callgrind.py once under callgrind: instructions of the kernel's own work."""
+    """Each spec of cpu_kernels_callgrind.py once under callgrind: instructions of the kernel's own work."""
     if shutil.which("valgrind") is None:
         emit({"callgrind": "skipped", "why": "valgrind is not installed (Debian: apt-get install valgrind)"})
         return
-    child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels_callgrind.py")
+    child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels_callgrind.py")
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "callgrind.out")

@@ -1,8 +1,8 @@
-"""One raw kernel call (no XLA, one thread, the AVX2 path), for ``benchmarks/kernels.py --callgrind``
+"""One raw kernel call (no XLA, one thread, the AVX2 path), for ``benchmarks/cpu_kernels.py --callgrind``
 to count under ``valgrind --tool=callgrind``. Imports neither JAX nor the kimi_jax.model package
 (slow under valgrind): the library is found next to the sources and called through ctypes.
 
-    valgrind --tool=callgrind --toggle-collect='*run_tasks*' ... python benchmarks/kernels_callgrind.py "int4 2048x7168 T=1"
+    valgrind --tool=callgrind --toggle-collect='*run_tasks*' ... python benchmarks/cpu_kernels_callgrind.py "int4 2048x7168 T=1"
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def spec_bytes(name: str) -> int:
     what = SPECS[name]
     if what[0] == "moe":
         _, n, inter, hidden = what
-        return n * 3 * inter * hidden * (4 + 2 * 8 // 32) // 8
+        return n * 3 * (inter * hidden // 2 + inter * hidden // 32 * 2)  # codes and bf16 scales
     fmt, n_out, n_in, _ = what
     return {0: n_out * n_in // 2 + n_out * n_in // 32 * 2, 1: n_out * n_in, 2: 2 * n_out * n_in}[fmt]
 

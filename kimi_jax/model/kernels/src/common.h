@@ -47,13 +47,15 @@ struct KernelTable {
   void (*rows)(const LinearJob& job, int64_t o_begin, int64_t o_end);
 };
 
-// A per-thread float buffer of at least n elements, 64-byte aligned, kept between calls (slots 3-9
-// belong to ffi.cpp's callers). Defined in ffi.cpp, outside any ISA-specific code.
+// A per-thread float buffer of at least n elements, 64-byte aligned, kept between calls (slots 0-9;
+// ffi.cpp's callers use them for activations and intermediates). Defined in ffi.cpp, outside any
+// ISA-specific code.
 float* thread_scratch(int slot, size_t n);
 
 // The scale of every column of FP8 block row `block_row` (n_pad floats, zero past n_in), cached per
-// thread for the call; valid while the tile's other rows (at most 3 more) ask for theirs. With fold_2_8 each is multiplied by 2^8 (the float16 trick's exponent offset)
-// when that is exact for every scale of the row; *folded says whether it was.
+// thread for the call, and valid while a tile's other rows (at most 3 more) ask for theirs: for block
+// widths that are not whole chunks. With fold_2_8 each is multiplied by 2^8 (the float16 trick's
+// exponent offset) when that is exact for every scale of the row; *folded says whether it was.
 const float* fp8_row_scales(const LinearJob& job, int64_t block_row, bool fold_2_8, bool* folded);
 
 const KernelTable* table_portable();

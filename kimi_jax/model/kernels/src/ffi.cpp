@@ -508,7 +508,7 @@ void run_routed(ffi::ThreadPool* xla, const KernelTable* table, const Experts& e
   }
   if (picks.empty()) return;
 
-  // Caller-thread scratch, slots 3.. (0-2 belong to the row kernels, on every thread).
+  // Caller-thread scratch (the row kernels' tasks only read it).
   float* xp = thread_scratch(3, size_t(total * pad_h));
   float* h = thread_scratch(5, size_t(total * I));
   float* u = thread_scratch(6, size_t(total * I));

@@ -43,6 +43,16 @@ def test_matmul_smoke():
     assert all(r["max_rel_diff"] < 1e-5 for r in records)
 
 
+def test_kernels_smoke():
+    records = _smoke("cpu_kernels.py")
+    cases = [r for r in records if "kernel" in r]
+    assert {"int4", "bf16", "fp8", "routed experts (int4)"} <= {r["kernel"] for r in cases}
+    assert all(r.get("max_rel_diff_vs_stored", 0) < 1e-5 and r.get("max_rel_diff_vs_xla", 0) < 1e-5 for r in cases)
+    assert next(r["bandwidth"] for r in records if "bandwidth" in r)["read_gbs"] > 0
+    threading = next(r["threading"] for r in records if "threading" in r)
+    assert all(set(pools) == {"one thread", "own pool", "XLA's pool"} for pools in threading.values())
+
+
 def test_capture_overhead_smoke():
     (record,) = _smoke("capture_overhead.py")
     assert record["bare_s"] > 0 and record["instrumented_s"] > 0

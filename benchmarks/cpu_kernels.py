@@ -32,6 +32,7 @@ chunk are in benchmarks/RESULTS.md, from the disassembly.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ctypes
 import os
 import re
@@ -51,10 +52,25 @@ from cpu_kernels_callgrind import SPECS, TOGGLES, spec_bytes
 from kimi_jax.model import kernels
 from kimi_jax.model.kernels._library import library_path
 from kimi_jax.model.layers import routed_experts
-from kimi_jax.model.matmul import StoredWeight, stored_linear, widened_linear
+from kimi_jax.model.matmul import dense_product
 from kimi_jax.model.params import ExpertStack
-from kimi_jax.model.quant import Fp8Weight, Int4Weight
+from kimi_jax.model.weights import Fp8Weight, Int4Weight, PlainWeight, linear_f32, materialize
 from kimi_jax.storage.codecs import BF16, pack_int4
+
+def StoredWeight(w):
+    """``w`` (a container or a plain array) meeting the stored-precision product."""
+    return dataclasses.replace(w, matmul="stored") if hasattr(w, "matmul") else PlainWeight(w, "stored")
+
+
+def stored_linear(x, w):
+    """Today's ``stored`` path: XLA's products on the weight as stored."""
+    return linear_f32(x, StoredWeight(w))
+
+
+def widened_linear(x, w):
+    """The reference: the weight widened whole, one product."""
+    return dense_product(x, materialize(w, x.dtype))
+
 
 ROTATE_BYTES = 160 << 20  # weights cycled through per case: five times a 32 MiB last-level cache
 BANDWIDTH_BYTES = 1 << 30

@@ -36,10 +36,12 @@ def package_version(package: str) -> str | None:
         return None
 
 
-def platform_fingerprint(mesh: str | None = None) -> dict[str, Any]:
+def platform_fingerprint(mesh: str | None = None, kernels: str | None = None) -> dict[str, Any]:
     """What can change bits on the same input. ``mesh`` (e.g. ``"2x4 streamed"``) is given for a run
     on a device mesh: where a sum is split across devices changes its rounding, so the mesh and
-    the number of processes sharing it are part of the platform (absent for one device)."""
+    the number of processes sharing it are part of the platform (absent for one device).
+    ``kernels`` (e.g. ``"kimi-jax-cpu/1 avx512"``) names the CPU kernels a run multiplied with: another
+    kernel set or instruction set sums in another order (absent when none ran)."""
     import jax
 
     model, flags = _cpu()
@@ -64,6 +66,8 @@ def platform_fingerprint(mesh: str | None = None) -> dict[str, Any]:
     }
     if mesh is not None:
         fingerprint.update(mesh=mesh, process_count=jax.process_count())
+    if kernels is not None:
+        fingerprint["kernels"] = kernels
     return fingerprint
 
 

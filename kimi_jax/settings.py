@@ -20,8 +20,9 @@ __all__ = [
 EXACT, BF16_ROUNDED = "exact", "bf16-rounded"
 DEQUANT_MODES: tuple[str, ...] = (EXACT, BF16_ROUNDED)
 
-# How weights enter matmuls (kimi_jax.model.matmul).
-MATMUL_MODES: tuple[str, ...] = ("stored", "widened")
+# How weights enter matmuls (kimi_jax.model.weights): the CPU kernels, XLA's products on the stored
+# precision, or the weight widened whole (the reference).
+MATMUL_MODES: tuple[str, ...] = ("kernels", "stored", "widened")
 
 # Synthetic checkpoints (kimi_jax.storage.synth): the model's size, and which real release it imitates.
 SynthPreset = Literal["tiny", "small", "full-shape", "full-shape-routed"]

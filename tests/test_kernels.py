@@ -1,7 +1,7 @@
 """The CPU kernels (kimi_jax.model.kernels) against float64 truth, today's XLA paths, and themselves.
 
 Oracles: the exactly dequantized weights (numpy codecs, as float64) times the activations in
-float64; :func:`kimi_jax.model.matmul.stored_linear` (today's ``stored`` path) and
+float64; :func:`kimi_jax.model.weights.linear_f32` on a stored weight (today's ``stored`` path) and
 :func:`kimi_jax.model.layers.routed_experts` on the same containers.
 
 Bound (the kernels' contract, kimi_jax/model/kernels/__init__.py): each result is a float32 sum in
@@ -17,6 +17,8 @@ Every test runs on every instruction set this CPU offers (``isa=`` picks it per 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import subprocess
@@ -31,13 +33,22 @@ from kimi_jax.errors import FormatError
 from kimi_jax.model import kernels
 from kimi_jax.model.kernels import kernel_linear, kernel_routed_experts
 from kimi_jax.model.layers import routed_experts
-from kimi_jax.model.matmul import StoredWeight, stored_linear
 from kimi_jax.model.params import ExpertStack
-from kimi_jax.model.quant import Fp8Weight, Int4Weight
+from kimi_jax.model.weights import Fp8Weight, Int4Weight, PlainWeight, linear_f32
 from kimi_jax.storage.codecs import BF16, BF16_ROUNDED, EXACT, FP8, dequant_fp8_block, dequant_int4, pack_int4
 
 U = 2.0**-24
 PRACTICAL_U = 8.0
+
+
+def StoredWeight(w):
+    """``w`` (a container or a plain array) meeting the stored-precision product."""
+    return dataclasses.replace(w, matmul="stored") if hasattr(w, "matmul") else PlainWeight(w, "stored")
+
+
+def stored_linear(x, w):
+    """Today's ``stored`` path on the XLA products (kimi_jax.model.matmul)."""
+    return linear_f32(x, StoredWeight(w))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -358,10 +369,10 @@ def test_routed_experts_never_read_padding_and_index_through_stack_ids(isa):
     n, inter, hidden = 6, 64, 128
     experts, w64 = _stack("int4", rng, n, inter, hidden)
     ids = np.array([4, 1, 3], np.int32)  # slot j -> stack entry ids[j]; entries 0, 2, 5 never picked
-    poison = np.asarray(experts.down_proj.weight.scale).copy()
+    poison = np.asarray(experts.down_proj.scale).copy()
     poison[[0, 2, 5]] = np.nan
     experts = ExpertStack(experts.gate_proj, experts.up_proj,
-                          StoredWeight(Int4Weight(experts.down_proj.weight.packed, jnp.asarray(poison), inter, 32)))
+                          StoredWeight(Int4Weight(experts.down_proj.packed, jnp.asarray(poison), inter, 32)))
     x = (0.5 * rng.standard_normal((3, hidden))).astype(np.float32)
     slots = np.array([[2, 0], [1, 2], [0, 1]], np.int32)
     weights = rng.uniform(0.1, 1.0, (3, 2)).astype(np.float32)
@@ -382,7 +393,7 @@ def test_routed_experts_refuse_what_they_do_not_take():
     experts, _ = _stack("bf16", rng, 2, 16, 32)
     slots, weights = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.float32)
     assert kernel_routed_experts(experts, slots, weights, jnp.ones((1, 32), jnp.bfloat16)) is None
-    mixed = ExpertStack(experts.gate_proj, experts.up_proj, StoredWeight(experts.down_proj.weight.astype(jnp.float32)))
+    mixed = ExpertStack(experts.gate_proj, experts.up_proj, StoredWeight(experts.down_proj.array.astype(jnp.float32)))
     assert kernel_routed_experts(mixed, slots, weights, jnp.ones((1, 32), jnp.float32)) is None
 
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.ledger.floats import f32, f32_list
-from kimi_jax.settings import DEQUANT_MODES
+from kimi_jax.settings import DEQUANT_MODES, MATMUL_MODES
 
 LEDGER_VERSION = 2
 LEDGER_SCHEMA_ID = f"urn:kimi-jax:schema:ledger:v{LEDGER_VERSION}"
@@ -272,7 +272,13 @@ LEDGER_SCHEMA: dict[str, Any] = {
             "dtype": _m({"enum": ["float32", "bfloat16"]}, "Compute dtype."),
             "dequant": _m({"enum": list(DEQUANT_MODES)}, "How quantized weights were dequantized: exact "
                           "(float32 product) or bf16-rounded."),
-            "matmul": _m({"enum": ["stored", "widened"]}, "How weights entered matmuls (compute.matmul)."),
+            "matmul": _m({"enum": list(MATMUL_MODES)}, "How weights entered matmuls (compute.matmul)."),
+            "kernels": _obj({
+                "kernel_set": _m({"type": ["string", "null"]}, "The CPU kernels that multiplied (compute.matmul: "
+                                 "kernels); null when they were unavailable and XLA's stored products ran."),
+                "isa": _m({"type": ["string", "null"]}, "The instruction set the kernels ran on (it can change bits)."),
+                "unavailable": _m(_STR, "Why the kernels could not run (absent when they did)."),
+            }, required=["kernel_set", "isa"]),
             "residency": _obj({
                 "budget_bytes": _m(_INT, "storage.resident_bytes resolved when the run started."),
                 "resident_layers": _m(_INT, "Layers whose non-expert weights the budget keeps in memory."),
@@ -461,7 +467,7 @@ def build_ledger(plan, steps, facts) -> dict[str, Any]:
 
     m, idx, tokenizer, decoding = plan.manifest, plan.index, plan.tokenizer, plan.decoding
     capture = list(m.capture)
-    platform = platform_fingerprint(plan.mesh.label() if plan.mesh else None)
+    platform = platform_fingerprint(plan.mesh_label, plan.kernels_label)
     software = {"kimi-jax": package_version("kimi-jax") or "source"}
     for pkg in ("jax", "jaxlib", "numpy", "safetensors", "blake3", "tiktoken", "tokenizers", "jinja2"):
         if package_version(pkg):
@@ -477,6 +483,7 @@ def build_ledger(plan, steps, facts) -> dict[str, Any]:
         "run": {"prompt": list(plan.prompt), "prompt_input": prompt_input(m), "max_new_tokens": m.generate.max_new_tokens,
                 "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype, "dequant": m.compute.dequant,
                 "matmul": m.compute.matmul, **({"residency": facts.residency} if facts.residency is not None else {}),
+                **({"kernels": facts.kernels} if facts.kernels is not None else {}),
                 "capture": capture,
                 "sampling": decoding.sampling.as_dict() if decoding.sampling else None, "stop": decoding.settings(),
                 **facts.page_cache, "mesh": facts.mesh},  # fmt: skip

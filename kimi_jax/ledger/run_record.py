@@ -29,6 +29,7 @@ class RunFacts:
     mesh: dict[str, Any] | None = None
     anchor: dict[str, Any] | None = None
     proof: dict[str, Any] | None = None
+    kernels: dict[str, Any] | None = None  # compute.matmul: kernels: which ran, or why none did
 
 
 def page_cache_record(evicted: bool, resident_bytes: int, shard_bytes: int) -> dict[str, Any]:

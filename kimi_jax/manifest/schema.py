@@ -252,13 +252,16 @@ class ComputeSection(_Section):
         "rounded after it; bf16-rounded = that product rounded to bfloat16, as compressed-tensors' "
         "decompressor and bf16 kernels produce it. In bfloat16 compute both give the same weights.",
     )
-    matmul: Annotated[MatmulMode, result("stored-precision and widened matmuls sum the same products in a "
-                                         "different order")] = added_later(
-        "widened",
-        description="How weights enter matmuls: widened (each weight widened whole to the activation dtype, "
-        "then one matmul: the reference) | stored (BF16 stays BF16 and meets the activation split into "
-        "three bf16 parts, quantized weights are dequantized one small tile at a time: several times "
-        "faster on CPU, equal to widened up to float32 rounding).",
+    matmul: Annotated[MatmulMode, result("the three products sum the same float32 products in different "
+                                         "orders")] = added_later(
+        "kernels",
+        was="widened",
+        description="How weights enter matmuls: kernels (the default: the CPU kernels multiply the stored "
+        "precision, each dequantized weight times the activation rounded to float32 and summed in float32; "
+        "XLA's stored products where a kernel does not take the call) | stored (XLA's products: BF16 meets "
+        "the activation split into three bf16 parts, quantized weights are dequantized one small tile at a "
+        "time) | widened (each weight widened whole to the activation dtype, then one matmul: the "
+        "reference). All three equal the exact products up to float32 rounding of the sums.",
     )
     mesh: Annotated[MeshSection | None, result("a mesh adds the experts' partial sums across devices in another "
                                                "order, which also depends on the placement (which device holds "
@@ -320,11 +323,13 @@ class StorageSection(_Section):
         description="How a remote checkpoint (http(s)://, hf://, s3://) is read.",
     )
     resident_bytes: Annotated[int | str, BeforeValidator(_check_resident_bytes)] = added_later(
-        0,
+        AUTO,
+        was=0,
         json_schema_extra={"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]},
         description="Memory for weights kept across steps, in stored precision: a size (8GiB, 512MiB, bytes), "
-        "0 = stream everything every step, auto = half of the memory available at the start. Filled with "
-        "every layer's non-expert weights, then the head, then an expert cache.",
+        "0 = stream everything every step, auto (the default) = the memory available at the start less the "
+        "working set of a streamed step. Filled with every layer's non-expert weights, then the head, then "
+        "an expert cache.",
     )
     expert_cache: ExpertPolicy = added_later(
         "lru",
@@ -413,7 +418,8 @@ class GenerateSection(_Section):
         default=5, ge=1, description="Tokens to generate (>= 1).")
     kv_cache: Annotated[bool, result("decoding with the latent cache computes attention in the absorbed form, a "
                                      "different order of floating-point operations")] = Field(
-        default=False, description="Use a KV cache while decoding.")
+        default=True, description="Decode from a cache of the MLA latent (the default); false recomputes the "
+        "whole sequence every step, as in the technical note.")
     sampling: Annotated[SamplingSection | None, result("other sampling settings or another seed draw other "
                                                        "tokens")] = added_later(
         None,

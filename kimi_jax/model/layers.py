@@ -50,7 +50,8 @@ from kimi_jax.model.params import (
     MoEBaseParams,
     RouterParams,
 )
-from kimi_jax.model.weights import dot_f32, is_stored, linear_f32, materialize, row_slice
+from kimi_jax.model.kernels import kernel_routed_experts
+from kimi_jax.model.weights import KERNELS, dot_f32, is_stored, linear_f32, materialize, row_slice
 
 F32 = jnp.float32
 
@@ -350,7 +351,8 @@ UNROLLED_SLOTS = 16
 
 def routed_experts(experts: ExpertStack, slots: jax.Array, weights: jax.Array, x: jax.Array,
                    stack_ids: jax.Array | None = None) -> jax.Array:  # fmt: skip
-    """``sum_k weights[t,k] * Expert_{slots[t,k]}(x[t])`` (float32) over a stack of n experts.
+    """``sum_k weights[t,k] * Expert_{slots[t,k]}(x[t])`` (float32) over a stack of n experts; with
+    weights meeting the kernels, one kernel call where it takes the stack.
 
     Slot ``j`` holds ``experts[j]``, or with ``stack_ids`` [n] (a stack of every expert kept in
     memory) ``experts[stack_ids[j]]``, indexed in place. Slots are summed in order. A stack of
@@ -360,6 +362,10 @@ def routed_experts(experts: ExpertStack, slots: jax.Array, weights: jax.Array, x
     skipped with a real conditional: padding slots are never computed, whatever they hold. A
     referenced expert runs on all T rows and keeps its own.
     """
+    if getattr(experts.gate_proj, "matmul", None) == KERNELS:  # the whole sum in one kernel call, where it takes it
+        y = kernel_routed_experts(experts, slots, weights, x, stack_ids)
+        if y is not None:
+            return y
     n = experts.gate_proj.shape[0] if stack_ids is None else stack_ids.shape[0]
     hit = slots[..., None] == jnp.arange(n, dtype=slots.dtype)  # [T, k, n]
     combine = jnp.sum(jnp.where(hit, weights.astype(F32)[..., None], 0.0), axis=1).T  # [n, T]

@@ -1,16 +1,20 @@
-"""Weights as the layers take them: one container family, one way to make a dense array, one matmul.
+"""Weights as the layers take them: made into containers once, multiplied through one entry point.
 
-A stored weight becomes a container (:meth:`WeightPolicy.decode`) that keeps its stored bytes until
-the matmul: :class:`Int4Weight` (pack-quantized), :class:`Fp8Weight` (block FP8) or
-:class:`PlainWeight` (BF16/F32). Each is a pytree whose static fields say how it is dequantized
-(``dequant``, see :mod:`kimi_jax.storage.codecs`) and which product it meets (``matmul``: the
-manifest's ``compute.matmul``), so the jitted layer functions take no extra arguments and a program
-compiled for one setting is never reused for another. Norm scales and biases stay plain arrays.
+A stored weight becomes a container (:meth:`WeightPolicy.decode`, :mod:`kimi_jax.model.containers`)
+that keeps its stored bytes until the matmul. Norm scales and biases stay plain arrays.
 
-:func:`linear_f32` is the one matmul entry point: ``widened`` (the reference) widens the weight
-whole to the activation dtype and multiplies once; ``stored`` multiplies the stored precision
-(:mod:`kimi_jax.model.matmul`). A raw array is taken as a widened weight (the in-memory references
-in the tests build parameters from plain tensors).
+:func:`linear_f32` is the one matmul entry point, by the weight's ``matmul`` field:
+
+* ``widened`` (the reference) widens the weight whole to the activation dtype and multiplies once;
+* ``stored`` multiplies in the stored precision with XLA's products (:mod:`kimi_jax.model.matmul`);
+* ``kernels`` multiplies in the stored precision with the CPU kernels (:mod:`kimi_jax.model.kernels`:
+  the dequantized weight times the activation, rounded to float32, summed in float32, each row
+  independent of the others), and takes the ``stored`` products where a kernel does not take the
+  call (the extension is not built, a weight form the kernels do not handle, BF16 with more rows
+  than :data:`BF16_KERNEL_ROWS`, where XLA's blocked product is faster).
+
+A raw array is taken as a widened weight (the in-memory references in the tests build parameters
+from plain tensors).
 """
 
 from __future__ import annotations
@@ -21,9 +25,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kimi_jax.config import DEFAULT_FP8_BLOCK
+from kimi_jax.model.containers import (
+    KERNELS,
+    STORED,
+    WIDENED,
+    Fp8Weight,
+    Int4Weight,
+    PlainWeight,
+    materialize,
+)
+from kimi_jax.model.kernels import kernel_linear
 from kimi_jax.model.matmul import dense_product, plain_product, tile_rows, tiled_product
-from kimi_jax.model.quant import dequant_fp8_block_jax, dequant_int4_jax
 from kimi_jax.settings import EXACT, MATMUL_MODES
 from kimi_jax.storage.checkpoint import CheckpointIndex, WeightEntry
 from kimi_jax.storage.codecs import block_size_pair, check_dequant_mode
@@ -32,70 +44,9 @@ from kimi_jax.storage.formats import FORMATS
 F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 shortcuts for float32 matmuls on GPU
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-WIDENED, STORED = "widened", "stored"
-
-
-def _pytree(data: list[str], meta: list[str]):
-    def register(cls):
-        cls = dataclasses.dataclass(frozen=True)(cls)
-        return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
-
-    return register
-
-
-@_pytree(data=["packed", "scale"], meta=["in_features", "group_size", "dequant", "matmul"])
-class Int4Weight:
-    """A pack-quantized int4 linear weight kept packed inside JAX."""
-
-    packed: jax.Array  # int32 [..., out, ceil(in/8)]
-    scale: jax.Array  # bf16 [..., out, ceil(in/group_size)]
-    in_features: int
-    group_size: int
-    dequant: str = EXACT  # exact | bf16-rounded
-    matmul: str = WIDENED
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.packed.shape[:-1], self.in_features)
-
-    def dequantize(self, dtype=F32) -> jax.Array:
-        return dequant_int4_jax(self.packed, self.scale, self.in_features, self.group_size, dtype, self.dequant)
-
-
-@_pytree(data=["weight", "scale_inv"], meta=["block_size", "dequant", "matmul"])
-class Fp8Weight:
-    """A block-FP8 linear weight kept as FP8 inside JAX."""
-
-    weight: jax.Array  # float8_e4m3fn [..., out, in]
-    scale_inv: jax.Array  # f32 [..., ceil(out/b0), ceil(in/b1)]
-    block_size: tuple = DEFAULT_FP8_BLOCK
-    dequant: str = EXACT  # exact | bf16-rounded
-    matmul: str = WIDENED
-
-    def __post_init__(self):
-        object.__setattr__(self, "block_size", tuple(int(b) for b in self.block_size))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape)
-
-    def dequantize(self, dtype=F32) -> jax.Array:
-        return dequant_fp8_block_jax(self.weight, self.scale_inv, self.block_size, dtype, self.dequant)
-
-
-@_pytree(data=["array"], meta=["matmul"])
-class PlainWeight:
-    """A BF16 or float32 linear weight ``[..., out, in]`` in its stored dtype."""
-
-    array: jax.Array
-    matmul: str = WIDENED
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
-
-    def dequantize(self, dtype=F32) -> jax.Array:
-        return jnp.asarray(self.array).astype(dtype)
+# BF16 products of more activation rows than this take XLA's blocked product (measured faster from 8
+# rows at attention shapes; benchmarks/RESULTS.md section 9).
+BF16_KERNEL_ROWS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,15 +85,8 @@ def to_device(weight: Any) -> Any:
 
 
 def is_stored(w: Any) -> bool:
-    """The weight meets the stored-precision product."""
-    return getattr(w, "matmul", WIDENED) == STORED
-
-
-def materialize(w: Any, dtype) -> jax.Array:
-    """A weight as a dense array of ``dtype``: containers dequantize, plain arrays are cast."""
-    if hasattr(w, "dequantize"):
-        return w.dequantize(dtype)
-    return jnp.asarray(w).astype(dtype)
+    """The weight meets a stored-precision product (XLA's or the kernels')."""
+    return getattr(w, "matmul", WIDENED) in (STORED, KERNELS)
 
 
 def row_slice(w: Any, start: int, stop: int) -> Any:
@@ -162,9 +106,15 @@ def dot_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 def linear_f32(x: jax.Array, w: Any) -> jax.Array:
     """``x @ w.T`` as the float32 accumulator, for an HF ``[out, in]`` weight: the product its
-    ``matmul`` field names (a raw array is widened)."""
-    if not is_stored(w):
+    ``matmul`` field names (a raw array is widened); see the module doc."""
+    matmul = getattr(w, "matmul", WIDENED)
+    if matmul == WIDENED:
         return dot_f32("...i,oi->...o", x, materialize(w, x.dtype))
+    rows = int(x.size // x.shape[-1]) if x.shape[-1] else 0
+    if matmul == KERNELS and not (isinstance(w, PlainWeight) and rows > BF16_KERNEL_ROWS):
+        y = kernel_linear(x, w)
+        if y is not None:
+            return y
     lead, n_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n_in)
     if isinstance(w, PlainWeight):
@@ -177,6 +127,6 @@ def linear_f32(x: jax.Array, w: Any) -> jax.Array:
 
 
 __all__ = [
-    "DTYPES", "WIDENED", "STORED", "Int4Weight", "Fp8Weight", "PlainWeight", "WeightPolicy", "to_device",
-    "is_stored", "materialize", "row_slice", "dot_f32", "linear_f32",
+    "DTYPES", "WIDENED", "STORED", "KERNELS", "BF16_KERNEL_ROWS", "Int4Weight", "Fp8Weight", "PlainWeight",
+    "WeightPolicy", "to_device", "is_stored", "materialize", "row_slice", "dot_f32", "linear_f32",
 ]

@@ -41,6 +41,8 @@ def _conditions(plan) -> dict[str, Any]:
                   "sampling": sampling.as_dict() if sampling else None}  # fmt: skip
     if plan.mesh is not None:  # absent for one device, so anchors frozen before meshes existed still fit
         conditions["mesh"] = plan.mesh.label()
+    if m.compute.matmul != "widened":  # absent for the reference products every earlier anchor was frozen with
+        conditions["matmul"] = m.compute.matmul
     if m.generate.kv_cache and m.generate.prefill_chunk and len(plan.prompt) > m.generate.prefill_chunk:
         conditions["prefill_chunk"] = m.generate.prefill_chunk  # absent when the prompt runs in one pass
     return conditions
@@ -58,7 +60,7 @@ def freeze(plan, run_one_step, path: Path | None = None, write: bool = True) -> 
     if first != second:
         diffs = [f"{k}: {first[k]!r} then {second[k]!r}" for k in ANCHORED if first[k] != second[k]]
         raise AnchorMismatch("anchor not frozen: two runs of step 0 differ:\n  " + "\n  ".join(diffs))
-    platform = platform_fingerprint(plan.mesh.label() if plan.mesh else None)
+    platform = platform_fingerprint(plan.mesh_label, plan.kernels_label)
     anchor = {"anchor_version": ANCHOR_VERSION, **_conditions(plan), **first,
               "platform": platform, "platform_digest": fingerprint_digest(platform)}  # fmt: skip
     if write:
@@ -100,12 +102,12 @@ def precheck(plan) -> dict[str, Any] | None:
     return anchor
 
 
-def check(anchor: dict[str, Any], path: Path, step, mesh: str | None = None) -> dict[str, Any]:
+def check(anchor: dict[str, Any], path: Path, step, mesh: str | None = None, kernels: str | None = None) -> dict[str, Any]:
     """Compare step 0 with the anchor; raise with a field-by-field report on any difference."""
     got = anchor_values(step)
     diffs = [f"{k}: anchor {anchor[k]!r}, this run {got[k]!r}" for k in ANCHORED if anchor[k] != got[k]]
     if diffs:
-        platform = platform_differences(anchor["platform"], platform_fingerprint(mesh))
+        platform = platform_differences(anchor["platform"], platform_fingerprint(mesh, kernels))
         where = ("the platform differs:\n  " + "\n  ".join(platform)) if platform else "the platform is identical"
         raise AnchorMismatch(f"{path}: step 0 does not match the frozen anchor:\n  " + "\n  ".join(diffs)
                              + f"\n{where}")  # fmt: skip

@@ -150,6 +150,13 @@ def describe_run(plan, page_cache: dict) -> list[str]:
                  f"kv_cache {m.generate.kv_cache}, {m.compute.dtype}, dequant {m.compute.dequant}; page cache "
                  f"{page_cache['page_cache_resident_bytes']:,} of {page_cache['shard_bytes']:,} shard bytes "
                  "resident")  # fmt: skip
+    kernels = plan.kernels
+    if kernels is None:
+        lines.append(f"matmul {m.compute.matmul}")
+    elif kernels["kernel_set"]:
+        lines.append(f"matmul kernels: {kernels['kernel_set']} on {kernels['isa']}")
+    else:
+        lines.append(f"matmul kernels unavailable ({kernels['unavailable']}): XLA's stored products run instead")
     return lines
 
 

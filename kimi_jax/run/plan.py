@@ -45,6 +45,22 @@ class RunPlan:
         return None if section is None else MeshShape(section.expert, section.model, section.placement)
 
     @property
+    def kernels(self) -> dict | None:
+        """For ``compute.matmul: kernels``: the CPU kernels' set and instruction set, or why they are
+        unavailable (the XLA products then run); None for the other products."""
+        if self.manifest.compute.matmul != "kernels":
+            return None
+        from kimi_jax.model.kernels import run_record  # loads the compiled library
+
+        return run_record()
+
+    @property
+    def kernels_label(self) -> str | None:
+        """The kernels that ran, as the platform fingerprint names them (they can change bits)."""
+        k = self.kernels
+        return f"{k['kernel_set']} {k['isa']}" if k and k["kernel_set"] else None
+
+    @property
     def mesh_label(self) -> str | None:
         """The mesh as the platform fingerprint names it, or None for one device."""
         section = self.manifest.compute.mesh

@@ -147,8 +147,9 @@ def _execute_held(plan: RunPlan, prove: bool, resume: bool, echo, progress: bool
         residency=residency_record(plan.residency, m.storage.expert_cache, m.storage.speculate),
         mesh=None if mesh is None else mesh_record(mesh.expert, mesh.model, mesh.placement,
                                                    distributed.process_count(), loaded.get("instrumented")),
-        anchor=anchors.check(anchor, m.anchor, steps[0], plan.mesh_label) if anchor is not None else None,
+        anchor=anchors.check(anchor, m.anchor, steps[0], plan.mesh_label, plan.kernels_label) if anchor is not None else None,
         proof=non_perturbation_record(results["bare"], steps) if prove else None,
+        kernels=plan.kernels,
     )  # fmt: skip
     ledger = build_ledger(plan, steps, facts)
     validate_ledger(ledger)
@@ -206,7 +207,7 @@ def run_with_progress(plan: RunPlan, name: str, keep_capture: bool, checkpoints,
 
     def on_step(step: StepRecord) -> None:
         if step.index == 0 and anchor is not None:
-            anchors.check(anchor, m.anchor, step, plan.mesh_label)  # stops the run on any difference
+            anchors.check(anchor, m.anchor, step, plan.mesh_label, plan.kernels_label)  # stops the run on any difference
         checkpoints.save(name, step)
         bar.step(step)
         if stream is not None:

@@ -315,17 +315,22 @@ def runtime_contract(b: BundleView) -> tuple[list[str], list[str]]:
         else:
             held.append("one device" if mesh is None else f"mesh {shape[0]}x{shape[1]} {shape[2]}, "
                         f"{processes} process(es)")  # fmt: skip
-    # platform: the ledger's is the environment record's
     # platform: the ledger's is the environment record's; the environment record is taken without the
-    # mesh, which a mesh run's ledger adds (mesh label and process count) and run.mesh states
+    # mesh and the kernels, which a run's ledger adds (mesh label and process count, the kernels that
+    # multiplied) and run.mesh and run.kernels state
     platform = ledger.get("platform") if isinstance(ledger.get("platform"), dict) else {}
     on_mesh = {k: platform[k] for k in ("mesh", "process_count") if k in platform}
+    kernels = run.get("kernels") if isinstance(run.get("kernels"), dict) else {}
+    ran = f"{kernels.get('kernel_set')} {kernels.get('isa')}" if kernels.get("kernel_set") else None
     if isinstance(mesh, dict) and on_mesh != {"mesh": mesh_label(mesh.get("expert"), mesh.get("model"), mesh.get("placement")),
                                               "process_count": mesh.get("process_count")}:  # fmt: skip
         problems.append(f"ledger.json platform names mesh {short(on_mesh)}, run.mesh is {short(mesh)}")
+    elif platform.get("kernels") != ran:
+        problems.append(f"ledger.json platform names kernels {short(platform.get('kernels'))}, run.kernels says "
+                        f"{short(ran)} ran")  # fmt: skip
     elif b.has("environment.json"):
         env = b.json("environment.json")
-        rest = {k: v for k, v in platform.items() if k not in on_mesh}
+        rest = {k: v for k, v in platform.items() if k not in on_mesh and k != "kernels"}
         if not isinstance(env, dict) or env.get("platform") != rest:
             problems.append("environment.json platform differs from ledger.json platform")
         else:

@@ -42,6 +42,15 @@ def unavailable_reason() -> str | None:
     return library().reason
 
 
+def run_record() -> dict:
+    """What a run that asks for the kernels records: their set and instruction set (both can change
+    bits), or why they are unavailable (then the XLA products ran)."""
+    lib = library()
+    if not lib.available:
+        return {"kernel_set": None, "isa": None, "unavailable": lib.reason}
+    return {"kernel_set": f"{KERNEL_SET}/{lib.kernel_set_version}", "isa": lib.isa}
+
+
 def kernel_info() -> dict:
     """A small JSON-able description for the ledger and the platform fingerprint."""
     lib = library()
@@ -51,5 +60,5 @@ def kernel_info() -> dict:
             "supported_isas": list(lib.supported_isas), "threads": lib.threads, "pool": lib.pool}  # fmt: skip
 
 
-__all__ = ["ISAS", "KERNEL_SET", "available", "unavailable_reason", "kernel_info", "kernel_linear",
+__all__ = ["ISAS", "KERNEL_SET", "available", "unavailable_reason", "run_record", "kernel_info", "kernel_linear",
            "kernel_routed_experts"]  # fmt: skip

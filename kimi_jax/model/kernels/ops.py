@@ -16,9 +16,8 @@ import numpy as np
 
 from kimi_jax.errors import FormatError
 from kimi_jax.model.kernels._library import ISAS, library
-from kimi_jax.model.matmul import StoredWeight
 from kimi_jax.model.params import ExpertStack
-from kimi_jax.model.quant import Fp8Weight, Int4Weight
+from kimi_jax.model.containers import Fp8Weight, Int4Weight, PlainWeight
 from kimi_jax.storage.codecs import BF16_ROUNDED, EXACT, block_size_pair
 
 F32 = jnp.float32
@@ -37,7 +36,8 @@ def _isa_code(isa: str | None) -> int | None:
 
 
 def _unwrap(w: Any) -> Any:
-    return w.weight if isinstance(w, StoredWeight) else w
+    """A plain weight's array (a container of quantized parts stays as it is)."""
+    return w.array if isinstance(w, PlainWeight) else w
 
 
 def _describe(w: Any) -> tuple[str, dict] | None:
@@ -65,7 +65,7 @@ def kernel_linear(x: jax.Array, w: Any, *, isa: str | None = None) -> jax.Array 
     """``x @ W.T`` as float32 ``[..., out]`` for ``x`` float32 or bfloat16 ``[..., in]`` and one weight
     ``[out, in]``: :class:`Int4Weight` (group size a multiple of 8, either dequant mode),
     :class:`Fp8Weight` (float8_e4m3fn or uint8, any block size, either mode), or a plain bfloat16
-    array (also inside a :class:`StoredWeight`). ``None`` for anything else (stacked weights, float32
+    array (also inside a :class:`PlainWeight`). ``None`` for anything else (stacked weights, float32
     weights, other dtypes) or when the kernels are unavailable. ``isa`` forces an instruction set the
     CPU has (tests); by default the one chosen at load."""
     code = _isa_code(isa)
@@ -109,7 +109,7 @@ def kernel_routed_experts(experts: ExpertStack, slots: jax.Array, weights: jax.A
     ascending slot order, where slot ``j`` is stack entry ``j`` (or ``stack_ids[j]``). Each picked
     expert's weights are read once for all the rows that picked it; unpicked (padding) slots are never
     read. Takes float32 ``x`` and stacks of one format (all int4 with one group size and mode, all FP8
-    with one block size and mode, or all bfloat16), plain or in :class:`StoredWeight`; ``None``
+    with one block size and mode, or all bfloat16, plain or in :class:`PlainWeight`); ``None``
     otherwise (bfloat16 ``x`` included: its intermediate roundings are the XLA path's)."""
     code = _isa_code(isa)
     parts = [_unwrap(p) for p in (experts.gate_proj, experts.up_proj, experts.down_proj)]

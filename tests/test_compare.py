@@ -73,8 +73,9 @@ def test_a_manifest_without_dequant_reads_as_the_old_rounding(tiny_checkpoints, 
     rounded to bfloat16, and compare says so instead of reporting a missing value."""
     data = {"version": 1, "model": {"checkpoint": str(tiny_checkpoints["kimi-k2.5"])}, "prompt": {"tokens": [7]},
             "output": {"dir": str(tmp_path / "out")}}  # fmt: skip
-    exact = parse_manifest_dict(data).resolved_dict()
-    rounded = parse_manifest_dict({**data, "compute": {"dequant": "bf16-rounded"}}).resolved_dict()
+    widened = {"matmul": "widened"}  # what 0.1.0 computed, and what a manifest.json without the field records
+    exact = parse_manifest_dict({**data, "compute": widened}).resolved_dict()
+    rounded = parse_manifest_dict({**data, "compute": {**widened, "dequant": "bf16-rounded"}}).resolved_dict()
     old = {**exact, "compute": {"dtype": "float32"}}
     result = compare_resolved(old, exact, name_a="old/manifest.json")
     assert result.verdict == "not expected to be identical: compute.dequant differs ('bf16-rounded' vs 'exact')"
@@ -89,13 +90,16 @@ def test_only_max_new_tokens_differs(tiny_checkpoints, tmp_path):
     a = _manifest(tmp_path / "a.yaml", ckpt)
     b = _manifest(tmp_path / "b.yaml", ckpt, "capture: [norms]\n")
     b.write_text(b.read_text().replace("max_new_tokens: 3", "max_new_tokens: 8"))
+    for name in ("a", "b"):  # full recompute: step n depends only on the context
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(path.read_text().replace("generate:\n", "generate:\n  kv_cache: false\n"))
     result = compare_manifests(a, tmp_path / "b.yaml")
     assert result.verdict == "identical for the first 3 steps (only max_new_tokens differs)"
     assert result.identical_steps == 3 and not result.identical
     # with the KV cache, the cache length depends on max_new_tokens: no promise
     for name in ("a", "b"):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(path.read_text().replace("generate:\n", "generate:\n  kv_cache: true\n"))
+        path.write_text(path.read_text().replace("kv_cache: false", "kv_cache: true"))
     result = compare_manifests(a, tmp_path / "b.yaml")
     assert result.verdict.startswith("not expected to be identical: generate.max_new_tokens differs (3 vs 8) with "
                                      "generate.kv_cache on")  # fmt: skip

@@ -62,7 +62,7 @@ def launch(manifest: Path, out: Path | None, processes: int, *args: str, env_of=
 def manifest(tiny_checkpoints, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("distributed") / "m.yaml"
     path.write_text(f"version: 1\nmodel:\n  checkpoint: {tiny_checkpoints['kimi-k2.5']}\nprompt:\n  tokens: [5, 9, 400]\n"
-                    "generate: {max_new_tokens: 3, kv_cache: true}\ncompute:\n  mesh: {expert: 2, model: 1}\n"
+                    "generate: {max_new_tokens: 3, kv_cache: true}\nstorage: {resident_bytes: 0}\ncompute:\n  mesh: {expert: 2, model: 1}\n"
                     f"distributed: {{timeout_s: {TIMEOUT_S}}}\nanchor: anchor.json\noutput:\n  dir: out\n")  # fmt: skip
     return path
 

@@ -209,7 +209,7 @@ def test_profiles_name_the_model_stages():
 
 def test_engine_from_plan_and_per_layer_callback(tiny_checkpoints, tmp_path):
     plan = prepare_run(_manifest(tmp_path, tiny_checkpoints["kimi-k2.5"], compute={"dtype": "bfloat16"},
-                                 storage={"prefetch": False, "io_retries": 5}))  # fmt: skip
+                                 storage={"prefetch": False, "io_retries": 5, "resident_bytes": 0}))  # fmt: skip
     calls = []
     with Engine.from_plan(plan, keep_capture=False) as engine:
         assert (engine.dtype, engine.prefetch, engine.reader.retries) == (jnp.bfloat16, False, 5)

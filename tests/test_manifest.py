@@ -110,7 +110,8 @@ def test_good_manifest_defaults_and_paths(ws: Path) -> None:
     assert m.storage.prefetch is True
     assert m.storage.io_retries == 3
     assert m.generate.max_new_tokens == 5
-    assert m.generate.kv_cache is False
+    assert m.generate.kv_cache is True  # fast by default: the KV cache, a budget of auto, the CPU kernels
+    assert (m.storage.resident_bytes, m.compute.matmul) == ("auto", "kernels")
     assert m.capture == ["norms", "routing", "logits"]
     assert m.anchor is None
     # Frozen.
@@ -182,7 +183,7 @@ def test_resolved_dict_is_json_with_absolute_paths(ws: Path) -> None:
     assert json.loads(json.dumps(data)) == data
     assert data["model"]["checkpoint"] == str((ws / "ckpt" / "kimi").resolve())
     assert data["output"]["dir"] == str((ws / "runs" / "demo").resolve())
-    assert data["generate"] == {"max_new_tokens": 5, "kv_cache": False}
+    assert data["generate"] == {"max_new_tokens": 5, "kv_cache": True}
     assert data["capture"] == ["norms", "routing", "logits"]
     assert data["version"] == 1
 
@@ -515,7 +516,7 @@ def test_text_fields_are_left_out_of_the_identity_until_used(ws: Path) -> None:
     """Manifests that use none of chat, sampling, stop and ignore_eos keep the identity they had."""
     m = load_manifest(write(ws, GOOD))
     assert m.resolved_dict()["prompt"] == {"tokens": [163584, 7, 9], "text": None}
-    assert m.resolved_dict()["generate"] == {"max_new_tokens": 5, "kv_cache": False}
+    assert m.resolved_dict()["generate"] == {"max_new_tokens": 5, "kv_cache": True}
     chat = GOOD.replace("  tokens: [163584, 7, 9]\n", "  chat:\n    - {role: user, content: hi}\n"
                         "  chat_template_kwargs: {thinking: false}\n")  # fmt: skip
     used = load_manifest(write(ws, chat + "generate:\n  sampling: {temperature: 0.7}\n  stop: [END]\n"
@@ -847,7 +848,8 @@ def test_digest_stable_and_sensitive(ws: Path, monkeypatch: pytest.MonkeyPatch) 
     # Same resolved content from another working directory, and with defaults spelled out.
     monkeypatch.chdir(ws)
     assert load_manifest(path).digest() == digest
-    spelled = GOOD + "generate:\n  max_new_tokens: 5\n  kv_cache: false\ncapture: [norms, routing, logits]\n"
+    spelled = GOOD + ("generate:\n  max_new_tokens: 5\n  kv_cache: true\ncapture: [norms, routing, logits]\n"
+                      "compute: {matmul: kernels}\nstorage: {resident_bytes: auto}\n")
     assert load_manifest(write(ws, spelled, "spelled.yaml")).digest() == digest
     # Any value change changes it.
     assert load_manifest(path, ["generate.max_new_tokens=6"]).digest() != digest
@@ -855,7 +857,7 @@ def test_digest_stable_and_sensitive(ws: Path, monkeypatch: pytest.MonkeyPatch) 
     # The dequantization mode is part of what a run is: spelled-out default same, the other mode not.
     assert load_manifest(path, ["compute.dequant=exact"]).digest() == digest
     rounded = load_manifest(path, ["compute.dequant=bf16-rounded"])
-    assert rounded.resolved_dict()["compute"] == {"dtype": "float32", "dequant": "bf16-rounded"}
+    assert rounded.resolved_dict()["compute"] == {"dtype": "float32", "dequant": "bf16-rounded", "matmul": "kernels"}
     assert rounded.digest() != digest
     assert load_manifest(write(ws, GOOD.replace("7, 9", "7, 8"), "other.yaml")).digest() != digest
 
@@ -889,15 +891,26 @@ def test_every_manifest_field_declares_its_effect_on_results():
     assert field_effect("no.such.field") is None
 
 
-def test_fields_added_later_stay_out_of_the_identity_at_their_defaults():
+def test_fields_added_later_stay_out_of_the_identity_at_what_they_meant_before():
     data = yaml.safe_load(GOOD)
     data["model"] = {"synthetic": {"preset": "tiny"}}
     plain = parse_manifest_dict(data)
     resolved = plain.resolved_dict()
-    assert "matmul" not in resolved["compute"] and "speculate" not in resolved["storage"]
+    assert "speculate" not in resolved["storage"]  # at its default, which is what it always meant
     changed = parse_manifest_dict({**data, "storage": {"speculate": True}})
     assert changed.resolved_dict()["storage"]["speculate"] is True
     assert changed.digest() != plain.digest()
+    # a changed default: saying nothing now means kernels and auto, recorded (a new identity); the
+    # old behaviour, spelled out, is left out as it always was, so it keeps its old identity
+    assert (resolved["compute"]["matmul"], resolved["storage"]["resident_bytes"]) == ("kernels", "auto")
+    old = parse_manifest_dict({**data, "compute": {"matmul": "widened"}, "storage": {"resident_bytes": 0}})
+    assert "matmul" not in old.resolved_dict()["compute"] and "resident_bytes" not in old.resolved_dict()["storage"]
+    # and a recorded manifest.json that leaves them out is read as the run it records
+    from kimi_jax.manifest import recorded_manifest
+
+    recorded = recorded_manifest(old.resolved_dict())
+    assert (recorded["compute"]["matmul"], recorded["storage"]["resident_bytes"]) == ("widened", 0)
+    assert parse_manifest_dict(recorded).digest() == old.digest() != plain.digest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,15 +25,17 @@ def _write(tmp_path, text: str, name: str = "m.yaml"):
     return path
 
 
-def test_defaults_stream_everything_with_widened_matmuls(tmp_path):
+def test_defaults_keep_what_fits_with_the_kernels_and_the_old_settings_keep_their_identity(tmp_path):
     m = load_manifest(_write(tmp_path, BASE))
-    assert (m.storage.resident_bytes, m.storage.expert_cache, m.storage.speculate) == (0, "lru", False)
-    assert m.compute.matmul == "widened"
-    # at their defaults (what every earlier run did) they stay out of the identity: older manifests
-    # keep their digest
+    assert (m.storage.resident_bytes, m.storage.expert_cache, m.storage.speculate) == ("auto", "lru", False)
+    assert m.compute.matmul == "kernels"
+    # what every earlier run did (stream everything, widened products) stays out of the identity when
+    # spelled out, so manifests written for it keep their digest; the new defaults are recorded
+    old = load_manifest(_write(tmp_path, BASE + "storage: {resident_bytes: 0}\ncompute: {matmul: widened}\n", "o.yaml"))
+    assert not {"resident_bytes", "expert_cache", "speculate"} & set(old.resolved_dict()["storage"])
+    assert "matmul" not in old.resolved_dict()["compute"]
     resolved = m.resolved_dict()
-    assert not {"resident_bytes", "expert_cache", "speculate"} & set(resolved["storage"])
-    assert "matmul" not in resolved["compute"]
+    assert resolved["storage"]["resident_bytes"] == "auto" and resolved["compute"]["matmul"] == "kernels"
     stored = load_manifest(_write(tmp_path, BASE + "compute: {matmul: stored}\n", "stored.yaml"))
     assert stored.resolved_dict()["compute"]["matmul"] == "stored" and stored.digest() != m.digest()
 
@@ -54,7 +56,7 @@ def test_bad_values_are_reported_with_file_and_line(tmp_path):
     assert lines[0] == (f"{path}:7: storage.resident_bytes: expected a size such as 8GiB, 512MiB, 1.5GB or a byte "
                         "count, or 'auto'; got '8 gigs'")  # fmt: skip
     assert lines[1].startswith(f"{path}:8: storage.expert_cache: must be one of 'lru' or 'lfu'")
-    assert lines[2].startswith(f"{path}:9: compute.matmul: must be one of 'stored' or 'widened'")
+    assert lines[2].startswith(f"{path}:9: compute.matmul: must be one of 'kernels', 'stored' or 'widened'")
 
 
 @pytest.mark.parametrize("value", ["-1", "true", "1.5", "[1]"])
@@ -70,7 +72,7 @@ def test_override_from_the_command_line(tmp_path):
 
 def test_compare_budget_is_neutral_matmul_is_not(tmp_path):
     a = load_manifest(_write(tmp_path, BASE, "a.yaml")).resolved_dict()
-    b = load_manifest(_write(tmp_path, BASE + "storage: {resident_bytes: auto, speculate: true}\n", "b.yaml"))
+    b = load_manifest(_write(tmp_path, BASE + "storage: {resident_bytes: 0, speculate: true}\n", "b.yaml"))
     same = compare_resolved(a, b.resolved_dict())
     assert same.identical and {d.field for d in same.neutral_differences} == {"storage.resident_bytes",
                                                                             "storage.speculate"}  # fmt: skip

@@ -151,7 +151,7 @@ def test_a_real_checkpoint_is_X0_and_the_anchor_is_scoped(real):
     ledger = json.loads((real / "ledger.json").read_text())
     anchor = json.loads((real / "anchor.json").read_text())
     assert "X0 (clean)" in flat and "Verdict: SAFE" in flat
-    assert "· Ratified · LC+LP · X0 · NP · 3 tok / 3 layers / no-cache full pass" in flat
+    assert "· Ratified · LC+LP · X0 · NP · 3 tok / 3 layers / KV-cache decode" in flat
     assert "Table 2. Frozen single-step anchor (anchor.json)." in flat
     for value in (anchor["hidden_digest"], anchor["logits_digest"], f"{anchor['bytes_read']:,}",
                   json.dumps(anchor["logit"]), ledger["checkpoint"]["content_root"]):  # fmt: skip

@@ -41,11 +41,12 @@ def server(ckpt):
 
 
 def _run(tmp_path, checkpoint, out="out", **remote):
+    # streamed (budget 0): every range fetched is one a step used, so bytes fetched add up to bytes used
     data = {"version": 1, "model": {"checkpoint": str(checkpoint), "cache_dir": str(tmp_path / "cache")},
-            "prompt": {"tokens": [7, 300, 7]}, "generate": {"max_new_tokens": 2}, "storage": {"remote": remote},
-            "output": {"dir": str(tmp_path / out)}}  # fmt: skip
+            "prompt": {"tokens": [7, 300, 7]}, "generate": {"max_new_tokens": 2},
+            "storage": {"remote": remote, "resident_bytes": 0}, "output": {"dir": str(tmp_path / out)}}  # fmt: skip
     if not remote:
-        del data["storage"]
+        del data["storage"]["remote"]
     return execute(prepare_run(parse_manifest_dict(data, source=str(tmp_path / "m.yaml"))), prove=False, echo=_quiet,
                    progress=False)  # fmt: skip
 

@@ -203,6 +203,14 @@ class ShardReader:
             with self._lock:
                 self.step.digests.update(served)
 
+    def uncount_digests(self, records: Iterable[TensorRecord]) -> None:
+        """Tensors read this step that it did not use (experts read ahead or preloaded) leave its
+        digests: a step's weights digest names the weights behind its token, not what was read besides."""
+        if self.digests:
+            with self._lock:
+                for rec in records:
+                    self.step.digests.pop(rec.stored_name, None)
+
     def advise(self, records: Iterable[TensorRecord]) -> None:
         """Tell the kernel these ranges will be read soon (``posix_fadvise(WILLNEED)``): it starts
         reading them into the page cache in the background; nothing is counted. Advice only: a shard

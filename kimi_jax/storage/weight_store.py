@@ -64,7 +64,7 @@ class WeightStore:
         self._lock = threading.Lock()
         self._counts: dict[int | None, ByteCounts] = {}
         self._speculation: dict[int, _Speculation] = {}
-        self._unused: list[tuple[int, Future, int]] = []  # (layer, read, bytes) predicted but not used
+        self._unused: list[tuple[int, int, Future, int]] = []  # (layer, expert, read, bytes) predicted, not used
         self._expert_sizes: dict[int, list[int]] = {}  # layer -> bytes of each expert (count_all_experts)
         self._pool = ThreadPoolExecutor(max_workers=SPECULATIVE_READERS, thread_name_prefix="kimi-jax-speculate")
 
@@ -81,8 +81,9 @@ class WeightStore:
 
     def end_step(self) -> dict[int | None, ByteCounts]:
         """Settle the reads ahead that no layer used (waiting for them) and return the step's counts."""
-        for layer, read, nbytes in self._unused:
+        for layer, expert, read, nbytes in self._unused:
             read.result()
+            self.reader.uncount_digests(p for w in self._expert_entries(layer, expert) for p in w.parts.values())
             self._count(layer, mispredicted=nbytes)
         self._unused = []
         overread = self.reader.step.per_layer_overread
@@ -174,6 +175,9 @@ class WeightStore:
         used = sum(sizes[e] for e in distinct)
         if read_now:
             self._count(layer, used=used, from_storage=used, preloaded=sum(sizes) - used)
+            unused = set(range(len(sizes))) - set(distinct)
+            self.reader.uncount_digests(p for e in sorted(unused) for w in self._expert_entries(layer, e)
+                                        for p in w.parts.values())  # fmt: skip
         else:
             self._count(layer, used=used, from_memory=used, experts_from_memory=len(distinct))
             self.reader.count_served(p for e in distinct for w in self._expert_entries(layer, e) for p in w.parts.values())
@@ -210,7 +214,7 @@ class WeightStore:
                 self.experts_cache.admit((layer, expert), {n: self.keep(w) for n, w in expert_weights.items()},
                                          sizes[expert])  # fmt: skip
         for expert, read in speculation.reads.items():  # predicted, read ahead, not used
-            self._unused.append((layer, read, sum(w.nbytes for w in self._expert_entries(layer, expert))))
+            self._unused.append((layer, expert, read, sum(w.nbytes for w in self._expert_entries(layer, expert))))
         self._count(layer, used=sum(sizes.values()), experts_used=len(distinct),
                     experts_predicted=len(speculation.predicted),
                     experts_predicted_used=len(speculation.predicted & set(distinct)))  # fmt: skip

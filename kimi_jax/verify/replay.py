@@ -52,6 +52,21 @@ def dequant_difference(recorded: dict[str, Any], replayed: dict[str, Any]) -> st
             f"{describe_dequant(now)}, so their quantized weights differ; ")
 
 
+def _pin_residency(resolved: dict[str, Any], residency: Any) -> dict[str, Any]:
+    """A budget or page-cache choice of ``auto`` resolved to what memory allowed when the run started:
+    the replay keeps what the run kept (the budget it resolved, the page-cache choice it made), so the
+    sources of its bytes are the run's too. What a budget computes never depends on it."""
+    storage = resolved.get("storage") if isinstance(resolved.get("storage"), dict) else None
+    if storage is None or not isinstance(residency, dict):
+        return resolved
+    pinned = dict(storage)
+    if isinstance(residency.get("budget_bytes"), int) and not isinstance(residency["budget_bytes"], bool):
+        pinned["resident_bytes"] = residency["budget_bytes"]
+    if residency.get("page_cache") in ("keep", "drop"):
+        pinned["page_cache"] = residency["page_cache"]
+    return {**resolved, "storage": pinned}
+
+
 def check_replay(b: BundleView, allow_large: bool = False) -> str:
     """Re-run the bundle's manifest. What the bundle names is trusted only to say what to compute:
     whatever the replay writes (a synthetic checkpoint, the JAX compilation cache) goes into the
@@ -82,8 +97,9 @@ def check_replay(b: BundleView, allow_large: bool = False) -> str:
             if is_remote(data["model"].get("checkpoint")) and same_checkpoint(data["model"]["checkpoint"], recorded):
                 data["model"]["checkpoint"] = recorded  # the commit the run read, not where a branch is now
         data.pop("distributed", None)  # a replay is one process: a mesh must fit this machine's devices
+        data = _pin_residency(recorded_manifest(data), (ledger.get("run") or {}).get("residency"))
         try:
-            plan = prepare_run(parse_manifest_dict(recorded_manifest(data), source=str(b.root / "manifest.json"),
+            plan = prepare_run(parse_manifest_dict(data, source=str(b.root / "manifest.json"),
                                                    base_dir=b.root))  # fmt: skip
         except KimiJaxError as e:
             raise CheckFailed(f"cannot replay: {e} (--replay runs the bundle's manifest against the checkpoint it names, "

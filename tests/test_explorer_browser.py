@@ -156,8 +156,11 @@ def test_page_loads_with_no_network_and_shows_the_ledger(open_page, bundle, ledg
     assert o.text("#headline-platform_digest") == ledger["platform_digest"]
     assert o.text("#headline-checkpoint-layout") == ledger["checkpoint"]["layout"]
     assert o.text("#headline-non_perturbation-identical") == "true"
+    assert o.text("#headline-non_perturbation-scope") == ledger["non_perturbation"]["scope"] == "first"
     assert o.text("#headline-anchor-status") == "null"
     assert _num(o.text("#headline-totals-bytes_read")) == ledger["totals"]["bytes_read"]
+    for field in ("wall_s", "compile_s", "proof_wall_s", "run_wall_s"):
+        assert float(o.text(f"#headline-totals-{field}")) == ledger["totals"][field], field
 
     # token timeline: every step, every column
     rows = o.page.locator("#timeline-table tbody tr")
@@ -217,6 +220,11 @@ def test_selecting_a_step_updates_every_panel(open_page, bundle, ledger, shots):
         assert o.text("#step-detail-title") == f"Step {step['index']}"
         assert int(o.text('#step-fields td[data-field="token"]')) == step["token"]
         assert o.text('#step-fields td[data-field="hidden_digest"]') == step["hidden_digest"]
+        assert float(o.text('#step-fields td[data-field="compile_s"]')) == step["compile_s"]
+        # the token's bytes byte by byte as \xNN: "2373" would read as a number
+        shown = o.text('#step-fields td[data-field="token_bytes"]')
+        assert shown == "".join(f"\\x{step['token_bytes'][j:j + 2]}" for j in range(0, len(step["token_bytes"]), 2))
+        assert bytes.fromhex(shown.replace("\\x", "")) == bytes.fromhex(step["token_bytes"])
         ids, logits = o.texts('#topk-table tbody td[data-field="token"]'), o.texts('#topk-table tbody td[data-field="logit"]')
         assert [[int(t), float(v)] for t, v in zip(ids, logits)] == step["top_k"]
         assert o.texts('#topk-table tbody td[data-field="text"]') == step["top_k_text"]

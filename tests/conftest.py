@@ -8,8 +8,21 @@ import pytest
 
 from kimi_jax.storage.synth import synth_checkpoint
 
-# Keep the JAX compilation cache and generated checkpoints out of the user's home directory.
-os.environ.setdefault("KIMI_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "kimi-jax-test-cache"))
+
+@pytest.fixture(scope="session", autouse=True)
+def kimi_jax_cache(tmp_path_factory):
+    """The JAX compilation cache and generated checkpoints of every test (and of the commands the tests
+    start) go to pytest's temporary folder, never the user's cache or the system's /tmp. To keep the
+    compiled programs across sessions (a faster second run), name a folder in $KIMI_JAX_TEST_CACHE."""
+    kept = os.environ.get("KIMI_JAX_TEST_CACHE")
+    path = kept or str(tmp_path_factory.mktemp("kimi-jax-cache"))
+    previous = os.environ.get("KIMI_JAX_CACHE")
+    os.environ["KIMI_JAX_CACHE"] = path
+    yield path
+    if previous is None:
+        os.environ.pop("KIMI_JAX_CACHE", None)
+    else:
+        os.environ["KIMI_JAX_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,12 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.fixture(autouse=True)
+def _temporary_folder_of_the_test(tmp_path, monkeypatch):
+    """A script's own temporary files (vindex_phase1's RESULTS-vindex-smoke.md) land in pytest's folder."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def _smoke(script: str, *args: str) -> list[dict]:
     proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], capture_output=True, text=True,
                           env=dict(os.environ), timeout=600)  # fmt: skip
@@ -74,8 +80,14 @@ def test_explorer_open_smoke():
     _smoke("explorer_open.py")
 
 
-def test_vindex_phase1_smoke():
+def test_vindex_phase1_smoke(tmp_path):
     _smoke("vindex_phase1.py")
+    assert (tmp_path / "RESULTS-vindex-smoke.md").is_file()  # in pytest's folder, not the system's /tmp
+
+
+def test_length_buckets_smoke():
+    (record,) = _smoke("length_buckets.py")
+    assert record["of_cases"] == 2 and set(record["compile_s_per_new_length"]) == {"3", "5"}
 
 
 def test_remote_smoke():

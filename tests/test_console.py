@@ -12,6 +12,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from kimi_jax.cli import main
+from kimi_jax.model.jax_setup import enable_compilation_cache
 from kimi_jax.progress import LineProgress, progress_bar
 from kimi_jax.records import StepRecord
 from kimi_jax.run import compile_clock, console
@@ -65,6 +66,7 @@ def _step(index: int, wall_s: float = 1.0, compile_s: float = 0.0) -> StepRecord
 
 def test_a_step_that_compiles_says_so_and_why(monkeypatch, tmp_path):
     monkeypatch.setattr(console, "COMPILE_NOTE_S", 0.0)  # a tiny program compiles in milliseconds
+    enable_compilation_cache()  # as a run does: its misses are the XLA compilations
     compile_clock.start()
     log = io.StringIO()
     progress = console.Progress("instrumented", 3, 2, True, stream=log,
@@ -77,6 +79,7 @@ def test_a_step_that_compiles_says_so_and_why(monkeypatch, tmp_path):
 
     new_program()
     assert compile_clock.compile_seconds(started, compile_clock.now()) > 0
+    assert compile_clock.compilations(started, compile_clock.now()) >= 1
     progress.layer(0, 0, 100)
     progress.step(_step(0, compile_s=0.25))
     size += 1
@@ -96,6 +99,14 @@ def test_a_step_that_compiles_says_so_and_why(monkeypatch, tmp_path):
         f"cache in {tmp_path}",
         "instrumented step 1: token 5, 10 bytes read, 1.00 s",
     ]
+    # a program loaded from the persistent cache is not compiled: no note, and the step line says so
+    jax.clear_caches()  # this process forgets the programs; the persistent cache still holds them
+    log = io.StringIO()
+    progress = console.Progress("bare", 1, 1, True, stream=log, compile_note=console.CompileNote(False, tmp_path))
+    new_program()
+    progress.layer(1, 0, 1)
+    progress.step(_step(1, compile_s=0.125))
+    assert log.getvalue() == "bare step 1: token 5, 10 bytes read, 1.00 s (0.12 s loading compiled programs)\n"
     # nothing compiles: nothing said
     quiet = io.StringIO()
     monkeypatch.setattr(console, "COMPILE_NOTE_S", 3600.0)

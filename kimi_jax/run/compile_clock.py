@@ -5,7 +5,9 @@ it to MLIR, and compiling it with XLA (or loading the executable from the persis
 cache). Spans nest (tracing a function traces the functions it calls), so the seconds of a window
 are the length of the union of the spans inside it, not their sum. A step's ``compile_s`` is that
 union over the step's wall-clock window: the part of its ``wall_s`` spent making programs rather
-than running them.
+than running them. With the persistent compilation cache, a program made before is loaded, not
+compiled, but still traced and lowered; :func:`compilations` counts the XLA compilations proper
+(the cache's misses).
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import time
 
 import jax.monitoring
 
-__all__ = ["start", "compile_seconds", "now", "record_span"]
+__all__ = ["start", "compile_seconds", "compilations", "now", "record_span"]
 
 # jax._src.dispatch: JAXPR_TRACE_EVENT, JAXPR_TO_MLIR_MODULE_EVENT, BACKEND_COMPILE_EVENT
 _EVENTS = frozenset({"/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                      "/jax/core/compile/backend_compile_duration"})  # fmt: skip
 _KEEP = 4096  # spans remembered; older ones are dropped (a run asks about its latest step only)
 
+_MISS = "/jax/compilation_cache/cache_misses"  # an XLA compilation the persistent cache did not have
+
 _spans: list[tuple[float, float]] = []
+_misses: list[float] = []
 _lock = threading.Lock()
 _started = False
 
@@ -35,6 +40,14 @@ def now() -> float:
 def _on_span(event: str, start: float, end: float, **_) -> None:
     if event in _EVENTS:
         record_span(start, end)
+
+
+def _on_event(event: str, **_) -> None:
+    if event == _MISS:
+        with _lock:
+            _misses.append(time.time())
+            if len(_misses) > 2 * _KEEP:
+                del _misses[:-_KEEP]
 
 
 def record_span(start: float, end: float) -> None:
@@ -51,6 +64,7 @@ def start() -> None:
     with _lock:
         if not _started:
             jax.monitoring.register_event_time_span_listener(_on_span)
+            jax.monitoring.register_event_listener(_on_event)
             _started = True
 
 
@@ -64,3 +78,9 @@ def compile_seconds(start: float, end: float) -> float:
             total += b - max(a, reach)
             reach = b
     return total
+
+
+def compilations(start: float, end: float) -> int:
+    """XLA compilations within ``[start, end]``: programs the persistent cache did not have."""
+    with _lock:
+        return sum(start <= t <= end for t in _misses)

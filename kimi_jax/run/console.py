@@ -149,10 +149,13 @@ class Progress:
         self.bar.update(1)
 
     def _note_compiling(self, step: int) -> bool:
-        """Whether this step has been compiling; the first time in a run (for step 0, for a later step), why."""
+        """Whether this step has been compiling (programs the persistent cache did not hold); the first
+        time in a run (for step 0, for a later step), why."""
         if self.compile_note is None:
             return False
-        compiling = compile_clock.compile_seconds(self.step_started, compile_clock.now()) >= COMPILE_NOTE_S
+        now = compile_clock.now()
+        compiling = (compile_clock.compilations(self.step_started, now) > 0
+                     and compile_clock.compile_seconds(self.step_started, now) >= COMPILE_NOTE_S)  # fmt: skip
         if compiling and self.enabled and (step > 0) not in self.noted:
             self.noted.add(step > 0)
             self._line(self.compile_note.line(self.name, step))
@@ -166,6 +169,7 @@ class Progress:
 
     def step(self, record) -> None:
         self._note_compiling(record.index)  # a step of one layer, or one program for all of them
+        compiled = compile_clock.compilations(self.step_started, compile_clock.now()) > 0
         self.step_started = compile_clock.now()
         self.bytes_done += record.bytes_read
         if not self.enabled or self.bar is not None:
@@ -175,7 +179,8 @@ class Progress:
             data = self.tokenizer.token_bytes(record.token)
             # repr: control characters escaped, never sent to the log raw
             shown = " (not in the tokenizer)" if data is None else " " + repr(display_text(data))
-        compiling = f" ({record.compile_s:.2f} s compiling)" if record.compile_s >= 0.005 else ""
+        making = "compiling" if compiled else "loading compiled programs"
+        compiling = f" ({record.compile_s:.2f} s {making})" if record.compile_s >= 0.005 else ""
         print(f"{self.name} step {record.index}: token {record.token}{shown}, {record.bytes_read:,} bytes read, "
               f"{record.wall_s:.2f} s{compiling}", file=self.stream, flush=True)  # fmt: skip
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from kimi_jax.cli import main
 from kimi_jax.explorer.page import explore_command, render_explorer
 from kimi_jax.ledger.ledger import provenance_map
 from kimi_jax.manifest import parse_manifest_dict
@@ -443,3 +444,33 @@ def test_a_ledger_without_optional_capture_still_renders(open_page, ledger, tmp_
             assert [int(v) for v in o.page.locator("#routing-selected li").evaluate_all(
                 "els => els.map(e => e.dataset.expert)")] == step["layers"][1]["experts"][0]
         o.check_clean()
+
+
+def test_the_vindex_page_draws_the_router_line_over_the_experts_median(browser, tmp_path):
+    """On the tiny model var@64 is 1.0 for experts and routers alike (64 singular values or fewer):
+    the router's line must be drawn on top of the median's, not hidden under it."""
+    manifest = Path(__file__).resolve().parents[1] / "manifests" / "vindex-demo.yaml"
+    result = CliRunner().invoke(main, ["vindex", str(manifest), "--set", "vindex.phases=[1, 2]", "--out",
+                                       str(tmp_path / "run"), "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    context = browser.new_context(viewport={"width": 1200, "height": 900}, service_workers="block")
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((tmp_path / "run.vindex" / "vindex.html").resolve().as_uri())
+        page.wait_for_function("typeof Chart !== 'undefined' && Chart.getChart(document.getElementById('var64'))")
+        drawn = page.evaluate("""() => {
+            const chart = Chart.getChart(document.getElementById('var64'));
+            // Chart.js draws the sorted datasets last to first: the first is drawn on top
+            return chart.getSortedVisibleDatasetMetas().map(m => [m.label, m._dataset.data.map(p => p.y)]);
+        }""")
+        assert errors == []
+    finally:
+        context.close()
+    labels = [label for label, _ in drawn]
+    assert labels[0] == "router var@64", labels
+    router = drawn[0][1]
+    median = next(ys for label, ys in drawn if label.startswith("median var@64"))
+    # the MoE layers (1-3; layer 0 is dense and has no router): the same values, only the order shows both
+    assert router == median[1:] == [1.0, 1.0, 1.0]

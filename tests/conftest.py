@@ -12,17 +12,20 @@ from kimi_jax.storage.synth import synth_checkpoint
 @pytest.fixture(scope="session", autouse=True)
 def kimi_jax_cache(tmp_path_factory):
     """The JAX compilation cache and generated checkpoints of every test (and of the commands the tests
-    start) go to pytest's temporary folder, never the user's cache or the system's /tmp. To keep the
+    start) go to pytest's temporary folder, never the user's cache or the system's /tmp; so does the
+    cache tiktoken keeps of every ranks file it loads (the oracle tests load Kimi's). To keep the
     compiled programs across sessions (a faster second run), name a folder in $KIMI_JAX_TEST_CACHE."""
     kept = os.environ.get("KIMI_JAX_TEST_CACHE")
     path = kept or str(tmp_path_factory.mktemp("kimi-jax-cache"))
-    previous = os.environ.get("KIMI_JAX_CACHE")
-    os.environ["KIMI_JAX_CACHE"] = path
+    settings = {"KIMI_JAX_CACHE": path, "TIKTOKEN_CACHE_DIR": str(tmp_path_factory.mktemp("tiktoken-cache"))}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     yield path
-    if previous is None:
-        os.environ.pop("KIMI_JAX_CACHE", None)
-    else:
-        os.environ["KIMI_JAX_CACHE"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

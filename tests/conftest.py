@@ -53,3 +53,12 @@ def small_bundle(tiny_checkpoints, tmp_path_factory):
     execute(prepare_run(parse_manifest_dict(data, source=str(out.parent / "m.yaml"))), echo=lambda *_: None,
             progress=False)  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def full_shape_checkpoint(kimi_jax_cache):
+    """The full-shape K2.5 preset (a sparse 595 GB layout), generated once where manifests/full-shape.yaml
+    finds it (the session's cache): tests of the layout and of the shipped manifest share it."""
+    from kimi_jax.storage.synth import ensure_synthetic
+
+    return ensure_synthetic("full-shape", "kimi-k2.5", 0)

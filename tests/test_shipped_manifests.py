@@ -95,10 +95,10 @@ def test_the_vindex_manifest_runs_as_shipped(tmp_path):
     assert (tmp_path / "run.vindex" / "summary.json").is_file() and "\r" not in result.stderr
 
 
-def test_the_full_shape_manifest_generates_and_plans(tmp_path):
-    manifest = load_manifest(str(MANIFESTS / "full-shape.yaml"), [f"model.cache_dir={tmp_path}"],
-                             str(tmp_path / "bundle"))  # fmt: skip
-    plan = prepare_run(manifest)
+def test_the_full_shape_manifest_generates_and_plans(full_shape_checkpoint, tmp_path):
+    manifest = load_manifest(str(MANIFESTS / "full-shape.yaml"), out_dir=str(tmp_path / "bundle"))
+    plan = prepare_run(manifest)  # the preset generated once for the session, where the manifest looks for it
+    assert plan.index.root == full_shape_checkpoint
     cfg = plan.index.config
     assert (cfg.num_hidden_layers, cfg.n_routed_experts, cfg.vocab_size) == (61, 384, 163840)
     assert sum(h.file_size for h in plan.index.shards) > 590e9  # the real layout's size, as file holes

@@ -25,6 +25,8 @@ from kimi_jax.cli import main
 from kimi_jax.manifest import load_manifest
 from kimi_jax.run.plan import prepare_run
 
+from .test_readme import demo_log_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
 SHIPPED = sorted(p.name for p in MANIFESTS.glob("*.y*ml"))
@@ -53,8 +55,12 @@ def _verified(bundle: Path) -> None:
 
 @pytest.mark.parametrize("name", SYNTHETIC_RUNS)
 def test_synthetic_manifests_run_as_shipped(name, tmp_path):
-    _invoke("run", str(MANIFESTS / name), "--out", str(tmp_path / "bundle"))
+    result = _invoke("run", str(MANIFESTS / name), "--out", str(tmp_path / "bundle"))
     _verified(tmp_path / "bundle")
+    assert "\r" not in result.stderr
+    if name == "demo.yaml":  # the README quotes the size of its log (paths here are longer than in a user's)
+        cached, cold = min(demo_log_bytes()), max(demo_log_bytes())
+        assert 0.8 * cached <= len(result.stderr.encode()) <= cold + 400, len(result.stderr.encode())
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,11 @@ def join(plan) -> DistributedSettings | None:
         # fatal log of its own, so the named error must come first.
         _watchdog = _watchdog or Watchdog(settings, joining=True)
         _filter_gloo_lines()
-        initialize(settings)
+        try:
+            initialize(settings)
+        except BaseException:
+            _stop_filtering()  # the error goes out as one line; nothing written to stdout is left in the pipe
+            raise
         _watchdog.beat("joining the other processes", joined=True)
     check_mesh(plan)
     return settings

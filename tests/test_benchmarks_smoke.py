@@ -15,9 +15,13 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(autouse=True)
-def _temporary_folder_of_the_test(tmp_path, monkeypatch):
-    """A script's own temporary files (vindex_phase1's RESULTS-vindex-smoke.md) land in pytest's folder."""
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+def script_tmp(tmp_path_factory, monkeypatch):
+    """A script's own temporary files (vindex_phase1's RESULTS-vindex-smoke.md, accelerate's offload
+    folder) land in pytest's folder; a short name, since Chromium's socket path there must stay
+    under 108 characters."""
+    folder = tmp_path_factory.mktemp("t")
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
 
 
 def _smoke(script: str, *args: str) -> list[dict]:
@@ -80,9 +84,9 @@ def test_explorer_open_smoke():
     _smoke("explorer_open.py")
 
 
-def test_vindex_phase1_smoke(tmp_path):
+def test_vindex_phase1_smoke(script_tmp):
     _smoke("vindex_phase1.py")
-    assert (tmp_path / "RESULTS-vindex-smoke.md").is_file()  # in pytest's folder, not the system's /tmp
+    assert (script_tmp / "RESULTS-vindex-smoke.md").is_file()  # in pytest's folder, not the system's /tmp
 
 
 def test_length_buckets_smoke():

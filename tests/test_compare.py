@@ -69,7 +69,7 @@ def test_the_manifest_report_says_each_thing_once(tmp_path):
     section = lambda title: lines[lines.index(title) + 1:]  # noqa: E731
     result = section("differences that can change results:")
     assert result[0] == "  compute.dtype: 'float32' vs 'bfloat16'" and result[1].startswith("    (")
-    assert result[2].startswith("  generate.sampling: '<absent>' vs {") and result[3].startswith("    (")
+    assert result[2].startswith("  generate.sampling: null vs {") and result[3].startswith("    (")
     neutral = section("differences that cannot change results:")
     assert neutral[2:5] == ["  storage.io_retries: 3 vs 5", "  storage.prefetch: true vs false",
                             "    (storage settings change how and when bytes are read (prefetch, retries, page cache, "

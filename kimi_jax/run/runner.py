@@ -98,11 +98,17 @@ def run_steps(plan: RunPlan, keep_capture: bool = True, max_new_tokens: int | No
               on_load=None) -> list:  # fmt: skip
     """The plan's steps in a fresh engine (resumed after ``done``, from ``caches``); ``on_step`` and
     ``on_layer`` report progress, ``on_load(bytes per process)`` is told what a mesh engine read
-    before step 0 (the resident placement)."""
+    before step 0 (the resident placement).
+
+    A run of fewer steps than the manifest's (the proof's bare step 0, an anchor's step) gets the
+    latent caches the whole run would have: their length is the extent attention reduces over, and a
+    shorter one can change the bits of step 0."""
     m = plan.manifest
     with Engine.from_plan(plan, keep_capture) as engine:
         if on_load is not None and engine.load_bytes_per_process is not None:
             on_load(engine.load_bytes_per_process)
+        if m.generate.kv_cache and caches is None and not done:
+            caches = engine.empty_caches(len(plan.prompt), m.generate.max_new_tokens)
         return engine.generate(list(plan.prompt), max_new_tokens or m.generate.max_new_tokens, m.generate.kv_cache,
                                on_step, done=done, caches=caches, on_layer=on_layer,
                                decoding=plan.decoding)  # fmt: skip

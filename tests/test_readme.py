@@ -27,6 +27,7 @@ def test_every_command_and_exit_code_is_in_the_readme():
     documented = {int(c) for c in re.findall(r"^\| (\d+) \|", table, re.M)}
     cli = (REPO / "kimi_jax" / "cli.py").read_text()
     used = {int(c) for c in re.findall(r"sys\.exit\((\d+)\)", cli)} | {0, 1, EXIT_PEER_LOST}
+    used |= {int(c) for c in re.findall(r"^EXIT_\w+ = (\d+)", cli, re.M)}  # codes the CLI names
     used |= {int(c) for c in re.findall(r"sys\.exit\(0 if [^)]* else (\d+)\)", cli)}
     assert used <= documented, used - documented
 

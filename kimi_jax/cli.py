@@ -12,7 +12,7 @@ import click
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.explorer.page import explore_command
 from kimi_jax.note.render import note_command
-from kimi_jax.settings import SYNTH_LAYOUTS, SYNTH_PRESETS
+from kimi_jax.settings import PROOF_SCOPES, PROVE_ALL, PROVE_FIRST, SYNTH_LAYOUTS, SYNTH_PRESETS
 
 
 # Commands whose completed steps survive an interrupt and continue with --resume.
@@ -101,15 +101,20 @@ def main() -> None:
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a manifest field (repeatable).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output directory (replaces output.dir).")
-@click.option("--prove/--no-prove", default=True, show_default=True,
-              help="Also run bare (no capture kept) and require identical tokens, digests and bytes.")
+@click.option("--prove", type=click.Choice(PROOF_SCOPES), default=PROVE_FIRST, show_default=True, is_flag=False,
+              flag_value=PROVE_ALL,
+              help="The non-perturbation proof: run bare (no capture kept) as well and require identical tokens, "
+                   "digests and bytes, on step 0 (first: the anchor step) or on every step (all: a second pass over "
+                   "the run; --prove alone means all).")  # fmt: skip
+@click.option("--no-prove", is_flag=True, help="No proof: run instrumented only (the bundle then fails verify's "
+                                              "non-perturbation check).")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last completed step.")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors: no progress, no report.")
 @click.option("--json", "as_json", is_flag=True,
               help="Instead of streaming the text, print one JSON object at the end (bundle, ledger, prompt, tokens, "
                    "token_texts, text, stopped, non_perturbing, anchor_matched).")  # fmt: skip
-def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: bool, resume: bool, quiet: bool,
-        as_json: bool) -> None:  # fmt: skip
+def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: str, no_prove: bool, resume: bool,
+        quiet: bool, as_json: bool) -> None:  # fmt: skip
     """Run a manifest: stream the checkpoint, generate tokens, write the ledger and the bundle.
 
     The generated text goes to stdout as it is produced (token ids when the checkpoint ships no
@@ -117,7 +122,7 @@ def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: b
     from kimi_jax.run.console import to_stderr
     from kimi_jax.run.runner import run_manifest
 
-    outcome = run_manifest(manifest, list(overrides), out_dir, prove=prove, resume=resume,
+    outcome = run_manifest(manifest, list(overrides), out_dir, prove=None if no_prove else prove, resume=resume,
                            echo=(lambda *_: None) if quiet else to_stderr, progress=not quiet,
                            text_out=None if as_json else sys.stdout)  # fmt: skip
     if as_json and outcome.ledger is not None:  # in a multi-process run, process 0 reports
@@ -128,13 +133,14 @@ def run(manifest: str, overrides: tuple[str, ...], out_dir: str | None, prove: b
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a manifest field (repeatable).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output directory (replaces output.dir).")
-def prove(manifest: str, overrides: tuple[str, ...], out_dir: str | None) -> None:
-    """Prove capture is non-perturbing: bare and instrumented runs must agree on every step.
+@click.option("--resume", is_flag=True, help="Continue a killed run from its last completed step.")
+def prove(manifest: str, overrides: tuple[str, ...], out_dir: str | None, resume: bool) -> None:
+    """Prove capture is non-perturbing on every step: bare and instrumented runs must agree on each.
 
-    The same as ``kimi-jax run MANIFEST --prove`` (run proves by default), named for what it checks."""
+    The same as ``kimi-jax run MANIFEST --prove all`` (run proves step 0 by default), named for what it checks."""
     from kimi_jax.run.runner import run_manifest
 
-    run_manifest(manifest, list(overrides), out_dir, prove=True, text_out=sys.stdout)
+    run_manifest(manifest, list(overrides), out_dir, prove=PROVE_ALL, resume=resume, text_out=sys.stdout)
 
 
 @main.group()
@@ -198,14 +204,13 @@ def digest(checkpoint: str, out_file: str | None, workers: int, progress: bool) 
     continues where it stopped (finished tensors are journalled beside the output)."""
     import time
 
-    from tqdm import tqdm
-
+    from kimi_jax.progress import progress_bar
     from kimi_jax.storage.checkpoint import open_checkpoint
     from kimi_jax.storage.digests import compute_digests
 
     index = open_checkpoint(checkpoint)
-    bar = tqdm(total=sum(rec.nbytes for h in index.shards for rec in h.tensors), unit="B", unit_scale=True,
-               disable=not progress, desc="digest", dynamic_ncols=True)  # fmt: skip
+    bar = progress_bar(sum(rec.nbytes for h in index.shards for rec in h.tensors), "digest", "B", enabled=progress,
+                       unit_scale=True)  # fmt: skip
     started = time.perf_counter()
 
     def advance(done: int, total: int) -> None:

@@ -71,3 +71,4 @@ class StepRecord:
     storage: dict[str, Any] | None = None
     io: ByteCounts = dataclasses.field(default_factory=ByteCounts)  # every layer's plus the embedding rows and head
     bytes_per_process: list[int] | None = None  # a multi-process run: the bytes each process read from storage
+    compile_s: float = 0.0  # of wall_s, seconds spent making programs (kimi_jax.run.compile_clock)

@@ -13,7 +13,8 @@ from typing import Literal, get_args
 __all__ = [
     "EXACT", "BF16_ROUNDED", "DEQUANT_MODES", "MATMUL_MODES", "SynthPreset", "SYNTH_PRESETS", "SynthLayout",
     "SYNTH_LAYOUTS", "AUTO",
-    "ExpertPolicy", "EXPERT_POLICIES", "PageCacheMode", "PAGE_CACHE_MODES", "parse_size",
+    "ExpertPolicy", "EXPERT_POLICIES", "PageCacheMode", "PAGE_CACHE_MODES", "PROOF_SCOPES", "PROVE_FIRST",
+    "PROVE_ALL", "parse_size",
 ]
 
 # How int4/FP8 weights are dequantized (kimi_jax.storage.codecs).
@@ -36,6 +37,11 @@ ExpertPolicy = Literal["lru", "lfu"]
 EXPERT_POLICIES: tuple[str, ...] = get_args(ExpertPolicy)
 PageCacheMode = Literal["auto", "keep", "drop"]
 PAGE_CACHE_MODES: tuple[str, ...] = get_args(PageCacheMode)
+
+# Which steps the non-perturbation proof runs bare as well (kimi_jax.run.runner, the ledger's
+# non_perturbation.scope): step 0, the anchor step (run's default), or every step (kimi-jax prove).
+PROVE_FIRST, PROVE_ALL = "first", "all"
+PROOF_SCOPES: tuple[str, ...] = (PROVE_FIRST, PROVE_ALL)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip

@@ -8,8 +8,24 @@ import pytest
 
 from kimi_jax.storage.synth import synth_checkpoint
 
-# Keep the JAX compilation cache and generated checkpoints out of the user's home directory.
-os.environ.setdefault("KIMI_JAX_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), "kimi-jax-test-cache"))
+
+@pytest.fixture(scope="session", autouse=True)
+def kimi_jax_cache(tmp_path_factory):
+    """The JAX compilation cache and generated checkpoints of every test (and of the commands the tests
+    start) go to pytest's temporary folder, never the user's cache or the system's /tmp; so does the
+    cache tiktoken keeps of every ranks file it loads (the oracle tests load Kimi's). To keep the
+    compiled programs across sessions (a faster second run), name a folder in $KIMI_JAX_TEST_CACHE."""
+    kept = os.environ.get("KIMI_JAX_TEST_CACHE")
+    path = kept or str(tmp_path_factory.mktemp("kimi-jax-cache"))
+    settings = {"KIMI_JAX_CACHE": path, "TIKTOKEN_CACHE_DIR": str(tmp_path_factory.mktemp("tiktoken-cache"))}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    yield path
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +53,12 @@ def small_bundle(tiny_checkpoints, tmp_path_factory):
     execute(prepare_run(parse_manifest_dict(data, source=str(out.parent / "m.yaml"))), echo=lambda *_: None,
             progress=False)  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def full_shape_checkpoint(kimi_jax_cache):
+    """The full-shape K2.5 preset (a sparse 595 GB layout), generated once where manifests/full-shape.yaml
+    finds it (the session's cache): tests of the layout and of the shipped manifest share it."""
+    from kimi_jax.storage.synth import ensure_synthetic
+
+    return ensure_synthetic("full-shape", "kimi-k2.5", 0)

@@ -14,6 +14,16 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.fixture(autouse=True)
+def script_tmp(tmp_path_factory, monkeypatch):
+    """A script's own temporary files (vindex_phase1's RESULTS-vindex-smoke.md, accelerate's offload
+    folder) land in pytest's folder; a short name, since Chromium's socket path there must stay
+    under 108 characters."""
+    folder = tmp_path_factory.mktemp("t")
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
+
+
 def _smoke(script: str, *args: str) -> list[dict]:
     proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], capture_output=True, text=True,
                           env=dict(os.environ), timeout=600)  # fmt: skip
@@ -74,8 +84,14 @@ def test_explorer_open_smoke():
     _smoke("explorer_open.py")
 
 
-def test_vindex_phase1_smoke():
+def test_vindex_phase1_smoke(script_tmp):
     _smoke("vindex_phase1.py")
+    assert (script_tmp / "RESULTS-vindex-smoke.md").is_file()  # in pytest's folder, not the system's /tmp
+
+
+def test_length_buckets_smoke():
+    (record,) = _smoke("length_buckets.py")
+    assert record["of_cases"] == 2 and set(record["compile_s_per_new_length"]) == {"3", "5"}
 
 
 def test_remote_smoke():

@@ -41,18 +41,19 @@ def _identity(out):
 @pytest.mark.parametrize("fault", ["instrumented:2:1", "bare:1:3"])
 def test_killed_run_resumes_to_identical_digests(tiny_checkpoints, tmp_path, kv_cache, fault):
     manifest = _manifest(tmp_path, tiny_checkpoints["kimi-k2.5"], kv_cache)
-    reference = _run(manifest, tmp_path / "ref")
+    run, step, _ = fault.split(":")
+    prove = ("--prove", "all") if run == "bare" else ()  # by default only step 0 runs bare
+    reference = _run(manifest, tmp_path / "ref", *prove)
     assert reference.returncode == 0, reference.stderr
 
     out = tmp_path / "out"
-    killed = _run(manifest, out, fault=fault)
+    killed = _run(manifest, out, *prove, fault=fault)
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists(), "a killed run must not leave anything that looks like a bundle"
     work = tmp_path / ".out.work"
-    run, step, _ = fault.split(":")
     assert sorted(p.name for p in (work / run).glob("*.json")) == [f"step_{i:05d}.json" for i in range(int(step))]
 
-    resumed = _run(manifest, out, "--resume")
+    resumed = _run(manifest, out, *prove, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"{run}: resuming after {step} completed step(s)" in resumed.stderr
     assert _identity(out) == _identity(tmp_path / "ref")
@@ -64,7 +65,7 @@ def test_killed_run_resumes_to_identical_digests(tiny_checkpoints, tmp_path, kv_
 
 def test_resume_refuses_work_of_another_run(tiny_checkpoints, tmp_path):
     manifest = _manifest(tmp_path, tiny_checkpoints["kimi-k2.5"], False)
-    assert _run(manifest, tmp_path / "out", fault="bare:1:0").returncode == -signal.SIGKILL
+    assert _run(manifest, tmp_path / "out", fault="instrumented:1:0").returncode == -signal.SIGKILL
     other = _run(manifest, tmp_path / "out", "--resume", "--set", "prompt.tokens=[3]")
     assert other.returncode == 2 and "belong to a different run" in other.stderr and "manifest_digest" in other.stderr
 

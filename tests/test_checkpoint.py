@@ -135,9 +135,9 @@ def test_corrupted_header(tiny_checkpoints, tmp_path, damage):
     assert _listing(ckpt) == before
 
 
-def test_full_shape_sparse_layout_matches_reference_sizes(tmp_path):
+def test_full_shape_sparse_layout_matches_reference_sizes(full_shape_checkpoint):
     """Real Kimi K2.5 dimensions, bytes left as file holes. Figures from kimi-format.md section 6."""
-    ckpt = synth_checkpoint(tmp_path / "full", "full-shape", "kimi-k2.5")
+    ckpt = full_shape_checkpoint
     used = sum(p.stat().st_blocks * 512 for p in ckpt.iterdir())
     apparent = sum(p.stat().st_size for p in ckpt.iterdir())
     # only headers, the index and the 8-byte weight_shape tensors take real blocks

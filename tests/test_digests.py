@@ -148,7 +148,8 @@ def test_a_changed_byte_stops_the_run_naming_shard_tensor_offset_and_writes_noth
         _run(tmp_path, ckpt)
     msg = str(e.value)
     assert str(shard) in msg and repr(name) in msg and f"at offset {offset}" in msg and "digest file" in msg
-    assert not (tmp_path / "out").exists()
+    # nothing written: no bundle, no resume folder (.out.work/identity.json), no lock left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     # the named switch turns the check off: the run completes and the ledger says nothing was checked
     ledger = _run(tmp_path, ckpt, verify_digests=False).ledger
     assert ledger["checkpoint"]["content_root"] is None

@@ -35,7 +35,7 @@ def free_port() -> int:
 
 def launch(manifest: Path, out: Path | None, processes: int, *args: str, env_of=lambda pid: {}, wait_s: float = 600,
            command: tuple[str, ...] = ("run",)):  # fmt: skip
-    """Start ``processes`` ``kimi-jax run`` (or ``command``) processes; (returncode, stderr, seconds) of each."""
+    """Start ``processes`` ``kimi-jax run`` (or ``command``) processes; (returncode, stderr, stdout, seconds) of each."""
     port = free_port()
     base = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                 JAX_PLATFORMS="cpu", KIMI_JAX_COORDINATOR=f"127.0.0.1:{port}", KIMI_JAX_NUM_PROCESSES=str(processes))  # fmt: skip
@@ -43,7 +43,7 @@ def launch(manifest: Path, out: Path | None, processes: int, *args: str, env_of=
     started = time.monotonic()
     where = ["--out", str(out)] if out is not None else []
     procs = [subprocess.Popen([sys.executable, "-m", "kimi_jax.cli", *command, str(manifest), *where, *args],
-                              env={**base, "KIMI_JAX_PROCESS_ID": str(pid), **env_of(pid)}, stdout=subprocess.DEVNULL,
+                              env={**base, "KIMI_JAX_PROCESS_ID": str(pid), **env_of(pid)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for pid in range(processes)]  # fmt: skip
     ended: dict[int, float] = {}
     while len(ended) < processes and time.monotonic() - started < wait_s:
@@ -53,8 +53,8 @@ def launch(manifest: Path, out: Path | None, processes: int, *args: str, env_of=
         time.sleep(0.2)
     results = []
     for pid, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=max(1.0, wait_s - (time.monotonic() - started)))
-        results.append((proc.returncode, err, ended.get(pid, time.monotonic() - started)))
+        out, err = proc.communicate(timeout=max(1.0, wait_s - (time.monotonic() - started)))
+        results.append((proc.returncode, err, out, ended.get(pid, time.monotonic() - started)))
     return results
 
 
@@ -70,11 +70,13 @@ def manifest(tiny_checkpoints, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def whole_run(manifest) -> Path:
     # the anchor: step 0 run twice on the two-process mesh must agree bit for bit; process 0 writes it
-    for code, err, _ in launch(manifest, None, 2, command=("anchor", "freeze")):
+    for code, err, _, _ in launch(manifest, None, 2, command=("anchor", "freeze")):
         assert code == 0, err[-3000:]
     out = manifest.parent / "whole"
-    for code, err, _ in launch(manifest, out, 2):
+    launched = launch(manifest, out, 2)
+    for code, err, _, _ in launched:
         assert code == 0, err[-3000:]
+    (out.parent / "whole-output.json").write_text(json.dumps([[err, text] for _, err, text, _ in launched]))
     return out
 
 
@@ -120,16 +122,37 @@ def test_two_processes_read_their_shares_and_total_the_one_device_run(whole_run,
     assert verify.returncode == 0 and "VERIFIED" in verify.stdout, verify.stdout[-3000:]
 
 
+def test_gloo_notices_stay_out_of_the_output(whole_run):
+    # jaxlib's gloo prints "[Gloo] Rank N is connected to ..." to stdout, into the generated text
+    (err0, text0), (err1, text1) = json.loads((whole_run.parent / "whole-output.json").read_text())
+    assert "[Gloo]" not in err0 + text0 + err1 + text1
+    assert text0.endswith("\n") and text1 == ""  # process 0 streams the text, the other nothing
+
+
+@pytest.mark.parametrize("chunks, passed", [
+    ([b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n", b"5 9 "],
+     b"5 9 "),
+    ([b"text", b"[Gloo] not at a line start\n"], b"text[Gloo] not at a line start\n"),
+    ([b"a\n[G", b"lo", b"o] Rank 1 is connected\n", b"[Glob]\n", b"["], b"a\n[Glob]\n["),
+    ([b"[Gloo] cut short"], b""),
+])  # fmt: skip
+def test_the_stdout_filter_drops_whole_gloo_lines_only(chunks, passed):
+    from kimi_jax.run.gloo_lines import GlooLineFilter
+
+    lines = GlooLineFilter()
+    assert b"".join(lines.feed(c) for c in chunks) + lines.close() == passed
+
+
 def test_a_killed_process_is_named_by_the_other_and_the_run_resumes(manifest, whole_run):
     out = manifest.parent / "killed"
     # process 1 dies inside layer 1 of step 1 of the instrumented run (SIGKILL: no goodbye)
     results = launch(manifest, out, 2, env_of=lambda pid: {"KIMI_JAX_FAULT": "instrumented:1:1"} if pid == 1 else {})
-    (code0, err0, _), (code1, _, died) = results
+    (code0, err0, _, _), (code1, _, _, died) = results
     assert code1 == -9
     assert code0 == 3 and "error: PeerProcessLost: process 0 of 2" in err0, err0[-3000:]
-    assert results[0][2] - died < TIMEOUT_S + 10  # named within the timeout, not a hang
+    assert results[0][3] - died < TIMEOUT_S + 10  # named within the timeout, not a hang
     assert not (out / "ledger.json").exists()
-    for code, err, _ in launch(manifest, out, 2, "--resume"):
+    for code, err, _, _ in launch(manifest, out, 2, "--resume"):
         assert code == 0, err[-3000:]
     resumed, whole = (json.loads((d / "ledger.json").read_text())["steps"] for d in (out, whole_run))
     fields = ("token", "hidden_digest", "logits_digest", "bytes_read", "bytes_per_process")
@@ -154,7 +177,7 @@ def test_a_killed_process_0_is_named_by_the_survivor(manifest, whole_run, tmp_pa
 
 
 def test_a_process_whose_peers_never_come_fails_with_a_named_error(manifest, tmp_path):
-    (code, err, seconds), = launch(manifest, tmp_path / "alone", 1, env_of=lambda pid: {"KIMI_JAX_NUM_PROCESSES": "2"},
+    (code, err, _, seconds), = launch(manifest, tmp_path / "alone", 1, env_of=lambda pid: {"KIMI_JAX_NUM_PROCESSES": "2"},
                                    wait_s=TIMEOUT_S + 60)  # fmt: skip
     assert code == 3 and "error: DistributedError: process 0 of 2 could not join the others" in err, err[-3000:]
     assert seconds < TIMEOUT_S + 30

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from kimi_jax.cli import main
 from kimi_jax.explorer.page import explore_command, render_explorer
 from kimi_jax.ledger.ledger import provenance_map
 from kimi_jax.manifest import parse_manifest_dict
@@ -156,8 +157,11 @@ def test_page_loads_with_no_network_and_shows_the_ledger(open_page, bundle, ledg
     assert o.text("#headline-platform_digest") == ledger["platform_digest"]
     assert o.text("#headline-checkpoint-layout") == ledger["checkpoint"]["layout"]
     assert o.text("#headline-non_perturbation-identical") == "true"
+    assert o.text("#headline-non_perturbation-scope") == ledger["non_perturbation"]["scope"] == "first"
     assert o.text("#headline-anchor-status") == "null"
     assert _num(o.text("#headline-totals-bytes_read")) == ledger["totals"]["bytes_read"]
+    for field in ("wall_s", "compile_s", "proof_wall_s", "run_wall_s"):
+        assert float(o.text(f"#headline-totals-{field}")) == ledger["totals"][field], field
 
     # token timeline: every step, every column
     rows = o.page.locator("#timeline-table tbody tr")
@@ -217,6 +221,11 @@ def test_selecting_a_step_updates_every_panel(open_page, bundle, ledger, shots):
         assert o.text("#step-detail-title") == f"Step {step['index']}"
         assert int(o.text('#step-fields td[data-field="token"]')) == step["token"]
         assert o.text('#step-fields td[data-field="hidden_digest"]') == step["hidden_digest"]
+        assert float(o.text('#step-fields td[data-field="compile_s"]')) == step["compile_s"]
+        # the token's bytes byte by byte as \xNN: "2373" would read as a number
+        shown = o.text('#step-fields td[data-field="token_bytes"]')
+        assert shown == "".join(f"\\x{step['token_bytes'][j:j + 2]}" for j in range(0, len(step["token_bytes"]), 2))
+        assert bytes.fromhex(shown.replace("\\x", "")) == bytes.fromhex(step["token_bytes"])
         ids, logits = o.texts('#topk-table tbody td[data-field="token"]'), o.texts('#topk-table tbody td[data-field="logit"]')
         assert [[int(t), float(v)] for t, v in zip(ids, logits)] == step["top_k"]
         assert o.texts('#topk-table tbody td[data-field="text"]') == step["top_k_text"]
@@ -435,3 +444,33 @@ def test_a_ledger_without_optional_capture_still_renders(open_page, ledger, tmp_
             assert [int(v) for v in o.page.locator("#routing-selected li").evaluate_all(
                 "els => els.map(e => e.dataset.expert)")] == step["layers"][1]["experts"][0]
         o.check_clean()
+
+
+def test_the_vindex_page_draws_the_router_line_over_the_experts_median(browser, tmp_path):
+    """On the tiny model var@64 is 1.0 for experts and routers alike (64 singular values or fewer):
+    the router's line must be drawn on top of the median's, not hidden under it."""
+    manifest = Path(__file__).resolve().parents[1] / "manifests" / "vindex-demo.yaml"
+    result = CliRunner().invoke(main, ["vindex", str(manifest), "--set", "vindex.phases=[1, 2]", "--out",
+                                       str(tmp_path / "run"), "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    context = browser.new_context(viewport={"width": 1200, "height": 900}, service_workers="block")
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((tmp_path / "run.vindex" / "vindex.html").resolve().as_uri())
+        page.wait_for_function("typeof Chart !== 'undefined' && Chart.getChart(document.getElementById('var64'))")
+        drawn = page.evaluate("""() => {
+            const chart = Chart.getChart(document.getElementById('var64'));
+            // Chart.js draws the sorted datasets last to first: the first is drawn on top
+            return chart.getSortedVisibleDatasetMetas().map(m => [m.label, m._dataset.data.map(p => p.y)]);
+        }""")
+        assert errors == []
+    finally:
+        context.close()
+    labels = [label for label, _ in drawn]
+    assert labels[0] == "router var@64", labels
+    router = drawn[0][1]
+    median = next(ys for label, ys in drawn if label.startswith("median var@64"))
+    # the MoE layers (1-3; layer 0 is dense and has no router): the same values, only the order shows both
+    assert router == median[1:] == [1.0, 1.0, 1.0]

@@ -128,7 +128,7 @@ def test_no_module_takes_another_modules_private_names():
 # note sit below the run; verify and its note are one stage.
 STAGES = {
     "kimi_jax": 0, "errors": 0, "records": 0, "fileio": 0, "settings": 0, "config": 0, "platform_info": 0,
-    "shapes": 0, "text": 0,
+    "shapes": 0, "text": 0, "progress": 0,
     "manifest": 1,
     "storage": 2,
     "model": 3, "ledger": 3,

@@ -111,11 +111,49 @@ def test_derived_values_recompute_independently(demo):
 
 @pytest.mark.parametrize("layout", ["kimi-k2.5", "kimi-k2-fp8", "hf-bf16"])
 def test_bare_and_instrumented_identical(tiny_checkpoints, tmp_path, layout):
-    outcome = execute(_plan(tmp_path, tiny_checkpoints[layout], generate={"max_new_tokens": 3}), echo=_quiet,
+    outcome = execute(_plan(tmp_path, tiny_checkpoints[layout], generate={"max_new_tokens": 3}), prove="all",
+                      echo=_quiet, progress=False)  # fmt: skip
+    proof = outcome.ledger["non_perturbation"]
+    assert proof["identical"] and proof["bare"] == proof["instrumented"] and proof["scope"] == "all"
+    assert [s["hidden_digest"] for s in proof["bare"]] == [s["hidden_digest"] for s in outcome.ledger["steps"]]
+
+
+def test_the_default_proof_runs_only_step_0_bare(tiny_checkpoints, tmp_path, monkeypatch):
+    # the proof's cost: one bare step, not a second pass over the run (counted at the engine)
+    bare_steps = []
+    real = engine_mod.Engine.forward
+
+    def counting(self, *args, **kwargs):
+        if not self.keep_capture:
+            bare_steps.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_mod.Engine, "forward", counting)
+    outcome = execute(_plan(tmp_path, tiny_checkpoints["kimi-k2.5"], generate={"max_new_tokens": 3}), echo=_quiet,
                       progress=False)  # fmt: skip
     proof = outcome.ledger["non_perturbation"]
-    assert proof["identical"] and proof["bare"] == proof["instrumented"]
-    assert [s["hidden_digest"] for s in proof["bare"]] == [s["hidden_digest"] for s in outcome.ledger["steps"]]
+    assert len(bare_steps) == 1 and proof["scope"] == "first"
+    assert proof["bare"] == proof["instrumented"] == [
+        {k: outcome.ledger["steps"][0][k if k != "step" else "index"] for k in proof["bare"][0]}]
+    # with the KV cache, the bare step 0 attends over the caches the whole run has: a shorter cache is a
+    # shorter reduction, which can change step 0's bits and fail the proof for nothing
+    capacities = []
+    real_generate = engine_mod.Engine.generate
+
+    def generating(self, prompt, max_new_tokens, kv_cache, *args, caches=None, **kwargs):
+        capacities.append((self.keep_capture, max_new_tokens, caches[0].capacity))
+        return real_generate(self, prompt, max_new_tokens, kv_cache, *args, caches=caches, **kwargs)
+
+    monkeypatch.setattr(engine_mod.Engine, "generate", generating)
+    execute(_plan(tmp_path / "kv", tiny_checkpoints["kimi-k2.5"], generate={"max_new_tokens": 3, "kv_cache": True}),
+            echo=_quiet, progress=False)  # fmt: skip
+    prompt = len(outcome.ledger["run"]["prompt"])
+    assert capacities == [(False, 1, prompt + 3), (True, 3, prompt + 3)]
+    # time: each step says what of its wall time was compiling, the totals the whole run's wall time
+    totals, steps = outcome.ledger["totals"], outcome.ledger["steps"]
+    assert all(0 <= s["compile_s"] <= s["wall_s"] for s in steps)
+    assert totals["compile_s"] == pytest.approx(sum(s["compile_s"] for s in steps), rel=1e-5)
+    assert totals["run_wall_s"] >= totals["wall_s"] + totals["proof_wall_s"] > totals["wall_s"]
 
 
 def test_perturbed_capture_writes_no_ledger(tiny_checkpoints, tmp_path, monkeypatch):

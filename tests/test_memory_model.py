@@ -154,7 +154,7 @@ def test_whole_model_program_bare_and_instrumented_agree(tmp_path, monkeypatch):
     monkeypatch.setattr(Engine, "_forward_fused", lambda self, *a: calls.append(self.keep_capture) or whole(self, *a))
     out = tmp_path / "bundle"
     run_manifest("manifests/demo.yaml", ["storage.resident_bytes=auto", "generate.kv_cache=true"], str(out),
-                 echo=lambda *_: None, progress=False)  # fmt: skip
+                 prove="all", echo=lambda *_: None, progress=False)  # fmt: skip
     ledger = json.loads((out / "ledger.json").read_text())
     assert ledger["run"]["kv_cache"] is True and ledger["run"]["residency"]["page_cache"] == "keep"
     assert ledger["non_perturbation"]["identical"] is True

@@ -118,6 +118,10 @@ def test_the_notes_figures_are_the_ledgers(demo):
     n, layers = len(ledger["steps"]), len(step0["layers"])
     badge = f"M+D · Lab · Unratified · LC+LP · X1 · NP · {n} tok / {layers} layers / no-cache full pass"
     assert badge in flat
+    # run's default proof covers step 0, and the note says so (kimi-jax prove covers every step)
+    assert ledger["non_perturbation"]["scope"] == "first"
+    assert f"on step 0, the anchor step, of the {n} steps (the proof's scope first" in flat
+    assert "capture proven non-perturbing on step 0, the anchor step (section 4)" in flat
     # the synthetic origin is stated in the claim and the boundary, not hidden
     assert "synthetic tiny model" in flat and "seeded random" in flat
     assert "X1 (synthetic)" in flat and "Verdict: SYNTHETIC" in flat

@@ -61,10 +61,10 @@ def test_a_chat_prompt_streams_text_and_the_ledger_records_it(chat_run):
     # stdout: exactly the generated text (special tokens left out), then a newline
     shown = b"".join(bytes.fromhex(s["token_bytes"]) for s in steps if s["token"] < FIRST_SPECIAL)
     assert proc.stdout == shown.decode("utf-8", errors="replace") + "\n"
-    # stderr: one line per step of each run, no carriage-return redraws
+    # stderr: one line per step of each run (the proof runs step 0 bare), no carriage-return redraws
     assert "\r" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if re.match(r"^(bare|instrumented) step \d+: token \d+", l)]
-    assert len(lines) == 2 * len(steps)
+    assert [l.split(":")[0] for l in lines] == ["bare step 0", *(f"instrumented step {i}" for i in range(len(steps)))]
     run = ledger["run"]
     assert run["prompt_input"] == {"chat": CHAT} and run["sampling"] == {**SAMPLING, "min_p": 0.0}
     text = ledger["text"]["prompt_text"]

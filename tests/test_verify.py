@@ -41,7 +41,7 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def anchored(tiny_checkpoints, tmp_path_factory):
-    """A 3-step run of a manifest whose anchor was frozen through the CLI."""
+    """A 3-step run of a manifest whose anchor was frozen through the CLI, proven on every step."""
     tmp = tmp_path_factory.mktemp("verify-anchored")
     manifest = tmp / "m.yaml"
     manifest.write_text(f"version: 1\nmodel:\n  checkpoint: {tiny_checkpoints['kimi-k2.5']}\nprompt:\n"
@@ -49,7 +49,7 @@ def anchored(tiny_checkpoints, tmp_path_factory):
                         f"output:\n  dir: bundle\n")  # fmt: skip
     frozen = CliRunner().invoke(main, ["anchor", "freeze", str(manifest)])
     assert frozen.exit_code == 0, frozen.output
-    execute(load_plan(str(manifest)), echo=_quiet, progress=False)
+    execute(load_plan(str(manifest)), prove="all", echo=_quiet, progress=False)
     return tmp / "bundle"
 
 
@@ -315,8 +315,8 @@ def test_removed_non_perturbation_fails_non_perturbation(anchored, tmp_path):
     assert "non_perturbation.json: missing" in report.reason("non-perturbation")
 
 
-def test_perturbed_proof_fails_non_perturbation(demo, tmp_path):
-    root = _copy(demo, tmp_path)
+def test_perturbed_proof_fails_non_perturbation(anchored, tmp_path):
+    root = _copy(anchored, tmp_path)
 
     def change(proof):
         proof["bare"][1]["hidden_digest"] = "1" * 64
@@ -327,6 +327,50 @@ def test_perturbed_proof_fails_non_perturbation(demo, tmp_path):
     report = verify_bundle(root)
     assert report.failed == ["non-perturbation"], report.format()
     assert "bare and instrumented differ (entry 1: hidden_digest" in report.reason("non-perturbation")
+
+
+def _edit_proof(root: Path, change) -> None:
+    _edit_json(root, "non_perturbation.json", change)
+    _edit_json(root, "ledger.json", lambda l: change(l["non_perturbation"]))
+    _resign(root)
+
+
+def test_the_proof_scope_is_checked_and_shown(demo, anchored, tmp_path):
+    # run's default proves step 0, the anchor step; --prove all every step; the OK line says which
+    first, every = (json.loads((b / "ledger.json").read_text())["non_perturbation"] for b in (demo, anchored))
+    assert first["scope"] == "first" and [e["step"] for e in first["bare"]] == [0]
+    assert every["scope"] == "all" and [e["step"] for e in every["bare"]] == [0, 1, 2]
+    assert "scope first: step 0 of 5 proven" in verify_bundle(demo).reason("non-perturbation")
+    assert verify_bundle(anchored).reason("non-perturbation") == "scope all: every step of 3 proven"
+    # a scope of every step with a step left out, or an unknown scope, fails
+    root = _copy(anchored, tmp_path / "short")
+    _edit_proof(root, lambda p: [p[k].pop() for k in ("bare", "instrumented")])
+    report = verify_bundle(root)
+    assert report.failed == ["non-perturbation"], report.format()
+    assert "instrumented does not match the ledger's steps (2 entries vs 3)" in report.reason("non-perturbation")
+    root = _copy(demo, tmp_path / "unknown")
+    _edit_proof(root, lambda p: p.update(scope="some"))
+    assert verify_bundle(root).failed == ["schema", "non-perturbation"]
+    # a first-step proof must be of the ledger's own step 0
+    root = _copy(demo, tmp_path / "other-step")
+    _edit_proof(root, lambda p: [p[k][0].update(token=p[k][0]["token"] + 1) for k in ("bare", "instrumented")])
+    report = verify_bundle(root)
+    assert report.failed == ["non-perturbation"], report.format()
+    assert "instrumented does not match the ledger's step 0 (entry 0: token" in report.reason("non-perturbation")
+
+
+def test_a_proof_written_before_scopes_existed_covers_every_step(demo, anchored, tmp_path):
+    # such a ledger has no scope and proved every step: it keeps verifying; a step-0 proof without a
+    # scope does not pass for one
+    root = _copy(anchored, tmp_path / "old")
+    _edit_proof(root, lambda p: p.pop("scope"))
+    report = verify_bundle(root)
+    assert report.ok and report.reason("non-perturbation") == "scope all: every step of 3 proven", report.format()
+    root = _copy(demo, tmp_path / "unscoped")
+    _edit_proof(root, lambda p: p.pop("scope"))
+    report = verify_bundle(root)
+    assert report.failed == ["non-perturbation"], report.format()
+    assert "(1 entries vs 5)" in report.reason("non-perturbation")
 
 
 def test_unknown_ledger_field_fails_schema_and_provenance(demo, tmp_path):

@@ -472,8 +472,11 @@ def test_cli_runs_and_reports_errors(ckpts, tmp_path):
     manifest = write_manifest(tmp_path / "m.yaml", ckpts["hf-bf16"], tmp_path / "unused")
     runner = CliRunner()
     res = runner.invoke(cli_main, ["vindex", str(manifest), "--set", "vindex.phases=[1, 2]", "--set", "vindex.layers=[1]",
-                                   "--set", "vindex.experts=[0, 3]", "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
+                                   "--set", "vindex.experts=[0, 3]", "--out", str(tmp_path / "o")])  # fmt: skip
     assert res.exit_code == 0, res.output
+    # progress on a stderr that is not a terminal: plain lines, no carriage-return redraws (as run)
+    assert "\r" not in res.stderr and "phase 1 layer 1 (1/1 to do, 1 selected): done 2 of 2 matrix" in res.stderr
+    assert "phase 2 routers: done 1 of 1 layer" in res.stderr, res.stderr
     out = vindex_dir(tmp_path / "o")
     assert "var@64" in res.output and sorted(p.name for p in out.iterdir()) == [
         "CHECKSUMS.b3", "phase1", "phase2", "run.json", "summary.json", "vindex.html"]

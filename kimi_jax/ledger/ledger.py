@@ -42,7 +42,7 @@ import numpy as np
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.ledger.floats import f32, f32_list
-from kimi_jax.settings import DEQUANT_MODES, MATMUL_MODES
+from kimi_jax.settings import DEQUANT_MODES, MATMUL_MODES, PROOF_SCOPES
 
 LEDGER_VERSION = 2
 LEDGER_SCHEMA_ID = f"urn:kimi-jax:schema:ledger:v{LEDGER_VERSION}"
@@ -219,7 +219,10 @@ _STEP = _obj({
                          "step used, read or served from memory (an embedding row as NAME[ROW]), digests from the "
                          "checked digest file (storage.digests.weights_digest); null when no digest file was checked."),
     "bytes_per_process": _m(_PER_PROCESS, "Of bytes_from_storage, what each process read, by process index."),
-    "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of this step."),
+    "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of this step, compilation included."),
+    "compile_s": _m({"type": "number", "minimum": 0}, "Of wall_s, the seconds spent making programs: tracing, "
+                    "lowering and compiling them, or loading them from the persistent compilation cache "
+                    "(kimi_jax.run.compile_clock). Absent from ledgers written before it existed."),
     "layers": {"type": "array", "items": _LAYER},
 }, required=["index", "context", "token", "logit", "probability", "rank", "hidden_digest", "logits_digest", "bytes_read",
              "wall_s", "layers"])  # fmt: skip
@@ -321,7 +324,13 @@ LEDGER_SCHEMA: dict[str, Any] = {
                         "bytes_network": _m(_INT, "Bytes fetched over the network over all steps."),
                         "bytes_cache": _m(_INT, "Bytes served by the range cache over all steps."),
                         "bytes_per_process": _m(_PER_PROCESS, "Bytes each process read over all steps."),
-                        "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds over all steps.")},
+                        "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds over all steps."),
+                        "compile_s": _m({"type": "number", "minimum": 0}, "Of wall_s, the seconds spent making "
+                                        "programs (the steps' compile_s)."),
+                        "proof_wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of the proof's bare "
+                                           "pass (0 without a proof); not in wall_s."),
+                        "run_wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of the whole run: "
+                                         "loading, the proof's bare pass and every step, up to the ledger.")},
                        required=["bytes_read", "wall_s"]),  # fmt: skip
         "anchor": {"oneOf": [{"type": "null"}, _obj({
             "file": _m(_STR, "Anchor file checked."),
@@ -329,10 +338,13 @@ LEDGER_SCHEMA: dict[str, Any] = {
             "anchor_digest": _d(_HEX, "BLAKE3 of the anchor file's bytes."),
         })]},  # fmt: skip
         "non_perturbation": {"oneOf": [{"type": "null"}, _obj({
+            "scope": _m({"enum": list(PROOF_SCOPES)}, "Steps the proof ran bare: first (step 0, the anchor step; "
+                        "run's default) or all (--prove all, kimi-jax prove). Absent from ledgers written before "
+                        "it existed, whose proofs cover every step."),
             "compared": _m({"type": "array", "items": _STR}, "Fields compared per step."),
             "bare": _NP_VALUES, "instrumented": _NP_VALUES,
             "identical": _d({"const": True}, "Bare and instrumented runs agree on every compared field."),
-        })]},  # fmt: skip
+        }, required=["compared", "bare", "instrumented", "identical"])]},  # fmt: skip
     }),
 }
 
@@ -430,7 +442,8 @@ def step_entry(step, capture: list[str], normalize: bool, tokenizer=None, sampli
                  bytes_read=int(step.bytes_read), **_sources(step.io), bytes_per_process=per_process(step),
                  expert_hit_rate=expert_hit_rate(layers),
                  bytes_network=int(storage.get("bytes_network", 0)), bytes_cache=int(storage.get("bytes_cache", 0)),
-                 weights_digest=storage.get("weights_digest"), wall_s=f32(step.wall_s), layers=layers)  # fmt: skip
+                 weights_digest=storage.get("weights_digest"), wall_s=f32(step.wall_s),
+                 compile_s=f32(step.compile_s), layers=layers)  # fmt: skip
     return entry
 
 
@@ -494,7 +507,8 @@ def build_ledger(plan, steps, facts) -> dict[str, Any]:
                    "bytes_network": sum(int((s.storage or {}).get("bytes_network", 0)) for s in steps),
                    "bytes_cache": sum(int((s.storage or {}).get("bytes_cache", 0)) for s in steps),
                    "bytes_per_process": [sum(col) for col in zip(*(per_process(s) for s in steps))],
-                   "wall_s": f32(sum(s.wall_s for s in steps))},  # fmt: skip
+                   "wall_s": f32(sum(s.wall_s for s in steps)), "compile_s": f32(sum(s.compile_s for s in steps)),
+                   **(facts.timing or {})},  # fmt: skip
         "anchor": facts.anchor,
         "non_perturbation": facts.proof,
     }

@@ -1,7 +1,8 @@
 """What a run records about how it ran, beside its steps: the page cache, the residency budget, the
-mesh, the anchor check and the non-perturbation proof. Each record takes plain values; the runner
-gathers them into one frozen :class:`RunFacts` and :func:`~kimi_jax.ledger.ledger.build_ledger`
-puts them in the ledger's ``run``, ``anchor`` and ``non_perturbation`` sections."""
+mesh, the anchor check, the non-perturbation proof and the run's wall time. Each record takes plain
+values; the runner gathers them into one frozen :class:`RunFacts` and
+:func:`~kimi_jax.ledger.ledger.build_ledger` puts them in the ledger's ``run``, ``anchor``,
+``non_perturbation`` and ``totals`` sections."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import dataclasses
 from typing import Any
 
 from kimi_jax.errors import KimiJaxError
+from kimi_jax.ledger.floats import f32
 from kimi_jax.ledger.ledger import step_identity
+from kimi_jax.settings import PROOF_SCOPES, PROVE_ALL, PROVE_FIRST
 from kimi_jax.storage.residency import ResidencyPlan
 
 __all__ = ["NonPerturbationFailure", "RunFacts", "page_cache_record", "residency_record", "mesh_record",
-           "non_perturbation_record"]  # fmt: skip
+           "non_perturbation_record", "timing_record"]  # fmt: skip
 
 
 class NonPerturbationFailure(KimiJaxError):
@@ -30,6 +33,7 @@ class RunFacts:
     anchor: dict[str, Any] | None = None
     proof: dict[str, Any] | None = None
     kernels: dict[str, Any] | None = None  # compute.matmul: kernels: which ran, or why none did
+    timing: dict[str, Any] | None = None
 
 
 def page_cache_record(evicted: bool, resident_bytes: int, shard_bytes: int) -> dict[str, Any]:
@@ -53,14 +57,24 @@ def mesh_record(expert: int, model: int, placement: str, process_count: int,
             "load_bytes_per_process": load_bytes_per_process or [0] * process_count}  # fmt: skip
 
 
-def non_perturbation_record(bare: list, instrumented: list) -> dict[str, Any]:
-    """The proof: tokens, digests and bytes of every step of the bare run equal the instrumented
-    run's. Raises :class:`NonPerturbationFailure` (and no ledger is written) if not."""
+def non_perturbation_record(bare: list, instrumented: list, scope: str = PROVE_FIRST) -> dict[str, Any]:
+    """The proof: tokens, digests and bytes of every step the bare run ran (step 0 for scope ``first``,
+    every step for ``all``) equal the instrumented run's. Raises :class:`NonPerturbationFailure` (and
+    no ledger is written) if not."""
+    if scope not in PROOF_SCOPES:
+        raise ValueError(f"proof scope {scope!r}: expected one of {PROOF_SCOPES}")
     a = [step_identity(s) for s in bare]
-    b = [step_identity(s) for s in instrumented]
-    if a != b:
+    b = [step_identity(s) for s in instrumented[: len(bare)]]
+    if a != b or (scope == PROVE_ALL and len(bare) != len(instrumented)):
         diffs = [f"step {x['step']}: {k} bare {x[k]!r}, instrumented {y[k]!r}"
-                 for x, y in zip(a, b) for k in x if x[k] != y[k]]  # fmt: skip
+                 for x, y in zip(a, b) for k in x if x[k] != y[k]] or [f"bare ran {len(a)} steps, instrumented "
+                                                                       f"{len(instrumented)}"]  # fmt: skip
         raise NonPerturbationFailure("capture perturbed the run; no ledger written:\n  " + "\n  ".join(diffs))
-    return {"compared": ["token", "hidden_digest", "logits_digest", "bytes_read"], "bare": a, "instrumented": b,
-            "identical": True}  # fmt: skip
+    return {"scope": scope, "compared": ["token", "hidden_digest", "logits_digest", "bytes_read"], "bare": a,
+            "instrumented": b, "identical": True}  # fmt: skip
+
+
+def timing_record(proof_wall_s: float, run_wall_s: float) -> dict[str, Any]:
+    """The whole run's wall time beside the steps': the proof's bare pass, and everything from the
+    output folder being held to the ledger (both passes, loading, and what came between)."""
+    return {"proof_wall_s": f32(proof_wall_s), "run_wall_s": f32(run_wall_s)}

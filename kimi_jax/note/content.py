@@ -176,8 +176,9 @@ class Facts:
             (self.audit.verdict, "synthetic surface audit: " + ("nothing recognisably synthetic; the weights are named by "
                                                                 "content" if self.audit.verdict == X0 else
                                                                 "synthetic; " + "; ".join(self.audit.reasons))),
-            ("NP" if self.proven else "no NP", "capture proven non-perturbing (section 4)" if self.proven else
-             "capture not proven non-perturbing (the run skipped the proof)"),
+            ("NP" if self.proven else "no NP", (f"capture proven non-perturbing{self.proof_scope_words} (section 4)"
+                                                if self.proven else "capture not proven non-perturbing (the run "
+                                                "skipped the proof)")),  # fmt: skip
             (f"{len(self.steps)} tok / {len(self.layers)} layers / {pass_kind}",
              f"{len(self.steps)} generated token(s), each through all {len(self.layers)} layers; "
              + ("each step after the first computes one position from the KV cache" if self.run.get("kv_cache")
@@ -191,6 +192,12 @@ class Facts:
     @property
     def proven(self) -> bool:
         return isinstance(self.proof, dict) and self.proof.get("identical") is True
+
+    @property
+    def proof_scope_words(self) -> str:
+        """'' for a proof of every step (scope all, or a ledger from before scopes), else which step it covers."""
+        first = isinstance(self.proof, dict) and self.proof.get("scope") == "first" and len(self.steps) > 1
+        return " on step 0, the anchor step" if first else ""
 
     @property
     def total_bytes(self) -> int:
@@ -325,9 +332,11 @@ def perturbation(f: Facts) -> list[Block]:
     rows = [[str(b.get("step")), str(b.get("token")), b.get("hidden_digest", "")[:16] + "…",
              b.get("logits_digest", "")[:16] + "…", f"{b.get('bytes_read'):,}", "identical"]
             for b in f.proof.get("bare") or []]  # fmt: skip
+    covered = (f"on step 0, the anchor step, of the {len(f.steps)} steps (the proof's scope first; kimi-jax prove "
+               "runs every step bare)" if f.proof_scope_words else f"at every one of the {len(rows)} steps")  # fmt: skip
     return [head, Para(f"The ledger's per-layer measurements are an auxiliary output of the same compiled programs. "
-                       f"The run executed a bare run (capture off) and the instrumented run and compared {fields} at "
-                       f"every one of the {len(rows)} steps: all identical, so the ledger was written. Had any value "
+                       f"The run executed a bare run (capture off) and the instrumented run and compared {fields} "
+                       f"{covered}: all identical, so the ledger was written. Had any value "
                        "differed, no ledger would exist."),
             Table("Bare run vs instrumented run (non_perturbation.json).", ["Step", "Token", "Hidden digest",
                   "Logits digest", "Bytes", "Result"], rows, [0.08, 0.12, 0.24, 0.24, 0.18, 0.14], mono=(2, 3))]

@@ -70,7 +70,9 @@ def freeze(plan, run_one_step, path: Path | None = None, write: bool = True) -> 
 
 def load_anchor(path: Path) -> dict[str, Any]:
     if not Path(path).exists():
-        raise AnchorMismatch(f"{path}: anchor file does not exist; create it with `kimi-jax anchor freeze`")
+        raise AnchorMismatch(f"{path}: anchor file does not exist; freeze it first with `kimi-jax anchor freeze "
+                             "MANIFEST` and the same --set options (step 0 runs twice and must agree bit for bit), or "
+                             "run without an anchor: --set anchor=null")  # fmt: skip
     anchor = parse_json(read_regular(path, MAX_ANCHOR_BYTES, "anchor file", AnchorMismatch), f"{path}: anchor file",
                         AnchorMismatch)  # fmt: skip
     if not isinstance(anchor, dict):

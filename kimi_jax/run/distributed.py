@@ -129,7 +129,12 @@ def join(plan) -> DistributedSettings | None:
         # Watched from before joining: jaxlib ends a process that waits too long for its peers with a
         # fatal log of its own, so the named error must come first.
         _watchdog = _watchdog or Watchdog(settings, joining=True)
-        initialize(settings)
+        _filter_gloo_lines()
+        try:
+            initialize(settings)
+        except BaseException:
+            _stop_filtering()  # the error goes out as one line; nothing written to stdout is left in the pipe
+            raise
         _watchdog.beat("joining the other processes", joined=True)
     check_mesh(plan)
     return settings
@@ -159,6 +164,23 @@ def check_mesh(plan) -> None:
 
 
 _watchdog: Watchdog | None = None
+_stdout_filter = None  # kimi_jax.run.gloo_lines.StdoutFilter of a multi-process run
+
+
+def _filter_gloo_lines() -> None:
+    """gloo's '[Gloo] Rank N is connected...' notices stay out of the text on stdout (run/gloo_lines.py)."""
+    global _stdout_filter
+    if _stdout_filter is None:
+        from kimi_jax.run.gloo_lines import StdoutFilter
+
+        _stdout_filter = StdoutFilter()
+
+
+def _stop_filtering() -> None:
+    global _stdout_filter
+    if _stdout_filter is not None:
+        _stdout_filter.stop()
+        _stdout_filter = None
 
 
 def fault_hook():
@@ -196,6 +218,7 @@ def finish() -> None:
 
         jax.distributed.shutdown()
         _initialized = None
+    _stop_filtering()
 
 
 def is_writer() -> bool:
@@ -224,6 +247,7 @@ def _die(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
     sys.stdout.flush()
+    _stop_filtering()  # what was written to stdout is passed on first
     os._exit(EXIT_PEER_LOST)
 
 

@@ -5,7 +5,9 @@ Each completed step of each run (bare, instrumented) is saved under ``.OUT.work/
 and then ``step_NNNNN.json`` (the rest of the record). The JSON is written last and atomically,
 so its presence marks a complete step; anything else is ignored on resume. An existing
 ``.OUT.work`` is removed only when it holds nothing but what a run saves there
-(:func:`holds_only_saved_steps`); anything else beside the output is never deleted.
+(:func:`holds_only_saved_steps`); anything else beside the output is never deleted. The folder and
+its ``identity.json`` are created with the first completed step: a run that fails before any step
+completes (a digest mismatch, an anchor that does not fit) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ def check_finite(run: str, step: StepRecord) -> None:
 class RunCheckpoints:
     def __init__(self, out: Path, identity: dict, resume: bool):
         self.root = work_dir(Path(out))
+        self.identity = identity
         ident_file = self.root / "identity.json"
-        if resume and ident_file.exists():
+        self.started = resume and ident_file.exists()  # the folder holds this run's identity
+        if self.started:
             saved = read_json(ident_file, 1 << 20, "saved run identity", ResumeError)
             if saved != identity:
                 diffs = [k for k in identity if saved.get(k) != identity[k]]
@@ -83,11 +87,9 @@ class RunCheckpoints:
             if (self.root.exists() or self.root.is_symlink()) and not holds_only_saved_steps(self.root):
                 raise OutputError(f"{self.root}: not removed: a run keeps its completed steps there, but this holds "
                                   "other files; move it away")  # fmt: skip
-            with self._writing("start saving the run's steps"):
-                if self.root.exists():
+            if self.root.exists():
+                with self._writing("remove the steps saved by an earlier run"):
                     shutil.rmtree(self.root)
-                self.root.mkdir(parents=True)
-                write_json_atomic(ident_file, identity)
 
     @contextlib.contextmanager
     def _writing(self, what: str):
@@ -106,6 +108,10 @@ class RunCheckpoints:
             self._save(run, step)
 
     def _save(self, run: str, step: StepRecord) -> None:
+        if not self.started:
+            self.root.mkdir(parents=True)
+            write_json_atomic(self.root / "identity.json", self.identity)
+            self.started = True
         folder = self.root / run
         folder.mkdir(exist_ok=True)
         # float32 holds bfloat16 values exactly, and npz cannot store bfloat16 itself

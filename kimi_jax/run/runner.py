@@ -1,6 +1,13 @@
 """Execute a run plan: the bare and instrumented runs, then the ledger and the bundle. Orchestration
 only: the records come from the ledger (:mod:`kimi_jax.ledger.run_record`), the lines shown from
-:mod:`kimi_jax.run.console`."""
+:mod:`kimi_jax.run.console`.
+
+The non-perturbation proof runs the plan bare (capture not fetched) as well as instrumented and
+requires both to agree. Its scope says over which steps: ``first`` (the default of ``run``) runs
+only step 0 bare, the anchor step, as the technical note did; ``all`` (``--prove all``,
+``kimi-jax prove``) runs every step bare, which costs a second pass over the whole run; None runs
+no proof. The ledger records the scope, the seconds each step spent compiling, the proof's bare
+pass and the whole run's wall time."""
 
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from kimi_jax.ledger.run_record import (
     non_perturbation_record,
     page_cache_record,
     residency_record,
+    timing_record,
 )
 from kimi_jax.manifest import load_manifest
 from kimi_jax.model.engine import Engine, OnLayer
@@ -25,11 +33,12 @@ from kimi_jax.model.jax_setup import enable_compilation_cache
 from kimi_jax.note.render import write_note_files
 from kimi_jax.records import StepRecord
 from kimi_jax.run import anchor as anchors
-from kimi_jax.run import distributed
-from kimi_jax.run.console import Progress, TextStream, describe_run, report, streamed_text, to_stderr
+from kimi_jax.run import compile_clock, distributed
+from kimi_jax.run.console import CompileNote, Progress, TextStream, describe_run, report, streamed_text, to_stderr
 from kimi_jax.run.output import check_output_dir, hold_output
 from kimi_jax.run.plan import RunPlan, load_plan, prepare_run
 from kimi_jax.run.resume import RunCheckpoints
+from kimi_jax.settings import PROOF_SCOPES, PROVE_ALL, PROVE_FIRST
 from kimi_jax.storage.reader import evict_page_cache, page_cache_bytes
 
 
@@ -44,7 +53,7 @@ def joined(plan: RunPlan):
 
 
 def run_manifest(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None,
-                 prove: bool = True, resume: bool = False, echo=to_stderr, progress: bool = True,
+                 prove: str | None = PROVE_FIRST, resume: bool = False, echo=to_stderr, progress: bool = True,
                  text_out=None):  # fmt: skip
     """Load and run a manifest; a multi-process run joins its peers first (see run/distributed.py)."""
     manifest = load_manifest(manifest_path, overrides or [], out_dir)
@@ -89,24 +98,35 @@ def run_steps(plan: RunPlan, keep_capture: bool = True, max_new_tokens: int | No
               on_load=None) -> list:  # fmt: skip
     """The plan's steps in a fresh engine (resumed after ``done``, from ``caches``); ``on_step`` and
     ``on_layer`` report progress, ``on_load(bytes per process)`` is told what a mesh engine read
-    before step 0 (the resident placement)."""
+    before step 0 (the resident placement).
+
+    A run of fewer steps than the manifest's (the proof's bare step 0, an anchor's step) gets the
+    latent caches the whole run would have: their length is the extent attention reduces over, and a
+    shorter one can change the bits of step 0."""
     m = plan.manifest
     with Engine.from_plan(plan, keep_capture) as engine:
         if on_load is not None and engine.load_bytes_per_process is not None:
             on_load(engine.load_bytes_per_process)
+        if m.generate.kv_cache and caches is None and not done:
+            caches = engine.empty_caches(len(plan.prompt), m.generate.max_new_tokens)
         return engine.generate(list(plan.prompt), max_new_tokens or m.generate.max_new_tokens, m.generate.kv_cache,
                                on_step, done=done, caches=caches, on_layer=on_layer,
                                decoding=plan.decoding)  # fmt: skip
 
 
-def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=to_stderr, progress: bool = True,
-            text_out=None) -> RunOutcome:  # fmt: skip
-    """Run a plan: anchor precheck, bare run and instrumented run (when proving), ledger, bundle.
+def execute(plan: RunPlan, prove: str | None = PROVE_FIRST, resume: bool = False, echo=to_stderr,
+            progress: bool = True, text_out=None) -> RunOutcome:  # fmt: skip
+    """Run a plan: anchor precheck, bare run and instrumented run, ledger, bundle. ``prove``: the
+    proof's scope (``first``, ``all``; None: no proof, the instrumented run only; see the module doc;
+    True and False, from before scopes, mean ``all`` and None).
 
     Every completed step is checkpointed beside the output; with ``resume`` a killed run
     continues from its last completed step. ``text_out`` (e.g. sys.stdout) receives the generated
     text as the first run produces it; ``echo`` the report lines; ``progress`` goes to stderr.
     The output folder is held exclusively and checked before any compute."""
+    prove = {True: PROVE_ALL, False: None}.get(prove, prove) if isinstance(prove, bool) else prove  # as before scopes
+    if prove not in (None, *PROOF_SCOPES):
+        raise ValueError(f"prove: expected one of {PROOF_SCOPES} or None, got {prove!r}")
     out = Path(plan.manifest.output.dir)
     if not distributed.is_writer():  # a multi-process run: the output folder is process 0's alone
         return _execute_held(plan, prove, resume, echo, progress, text_out)
@@ -118,26 +138,37 @@ def execute(plan: RunPlan, prove: bool = True, resume: bool = False, echo=to_std
         return _execute_held(plan, prove, resume, echo, progress, text_out)
 
 
-def _execute_held(plan: RunPlan, prove: bool, resume: bool, echo, progress: bool, text_out) -> RunOutcome:
+def _execute_held(plan: RunPlan, prove: str | None, resume: bool, echo, progress: bool, text_out) -> RunOutcome:
     m = plan.manifest
     writer = distributed.is_writer()  # a multi-process run: only process 0 reports, streams text and writes
     echo, text_out = (echo, text_out) if writer else (lambda *_: None, None)
     anchor = anchors.precheck(plan) if writer else None  # only process 0 needs the anchor file
-    enable_compilation_cache(m.model.cache_dir)
+    cache = enable_compilation_cache(m.model.cache_dir)
+    compile_clock.start()
+    started = compile_clock.now()
     page_cache = _page_cache(plan)
-    for line in describe_run(plan, page_cache):
+    for line in describe_run(plan, page_cache, prove):
         echo(line)
     out = Path(m.output.dir)
     identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
     checkpoints = distributed.SharedCheckpoints(RunCheckpoints(out, identity, resume) if writer else None, plan)
-    runs = [("bare", False), ("instrumented", True)] if prove else [("instrumented", True)]
-    # the text appears as the first run produces it (the bare run when proving); the second repeats its tokens
+    # (name, keep capture, steps): the bare run covers the proof's scope, the instrumented run every step
+    every = m.generate.max_new_tokens
+    runs = [("instrumented", True, every)]
+    if prove is not None:
+        runs.insert(0, ("bare", False, every if prove == PROVE_ALL else 1))
+    # the text appears as the first run over every step produces it; a later one repeats its tokens
+    streaming = next(name for name, _, steps in runs if steps == every)
     stream = TextStream(plan.tokenizer, plan.decoding.stop_strings, text_out) if text_out is not None else None
     loaded: dict[str, list[int]] = {}
-    results = {name: run_with_progress(plan, name, keep, checkpoints, anchor, echo, progress and writer,
-                                       stream if name == runs[0][0] else None,
-                                       on_load=lambda counts, name=name: loaded.__setitem__(name, counts))
-               for name, keep in runs}  # fmt: skip
+    results, walls = {}, {}
+    for name, keep, steps in runs:
+        began = compile_clock.now()
+        results[name] = run_with_progress(plan, name, keep, checkpoints, anchor, echo, progress and writer,
+                                          stream if name == streaming else None,
+                                          on_load=lambda counts, name=name: loaded.__setitem__(name, counts),
+                                          max_new_tokens=steps, compile_cache=cache)  # fmt: skip
+        walls[name] = compile_clock.now() - began
     if not writer:
         return RunOutcome(results["instrumented"], None, None)
     steps = results["instrumented"]
@@ -148,8 +179,9 @@ def _execute_held(plan: RunPlan, prove: bool, resume: bool, echo, progress: bool
         mesh=None if mesh is None else mesh_record(mesh.expert, mesh.model, mesh.placement,
                                                    distributed.process_count(), loaded.get("instrumented")),
         anchor=anchors.check(anchor, m.anchor, steps[0], plan.mesh_label, plan.kernels_label) if anchor is not None else None,
-        proof=non_perturbation_record(results["bare"], steps) if prove else None,
+        proof=non_perturbation_record(results["bare"], steps, prove) if prove is not None else None,
         kernels=plan.kernels,
+        timing=timing_record(walls.get("bare", 0.0), compile_clock.now() - started),
     )  # fmt: skip
     ledger = build_ledger(plan, steps, facts)
     validate_ledger(ledger)
@@ -164,7 +196,7 @@ def _execute_held(plan: RunPlan, prove: bool, resume: bool, echo, progress: bool
                           "again") from None  # fmt: skip
     checkpoints.discard()
     path = out / "ledger.json"
-    report(steps, facts.proof, path, echo, ledger["stopped"])
+    report(steps, facts.proof, path, echo, ledger["stopped"], ledger["totals"], plan.tokenizer)
     text = None if plan.tokenizer is None else streamed_text(plan.tokenizer, plan.decoding.stop_strings,
                                                              [s.token for s in steps])  # fmt: skip
     return RunOutcome(steps, ledger, path, text)
@@ -182,21 +214,27 @@ def _page_cache(plan: RunPlan) -> dict:
 
 def run_with_progress(plan: RunPlan, name: str, keep_capture: bool, checkpoints, anchor: dict | None,
                       echo=to_stderr, progress: bool = True, stream: TextStream | None = None,
-                      on_load=None) -> list[StepRecord]:  # fmt: skip
-    """One run (bare or instrumented) with its progress on stderr, resuming from and saving to
-    ``checkpoints``; ``stream`` gets its tokens as text.
+                      on_load=None, max_new_tokens: int | None = None,
+                      compile_cache: Path | None = None) -> list[StepRecord]:  # fmt: skip
+    """One run (bare or instrumented) of ``max_new_tokens`` steps (default: the manifest's) with its
+    progress on stderr, resuming from and saving to ``checkpoints``; ``stream`` gets its tokens as
+    text. Each step's record gets the seconds it spent making programs (``compile_s``); the console
+    says when a step compiles, and why (``compile_cache``: where later runs will find the programs).
 
     Step 0 is compared with the anchor as soon as it completes, so a mismatch stops the run early."""
     m, n_layers = plan.manifest, plan.index.config.num_hidden_layers
+    steps_wanted = max_new_tokens or m.generate.max_new_tokens
     done_steps, caches = checkpoints.load(name)
     if done_steps:
         echo(f"{name}: resuming after {len(done_steps)} completed step(s)")
     for step in done_steps if stream is not None else []:
         stream.feed(step.token)
     fault = distributed.fault_hook()
+    compile_clock.start()
     # a bar redrawn on the terminal the text streams to would overwrite the text: that run draws none
     on_terminal = stream is not None and getattr(stream.out, "isatty", lambda: False)()
-    bar = Progress(name, m.generate.max_new_tokens, n_layers, progress, plan.tokenizer, draw_bar=not on_terminal)
+    bar = Progress(name, steps_wanted, n_layers, progress, plan.tokenizer, draw_bar=not on_terminal,
+                   compile_note=CompileNote(m.generate.kv_cache, compile_cache))  # fmt: skip
     bar.skip_steps(len(done_steps))
 
     def on_layer(step: int, layer: int, step_bytes: int) -> None:
@@ -206,6 +244,8 @@ def run_with_progress(plan: RunPlan, name: str, keep_capture: bool, checkpoints,
             fault(name, step, layer)
 
     def on_step(step: StepRecord) -> None:
+        ended = compile_clock.now()
+        step.compile_s = compile_clock.compile_seconds(ended - step.wall_s, ended)
         if step.index == 0 and anchor is not None:
             anchors.check(anchor, m.anchor, step, plan.mesh_label, plan.kernels_label)  # stops the run on any difference
         checkpoints.save(name, step)
@@ -214,8 +254,8 @@ def run_with_progress(plan: RunPlan, name: str, keep_capture: bool, checkpoints,
             stream.feed(step.token)
 
     try:
-        steps = run_steps(plan, keep_capture, on_step=on_step, on_layer=on_layer, done=done_steps, caches=caches,
-                          on_load=on_load)  # fmt: skip
+        steps = run_steps(plan, keep_capture, steps_wanted, on_step=on_step, on_layer=on_layer, done=done_steps,
+                          caches=caches, on_load=on_load)  # fmt: skip
     finally:
         bar.close()
         if plan.source is not None:

@@ -25,7 +25,8 @@ The checks, in order (each prints ``N. name: OK``, ``N. name: FAILED: reason`` o
    previous token, step indices run 0..n-1, byte counts add up, and the run ended where its stop
    rules say (``stopped``), no earlier.
 9. ``non-perturbation``: ``non_perturbation.json`` is present, equals the ledger's record, and shows
-   bare == instrumented == the ledger's own steps.
+   bare == instrumented == the ledger's own steps over the proof's scope (step 0, or every step),
+   which the OK line names.
 10. ``explorer``: ``explorer.html`` is byte for byte the page rendered from ``ledger.json``
     (SKIPPED when the bundle has no explorer page).
 11. ``text``: the bundled tokenizer files are the ones the ledger's digests name, the prompt as

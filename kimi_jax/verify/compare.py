@@ -46,12 +46,21 @@ def _section(title: str, items: list[str], empty: str | None = None) -> list[str
     return [f"{title}:", *(f"  {item}" for item in items)]
 
 
+def _explained(differences: list) -> list[str]:
+    """Each difference on its line, and why it matters once after a run of differences that share the reason
+    (the storage settings, say)."""
+    lines = []
+    for i, d in enumerate(differences):
+        lines.append(d.describe())
+        if i + 1 == len(differences) or differences[i + 1].why != d.why:
+            lines.append(f"  ({d.why})")
+    return lines
+
+
 def _format_manifest(c: ManifestComparison, heading: bool = True) -> list[str]:
     lines = [f"manifests: A = {c.a}", f"           B = {c.b}"] if heading else []
-    lines += _section("differences that can change results",
-                      [f"{d.describe()}  ({d.why})" for d in c.result_differences])
-    lines += _section("differences that cannot change results",
-                      [f"{d.describe()}  ({d.why})" for d in c.neutral_differences])
+    lines += _section("differences that can change results", _explained(c.result_differences))
+    lines += _section("differences that cannot change results", _explained(c.neutral_differences))
     lines += [f"note: {n}" for n in c.notes]
     return lines
 

@@ -5,7 +5,8 @@ Each difference is classified as the manifest schema declares its field
 
 * ``bitwise identical runs expected``
 * ``identical for the first N steps (only max_new_tokens differs)``
-* ``not expected to be identical: <reasons>``
+* ``not expected to be identical: <the fields that differ>`` (their values and why each matters are
+  listed above the verdict, once)
 
 A section present on one side only is one difference. The checkpoint's identity is its layout,
 config digest and tensor list digest (:func:`kimi_jax.storage.checkpoint.open_checkpoint`) when it
@@ -151,8 +152,9 @@ def compare_resolved(a: dict[str, Any], b: dict[str, Any], identity_a: dict | No
             verdict = f"identical for the first {n} steps (only max_new_tokens differs)"
             identical_steps = n
     else:
-        verdict = "not expected to be identical: " + "; ".join(f"{d.field} differs ({show(d.a)} vs {show(d.b)})"
-                                                               for d in result)  # fmt: skip
+        fields = [d.field for d in result]
+        verdict = "not expected to be identical: " + (f"{fields[0]} differs" if len(fields) == 1 else
+                                                       f"{', '.join(fields)} differ")  # fmt: skip
     return ManifestComparison(name_a, name_b, result, neutral, notes, verdict, identical_steps)
 
 
@@ -204,6 +206,7 @@ def compare_manifests(a: str | os.PathLike, b: str | os.PathLike) -> ManifestCom
     idb, problem_b = _checkpoint_identity(mb)
     result = compare_resolved(ma.resolved_dict(), mb.resolved_dict(), ida, idb, os.fspath(a), os.fspath(b))
     both_synthetic = ma.model.synthetic is not None and mb.model.synthetic is not None
-    if not both_synthetic:
-        result.notes += [f"checkpoint {p}" for p in (problem_a, problem_b) if p]
+    if not both_synthetic:  # each problem once: not when a difference or a note above already names that folder
+        said = " ".join([*(d.why for d in result.result_differences), *result.notes])
+        result.notes += [f"checkpoint {p}" for p in (problem_a, problem_b) if p and p.split(": ", 1)[0] not in said]
     return result

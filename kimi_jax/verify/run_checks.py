@@ -14,6 +14,7 @@ from kimi_jax.ledger.anchor_record import ANCHOR_VERSION, ANCHORED, condition_di
 from kimi_jax.ledger.bundle import MAX_JSON_BYTES
 from kimi_jax.ledger.text_fields import decoding_from_ledger
 from kimi_jax.platform_info import mesh_label
+from kimi_jax.settings import PROOF_SCOPES, PROVE_ALL, PROVE_FIRST
 from kimi_jax.storage.codecs import LEGACY_DEQUANT_NOTE, recorded_dequant
 from kimi_jax.storage.digests import identity_differences, recorded_checkpoint
 from kimi_jax.verify.bundle_view import BundleView
@@ -220,6 +221,9 @@ def _embedding_head_bytes(ledger: dict[str, Any]) -> tuple[Callable[[int, list],
 
 
 def check_non_perturbation(b: BundleView) -> str:
+    """The proof is present, agrees with the ledger, and shows bare == instrumented == the ledger's own
+    steps over its scope: step 0 (``first``) or every step (``all``; a ledger written before scopes
+    existed proved every step). The note says which steps were proven."""
     if not b.has("non_perturbation.json"):
         raise CheckFailed("non_perturbation.json: missing; the bundle carries no proof that capture did not perturb the "
                     "run (a --no-prove run?)")  # fmt: skip
@@ -237,13 +241,21 @@ def check_non_perturbation(b: BundleView) -> str:
     if not isinstance(compared, list) or not set(NP_FIELDS) <= set(compared):
         problems.append(f"non_perturbation.json: compared is {short(compared)}, expected it to cover "
                         f"{list(NP_FIELDS)}")
+    scope = proof.get("scope", PROVE_ALL)
+    if scope not in PROOF_SCOPES:
+        problems.append(f"non_perturbation.json: scope is {short(scope)}, expected one of {list(PROOF_SCOPES)}")
     bare, inst = proof.get("bare"), proof.get("instrumented")
     if bare != inst:
         first = first_list_difference(bare, inst)
         problems.append(f"non_perturbation.json: bare and instrumented differ ({first})")
     own = [{"step": s.get("index"), **{k: s.get(k) for k in NP_FIELDS}} for s in b.steps()]
-    if inst != own:
-        first = first_list_difference(inst, own)
-        problems.append(f"non_perturbation.json: instrumented does not match the ledger's steps ({first})")
+    covered = own[:1] if scope == PROVE_FIRST else own
+    if inst != covered:
+        first = first_list_difference(inst, covered)
+        which = "step 0" if scope == PROVE_FIRST else "steps"
+        problems.append(f"non_perturbation.json: instrumented does not match the ledger's {which} ({first})")
     require(problems)
-    return ""
+    if scope == PROVE_FIRST and len(own) > 1:
+        return (f"scope first: step 0 of {len(own)} proven, the anchor step; `kimi-jax prove` (run --prove all) "
+                "proves every step")  # fmt: skip
+    return f"scope {scope}: every step of {len(own)} proven"

@@ -81,9 +81,10 @@ if (p1 && el('var64')) {
      backgroundColor:'rgb(24,84,170)', fill:false,
      pointStyle:(c) => (c.raw && c.raw.kind === 'dense') ? 'rectRot' : 'circle', pointRadius:(c) => (c.raw && c.raw.kind === 'dense') ? 5 : 3},
   ];
+  // order -1: drawn over the experts' median, which it equals where both are 1.0 (64 values or fewer)
   if (p2) ds.push({label:'router var@64', data:p2.layers.filter(l => l.var_at_64 !== null)
      .map(l => ({x:l.layer, y:l.var_at_64})), borderColor:'rgb(214,110,40)', backgroundColor:'rgb(214,110,40)',
-     borderDash:[5,4], pointRadius:2, fill:false});
+     borderDash:[5,4], pointStyle:'triangle', pointRadius:5, fill:false, order:-1});
   const xs = L.map(l => l.layer);
   ds.push({label:'dissolved below ' + D.method.dissolved_below, data:[{x:Math.min(...xs), y:D.method.dissolved_below},
      {x:Math.max(...xs), y:D.method.dissolved_below}], borderColor:'#999', borderDash:[2,3], pointRadius:0, fill:false});
@@ -143,7 +144,9 @@ def build_html(summary: dict[str, Any]) -> str:
             f"{model['var_at_64']['n']} experts): <b>{html.escape(model['spectral_class'])}</b> "
             f"(dissolved when the median var@64 is below {method['dissolved_below']}).</p>",
             "<div class=\"chart\"><canvas id=\"var64\"></canvas></div>",
-            f"<p class=\"note\">Band: Q25&ndash;Q75 of var@64 over the layer's experts; line: the median. "
+            f"<p class=\"note\">Band: Q25&ndash;Q75 of var@64 over the layer's experts; line: the median; "
+            "dashed, with triangles, drawn on top: the router's var@64 (phase 2), which lies on the median where "
+            "both are 1.0 (a matrix with 64 singular values or fewer). "
             f"Singular values: {html.escape(method['svd'])}; {html.escape(method['guarantee'])}.</p>",
             _phase1_table(p1),
         ]  # fmt: skip

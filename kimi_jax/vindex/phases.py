@@ -19,6 +19,7 @@ import blake3
 import numpy as np
 
 from kimi_jax.fileio import canonical_json, write_json_atomic
+from kimi_jax.progress import progress_bar
 from kimi_jax.vindex.plan import VindexPlan
 from kimi_jax.vindex.routing import (
     Trace,
@@ -74,9 +75,8 @@ class VindexRun:
         return blake3.blake3(canonical_json(ident)).hexdigest()
 
     def bar(self, total: int, desc: str, unit: str):
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+        """Progress on stderr, by the policy of every command (:mod:`kimi_jax.progress`)."""
+        return progress_bar(total, desc, unit, enabled=self.progress, stream=sys.stderr)
 
     def done(self, phase: int, layer: int, path: Path, computed: bool) -> None:
         (self.computed if computed else self.reused).setdefault(f"phase{phase}", []).append(layer)

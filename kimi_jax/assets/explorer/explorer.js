@@ -63,6 +63,8 @@
     if (value === null) return "null";
     if (Array.isArray(value)) return value.map((v) => fmt(v, kind)).join(", ");
     if (kind === "bytes" && typeof value === "number") return groupInt(value);
+    // token_bytes is hex: shown byte by byte as \xNN, so "2373" cannot be read as a number
+    if (kind === "hex" && typeof value === "string") return value.replace(/[0-9a-f]{2}/g, "\\x$&");
     if (typeof value === "object") return JSON.stringify(value);
     return String(value);
   }
@@ -205,6 +207,9 @@
       ["shard bytes", "run.shard_bytes", "bytes"],
       ["total bytes read", "totals.bytes_read", "bytes"],
       ["total wall s", "totals.wall_s"],
+      ["of which compiling s", "totals.compile_s"],
+      ["proof's bare pass wall s", "totals.proof_wall_s"],
+      ["whole run wall s", "totals.run_wall_s"],
     ];
     const digests = [
       ["manifest digest", "manifest_digest"],
@@ -215,6 +220,7 @@
       ["anchor file", "anchor.file", null, anchor ? anchor.file : null],
       ["anchor digest", "anchor.anchor_digest", null, anchor ? anchor.anchor_digest : null],
       ["non-perturbation identical", "non_perturbation.identical", null, np ? np.identical : null],
+      ["non-perturbation scope", "non_perturbation.scope", null, np ? np.scope : null],
       ["non-perturbation compared", "non_perturbation.compared", null, np ? np.compared : null],
       ["backend", "platform.backend"],
       ["device kind", "platform.device_kind"],
@@ -318,9 +324,10 @@
     const step = STEPS[state.step];
     document.getElementById("step-detail-title").textContent = "Step " + step.index;
     const tbody = clear(document.getElementById("step-fields").tBodies[0]);
-    const fields = [["index"], ["token"], ...(HAS_TEXT ? [["token_text", "text"], ["token_bytes"]] : []),
+    const fields = [["index"], ["token"], ...(HAS_TEXT ? [["token_text", "text"], ["token_bytes", "hex"]] : []),
       ["logit", "num"], ["probability", "num"], ["rank", "num"], ["sampling"], ["margin", "num"], ["entropy", "num"],
-      ["hidden_digest"], ["logits_digest"], ["bytes_read", "bytes"], ["wall_s", "num"], ["context", "ids"]];
+      ["hidden_digest"], ["logits_digest"], ["bytes_read", "bytes"], ["wall_s", "num"], ["compile_s", "num"],
+      ["context", "ids"]];
     for (const [key, kind] of fields) {
       const tr = el("tr");
       tr.appendChild(el("th", "mono", key));

@@ -147,3 +147,12 @@ def test_batch_smoke():
     batches = {r["batch"]: r for r in records if r.get("run") == "batch"}
     assert batches[3]["decoded_tokens"] == 3 * 2 and batches[1]["decoded_tokens"] == 2
     assert any(r.get("run") == "drafts" and r["drafts"] == 2 for r in records)
+
+
+def test_prefill_smoke():
+    records = _smoke("prefill.py")
+    runs = [r for r in records if "chunk" in r]
+    assert [r["chunk"] for r in runs] == [24, 8] and next(r for r in records if "same_token_every_chunk" in r)[
+        "same_token_every_chunk"]
+    # chunks of 8 read each layer's experts once per chunk: at least as many bytes as one pass
+    assert runs[1]["bytes_used"] >= runs[0]["bytes_used"]

@@ -401,6 +401,20 @@ class PromptSection(_Section):
         return self
 
 
+class PromptEntry(PromptSection):
+    """One prompt of a ``prompts:`` run: a prompt as ``prompt:`` takes it, and optionally this
+    sequence's own sampling seed and stop strings."""
+
+    seed: int | None = Field(
+        default=None, ge=0, lt=2**64,
+        description="This sequence's sampling seed, in place of generate.sampling.seed (needs generate.sampling).",
+    )
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, min_length=1,
+        description="This sequence's stop strings, in place of generate.stop (needs a tokenizer).",
+    )
+
+
 class SamplingSection(_Section):
     """Seeded sampling; leave ``generate.sampling`` out for greedy decoding."""
 
@@ -571,7 +585,15 @@ class Manifest(_Section):
     model: Annotated[ModelSection, result("a different checkpoint computes different values")]
     compute: ComputeSection = Field(default_factory=ComputeSection)
     storage: StorageSection = Field(default_factory=StorageSection)
-    prompt: PromptSection
+    # exactly one of prompt / prompts (checked where the file's lines are known: load.prompt_choice)
+    prompt: PromptSection | None = Field(default=None, exclude_if=lambda value: value is None)
+    prompts: Annotated[list[PromptEntry] | None, result("other prompts, or the same in another order, make other "
+                                                       "sequences")] = added_later(
+        None,
+        min_length=1,
+        description="Several prompts decoded together, each entry as prompt takes it (with its own seed and stop "
+        "strings); exclusive with prompt.",
+    )
     generate: GenerateSection = Field(default_factory=GenerateSection)
     capture: Annotated[list[CaptureKind], neutral("capture is proven non-perturbing (bare and instrumented "
                                                   "runs agree bitwise)")] = Field(

@@ -110,3 +110,28 @@ def test_an_edited_measurement_of_one_sequence_fails_verify(runs, tmp_path):
     failed = {c.name: c.reason for c in report.checks if c.status == "FAILED"}
     assert "sequences[2]: " in failed["digests"] and "steps[1].logit" in failed["digests"]
     assert "sequences[0]" not in failed["digests"] and "sequences[1]" not in failed["digests"]
+
+
+def test_compare_pairs_the_sequences_of_two_runs(runs, tmp_path):
+    from kimi_jax.verify.compare import compare_paths, format_comparison
+
+    outcomes = runs[3]
+    greedy, sampled = (outcomes[n].ledger_path.parent for n in ("greedy", "sampled"))
+    same = compare_paths(greedy, greedy)
+    assert same.identical and [s.label for s in same.steps[:5]] == ["0:0", "0:1", "0:2", "0:3", "1:0"]
+    other = compare_paths(greedy, sampled)
+    first = next(s for s in other.steps if not s.tokens_equal)  # greedy and seeded draws part somewhere
+    assert not other.identical and (other.first_divergent_sequence, other.first_divergent_step) <= (first.sequence, first.index)
+    text = format_comparison(other)
+    assert f"first divergent step: {other.first_divergent_step} of sequence {other.first_divergent_sequence}" in text
+    assert "generate.sampling" in text and "prompts" in text  # the manifests' differences: sampling and a seed
+
+
+def test_an_archive_of_a_prompts_run_verifies_and_replays(runs, tmp_path):
+    from kimi_jax.ledger.archive import archive_bundle
+
+    archive = archive_bundle(runs[3]["sampled"].ledger_path.parent, tmp_path / "sampled.tar.gz")
+    report = verify_bundle(archive, replay=True)
+    assert report.ok, [c.line() for c in report.checks if c.status == "FAILED"]
+    replay = next(c for c in report.checks if c.name == "replay")
+    assert replay.status == "OK" and "12 step(s) of 3 sequences" in replay.reason

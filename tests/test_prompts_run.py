@@ -135,3 +135,30 @@ def test_an_archive_of_a_prompts_run_verifies_and_replays(runs, tmp_path):
     assert report.ok, [c.line() for c in report.checks if c.status == "FAILED"]
     replay = next(c for c in report.checks if c.name == "replay")
     assert replay.status == "OK" and "12 step(s) of 3 sequences" in replay.reason
+
+
+def test_the_anchor_is_sequence_0s_step_0(tiny_checkpoints, tmp_path):
+    """An anchor frozen from a prompts: manifest is its sequence 0's step 0 (that prompt run alone),
+    and a run of the batch holds its sequence 0 to it, through the command line."""
+    from click.testing import CliRunner
+
+    from kimi_jax.cli import main
+
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"version: 1\nmodel: {{checkpoint: {tiny_checkpoints['kimi-k2.5']}}}\n"
+                        "prompts: [{tokens: [1792, 5]}, {tokens: [9, 10, 11]}]\ngenerate: {max_new_tokens: 2}\n"
+                        "anchor: anchor.json\noutput: {dir: out}\n")  # fmt: skip
+    frozen = CliRunner().invoke(main, ["anchor", "freeze", str(manifest)])
+    assert frozen.exit_code == 0, frozen.output
+    ran = CliRunner().invoke(main, ["run", str(manifest), "--json", "-q"])
+    assert ran.exit_code == 0, ran.output
+    summary = json.loads(ran.stdout)
+    assert summary["anchor_matched"] and [s["prompt"] for s in summary["sequences"]] == [[1792, 5], [9, 10, 11]]
+    ledger = json.loads((tmp_path / "out" / "ledger.json").read_text())
+    anchor = json.loads((tmp_path / "anchor.json").read_text())
+    assert ledger["sequences"][0]["anchor"]["status"] == "matched" and ledger["sequences"][1]["anchor"] is None
+    assert anchor["logits_digest"] == ledger["sequences"][0]["steps"][0]["logits_digest"]
+    report = verify_bundle(tmp_path / "out")
+    assert report.ok and next(c.reason for c in report.checks if c.name == "anchor").startswith("1 of 2 sequences")
+    published = CliRunner().invoke(main, ["schema", "ledger-sequences"])
+    assert json.loads(published.stdout) == MULTI_SCHEMA and jsonschema.Draft202012Validator(MULTI_SCHEMA).is_valid(ledger)

@@ -35,14 +35,15 @@ def _quiet(*_):
 
 @pytest.fixture(scope="module")
 def runs(tiny_checkpoints, tmp_path_factory):
-    """A greedy and a seeded prompts: run (one with an anchor frozen from sequence 0 alone)."""
+    """A greedy and a seeded prompts: run (the seeded one proven on every step)."""
     tmp = tmp_path_factory.mktemp("prompts")
     ckpt = tiny_checkpoints["kimi-k2.5"]
     sampled = {"sampling": {"temperature": 0.9, "seed": 5}, "max_new_tokens": 4}
     entries = [PROMPTS[0], {**PROMPTS[1], "seed": 21}, PROMPTS[2]]
     plans = {"greedy": prepare_run(_manifest(tmp, ckpt, "greedy", prompts=PROMPTS)),
              "sampled": prepare_run(_manifest(tmp, ckpt, "sampled", prompts=entries, generate=sampled))}  # fmt: skip
-    outcomes = {name: execute(plan, echo=_quiet, progress=False) for name, plan in plans.items()}
+    scopes = {"greedy": "first", "sampled": "all"}  # the proof: each step 0 bare, or the whole batch bare
+    outcomes = {name: execute(plan, echo=_quiet, progress=False, prove=scopes[name]) for name, plan in plans.items()}
     return tmp, ckpt, plans, outcomes
 
 
@@ -86,7 +87,9 @@ def test_the_bundle_verifies_and_each_sequence_keeps_its_meaning(runs, name):
     for i, seq in enumerate(ledger["sequences"]):
         view = sequence_view(ledger, i)  # the version-2 ledger of its own run
         assert view["run"]["prompt"] == seq["prompt"] == PROMPTS[i]["tokens"] and view["steps"] is seq["steps"]
-        assert seq["non_perturbation"]["identical"] and seq["anchor"] is None
+        proof = seq["non_perturbation"]
+        assert proof["identical"] and seq["anchor"] is None
+        assert [p["step"] for p in proof["bare"]] == ([0] if name == "greedy" else list(range(len(seq["steps"]))))
     # three prompts alone, then passes of every live sequence, each making one step of each
     passes = ledger["passes"]
     assert [p["sequences"] for p in passes[:3]] == [[0], [1], [2]] and passes[3]["sequences"] == [0, 1, 2]

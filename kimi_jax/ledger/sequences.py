@@ -1,6 +1,8 @@
-"""Multi-sequence ledgers (version 3): a ``prompts:`` run, its sequences and the passes they shared.
+"""Ledgers of shared passes (version 3): a run whose passes over the weights made several tokens
+at once: a ``prompts:`` run (a token of each sequence per pass) or a run with ``generate.drafts``
+(drafted tokens verified in one pass).
 
-A one-prompt run writes version 2, unchanged; only a ``prompts:`` run writes version 3. Its
+A one-prompt run without drafts writes version 2, unchanged; only these write version 3. Its
 ledger is a version-2 ledger with what belongs to one sequence moved into ``sequences[i]``:
 
 * ``sequences[i]``: sequence i's prompt ids, the prompt as given, its sampling and stop rules
@@ -8,7 +10,8 @@ ledger is a version-2 ledger with what belongs to one sequence moved into ``sequ
   anchor step; the others' are null), ``non_perturbation`` and its own ``totals``.
 * ``passes``: every pass over the weights: which sequences it served (and which step of each), the
   bytes it used once for all of them and where they came from, and, derived, the bytes the
-  sharing saved and the bytes used per token it made.
+  sharing saved and the bytes used per token it made; a verification pass also its drafted
+  tokens and, derived, how many were accepted.
 * ``totals``: the whole run, with bytes used and read from storage per generated token (derived).
 
 A sequence's step records the bytes *its* token used, as its lone run would (anchors and proofs
@@ -55,18 +58,24 @@ _SEQUENCE = _obj({
 
 _PASS = _obj({
     "index": _m(_INT, "Pass over the weights, in order."),
-    "sequences": _m({"type": "array", "items": _INT, "minItems": 1}, "The sequences it made a token of, by index "
-                    "(one: a sequence's step 0, its prompt run alone; several: one decoded token each)."),
+    "sequences": _m({"type": "array", "items": _INT, "minItems": 1}, "The sequence of each token it made, by index "
+                    "(one: a sequence's step 0, its prompt run alone; several: one decoded token of each; a "
+                    "sequence repeated: its tokens a verification pass made)."),
     "steps": _m({"type": "array", "items": _INT, "minItems": 1}, "The step of each of those sequences it made."),
     "bytes_used": _m(_INT, "Bytes of stored tensors the pass used, once for all its sequences: every layer's "
                      "non-expert weights, the union of its tokens' experts, their embedding rows and the head."),
     **{f"bytes_{name}": _m(_INT, f"Of the pass's bytes (as a step's bytes_{name}).")
        for name in ("from_memory", "from_storage", "from_speculation", "mispredicted", "preloaded", "overread")},
     "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of the pass."),
-    "bytes_shared": _d(_INT, "What reading once for all saved: the sum of its sequences' steps' bytes_read (each "
-                       "token's own bytes, as its lone run counts them) minus bytes_used (derive_pass)."),
-    "bytes_per_token": _d({"type": "number", "minimum": 0}, "bytes_used / the number of its sequences (derive_pass)."),
-})  # fmt: skip
+    "bytes_shared": _d({"type": "integer"}, "What reading once for all saved: the sum of the bytes_read of the "
+                       "steps it made (each token's own bytes, as a plain run counts them) minus bytes_used; negative "
+                       "when rejected drafts' rows used more than sharing saved (derive_pass)."),
+    "bytes_per_token": _d({"type": "number", "minimum": 0}, "bytes_used / the number of tokens it made (derive_pass)."),
+    "drafted": _m({"type": "array", "items": _INT}, "A verification pass's drafted tokens (generate.drafts), "
+                  "verified as rows after the sequence's last token."),
+    "accepted": _d(_INT, "Of drafted, how many leading ones were the tokens decoding chose: the pass made them "
+                   "and one more (derive_pass)."),
+}, required=["index", "sequences", "steps", "bytes_used", "wall_s", "bytes_shared", "bytes_per_token"])  # fmt: skip
 
 MULTI_SCHEMA: dict[str, Any] = {
     "$schema": v2.LEDGER_SCHEMA["$schema"],
@@ -90,6 +99,8 @@ MULTI_SCHEMA: dict[str, Any] = {
                                      "passes[].bytes_from_storage (derive_totals)."),
             "bytes_used_per_token": _d(_PER_TOKEN, "bytes_used / tokens (derive_totals)."),
             "bytes_from_storage_per_token": _d(_PER_TOKEN, "bytes_from_storage / tokens (derive_totals)."),
+            "drafted": _d(_INT, "Tokens drafted over all verification passes (derive_totals; with generate.drafts)."),
+            "accepted": _d(_INT, "Drafted tokens accepted: tokens made without a pass of their own (derive_totals)."),
         }, required=["bytes_read", "wall_s", "tokens", "bytes_used", "bytes_from_storage", "bytes_used_per_token",
                      "bytes_from_storage_per_token"]),
     }),
@@ -109,10 +120,15 @@ def schema_of(ledger: Any) -> dict:
 # -- derivations -------------------------------------------------------------------------------
 
 
-def derive_pass(entry: dict, own_bytes: list[int]) -> dict[str, Any]:
-    """A pass's derived fields from its measured ones and its sequences' steps' ``bytes_read``."""
-    n = len(entry["sequences"])
-    return {"bytes_shared": sum(own_bytes) - entry["bytes_used"], "bytes_per_token": f32(entry["bytes_used"] / n)}
+def derive_pass(entry: dict, made: list[dict]) -> dict[str, Any]:
+    """A pass's derived fields from its measured ones and the step entries it made."""
+    derived = {"bytes_shared": sum(s["bytes_read"] for s in made) - entry["bytes_used"],
+               "bytes_per_token": f32(entry["bytes_used"] / len(entry["sequences"]))}  # fmt: skip
+    if "drafted" in entry:
+        tokens = [s["token"] for s in made]
+        derived["accepted"] = next((k for k, (d, t) in enumerate(zip(entry["drafted"], tokens)) if d != t),
+                                   min(len(entry["drafted"]), len(tokens)))  # fmt: skip
+    return derived
 
 
 def derive_totals(sequences: list[dict], passes: list[dict]) -> dict[str, Any]:
@@ -121,13 +137,18 @@ def derive_totals(sequences: list[dict], passes: list[dict]) -> dict[str, Any]:
     used = sum(p["bytes_used"] for p in passes)
     storage = sum(p["bytes_from_storage"] for p in passes)
     per = lambda b: f32(b / tokens) if tokens else None  # noqa: E731
-    return {"tokens": tokens, "bytes_used": used, "bytes_from_storage": storage, "bytes_used_per_token": per(used),
-            "bytes_from_storage_per_token": per(storage)}  # fmt: skip
+    totals = {"tokens": tokens, "bytes_used": used, "bytes_from_storage": storage, "bytes_used_per_token": per(used),
+              "bytes_from_storage_per_token": per(storage)}  # fmt: skip
+    verified = [p for p in passes if "drafted" in p]
+    if verified:
+        totals.update(drafted=sum(len(p["drafted"]) for p in verified), accepted=sum(p["accepted"] for p in verified))
+    return totals
 
 
-def _own_bytes(ledger: dict, entry: dict) -> list[int]:
+def _made(ledger: dict, entry: dict) -> list[dict]:
+    """The step entries a pass made (a step index past a sequence's steps: a bare placeholder)."""
     steps = [ledger["sequences"][i]["steps"] for i in entry["sequences"]]
-    return [s[j]["bytes_read"] if j < len(s) else 0 for s, j in zip(steps, entry["steps"])]
+    return [s[j] if j < len(s) else {"bytes_read": 0, "token": None} for s, j in zip(steps, entry["steps"])]
 
 
 def audit_passes(ledger: dict) -> list[str]:
@@ -141,7 +162,7 @@ def audit_passes(ledger: dict) -> list[str]:
             continue
         for i, j in zip(p["sequences"], p["steps"]):
             made.setdefault(i, []).append(j)
-        for key, value in derive_pass(p, _own_bytes(ledger, p)).items():
+        for key, value in derive_pass(p, _made(ledger, p)).items():
             if p.get(key) != value:
                 problems.append(f"passes[{p['index']}].{key} is {p.get(key)!r}, recomputed {value!r}")
     for s in ledger["sequences"]:
@@ -162,8 +183,11 @@ def pass_entry(record, steps_made: list[int]) -> dict[str, Any]:
     """The measured fields of a :class:`~kimi_jax.model.batch.PassRecord`; ``steps_made``: the
     step of each of its sequences."""
     io = record.io
-    return {"index": record.index, "sequences": list(record.sequences), "steps": steps_made,
-            "bytes_used": int(io.used), **v2.byte_sources(io), "wall_s": f32(record.wall_s)}  # fmt: skip
+    entry = {"index": record.index, "sequences": list(record.sequences), "steps": steps_made,
+             "bytes_used": int(io.used), **v2.byte_sources(io), "wall_s": f32(record.wall_s)}  # fmt: skip
+    if record.drafted is not None:
+        entry["drafted"] = [int(t) for t in record.drafted]
+    return entry
 
 
 def combine(views: list[dict], passes: list) -> dict[str, Any]:
@@ -180,11 +204,13 @@ def combine(views: list[dict], passes: list) -> dict[str, Any]:
     counts: dict[int, int] = {}
     ledger["passes"] = []
     for record in passes:
-        made = [counts.get(i, 0) for i in record.sequences]
-        counts.update({i: n + 1 for i, n in zip(record.sequences, made)})
+        made = []
+        for i in record.sequences:  # a sequence repeated: consecutive steps of it (a verification pass)
+            made.append(counts.get(i, 0))
+            counts[i] = made[-1] + 1
         ledger["passes"].append(pass_entry(record, made))
     for entry in ledger["passes"]:
-        entry.update(derive_pass(entry, _own_bytes(ledger, entry)))
+        entry.update(derive_pass(entry, _made(ledger, entry)))
     seqs = ledger["sequences"]
     ledger["totals"] = {
         **{k: sum(s["totals"][k] for s in seqs) for k in ("bytes_read", "bytes_network", "bytes_cache")},

@@ -425,6 +425,18 @@ class SamplingSection(_Section):
     seed: int = Field(default=0, ge=0, lt=2**64, description="Seed of the counter-based generator (0 <= seed < 2**64).")
 
 
+class DraftsSection(_Section):
+    """Lossless speculative decoding: drafted tokens verified in one pass (kimi_jax.model.drafts).
+    Not ``storage.speculate``, which reads experts ahead and never changes a token."""
+
+    method: Literal["prompt-lookup"] = Field(
+        default="prompt-lookup",
+        description="Where drafts come from: prompt-lookup, the tokens that followed the last n-gram's most recent "
+        "earlier occurrence in the context.",
+    )
+    tokens: int = Field(default=4, ge=1, le=16, description="Most tokens drafted per verification pass (1 to 16).")
+
+
 class GenerateSection(_Section):
     EFFECT: ClassVar[Effect] = result("the tokens are chosen or stopped differently")
 
@@ -452,6 +464,13 @@ class GenerateSection(_Section):
         description="With the KV cache: run a prompt longer than this in passes of this many positions, so a pass "
         "holds at most this many positions' activations and experts (each pass reads each layer's experts once). "
         "Absent: the whole prompt in one pass.",
+    )
+    drafts: Annotated[DraftsSection | None, result("a verification pass computes the drafts' rows with the last "
+                                                   "token's, in other groupings: the tokens are plain decoding's, "
+                                                   "the logits from step 1 differ by float32 rounding")] = added_later(
+        None,
+        description="Draft tokens and verify them in one pass over the weights, with the KV cache (lossless: the "
+        "tokens are those of plain decoding); absent: one token per pass.",
     )
     ignore_eos: Annotated[bool, result("the end-of-sequence and end-of-turn tokens stop the run only without "
                                        "it")] = added_later(

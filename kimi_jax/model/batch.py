@@ -33,9 +33,10 @@ class PassRecord:
     """One pass over the weights: which sequences it served (by index) and what it used and read."""
 
     index: int
-    sequences: tuple[int, ...]
+    sequences: tuple[int, ...]  # a sequence once per token the pass made of it (drafts: several)
     io: ByteCounts  # the pass's bytes: used once, whatever number of sequences shared them
     wall_s: float
+    drafted: tuple[int, ...] | None = None  # a verification pass's drafted tokens (kimi_jax.model.drafts)
 
 
 @dataclasses.dataclass

@@ -50,6 +50,12 @@ class RunPlan:
     residency: ResidencyPlan | None = None
 
     @property
+    def shares_passes(self) -> bool:
+        """Its tokens are made in shared passes over the weights (prompts:, generate.drafts), which a
+        version-3 ledger records (kimi_jax.run.sequences)."""
+        return bool(self.sequences) or self.manifest.generate.drafts is not None
+
+    @property
     def mesh(self):
         """The manifest's ``compute.mesh`` as a :class:`~kimi_jax.model.mesh.MeshShape`, or None for one device."""
         from kimi_jax.model.mesh import MeshShape  # imports JAX; a plan is also read without it
@@ -133,21 +139,27 @@ def prepare_run(manifest: Manifest) -> RunPlan:
 
 
 def _batch_problems(manifest: Manifest, entries: list) -> list[ManifestError]:
-    """What a prompts: run cannot do: sequences decode together from their latent caches on one
-    device, and a per-sequence seed replaces the sampling seed, which needs sampling."""
-    if manifest.prompts is None:
+    """What a run of shared passes (prompts:, generate.drafts) cannot do: its rows decode together
+    from their latent caches on one device; a per-sequence seed replaces the sampling seed, which
+    needs sampling; drafts verify one sequence's tokens."""
+    gen = manifest.generate
+    if manifest.prompts is None and gen.drafts is None:
         return []
+    what = "prompts decode" if manifest.prompts is not None else "drafts are verified"
     problems = [manifest.error(f"{field}.seed", "a sequence's seed replaces generate.sampling.seed; set "
                                                 "generate.sampling (absent: greedy, which draws nothing)")
-                for field, p in entries if p.seed is not None and manifest.generate.sampling is None]  # fmt: skip
-    if not manifest.generate.kv_cache:
-        problems.append(manifest.error("generate.kv_cache", "prompts decode together from their latent caches; "
-                                                            "set generate.kv_cache: true"))  # fmt: skip
+                for field, p in entries if getattr(p, "seed", None) is not None and gen.sampling is None]  # fmt: skip
+    if manifest.prompts is not None and gen.drafts is not None:
+        problems.append(manifest.error("generate.drafts", "drafts verify one sequence's tokens; a prompts: run decodes "
+                                                          "several without drafts (remove one of the two)"))  # fmt: skip
+    if not gen.kv_cache:
+        problems.append(manifest.error("generate.kv_cache", f"{what} together from the latent caches; set "
+                                                            "generate.kv_cache: true"))  # fmt: skip
     for field in ("compute.mesh", "distributed"):
         section = manifest.compute.mesh if field == "compute.mesh" else manifest.distributed
         if section is not None:
-            problems.append(manifest.error(field, "a prompts: run decodes on one device in one process; run each "
-                                                  "prompt alone on a mesh"))  # fmt: skip
+            problems.append(manifest.error(field, f"{what} on one device in one process (prompts: and "
+                                                  "generate.drafts); run without them on a mesh"))  # fmt: skip
     return problems
 
 

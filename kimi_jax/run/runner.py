@@ -38,7 +38,7 @@ from kimi_jax.run.console import CompileNote, Progress, TextStream, describe_run
 from kimi_jax.run.output import check_output_dir, hold_output
 from kimi_jax.run.plan import RunPlan, load_plan, prepare_run
 from kimi_jax.run.resume import RunCheckpoints
-from kimi_jax.run.sequences import batch_ledger, refuse_resume
+from kimi_jax.run.sequences import batch_ledger, planned_sequences, refuse_resume
 from kimi_jax.settings import PROOF_SCOPES, PROVE_ALL, PROVE_FIRST
 from kimi_jax.storage.reader import evict_page_cache, page_cache_bytes
 
@@ -134,7 +134,7 @@ def execute(plan: RunPlan, prove: str | None = PROVE_FIRST, resume: bool = False
     prove = {True: PROVE_ALL, False: None}.get(prove, prove) if isinstance(prove, bool) else prove  # as before scopes
     if prove not in (None, *PROOF_SCOPES):
         raise ValueError(f"prove: expected one of {PROOF_SCOPES} or None, got {prove!r}")
-    if plan.sequences:
+    if plan.shares_passes:
         refuse_resume(resume)
     out = Path(plan.manifest.output.dir)
     if not distributed.is_writer():  # a multi-process run: the output folder is process 0's alone
@@ -158,7 +158,7 @@ def _execute_held(plan: RunPlan, prove: str | None, resume: bool, echo, progress
     page_cache = _page_cache(plan)
     for line in describe_run(plan, page_cache, prove):
         echo(line)
-    if plan.sequences:
+    if plan.shares_passes:
         return _execute_sequences(plan, prove, echo, started, page_cache, text_out)
     out = Path(m.output.dir)
     identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
@@ -215,8 +215,8 @@ def _execute_held(plan: RunPlan, prove: str | None, resume: bool, echo, progress
 
 def _execute_sequences(plan: RunPlan, prove: str | None, echo, started: float, page_cache: dict,
                        text_out) -> RunOutcome:  # fmt: skip
-    """A prompts: run (kimi_jax.run.sequences): the batch, its version-3 ledger and the bundle; each
-    sequence's text is written once the batch is done (their tokens interleave while it runs)."""
+    """A run of shared passes (kimi_jax.run.sequences: prompts:, generate.drafts): the batch, its
+    version-3 ledger and the bundle; each sequence's text is written once the batch is done."""
     m = plan.manifest
     facts = RunFacts(page_cache=page_cache, kernels=plan.kernels,
                      residency=residency_record(plan.residency, m.storage.expert_cache, m.storage.speculate))  # fmt: skip
@@ -228,7 +228,7 @@ def _execute_sequences(plan: RunPlan, prove: str | None, echo, started: float, p
     texts = None
     if plan.tokenizer is not None:
         texts = [streamed_text(plan.tokenizer, seq.decoding.stop_strings, [s["token"] for s in entry["steps"]])
-                 for seq, entry in zip(plan.sequences, ledger["sequences"])]  # fmt: skip
+                 for seq, entry in zip(planned_sequences(plan), ledger["sequences"])]  # fmt: skip
         for i, text in enumerate(texts if text_out is not None else []):
             text_out.write(f"[{i}] {text}\n")
     echo(f"ledger: {out / 'ledger.json'}")

@@ -1,6 +1,8 @@
-"""Run a ``prompts:`` plan: its sequences decode together (:func:`kimi_jax.model.batch.generate_batch`),
-and the ledger records each as its own run plus the passes they shared (version 3,
-:mod:`kimi_jax.ledger.sequences`).
+"""Run a plan whose tokens are made in shared passes, and record it in a version-3 ledger
+(:mod:`kimi_jax.ledger.sequences`): each sequence as its own run, plus the passes. A ``prompts:``
+plan's sequences decode together (:func:`kimi_jax.model.batch.generate_batch`); a plan with
+``generate.drafts`` is one sequence whose drafted tokens are verified in one pass each
+(:func:`kimi_jax.model.drafts.generate_with_drafts`, lossless: its tokens are plain decoding's).
 
 The non-perturbation proof runs the batch bare over its scope: ``first`` runs each sequence's step
 0 bare (each runs alone, exactly as in its lone run, so this proves every anchor step); ``all``
@@ -16,9 +18,11 @@ from kimi_jax.ledger.ledger import build_ledger, validate_ledger
 from kimi_jax.ledger.run_record import non_perturbation_record, timing_record
 from kimi_jax.ledger.sequences import MULTI_SCHEMA, combine
 from kimi_jax.model.batch import generate_batch
+from kimi_jax.model.drafts import generate_with_drafts, passes_of
 from kimi_jax.model.engine import Engine
 from kimi_jax.run import anchor as anchors
 from kimi_jax.run import compile_clock
+from kimi_jax.run.plan import PlannedSequence
 from kimi_jax.settings import PROVE_ALL
 
 
@@ -28,17 +32,28 @@ def refuse_resume(resume: bool) -> None:
                           "--resume")  # fmt: skip
 
 
+def planned_sequences(plan) -> tuple:
+    """The plan's sequences: a prompts: plan's, or its one prompt."""
+    return plan.sequences or (PlannedSequence(plan.prompt, plan.prompt_text, plan.decoding, "prompt"),)
+
+
 def run_batch(plan, keep_capture: bool, max_new_tokens: int, on_step=None) -> tuple[list[list], list]:
-    """The plan's sequences decoded together in a fresh engine: (each sequence's steps, the passes).
-    Each step gets the seconds its pass spent making programs (the steps of one pass share them)."""
+    """The plan's sequences in a fresh engine, decoded together or with drafts: (each sequence's
+    steps, the passes). Each step gets the seconds its pass spent making programs (the steps of one
+    pass share them)."""
     def timed(index, record):
         ended = compile_clock.now()
         record.compile_s = compile_clock.compile_seconds(ended - record.wall_s, ended)
         if on_step is not None:
             on_step(index, record)
 
+    drafts = plan.manifest.generate.drafts
     with Engine.from_plan(plan, keep_capture) as engine:
         try:
+            if drafts is not None:
+                steps, verifications = generate_with_drafts(engine, list(plan.prompt), max_new_tokens, drafts.tokens,
+                                                            plan.decoding, lambda record: timed(0, record))  # fmt: skip
+                return [steps], passes_of(steps, verifications)
             return generate_batch(engine, [list(s.prompt) for s in plan.sequences], max_new_tokens,
                                   [s.decoding for s in plan.sequences], timed)  # fmt: skip
         finally:
@@ -65,7 +80,7 @@ def batch_ledger(plan, prove: str | None, facts, started: float, echo) -> tuple[
     steps, passes = run_batch(plan, True, m.generate.max_new_tokens, check_anchor)
     facts = dataclasses.replace(facts, timing=timing_record(proof_wall, compile_clock.now() - started))
     views = []
-    for i, (seq, own) in enumerate(zip(plan.sequences, steps)):
+    for i, (seq, own) in enumerate(zip(planned_sequences(plan), steps)):
         alone = dataclasses.replace(plan, prompt=seq.prompt, prompt_text=seq.prompt_text, decoding=seq.decoding)
         seq_facts = dataclasses.replace(
             facts,

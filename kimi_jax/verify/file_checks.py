@@ -76,7 +76,7 @@ def check_receipt(b: BundleView) -> str:
         if not isinstance(resolved, dict):
             raise CheckFailed("manifest.json: expected a JSON object (the resolved manifest)")
         problems += _validate_resolved_manifest(b.root)
-        for view, at in _runs(b):
+        for view, at in _runs(b, resolved):
             problems += _run_matches_manifest(view.ledger, resolved, at)
         recomputed = manifest_digest(resolved)
         if recomputed != recorded:
@@ -107,11 +107,11 @@ def check_receipt(b: BundleView) -> str:
     return ""
 
 
-def _runs(b: BundleView) -> list[tuple[BundleView, str]]:
+def _runs(b: BundleView, resolved: dict[str, Any]) -> list[tuple[BundleView, str]]:
     """Each run the bundle records (every sequence of a multi-sequence bundle) and where the
-    manifest gives its prompt."""
-    views = b.sequences()
-    return [(v, "prompt" if v is b else f"prompts.{v.index}") for v in views]
+    manifest gives its prompt (a drafted run's one sequence: ``prompt``)."""
+    many = resolved.get("prompts") is not None
+    return [(v, f"prompts.{v.index}" if many and v is not b else "prompt") for v in b.sequences()]
 
 
 def _run_matches_manifest(ledger: dict[str, Any], resolved: dict[str, Any], prompt_at: str = "prompt") -> list[str]:

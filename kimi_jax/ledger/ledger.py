@@ -42,6 +42,10 @@ import numpy as np
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.ledger.floats import f32, f32_list
+from kimi_jax.ledger.schema_parts import COUNT as _INT
+from kimi_jax.ledger.schema_parts import derived as _d
+from kimi_jax.ledger.schema_parts import measured as _m
+from kimi_jax.ledger.schema_parts import schema_object as _obj
 from kimi_jax.settings import DEQUANT_MODES, MATMUL_MODES, PROOF_SCOPES
 
 LEDGER_VERSION = 2
@@ -129,24 +133,10 @@ def derive_step(logits: np.ndarray, hidden: np.ndarray) -> dict[str, Any]:
 # -- schema -------------------------------------------------------------------------------------
 
 
-def measured(schema: dict, doc: str) -> dict:
-    return {**schema, "x-provenance": "measured", "description": doc}
-
-
-def derived(schema: dict, doc: str) -> dict:
-    return {**schema, "x-provenance": "derived", "description": doc}
-
-
-COUNT = {"type": "integer", "minimum": 0}
 _NUM = {"type": "number"}
 _HEX = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _STR = {"type": "string"}
 _HEX_OR_NULL = {"oneOf": [{"type": "null"}, _HEX]}
-
-
-def schema_object(props: dict, required: list[str] | None = None) -> dict:
-    return {"type": "object", "additionalProperties": False, "properties": props,
-            "required": list(props) if required is None else required}  # fmt: skip
 
 
 def _matrix(item: dict) -> dict:
@@ -155,20 +145,20 @@ def _matrix(item: dict) -> dict:
 
 # Per-process bytes and run.mesh are written by every run of this version; a ledger without them
 # (written by hand, or before meshes) is a one-process run.
-_PER_PROCESS = {"type": "array", "items": COUNT, "minItems": 1}
+_PER_PROCESS = {"type": "array", "items": _INT, "minItems": 1}
 
 
-_LAYER = schema_object({
-    "layer": measured(COUNT, "Decoder layer index."),
-    "kind": measured({"enum": ["dense", "moe"]}, "Dense MLP or mixture-of-experts block."),
-    "norm_in": measured(_NUM, "L2 norm of the residual stream at the last position entering the block."),
-    "norm_out": measured(_NUM, "L2 norm of the residual stream at the last position leaving the block."),
-    "experts": measured(_matrix(COUNT), "Selected routed expert ids per position [T][k], best first."),
-    "router_scores": measured(_matrix(_NUM), "Raw sigmoid router scores of the selected experts [T][k]."),
-    "routing_weights": derived(_matrix(_NUM), "router_scores normalised to sum 1 per position (derive_routing_weights)."),
-    "bytes_read": measured(COUNT, "Bytes of stored tensors this layer used in this step (weights and experts), whether "
+_LAYER = _obj({
+    "layer": _m(_INT, "Decoder layer index."),
+    "kind": _m({"enum": ["dense", "moe"]}, "Dense MLP or mixture-of-experts block."),
+    "norm_in": _m(_NUM, "L2 norm of the residual stream at the last position entering the block."),
+    "norm_out": _m(_NUM, "L2 norm of the residual stream at the last position leaving the block."),
+    "experts": _m(_matrix(_INT), "Selected routed expert ids per position [T][k], best first."),
+    "router_scores": _m(_matrix(_NUM), "Raw sigmoid router scores of the selected experts [T][k]."),
+    "routing_weights": _d(_matrix(_NUM), "router_scores normalised to sum 1 per position (derive_routing_weights)."),
+    "bytes_read": _m(_INT, "Bytes of stored tensors this layer used in this step (weights and experts), whether "
                            "served from memory or read: independent of what was in memory."),
-    **{f"bytes_{name}": measured(COUNT, doc) for name, doc in (
+    **{f"bytes_{name}": _m(_INT, doc) for name, doc in (
         ("from_memory", "Of bytes_read: kept in memory from an earlier step (resident weights, expert cache)."),
         ("from_storage", "Of bytes_read: read from storage when needed."),
         ("from_speculation", "Of bytes_read: experts read ahead because the early router predicted them."),
@@ -176,61 +166,61 @@ _LAYER = schema_object({
         ("preloaded", "Experts read to be kept in memory before any step used them: a model that fits is read "
                       "whole (not in bytes_read)."),
         ("overread", "Gap bytes between merged ranges, read and discarded (not in bytes_read)."))},
-    "experts_used": measured(COUNT, "Distinct routed experts this layer ran."),
-    "experts_from_memory": measured(COUNT, "Of experts_used: already in memory (expert cache hits)."),
-    "experts_predicted": measured(COUNT, "Distinct experts the layer's router, applied early, predicted."),
-    "experts_predicted_used": measured(COUNT, "Of experts_predicted: used by this layer."),
-    "bytes_per_process": measured(_PER_PROCESS, "Of bytes_from_storage, what each process read, by process index."),
+    "experts_used": _m(_INT, "Distinct routed experts this layer ran."),
+    "experts_from_memory": _m(_INT, "Of experts_used: already in memory (expert cache hits)."),
+    "experts_predicted": _m(_INT, "Distinct experts the layer's router, applied early, predicted."),
+    "experts_predicted_used": _m(_INT, "Of experts_predicted: used by this layer."),
+    "bytes_per_process": _m(_PER_PROCESS, "Of bytes_from_storage, what each process read, by process index."),
 }, required=["layer", "kind", "bytes_read"])  # fmt: skip
 
-_STEP = schema_object({
-    "index": measured(COUNT, "Generation step, from 0."),
-    "context": measured({"type": "array", "items": COUNT, "minItems": 1}, "Input token ids of this step's forward pass."),
-    "token": measured(COUNT, "Output token: the argmax of the logits (ties to the lowest id), or the seeded draw of a "
+_STEP = _obj({
+    "index": _m(_INT, "Generation step, from 0."),
+    "context": _m({"type": "array", "items": _INT, "minItems": 1}, "Input token ids of this step's forward pass."),
+    "token": _m(_INT, "Output token: the argmax of the logits (ties to the lowest id), or the seeded draw of a "
                       "sampled run (kimi_jax.text.sampling)."),
-    "token_text": derived(_STR, "The output token's bytes as UTF-8, invalid bytes as \\xNN escapes (with a tokenizer)."),
-    "token_bytes": derived({"type": "string", "pattern": "^([0-9a-f]{2})*$"}, "The output token's bytes, hex (with a tokenizer)."),
-    "logit": measured(_NUM, "Logit of the output token."),
-    "probability": derived({"type": "number", "minimum": 0, "maximum": 1}, "softmax(logits)[token], float64 then float32."),
-    "rank": derived(COUNT, "Place of the token in logit order (0: the greedy choice; ties to the lower id)."),
-    "sampling": schema_object({
-        **{k: measured(v, f"generate.sampling.{k} used for this step.") for k, v in (
-            ("temperature", _NUM), ("top_k", COUNT), ("top_p", _NUM), ("min_p", _NUM), ("seed", COUNT))},
-        "probability": derived({"type": "number", "minimum": 0, "maximum": 1},
+    "token_text": _d(_STR, "The output token's bytes as UTF-8, invalid bytes as \\xNN escapes (with a tokenizer)."),
+    "token_bytes": _d({"type": "string", "pattern": "^([0-9a-f]{2})*$"}, "The output token's bytes, hex (with a tokenizer)."),
+    "logit": _m(_NUM, "Logit of the output token."),
+    "probability": _d({"type": "number", "minimum": 0, "maximum": 1}, "softmax(logits)[token], float64 then float32."),
+    "rank": _d(_INT, "Place of the token in logit order (0: the greedy choice; ties to the lower id)."),
+    "sampling": _obj({
+        **{k: _m(v, f"generate.sampling.{k} used for this step.") for k, v in (
+            ("temperature", _NUM), ("top_k", _INT), ("top_p", _NUM), ("min_p", _NUM), ("seed", _INT))},
+        "probability": _d({"type": "number", "minimum": 0, "maximum": 1},
                           "Probability of the token under the sampling distribution (sampled_probability)."),
     }),
-    "top_k_text": derived({"type": "array", "items": _STR, "maxItems": TOP_K}, "token_text of each top_k entry."),
-    "top_k": derived({"type": "array", "items": {"type": "array", "prefixItems": [COUNT, _NUM], "items": False,
+    "top_k_text": _d({"type": "array", "items": _STR, "maxItems": TOP_K}, "token_text of each top_k entry."),
+    "top_k": _d({"type": "array", "items": {"type": "array", "prefixItems": [_INT, _NUM], "items": False,
                                             "minItems": 2}, "maxItems": TOP_K},
                 "The 16 largest logits as [token_id, logit], by logit (top_k_pairs)."),  # fmt: skip
-    "entropy": derived(_NUM, "Shannon entropy in nats of softmax(logits) (entropy_nats)."),
-    "margin": derived(_NUM, "Top-1 minus top-2 logit."),
-    "hidden_digest": derived(_HEX, "BLAKE3 of the final hidden state, float32 little-endian [hidden_size]."),
-    "logits_digest": derived(_HEX, "BLAKE3 of the last position's logits, float32 little-endian [vocab_size]."),
-    "bytes_read": measured(COUNT, "Bytes of stored tensors this step used, all layers, embedding rows and head, whether "
+    "entropy": _d(_NUM, "Shannon entropy in nats of softmax(logits) (entropy_nats)."),
+    "margin": _d(_NUM, "Top-1 minus top-2 logit."),
+    "hidden_digest": _d(_HEX, "BLAKE3 of the final hidden state, float32 little-endian [hidden_size]."),
+    "logits_digest": _d(_HEX, "BLAKE3 of the last position's logits, float32 little-endian [vocab_size]."),
+    "bytes_read": _m(_INT, "Bytes of stored tensors this step used, all layers, embedding rows and head, whether "
                            "served from memory or read: independent of what was in memory."),
-    **{f"bytes_{name}": measured(COUNT, f"As the layers' bytes_{name}, over all layers, embedding rows and head.")
+    **{f"bytes_{name}": _m(_INT, f"As the layers' bytes_{name}, over all layers, embedding rows and head.")
        for name in ("from_memory", "from_storage", "from_speculation", "mispredicted", "preloaded", "overread")},
-    "expert_hit_rate": derived({"type": ["number", "null"]}, "Of the distinct experts the MoE layers ran, the fraction "
+    "expert_hit_rate": _d({"type": ["number", "null"]}, "Of the distinct experts the MoE layers ran, the fraction "
                           "already in memory: sum experts_from_memory / sum experts_used (expert_hit_rate)."),
-    "bytes_network": measured(COUNT, "Of the bytes read from storage, bytes fetched over the network (remote checkpoints)."),
-    "bytes_cache": measured(COUNT, "Of the bytes read from storage, bytes the local range cache served (remote checkpoints)."),
-    "weights_digest": derived(_HEX_OR_NULL, "BLAKE3 over the sorted 'NAME<TAB>DIGEST' lines of every stored tensor this "
+    "bytes_network": _m(_INT, "Of the bytes read from storage, bytes fetched over the network (remote checkpoints)."),
+    "bytes_cache": _m(_INT, "Of the bytes read from storage, bytes the local range cache served (remote checkpoints)."),
+    "weights_digest": _d(_HEX_OR_NULL, "BLAKE3 over the sorted 'NAME<TAB>DIGEST' lines of every stored tensor this "
                          "step used, read or served from memory (an embedding row as NAME[ROW]), digests from the "
                          "checked digest file (storage.digests.weights_digest); null when no digest file was checked."),
-    "bytes_per_process": measured(_PER_PROCESS, "Of bytes_from_storage, what each process read, by process index."),
-    "wall_s": measured({"type": "number", "minimum": 0}, "Wall-clock seconds of this step, compilation included."),
-    "compile_s": measured({"type": "number", "minimum": 0}, "Of wall_s, the seconds spent making programs: tracing, "
+    "bytes_per_process": _m(_PER_PROCESS, "Of bytes_from_storage, what each process read, by process index."),
+    "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of this step, compilation included."),
+    "compile_s": _m({"type": "number", "minimum": 0}, "Of wall_s, the seconds spent making programs: tracing, "
                     "lowering and compiling them, or loading them from the persistent compilation cache "
                     "(kimi_jax.run.compile_clock). Absent from ledgers written before it existed."),
     "layers": {"type": "array", "items": _LAYER},
 }, required=["index", "context", "token", "logit", "probability", "rank", "hidden_digest", "logits_digest", "bytes_read",
              "wall_s", "layers"])  # fmt: skip
 
-_NP_VALUES = {"type": "array", "items": schema_object({
-    "step": measured(COUNT, "Generation step."), "token": measured(COUNT, "Output token."),
-    "hidden_digest": measured(_HEX, "Hidden-state digest of that execution."),
-    "logits_digest": measured(_HEX, "Logits digest of that execution."), "bytes_read": measured(COUNT, "Bytes read."),
+_NP_VALUES = {"type": "array", "items": _obj({
+    "step": _m(_INT, "Generation step."), "token": _m(_INT, "Output token."),
+    "hidden_digest": _m(_HEX, "Hidden-state digest of that execution."),
+    "logits_digest": _m(_HEX, "Logits digest of that execution."), "bytes_read": _m(_INT, "Bytes read."),
 })}  # fmt: skip
 
 _PLATFORM = {"type": "object", "x-provenance": "measured", "description": "Platform fingerprint of the run.",
@@ -240,110 +230,110 @@ LEDGER_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": LEDGER_SCHEMA_ID,
     "title": f"kimi-jax output formation ledger, version {LEDGER_VERSION}",
-    **schema_object({
+    **_obj({
         "schema": {"const": LEDGER_SCHEMA_ID, "x-provenance": "derived", "description": "Schema identifier."},
         "ledger_version": {"const": LEDGER_VERSION, "x-provenance": "derived", "description": "Schema version."},
-        "software": measured({"type": "object", "additionalProperties": _STR}, "kimi-jax and library versions."),
-        "manifest_digest": derived(_HEX, "BLAKE3 of the resolved manifest's identity (Manifest.digest)."),
-        "checkpoint": schema_object({
-            "layout": measured(_STR, "On-disk layout recognised by the index."),
-            "path": measured(_STR, "Checkpoint directory."),
-            "config_digest": derived(_HEX, "BLAKE3 of the parsed model config's canonical JSON (ModelConfig.digest)."),
-            "tensor_list_digest": derived(_HEX, "BLAKE3 of the sorted (name, dtype, shape, size) tensor list."),
-            "storage": measured({"enum": ["local", "http", "https", "hf", "s3"]}, "Where the bytes were read from."),
-            "digest_file": measured({"type": ["string", "null"]}, "The checkpoint's digest file, when one was found."),
-            "content_root": derived(_HEX_OR_NULL, "Root of the digest file every tensor read was checked against "
+        "software": _m({"type": "object", "additionalProperties": _STR}, "kimi-jax and library versions."),
+        "manifest_digest": _d(_HEX, "BLAKE3 of the resolved manifest's identity (Manifest.digest)."),
+        "checkpoint": _obj({
+            "layout": _m(_STR, "On-disk layout recognised by the index."),
+            "path": _m(_STR, "Checkpoint directory."),
+            "config_digest": _d(_HEX, "BLAKE3 of the parsed model config's canonical JSON (ModelConfig.digest)."),
+            "tensor_list_digest": _d(_HEX, "BLAKE3 of the sorted (name, dtype, shape, size) tensor list."),
+            "storage": _m({"enum": ["local", "http", "https", "hf", "s3"]}, "Where the bytes were read from."),
+            "digest_file": _m({"type": ["string", "null"]}, "The checkpoint's digest file, when one was found."),
+            "content_root": _d(_HEX_OR_NULL, "Root of the digest file every tensor read was checked against "
                                "(storage.digests.content_root); null when none was checked."),
-            "tokenizer": {"oneOf": [{"type": "null"}, schema_object({
-                "kind": measured({"enum": ["tiktoken", "tokenizer.json"]}, "Which tokenizer files the checkpoint ships."),
-                "files": derived({"type": "object", "additionalProperties": _HEX}, "BLAKE3 of each tokenizer file."),
-                "digest": derived(_HEX, "BLAKE3 of the canonical JSON of files: the tokenizer's identity."),
+            "tokenizer": {"oneOf": [{"type": "null"}, _obj({
+                "kind": _m({"enum": ["tiktoken", "tokenizer.json"]}, "Which tokenizer files the checkpoint ships."),
+                "files": _d({"type": "object", "additionalProperties": _HEX}, "BLAKE3 of each tokenizer file."),
+                "digest": _d(_HEX, "BLAKE3 of the canonical JSON of files: the tokenizer's identity."),
             })]},
         }, required=["layout", "path", "config_digest", "tensor_list_digest"]),
         "platform": _PLATFORM,
-        "platform_digest": derived(_HEX, "BLAKE3 of the platform fingerprint's canonical JSON."),
-        "run": schema_object({
-            "prompt": measured({"type": "array", "items": COUNT}, "Prompt token ids: the model's input."),
-            "prompt_input": measured({"type": "object"}, "The prompt as the manifest gives it: tokens, text or chat."),
-            "sampling": measured({"oneOf": [{"type": "null"}, schema_object({k: measured(v, f"generate.sampling.{k}.") for k, v in (
-                ("temperature", _NUM), ("top_k", COUNT), ("top_p", _NUM), ("min_p", _NUM), ("seed", COUNT))})]},
+        "platform_digest": _d(_HEX, "BLAKE3 of the platform fingerprint's canonical JSON."),
+        "run": _obj({
+            "prompt": _m({"type": "array", "items": _INT}, "Prompt token ids: the model's input."),
+            "prompt_input": _m({"type": "object"}, "The prompt as the manifest gives it: tokens, text or chat."),
+            "sampling": _m({"oneOf": [{"type": "null"}, _obj({k: _m(v, f"generate.sampling.{k}.") for k, v in (
+                ("temperature", _NUM), ("top_k", _INT), ("top_p", _NUM), ("min_p", _NUM), ("seed", _INT))})]},
                 "generate.sampling; null: greedy decoding."),
-            "stop": schema_object({"tokens": measured({"type": "array", "items": {"type": "array"}}, "[token id, reason]: stop tokens."),
-                          "strings": measured({"type": "array", "items": _STR}, "generate.stop strings.")}),
-            "max_new_tokens": measured(COUNT, "Tokens generated."),
-            "kv_cache": measured({"type": "boolean"}, "Latent KV cache used for decoding."),
-            "dtype": measured({"enum": ["float32", "bfloat16"]}, "Compute dtype."),
-            "dequant": measured({"enum": list(DEQUANT_MODES)}, "How quantized weights were dequantized: exact "
+            "stop": _obj({"tokens": _m({"type": "array", "items": {"type": "array"}}, "[token id, reason]: stop tokens."),
+                          "strings": _m({"type": "array", "items": _STR}, "generate.stop strings.")}),
+            "max_new_tokens": _m(_INT, "Tokens generated."),
+            "kv_cache": _m({"type": "boolean"}, "Latent KV cache used for decoding."),
+            "dtype": _m({"enum": ["float32", "bfloat16"]}, "Compute dtype."),
+            "dequant": _m({"enum": list(DEQUANT_MODES)}, "How quantized weights were dequantized: exact "
                           "(float32 product) or bf16-rounded."),
-            "matmul": measured({"enum": list(MATMUL_MODES)}, "How weights entered matmuls (compute.matmul)."),
-            "kernels": schema_object({
-                "kernel_set": measured({"type": ["string", "null"]}, "The CPU kernels that multiplied (compute.matmul: "
+            "matmul": _m({"enum": list(MATMUL_MODES)}, "How weights entered matmuls (compute.matmul)."),
+            "kernels": _obj({
+                "kernel_set": _m({"type": ["string", "null"]}, "The CPU kernels that multiplied (compute.matmul: "
                                  "kernels); null when they were unavailable and XLA's stored products ran."),
-                "isa": measured({"type": ["string", "null"]}, "The instruction set the kernels ran on (it can change bits)."),
-                "unavailable": measured(_STR, "Why the kernels could not run (absent when they did)."),
+                "isa": _m({"type": ["string", "null"]}, "The instruction set the kernels ran on (it can change bits)."),
+                "unavailable": _m(_STR, "Why the kernels could not run (absent when they did)."),
             }, required=["kernel_set", "isa"]),
-            "residency": schema_object({
-                "budget_bytes": measured(COUNT, "storage.resident_bytes resolved when the run started."),
-                "resident_layers": measured(COUNT, "Layers whose non-expert weights the budget keeps in memory."),
-                "head_resident": measured({"type": "boolean"}, "The budget keeps the head in memory."),
-                "expert_cache_bytes": measured(COUNT, "Budget left for the expert cache."),
-                "expert_cache": measured({"enum": ["lru", "lfu"]}, "Expert cache eviction policy."),
-                "speculate": measured({"type": "boolean"}, "storage.speculate: predicted experts are read ahead (not when "
+            "residency": _obj({
+                "budget_bytes": _m(_INT, "storage.resident_bytes resolved when the run started."),
+                "resident_layers": _m(_INT, "Layers whose non-expert weights the budget keeps in memory."),
+                "head_resident": _m({"type": "boolean"}, "The budget keeps the head in memory."),
+                "expert_cache_bytes": _m(_INT, "Budget left for the expert cache."),
+                "expert_cache": _m({"enum": ["lru", "lfu"]}, "Expert cache eviction policy."),
+                "speculate": _m({"type": "boolean"}, "storage.speculate: predicted experts are read ahead (not when "
                                                      "every expert is kept)."),
-                "page_cache": measured({"enum": ["keep", "drop"]}, "storage.page_cache as resolved: ranges read were "
+                "page_cache": _m({"enum": ["keep", "drop"]}, "storage.page_cache as resolved: ranges read were "
                                  "dropped from the OS page cache (drop) or kept (keep). Absent from ledgers "
                                  "written before it existed."),
             }, required=["budget_bytes", "resident_layers", "head_resident", "expert_cache_bytes", "expert_cache",
                          "speculate"]),
-            "capture": measured({"type": "array", "items": {"enum": ["norms", "routing", "logits"]}}, "Capture fields kept."),
-            "page_cache_evicted": measured({"type": "boolean"}, "Shards were dropped from the page cache before the run."),
-            "page_cache_resident_bytes": measured(COUNT, "Bytes of the shards in the page cache when the run started."),
-            "shard_bytes": measured(COUNT, "Total size of the checkpoint's shard files."),
-            "mesh": {"oneOf": [{"type": "null"}, schema_object({
-                "expert": measured(COUNT, "Devices along the expert-parallel axis."),
-                "model": measured(COUNT, "Devices along the tensor-parallel axis."),
-                "placement": measured({"enum": ["streamed", "resident"]}, "How weights reach the devices."),
-                "process_count": measured(COUNT, "Processes sharing the mesh."),
-                "load_bytes_per_process": measured(_PER_PROCESS, "Bytes each process read before step 0 "
+            "capture": _m({"type": "array", "items": {"enum": ["norms", "routing", "logits"]}}, "Capture fields kept."),
+            "page_cache_evicted": _m({"type": "boolean"}, "Shards were dropped from the page cache before the run."),
+            "page_cache_resident_bytes": _m(_INT, "Bytes of the shards in the page cache when the run started."),
+            "shard_bytes": _m(_INT, "Total size of the checkpoint's shard files."),
+            "mesh": {"oneOf": [{"type": "null"}, _obj({
+                "expert": _m(_INT, "Devices along the expert-parallel axis."),
+                "model": _m(_INT, "Devices along the tensor-parallel axis."),
+                "placement": _m({"enum": ["streamed", "resident"]}, "How weights reach the devices."),
+                "process_count": _m(_INT, "Processes sharing the mesh."),
+                "load_bytes_per_process": _m(_PER_PROCESS, "Bytes each process read before step 0 "
                                                            "(the resident placement's load; zeros when streamed)."),
             })]},  # fmt: skip
         }, required=["prompt", "prompt_input", "sampling", "stop", "max_new_tokens", "kv_cache", "dtype", "capture",
                      "page_cache_evicted", "page_cache_resident_bytes", "shard_bytes"]),  # fmt: skip
         "steps": {"type": "array", "items": _STEP, "minItems": 1},
-        "stopped": schema_object({
-            "reason": derived({"enum": ["eos", "end_of_turn", "stop_string", "max_new_tokens"]}, "Why generation ended."),
-            "token": derived(COUNT, "The stop token (eos, end_of_turn)."),
-            "string": derived(_STR, "The stop string found (stop_string)."),
+        "stopped": _obj({
+            "reason": _d({"enum": ["eos", "end_of_turn", "stop_string", "max_new_tokens"]}, "Why generation ended."),
+            "token": _d(_INT, "The stop token (eos, end_of_turn)."),
+            "string": _d(_STR, "The stop string found (stop_string)."),
         }, required=["reason"]),
-        "text": derived({"oneOf": [{"type": "null"}, schema_object({
-            "prompt_text": derived(_STR, "The prompt ids decoded (UTF-8, special tokens by name)."),
-            "prompt_token_texts": derived({"type": "array", "items": _STR}, "token_text of each prompt id."),
-            "generated_text": derived(_STR, "The generated ids decoded (UTF-8, special tokens by name)."),
+        "text": _d({"oneOf": [{"type": "null"}, _obj({
+            "prompt_text": _d(_STR, "The prompt ids decoded (UTF-8, special tokens by name)."),
+            "prompt_token_texts": _d({"type": "array", "items": _STR}, "token_text of each prompt id."),
+            "generated_text": _d(_STR, "The generated ids decoded (UTF-8, special tokens by name)."),
         })]}, "Texts decoded by the checkpoint's tokenizer; null when it ships none."),
-        "totals": schema_object({"bytes_read": measured(COUNT, "Bytes used over all steps (sum of the steps' bytes_read)."),
-                        "bytes_network": measured(COUNT, "Bytes fetched over the network over all steps."),
-                        "bytes_cache": measured(COUNT, "Bytes served by the range cache over all steps."),
-                        "bytes_per_process": measured(_PER_PROCESS, "Bytes each process read over all steps."),
-                        "wall_s": measured({"type": "number", "minimum": 0}, "Wall-clock seconds over all steps."),
-                        "compile_s": measured({"type": "number", "minimum": 0}, "Of wall_s, the seconds spent making "
+        "totals": _obj({"bytes_read": _m(_INT, "Bytes used over all steps (sum of the steps' bytes_read)."),
+                        "bytes_network": _m(_INT, "Bytes fetched over the network over all steps."),
+                        "bytes_cache": _m(_INT, "Bytes served by the range cache over all steps."),
+                        "bytes_per_process": _m(_PER_PROCESS, "Bytes each process read over all steps."),
+                        "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds over all steps."),
+                        "compile_s": _m({"type": "number", "minimum": 0}, "Of wall_s, the seconds spent making "
                                         "programs (the steps' compile_s)."),
-                        "proof_wall_s": measured({"type": "number", "minimum": 0}, "Wall-clock seconds of the proof's bare "
+                        "proof_wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of the proof's bare "
                                            "pass (0 without a proof); not in wall_s."),
-                        "run_wall_s": measured({"type": "number", "minimum": 0}, "Wall-clock seconds of the whole run: "
+                        "run_wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of the whole run: "
                                          "loading, the proof's bare pass and every step, up to the ledger.")},
                        required=["bytes_read", "wall_s"]),  # fmt: skip
-        "anchor": {"oneOf": [{"type": "null"}, schema_object({
-            "file": measured(_STR, "Anchor file checked."),
-            "status": derived({"enum": ["matched"]}, "Step 0 equals the anchor in every anchored field."),
-            "anchor_digest": derived(_HEX, "BLAKE3 of the anchor file's bytes."),
+        "anchor": {"oneOf": [{"type": "null"}, _obj({
+            "file": _m(_STR, "Anchor file checked."),
+            "status": _d({"enum": ["matched"]}, "Step 0 equals the anchor in every anchored field."),
+            "anchor_digest": _d(_HEX, "BLAKE3 of the anchor file's bytes."),
         })]},  # fmt: skip
-        "non_perturbation": {"oneOf": [{"type": "null"}, schema_object({
-            "scope": measured({"enum": list(PROOF_SCOPES)}, "Steps the proof ran bare: first (step 0, the anchor step; "
+        "non_perturbation": {"oneOf": [{"type": "null"}, _obj({
+            "scope": _m({"enum": list(PROOF_SCOPES)}, "Steps the proof ran bare: first (step 0, the anchor step; "
                         "run's default) or all (--prove all, kimi-jax prove). Absent from ledgers written before "
                         "it existed, whose proofs cover every step."),
-            "compared": measured({"type": "array", "items": _STR}, "Fields compared per step."),
+            "compared": _m({"type": "array", "items": _STR}, "Fields compared per step."),
             "bare": _NP_VALUES, "instrumented": _NP_VALUES,
-            "identical": derived({"const": True}, "Bare and instrumented runs agree on every compared field."),
+            "identical": _d({"const": True}, "Bare and instrumented runs agree on every compared field."),
         }, required=["compared", "bare", "instrumented", "identical"])]},  # fmt: skip
     }),
 }

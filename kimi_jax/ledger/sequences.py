@@ -28,6 +28,10 @@ from typing import Any
 
 from kimi_jax.ledger import ledger as v2
 from kimi_jax.ledger.floats import f32
+from kimi_jax.ledger.schema_parts import COUNT as _INT
+from kimi_jax.ledger.schema_parts import derived as _d
+from kimi_jax.ledger.schema_parts import measured as _m
+from kimi_jax.ledger.schema_parts import schema_object as _obj
 
 MULTI_VERSION = 3
 MULTI_SCHEMA_ID = f"urn:kimi-jax:schema:ledger:v{MULTI_VERSION}"
@@ -38,7 +42,6 @@ TOP_OWN = ("steps", "stopped", "text", "anchor", "non_perturbation")
 RUN_TIMING = ("proof_wall_s", "run_wall_s")
 
 _V2 = v2.LEDGER_SCHEMA["properties"]
-_m, _d, _obj, _INT = v2.measured, v2.derived, v2.schema_object, v2.COUNT
 _PER_TOKEN = {"type": ["number", "null"], "minimum": 0}
 
 

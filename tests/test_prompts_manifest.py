@@ -74,3 +74,15 @@ def test_bad_prompts_are_named_at_their_line(tmp_path, tiny_checkpoints, text, f
     message = _error(tmp_path, text)
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_compare_says_a_sequences_own_seed_changes_results(tmp_path):
+    from kimi_jax.verify.compare_manifests import compare_manifests
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(HEAD + PROMPTS + SAMPLED)
+    b.write_text(HEAD + PROMPTS.replace("seed: 11", "seed: 12") + SAMPLED)
+    c = compare_manifests(a, b)
+    assert not c.identical and [(d.field, d.a, d.b) for d in c.result_differences] == [("prompts.1.seed", 11, 12)]
+    assert c.verdict == "not expected to be identical: prompts.1.seed differs"
+    assert compare_manifests(a, a).identical

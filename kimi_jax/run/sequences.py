@@ -6,7 +6,7 @@ plan's sequences decode together (:func:`kimi_jax.model.batch.generate_batch`); 
 
 The non-perturbation proof runs the batch bare over its scope: ``first`` runs each sequence's step
 0 bare (each runs alone, exactly as in its lone run, so this proves every anchor step); ``all``
-runs the whole batch bare and compares every step of every sequence. A prompts: run keeps no
+runs the whole batch bare and compares every step of every sequence. Such a run keeps no
 checkpoints of completed steps: ``--resume`` is refused rather than silently recomputing."""
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from kimi_jax.settings import PROVE_ALL
 
 def refuse_resume(resume: bool) -> None:
     if resume:
-        raise OutputError("--resume: a prompts: run keeps no completed steps to resume from; run it again without "
-                          "--resume")  # fmt: skip
+        raise OutputError("--resume: a run of shared passes (prompts:, generate.drafts) keeps no completed steps "
+                          "to resume from; run it again without --resume")  # fmt: skip
 
 
 def planned_sequences(plan) -> tuple:
@@ -95,5 +95,6 @@ def batch_ledger(plan, prove: str | None, facts, started: float, echo) -> tuple[
         echo(f"sequence {i}: {len(own)} token(s) {[s.token for s in own]}, stopped: {seq['stopped']['reason']}")
     totals = ledger["totals"]
     echo(f"{len(passes)} passes, {totals['tokens']} tokens: {totals['bytes_used_per_token']:,.0f} bytes used and "
-         f"{totals['bytes_from_storage_per_token']:,.0f} read from storage per token")  # fmt: skip
+         f"{totals['bytes_from_storage_per_token']:,.0f} read from storage per token"
+         + (f"; {totals['accepted']} of {totals['drafted']} drafted tokens accepted" if "drafted" in totals else ""))  # fmt: skip
     return ledger, [s for own in steps for s in own]

@@ -39,7 +39,7 @@ MULTI_SCHEMA_ID = f"urn:kimi-jax:schema:ledger:v{MULTI_VERSION}"
 RUN_OWN = ("prompt", "prompt_input", "sampling", "stop")
 TOP_OWN = ("steps", "stopped", "text", "anchor", "non_perturbation")
 # Totals that are the whole run's, never one sequence's
-RUN_TIMING = ("proof_wall_s", "run_wall_s")
+RUN_TIMING = ("proof_wall_s", "run_wall_s", "proof_bytes_network", "proof_bytes_cache")
 
 _V2 = v2.LEDGER_SCHEMA["properties"]
 _PER_TOKEN = {"type": ["number", "null"], "minimum": 0}

@@ -78,7 +78,8 @@ def batch_ledger(plan, prove: str | None, facts, started: float, echo) -> tuple[
             anchors.check(anchor, m.anchor, record, plan.mesh_label, plan.kernels_label)  # stops the run early
 
     steps, passes = run_batch(plan, True, m.generate.max_new_tokens, check_anchor)
-    facts = dataclasses.replace(facts, timing=timing_record(proof_wall, compile_clock.now() - started))
+    facts = dataclasses.replace(facts, timing=timing_record(proof_wall, compile_clock.now() - started,
+                                                            [s for own in bare or [] for s in own]))  # fmt: skip
     views = []
     for i, (seq, own) in enumerate(zip(planned_sequences(plan), steps)):
         alone = dataclasses.replace(plan, prompt=seq.prompt, prompt_text=seq.prompt_text, decoding=seq.decoding)

@@ -24,9 +24,11 @@ LARGE_PRESETS = {"full-shape": "a sparse 595 GB checkpoint",
 # Measured fields that legitimately differ between two executions of the same manifest; and the
 # checkpoint's path, which for a synthetic one is wherever the replaying user's cache is (the
 # checkpoint's identity, its layout and config and tensor list digests, is compared).
-# A replay runs without the proof and the anchor; a multi-sequence ledger holds them per sequence.
+# A replay runs without the proof (so without its bare pass's wall time and network bytes) and
+# without the anchor; a multi-sequence ledger holds those per sequence.
 _REPLAY_EXCLUDED = ("wall_s", "compile_s", "proof_wall_s", "run_wall_s", "page_cache_evicted",
-                    "page_cache_resident_bytes", "path", "non_perturbation", "anchor")
+                    "page_cache_resident_bytes", "path", "non_perturbation", "anchor", "proof_bytes_network",
+                    "proof_bytes_cache")
 _REPLAY_SECTIONS = ("checkpoint", "run", "steps", "totals", "sequences", "passes")
 
 

@@ -228,13 +228,18 @@ def digest(checkpoint: str, out_file: str | None, workers: int, progress: bool) 
 
 
 @main.command()
-@click.argument("which", type=click.Choice(["manifest", "ledger"]))
+@click.argument("which", type=click.Choice(["manifest", "ledger", "ledger-sequences"]))
 def schema(which: str) -> None:
-    """Print a published JSON Schema."""
+    """Print a published JSON Schema (ledger: a one-prompt run's; ledger-sequences: a prompts: run's)."""
     if which == "ledger":
         from kimi_jax.ledger.ledger import LEDGER_SCHEMA
 
         click.echo(json.dumps(LEDGER_SCHEMA, indent=2))
+        return
+    if which == "ledger-sequences":
+        from kimi_jax.ledger.sequences import MULTI_SCHEMA
+
+        click.echo(json.dumps(MULTI_SCHEMA, indent=2))
         return
     from kimi_jax.manifest import manifest_json_schema
 

@@ -474,3 +474,35 @@ def test_the_vindex_page_draws_the_router_line_over_the_experts_median(browser, 
     median = next(ys for label, ys in drawn if label.startswith("median var@64"))
     # the MoE layers (1-3; layer 0 is dense and has no router): the same values, only the order shows both
     assert router == median[1:] == [1.0, 1.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def sequences_bundle(tiny_checkpoints, tmp_path_factory):
+    """A prompts: run's bundle: two sequences of different lengths."""
+    tmp = tmp_path_factory.mktemp("explorer-sequences")
+    data = {"version": 1, "model": {"checkpoint": str(tiny_checkpoints["kimi-k2.5"])},
+            "prompts": [{"tokens": [7, 300, 7]}, {"tokens": [1792, 5]}], "generate": {"max_new_tokens": 3},
+            "output": {"dir": str(tmp / "out")}}  # fmt: skip
+    outcome = execute(prepare_run(parse_manifest_dict(data, source=str(tmp / "m.yaml"))), echo=lambda *_: None,
+                      progress=False)  # fmt: skip
+    return outcome.ledger_path.parent
+
+
+def test_a_prompts_run_is_shown_one_sequence_at_a_time(open_page, sequences_bundle, shots):
+    ledger = json.loads((sequences_bundle / "ledger.json").read_text())
+    o = open_page(sequences_bundle / "explorer.html")
+    _shot(o, shots / "explorer_sequences.png")
+    assert o.page.evaluate("explorer.sequence") == 0
+    assert len(o.texts("#sequence-select option")) == 2 and "2 sequences in" in o.text("#sequence-summary")
+
+    def shown_tokens() -> list[int]:
+        return [int(t) for t in o.texts('#timeline-table tbody td[data-field="token"]')]
+
+    assert shown_tokens() == [s["token"] for s in ledger["sequences"][0]["steps"]]
+    assert _ints(o.texts('#timeline-table tbody td[data-field="context"]')[0]) == ledger["sequences"][0]["prompt"]
+    o.page.select_option("#sequence-select", "1")  # names it in the fragment and reloads this page
+    o.page.wait_for_function("window.explorer && window.explorer.sequence === 1", timeout=30_000)
+    assert shown_tokens() == [s["token"] for s in ledger["sequences"][1]["steps"]]
+    assert _ints(o.texts('#timeline-table tbody td[data-field="context"]')[0]) == ledger["sequences"][1]["prompt"]
+    assert set(o.requests) == {o.url} and o.errors == [], (o.requests, o.errors)  # the page itself, twice
+    assert o.page.evaluate("window.__cspViolations") == []

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
 SHIPPED = sorted(p.name for p in MANIFESTS.glob("*.y*ml"))
 
-SYNTHETIC_RUNS = ["demo.yaml", "chat-demo.yaml"]
+SYNTHETIC_RUNS = ["demo.yaml", "chat-demo.yaml", "prompts-demo.yaml"]
 REAL_CHECKPOINT = ["kimi-k2.5.yaml", "kimi-k2.5-chat.yaml", "kimi-k2.5-hub.yaml"]
 VINDEX = ["vindex-demo.yaml"]
 PLANNED_ONLY = ["full-shape.yaml"]

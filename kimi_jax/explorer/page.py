@@ -109,8 +109,11 @@ def render_explorer(ledger: dict, title: str = TITLE) -> str:
     # should not pay for numpy, which the ledger module pulls in
     from kimi_jax.ledger.ledger import provenance_map
 
-    if not isinstance(ledger, dict) or not isinstance(ledger.get("steps"), list) or not ledger["steps"]:
-        raise ExplorerError("ledger.json: steps: the ledger has no steps to show; expected at least one step")
+    shown = ledger.get("sequences") if isinstance(ledger, dict) and "sequences" in ledger else [ledger]
+    if not isinstance(shown, list) or not shown or not all(
+            isinstance(s, dict) and isinstance(s.get("steps"), list) and s["steps"] for s in shown):
+        raise ExplorerError("ledger.json: steps: the ledger has no steps to show; expected at least one step "
+                            "(of every sequence)")  # fmt: skip
     try:
         embedded = json_for_script(ledger)
     except ValueError as e:  # NaN or Infinity: JSON, and so the page, cannot carry them

@@ -47,6 +47,7 @@ from kimi_jax.errors import KimiJaxError, OutputError, TokenizerError
 from kimi_jax.fileio import read_json, read_regular, write_bytes_atomic, write_failure, write_json_atomic
 from kimi_jax.ledger.checksums import CHECKSUMS_NAME, MAX_LISTING_BYTES, verify_checksums, write_checksums
 from kimi_jax.ledger.ledger import provenance_map
+from kimi_jax.ledger.sequences import is_multi, schema_of, sequence_view
 from kimi_jax.ledger.swap import MARKER, current_token, mark, partial_dir, recover, replace
 
 BUNDLE_VERSION = 1
@@ -113,8 +114,10 @@ def _local_checkpointer():
 
 
 def save_arrays(path: Path, steps) -> None:
-    tree = {step_key(s.index): {"hidden": np.asarray(s.hidden, np.float32), "logits": np.asarray(s.logits, np.float32)}
-            for s in steps}  # fmt: skip
+    """Each step's arrays under its place in ``steps``: its index in a one-sequence run, and for several
+    sequences (steps in sequence order) the flat numbering of :func:`kimi_jax.ledger.sequences.array_offsets`."""
+    tree = {step_key(n): {"hidden": np.asarray(s.hidden, np.float32), "logits": np.asarray(s.logits, np.float32)}
+            for n, s in enumerate(steps)}  # fmt: skip
     _local_checkpointer().save(path.resolve(), tree)
 
 
@@ -252,9 +255,10 @@ def _assemble(work: Path, manifest, ledger: dict, steps, anchor_file: Path | Non
     write_json_atomic(work / "ledger.json", ledger)
     if anchor_file is not None:
         shutil.copyfile(anchor_file, work / "anchor.json")
-    if ledger.get("non_perturbation") is not None:
-        write_json_atomic(work / "non_perturbation.json", ledger["non_perturbation"])
-    write_json_atomic(work / "provenance.json", provenance_map())
+    proofs = non_perturbation_file(ledger)
+    if proofs is not None:
+        write_json_atomic(work / "non_perturbation.json", proofs)
+    write_json_atomic(work / "provenance.json", provenance_map(schema_of(ledger)))
     write_json_atomic(work / "environment.json", environment_record())
     save_arrays(work / ARRAYS, steps)
     checkpoint = ledger["checkpoint"]
@@ -270,19 +274,43 @@ def _assemble(work: Path, manifest, ledger: dict, steps, anchor_file: Path | Non
     if render_from_files is not None:
         render_from_files(work)
     write_checksums(work, exclude=(MARKER,))
-    proof = ledger.get("non_perturbation")
+    anchor = anchor_record(ledger)
     receipt = {
         "receipt_version": BUNDLE_VERSION,
         "bundle_digest": bundle_digest(work),
         "manifest_digest": ledger["manifest_digest"],
-        "anchor": None if ledger.get("anchor") is None else {"file": ledger["anchor"]["file"],
-                                                              "digest": ledger["anchor"]["anchor_digest"]},  # fmt: skip
-        "verdict": {"non_perturbing": bool(proof and proof["identical"]),
-                    "anchor_matched": ledger.get("anchor") is not None, "steps": len(ledger["steps"]),
-                    "tokens": [s["token"] for s in ledger["steps"]]},  # fmt: skip
+        "anchor": None if anchor is None else {"file": anchor["file"], "digest": anchor["anchor_digest"]},
+        "verdict": receipt_verdict(ledger),
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     write_json_atomic(work / RECEIPT, receipt)
+
+
+def anchor_record(ledger: dict) -> Any:
+    """The ledger's anchor record: a multi-sequence ledger's is sequence 0's (the anchor step's)."""
+    return ledger["sequences"][0].get("anchor") if is_multi(ledger) else ledger.get("anchor")
+
+
+def non_perturbation_file(ledger: dict) -> Any:
+    """What ``non_perturbation.json`` holds: the ledger's proof, or a multi-sequence ledger's list of
+    each sequence's; None when the run proved nothing."""
+    if is_multi(ledger):
+        proofs = [s.get("non_perturbation") for s in ledger["sequences"]]
+        return None if all(p is None for p in proofs) else proofs
+    return ledger.get("non_perturbation")
+
+
+def receipt_verdict(ledger: dict) -> dict[str, Any]:
+    """The receipt's verdict: non-perturbing, anchor matched, steps and tokens (a multi-sequence
+    ledger: steps and tokens per sequence, non-perturbing only if every sequence's proof holds)."""
+    views = [sequence_view(ledger, i) for i in range(len(ledger["sequences"]))] if is_multi(ledger) else [ledger]
+    proven = [bool(isinstance(v.get("non_perturbation"), dict) and v["non_perturbation"].get("identical") is True)
+              for v in views]  # fmt: skip
+    steps = [len(v["steps"]) for v in views]
+    tokens = [[s.get("token") for s in v["steps"]] for v in views]
+    multi = is_multi(ledger)
+    return {"non_perturbing": all(proven), "anchor_matched": anchor_record(ledger) is not None,
+            "steps": steps if multi else steps[0], "tokens": tokens if multi else tokens[0]}  # fmt: skip
 
 
 def swap_into_place(work: Path, out: Path, token: str) -> None:

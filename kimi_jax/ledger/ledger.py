@@ -42,6 +42,10 @@ import numpy as np
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.ledger.floats import f32, f32_list
+from kimi_jax.ledger.schema_parts import COUNT as _INT
+from kimi_jax.ledger.schema_parts import derived as _d
+from kimi_jax.ledger.schema_parts import measured as _m
+from kimi_jax.ledger.schema_parts import schema_object as _obj
 from kimi_jax.settings import DEQUANT_MODES, MATMUL_MODES, PROOF_SCOPES
 
 LEDGER_VERSION = 2
@@ -129,24 +133,10 @@ def derive_step(logits: np.ndarray, hidden: np.ndarray) -> dict[str, Any]:
 # -- schema -------------------------------------------------------------------------------------
 
 
-def _m(schema: dict, doc: str) -> dict:
-    return {**schema, "x-provenance": "measured", "description": doc}
-
-
-def _d(schema: dict, doc: str) -> dict:
-    return {**schema, "x-provenance": "derived", "description": doc}
-
-
-_INT = {"type": "integer", "minimum": 0}
 _NUM = {"type": "number"}
 _HEX = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _STR = {"type": "string"}
 _HEX_OR_NULL = {"oneOf": [{"type": "null"}, _HEX]}
-
-
-def _obj(props: dict, required: list[str] | None = None) -> dict:
-    return {"type": "object", "additionalProperties": False, "properties": props,
-            "required": list(props) if required is None else required}  # fmt: skip
 
 
 def _matrix(item: dict) -> dict:
@@ -373,9 +363,9 @@ def provenance_map(schema: dict = LEDGER_SCHEMA, path: str = "") -> dict[str, st
     return out
 
 
-def unclassified_fields(ledger: dict) -> list[str]:
-    """Paths of ledger leaves that the schema does not classify (should be empty)."""
-    classes = provenance_map()
+def unclassified_fields(ledger: dict, schema: dict = LEDGER_SCHEMA) -> list[str]:
+    """Paths of ledger leaves that ``schema`` does not classify (should be empty)."""
+    classes = provenance_map(schema)
     found = []
     for path, value in _leaf_paths(ledger, ""):
         # a leaf is classified when it, or an ancestor that holds opaque data, is classified;
@@ -409,7 +399,7 @@ def layer_entry(rec, capture: list[str], normalize: bool) -> dict[str, Any]:
         entry["router_scores"] = f32_list(rec.router_scores)
         entry["routing_weights"] = derive_routing_weights(entry["router_scores"], normalize)
     entry["bytes_read"] = int(rec.bytes_read)
-    entry.update(_sources(rec.io))
+    entry.update(byte_sources(rec.io))
     if rec.kind == "moe":
         entry.update(experts_used=rec.io.experts_used, experts_from_memory=rec.io.experts_from_memory,
                      experts_predicted=rec.io.experts_predicted, experts_predicted_used=rec.io.experts_predicted_used)  # fmt: skip
@@ -423,7 +413,7 @@ def per_process(rec) -> list[int]:
     return [int(b) for b in counts] if counts is not None else [int(rec.io.from_storage)]
 
 
-def _sources(io) -> dict[str, int]:
+def byte_sources(io) -> dict[str, int]:
     return {"bytes_from_memory": int(io.from_memory), "bytes_from_storage": int(io.from_storage),
             "bytes_from_speculation": int(io.from_speculation), "bytes_mispredicted": int(io.mispredicted),
             "bytes_preloaded": int(io.preloaded), "bytes_overread": int(io.overread)}  # fmt: skip
@@ -443,7 +433,7 @@ def step_entry(step, capture: list[str], normalize: bool, tokenizer=None, sampli
     storage = step.storage or {}
     layers = [layer_entry(r, capture, normalize) for r in step.layers]
     entry.update(hidden_digest=derived["hidden_digest"], logits_digest=derived["logits_digest"],
-                 bytes_read=int(step.bytes_read), **_sources(step.io), bytes_per_process=per_process(step),
+                 bytes_read=int(step.bytes_read), **byte_sources(step.io), bytes_per_process=per_process(step),
                  expert_hit_rate=expert_hit_rate(layers),
                  bytes_network=int(storage.get("bytes_network", 0)), bytes_cache=int(storage.get("bytes_cache", 0)),
                  weights_digest=storage.get("weights_digest"), wall_s=f32(step.wall_s),
@@ -472,9 +462,10 @@ def checkpoint_record(plan) -> dict[str, Any]:
                                                          "digest": tokenizer.digest}}  # fmt: skip
 
 
-def build_ledger(plan, steps, facts) -> dict[str, Any]:
+def build_ledger(plan, steps, facts, prompt_field: str = "prompt") -> dict[str, Any]:
     """The ledger of a run plan's ``steps`` (:class:`~kimi_jax.records.StepRecord`) and the run's
-    other records, ``facts`` (:class:`~kimi_jax.ledger.run_record.RunFacts`)."""
+    other records, ``facts`` (:class:`~kimi_jax.ledger.run_record.RunFacts`); ``prompt_field``:
+    where the manifest gives the plan's prompt (``prompts.N`` for a sequence of a prompts: run)."""
     from kimi_jax.ledger.text_fields import text_section
     from kimi_jax.platform_info import (
         fingerprint_digest,
@@ -497,7 +488,7 @@ def build_ledger(plan, steps, facts) -> dict[str, Any]:
         "checkpoint": checkpoint_record(plan),
         "platform": platform,
         "platform_digest": fingerprint_digest(platform),
-        "run": {"prompt": list(plan.prompt), "prompt_input": prompt_input(m), "max_new_tokens": m.generate.max_new_tokens,
+        "run": {"prompt": list(plan.prompt), "prompt_input": prompt_input(m, prompt_field), "max_new_tokens": m.generate.max_new_tokens,
                 "kv_cache": m.generate.kv_cache, "dtype": m.compute.dtype, "dequant": m.compute.dequant,
                 "matmul": m.compute.matmul, **({"residency": facts.residency} if facts.residency is not None else {}),
                 **({"kernels": facts.kernels} if facts.kernels is not None else {}),
@@ -518,17 +509,20 @@ def build_ledger(plan, steps, facts) -> dict[str, Any]:
     }
 
 
-def prompt_input(manifest) -> dict[str, Any]:
-    """The manifest's prompt section as given (the fields it sets)."""
-    return {k: v for k, v in manifest.resolved_dict()["prompt"].items() if v is not None}
+def prompt_input(manifest, field: str = "prompt") -> dict[str, Any]:
+    """The manifest's prompt section at ``field`` (``prompt``, or ``prompts.N``) as given (the fields it sets)."""
+    section: Any = manifest.resolved_dict()
+    for part in field.split("."):
+        section = section[int(part)] if isinstance(section, list) else section[part]
+    return {k: v for k, v in section.items() if v is not None}
 
 
-def validate_ledger(ledger: dict) -> None:
-    """Raise if the ledger does not validate against the schema, or has an unclassified field."""
+def validate_ledger(ledger: dict, schema: dict = LEDGER_SCHEMA) -> None:
+    """Raise if the ledger does not validate against ``schema``, or has a field it does not classify."""
     import jsonschema
 
-    jsonschema.Draft202012Validator(LEDGER_SCHEMA).validate(ledger)
-    loose = unclassified_fields(ledger)
+    jsonschema.Draft202012Validator(schema).validate(ledger)
+    loose = unclassified_fields(ledger, schema)
     if loose:
         raise LedgerInvalid(f"ledger fields without provenance in the schema: {loose}")
 

@@ -29,7 +29,6 @@ _MAX_REPORTED = 50
 _MISSING_HINTS = {
     ("version",): f"required; expected version: {MANIFEST_VERSION}",
     ("model",): "required; set model.checkpoint (a checkpoint directory) or model.synthetic",
-    ("prompt",): "required; set prompt.tokens (a list of token ids), prompt.text or prompt.chat",
     ("output",): "required; set output.dir (or pass --out)",
     ("output", "dir"): "required; set output.dir (or pass --out)",
     ("model", "synthetic", "preset"): "required; expected one of " + ", ".join(repr(p) for p in SYNTH_PRESETS),
@@ -102,8 +101,11 @@ def _error_message(err: Mapping[str, Any]) -> str:
     return str(err.get("msg", "invalid value"))
 
 
-def format_errors(exc: ValidationError, origins: Origins) -> ManifestError:
-    entries: list[tuple[tuple[int, int], int, str]] = []
+def format_errors(exc: ValidationError, origins: Origins,
+                  more: list[tuple[tuple[int, int], str]] = ()) -> ManifestError:  # fmt: skip
+    """Every problem as ``FILE:LINE: FIELD: message``, in file order; ``more``: problems found
+    outside the schema, as (sort key, line)."""
+    entries: list[tuple[tuple[int, int], int, str]] = [(order, -1, text) for order, text in more]
     for n, err in enumerate(exc.errors(include_url=False)):
         loc = tuple(str(x) for x in err.get("loc", ()))
         kind = {"extra_forbidden": "key", "missing": "missing"}.get(err.get("type", ""), "value")

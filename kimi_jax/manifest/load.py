@@ -32,14 +32,32 @@ def _validate(
     if not isinstance(data, Mapping):
         raise ManifestError(f"{origins.display}: the manifest must be a mapping, got {describe_value(data)}")
     context = {"base_dir": base_dir, "check_paths": check_paths}
+    choice = prompt_choice(data, origins)
     try:
         manifest = Manifest.model_validate(dict(data), context=context)
     except ValidationError as exc:
-        raise format_errors(exc, origins) from None
+        raise format_errors(exc, origins, choice) from None
+    if choice:
+        raise ManifestError("\n".join(text for _, text in choice))
     manifest._source = source
     manifest._origins = origins
     return manifest
 
+
+
+def prompt_choice(data: Mapping[str, Any], origins: Origins) -> list[tuple[tuple[int, int], str]]:
+    """The problem, if any, with which prompts the manifest gives: exactly one of ``prompt`` and
+    ``prompts`` (as ``(sort key, "FILE:LINE: FIELD: message")``, reported with the schema's problems)."""
+    given = [key for key in ("prompt", "prompts") if data.get(key) is not None]
+    if len(given) == 2:
+        where, order = origins.locate(("prompts",), "key")
+        return [(order, f"{where}: prompts: exclusive with prompt (at {origins.locate(('prompt',), 'key')[0]}); "
+                        "give one prompt as prompt, or every prompt as an entry of prompts")]
+    if not given:
+        where, order = origins.locate(("prompt",), "missing")
+        return [(order, f"{where}: prompt: required; set prompt.tokens (a list of token ids), prompt.text or "
+                        "prompt.chat, or prompts (a list of such prompts)")]
+    return []
 
 
 def load_manifest(

@@ -401,6 +401,20 @@ class PromptSection(_Section):
         return self
 
 
+class PromptEntry(PromptSection):
+    """One prompt of a ``prompts:`` run: a prompt as ``prompt:`` takes it, and optionally this
+    sequence's own sampling seed and stop strings."""
+
+    seed: int | None = Field(
+        default=None, ge=0, lt=2**64,
+        description="This sequence's sampling seed, in place of generate.sampling.seed (needs generate.sampling).",
+    )
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, min_length=1,
+        description="This sequence's stop strings, in place of generate.stop (needs a tokenizer).",
+    )
+
+
 class SamplingSection(_Section):
     """Seeded sampling; leave ``generate.sampling`` out for greedy decoding."""
 
@@ -409,6 +423,18 @@ class SamplingSection(_Section):
     top_p: float = Field(default=1.0, gt=0, le=1, description="Keep the smallest set reaching this probability; 1 keeps all.")
     min_p: float = Field(default=0.0, ge=0, le=1, description="Drop tokens less likely than min_p times the best; 0 keeps all.")
     seed: int = Field(default=0, ge=0, lt=2**64, description="Seed of the counter-based generator (0 <= seed < 2**64).")
+
+
+class DraftsSection(_Section):
+    """Lossless speculative decoding: drafted tokens verified in one pass (kimi_jax.model.drafts).
+    Not ``storage.speculate``, which reads experts ahead and never changes a token."""
+
+    method: Literal["prompt-lookup"] = Field(
+        default="prompt-lookup",
+        description="Where drafts come from: prompt-lookup, the tokens that followed the last n-gram's most recent "
+        "earlier occurrence in the context.",
+    )
+    tokens: int = Field(default=4, ge=1, le=16, description="Most tokens drafted per verification pass (1 to 16).")
 
 
 class GenerateSection(_Section):
@@ -438,6 +464,13 @@ class GenerateSection(_Section):
         description="With the KV cache: run a prompt longer than this in passes of this many positions, so a pass "
         "holds at most this many positions' activations and experts (each pass reads each layer's experts once). "
         "Absent: the whole prompt in one pass.",
+    )
+    drafts: Annotated[DraftsSection | None, result("a verification pass computes the drafts' rows with the last "
+                                                   "token's, in other groupings: the tokens are plain decoding's, "
+                                                   "the logits from step 1 differ by float32 rounding")] = added_later(
+        None,
+        description="Draft tokens and verify them in one pass over the weights, with the KV cache (lossless: the "
+        "tokens are those of plain decoding); absent: one token per pass.",
     )
     ignore_eos: Annotated[bool, result("the end-of-sequence and end-of-turn tokens stop the run only without "
                                        "it")] = added_later(
@@ -571,7 +604,15 @@ class Manifest(_Section):
     model: Annotated[ModelSection, result("a different checkpoint computes different values")]
     compute: ComputeSection = Field(default_factory=ComputeSection)
     storage: StorageSection = Field(default_factory=StorageSection)
-    prompt: PromptSection
+    # exactly one of prompt / prompts (checked where the file's lines are known: load.prompt_choice)
+    prompt: PromptSection | None = Field(default=None, exclude_if=lambda value: value is None)
+    prompts: Annotated[list[PromptEntry] | None, result("other prompts, or the same in another order, make other "
+                                                       "sequences")] = added_later(
+        None,
+        min_length=1,
+        description="Several prompts decoded together, each entry as prompt takes it (with its own seed and stop "
+        "strings); exclusive with prompt.",
+    )
     generate: GenerateSection = Field(default_factory=GenerateSection)
     capture: Annotated[list[CaptureKind], neutral("capture is proven non-perturbing (bare and instrumented "
                                                   "runs agree bitwise)")] = Field(

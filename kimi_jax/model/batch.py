@@ -33,9 +33,10 @@ class PassRecord:
     """One pass over the weights: which sequences it served (by index) and what it used and read."""
 
     index: int
-    sequences: tuple[int, ...]
+    sequences: tuple[int, ...]  # a sequence once per token the pass made of it (drafts: several)
     io: ByteCounts  # the pass's bytes: used once, whatever number of sequences shared them
     wall_s: float
+    drafted: tuple[int, ...] | None = None  # a verification pass's drafted tokens (kimi_jax.model.drafts)
 
 
 @dataclasses.dataclass
@@ -171,7 +172,9 @@ def _decode_pass(engine, live: list[_Sequence], caches: list[BatchedLatentCache]
     records = []
     for b, (seq, context) in enumerate(zip(live, contexts)):
         per_layer, used = own_bytes(engine.index, routing, b)
-        layer_records = [engine.layer_record(layer, out, ByteCounts(used=per_layer[layer]), None, row=b)
+        # each layer's sources are its share of that layer's in the pass, so a layer's add up too
+        layer_records = [engine.layer_record(layer, out, share(per_layer[layer], by_layer.get(layer, ByteCounts())),
+                                             None, row=b)
                          for layer, out in enumerate(outputs)]  # fmt: skip
         step = len(seq.steps)
         token = int(np.argmax(logits[b])) if seq.decoding is None else seq.decoding.choose(step, logits[b])

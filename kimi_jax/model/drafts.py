@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from kimi_jax.model.batch import own_bytes
+from kimi_jax.model.batch import PassRecord, own_bytes, share
 from kimi_jax.records import ByteCounts, StepRecord
 
 
@@ -104,12 +104,14 @@ def _verify(engine, context: list[int], proposed: list[int], caches: list, decod
         index = step + row
         token = int(np.argmax(logits[row])) if decoding is None else decoding.choose(index, logits[row])
         per_layer, used = own_bytes(engine.index, routing, row)
-        layer_records = [engine.layer_record(layer, out, ByteCounts(used=per_layer[layer]), None, row=row)
+        # a row's sources are its share of the pass's, layer by layer, so they add up (as in a batch)
+        layer_records = [engine.layer_record(layer, out, share(per_layer[layer], by_layer.get(layer, ByteCounts())),
+                                             None, row=row)
                          for layer, out in enumerate(outputs)]  # fmt: skip
         made.append(StepRecord(
             index=index, context=list(ctx), token=token, logit=float(logits[row][token]), logits=logits[row],
             hidden=hidden[row], layers=layer_records, bytes_read=used, bytes_per_layer=per_layer, wall_s=wall_s,
-            storage=counters.content(), io=ByteCounts(used=used),
+            storage=counters.content(), io=share(used, io),
         ))  # fmt: skip
         ctx.append(token)
         if row == len(proposed) or token != proposed[row]:
@@ -117,4 +119,14 @@ def _verify(engine, context: list[int], proposed: list[int], caches: list, decod
     return made, caches, Verification(step, tuple(proposed), len(made) - 1, io, wall_s)
 
 
-__all__ = ["Verification", "prompt_lookup", "generate_with_drafts"]
+def passes_of(steps: list[StepRecord], verifications: list[Verification]) -> list[PassRecord]:
+    """The passes over the weights that made ``steps``: step 0 alone, then each verification pass,
+    which made its accepted drafts and one more token (fewer when a stop rule ended the run)."""
+    passes = [PassRecord(0, (0,), steps[0].io, steps[0].wall_s)]
+    for n, v in enumerate(verifications):
+        end = verifications[n + 1].step if n + 1 < len(verifications) else len(steps)
+        passes.append(PassRecord(n + 1, (0,) * (end - v.step), v.io, v.wall_s, v.drafted))
+    return passes
+
+
+__all__ = ["Verification", "prompt_lookup", "generate_with_drafts", "passes_of"]

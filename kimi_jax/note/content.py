@@ -116,6 +116,11 @@ class Facts:
         self.layers = self.steps[0].get("layers") or []
         self.hidden, self.vocab = self._array_lengths()
         self.capture = self.run.get("capture") or []
+        parent = getattr(b, "parent", None)  # a multi-sequence bundle: the note describes its sequence 0
+        self.sequences_words = "" if parent is None else (
+            f" The run has {len(parent.ledger['sequences'])} sequences, decoded together in "
+            f"{len(parent.ledger['passes'])} passes over the weights (ledger version {parent.ledger['ledger_version']}); "
+            "this note describes sequence 0, the anchor's, and kimi-jax verify checks every sequence.")  # fmt: skip
 
     def _array_lengths(self) -> tuple[int | None, int | None]:
         try:
@@ -502,7 +507,7 @@ def build_note(b: BundleView, escape) -> Note:
                     f"{len(f.steps) * len(f.layers)} layer observations, every surfaced value tagged measured or "
                     "derived. " + ("Step 0 matched a frozen anchor; " if f.ratified else "No anchor was frozen; ")
                     + ("the capture is proven non-perturbing; " if f.proven else "non-perturbation was not proven; ")
-                    + f"synthetic surface audit {f.audit.verdict}.")  # fmt: skip
+                    + f"synthetic surface audit {f.audit.verdict}." + f.sequences_words)  # fmt: skip
     blocks = [abstract, Badge(f.badge), *claim(f), *contract(f), *anchor_section(f, escape), *perturbation(f),
               *classification(f), *steps_section(f, escape), *surfaces(f), *verification(f, rows), *boundary(f),
               *badge_section(f)]  # fmt: skip

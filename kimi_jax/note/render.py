@@ -22,8 +22,11 @@ NOTE = "note.pdf"
 CERTIFICATION = "certification.json"
 
 
-def _view(bundle: Path) -> BundleView:
-    return bundle if isinstance(bundle, BundleView) else BundleView(Path(bundle))
+def _view(bundle: Path | BundleView) -> BundleView:
+    """The bundle the note describes: a multi-sequence bundle's sequence 0 (the anchor's), which the
+    note says; :mod:`kimi_jax.verify` checks every sequence."""
+    view = bundle if isinstance(bundle, BundleView) else BundleView(Path(bundle))
+    return view.sequences()[0]
 
 
 def render_note(bundle: Path | BundleView) -> bytes:
@@ -48,7 +51,7 @@ def render_certification(bundle: Path | BundleView) -> bytes:
 
 def write_note_files(bundle: Path) -> None:
     """Write ``note.pdf`` and ``certification.json`` into a bundle being assembled (atomically each)."""
-    view = BundleView(Path(bundle))
+    view = _view(Path(bundle))
     write_bytes_atomic(Path(bundle) / CERTIFICATION, render_certification(view))
     write_bytes_atomic(Path(bundle) / NOTE, render_note(view))
 

@@ -201,8 +201,10 @@ def describe_run(plan, page_cache: dict, prove: str | None = None) -> list[str]:
         lines.append(f"digest file {plan.source.digest_file}: {state}")
     sampling = plan.decoding.sampling
     choice = f"sampling {sampling.as_dict()}" if sampling else "greedy"
+    prompt = f"prompt {list(plan.prompt)}" if not plan.sequences else \
+        f"{len(plan.sequences)} prompts of {', '.join(str(len(s.prompt)) for s in plan.sequences)} tokens, decoded together"  # fmt: skip
     lines.append(f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; "
-                 f"prompt {list(plan.prompt)}; up to {m.generate.max_new_tokens} new tokens, {choice}, "
+                 f"{prompt}; up to {m.generate.max_new_tokens} new tokens, {choice}, "
                  f"kv_cache {m.generate.kv_cache}, {m.compute.dtype}, dequant {m.compute.dequant}; page cache "
                  f"{page_cache['page_cache_resident_bytes']:,} of {page_cache['shard_bytes']:,} shard bytes "
                  "resident")  # fmt: skip

@@ -24,6 +24,16 @@ from kimi_jax.text.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
+class PlannedSequence:
+    """One prompt of a ``prompts:`` run: its ids, the text they encode and how its tokens are chosen."""
+
+    prompt: tuple[int, ...]
+    prompt_text: str | None
+    decoding: Decoding
+    field: str  # where the manifest gives it: prompts.N
+
+
+@dataclasses.dataclass(frozen=True)
 class RunPlan:
     manifest: Manifest
     index: CheckpointIndex
@@ -32,9 +42,18 @@ class RunPlan:
     tokenizer: Tokenizer | None = None  # None: the checkpoint ships none
     prompt_text: str | None = None  # what the prompt ids encode: prompt.text, or the rendered chat
     decoding: Decoding = Decoding()
+    # A prompts: run's sequences, in the manifest's order (sequence 0 is also prompt, prompt_text
+    # and decoding above: the anchor step); empty for a one-prompt run.
+    sequences: tuple[PlannedSequence, ...] = ()
     # What stays in memory and whether ranges read leave the page cache: the manifest's budget and
     # page-cache choice resolved once (``auto`` measures memory), so every run of the plan agrees.
     residency: ResidencyPlan | None = None
+
+    @property
+    def shares_passes(self) -> bool:
+        """Its tokens are made in shared passes over the weights (prompts:, generate.drafts), which a
+        version-3 ledger records (kimi_jax.run.sequences)."""
+        return bool(self.sequences) or self.manifest.generate.drafts is not None
 
     @property
     def mesh(self):
@@ -93,20 +112,55 @@ def prepare_run(manifest: Manifest) -> RunPlan:
                                     f"{write_failure(e)}; set model.cache_dir or $KIMI_JAX_CACHE to a writable "
                                     "folder") from None  # fmt: skip
     index = source.index
+    entries = [("prompt", manifest.prompt)] if manifest.prompts is None else \
+        [(f"prompts.{i}", p) for i, p in enumerate(manifest.prompts)]  # fmt: skip
     try:
         tokenizer = load_tokenizer(index.root, index.config.vocab_size)  # a remote checkpoint's are mirrored there
-        prompt, prompt_text = _prompt_tokens(manifest, index, tokenizer)
+        prompts = [_prompt_tokens(manifest, field, section, index, tokenizer) for field, section in entries]
     except (TokenizerError, ManifestError) as e:
         raise e if index.source is None else relocated(e, index.root, index.source) from None
-    problems = prompt_problems(manifest, index.config, prompt, manifest.generate.max_new_tokens)
-    if manifest.generate.stop is not None and tokenizer is None:
-        problems.append(manifest.error("generate.stop", f"stop strings need the generated text, but the checkpoint "
-                                                        f"{index.location} ships no tokenizer"))  # fmt: skip
+    problems = [p for (field, _), (prompt, _) in zip(entries, prompts)
+                for p in prompt_problems(manifest, index.config, prompt, manifest.generate.max_new_tokens,
+                                         name=field, tokens_field=f"{field}.tokens")]  # fmt: skip
+    problems += [manifest.error(field, f"stop strings need the generated text, but the checkpoint {index.location} "
+                                       "ships no tokenizer")
+                 for field, given in [("generate.stop", manifest.generate.stop)] +
+                 [(f"{f}.stop", getattr(p, "stop", None)) for f, p in entries] if given is not None and tokenizer is None]  # fmt: skip
+    problems += _batch_problems(manifest, entries)
     if problems:
         raise ManifestError("\n".join(str(p) for p in problems))
-    residency = budget_plan(index, storage.resident_bytes, storage.page_cache, len(prompt) + manifest.generate.max_new_tokens)
-    return RunPlan(manifest, index, tuple(prompt), source, tokenizer, prompt_text, _decoding(manifest, index, tokenizer),
-                   residency)  # fmt: skip
+    longest = max(len(prompt) for prompt, _ in prompts)
+    residency = budget_plan(index, storage.resident_bytes, storage.page_cache, longest + manifest.generate.max_new_tokens)
+    sequences = [PlannedSequence(tuple(prompt), text, _decoding(manifest, index, tokenizer, section), field)
+                 for (field, section), (prompt, text) in zip(entries, prompts)]  # fmt: skip
+    first = sequences[0]
+    return RunPlan(manifest, index, first.prompt, source, tokenizer, first.prompt_text, first.decoding,
+                   tuple(sequences) if manifest.prompts is not None else (), residency)  # fmt: skip
+
+
+def _batch_problems(manifest: Manifest, entries: list) -> list[ManifestError]:
+    """What a run of shared passes (prompts:, generate.drafts) cannot do: its rows decode together
+    from their latent caches on one device; a per-sequence seed replaces the sampling seed, which
+    needs sampling; drafts verify one sequence's tokens."""
+    gen = manifest.generate
+    if manifest.prompts is None and gen.drafts is None:
+        return []
+    what = "prompts decode" if manifest.prompts is not None else "drafts are verified"
+    problems = [manifest.error(f"{field}.seed", "a sequence's seed replaces generate.sampling.seed; set "
+                                                "generate.sampling (absent: greedy, which draws nothing)")
+                for field, p in entries if getattr(p, "seed", None) is not None and gen.sampling is None]  # fmt: skip
+    if manifest.prompts is not None and gen.drafts is not None:
+        problems.append(manifest.error("generate.drafts", "drafts verify one sequence's tokens; a prompts: run decodes "
+                                                          "several without drafts (remove one of the two)"))  # fmt: skip
+    if not gen.kv_cache:
+        problems.append(manifest.error("generate.kv_cache", f"{what} together from the latent caches; set "
+                                                            "generate.kv_cache: true"))  # fmt: skip
+    for field in ("compute.mesh", "distributed"):
+        section = manifest.compute.mesh if field == "compute.mesh" else manifest.distributed
+        if section is not None:
+            problems.append(manifest.error(field, f"{what} on one device in one process (prompts: and "
+                                                  "generate.drafts); run without them on a mesh"))  # fmt: skip
+    return problems
 
 
 def remote_settings(manifest: Manifest) -> RemoteSettings:
@@ -135,15 +189,16 @@ def prompt_problems(manifest: Manifest, cfg: ModelConfig, prompt: Sequence[int],
     return problems
 
 
-def _prompt_tokens(manifest: Manifest, index: CheckpointIndex, tokenizer: Tokenizer | None) -> tuple[list[int], str | None]:
-    """The prompt's token ids, and the text they encode (None for a prompt given as ids)."""
-    prompt = manifest.prompt
+def _prompt_tokens(manifest: Manifest, where: str, prompt, index: CheckpointIndex,
+                   tokenizer: Tokenizer | None) -> tuple[list[int], str | None]:  # fmt: skip
+    """The token ids of the prompt section ``prompt`` (at field ``where``), and the text they
+    encode (None for a prompt given as ids)."""
     if prompt.tokens is not None:
         return list(prompt.tokens), None
-    field = "prompt.text" if prompt.text is not None else "prompt.chat"
+    field = f"{where}.text" if prompt.text is not None else f"{where}.chat"
     if tokenizer is None:
         raise manifest.error(field, f"the checkpoint {index.location} ships no tokenizer (tiktoken.model or "
-                                    "tokenizer.json); give the prompt as prompt.tokens")  # fmt: skip
+                                    f"tokenizer.json); give the prompt as {where}.tokens")  # fmt: skip
     try:
         if prompt.text is not None:
             text, ids = prompt.text, tokenizer.encode(prompt.text)
@@ -161,20 +216,24 @@ def _prompt_tokens(manifest: Manifest, index: CheckpointIndex, tokenizer: Tokeni
     return ids, text
 
 
-def _decoding(manifest: Manifest, index: CheckpointIndex, tokenizer: Tokenizer | None) -> Decoding:
-    """Token choice and stop rules: EOS (config.json and the tokenizer) and, for chat prompts, the
-    template's end-of-turn token (neither with ``ignore_eos``); stop strings."""
+def _decoding(manifest: Manifest, index: CheckpointIndex, tokenizer: Tokenizer | None, prompt) -> Decoding:
+    """Token choice and stop rules of the prompt section ``prompt``: EOS (config.json and the
+    tokenizer) and, for chat prompts, the template's end-of-turn token (neither with
+    ``ignore_eos``); stop strings. A ``prompts:`` entry's own seed and stop strings replace the
+    generate section's."""
     gen = manifest.generate
+    seed, own_stop = getattr(prompt, "seed", None), getattr(prompt, "stop", None)
     stop: list[tuple[int, str]] = []
     if not gen.ignore_eos:
         eos = {index.config.eos_token_id, tokenizer.named_token("eos_token") if tokenizer else None}
         stop += [(t, "eos") for t in sorted(t for t in eos if t is not None)]
-    if manifest.prompt.chat is not None and tokenizer is not None and not gen.ignore_eos:
-        end = end_of_turn_token(tokenizer, manifest.prompt.chat_template_kwargs)
+    if prompt.chat is not None and tokenizer is not None and not gen.ignore_eos:
+        end = end_of_turn_token(tokenizer, prompt.chat_template_kwargs)
         if end is not None and end not in [t for t, _ in stop]:
             stop.append((end, "end_of_turn"))
-    sampling = Sampling(**gen.sampling.model_dump()) if gen.sampling is not None else None
-    return Decoding(sampling, tuple(stop), tuple(gen.stop or ()), tokenizer)
+    settings = None if gen.sampling is None else {**gen.sampling.model_dump(), **({"seed": seed} if seed is not None else {})}
+    sampling = Sampling(**settings) if settings is not None else None
+    return Decoding(sampling, tuple(stop), tuple(own_stop or gen.stop or ()), tokenizer)
 
 
 def load_plan(manifest_path: str, overrides: list[str] | None = None, out_dir: str | None = None) -> RunPlan:

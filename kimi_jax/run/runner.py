@@ -38,6 +38,7 @@ from kimi_jax.run.console import CompileNote, Progress, TextStream, describe_run
 from kimi_jax.run.output import check_output_dir, hold_output
 from kimi_jax.run.plan import RunPlan, load_plan, prepare_run
 from kimi_jax.run.resume import RunCheckpoints
+from kimi_jax.run.sequences import batch_ledger, planned_sequences, refuse_resume
 from kimi_jax.settings import PROOF_SCOPES, PROVE_ALL, PROVE_FIRST
 from kimi_jax.storage.reader import evict_page_cache, page_cache_bytes
 
@@ -84,8 +85,14 @@ class RunOutcome:
     text: str | None = None  # the generated text as streamed (special tokens and stop string left out)
 
     def summary(self) -> dict:
-        """What ``kimi-jax run --json`` prints."""
+        """What ``kimi-jax run --json`` prints (a prompts: run: each sequence's prompt, tokens, stop)."""
         ledger = self.ledger
+        if "sequences" in ledger:
+            return {"bundle": str(self.ledger_path.parent), "ledger": str(self.ledger_path),
+                    "sequences": [{"prompt": s["prompt"], "tokens": [t["token"] for t in s["steps"]],
+                                   "stopped": s["stopped"], "non_perturbing": s["non_perturbation"] is not None}
+                                  for s in ledger["sequences"]],
+                    "anchor_matched": ledger["sequences"][0]["anchor"] is not None}  # fmt: skip
         return {"bundle": str(self.ledger_path.parent), "ledger": str(self.ledger_path),
                 "prompt": ledger["run"]["prompt"], "tokens": [s["token"] for s in ledger["steps"]],
                 "token_texts": [s.get("token_text") for s in ledger["steps"]], "text": self.text,
@@ -127,6 +134,8 @@ def execute(plan: RunPlan, prove: str | None = PROVE_FIRST, resume: bool = False
     prove = {True: PROVE_ALL, False: None}.get(prove, prove) if isinstance(prove, bool) else prove  # as before scopes
     if prove not in (None, *PROOF_SCOPES):
         raise ValueError(f"prove: expected one of {PROOF_SCOPES} or None, got {prove!r}")
+    if plan.shares_passes:
+        refuse_resume(resume)
     out = Path(plan.manifest.output.dir)
     if not distributed.is_writer():  # a multi-process run: the output folder is process 0's alone
         return _execute_held(plan, prove, resume, echo, progress, text_out)
@@ -149,6 +158,8 @@ def _execute_held(plan: RunPlan, prove: str | None, resume: bool, echo, progress
     page_cache = _page_cache(plan)
     for line in describe_run(plan, page_cache, prove):
         echo(line)
+    if plan.shares_passes:
+        return _execute_sequences(plan, prove, echo, started, page_cache, text_out)
     out = Path(m.output.dir)
     identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
     checkpoints = distributed.SharedCheckpoints(RunCheckpoints(out, identity, resume) if writer else None, plan)
@@ -200,6 +211,28 @@ def _execute_held(plan: RunPlan, prove: str | None, resume: bool, echo, progress
     text = None if plan.tokenizer is None else streamed_text(plan.tokenizer, plan.decoding.stop_strings,
                                                              [s.token for s in steps])  # fmt: skip
     return RunOutcome(steps, ledger, path, text)
+
+
+def _execute_sequences(plan: RunPlan, prove: str | None, echo, started: float, page_cache: dict,
+                       text_out) -> RunOutcome:  # fmt: skip
+    """A run of shared passes (kimi_jax.run.sequences: prompts:, generate.drafts): the batch, its
+    version-3 ledger and the bundle; each sequence's text is written once the batch is done."""
+    m = plan.manifest
+    facts = RunFacts(page_cache=page_cache, kernels=plan.kernels,
+                     residency=residency_record(plan.residency, m.storage.expert_cache, m.storage.speculate))  # fmt: skip
+    ledger, steps = batch_ledger(plan, prove, facts, started, echo)
+    out = Path(m.output.dir)
+    write_bundle(out, m, ledger, steps, m.anchor if ledger["sequences"][0].get("anchor") else None,
+                 explorer_html=render_explorer(ledger), tokenizer_dir=plan.tokenizer.root if plan.tokenizer else None,
+                 render_from_files=write_note_files)  # fmt: skip
+    texts = None
+    if plan.tokenizer is not None:
+        texts = [streamed_text(plan.tokenizer, seq.decoding.stop_strings, [s["token"] for s in entry["steps"]])
+                 for seq, entry in zip(planned_sequences(plan), ledger["sequences"])]  # fmt: skip
+        for i, text in enumerate(texts if text_out is not None else []):
+            text_out.write(f"[{i}] {text}\n")
+    echo(f"ledger: {out / 'ledger.json'}")
+    return RunOutcome(steps, ledger, out / "ledger.json", None if texts is None else "\n".join(texts))
 
 
 def _page_cache(plan: RunPlan) -> dict:

@@ -12,6 +12,7 @@ import numpy as np
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import parse_json, read_regular
 from kimi_jax.ledger.bundle import ARRAYS, MAX_JSON_BYTES, step_key
+from kimi_jax.ledger.sequences import array_offsets, is_multi, sequence_view
 from kimi_jax.verify.report import CheckFailed
 
 
@@ -69,7 +70,7 @@ class BundleView:
 
             if not (self.root / ARRAYS).is_dir():
                 raise CheckFailed(f"{ARRAYS}/: missing from the bundle; expected the orbax tree of per-step arrays")
-            indices = [s.get("index") for s in self.steps()]
+            indices = self.array_indices()
             try:
                 arrays = load_arrays(self.root, [i for i in indices if isinstance(i, int) and not isinstance(i, bool)])
             except KimiJaxError as e:  # declared shapes checked before restoring
@@ -84,6 +85,26 @@ class BundleView:
             return arrays
 
         return self._memo("arrays", load)
+
+    def array_indices(self) -> list:
+        """The arrays the ledger says the bundle holds: each step's index, or for several sequences
+        the flat numbering of every sequence's steps (:func:`kimi_jax.ledger.sequences.array_offsets`)."""
+        ledger = self.ledger
+        if is_multi(ledger):
+            try:
+                return list(range(sum(len(s["steps"]) for s in ledger["sequences"])))
+            except (KeyError, TypeError):
+                raise CheckFailed("ledger.json: sequences: expected a list of sequences, each with its steps") from None
+        return [s.get("index") for s in self.steps()]
+
+    def sequences(self) -> list[BundleView]:
+        """The bundle as each sequence's own (one view: itself, for a one-sequence bundle)."""
+        ledger = self.ledger
+        if not is_multi(ledger):
+            return [self]
+        if not isinstance(ledger.get("sequences"), list):
+            raise CheckFailed("ledger.json: sequences: expected a list of sequences")
+        return [SequenceView(self, i) for i in range(len(ledger["sequences"]))]
 
     def tokenizer(self):
         """The tokenizer from the bundle's ``tokenizer/`` copies, checked against the ledger's digests;
@@ -135,3 +156,53 @@ class BundleView:
         problems += [f"steps[{i}]: no stored arrays ({ARRAYS}/{step_key(i) if isinstance(i, int) else i} missing)"
                      for i in indices if i not in arrays]  # fmt: skip
         return steps, arrays, problems
+
+
+class SequenceView(BundleView):
+    """Sequence ``index`` of a multi-sequence bundle as the bundle of its own run: the version-2
+    ledger of its run (:func:`~kimi_jax.ledger.sequences.sequence_view`), its arrays under its own
+    step indices, its proof; the anchor belongs to sequence 0 (its step 0 is the anchor step); every
+    other file is the bundle's. Checks of one-sequence bundles run on it unchanged."""
+
+    def __init__(self, parent: BundleView, index: int) -> None:
+        super().__init__(parent.root)
+        self.parent, self.index = parent, index
+
+    @property
+    def ledger(self) -> dict[str, Any]:
+        def load() -> dict[str, Any]:
+            try:
+                return sequence_view(self.parent.ledger, self.index)
+            except (KeyError, TypeError, IndexError) as e:
+                raise CheckFailed(f"ledger.json: sequences[{self.index}]: not a sequence's record ({e})") from None
+
+        return self._memo("ledger", load)
+
+    def json(self, name: str) -> Any:
+        if name != "non_perturbation.json":
+            return self.parent.json(name)
+        proofs = self.parent.json(name)
+        if not isinstance(proofs, list) or len(proofs) <= self.index:
+            raise CheckFailed(f"{name}: expected a list of each sequence's proof")
+        return proofs[self.index]
+
+    def has(self, name: str) -> bool:
+        if name == "anchor.json":
+            return self.index == 0 and self.parent.has(name)
+        if name == "non_perturbation.json":
+            return self.parent.has(name) and self.json(name) is not None
+        return self.parent.has(name)
+
+    def array_indices(self) -> list:
+        return [s.get("index") for s in self.steps()]
+
+    def arrays(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        def load() -> dict[int, tuple[np.ndarray, np.ndarray]]:
+            every = self.parent.arrays()
+            offset = array_offsets(self.parent.ledger)[self.index]
+            return {j: every[offset + j] for j in range(len(self.steps())) if offset + j in every}
+
+        return self._memo("arrays", load)
+
+    def tokenizer(self):
+        return self.parent.tokenizer()

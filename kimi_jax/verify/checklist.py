@@ -62,29 +62,78 @@ from kimi_jax.verify.file_checks import check_checksums, check_receipt
 from kimi_jax.verify.ledger_checks import check_derivations, check_digests, check_provenance, check_schema
 from kimi_jax.verify.note_check import check_note
 from kimi_jax.verify.replay import check_replay
+from kimi_jax.ledger.sequences import audit_passes, is_multi
 from kimi_jax.verify.report import (
     FAILED,
     Check,
     CheckFailed,
+    CheckSkipped,
     Report,
+    require,
     run_check,
 )
 from kimi_jax.verify.run_checks import check_anchor, check_continuity, check_non_perturbation
 from kimi_jax.verify.text import check_text
 
+def each_sequence(check: Callable[[BundleView], str]) -> Callable[[BundleView], str]:
+    """A check of one run, on every sequence of a multi-sequence bundle (each as its own run,
+    :class:`~kimi_jax.verify.bundle_view.SequenceView`): it FAILS naming each sequence that fails,
+    is SKIPPED when it applies to none, and holds when it holds for every one it applies to."""
+
+    def on_each(b: BundleView) -> str:
+        views = b.sequences()
+        if views == [b]:
+            return check(b)
+        notes, problems, skipped = {}, [], []
+        for view in views:
+            try:
+                notes[view.index] = check(view)
+            except CheckSkipped as e:
+                skipped.append(str(e))
+            except CheckFailed as e:
+                problems.append(f"sequences[{view.index}]: {e}")
+        require(problems)
+        if not notes:
+            raise CheckSkipped(f"every sequence: {skipped[0]}")
+        said = next(iter(notes.values())) if len(set(notes.values())) == 1 else \
+            "; ".join(f"sequence {i}: {n}" for i, n in notes.items() if n)  # fmt: skip
+        return f"{len(notes)} of {len(views)} sequences" + (f" ({said})" if said else "")
+
+    return on_each
+
+
+def check_passes(b: BundleView) -> str:
+    """A multi-sequence ledger's passes: every step made once, the derived pass and total fields recompute."""
+    ledger = b.ledger
+    if not is_multi(ledger):
+        return ""
+    try:
+        problems = audit_passes(ledger)
+    except (KeyError, TypeError, IndexError) as e:
+        raise CheckFailed(f"ledger.json: passes: cannot recompute ({type(e).__name__}: {e})") from None
+    require(problems)
+    return ""
+
+
+def _derivations(b: BundleView) -> str:
+    passes = check_passes(b)
+    return each_sequence(check_derivations)(b) + passes
+
+
+# Checks of the whole bundle run once; checks of a run's ledger run on each sequence (each_sequence).
 _CHECKS: tuple[tuple[str, Callable[[BundleView], str]], ...] = (
     ("checksums", check_checksums),
     ("receipt", check_receipt),
     ("schema", check_schema),
     ("provenance", check_provenance),
-    ("derivations", check_derivations),
-    ("digests", check_digests),
-    ("anchor", check_anchor),
-    ("continuity", check_continuity),
-    ("non-perturbation", check_non_perturbation),
+    ("derivations", _derivations),
+    ("digests", each_sequence(check_digests)),
+    ("anchor", each_sequence(check_anchor)),
+    ("continuity", each_sequence(check_continuity)),
+    ("non-perturbation", each_sequence(check_non_perturbation)),
     ("explorer", check_explorer),
-    ("text", check_text),
-    *CERTIFICATION_CHECKS,
+    ("text", each_sequence(check_text)),
+    *((name, fn if name == "explorer-scope" else each_sequence(fn)) for name, fn in CERTIFICATION_CHECKS),
     ("note", check_note),
 )
 CHECK_NAMES = tuple(name for name, _ in _CHECKS)

@@ -71,19 +71,20 @@ def _fmt_float(x: float | None) -> str:
 
 def _format_bundles(c: BundleComparison) -> list[str]:
     lines = [f"bundles: A = {c.a} ({c.steps_a} steps)", f"         B = {c.b} ({c.steps_b} steps)",
-             f"{'step':>4}  {'token A':>8}  {'token B':>8}  {'context':<8} {'hidden':<8} {'logits':<8} "
+             f"{'seq:step' if any(s.sequence is not None for s in c.steps) else 'step':>4}  {'token A':>8}  {'token B':>8}  {'context':<8} {'hidden':<8} {'logits':<8} "
              f"{'max|dlogits|':>12}  {'max|dhidden|':>12}  {'bytes A':>12}  {'bytes B':>12}"]  # fmt: skip
     for s in c.steps:
         same = {k: "equal" if v else "DIFFERS" for k, v in (("context", s.context_equal),
                                                                ("hidden", s.hidden_equal), ("logits", s.logits_equal))}
-        lines.append(f"{s.index:>4}  {s.token_a!s:>8}  {s.token_b!s:>8}  {same['context']:<8} "
+        lines.append(f"{s.label:>4}  {s.token_a!s:>8}  {s.token_b!s:>8}  {same['context']:<8} "
                      f"{same['hidden']:<8} {same['logits']:<8} "
                      f"{_fmt_float(s.max_abs_logits):>12}  {_fmt_float(s.max_abs_hidden):>12}  "
                      f"{s.bytes_read_a!s:>12}  {s.bytes_read_b!s:>12}")  # fmt: skip
     if c.first_divergent_step is None:
         lines.append("first divergent step: none" + ("" if c.steps_a == c.steps_b else " among the common steps"))
     else:
-        lines.append(f"first divergent step: {c.first_divergent_step}")
+        of = "" if c.first_divergent_sequence is None else f" of sequence {c.first_divergent_sequence}"
+        lines.append(f"first divergent step: {c.first_divergent_step}{of}")
         if c.first_divergent_layer is not None:
             lines.append(f"first layer where norms differ in step {c.first_divergent_step}: layer "
                          f"{c.first_divergent_layer} ({c.layer_detail})")  # fmt: skip

@@ -1,7 +1,8 @@
 """Two run bundles (directories, archives or ``receipt.json`` files): per step, whether the tokens
 and the hidden/logits digests are equal and the largest absolute differences of the stored arrays;
 the first divergent step and, within it, the first layer whose norm_in/norm_out differ (when norms
-were captured); platform, software and manifest differences."""
+were captured); platform, software and manifest differences. Two multi-sequence bundles are
+compared sequence by sequence (sequence i of one with sequence i of the other)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import read_json
 from kimi_jax.ledger.archive import open_bundle
 from kimi_jax.ledger.bundle import MAX_JSON_BYTES, load_arrays
-from kimi_jax.ledger.ledger import LEDGER_SCHEMA
+from kimi_jax.ledger.sequences import array_offsets, is_multi, schema_of
 from kimi_jax.manifest import Manifest
 from kimi_jax.platform_info import platform_differences
 from kimi_jax.storage.digests import checkpoint_identity
@@ -43,6 +44,11 @@ class StepComparison:
     bytes_read_b: int | None
     max_abs_logits: float | None  # None: arrays not available or of different shapes
     max_abs_hidden: float | None
+    sequence: int | None = None  # of a multi-sequence bundle
+
+    @property
+    def label(self) -> str:
+        return str(self.index) if self.sequence is None else f"{self.sequence}:{self.index}"
 
     @property
     def tokens_equal(self) -> bool:
@@ -68,6 +74,7 @@ class BundleComparison:
     software_differences: list[str]
     manifest: ManifestComparison
     notes: list[str]
+    first_divergent_sequence: int | None = None  # of multi-sequence bundles
 
     @property
     def identical(self) -> bool:
@@ -85,7 +92,7 @@ def _read_ledger(root: Path) -> dict[str, Any]:
     """The bundle's ledger, which must validate against the ledger schema: everything below reads
     its structure as the schema states it."""
     ledger = _read_json(root, "ledger.json")
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(LEDGER_SCHEMA).iter_errors(ledger))
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema_of(ledger)).iter_errors(ledger))
     if error is not None:
         raise CompareError(f"{root / 'ledger.json'}: does not validate against the ledger schema at "
                            f"{error.json_path}: {error.message[:160]}; `kimi-jax verify` says more")  # fmt: skip
@@ -146,32 +153,51 @@ def _load_arrays(root: Path, notes: list[str], name: str, steps: list[int]) -> d
         return {}
 
 
+def _runs(ledger: dict) -> list[tuple[int | None, list[dict], int]]:
+    """(sequence, its steps, where its arrays start) of each run the ledger records."""
+    if not is_multi(ledger):
+        return [(None, ledger["steps"], 0)]
+    return [(s["index"], s["steps"], at) for s, at in zip(ledger["sequences"], array_offsets(ledger))]
+
+
+def _all_steps(runs: list) -> list[int]:
+    return [at + s["index"] for _, steps, at in runs for s in steps]
+
+
 def _compare_bundle_dirs(ra: Path, rb: Path, name_a: str, name_b: str) -> BundleComparison:
     la, lb = _read_ledger(ra), _read_ledger(rb)
     notes: list[str] = []
-    arrays_a = _load_arrays(ra, notes, name_a, [s["index"] for s in la["steps"]])
-    arrays_b = _load_arrays(rb, notes, name_b, [s["index"] for s in lb["steps"]])
+    runs_a, runs_b = _runs(la), _runs(lb)
+    arrays_a = _load_arrays(ra, notes, name_a, _all_steps(runs_a))
+    arrays_b = _load_arrays(rb, notes, name_b, _all_steps(runs_b))
     steps: list[StepComparison] = []
-    for sa, sb in zip(la["steps"], lb["steps"]):
-        i = sa.get("index")
-        xa, xb = arrays_a.get(i), arrays_b.get(sb.get("index"))
-        steps.append(StepComparison(
-            index=i, token_a=sa.get("token"), token_b=sb.get("token"),
-            context_equal=sa.get("context") == sb.get("context"),
-            hidden_equal=sa.get("hidden_digest") == sb.get("hidden_digest"),
-            logits_equal=sa.get("logits_digest") == sb.get("logits_digest"),
-            bytes_read_a=sa.get("bytes_read"), bytes_read_b=sb.get("bytes_read"),
-            max_abs_logits=_max_abs(xa[0] if xa else None, xb[0] if xb else None),
-            max_abs_hidden=_max_abs(xa[1] if xa else None, xb[1] if xb else None),
-        ))  # fmt: skip
-    first_step = next((s.index for s in steps if not s.identical), None)
+    pairs: list[tuple[dict, dict]] = []
+    if len(runs_a) != len(runs_b) or (runs_a[0][0] is None) != (runs_b[0][0] is None):
+        notes.append(f"{name_a} records {len(runs_a)} sequence(s), {name_b} {len(runs_b)}; only the first "
+                     f"{min(len(runs_a), len(runs_b))} are compared")  # fmt: skip
+    for (seq, steps_a, at_a), (_, steps_b, at_b) in zip(runs_a, runs_b):
+        for sa, sb in zip(steps_a, steps_b):
+            i = sa.get("index")
+            xa, xb = arrays_a.get(at_a + i), arrays_b.get(at_b + sb.get("index"))
+            pairs.append((sa, sb))
+            steps.append(StepComparison(
+                index=i, token_a=sa.get("token"), token_b=sb.get("token"),
+                context_equal=sa.get("context") == sb.get("context"),
+                hidden_equal=sa.get("hidden_digest") == sb.get("hidden_digest"),
+                logits_equal=sa.get("logits_digest") == sb.get("logits_digest"),
+                bytes_read_a=sa.get("bytes_read"), bytes_read_b=sb.get("bytes_read"),
+                max_abs_logits=_max_abs(xa[0] if xa else None, xb[0] if xb else None),
+                max_abs_hidden=_max_abs(xa[1] if xa else None, xb[1] if xb else None), sequence=seq,
+            ))  # fmt: skip
+        if len(steps_a) != len(steps_b):
+            which = "" if seq is None else f"sequence {seq}: "
+            notes.append(f"{which}{name_a} has {len(steps_a)} steps, {name_b} {len(steps_b)}; only the first "
+                         f"{min(len(steps_a), len(steps_b))} are compared")  # fmt: skip
+    first = next((k for k, s in enumerate(steps) if not s.identical), None)
+    first_step = None if first is None else steps[first].index
     first_layer, detail, first_expert = None, "", None
-    if first_step is not None:
-        n = next(k for k, s in enumerate(steps) if not s.identical)
-        first_layer, detail, first_expert = _layer_divergence(la["steps"][n], lb["steps"][n])
-    if len(la["steps"]) != len(lb["steps"]):
-        notes.append(f"{name_a} has {len(la['steps'])} steps, {name_b} {len(lb['steps'])}; only the first "
-                     f"{len(steps)} are compared")  # fmt: skip
+    if first is not None:
+        first_layer, detail, first_expert = _layer_divergence(*pairs[first])
     pa, pb = la.get("platform") or {}, lb.get("platform") or {}
     sw_a, sw_b = la.get("software") or {}, lb.get("software") or {}
     software = [f"{k}: {sw_a.get(k)!r} -> {sw_b.get(k)!r}" for k in sorted(set(sw_a) | set(sw_b))
@@ -180,8 +206,10 @@ def _compare_bundle_dirs(ra: Path, rb: Path, name_a: str, name_b: str) -> Bundle
     if not resolved_a or not resolved_b:
         resolved_a = resolved_b = {}
     manifest = compare_resolved(resolved_a, resolved_b, _ledger_identity(la), _ledger_identity(lb), name_a, name_b)
-    return BundleComparison(name_a, name_b, len(la["steps"]), len(lb["steps"]), steps, first_step, first_layer,
-                            detail, first_expert, platform_differences(pa, pb), software, manifest, notes)  # fmt: skip
+    count = lambda runs: sum(len(steps) for _, steps, _ in runs)  # noqa: E731
+    return BundleComparison(name_a, name_b, count(runs_a), count(runs_b), steps, first_step, first_layer,
+                            detail, first_expert, platform_differences(pa, pb), software, manifest, notes,
+                            None if first is None else steps[first].sequence)  # fmt: skip
 
 
 def _ledger_identity(ledger: dict) -> dict | None:

@@ -117,6 +117,16 @@ def _model_differences(ma: dict[str, Any], mb: dict[str, Any], ida: dict | None,
     return []
 
 
+def _by_entry(field: str, a: Any, b: Any) -> list[tuple[str, Any, Any]]:
+    """Two prompts: lists of the same length entry by entry (``prompts.N.FIELD``), so the report names
+    the sequence whose prompt, seed or stop strings differ; any other difference as it is."""
+    if field != "prompts" or not isinstance(a, list) or not isinstance(b, list) or len(a) != len(b) or \
+            not all(isinstance(x, dict) for x in a + b):  # fmt: skip
+        return [(field, a, b)]
+    return [(f"prompts.{n}.{k}", x.get(k), y.get(k)) for n, (x, y) in enumerate(zip(a, b))
+            for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]  # fmt: skip
+
+
 def compare_resolved(a: dict[str, Any], b: dict[str, Any], identity_a: dict | None = None,
                      identity_b: dict | None = None, name_a: str = "A",
                      name_b: str = "B") -> ManifestComparison:  # fmt: skip
@@ -133,9 +143,10 @@ def compare_resolved(a: dict[str, Any], b: dict[str, Any], identity_a: dict | No
     def by_identity(field: str) -> bool:  # the checkpoint is compared by identity below
         return (field == "model" or field.startswith("model.")) and not field.startswith("model.cache_dir")
 
-    for field, va, vb in sorted(differences(a, b, "", limit=10_000, skip=by_identity, into_lists=False)):
-        kind, why = _classify(field)
-        (result if kind == "result" else neutral).append(Difference(field, va, vb, why))
+    for found in sorted(differences(a, b, "", limit=10_000, skip=by_identity, into_lists=False)):
+        for field, va, vb in _by_entry(*found):
+            kind, why = _classify(field)
+            (result if kind == "result" else neutral).append(Difference(field, va, vb, why))
     result = _model_differences(a.get("model") or {}, b.get("model") or {}, identity_a, identity_b, notes) + result
     identical_steps = None
     if not result:

@@ -16,10 +16,13 @@ from kimi_jax.ledger.bundle import (
     CHECKSUMS,
     RECEIPT,
     TOKENIZER,
+    anchor_record,
     bundle_digest,
     in_bundle_layout,
+    receipt_verdict,
 )
 from kimi_jax.ledger.checksums import verify_checksums
+from kimi_jax.ledger.sequences import is_multi
 from kimi_jax.manifest import load_manifest, manifest_digest, recorded_manifest
 from kimi_jax.storage.remote import same_checkpoint
 from kimi_jax.verify.bundle_view import BundleView
@@ -73,7 +76,8 @@ def check_receipt(b: BundleView) -> str:
         if not isinstance(resolved, dict):
             raise CheckFailed("manifest.json: expected a JSON object (the resolved manifest)")
         problems += _validate_resolved_manifest(b.root)
-        problems += _run_matches_manifest(ledger, resolved)
+        for view, at in _runs(b, resolved):
+            problems += _run_matches_manifest(view.ledger, resolved, at)
         recomputed = manifest_digest(resolved)
         if recomputed != recorded:
             problems.append(f"manifest.json: its identity digest is {recomputed}, but {RECEIPT} records "
@@ -85,27 +89,17 @@ def check_receipt(b: BundleView) -> str:
         problems.append(f"{RECEIPT}: verdict: expected an object with tokens, steps, non_perturbing, anchor_matched")
     else:
         try:
-            steps = b.steps()
-        except CheckFailed as e:
-            problems.append(str(e))
-            steps = []
-        tokens = [s.get("token") for s in steps]
-        if verdict.get("tokens") != tokens:
-            problems.append(f"{RECEIPT}: verdict.tokens {short(verdict.get('tokens'))} differ from the ledger's step "
-                            f"tokens {short(tokens)}")  # fmt: skip
-        if verdict.get("steps") != len(steps):
-            problems.append(f"{RECEIPT}: verdict.steps is {short(verdict.get('steps'))}, the ledger has "
-                            f"{len(steps)} steps")
-        proof = ledger.get("non_perturbation")
-        proven = bool(isinstance(proof, dict) and proof.get("identical") is True)
-        if verdict.get("non_perturbing") is not proven:
-            problems.append(f"{RECEIPT}: verdict.non_perturbing is {short(verdict.get('non_perturbing'))}, but "
-                            f"ledger.json non_perturbation {'proves' if proven else 'does not prove'} it")  # fmt: skip
-        anchored = ledger.get("anchor") is not None
-        if verdict.get("anchor_matched") is not anchored:
-            problems.append(f"{RECEIPT}: verdict.anchor_matched is {short(verdict.get('anchor_matched'))}, but "
-                            f"ledger.json anchor is {'set' if anchored else 'null'}")  # fmt: skip
-    anchor = ledger.get("anchor")
+            b.steps() if not is_multi(ledger) else b.sequences()
+            want = receipt_verdict(ledger)
+        except (CheckFailed, KeyError, TypeError, AttributeError) as e:
+            problems.append(f"ledger.json: its steps cannot be read ({e})")
+            want = {}
+        said = {"tokens": "the ledger's step tokens", "steps": "the ledger's number of steps",
+                "non_perturbing": "what ledger.json non_perturbation proves", "anchor_matched": "whether "
+                "ledger.json records a matched anchor"}  # fmt: skip
+        problems += [f"{RECEIPT}: verdict.{k} is {short(verdict.get(k))}, but {said[k]} gives {short(v)}"
+                     for k, v in want.items() if verdict.get(k) != v or type(verdict.get(k)) is not type(v)]  # fmt: skip
+    anchor = anchor_record(ledger) if isinstance(ledger, dict) else None
     want = None if not isinstance(anchor, dict) else {"file": anchor.get("file"), "digest": anchor.get("anchor_digest")}
     if receipt.get("anchor") != want:
         problems.append(f"{RECEIPT}: anchor is {short(receipt.get('anchor'))}, the ledger records {short(want)}")
@@ -113,11 +107,27 @@ def check_receipt(b: BundleView) -> str:
     return ""
 
 
-def _run_matches_manifest(ledger: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
-    """The ledger's run settings and checkpoint are the ones manifest.json asks for."""
+def _runs(b: BundleView, resolved: dict[str, Any]) -> list[tuple[BundleView, str]]:
+    """Each run the bundle records (every sequence of a multi-sequence bundle) and where the
+    manifest gives its prompt (a drafted run's one sequence: ``prompt``)."""
+    many = resolved.get("prompts") is not None
+    return [(v, f"prompts.{v.index}" if many and v is not b else "prompt") for v in b.sequences()]
+
+
+def _run_matches_manifest(ledger: dict[str, Any], resolved: dict[str, Any], prompt_at: str = "prompt") -> list[str]:
+    """The ledger's run settings and checkpoint are the ones manifest.json asks for; ``prompt_at``:
+    where it gives this run's prompt (``prompts.N``: a sequence's, with its own seed and stop strings)."""
     run = ledger.get("run") or {}
     resolved = recorded_manifest(resolved)
+    entry = _entry(resolved, prompt_at)
     section = lambda name: resolved.get(name) if isinstance(resolved.get(name), dict) else {}  # noqa: E731
+    if prompt_at != "prompt":  # a sequence: its prompt, and its own seed and stop strings over the manifest's
+        generate = section("generate")
+        sampling = generate.get("sampling")
+        if isinstance(sampling, dict) and entry.get("seed") is not None:
+            sampling = {**sampling, "seed": entry["seed"]}
+        resolved = {**resolved, "prompt": {k: v for k, v in entry.items() if k not in ("seed", "stop")},
+                    "generate": {**generate, "sampling": sampling, "stop": entry.get("stop") or generate.get("stop")}}  # fmt: skip
     want = {"run.max_new_tokens": ("generate.max_new_tokens", section("generate").get("max_new_tokens")),
             "run.kv_cache": ("generate.kv_cache", section("generate").get("kv_cache")),
             "run.dtype": ("compute.dtype", section("compute").get("dtype")),
@@ -125,11 +135,11 @@ def _run_matches_manifest(ledger: dict[str, Any], resolved: dict[str, Any]) -> l
             "run.capture": ("capture", resolved.get("capture"))}  # fmt: skip
     if "matmul" in run:  # ledgers before kimi-jax recorded it ran widened products
         want["run.matmul"] = ("compute.matmul", section("compute").get("matmul"))
-    want["run.prompt_input"] = ("prompt", {k: v for k, v in section("prompt").items() if v is not None})
+    want["run.prompt_input"] = (prompt_at, {k: v for k, v in entry.items() if v is not None})
     want["run.sampling"] = ("generate.sampling", section("generate").get("sampling"))
     want["run.stop.strings"] = ("generate.stop", section("generate").get("stop") or [])
     if section("prompt").get("tokens") is not None:
-        want["run.prompt"] = ("prompt.tokens", section("prompt")["tokens"])
+        want["run.prompt"] = (f"{prompt_at}.tokens", section("prompt")["tokens"])
     if section("model").get("checkpoint") is not None:
         want["checkpoint.path"] = ("model.checkpoint", section("model")["checkpoint"])
     have = {"run.max_new_tokens": run.get("max_new_tokens"), "run.kv_cache": run.get("kv_cache"),
@@ -142,6 +152,15 @@ def _run_matches_manifest(ledger: dict[str, Any], resolved: dict[str, Any]) -> l
     return [f"ledger.json {field} is {short(have[field])}, but manifest.json {where} is {short(value)}"
             for field, (where, value) in want.items()
             if not same.get(field, lambda written, recorded: written == recorded)(value, have[field])]  # fmt: skip
+
+
+def _entry(resolved: dict[str, Any], at: str) -> dict[str, Any]:
+    """The prompt section at ``prompt`` or ``prompts.N`` of a resolved manifest ({} when it has none)."""
+    name, _, n = at.partition(".")
+    found = resolved.get(name)
+    if n:
+        found = found[int(n)] if isinstance(found, list) and int(n) < len(found) else None
+    return found if isinstance(found, dict) else {}
 
 
 def _validate_resolved_manifest(root: Path) -> list[str]:

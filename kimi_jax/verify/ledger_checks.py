@@ -20,6 +20,7 @@ from kimi_jax.ledger.ledger import (
     tensor_digest,
     unclassified_fields,
 )
+from kimi_jax.ledger.sequences import MULTI_SCHEMA, MULTI_VERSION, is_multi, schema_of
 from kimi_jax.platform_info import fingerprint_digest
 from kimi_jax.storage.digests import recorded_checkpoint
 from kimi_jax.text.sampling import Sampling, sample_token
@@ -32,12 +33,16 @@ __all__ = ["check_schema", "check_provenance", "check_derivations", "check_diges
 def check_schema(b: BundleView) -> str:
     ledger = b.json("ledger.json")
     version = ledger.get("ledger_version") if isinstance(ledger, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool) and version != LEDGER_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version not in (LEDGER_VERSION, MULTI_VERSION):
         changes = "; ".join(f"version {v}: {what}" for v, what in sorted(LEDGER_VERSION_CHANGES.items()) if v > version)
         raise CheckFailed(f"ledger.json: ledger_version is {version} (schema {short(ledger.get('schema'))}), but this "
                           f"kimi-jax verifies ledger version {LEDGER_VERSION} ({LEDGER_SCHEMA_ID})"
                           + (f"; what changed since: {changes}" if changes else "")
                           + "; verify it with the kimi-jax that wrote it, or run its manifest again")  # fmt: skip
+    if is_multi(ledger):  # a multi-sequence ledger (version 3): its schema, and what one of it must hold
+        errors = sorted(jsonschema.Draft202012Validator(MULTI_SCHEMA).iter_errors(ledger), key=lambda e: list(e.path))
+        require([f"ledger.json {e.json_path}: {e.message[:160]}" for e in errors])
+        return f"ledger version {MULTI_VERSION}: {len(ledger['sequences'])} sequences, {len(ledger['passes'])} passes"
     errors = sorted(jsonschema.Draft202012Validator(LEDGER_SCHEMA).iter_errors(ledger), key=lambda e: list(e.path))
     require([f"ledger.json {e.json_path}: {e.message[:160]}" for e in errors])
     return ""
@@ -45,7 +50,9 @@ def check_schema(b: BundleView) -> str:
 
 def check_provenance(b: BundleView) -> str:
     stored = b.json("provenance.json")
-    expected = provenance_map()
+    ledger = b.json("ledger.json")  # the whole ledger, whichever sequence b shows
+    schema = schema_of(ledger)
+    expected = provenance_map(schema)
     problems = []
     if not isinstance(stored, dict):
         problems.append("provenance.json: expected an object {ledger field: measured | derived}")
@@ -59,7 +66,7 @@ def check_provenance(b: BundleView) -> str:
                 problems.append(f"provenance.json: {field}: labelled {short(stored[field])}, the schema says "
                                 f"{expected[field]}")  # fmt: skip
     try:
-        loose = unclassified_fields(b.ledger)
+        loose = unclassified_fields(ledger, schema)
     except (AttributeError, TypeError) as e:
         loose = [f"<cannot walk the ledger: {e}>"]
     problems += [f"ledger.json {field}: not classified measured or derived by the schema" for field in loose]

@@ -9,6 +9,7 @@ from typing import Any
 
 from kimi_jax.errors import KimiJaxError
 from kimi_jax.fileio import default_cache_dir
+from kimi_jax.ledger.bundle import receipt_verdict
 from kimi_jax.manifest import parse_manifest_dict, recorded_manifest
 from kimi_jax.platform_info import platform_differences
 from kimi_jax.storage.codecs import describe_dequant, recorded_dequant
@@ -22,12 +23,13 @@ LARGE_PRESETS = {"full-shape": "a sparse 595 GB checkpoint",
                  "full-shape-routed": "a sparse 595 GB checkpoint (0.8 GB of it written)"}
 # Measured fields that legitimately differ between two executions of the same manifest; and the
 # checkpoint's path, which for a synthetic one is wherever the replaying user's cache is (the
-# checkpoint's identity, its layout and config and tensor list digests, is compared). The replay
-# runs no proof, so what the proof's pass fetched is not compared either (it depends on the range
-# cache's state anyway).
-_REPLAY_EXCLUDED = ("wall_s", "compile_s", "proof_wall_s", "run_wall_s", "proof_bytes_network", "proof_bytes_cache",
-                    "page_cache_evicted", "page_cache_resident_bytes", "path")
-_REPLAY_SECTIONS = ("checkpoint", "run", "steps", "totals")
+# checkpoint's identity, its layout and config and tensor list digests, is compared).
+# A replay runs without the proof (so without its bare pass's wall time and network bytes) and
+# without the anchor; a multi-sequence ledger holds those per sequence.
+_REPLAY_EXCLUDED = ("wall_s", "compile_s", "proof_wall_s", "run_wall_s", "page_cache_evicted",
+                    "page_cache_resident_bytes", "path", "non_perturbation", "anchor", "proof_bytes_network",
+                    "proof_bytes_cache")
+_REPLAY_SECTIONS = ("checkpoint", "run", "steps", "totals", "sequences", "passes")
 
 
 def replay_differences(recorded: dict[str, Any], replayed: dict[str, Any], limit: int = 20) -> list[str]:
@@ -119,5 +121,6 @@ def check_replay(b: BundleView, allow_large: bool = False) -> str:
         raise CheckFailed(f"{dequant_difference(ledger, outcome.ledger)}the replay differs from the ledger in "
                           f"{len(diffs)}{'+' if len(diffs) >= 20 else ''} field(s); "
                           f"first: {join_problems(diffs)}{where}")  # fmt: skip
-    steps = len(outcome.ledger["steps"])
-    return f"re-ran {steps} step(s) against {plan.index.root}; every measured value matches"
+    steps = receipt_verdict(outcome.ledger)["steps"]
+    steps = f"{sum(steps)} step(s) of {len(steps)} sequences" if isinstance(steps, list) else f"{steps} step(s)"
+    return f"re-ran {steps} against {plan.index.root}; every measured value matches"

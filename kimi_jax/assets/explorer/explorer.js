@@ -6,8 +6,52 @@
  * the field's schema path, e.g. "steps[].layers[].norm_in".
  */
 (function () {
-  const LEDGER = JSON.parse(document.getElementById("ledger-data").textContent);
+  const RAW = JSON.parse(document.getElementById("ledger-data").textContent);
+  // A multi-sequence ledger (version 3) is shown one sequence at a time, as the version-2 ledger
+  // of its own run (kimi_jax.ledger.sequences.sequence_view); the selector names it in this page's
+  // own URL fragment and reloads this same page, which reads nothing but this file.
+  const SEQUENCE = RAW.sequences ? chosenSequence(RAW.sequences.length) : null;
+  const LEDGER = RAW.sequences ? sequenceView(RAW, SEQUENCE) : RAW;
   const STEPS = LEDGER.steps;
+
+  function chosenSequence(count) {
+    const found = /#(?:.*&)?sequence=(\d+)/.exec(document.URL);
+    const n = found ? Number(found[1]) : 0;
+    return n < count ? n : 0;
+  }
+
+  function sequenceView(ledger, i) {
+    const seq = ledger.sequences[i];
+    const view = {};
+    for (const [k, v] of Object.entries(ledger)) if (k !== "sequences" && k !== "passes" && k !== "totals") view[k] = v;
+    view.run = Object.assign({}, ledger.run);
+    for (const k of ["prompt", "prompt_input", "sampling", "stop"]) view.run[k] = seq[k];
+    for (const k of ["steps", "stopped", "text", "anchor", "non_perturbation"]) if (k in seq) view[k] = seq[k];
+    view.totals = seq.totals;
+    return view;
+  }
+
+  function renderSequenceSelect() {
+    const box = document.getElementById("sequence-box");
+    if (!RAW.sequences) return;
+    box.hidden = false;
+    const select = document.getElementById("sequence-select");
+    RAW.sequences.forEach((seq, i) => {
+      const option = document.createElement("option");
+      option.value = String(i);
+      option.textContent = "sequence " + i + " (" + seq.steps.length + " tokens, " + seq.stopped.reason + ")";
+      option.selected = i === SEQUENCE;
+      select.appendChild(option);
+    });
+    select.addEventListener("change", (e) => {
+      history.replaceState(null, "", "#sequence=" + e.target.value);
+      history.go(0);
+    });
+    const t = RAW.totals;
+    document.getElementById("sequence-summary").textContent = RAW.sequences.length + " sequences in " +
+      RAW.passes.length + " passes over the weights: " + groupInt(Math.round(t.bytes_used_per_token)) +
+      " bytes used and " + groupInt(Math.round(t.bytes_from_storage_per_token)) + " read from storage per token";
+  }
   const HAS = Object.prototype.hasOwnProperty;
   const STEP_COLORS = ["#d95f02", "#7570b3", "#e7298a", "#a6761d", "#4d4d4d", "#e6ab02", "#b15928", "#6a3d9a",
     "#c51b7d", "#8c510a", "#66a61e", "#1b9e77"];
@@ -778,6 +822,7 @@
   // -- start -------------------------------------------------------------------------------------
 
   function start() {
+    renderSequenceSelect();
     renderHeadline();
     renderTimeline();
     badge("topk-badge", ["steps[].top_k"]);
@@ -791,7 +836,7 @@
     }
     selectStep(0);
     // the public surface tests and the benchmark use
-    window.explorer = { selectStep, selectLayer, selectPosition, selectNormField, state, charts, provOf };
+    window.explorer = { selectStep, selectLayer, selectPosition, selectNormField, state, charts, provOf, sequence: SEQUENCE };
     window.__explorerRendered = performance.now();
     requestAnimationFrame(() => {
       window.__explorerReady = performance.now();

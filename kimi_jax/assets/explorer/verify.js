@@ -237,7 +237,9 @@
     const intact = (name) => rows.some((r) => r.path === name && r.status === "OK");
     if (intact("ledger.json") && receipt && receipt.verdict) {
       const ledger = JSON.parse(utf8.decode(await bytesOf(files.get("ledger.json"))));
-      const tokens = (ledger.steps || []).map((s) => s.token);
+      // a multi-sequence ledger's verdict lists each sequence's tokens (kimi_jax.ledger.bundle.receipt_verdict)
+      const tokens = ledger.sequences ? ledger.sequences.map((q) => (q.steps || []).map((s) => s.token))
+        : (ledger.steps || []).map((s) => s.token);
       if (JSON.stringify(tokens) !== JSON.stringify(receipt.verdict.tokens)) {
         problems.push(RECEIPT + ": verdict.tokens differ from ledger.json's tokens");
       }

@@ -18,6 +18,7 @@ the pass's sequences.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import Callable
 
@@ -70,6 +71,7 @@ class Batch:
         self.passes: list[PassRecord] = []
         self._live: list[_Sequence] = []  # in row order
         self._caches: list[BatchedLatentCache] | None = None  # per layer, one row per live sequence
+        self._numbers = itertools.count()  # indices are never reused, even after :meth:`release`
 
     @property
     def live(self) -> list[int]:
@@ -78,7 +80,7 @@ class Batch:
 
     def add(self, prompt: list[int], max_new_tokens: int, decoding=None) -> tuple[int, StepRecord]:
         """Run ``prompt``'s step 0 and join it to the batch; returns (its index, the step)."""
-        seq = _Sequence(len(self.sequences), list(prompt), decoding, max_new_tokens)
+        seq = _Sequence(next(self._numbers), list(prompt), decoding, max_new_tokens)
         self.sequences[seq.index] = seq
         caches = self.engine.empty_caches(len(prompt), max_new_tokens)
         record, caches = self.engine.step(0, seq.context, False, caches, None, decoding)
@@ -106,6 +108,12 @@ class Batch:
     def cancel(self, index: int) -> None:
         """Take sequence ``index`` out of the batch (its steps so far are kept)."""
         self._keep([s for s in self._live if s.index != index])
+
+    def release(self, index: int) -> list[StepRecord]:
+        """Take sequence ``index`` out of the batch and forget it; returns its steps. A long-lived
+        batch (the server's) releases every sequence it is done with, or it keeps them all."""
+        self.cancel(index)
+        return self.sequences.pop(index).steps
 
     def _keep(self, keep: list[_Sequence]) -> None:
         if len(keep) == len(self._live):

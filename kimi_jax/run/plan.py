@@ -109,6 +109,20 @@ def prepare_run(manifest: Manifest) -> RunPlan:
                    residency)  # fmt: skip
 
 
+def replan(base: RunPlan, manifest: Manifest) -> RunPlan:
+    """The plan of ``manifest`` (another prompt and generation, the same checkpoint, compute and
+    storage as ``base``'s) on ``base``'s opened checkpoint, tokenizer and residency budget: what the
+    server does for each request, checked as :func:`prepare_run` checks a run, without opening the
+    checkpoint again."""
+    index, tokenizer = base.index, base.tokenizer
+    prompt, prompt_text = _prompt_tokens(manifest, index, tokenizer)
+    problems = prompt_problems(manifest, index.config, prompt, manifest.generate.max_new_tokens)
+    if problems:
+        raise ManifestError("\n".join(str(p) for p in problems))
+    return dataclasses.replace(base, manifest=manifest, prompt=tuple(prompt), prompt_text=prompt_text,
+                               decoding=_decoding(manifest, index, tokenizer))  # fmt: skip
+
+
 def remote_settings(manifest: Manifest) -> RemoteSettings:
     r, storage = manifest.storage.remote, manifest.storage
     if r is None:

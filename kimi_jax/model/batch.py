@@ -179,14 +179,20 @@ def _decode_pass(engine, live: list[_Sequence], caches: list[BatchedLatentCache]
     records = []
     for b, (seq, context) in enumerate(zip(live, contexts)):
         per_layer, used = own_bytes(engine.index, routing, b)
-        layer_records = [engine.layer_record(layer, out, ByteCounts(used=per_layer[layer]), None, row=b)
+        # each part of the token's bytes takes its sources in the proportions of the pass's same part,
+        # and the step's are the sum of its parts': a bundle's sources add up layer by layer and per step
+        shares = {k: share(n, by_layer.get(k, io)) for k, n in per_layer.items()}
+        layer_records = [engine.layer_record(layer, out, shares[layer], None, row=b)
                          for layer, out in enumerate(outputs)]  # fmt: skip
+        own_io = ByteCounts()
+        for counts in shares.values():
+            own_io = own_io.add(counts)
         step = len(seq.steps)
         token = int(np.argmax(logits[b])) if seq.decoding is None else seq.decoding.choose(step, logits[b])
         records.append(StepRecord(
             index=step, context=context, token=token, logit=float(logits[b][token]), logits=logits[b],
             hidden=hidden[b], layers=layer_records, bytes_read=used, bytes_per_layer=per_layer, wall_s=wall_s,
-            storage=counters.content(), io=share(used, io),
+            storage=counters.content(), io=own_io,
         ))  # fmt: skip
     return records, caches, io, wall_s
 

@@ -53,10 +53,41 @@ def start(tmp: Path, checkpoint: Path, *args: str) -> tuple[subprocess.Popen, in
     raise AssertionError((tmp / "server.log").read_text())
 
 
+# Kimi K2's way of declaring tools and writing calls and their results, written here for the tests:
+# a tool_declare system block with the tools as JSON, calls in the tool-call section markers, a tool's
+# result as a message of its own.
+KIMI_TOOL_TEMPLATE = """\
+{%- if tools -%}<|im_system|>tool_declare<|im_middle|>{{ tools | tojson }}<|im_end|>{%- endif -%}
+{%- if messages[0]['role'] != 'system' -%}
+<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>
+{%- endif -%}
+{%- for m in messages -%}
+{%- if m['role'] == 'tool' -%}<|im_system|>tool<|im_middle|>## Return of {{ m['tool_call_id'] }}
+{{ m['content'] }}
+{%- else -%}<|im_{{ m['role'] }}|>{{ m['role'] }}<|im_middle|>{{ m['content'] }}
+{%- if m.get('tool_calls') -%}<|tool_calls_section_begin|>
+{%- for c in m['tool_calls'] -%}<|tool_call_begin|>{{ c['id'] }}<|tool_call_argument_begin|>{{ c['function']['arguments'] }}<|tool_call_end|>
+{%- endfor -%}<|tool_calls_section_end|>
+{%- endif -%}
+{%- endif -%}<|im_end|>
+{%- endfor -%}
+{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>{%- endif -%}
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory):
-    proc, port, runs = start(tmp_path_factory.mktemp("serve"), tiny_checkpoints["kimi-k2.5"])
-    yield port, runs, tiny_checkpoints["kimi-k2.5"]
+    """A server on a copy of the tiny checkpoint (its shards linked) whose template knows tools."""
+    checkpoint = tmp_path_factory.mktemp("ckpt") / "kimi-k2.5"
+    checkpoint.mkdir()
+    for f in Path(tiny_checkpoints["kimi-k2.5"]).iterdir():
+        if f.name.endswith(".safetensors"):
+            (checkpoint / f.name).symlink_to(f)
+        else:
+            (checkpoint / f.name).write_bytes(f.read_bytes())
+    (checkpoint / "chat_template.jinja").write_text(KIMI_TOOL_TEMPLATE)
+    proc, port, runs = start(tmp_path_factory.mktemp("serve"), checkpoint)
+    yield port, runs, checkpoint
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -126,8 +157,8 @@ def test_tokens_equal_kimi_jax_run_greedy_and_sampled(server, tmp_path):
     c = client(port)
     for i, sampling in enumerate([None, {"temperature": 0.8, "top_p": 0.9, "seed": 5}]):
         args = {"temperature": 0} if sampling is None else {k: sampling[k] for k in ("temperature", "top_p", "seed")}
-        reply = c.chat.completions.create(model=MODEL, messages=HI, max_tokens=7, **args)
-        want = run_alone(tmp_path / str(i), checkpoint, HI, 7, sampling)
+        reply = c.chat.completions.create(model=MODEL, messages=HI, max_tokens=6, **args)
+        want = run_alone(tmp_path / str(i), checkpoint, HI, 6, sampling)
         assert bundle_tokens(reply.model_extra["kimi_jax"]["bundle"]) == want
     text = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3, temperature=0)
     assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 3
@@ -136,7 +167,8 @@ def test_tokens_equal_kimi_jax_run_greedy_and_sampled(server, tmp_path):
 def test_concurrent_clients_get_the_tokens_of_single_requests(server):
     port, _, _ = server
     prompts = [[{"role": "user", "content": f"Story number {i}, please."}] for i in range(4)]
-    args = [{"seed": i, "temperature": 0.9, "max_tokens": 8 + 3 * i} for i in range(4)]
+    # one prompt length and budget: each new shape compiles programs, which would only slow the test
+    args = [{"seed": i, "temperature": 0.9, "max_tokens": 6} for i in range(4)]
     single = [bundle_tokens(client(port).chat.completions.create(model=MODEL, messages=p,
                                                                  **a).model_extra["kimi_jax"]["bundle"])
               for p, a in zip(prompts, args)]  # fmt: skip
@@ -157,7 +189,7 @@ def test_concurrent_clients_get_the_tokens_of_single_requests(server):
 def test_a_client_that_disconnects_mid_stream_is_cancelled_and_leaves_no_bundle(server):
     port, runs, _ = server
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    body = {"messages": HI, "max_tokens": 3000, "stream": True, "temperature": 0}
+    body = {"messages": HI, "max_tokens": 500, "stream": True, "temperature": 0}
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
     response = conn.getresponse()
     bundle = Path(response.getheader("X-Kimi-Jax-Receipt")).parent
@@ -165,10 +197,12 @@ def test_a_client_that_disconnects_mid_stream_is_cancelled_and_leaves_no_bundle(
     conn.sock.shutdown(2)
     conn.close()
     # the server goes on answering, and the cancelled request never writes its bundle
-    after = client(port).chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
+    after = client(port).chat.completions.create(model=MODEL, messages=HI, max_tokens=6)
     time.sleep(1.0)
     assert after.choices[0].finish_reason == "length"
     assert not bundle.exists() and not [p for p in runs.iterdir() if ".partial-" in p.name]
+    log = (runs.parent / "server.log").read_text()
+    assert re.search(rf"{bundle.name}: cancelled after \d+ step\(s\); no bundle written", log), log
 
 
 @pytest.mark.parametrize("body, status, param", [
@@ -217,8 +251,15 @@ def test_a_full_queue_gets_429_and_kill_9_leaves_verifiable_bundles(tiny_checkpo
         bundles = [Path(d["kimi_jax"]["bundle"]) for d in done]
         assert not bundles[0].exists() and all(b.exists() for b in bundles[1:])  # retention: the newest 2
         answers: list = []
-        slow = json.dumps({"prompt": "a long tale", "max_tokens": 400}).encode()
-        threads = [threading.Thread(target=lambda: answers.append(post(port, "/v1/completions", slow))) for _ in range(3)]
+        slow = json.dumps({"prompt": "a long tale", "max_tokens": 200}).encode()
+
+        def ask() -> None:
+            try:
+                answers.append(post(port, "/v1/completions", slow))
+            except ConnectionError:  # the server is killed before it answers
+                pass
+
+        threads = [threading.Thread(target=ask) for _ in range(3)]
         for t in threads:
             t.start()
             time.sleep(0.3)
@@ -238,3 +279,28 @@ def test_a_full_queue_gets_429_and_kill_9_leaves_verifiable_bundles(tiny_checkpo
         assert verify_bundle(bundle).ok
     names = [p.name for p in runs.iterdir() if not p.name.startswith(".")]
     assert sorted(names) == sorted(b.name for b in bundles[1:])  # nothing half-written under a bundle's name
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                            "required": ["city"]}}}]  # fmt: skip
+CALLED = [{"role": "user", "content": "Weather in Paris?"},
+          {"role": "assistant", "content": None, "tool_calls": [
+              {"id": "functions.get_weather:0", "type": "function",
+               "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+          {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny, 21 C"}]  # fmt: skip
+
+
+def test_tools_pass_through_the_template_and_the_bundle_records_them(server, tmp_path):
+    port, _, checkpoint = server
+    reply = client(port).chat.completions.create(model=MODEL, messages=CALLED, tools=WEATHER, max_tokens=6,
+                                                 temperature=0)  # fmt: skip
+    bundle = reply.model_extra["kimi_jax"]["bundle"]
+    ledger = json.loads((Path(bundle) / "ledger.json").read_text())
+    prompt = ledger["text"]["prompt_text"]
+    assert prompt.startswith("<|im_system|>tool_declare<|im_middle|>[{") and '"get_weather"' in prompt
+    assert '<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}' in prompt
+    assert "## Return of functions.get_weather:0\nsunny, 21 C<|im_end|>" in prompt
+    assert ledger["run"]["prompt_input"]["tools"] == WEATHER
+    report = verify_bundle(bundle)  # verify renders the recorded chat with the recorded tools again
+    assert report.ok and report.status("text") == "OK", report.format()

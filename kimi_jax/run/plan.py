@@ -162,9 +162,9 @@ def _prompt_tokens(manifest: Manifest, index: CheckpointIndex, tokenizer: Tokeni
         if prompt.text is not None:
             text, ids = prompt.text, tokenizer.encode(prompt.text)
         else:
-            messages = [message.model_dump() for message in prompt.chat]
+            messages = [message.model_dump() for message in prompt.chat]  # without the fields not given
             text = render_chat(tokenizer, messages, add_generation_prompt=True,
-                               template_kwargs=prompt.chat_template_kwargs)  # fmt: skip
+                               template_kwargs=prompt.chat_template_kwargs, tools=prompt.tools)  # fmt: skip
             ids = tokenizer.encode(text, add_special_tokens=False)
     except TokenizerError as e:
         raise manifest.error(field, str(e)) from None

@@ -28,7 +28,9 @@ MAX_TOKENS_LIMIT = 4096
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n", "user",
           "frequency_penalty", "presence_penalty", "logprobs", "top_k", "min_p"}  # fmt: skip
-CHAT = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs"}
+CHAT = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs", "tools", "tool_choice",
+                 "parallel_tool_calls"}
+MAX_TOOLS = 128
 COMPLETION = COMMON | {"prompt", "echo"}
 
 
@@ -56,6 +58,7 @@ class Request:
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    tool_calls: bool = False  # read Kimi's tool calls out of the text (tools given, tool_choice not "none")
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -98,8 +101,30 @@ def read_request(body: dict[str, Any], chat: bool, default_seed: int) -> Request
     include_usage = bool(options and _boolean(options, "include_usage"))
     if chat and body.get("chat_template_kwargs") is not None:
         prompt["chat_template_kwargs"] = body["chat_template_kwargs"]  # the manifest's schema checks its values
+    tools = _tools(body) if chat else None
+    if tools:
+        prompt["tools"] = tools
+        if body.get("stop") is not None:  # the calls' text keeps markers that stop strings' text leaves out
+            raise ApiError(400, "stop strings cannot be combined with tools", "stop")
     return Request(chat, prompt, max_tokens, _sampling(body, default_seed), _stop(body), stream, include_usage,
-                   logprobs, top or 0)  # fmt: skip
+                   logprobs, top or 0, bool(tools) and body.get("tool_choice") != "none")  # fmt: skip
+
+
+def _tools(body: dict) -> list | None:
+    """OpenAI's function tools, passed to the chat template as given; the model is not forced to call one."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise ApiError(400, "tool_choice: only \"auto\" and \"none\" (the model cannot be forced to call a tool)",
+                       "tool_choice")  # fmt: skip
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) and t["function"]["name"] for t in tools):  # fmt: skip
+        raise ApiError(400, f"tools must be a list of at most {MAX_TOOLS} {{type: function, function: {{name, ...}}}}",
+                       "tools")  # fmt: skip
+    return tools or None
 
 
 def _no_op(body: dict, name: str, value: Any) -> None:
@@ -183,12 +208,15 @@ def _messages(body: dict) -> dict[str, Any]:
         where = f"messages[{i}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
             raise ApiError(400, f"{where} must be an object with a role", where)
-        extra = set(message) - {"role", "content", "name"}
+        extra = set(message) - {"role", "content", "name", "tool_calls", "tool_call_id"}
         if extra:
             raise ApiError(400, f"{where}: unsupported field {sorted(extra)[0]!r}", f"{where}.{sorted(extra)[0]}")
-        content = _text_content(message.get("content"), where)
-        total += len(content)
-        chat.append({"role": message["role"], "content": content})
+        calls = message.get("tool_calls")
+        # an assistant turn that only calls tools has no content
+        content = "" if calls and message.get("content") is None else _text_content(message.get("content"), where)
+        total += len(content) + len(json.dumps(calls or []))
+        given = {k: message[k] for k in ("name", "tool_calls", "tool_call_id") if message.get(k) is not None}
+        chat.append({"role": message["role"], "content": content, **given})  # the manifest's schema checks the rest
     if total > MAX_PROMPT_CHARS:
         raise ApiError(400, f"the messages hold {total:,} characters, more than {MAX_PROMPT_CHARS:,}", "messages")
     return {"chat": chat}

@@ -27,7 +27,7 @@ from kimi_jax.manifest import Manifest, parse_manifest_dict
 from kimi_jax.run.plan import RunPlan, replan
 from kimi_jax.serve.api import MAX_BODY_BYTES, ApiError, parse_body, read_request
 from kimi_jax.serve.bundles import new_name
-from kimi_jax.serve.replies import FINISH, Reply, chunk, completion, usage_chunk
+from kimi_jax.serve.replies import Reply, chunk, completion, usage_chunk
 from kimi_jax.serve.scheduler import Job, QueueFull, Scheduler
 
 RECEIPT_HEADER = "X-Kimi-Jax-Receipt"
@@ -148,7 +148,7 @@ class Server:
                 reply.add(payload)
             else:
                 reply.close()
-                body = completion(reply, rid, self.model, FINISH[payload["stopped"]["reason"]],
+                body = completion(reply, rid, self.model, reply.finish_reason(payload["stopped"]),
                                   self._extension(reply, payload))  # fmt: skip
                 return web.json_response(body, headers=headers)
 
@@ -165,15 +165,17 @@ class Server:
             while True:
                 kind, payload = await self._next(events, reply)
                 if kind == "step":
-                    before = len(reply.logprobs)
-                    text = reply.add(payload)
-                    if text or reply.request.logprobs:
-                        await send(chunk(reply, rid, self.model, text, reply.logprobs[before:]))
+                    before, called = len(reply.logprobs), len(reply.calls)
+                    text, calls = reply.add(payload)
+                    if text or calls or reply.request.logprobs:
+                        await send(chunk(reply, rid, self.model, text, reply.logprobs[before:],
+                                         calls=list(enumerate(calls, called))))  # fmt: skip
                     continue
-                rest = reply.close()
-                if rest:
-                    await send(chunk(reply, rid, self.model, rest))
-                await send(chunk(reply, rid, self.model, None, finish=FINISH[payload["stopped"]["reason"]],
+                called = len(reply.calls)
+                rest, calls = reply.close()
+                if rest or calls:
+                    await send(chunk(reply, rid, self.model, rest, calls=list(enumerate(calls, called))))
+                await send(chunk(reply, rid, self.model, None, finish=reply.finish_reason(payload["stopped"]),
                                  extension=self._extension(reply, payload)))  # fmt: skip
                 if reply.request.include_usage:
                     await send(usage_chunk(reply, rid, self.model))

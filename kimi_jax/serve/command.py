@@ -53,7 +53,7 @@ def serve(manifest_path: str, overrides: list[str], host: str, port: int, api_ke
         echo(f"removed the partial bundle {name} a stopped server left")
     enable_compilation_cache(manifest.model.cache_dir)
     model = Path(str(plan.index.root)).name
-    scheduler = Scheduler(plan, max_batch, max_queue, keep)
+    scheduler = Scheduler(plan, max_batch, max_queue, keep, echo)
     scheduler.start()
     try:
         asyncio.run(serve_forever(Server(plan, folder.resolve(), scheduler, model, api_key, time_limit_s), host, port,

@@ -3,6 +3,7 @@ reasons, usage, and the chunks and objects of both endpoints."""
 
 from __future__ import annotations
 
+import codecs
 import math
 import time
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 from kimi_jax.run.console import TextStream
 from kimi_jax.serve.api import Request
 from kimi_jax.text.sampling import logit_order
+from kimi_jax.text.tool_calls import MARKERS, ToolCall, ToolCallStream
 
 # The ledger's stop reasons as the API's finish_reason.
 FINISH = {"eos": "stop", "end_of_turn": "stop", "stop_string": "stop", "max_new_tokens": "length"}
@@ -39,26 +41,60 @@ class Reply:
         self.tokens: list[int] = []
         self.logprobs: list[dict[str, Any]] = []
         self.created = int(time.time())
+        self._tools = ToolCallStream() if request.tool_calls and tokenizer is not None else None
+        self._markers = {tokenizer.token_id(m): m for m in MARKERS} if self._tools is not None else {}
+        self._markers.pop(None, None)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.shown: list[str] = []
 
-    def add(self, record) -> str:
-        """Take one step; returns the text it releases (possibly empty: held back or mid-character)."""
+    @property
+    def calls(self) -> list[ToolCall]:
+        return self._tools.calls if self._tools is not None else []
+
+    def add(self, record) -> tuple[str, list[ToolCall]]:
+        """Take one step; returns the text it releases (possibly empty: held back or mid-character)
+        and the tool calls it completes."""
         self.tokens.append(int(record.token))
         if self.request.logprobs:
             self.logprobs.append(self._logprob(record))
+        if self._tools is not None:
+            return self._show(self._tool_text(int(record.token)))
         before = len(self._out.pieces)
         self._stream.feed(int(record.token))
-        return "".join(self._out.pieces[before:])
+        return self._show("".join(self._out.pieces[before:]))
 
-    def close(self) -> str:
+    def _tool_text(self, token: int) -> str:
+        """A tool-calling turn's text: the markers kept (tokenizers may count them special), the
+        other special tokens left out. (Stop strings are refused with tools: see the api module.)"""
+        if token in self._markers:
+            return self._decoder.decode(b"", final=True) + self._markers[token]
+        if self.tokenizer.is_special(token):
+            return ""
+        return self._decoder.decode(self.tokenizer.token_bytes(token) or b"")
+
+    def close(self) -> tuple[str, list[ToolCall]]:
         """The text held back until the end (a possible stop string's start, an incomplete character)."""
+        if self._tools is not None:
+            text, calls = self._show(self._decoder.decode(b"", final=True))
+            rest = self._tools.close()
+            self.shown.append(rest)
+            return text + rest, calls
         before = len(self._out.pieces)
         self._stream.close()
         self._out.pieces.pop()  # close() ends the console's line with "\n"; an answer has none
-        return "".join(self._out.pieces[before:])
+        return self._show("".join(self._out.pieces[before:]))
+
+    def _show(self, text: str) -> tuple[str, list[ToolCall]]:
+        shown, calls = self._tools.feed(text) if self._tools is not None else (text, [])
+        self.shown.append(shown)
+        return shown, calls
 
     @property
     def text(self) -> str:
-        return "".join(self._out.pieces)
+        return "".join(self.shown)
+
+    def finish_reason(self, stopped: dict) -> str:
+        return "tool_calls" if self.calls else FINISH[stopped["reason"]]
 
     def usage(self) -> dict[str, int]:
         n = len(self.tokens)
@@ -97,6 +133,8 @@ def completion(reply: Reply, rid: str, model: str, finish: str, extension: dict)
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": reply.logprobs_field(reply.logprobs)}
     if r.chat:
         choice["message"] = {"role": "assistant", "content": reply.text}
+        if reply.calls:
+            choice["message"]["tool_calls"] = [c.as_api() for c in reply.calls]
     else:
         choice["text"] = reply.text
     return {"id": rid, "object": "chat.completion" if r.chat else "text_completion", "created": reply.created,
@@ -104,8 +142,9 @@ def completion(reply: Reply, rid: str, model: str, finish: str, extension: dict)
 
 
 def chunk(reply: Reply, rid: str, model: str, text: str | None, logprobs: list | None = None,
-          finish: str | None = None, first: bool = False, extension: dict | None = None) -> dict[str, Any]:  # fmt: skip
-    """One server-sent event's object (``stream: true``)."""
+          finish: str | None = None, first: bool = False, extension: dict | None = None,
+          calls: list[tuple[int, ToolCall]] = ()) -> dict[str, Any]:  # fmt: skip
+    """One server-sent event's object (``stream: true``); ``calls``: (index, call) completed now."""
     r = reply.request
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish,
                               "logprobs": reply.logprobs_field(logprobs) if logprobs else None}  # fmt: skip
@@ -113,6 +152,8 @@ def chunk(reply: Reply, rid: str, model: str, text: str | None, logprobs: list |
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
+        if calls:
+            delta["tool_calls"] = [call.as_api(index) for index, call in calls]
         choice["delta"] = delta
     else:
         choice["text"] = text or ""

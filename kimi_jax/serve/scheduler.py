@@ -49,8 +49,8 @@ class QueueFull(Exception):
 class Scheduler:
     """``max_batch`` sequences decode together; at most ``max_queue`` more wait to join."""
 
-    def __init__(self, plan: RunPlan, max_batch: int, max_queue: int, keep: int):
-        self.plan, self.max_batch, self.keep = plan, max_batch, keep
+    def __init__(self, plan: RunPlan, max_batch: int, max_queue: int, keep: int, echo: Callable[[str], None]):
+        self.plan, self.max_batch, self.keep, self.echo = plan, max_batch, keep, echo
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.engine = Engine.from_plan(plan, keep_capture=True)
         self.batch = Batch(self.engine)
@@ -86,6 +86,7 @@ class Scheduler:
                         self._finish_stopped()
                         freeze()
                 except Exception as e:  # noqa: BLE001 - a failed pass fails its requests, not the server
+                    self.echo(f"the engine failed: {type(e).__name__}: {e}; its requests were failed")
                     self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
 
     def _admit(self) -> None:
@@ -118,9 +119,11 @@ class Scheduler:
         for index in list(self.batch.live):
             job = self.jobs[index]
             if job.cancelled.is_set() or now > job.deadline:
-                self.batch.release(index)
+                steps = self.batch.release(index)
                 del self.jobs[index]
-                job.emit("failed", "cancelled" if job.cancelled.is_set() else "timeout")
+                why = "cancelled" if job.cancelled.is_set() else "timeout"
+                self.echo(f"{job.bundle.name}: {why} after {len(steps)} step(s); no bundle written")
+                job.emit("failed", why)
 
     def _finish_stopped(self) -> None:
         live = set(self.batch.live)
@@ -139,6 +142,7 @@ class Scheduler:
             facts = write_request_bundle(job.plan, job.bundle, job.bare, steps, wall, self.keep)
         except Exception as e:  # noqa: BLE001 - reported to the request; the partial bundle was removed
             job.emit("failed", f"the bundle was not written: {type(e).__name__}: {e}")
+            self.echo(f"{job.bundle.name}: the bundle was not written: {type(e).__name__}: {e}")
             return
         job.emit("done", facts)
 

@@ -240,13 +240,16 @@ def digest(checkpoint: str, out_file: str | None, workers: int, progress: bool) 
               help="Requests waiting to join the batch; more get 429.")
 @click.option("--time-limit", type=click.FloatRange(min=1), default=600.0, show_default=True,
               help="Seconds a request may take from arrival; then it is cancelled (no bundle).")
+@click.option("--notes", is_flag=True, help="Render each bundle's technical note (note.pdf): seconds per request; "
+                                            "kimi-jax note renders it later from the bundle alone.")
 def serve(manifest: str, overrides: tuple[str, ...], host: str, port: int, api_key_file: str | None, runs: str | None,
-          keep: int, max_batch: int, max_queue: int, time_limit: float) -> None:
+          keep: int, max_batch: int, max_queue: int, time_limit: float, notes: bool) -> None:
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models); every answer
     leaves a bundle that kimi-jax verify checks."""
     from kimi_jax.serve.command import serve as serve_command
 
-    serve_command(manifest, list(overrides), host, port, api_key_file, runs, keep, max_batch, max_queue, time_limit)
+    serve_command(manifest, list(overrides), host, port, api_key_file, runs, keep, max_batch, max_queue, time_limit,
+                  notes)
 
 
 @main.command()

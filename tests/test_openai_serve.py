@@ -138,7 +138,8 @@ def test_models_and_a_chat_streamed_and_not_give_one_answer_whose_bundle_verifie
         assert len(top) == 3 and top == sorted(top, reverse=True) and entry.logprob <= top[0] + 1e-9
         assert bytes(entry.bytes) == bytes.fromhex(step["token_bytes"])
     report = verify_bundle(extension["bundle"])
-    assert report.ok, report.format()
+    assert report.ok and report.status("non-perturbation") == "OK", report.format()
+    assert report.status("note") == "SKIPPED" and "--notes" in report.reason("note")  # left out by default
 
     chunks = list(c.chat.completions.create(model=MODEL, messages=HI, max_tokens=6, seed=11,
                                             temperature=0.7, stream=True, stream_options={"include_usage": True}))  # fmt: skip
@@ -244,7 +245,7 @@ def test_serving_beyond_loopback_needs_a_key(tmp_path):
 
 def test_a_full_queue_gets_429_and_kill_9_leaves_verifiable_bundles(tiny_checkpoints, tmp_path):
     proc, port, runs = start(tmp_path, tiny_checkpoints["kimi-k2.5"], "--max-batch", "1", "--max-queue", "1",
-                             "--keep", "2")  # fmt: skip
+                             "--keep", "2", "--notes")  # fmt: skip
     try:
         done = [post(port, "/v1/completions", json.dumps({"prompt": f"tale {i}", "max_tokens": 2}).encode())[2]
                 for i in range(3)]  # fmt: skip
@@ -276,7 +277,8 @@ def test_a_full_queue_gets_429_and_kill_9_leaves_verifiable_bundles(tiny_checkpo
         proc.kill()
         proc.wait(30)
     for bundle in bundles[1:]:
-        assert verify_bundle(bundle).ok
+        report = verify_bundle(bundle)
+        assert report.ok and report.status("note") == "OK", report.format()  # --notes: the note is in the bundle
     names = [p.name for p in runs.iterdir() if not p.name.startswith(".")]
     assert sorted(names) == sorted(b.name for b in bundles[1:])  # nothing half-written under a bundle's name
 

@@ -39,9 +39,14 @@ def new_name() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{next(_counter) % 10**6:06d}-{secrets.token_hex(4)}"
 
 
-def write_request_bundle(plan: RunPlan, out: Path, bare, steps: list, wall_s: float, keep: int) -> dict:
+def write_request_bundle(plan: RunPlan, out: Path, bare, steps: list, wall_s: float, keep: int,
+                         notes: bool = False) -> dict:  # fmt: skip
     """Ledger and bundle of one request (``bare``: its step 0 run bare, the proof's half); then
-    the oldest bundles beyond ``keep`` are removed. Returns what the response reports."""
+    the oldest bundles beyond ``keep`` are removed. Returns what the response reports.
+
+    The technical note (``note.pdf``) is left out unless ``notes``: rendering it takes seconds, four
+    times the rest of a small bundle, and one thread writes every request's bundle; it is derived
+    from the bundle's files alone, so ``kimi-jax note BUNDLE`` renders the same note later."""
     m = plan.manifest
     facts = RunFacts(
         page_cache=page_cache_facts(plan),
@@ -54,7 +59,7 @@ def write_request_bundle(plan: RunPlan, out: Path, bare, steps: list, wall_s: fl
     validate_ledger(ledger)
     write_bundle(out, m, ledger, steps, None, explorer_html=render_explorer(ledger),
                  tokenizer_dir=plan.tokenizer.root if plan.tokenizer else None,
-                 render_from_files=write_note_files)  # fmt: skip
+                 render_from_files=write_note_files if notes else None)  # fmt: skip
     prune(out.parent, keep)
     return {"bundle": str(out), "receipt": str(out / "receipt.json"), "stopped": ledger["stopped"]}
 

@@ -32,7 +32,8 @@ def read_api_key(path: str) -> str:
 
 
 def serve(manifest_path: str, overrides: list[str], host: str, port: int, api_key_file: str | None,
-          runs: str | None, keep: int, max_batch: int, max_queue: int, time_limit_s: float, echo=to_stderr) -> None:  # fmt: skip
+          runs: str | None, keep: int, max_batch: int, max_queue: int, time_limit_s: float, notes: bool = False,
+          echo=to_stderr) -> None:  # fmt: skip
     api_key = read_api_key(api_key_file) if api_key_file else None
     if api_key is None and not is_loopback(host):
         raise KimiJaxError(f"--host {host}: serving beyond this machine needs --api-key-file (a bearer token every "
@@ -53,7 +54,7 @@ def serve(manifest_path: str, overrides: list[str], host: str, port: int, api_ke
         echo(f"removed the partial bundle {name} a stopped server left")
     enable_compilation_cache(manifest.model.cache_dir)
     model = Path(str(plan.index.root)).name
-    scheduler = Scheduler(plan, max_batch, max_queue, keep, echo)
+    scheduler = Scheduler(plan, max_batch, max_queue, keep, echo, notes)
     scheduler.start()
     try:
         asyncio.run(serve_forever(Server(plan, folder.resolve(), scheduler, model, api_key, time_limit_s), host, port,

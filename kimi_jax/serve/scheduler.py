@@ -49,8 +49,9 @@ class QueueFull(Exception):
 class Scheduler:
     """``max_batch`` sequences decode together; at most ``max_queue`` more wait to join."""
 
-    def __init__(self, plan: RunPlan, max_batch: int, max_queue: int, keep: int, echo: Callable[[str], None]):
-        self.plan, self.max_batch, self.keep, self.echo = plan, max_batch, keep, echo
+    def __init__(self, plan: RunPlan, max_batch: int, max_queue: int, keep: int, echo: Callable[[str], None],
+                 notes: bool = False):  # fmt: skip
+        self.plan, self.max_batch, self.keep, self.echo, self.notes = plan, max_batch, keep, echo, notes
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.engine = Engine.from_plan(plan, keep_capture=True)
         self.batch = Batch(self.engine)
@@ -139,7 +140,7 @@ class Scheduler:
 
     def _write(self, job: Job, steps: list, wall: float) -> None:
         try:
-            facts = write_request_bundle(job.plan, job.bundle, job.bare, steps, wall, self.keep)
+            facts = write_request_bundle(job.plan, job.bundle, job.bare, steps, wall, self.keep, self.notes)
         except Exception as e:  # noqa: BLE001 - reported to the request; the partial bundle was removed
             job.emit("failed", f"the bundle was not written: {type(e).__name__}: {e}")
             self.echo(f"{job.bundle.name}: the bundle was not written: {type(e).__name__}: {e}")

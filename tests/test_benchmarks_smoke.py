@@ -143,3 +143,9 @@ def test_batch_smoke():
     batches = {r["batch"]: r for r in records if r.get("run") == "batch"}
     assert batches[3]["decoded_tokens"] == 3 * 2 and batches[1]["decoded_tokens"] == 2
     assert any(r.get("run") == "drafts" and r["drafts"] == 2 for r in records)
+
+
+def test_serve_smoke():
+    records = _smoke("serve.py")
+    rounds = {r["concurrency"]: r for r in records if r.get("run") == "serve"}
+    assert sorted(rounds) == [1, 2] and all(r["requests"] == 2 and r["tokens"] == 2 * 2 for r in rounds.values())

@@ -223,11 +223,17 @@ def _messages(body: dict) -> dict[str, Any]:
 
 
 def _completion_prompt(body: dict) -> dict[str, Any]:
+    """One prompt: a string, or token ids (as the API allows; the way to a checkpoint without a tokenizer)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                   for t in prompt):  # fmt: skip
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ApiError(400, f"prompt holds {len(prompt):,} tokens, more than {MAX_PROMPT_CHARS:,}", "prompt")
+        return {"tokens": prompt}  # ids outside the vocabulary are refused when the request is planned
     if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "prompt must be one non-empty string", "prompt")
+        raise ApiError(400, "prompt must be one non-empty string or one list of token ids", "prompt")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ApiError(400, f"prompt holds {len(prompt):,} characters, more than {MAX_PROMPT_CHARS:,}", "prompt")
     return {"text": prompt}

@@ -1,5 +1,6 @@
-"""Kimi's tool calls read out of generated text (kimi_jax.text.tool_calls) and answered in the
-OpenAI API's shape, whole and streamed, as the official ``openai`` package's types read them."""
+"""What a request may ask (kimi_jax.serve.api), and Kimi's tool calls read out of generated text
+(kimi_jax.text.tool_calls) and answered in the OpenAI API's shape, whole and streamed, as the
+official ``openai`` package's types read them."""
 
 from __future__ import annotations
 
@@ -87,3 +88,12 @@ def test_stop_strings_with_tools_are_refused():
     with pytest.raises(ApiError) as refused:
         read_request(body, chat=True, default_seed=0)
     assert refused.value.param == "stop"
+
+
+def test_a_completion_prompt_is_text_or_token_ids():
+    assert read_request({"prompt": "hi"}, chat=False, default_seed=0).prompt == {"text": "hi"}
+    assert read_request({"prompt": [[5, 6]]}, chat=False, default_seed=0).prompt == {"tokens": [5, 6]}
+    for bad in ([], [1.5], [-1], [True], ["a", "b"], {"x": 1}):
+        with pytest.raises(ApiError) as refused:
+            read_request({"prompt": bad}, chat=False, default_seed=0)
+        assert refused.value.param == "prompt"

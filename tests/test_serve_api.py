@@ -97,3 +97,32 @@ def test_a_completion_prompt_is_text_or_token_ids():
         with pytest.raises(ApiError) as refused:
             read_request({"prompt": bad}, chat=False, default_seed=0)
         assert refused.value.param == "prompt"
+
+
+def test_a_request_past_its_time_limit_leaves_the_batch_without_a_bundle(tiny_checkpoints, tmp_path):
+    import queue
+    import time
+
+    from kimi_jax.manifest import parse_manifest_dict
+    from kimi_jax.run.plan import prepare_run
+    from kimi_jax.serve.scheduler import Job, Scheduler
+
+    data = {"version": 1, "model": {"checkpoint": str(tiny_checkpoints["kimi-k2.5"])}, "prompt": {"tokens": [7, 9]},
+            "generate": {"max_new_tokens": 2000, "ignore_eos": True}, "output": {"dir": str(tmp_path / "b")}}  # fmt: skip
+    plan = prepare_run(parse_manifest_dict(data))
+    said: list[str] = []
+    scheduler = Scheduler(plan, max_batch=2, max_queue=1, keep=5, echo=said.append)
+    events: queue.Queue = queue.Queue()
+    scheduler.start()
+    try:
+        job = Job(plan, tmp_path / "late", lambda kind, payload: events.put((kind, payload)), time.monotonic() + 1.0)
+        scheduler.submit(job)
+        kinds, payload = [], None
+        while not kinds or kinds[-1] == "step":
+            kind, payload = events.get(timeout=120)
+            kinds.append(kind)
+    finally:
+        scheduler.close()
+    assert (kinds[-1], payload) == ("failed", "timeout") and 1 <= kinds.count("step") < 2000
+    assert said == [f"late: timeout after {kinds.count('step')} step(s); no bundle written"]
+    assert not (tmp_path / "late").exists() and list(tmp_path.iterdir()) == []

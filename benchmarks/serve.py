@@ -9,9 +9,11 @@ Prompts are token ids (the medium checkpoint ships no tokenizer), each request a
 token, greedy, exactly ``--tokens`` tokens (``ignore_eos``). Every round runs once untimed first:
 each new batch size compiles its programs once, which a long-running server pays once.
 
-Per concurrency: requests/s and generated tokens/s over the round's wall time, and the mean and
-largest latency of a request. Every request writes its bundle (without the note, the server's
-default): that is part of what is measured.
+Per concurrency: requests/s and generated tokens/s over the round's wall time, the mean and
+largest latency of a request, and the mean time from a request's arrival to its last token (its
+ledger's ``totals.run_wall_s``): the rest of its latency is its bundle's writing and HTTP. Every
+request writes its bundle (without the note, the server's default): that is part of what is
+measured.
 
 llama.cpp's server (``llama-cpp-python[server]``) is not run: PyPI has no binary wheel of it for
 this platform, and building it from the sdist takes about 7 minutes of both cores.
@@ -57,8 +59,9 @@ def start_server(checkpoint: Path, folder: Path, tokens: int, max_batch: int) ->
     raise RuntimeError((folder / "server.log").read_text()[-2000:])
 
 
-def complete(port: int, first: int, tokens: int) -> tuple[int, float]:
-    """One request: (tokens generated, seconds)."""
+def complete(port: int, first: int, tokens: int) -> tuple[int, float, float]:
+    """One request: (tokens generated, seconds, seconds from arrival to its last token: the rest is
+    the bundle's writing and HTTP)."""
     started = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     body = {"prompt": [first, 2, 3, 4], "max_tokens": tokens, "temperature": 0}
@@ -68,14 +71,16 @@ def complete(port: int, first: int, tokens: int) -> tuple[int, float]:
     conn.close()
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {reply}")
-    return reply["usage"]["completion_tokens"], time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    ledger = json.loads((Path(reply["kimi_jax"]["bundle"]) / "ledger.json").read_text())
+    return reply["usage"]["completion_tokens"], seconds, ledger["totals"]["run_wall_s"]
 
 
 def load_round(port: int, concurrency: int, requests: int, tokens: int) -> dict:
     """``requests`` requests from ``concurrency`` clients, each sending its next when answered."""
     next_first = iter(range(5, 5 + requests))
     lock = threading.Lock()
-    done: list[tuple[int, float]] = []
+    done: list[tuple[int, float, float]] = []
     failures: list[str] = []
 
     def client() -> None:
@@ -99,12 +104,13 @@ def load_round(port: int, concurrency: int, requests: int, tokens: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
-    latencies = [s for _, s in done]
-    record = {"concurrency": concurrency, "requests": len(done), "tokens": sum(n for n, _ in done),
+    latencies = [s for _, s, _ in done]
+    record = {"concurrency": concurrency, "requests": len(done), "tokens": sum(n for n, _, _ in done),
               "wall_s": round(wall, 3), "requests_per_s": round(len(done) / wall, 3),
-              "tokens_per_s": round(sum(n for n, _ in done) / wall, 2),
+              "tokens_per_s": round(sum(n for n, _, _ in done) / wall, 2),
               "latency_mean_s": round(statistics.mean(latencies), 3) if latencies else None,
-              "latency_max_s": round(max(latencies), 3) if latencies else None}  # fmt: skip
+              "latency_max_s": round(max(latencies), 3) if latencies else None,
+              "to_last_token_mean_s": round(statistics.mean(w for _, _, w in done), 3) if done else None}  # fmt: skip
     if failures:
         record["error"] = failures[0]
     return record

@@ -47,6 +47,7 @@ class Server:
     def __init__(self, plan: RunPlan, runs: Path, scheduler: Scheduler, model: str, api_key: str | None,
                  time_limit_s: float):  # fmt: skip
         self.plan, self.runs, self.scheduler, self.model = plan, runs, scheduler, model
+        self.echo = scheduler.echo
         self.api_key, self.time_limit_s = api_key, time_limit_s
         self.planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-jax-plan")
 
@@ -69,6 +70,10 @@ class Server:
             kind = "not_found_error" if e.status == 404 else "invalid_request_error"
             message = e.reason if e.status != 413 else f"the request body exceeds {MAX_BODY_BYTES:,} bytes"
             return web.json_response(ApiError(e.status, message, kind=kind).body(), status=e.status)
+        except Exception as e:  # noqa: BLE001 - a bug of ours: the client gets the API's shape, the log one line
+            self.echo(f"internal error answering {request.path}: {type(e).__name__}: {str(e)[:200]}")
+            return web.json_response(ApiError(500, f"internal error: {type(e).__name__}", kind="server_error").body(),
+                                     status=500)  # fmt: skip
 
     @web.middleware
     async def _auth(self, request, handler):

@@ -252,7 +252,7 @@ def test_a_full_queue_gets_429_and_kill_9_leaves_verifiable_bundles(tiny_checkpo
         bundles = [Path(d["kimi_jax"]["bundle"]) for d in done]
         assert not bundles[0].exists() and all(b.exists() for b in bundles[1:])  # retention: the newest 2
         answers: list = []
-        slow = json.dumps({"prompt": "a long tale", "max_tokens": 200}).encode()
+        slow = json.dumps({"prompt": "a long tale", "max_tokens": 2000}).encode()  # still running when killed
 
         def ask() -> None:
             try:

@@ -6,8 +6,9 @@ A request's step 0 runs twice, bare (capture not fetched) and instrumented, befo
 batch: each bundle proves its own prompt step non-perturbing (scope ``first``, as ``kimi-jax run``
 does), at the cost of one more prompt pass per request. Its decode steps run as rows of the batch.
 
-Each finished request's ledger and bundle are written on a second thread, so the engine goes on
-decoding the others meanwhile; the request learns of its bundle through its event queue.
+Each finished request's ledger and bundle are written by another process
+(:mod:`kimi_jax.serve.writer`), so the engine goes on decoding the others meanwhile; the request
+learns of its bundle through its event queue.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import dataclasses
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +24,7 @@ from kimi_jax.model.batch import Batch
 from kimi_jax.model.engine import Engine
 from kimi_jax.model.jax_setup import long_lived_frozen
 from kimi_jax.run.plan import RunPlan
-from kimi_jax.serve.bundles import write_request_bundle
+from kimi_jax.serve.writer import BundleWriter
 
 # What a request's ``emit`` receives: ("step", StepRecord), ("done", {bundle facts}) or
 # ("failed", message); the last two end the request.
@@ -56,7 +56,7 @@ class Scheduler:
         self.engine = Engine.from_plan(plan, keep_capture=True)
         self.batch = Batch(self.engine)
         self.jobs: dict[int, Job] = {}  # batch index -> job
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-jax-bundles")
+        self.writer = BundleWriter(plan, keep, notes)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="kimi-jax-engine", daemon=True)
 
@@ -72,7 +72,7 @@ class Scheduler:
     def close(self) -> None:
         self._stop.set()
         self.thread.join()
-        self.writer.shutdown(wait=True)
+        self.writer.close()
         self.engine.close()
 
     def _run(self) -> None:
@@ -109,6 +109,7 @@ class Scheduler:
             job.bare, _ = engine.step(0, prompt, False, engine.empty_caches(len(prompt), max_new), None, plan.decoding)
         finally:
             engine.keep_capture = True
+        job.bare.caches = None  # the proof compares values, not caches
         index, record = self.batch.add(prompt, max_new, plan.decoding)
         self.jobs[index] = job
         job.emit("step", record)
@@ -136,11 +137,12 @@ class Scheduler:
         steps = self.batch.release(index)
         steps[0].caches = None  # the prompt's latent cache: the batch has its rows; the ledger needs none
         wall = time.monotonic() - job.started
-        self.writer.submit(self._write, job, steps, wall)
+        written = self.writer.submit(job.plan, job.bundle, job.bare, steps, wall)
+        written.add_done_callback(lambda future: self._written(job, future))
 
-    def _write(self, job: Job, steps: list, wall: float) -> None:
+    def _written(self, job: Job, future) -> None:
         try:
-            facts = write_request_bundle(job.plan, job.bundle, job.bare, steps, wall, self.keep, self.notes)
+            facts = future.result()
         except Exception as e:  # noqa: BLE001 - reported to the request; the partial bundle was removed
             job.emit("failed", f"the bundle was not written: {type(e).__name__}: {e}")
             self.echo(f"{job.bundle.name}: the bundle was not written: {type(e).__name__}: {e}")

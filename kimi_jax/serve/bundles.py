@@ -45,7 +45,7 @@ def write_request_bundle(plan: RunPlan, out: Path, bare, steps: list, wall_s: fl
     the oldest bundles beyond ``keep`` are removed. Returns what the response reports.
 
     The technical note (``note.pdf``) is left out unless ``notes``: rendering it takes seconds, four
-    times the rest of a small bundle, and one thread writes every request's bundle; it is derived
+    times the rest of a small bundle, and one process writes every request's bundle; it is derived
     from the bundle's files alone, so ``kimi-jax note BUNDLE`` renders the same note later."""
     m = plan.manifest
     facts = RunFacts(

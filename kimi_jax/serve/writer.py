@@ -2,8 +2,9 @@
 
 Writing a bundle is Python work (the ledger, its schema check, the arrays, the explorer page,
 the checksums) that takes longer than decoding a short answer, and on the engine's process it
-holds the GIL the engine's thread needs between its programs: measured on the medium model, one
-writer thread bounded the server at about 1.5 requests/s at every concurrency. The writer process
+holds the GIL the engine's thread needs between its programs: on the medium model, with 4 clients,
+the time from a request's arrival to its last token was about 1.6x as long with a writer thread
+(benchmarks/RESULTS.md section 10). The writer process
 opens the same checkpoint once, with the server's resolved residency budget, and plans each
 request again from its manifest (the same prompt ids and stop rules: planning is deterministic);
 steps travel to it pickled. It dies with the server (``PR_SET_PDEATHSIG``), so a ``kill -9`` of

@@ -4,8 +4,9 @@ KV cache. Reports bytes used (must equal `kimi-jax inspect`'s prediction), where
 (storage, memory, read ahead), the expert cache's hit rate per step, wall time split into read and
 compute, and peak RSS (target: under budget + 2 GiB).
 
-    python benchmarks/scale.py                            # budget auto, stored-precision matmuls
+    python benchmarks/scale.py                            # the defaults: budget auto, the CPU kernels
     python benchmarks/scale.py --budget 0 --matmul widened  # 0.1.0's behaviour in this tree
+    python benchmarks/scale.py --floor                    # also the same bytes read alone, same invocation
     python benchmarks/scale.py --tokens 0                 # the single-token pass only
     python benchmarks/scale.py --baseline 8594dfb         # also the BOS pass of that commit, same invocation
     python benchmarks/scale.py --page-cache keep          # keep the shards' pages (auto drops them: they do not fit)
@@ -30,6 +31,8 @@ from pathlib import Path
 from common import emit, machine, peak_rss_bytes
 
 from kimi_jax.model.engine import Engine
+from kimi_jax.settings import MATMUL_MODES
+from kimi_jax.storage.reader import ShardReader
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.residency import drops_page_cache, plan_residency, resolve_budget
 from kimi_jax.storage.synth import ensure_synthetic
@@ -57,6 +60,24 @@ def run(index, tokens: int, kv_cache: bool, engine_args: dict) -> dict:
             "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2), "tokens_out": [s.token for s in steps]}  # fmt: skip
 
 
+def read_floor(index, drop_page_cache: bool) -> dict:
+    """The storage floor of a one-token step: its bytes (every layer's non-expert weights and k experts
+    of each MoE layer, the embedding row aside, and the head) read alone with the engine's reader,
+    layer by layer, dropping each range from the page cache as the engine does when the shards do
+    not fit. Compare its seconds with the step's wall: the gap is compute and what does not overlap."""
+    k = index.config.num_experts_per_tok
+    started = time.perf_counter()
+    with ShardReader() as reader:
+        reader.drop_after_read = drop_page_cache
+        for layer in index.layers:
+            weights = list(layer.base.values()) + [w for e in layer.experts[:k] for w in e.values()]
+            reader.read_weights(weights, layer=layer.index)
+        reader.read_weights(list(index.head.values()), layer=None)
+        nbytes = reader.run.total
+    wall = time.perf_counter() - started
+    return {"run": "read-floor", "wall_s": round(wall, 2), "bytes": nbytes, "drop_page_cache": drop_page_cache}
+
+
 def baseline(revision: str, smoke: bool) -> dict:
     """The BOS pass of ``revision``'s own scale.py, run from a temporary worktree in a child process."""
     with tempfile.TemporaryDirectory(prefix="kimi-jax-scale-baseline-") as tmp:
@@ -78,7 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=5, help="tokens for the multi-token runs (0: skip them)")
     parser.add_argument("--budget", default="auto", help="storage.resident_bytes: a size, 0 or auto (default)")
-    parser.add_argument("--matmul", default="stored", choices=["stored", "widened"], help="compute.matmul")
+    parser.add_argument("--matmul", default="kernels", choices=MATMUL_MODES, help="compute.matmul")
+    parser.add_argument("--floor", action="store_true", help="also read the step's bytes alone, right after it")
     parser.add_argument("--expert-cache", default="lru", choices=["lru", "lfu"])
     parser.add_argument("--speculate", action="store_true", help="storage.speculate: read predicted experts ahead")
     parser.add_argument("--page-cache", default="auto", choices=["auto", "keep", "drop"], help="storage.page_cache")
@@ -108,6 +130,11 @@ def main() -> None:
     one["rss_minus_budget_gib"] = round(one["peak_rss_gib"] - budget / 2**30, 2)
     one["bytes_equal_prediction"] = one["bytes_read"][0] == index.predicted_bytes_per_token()
     emit({"run": "one-token", **one})
+    if args.floor:
+        floor = read_floor(index, residency.drop_page_cache)
+        floor["step_vs_floor"] = round(one["wall_s"] / floor["wall_s"], 2)
+        floor["compute_share_of_step"] = round(one["compute_s"] / one["wall_s"], 3)
+        emit(floor)
     if args.tokens:
         for kv in (True,) if args.kv_only else (True, False):
             emit({"run": f"{args.tokens}-tokens", **run(index, 2 if args.smoke else args.tokens, kv, engine_args)})

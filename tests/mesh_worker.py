@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
@@ -135,7 +136,21 @@ def tokens_on_meshes(ckpt: str, steps: int, kv_cache: bool, meshes: list[list], 
     return out
 
 
-JOBS = {"placement_reads": placement_reads, "mesh_mismatch": mesh_mismatch, "tokens_on_meshes": tokens_on_meshes,
+def digests_on_a_mesh(ckpt: str, meshes: list[list]) -> dict:
+    """Each step's weights digest (every tensor checked against the digest file as it is read) on one
+    device and on each mesh ``[expert, model, placement]`` of this one process."""
+    from kimi_jax.storage.digests import DIGEST_FILE, load_digest_file
+
+    def digests(mesh):
+        reader = ShardReader(digests=load_digest_file(Path(ckpt) / DIGEST_FILE))
+        with Engine(open_checkpoint(ckpt), mesh=mesh, reader=reader) as engine:
+            steps = engine.generate([5, 9, 400], 3, kv_cache=True)
+        return [s.storage["weights_digest"] for s in steps]
+
+    return {"one": digests(None), "meshes": [digests(MeshShape(*m)) for m in meshes]}
+
+
+JOBS = {"placement_reads": placement_reads, "digests_on_a_mesh": digests_on_a_mesh, "mesh_mismatch": mesh_mismatch, "tokens_on_meshes": tokens_on_meshes,
         "settings_on_meshes": settings_on_meshes}
 
 if __name__ == "__main__":

@@ -38,8 +38,11 @@ def _smoke(script: str, *args: str) -> list[dict]:
 
 
 def test_scale_smoke():
-    records = _smoke("scale.py")
+    records = _smoke("scale.py", "--floor")
     assert any(r.get("run") == "one-token" and r["bytes_equal_prediction"] for r in records)
+    # the floor reads what a one-token step needs from storage: its bytes, less the embedding row
+    floor, one = (next(r for r in records if r.get("run") == run) for run in ("read-floor", "one-token"))
+    assert 0 < floor["bytes"] <= one["bytes_read"][0] and floor["wall_s"] > 0
 
 
 def test_io_smoke():
@@ -73,7 +76,8 @@ def test_peers_smoke():
     records = _smoke("peers.py")
     systems = {r["system"] for r in records if "system" in r}
     assert {"transformers-memory", "transformers-disk-offload", "kimi-jax-kv", "kimi-jax-no-kv", "kimi-jax-kv-bf16",
-            "kimi-jax-kv-auto", "kimi-jax-kv-auto-bf16", "kimi-jax-kv-stream"} <= systems  # llama.cpp's when installed
+            "kimi-jax-kv-auto", "kimi-jax-kv-auto-bf16", "kimi-jax-kv-stream", "kimi-jax-defaults",
+            "kimi-jax-defaults-bf16"} <= systems  # llama.cpp's when installed
     ratios = next(r for r in records if "ratios" in r)["ratios"]
     assert ratios["same_tokens_as_transformers"] is True
 

@@ -150,7 +150,7 @@ def test_a_killed_process_is_named_by_the_other_and_the_run_resumes(manifest, wh
     (code0, err0, _, _), (code1, _, _, died) = results
     assert code1 == -9
     assert code0 == 3 and "error: PeerProcessLost: process 0 of 2" in err0, err0[-3000:]
-    assert results[0][3] - died < TIMEOUT_S + 10  # named within the timeout, not a hang
+    assert results[0][3] - died < TIMEOUT_S + 30  # named within the timeout (slack for a loaded machine), not a hang
     assert not (out / "ledger.json").exists()
     for code, err, _, _ in launch(manifest, out, 2, "--resume"):
         assert code == 0, err[-3000:]
@@ -170,7 +170,7 @@ def test_a_killed_process_0_is_named_by_the_survivor(manifest, whole_run, tmp_pa
     assert code0 == -9
     assert code1 == 3 and "error: PeerProcessLost: process 1 of 2" in err1, err1[-3000:]
     assert "Check failure" not in err1 and "terminate called" not in err1, err1[-3000:]
-    assert ended - died < TIMEOUT_S + 10
+    assert ended - died < TIMEOUT_S + 30
     if "coordination service of process 0" in err1:  # (else the collective noticed first: gloo's error line)
         (saved,) = (tmp_path / "tmp").glob("kimi-jax-peer-lost-*.txt")
         assert str(saved) in err1 and "coordination service" in saved.read_text()

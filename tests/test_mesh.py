@@ -110,6 +110,44 @@ def test_a_mesh_refuses_speculation_only(tiny_checkpoints, tmp_path):
         check_mesh(prepare_run(load_manifest(path, ["storage.speculate=true"])))
 
 
+@pytest.fixture(scope="module")
+def digested(tiny_checkpoints, tmp_path_factory):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from kimi_jax.cli import main
+
+    path = shutil.copytree(tiny_checkpoints["kimi-k2.5"], tmp_path_factory.mktemp("digested") / "ckpt")
+    assert CliRunner().invoke(main, ["digest", str(path), "--no-progress"]).exit_code == 0
+    return path
+
+
+def test_digests_are_checked_on_a_mesh_of_one_process_and_name_what_one_device_names(digested):
+    """One process reads whole tensors whatever its mesh, so each is checked against the digest file;
+    each step's weights digest names the weights it used, as on one device: kept layers and a
+    resident placement's experts count from memory, embedding rows under their row names."""
+    job = {"job": "digests_on_a_mesh", "args": {"ckpt": str(digested), "meshes": [[2, 4, "streamed"],
+                                                                                  [1, 8, "resident"]]}}  # fmt: skip
+    (result,) = run_worker([job])
+    assert all(d is not None for d in result["one"]) and len(set(result["one"])) == 3
+    assert result["meshes"] == [result["one"], result["one"]]
+
+
+def test_a_digest_file_is_refused_only_when_processes_read_shares(digested, tmp_path):
+    from kimi_jax.run.distributed import check_mesh
+    from kimi_jax.run.plan import prepare_run
+
+    path = _manifest_file(tmp_path, "compute: {mesh: {expert: 1, model: 1}}\n")
+    path.write_text(path.read_text().replace("synthetic: {preset: tiny}", f"checkpoint: {digested}"))
+    plan = prepare_run(load_manifest(path))
+    assert plan.source.digests is not None
+    check_mesh(plan)  # one process: every tensor whole, checked
+    with pytest.raises(ManifestError, match=r"compute.mesh: the digest file .* in a run of 2 processes each reads only "
+                                            r"a share"):  # fmt: skip
+        check_mesh(plan, processes=2)
+
+
 # -- host-side planning ------------------------------------------------------------------------
 
 

@@ -40,14 +40,14 @@ def server(ckpt):
         yield srv
 
 
-def _run(tmp_path, checkpoint, out="out", **remote):
+def _run(tmp_path, checkpoint, out="out", prove=None, **remote):
     # streamed (budget 0): every range fetched is one a step used, so bytes fetched add up to bytes used
     data = {"version": 1, "model": {"checkpoint": str(checkpoint), "cache_dir": str(tmp_path / "cache")},
             "prompt": {"tokens": [7, 300, 7]}, "generate": {"max_new_tokens": 2},
             "storage": {"remote": remote, "resident_bytes": 0}, "output": {"dir": str(tmp_path / out)}}  # fmt: skip
     if not remote:
         del data["storage"]["remote"]
-    return execute(prepare_run(parse_manifest_dict(data, source=str(tmp_path / "m.yaml"))), prove=False, echo=_quiet,
+    return execute(prepare_run(parse_manifest_dict(data, source=str(tmp_path / "m.yaml"))), prove=prove, echo=_quiet,
                    progress=False)  # fmt: skip
 
 
@@ -83,6 +83,36 @@ def test_run_over_http_equals_local_reads_exact_ranges_then_the_cache(ckpt, serv
     assert server.ranges == []  # headers came from the mirror, tensors from the cache
 
 
+def test_the_proofs_pass_records_what_it_fetched(ckpt, server, tmp_path):
+    # the bare pass of the proof runs first and fills the range cache: the recorded steps then read
+    # step 0 from the cache, and without the proof's own counts the run's network traffic reads short
+    url = server.base + "/ckpt/"
+    proved = _run(tmp_path, url, out="proved", prove="first", cache_gib=1).ledger
+    totals = proved["totals"]
+    assert totals["proof_bytes_network"] > 0 and proved["steps"][0]["bytes_network"] == 0
+    tensor_ranges = [(p, a, b) for p, a, b in server.ranges if a >= 8 and (b - a) != _header_len(ckpt, p)]
+    assert sum(b - a for _, a, b in tensor_ranges) == totals["bytes_network"] + totals["proof_bytes_network"]
+    assert verify_bundle(tmp_path / "proved").ok
+
+
+def test_the_readmes_checkpoint_server_serves_a_run(ckpt, tmp_path):
+    # tools/serve_checkpoint.py is the Range-capable server the README names for a first remote run
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "serve_checkpoint.py"
+    served = subprocess.Popen([sys.executable, str(tool), str(ckpt), "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"http://\S+/", served.stdout.readline()).group(0)
+        local, remote = _run(tmp_path, ckpt, out="local").ledger, _run(tmp_path, url, out="remote").ledger
+        assert _same_steps(local, remote) and remote["totals"]["bytes_network"] == remote["totals"]["bytes_read"]
+    finally:
+        served.kill()
+        served.wait()
+
+
 def _header_len(ckpt, path: str) -> int:
     raw = (ckpt / path.rsplit("/", 1)[-1]).read_bytes()
     return int.from_bytes(raw[:8], "little")
@@ -109,6 +139,34 @@ def test_requests_overlap_up_to_max_in_flight(server, tmp_path):
     server.max_active = 0
     reader.read_weights([source.index.weights["lm_head.weight"]], layer=None)
     assert server.max_active == 4
+
+
+def test_a_strained_server_gets_fewer_requests_at_once_and_then_more(server, tmp_path):
+    source, reader = _reader(server, tmp_path, max_in_flight=8, request_bytes=4096)
+    store = source.remote[0]
+    server.faults.status = [503]  # one overload: the limit halves once, not once per failed request
+    server.faults.delay_s = 0.01
+    server.max_active = 0
+    lm_head = source.index.weights["lm_head.weight"]
+    reader.read_weights([lm_head], layer=None)
+    assert store.in_flight.lowered and store.in_flight.lowered[0].startswith("8 -> 4: HTTP 503")
+    assert len(store.in_flight.lowered) == 1
+    # calm answers raise it by one per twice the limit in a row, back to max_in_flight at most
+    for _ in range(6):
+        server.max_active = 0
+        reader.read_weights([lm_head], layer=None)
+    assert store.in_flight.limit == 8 and server.max_active <= 8
+
+
+def test_a_slow_connection_is_read_as_a_full_listen_queue(server, tmp_path, monkeypatch):
+    import kimi_jax.storage.remote_http as remote_http
+
+    monkeypatch.setattr(remote_http, "SLOW_CONNECT_S", 0.0)  # every new connection counts as slow
+    source, reader = _reader(server, tmp_path, max_in_flight=8, request_bytes=4096)
+    server.faults.delay_s = 0.01
+    server.max_active = 0
+    reader.read_weights([source.index.weights["lm_head.weight"]], layer=None)
+    assert "listen queue" in source.remote[0].in_flight.lowered[0] and server.max_active < 8
 
 
 def test_dropped_connections_errors_and_short_bodies_are_retried(ckpt, server, tmp_path):

@@ -330,7 +330,11 @@ LEDGER_SCHEMA: dict[str, Any] = {
                         "proof_wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of the proof's bare "
                                            "pass (0 without a proof); not in wall_s."),
                         "run_wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of the whole run: "
-                                         "loading, the proof's bare pass and every step, up to the ledger.")},
+                                         "loading, the proof's bare pass and every step, up to the ledger."),
+                        "proof_bytes_network": _m(_INT, "Bytes the proof's bare pass fetched over the network: it runs "
+                                                  "first, so with a range cache the steps above find those bytes in "
+                                                  "the cache (absent without a proof)."),
+                        "proof_bytes_cache": _m(_INT, "Bytes the proof's bare pass was served by the range cache.")},
                        required=["bytes_read", "wall_s"]),  # fmt: skip
         "anchor": {"oneOf": [{"type": "null"}, _obj({
             "file": _m(_STR, "Anchor file checked."),

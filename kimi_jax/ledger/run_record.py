@@ -74,7 +74,14 @@ def non_perturbation_record(bare: list, instrumented: list, scope: str = PROVE_F
             "instrumented": b, "identical": True}  # fmt: skip
 
 
-def timing_record(proof_wall_s: float, run_wall_s: float) -> dict[str, Any]:
+def timing_record(proof_wall_s: float, run_wall_s: float, bare: list = ()) -> dict[str, Any]:
     """The whole run's wall time beside the steps': the proof's bare pass, and everything from the
-    output folder being held to the ledger (both passes, loading, and what came between)."""
-    return {"proof_wall_s": f32(proof_wall_s), "run_wall_s": f32(run_wall_s)}
+    output folder being held to the ledger (both passes, loading, and what came between). With the
+    bare pass's steps, also what that pass fetched: it runs first, so on a remote checkpoint with a
+    range cache it is the pass that goes to the network, and the recorded steps are served from the
+    cache; without these fields the run's network traffic would read as 0."""
+    record = {"proof_wall_s": f32(proof_wall_s), "run_wall_s": f32(run_wall_s)}
+    if bare:
+        record.update({f"proof_{key}": sum(int((s.storage or {}).get(key, 0)) for s in bare)
+                       for key in ("bytes_network", "bytes_cache")})  # fmt: skip
+    return record

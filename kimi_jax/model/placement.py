@@ -208,7 +208,8 @@ class MeshReads:
         """Rows of the distinct tokens, each read by one process; x [T, hidden] replicated."""
         entry = self.index.embed.parts["weight"]
         distinct = sorted(set(tokens))
-        rows = [row_range(entry, t, t + 1) for t in distinct]
+        # each row under its own name (NAME[ROW]), as one device reads it: the digest file has a digest per row
+        rows = [dataclasses.replace(row_range(entry, t, t + 1), stored_name=f"{entry.stored_name}[{t}]") for t in distinct]
         block = self._block(len(distinct))
         mine = [(i, k) for i in range(self.first, self.stop) for k in range(i * block, min((i + 1) * block, len(distinct)))]
         read = self.reader.read_records([rows[k] for _, k in mine], layer=None,
@@ -323,8 +324,15 @@ class StreamedPlacement(WeightSource):
         ``used`` is what a one-device run would count for the same routing (the layer's non-expert
         weights and its distinct experts; the embedding rows and the head); ``from_storage`` is what
         the processes read; the rest was on the devices already (``from_memory``)."""
-        counters = self.reads.reader.end_step()
         index = self.index
+        # the weights digest names what the step used, as on one device, wherever it came from: kept
+        # layers and a resident stack's experts are served from memory, checked when they were read
+        self.reads.reader.count_served(
+            [p for lm in index.layers for w in lm.base.values() for p in w.parts.values()]
+            + [p for layer, picked in self.picked.items() for e in picked
+               for w in index.layers[layer].experts[e].values() for p in w.parts.values()]
+            + [p for w in index.head.values() for p in w.parts.values()])  # fmt: skip
+        counters = self.reads.reader.end_step()
         keys: list[int | None] = [None, *range(len(index.layers))]
         rows = gather_counts([counters.per_layer.get(k, 0) for k in keys]
                              + [counters.per_layer_overread.get(k, 0) for k in keys])  # fmt: skip

@@ -241,6 +241,10 @@ def report(steps: list, proof: dict | None, ledger_path: Path, echo=to_stderr, s
         proof_s = f", {totals['proof_wall_s']:.2f} s of them the proof's bare pass" if proof else ""
         echo(f"wall: {totals['run_wall_s']:.2f} s for the whole run{proof_s}; the steps above {totals['wall_s']:.2f} s, "
              f"{totals['compile_s']:.2f} s of them compiling")  # fmt: skip
+    if totals and (totals.get("proof_bytes_network") or totals.get("bytes_network")):
+        echo(f"network: {totals['bytes_network']:,} bytes for the steps above, "
+             f"{totals.get('proof_bytes_network', 0):,} for the proof's bare pass (it ran first; the range cache "
+             "served the steps what it fetched)")  # fmt: skip
     if proof:
         covered = "every step" if proof.get("scope", PROVE_ALL) == PROVE_ALL else "step 0"
         echo(f"non-perturbation: bare and instrumented runs identical on {covered}; ledger: {ledger_path}")

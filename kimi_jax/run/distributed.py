@@ -136,11 +136,11 @@ def join(plan) -> DistributedSettings | None:
             _stop_filtering()  # the error goes out as one line; nothing written to stdout is left in the pipe
             raise
         _watchdog.beat("joining the other processes", joined=True)
-    check_mesh(plan)
+    check_mesh(plan, settings.num_processes if settings is not None else 1)
     return settings
 
 
-def check_mesh(plan) -> None:
+def check_mesh(plan, processes: int = 1) -> None:
     """``compute.mesh`` fits the devices present, and what the run checks can be checked on it."""
     if plan.mesh is None:
         return
@@ -156,10 +156,13 @@ def check_mesh(plan) -> None:
     except MeshError as e:
         raise plan.manifest.error("compute.mesh", str(e)) from None
     source = getattr(plan, "source", None)
-    if plan.mesh.size > 1 and source is not None and source.digests is not None:
+    # One process reads every byte of a tensor whatever its devices (its shares are contiguous), so
+    # each tensor is checked whole. Several processes each read a share, and the digest file has one
+    # digest per tensor (per row only for the embedding): a share cannot be checked against it.
+    if processes > 1 and source is not None and source.digests is not None:
         raise plan.manifest.error("compute.mesh", f"the digest file {source.digest_file} is checked tensor by tensor, but "
-                                                  f"on a mesh of {plan.mesh.size} devices each process reads only a share "
-                                                  "of each tensor; run on one device to check the content, or set "
+                                                  f"in a run of {processes} processes each reads only a share of each "
+                                                  "tensor; run in one process (any mesh) to check the content, or set "
                                                   "storage.verify_digests: false")  # fmt: skip
 
 

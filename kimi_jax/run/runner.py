@@ -181,7 +181,7 @@ def _execute_held(plan: RunPlan, prove: str | None, resume: bool, echo, progress
         anchor=anchors.check(anchor, m.anchor, steps[0], plan.mesh_label, plan.kernels_label) if anchor is not None else None,
         proof=non_perturbation_record(results["bare"], steps, prove) if prove is not None else None,
         kernels=plan.kernels,
-        timing=timing_record(walls.get("bare", 0.0), compile_clock.now() - started),
+        timing=timing_record(walls.get("bare", 0.0), compile_clock.now() - started, results.get("bare", [])),
     )  # fmt: skip
     ledger = build_ledger(plan, steps, facts)
     validate_ledger(ledger)

@@ -11,6 +11,7 @@ from urllib.parse import quote
 from kimi_jax.errors import CheckpointError, StorageError
 from kimi_jax.storage.remote import (
     COMMIT_PATTERN,
+    SLOW_CONNECT_S,
     API_LIMIT,
     RemoteFile,
     RemoteSettings,
@@ -32,6 +33,7 @@ class HttpTransport:
         # identity: the bytes must be the file's, never a compressed form of them
         self.headers = {"Accept-Encoding": "identity", **(headers or {})}
         self._session = None
+        self.strained = lambda why: None  # the store's InFlight.strained, told of slow connections
 
     def url(self, name: str) -> str:
         return self.base + quote(name)
@@ -43,8 +45,24 @@ class HttpTransport:
                                             sock_read=self.settings.timeout_s)  # fmt: skip
             connector = aiohttp.TCPConnector(limit=max(1, self.settings.max_in_flight))
             self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, headers=self.headers,
-                                                  auto_decompress=False)  # fmt: skip
+                                                  auto_decompress=False, trace_configs=[self._connect_clock()])  # fmt: skip
         return self._session
+
+    def _connect_clock(self):
+        """Times each new connection: one that takes SLOW_CONNECT_S met a full listen queue."""
+        trace, loop_time = self.aiohttp.TraceConfig(), asyncio.get_running_loop().time
+
+        async def start(_session, context, _params):
+            context.connect_started = loop_time()
+
+        async def end(_session, context, _params):
+            took = loop_time() - getattr(context, "connect_started", loop_time())
+            if took >= SLOW_CONNECT_S:
+                self.strained(f"a connection took {took:.1f} s to open (the server's listen queue was full)")
+
+        trace.on_connection_create_start.append(start)
+        trace.on_connection_create_end.append(end)
+        return trace
 
     async def close(self) -> None:
         if self._session is not None:

@@ -88,8 +88,8 @@ def server(tiny_checkpoints, tmp_path_factory):
     (checkpoint / "chat_template.jinja").write_text(KIMI_TOOL_TEMPLATE)
     proc, port, runs = start(tmp_path_factory.mktemp("serve"), checkpoint)
     yield port, runs, checkpoint
-    proc.terminate()
-    proc.wait(timeout=30)
+    proc.terminate()  # SIGTERM: a clean stop
+    assert proc.wait(timeout=60) == 0 and "stopping (SIGTERM)" in (runs.parent / "server.log").read_text()
 
 
 def client(port: int, key: str = KEY):
@@ -203,7 +203,9 @@ def test_a_client_that_disconnects_mid_stream_is_cancelled_and_leaves_no_bundle(
     assert after.choices[0].finish_reason == "length"
     assert not bundle.exists() and not [p for p in runs.iterdir() if ".partial-" in p.name]
     log = (runs.parent / "server.log").read_text()
-    assert re.search(rf"{bundle.name}: cancelled after \d+ step\(s\); no bundle written", log), log
+    # the client may leave before the engine took the request from the queue, or after
+    assert re.search(rf"{bundle.name}: cancelled (after \d+ step\(s\)|while waiting \(nothing run\)); no bundle written",
+                     log), log
 
 
 @pytest.mark.parametrize("body, status, param", [

@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import json
 import secrets
+import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -208,7 +209,10 @@ async def serve_forever(server: Server, host: str, port: int, announce) -> None:
     bound = sock.getsockname()
     announce(f"serving {server.model} on http://{host if ':' not in host else f'[{host}]'}:{bound[1]}/v1 "
              f"(bundles in {server.runs})")  # fmt: skip
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)  # a service manager's stop: clean up
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+        announce("stopping (SIGTERM)")
     finally:
         await runner.cleanup()

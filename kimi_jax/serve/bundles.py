@@ -53,7 +53,7 @@ def write_request_bundle(plan: RunPlan, out: Path, bare, steps: list, wall_s: fl
         residency=residency_record(plan.residency, m.storage.expert_cache, m.storage.speculate),
         proof=non_perturbation_record([bare], steps, PROVE_FIRST),
         kernels=plan.kernels,
-        timing=timing_record(bare.wall_s, wall_s),
+        timing=timing_record(bare.wall_s, wall_s, [bare]),
     )
     ledger = build_ledger(plan, steps, facts)
     validate_ledger(ledger)

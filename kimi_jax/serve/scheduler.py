@@ -97,7 +97,8 @@ class Scheduler:
                 job = self.waiting.get(timeout=0.05) if not self.batch.live else self.waiting.get_nowait()
             except queue.Empty:
                 return
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():  # its client left while it waited
+                self.echo(f"{job.bundle.name}: cancelled while waiting (nothing run); no bundle written")
                 continue
             self._join(job)
 

@@ -228,6 +228,31 @@ def digest(checkpoint: str, out_file: str | None, workers: int, progress: bool) 
 
 
 @main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a manifest field (repeatable).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; beyond loopback needs --api-key-file.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), help="A file holding the bearer token requests must send.")
+@click.option("--runs", type=click.Path(file_okay=False), help="Where each request's bundle goes (default: output.dir).")
+@click.option("--keep", type=click.IntRange(min=1), default=100, show_default=True, help="Bundles kept; older ones are removed.")
+@click.option("--max-batch", type=click.IntRange(1, 64), default=8, show_default=True, help="Requests decoded together.")
+@click.option("--max-queue", type=click.IntRange(0, 1024), default=16, show_default=True,
+              help="Requests waiting to join the batch; more get 429.")
+@click.option("--time-limit", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds a request may take from arrival; then it is cancelled (no bundle).")
+@click.option("--notes", is_flag=True, help="Render each bundle's technical note (note.pdf): seconds per request; "
+                                            "kimi-jax note renders it later from the bundle alone.")
+def serve(manifest: str, overrides: tuple[str, ...], host: str, port: int, api_key_file: str | None, runs: str | None,
+          keep: int, max_batch: int, max_queue: int, time_limit: float, notes: bool) -> None:
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models); every answer
+    leaves a bundle that kimi-jax verify checks."""
+    from kimi_jax.serve.command import serve as serve_command
+
+    serve_command(manifest, list(overrides), host, port, api_key_file, runs, keep, max_batch, max_queue, time_limit,
+                  notes)
+
+
+@main.command()
 @click.argument("which", type=click.Choice(["manifest", "ledger", "ledger-sequences"]))
 def schema(which: str) -> None:
     """Print a published JSON Schema (ledger: a one-prompt run's; ledger-sequences: a prompts: run's)."""

@@ -156,3 +156,9 @@ def test_prefill_smoke():
         "same_token_every_chunk"]
     # chunks of 8 read each layer's experts once per chunk: at least as many bytes as one pass
     assert runs[1]["bytes_used"] >= runs[0]["bytes_used"]
+
+
+def test_serve_smoke():
+    records = _smoke("serve.py")
+    rounds = {r["concurrency"]: r for r in records if r.get("run") == "serve"}
+    assert sorted(rounds) == [1, 2] and all(r["requests"] == 2 and r["tokens"] == 2 * 2 for r in rounds.values())

@@ -135,7 +135,7 @@ STAGES = {
     "explorer": 4,
     "verify": 5, "note": 5,
     "run": 6,
-    "vindex": 7,
+    "vindex": 7, "serve": 7,
     "cli": 8,
 }
 ONE_STAGE = {"note": "verify"}

@@ -41,6 +41,15 @@ def demo(tiny_checkpoints, tmp_path_factory):
     return outcome
 
 
+def test_fields_the_schema_does_not_classify_are_found(demo):
+    ledger = json.loads(demo.ledger_path.read_text())
+    ledger["steps"][0]["bogus"] = 1  # a new leaf in every step's shape
+    ledger["run"]["extra"] = {"deep": 2}
+    ledger["steps"][1]["layers"][0]["nothing"] = None
+    ledger["anchor"] = None  # an absent optional section whose fields are classified is fine
+    assert unclassified_fields(ledger) == ["run.extra.deep", "steps[].bogus", "steps[].layers[].nothing"]
+
+
 def test_ledger_has_every_field_and_validates(demo):
     ledger = json.loads(demo.ledger_path.read_text())
     jsonschema.Draft202012Validator(LEDGER_SCHEMA).validate(ledger)

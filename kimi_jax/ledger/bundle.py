@@ -32,6 +32,7 @@ read (:func:`check_array_declarations`).
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import re
 import shutil
@@ -204,10 +205,17 @@ def check_array_declarations(root: Path, steps: list[int] | None) -> dict[tuple[
     return stores
 
 
+@functools.cache
+def _installed_packages() -> tuple[str, ...]:
+    """Read once per process: a server writes a bundle per request, and reading every package's
+    metadata takes longer than the rest of a small bundle."""
+    return tuple(sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"]))
+
+
 def environment_record() -> dict[str, Any]:
     from kimi_jax.platform_info import platform_fingerprint
 
-    packages = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"])
+    packages = list(_installed_packages())
     env = {k: v for k, v in os.environ.items() if k.startswith(("XLA_", "JAX_", "KIMI_JAX_", "TF_CPP")) or k in
            ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}  # fmt: skip
     return {"platform": platform_fingerprint(), "python_executable": sys.executable, "packages": packages,

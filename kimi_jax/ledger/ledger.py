@@ -365,15 +365,17 @@ def provenance_map(schema: dict = LEDGER_SCHEMA, path: str = "") -> dict[str, st
 
 def unclassified_fields(ledger: dict, schema: dict = LEDGER_SCHEMA) -> list[str]:
     """Paths of ledger leaves that ``schema`` does not classify (should be empty)."""
-    classes = provenance_map(schema)
-    found = []
+    classes = set(provenance_map(schema))
+    covered: dict[str, bool] = {}  # by path: every step repeats the same paths
+    found = set()
     for path, value in _leaf_paths(ledger, ""):
-        # a leaf is classified when it, or an ancestor that holds opaque data, is classified;
-        # an absent optional section (null) is fine when its fields are classified
-        covered = any(path == p or path.startswith(p + ".") or path.startswith(p + "[") for p in classes)
-        if not covered and not (value is None and any(p.startswith(path + ".") for p in classes)):
-            found.append(path)
-    return sorted(set(found))
+        # a leaf is classified when it, or an ancestor that holds opaque data, is classified (the
+        # path cut before a "." or "["); an absent optional section (null) is fine when its fields are
+        if path not in covered:
+            covered[path] = path in classes or any(path[:i] in classes for i, c in enumerate(path) if c in ".[")
+        if not covered[path] and not (value is None and any(p.startswith(path + ".") for p in classes)):
+            found.add(path)
+    return sorted(found)
 
 
 def _leaf_paths(node: Any, here: str) -> Iterator[tuple[str, Any]]:

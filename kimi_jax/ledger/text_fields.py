@@ -91,7 +91,7 @@ def audit_choices(ledger: dict[str, Any], arrays: dict[int, tuple[np.ndarray, np
 
 def audit_text(ledger: dict[str, Any], tokenizer: Tokenizer, render) -> list[str]:
     """Every text field recomputes with ``tokenizer``, and the prompt as given encodes to
-    ``run.prompt`` (``render(messages, kwargs)`` renders a chat prompt)."""
+    ``run.prompt`` (``render(messages, kwargs, tools)`` renders a chat prompt)."""
     run = ledger.get("run") or {}
     given = run.get("prompt_input") or {}
     prompt = run.get("prompt") or []
@@ -99,7 +99,7 @@ def audit_text(ledger: dict[str, Any], tokenizer: Tokenizer, render) -> list[str
     if "text" in given:
         encoded = tokenizer.encode(given["text"])
     elif "chat" in given:
-        encoded = tokenizer.encode(render(given["chat"], given.get("chat_template_kwargs")), add_special_tokens=False)
+        encoded = tokenizer.encode(render(given["chat"], given.get("chat_template_kwargs"), given.get("tools")), add_special_tokens=False)
     else:
         encoded = given.get("tokens")
     if encoded != prompt:

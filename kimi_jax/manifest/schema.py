@@ -350,8 +350,16 @@ class StorageSection(_Section):
 
 
 class ChatMessage(_Section):
-    role: str = Field(min_length=1, description="Who speaks: system | user | assistant (what the template accepts).")
+    role: str = Field(min_length=1, description="Who speaks: system | user | assistant | tool (what the template "
+                                                "accepts).")
     content: str = Field(description="What is said.")
+    tool_calls: list[dict[str, Any]] | None = added_later(
+        None,
+        description="An assistant message's tool calls, as the OpenAI API writes them ({id, type: function, "
+        "function: {name, arguments}}); the template renders them.",
+    )
+    tool_call_id: str | None = added_later(None, description="A tool message: the call it answers.")
+    name: str | None = added_later(None, description="The speaker's name, for templates that use one.")
 
 
 class PromptSection(_Section):
@@ -383,6 +391,11 @@ class PromptSection(_Section):
         description="A conversation [{role, content}, ...], rendered with the checkpoint's chat template "
         "and its generation prompt.",
     )
+    tools: list[dict[str, Any]] | None = added_later(
+        None,
+        description="Tools the chat template declares to the model (OpenAI's tools: [{type: function, function: "
+        "{name, description, parameters}}]); only with prompt.chat.",
+    )
     chat_template_kwargs: dict[str, bool | int | float | str] | None = added_later(
         None,
         description="Extra variables for the chat template (e.g. {thinking: false} for Kimi K2.5's instant mode).",
@@ -396,6 +409,8 @@ class PromptSection(_Section):
             raise _fail(f"exactly one of prompt.tokens / prompt.text / prompt.chat may be set, got {both}")
         if not given:
             raise _fail("exactly one of prompt.tokens / prompt.text / prompt.chat must be set, got none")
+        if self.tools is not None and self.chat is None:
+            raise _fail("prompt.tools applies only to prompt.chat")
         if self.chat_template_kwargs is not None and self.chat is None:
             raise _fail("prompt.chat_template_kwargs applies only to prompt.chat")
         return self

@@ -18,6 +18,7 @@ the pass's sequences.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import Callable
 
@@ -71,6 +72,7 @@ class Batch:
         self.passes: list[PassRecord] = []
         self._live: list[_Sequence] = []  # in row order
         self._caches: list[BatchedLatentCache] | None = None  # per layer, one row per live sequence
+        self._numbers = itertools.count()  # indices are never reused, even after :meth:`release`
 
     @property
     def live(self) -> list[int]:
@@ -79,7 +81,7 @@ class Batch:
 
     def add(self, prompt: list[int], max_new_tokens: int, decoding=None) -> tuple[int, StepRecord]:
         """Run ``prompt``'s step 0 and join it to the batch; returns (its index, the step)."""
-        seq = _Sequence(len(self.sequences), list(prompt), decoding, max_new_tokens)
+        seq = _Sequence(next(self._numbers), list(prompt), decoding, max_new_tokens)
         self.sequences[seq.index] = seq
         caches = self.engine.empty_caches(len(prompt), max_new_tokens)
         record, caches = self.engine.step(0, seq.context, False, caches, None, decoding)
@@ -107,6 +109,12 @@ class Batch:
     def cancel(self, index: int) -> None:
         """Take sequence ``index`` out of the batch (its steps so far are kept)."""
         self._keep([s for s in self._live if s.index != index])
+
+    def release(self, index: int) -> list[StepRecord]:
+        """Take sequence ``index`` out of the batch and forget it; returns its steps. A long-lived
+        batch (the server's) releases every sequence it is done with, or it keeps them all."""
+        self.cancel(index)
+        return self.sequences.pop(index).steps
 
     def _keep(self, keep: list[_Sequence]) -> None:
         if len(keep) == len(self._live):
@@ -172,16 +180,20 @@ def _decode_pass(engine, live: list[_Sequence], caches: list[BatchedLatentCache]
     records = []
     for b, (seq, context) in enumerate(zip(live, contexts)):
         per_layer, used = own_bytes(engine.index, routing, b)
-        # each layer's sources are its share of that layer's in the pass, so a layer's add up too
-        layer_records = [engine.layer_record(layer, out, share(per_layer[layer], by_layer.get(layer, ByteCounts())),
-                                             None, row=b)
+        # each part of the token's bytes takes its sources in the proportions of the pass's same part,
+        # and the step's are the sum of its parts': a bundle's sources add up layer by layer and per step
+        shares = {k: share(n, by_layer.get(k, io)) for k, n in per_layer.items()}
+        layer_records = [engine.layer_record(layer, out, shares[layer], None, row=b)
                          for layer, out in enumerate(outputs)]  # fmt: skip
+        own_io = ByteCounts()
+        for counts in shares.values():
+            own_io = own_io.add(counts)
         step = len(seq.steps)
         token = int(np.argmax(logits[b])) if seq.decoding is None else seq.decoding.choose(step, logits[b])
         records.append(StepRecord(
             index=step, context=context, token=token, logit=float(logits[b][token]), logits=logits[b],
             hidden=hidden[b], layers=layer_records, bytes_read=used, bytes_per_layer=per_layer, wall_s=wall_s,
-            storage=counters.content(), io=share(used, io),
+            storage=counters.content(), io=own_io,
         ))  # fmt: skip
     return records, caches, io, wall_s
 

@@ -163,6 +163,20 @@ def _batch_problems(manifest: Manifest, entries: list) -> list[ManifestError]:
     return problems
 
 
+def replan(base: RunPlan, manifest: Manifest) -> RunPlan:
+    """The plan of ``manifest`` (another prompt and generation, the same checkpoint, compute and
+    storage as ``base``'s) on ``base``'s opened checkpoint, tokenizer and residency budget: what the
+    server does for each request, checked as :func:`prepare_run` checks a run, without opening the
+    checkpoint again."""
+    index, tokenizer = base.index, base.tokenizer
+    prompt, prompt_text = _prompt_tokens(manifest, index, tokenizer)
+    problems = prompt_problems(manifest, index.config, prompt, manifest.generate.max_new_tokens)
+    if problems:
+        raise ManifestError("\n".join(str(p) for p in problems))
+    return dataclasses.replace(base, manifest=manifest, prompt=tuple(prompt), prompt_text=prompt_text,
+                               decoding=_decoding(manifest, index, tokenizer))  # fmt: skip
+
+
 def remote_settings(manifest: Manifest) -> RemoteSettings:
     r, storage = manifest.storage.remote, manifest.storage
     if r is None:
@@ -203,9 +217,9 @@ def _prompt_tokens(manifest: Manifest, where: str, prompt, index: CheckpointInde
         if prompt.text is not None:
             text, ids = prompt.text, tokenizer.encode(prompt.text)
         else:
-            messages = [message.model_dump() for message in prompt.chat]
+            messages = [message.model_dump() for message in prompt.chat]  # without the fields not given
             text = render_chat(tokenizer, messages, add_generation_prompt=True,
-                               template_kwargs=prompt.chat_template_kwargs)  # fmt: skip
+                               template_kwargs=prompt.chat_template_kwargs, tools=prompt.tools)  # fmt: skip
             ids = tokenizer.encode(text, add_special_tokens=False)
     except TokenizerError as e:
         raise manifest.error(field, str(e)) from None

@@ -155,7 +155,7 @@ def _execute_held(plan: RunPlan, prove: str | None, resume: bool, echo, progress
     cache = enable_compilation_cache(m.model.cache_dir)
     compile_clock.start()
     started = compile_clock.now()
-    page_cache = _page_cache(plan)
+    page_cache = page_cache_facts(plan)
     for line in describe_run(plan, page_cache, prove):
         echo(line)
     if plan.shares_passes:
@@ -235,7 +235,7 @@ def _execute_sequences(plan: RunPlan, prove: str | None, echo, started: float, p
     return RunOutcome(steps, ledger, out / "ledger.json", None if texts is None else "\n".join(texts))
 
 
-def _page_cache(plan: RunPlan) -> dict:
+def page_cache_facts(plan: RunPlan) -> dict:
     """Evict the shards from the page cache if the manifest asks, then record how much is resident."""
     local = plan.index.source is None  # a remote checkpoint has no local page cache to speak of
     shards = [h.path for h in plan.index.shards] if local else []

@@ -4,7 +4,7 @@ The template is the checkpoint's (``chat_template.jinja``, else tokenizer_config
 ``chat_template``), or a stranger's bundle's in verify: the same renderer serves both. It runs
 in an ``ImmutableSandboxedEnvironment`` with ``trim_blocks`` and ``lstrip_blocks``, the
 ``loopcontrols`` extension, transformers' ``tojson`` (no HTML escaping) and ``raise_exception``,
-and sees ``messages``, ``add_generation_prompt``, ``tools``/``documents`` (None), the tokenizer's
+and sees ``messages``, ``add_generation_prompt``, ``tools`` (None unless given), ``documents`` (None), the tokenizer's
 special-token strings (``bos_token``, ``eos_token``, ...) and any ``prompt.chat_template_kwargs``.
 ``strftime_now`` is deliberately absent: a prompt that depends on the clock could not be
 replayed; a template that calls it fails with a clear error.
@@ -31,16 +31,17 @@ from kimi_jax.text.worker import RENDER_SECONDS, WorkerFailed
 _PROBE = "kimi-jax end-of-turn probe"
 
 
-def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                template_kwargs: dict[str, Any] | None = None) -> str:  # fmt: skip
-    """The checkpoint's chat template applied to ``messages``; TokenizerError names the template on failure."""
+def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                template_kwargs: dict[str, Any] | None = None, tools: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
+    """The checkpoint's chat template applied to ``messages`` (and ``tools``, as transformers passes
+    them); TokenizerError names the template on failure."""
     found = tokenizer.chat_template()
     if found is None:
         raise TokenizerError(f"{tokenizer.root}: ships no chat template (chat_template.jinja, or chat_template in "
                              "tokenizer_config.json); give the prompt as prompt.text or prompt.tokens")  # fmt: skip
     source, where = found
     variables = {**tokenizer.template_tokens(), **(template_kwargs or {})}
-    variables.update(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt)
+    variables.update(messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt)
     try:
         json.dumps(variables)
     except (TypeError, ValueError) as e:

@@ -30,7 +30,8 @@ def check_note(b: BundleView) -> str:
 
     present = [name for name in (NOTE, CERTIFICATION) if b.has(name)]
     if not present:
-        raise CheckSkipped(f"the bundle has no {NOTE} (written before kimi-jax wrote notes): nothing to compare")
+        raise CheckSkipped(f"the bundle has no {NOTE} (kimi-jax serve leaves it out unless --notes; bundles written "
+                          f"before kimi-jax wrote notes have none; `kimi-jax note` renders it): nothing to compare")
     problems = [f"{name}: missing, but {present[0]} is present (a bundle has both or neither)"
                 for name in (NOTE, CERTIFICATION) if name not in present]  # fmt: skip
     try:

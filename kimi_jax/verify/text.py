@@ -29,9 +29,9 @@ def check_text(b: BundleView) -> str:
             raise CheckFailed(f"the ledger records no tokenizer but has text fields ({', '.join(present[:5])})")
         raise CheckSkipped("the checkpoint ships no tokenizer: the ledger has no text fields")
 
-    def render(messages, kwargs):
+    def render(messages, kwargs, tools):
         try:
-            return render_chat(tokenizer, messages, add_generation_prompt=True, template_kwargs=kwargs)
+            return render_chat(tokenizer, messages, add_generation_prompt=True, template_kwargs=kwargs, tools=tools)
         except TokenizerError as e:
             raise CheckFailed(f"run.prompt_input.chat: {b.relative(str(e))}") from None
 

@@ -126,3 +126,17 @@ def test_a_request_past_its_time_limit_leaves_the_batch_without_a_bundle(tiny_ch
     assert (kinds[-1], payload) == ("failed", "timeout") and 1 <= kinds.count("step") < 2000
     assert said == [f"late: timeout after {kinds.count('step')} step(s); no bundle written"]
     assert not (tmp_path / "late").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", ["prompts: [{tokens: [5]}, {tokens: [9]}]\n",
+                                   "generate: {kv_cache: true, drafts: {method: prompt-lookup, tokens: 2}}\n"])
+def test_serve_refuses_a_manifest_of_several_prompts_or_drafts(tmp_path, extra):
+    from kimi_jax.errors import ManifestError
+    from kimi_jax.serve.command import serve
+
+    path = tmp_path / "m.yaml"
+    prompt = "" if extra.startswith("prompts") else "prompt: {tokens: [5]}\n"
+    path.write_text(f"version: 1\nmodel: {{synthetic: {{preset: tiny}}, cache_dir: {tmp_path}}}\n{prompt}{extra}"
+                    f"output: {{dir: {tmp_path / 'out'}}}\n")
+    with pytest.raises(ManifestError, match=r"(prompts|generate.drafts): serve answers one prompt per request"):
+        serve(str(path), [], "127.0.0.1", 0, None, None, 1, 1, 1, 10.0)

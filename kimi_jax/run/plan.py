@@ -169,12 +169,15 @@ def replan(base: RunPlan, manifest: Manifest) -> RunPlan:
     server does for each request, checked as :func:`prepare_run` checks a run, without opening the
     checkpoint again."""
     index, tokenizer = base.index, base.tokenizer
-    prompt, prompt_text = _prompt_tokens(manifest, index, tokenizer)
+    if manifest.prompts is not None or manifest.generate.drafts is not None:
+        raise ManifestError("a request is one prompt decoded without drafts (prompts: and generate.drafts are a "
+                            "run's)")  # fmt: skip
+    prompt, prompt_text = _prompt_tokens(manifest, "prompt", manifest.prompt, index, tokenizer)
     problems = prompt_problems(manifest, index.config, prompt, manifest.generate.max_new_tokens)
     if problems:
         raise ManifestError("\n".join(str(p) for p in problems))
     return dataclasses.replace(base, manifest=manifest, prompt=tuple(prompt), prompt_text=prompt_text,
-                               decoding=_decoding(manifest, index, tokenizer))  # fmt: skip
+                               decoding=_decoding(manifest, index, tokenizer, manifest.prompt), sequences=())  # fmt: skip
 
 
 def remote_settings(manifest: Manifest) -> RemoteSettings:

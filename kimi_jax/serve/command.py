@@ -44,6 +44,10 @@ def serve(manifest_path: str, overrides: list[str], host: str, port: int, api_ke
     if manifest.compute.mesh is not None or manifest.distributed is not None:
         raise manifest.error("compute.mesh" if manifest.compute.mesh is not None else "distributed",
                              "serve runs on one device in one process")  # fmt: skip
+    for field, given in (("prompts", manifest.prompts), ("generate.drafts", manifest.generate.drafts)):
+        if given is not None:  # requests bring their own prompt, and a request decodes without drafts
+            raise manifest.error(field, "serve answers one prompt per request: remove it (the manifest's prompt is "
+                                        "only checked, each request brings its own)")  # fmt: skip
     plan = prepare_run(manifest)
     folder = Path(runs) if runs else Path(manifest.output.dir)
     try:

@@ -75,7 +75,8 @@ def read_floor(index, drop_page_cache: bool) -> dict:
         reader.read_weights(list(index.head.values()), layer=None)
         nbytes = reader.run.total
     wall = time.perf_counter() - started
-    return {"run": "read-floor", "wall_s": round(wall, 2), "bytes": nbytes, "drop_page_cache": drop_page_cache}
+    return {"run": "read-floor", "wall_s": round(wall, 3), "bytes": nbytes, "drop_page_cache": drop_page_cache,
+            "gb_per_s": round(nbytes / wall / 1e9, 2)}
 
 
 def baseline(revision: str, smoke: bool) -> dict:
@@ -132,7 +133,7 @@ def main() -> None:
     emit({"run": "one-token", **one})
     if args.floor:
         floor = read_floor(index, residency.drop_page_cache)
-        floor["step_vs_floor"] = round(one["wall_s"] / floor["wall_s"], 2)
+        floor["step_vs_floor"] = round(one["wall_s"] / max(floor["wall_s"], 1e-3), 2)
         floor["compute_share_of_step"] = round(one["compute_s"] / one["wall_s"], 3)
         emit(floor)
     if args.tokens:

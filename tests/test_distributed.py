@@ -166,7 +166,7 @@ def test_a_killed_process_0_is_named_by_the_survivor(manifest, whole_run, tmp_pa
     where = {"TMPDIR": str(tmp_path / "tmp")}  # where the survivor saves jaxlib's log of the abort
     results = launch(manifest, tmp_path / "killed0", 2,
                      env_of=lambda pid: {"KIMI_JAX_FAULT": "bare:0:0", **where} if pid == 0 else where)  # fmt: skip
-    (code0, _, died), (code1, err1, ended) = results
+    (code0, _, _, died), (code1, err1, _, ended) = results
     assert code0 == -9
     assert code1 == 3 and "error: PeerProcessLost: process 1 of 2" in err1, err1[-3000:]
     assert "Check failure" not in err1 and "terminate called" not in err1, err1[-3000:]

@@ -57,10 +57,10 @@ def uniform_experts(n_routed: int, k: int, batch: int) -> float:
     return n_routed * (1 - (1 - k / n_routed) ** batch)
 
 
-def batch_run(index, batch: int, tokens: int, budget: str) -> dict:
+def batch_run(index, batch: int, tokens: int, budget: str, matmul: str = "kernels") -> dict:
     prompts = [[3 + 37 * i] for i in range(batch)]
     residency = budget_plan(index, budget, "auto", 1 + tokens)
-    with Engine(index, residency=residency, matmul="stored") as engine:
+    with Engine(index, residency=residency, matmul=matmul) as engine:
         started = time.perf_counter()
         steps, passes = generate_batch(engine, prompts, tokens)
         total_s = time.perf_counter() - started
@@ -75,6 +75,9 @@ def batch_run(index, batch: int, tokens: int, budget: str) -> dict:
             "decode_s": round(sum(p.wall_s for p in decode), 3), "total_s": round(total_s, 3),
             "tokens_per_s": round(made / sum(p.wall_s for p in decode), 4) if decode else None,
             "pass_s_median": round(statistics.median(p.wall_s for p in decode), 3) if decode else None,
+            # the first decode passes compile (each batch size its own programs): the median pass is the steady state
+            "tokens_per_s_median_pass": round(batch / statistics.median(p.wall_s for p in decode), 2) if decode else None,
+            "matmul": matmul,
             "storage_bytes_per_token": round(sum(p.io.from_storage + p.io.from_speculation for p in decode) / made) if made else None,
             "used_bytes_per_token": round(sum(p.io.used for p in decode) / made) if made else None,
             "experts_per_moe_layer": round(sum(p.io.experts_used for p in decode) / (len(decode) * len(moe)), 2) if decode and moe else None,
@@ -82,11 +85,11 @@ def batch_run(index, batch: int, tokens: int, budget: str) -> dict:
             "peak_rss_bytes": peak_rss_bytes()}  # fmt: skip
 
 
-def drafts_run(index, drafts: int, budget: str) -> dict:
+def drafts_run(index, drafts: int, budget: str, matmul: str = "kernels") -> dict:
     """Passes that verify ``drafts`` tokens each (drafts that are always right: a reference run's)."""
     prompt, tokens = [3], 1 + 2 * (drafts + 1)
     residency = budget_plan(index, budget, "auto", 1 + tokens)
-    with Engine(index, residency=residency, matmul="stored") as engine:
+    with Engine(index, residency=residency, matmul=matmul) as engine:
         want = [s.token for s in engine.generate(prompt, tokens, kv_cache=True)]
         steps, passes = generate_with_drafts(engine, prompt, tokens, drafts, draft=lambda ctx, n: want[len(ctx) - 1:][:n])
     full = [p for p in passes if len(p.drafted) == drafts]
@@ -115,6 +118,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8, help="tokens per sequence (step 0 included)")
     parser.add_argument("--drafts", default="", help="draft counts of verification passes, comma separated")
     parser.add_argument("--budget", default="auto", help="storage.resident_bytes: auto, 0 or a size")
+    parser.add_argument("--matmul", default="kernels", help="compute.matmul: kernels (the default), stored or widened")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
@@ -125,8 +129,8 @@ def main() -> None:
           "budget": args.budget, "tokens": args.tokens})  # fmt: skip
     budget = args.budget if args.budget == "auto" else int(args.budget) if args.budget.isdigit() else args.budget
     for batch in (int(b) for b in args.batches.split(",") if b):
-        emit(batch_run(index, batch, args.tokens, budget))
-    draft_records = [drafts_run(index, int(d), budget) for d in args.drafts.split(",") if d]
+        emit(batch_run(index, batch, args.tokens, budget, args.matmul))
+    draft_records = [drafts_run(index, int(d), budget, args.matmul) for d in args.drafts.split(",") if d]
     for record in draft_records + break_even(draft_records):
         emit(record)
 

@@ -196,8 +196,11 @@ def inspect(checkpoint: str, as_json: bool) -> None:
 @click.option("--out", "out_file", type=click.Path(dir_okay=False),
               help="Digest file to write (default: CHECKPOINT/checkpoint.b3.json).")  # fmt: skip
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Tensors hashed at once.")
+@click.option("--segment-bytes", "segments", type=click.IntRange(min=64, max=1 << 30), default=1 << 20,
+              show_default=True, help="Non-expert tensors get a digest per segment of whole rows of about this "
+                                      "size, so processes that each read a share of them check it.")  # fmt: skip
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def digest(checkpoint: str, out_file: str | None, workers: int, progress: bool) -> None:
+def digest(checkpoint: str, out_file: str | None, workers: int, segments: int, progress: bool) -> None:
     """BLAKE3 of every tensor's bytes into a digest file, and one content root over it.
 
     Runs read from a checkpoint with a digest file check every tensor against it. A killed run
@@ -218,7 +221,8 @@ def digest(checkpoint: str, out_file: str | None, workers: int, progress: bool) 
 
     try:
         path, table, hashed = compute_digests(index, Path(out_file) if out_file else None, workers, advance,
-                                              on_note=lambda line: click.echo(line, err=True))  # fmt: skip
+                                              on_note=lambda line: click.echo(line, err=True),
+                                              segments=segments)  # fmt: skip
     finally:
         bar.close()
     seconds = time.perf_counter() - started

@@ -96,6 +96,64 @@ def test_digest_resumes_from_its_journal(digested, tmp_path, monkeypatch):
     assert json.loads(out.read_text()) == json.loads((digested / "checkpoint.b3.json").read_text())
 
 
+def test_shared_tensors_get_a_digest_per_segment_of_whole_rows(digested, tmp_path):
+    """Each non-expert tensor larger than a segment (here 4 KiB) gets the BLAKE3 of every run of whole
+    rows of about that size, so a process reading a share of the rows checks it; the root covers them."""
+    index = open_checkpoint(digested)
+    out, table, _ = digests_mod.compute_digests(index, tmp_path / "seg.b3.json", workers=2, segments=4096)
+    data = json.loads(out.read_text())
+    assert data["segment_bytes"] == 4096 and table.segment_bytes == 4096
+    shared = {rec.stored_name: rec for rec in digests_mod.shared_tensors(index)}
+    big = [rec for rec in shared.values() if rec.nbytes > 4096]
+    assert big and set(data["rows"]) == {r.stored_name for r in big} | {index.embed.parts["weight"].stored_name}
+    for rec in big:
+        seg, row = data["rows"][rec.stored_name], rec.nbytes // rec.shape[0]
+        per = max(row, 4096 // row * row)
+        assert seg["row_bytes"] == per
+        raw = (digested / rec.shard.name).read_bytes()[rec.offset : rec.offset + rec.nbytes]
+        by_hand = "".join(blake3.blake3(raw[a : a + per]).hexdigest() for a in range(0, rec.nbytes, per))
+        assert seg["digests"] == by_hand, rec.stored_name
+    assert table.root != json.loads((digested / "checkpoint.b3.json").read_text())["root"]  # segments are content
+    # a file from before segments lacks segment_bytes: several processes cannot check shares with it
+    assert digests_mod.unsegmented(table, index) == []
+    del data["segment_bytes"]
+    old = digests_mod.parse_digest_file(json.dumps(data).encode(), "old")
+    assert sorted(digests_mod.unsegmented(old, index)) == sorted(n for n in shared if n not in data["rows"])
+
+
+def test_a_share_is_widened_to_its_segments_checked_and_the_widening_counted(digested, tmp_path):
+    from kimi_jax.storage.reader import ShardReader
+
+    ckpt = shutil.copytree(digested, tmp_path / "ckpt")
+    index = open_checkpoint(ckpt)
+    _, table, _ = digests_mod.compute_digests(index, tmp_path / "seg.b3.json", workers=2, segments=4096)
+    rec = max(digests_mod.shared_tensors(index), key=lambda r: r.nbytes)
+    per = table.segment_rows(rec)
+    assert 1 < per < rec.shape[0] // 2
+    start, stop = per + 1, 2 * per + 1  # straddles segments 1 and 2
+    whole = (ckpt / rec.shard.name).read_bytes()[rec.offset : rec.offset + rec.nbytes]
+    row = rec.nbytes // rec.shape[0]
+    with ShardReader(digests=table) as reader:
+        reader.begin_step()
+        (share,) = reader.read_shares([(rec, start, stop)], layer=3)
+        step = reader.end_step()
+    assert share.tobytes() == whole[start * row : stop * row]
+    assert step.per_layer[3] == (stop - start) * row  # the share is what was read ...
+    assert step.per_layer_overread[3] == (2 * per - (stop - start)) * row  # ... the rest of segments 1-2 discarded
+    assert step.digests == {rec.stored_name: table.tensors[rec.stored_name].digest}
+    # a changed byte in segment 2, inside the share, is named by its rows; one outside the segments read is not seen
+    shard = ckpt / rec.shard.name
+    raw = bytearray(shard.read_bytes())
+    raw[rec.offset + 2 * per * row + 3] ^= 1
+    raw[rec.offset + 5 * per * row + 3] ^= 1 if rec.shape[0] > 5 * per else 0
+    shard.write_bytes(bytes(raw))
+    with ShardReader(digests=table) as reader, pytest.raises(StorageError) as e:
+        reader.read_shares([(rec, start, stop)], layer=3)
+    assert f"tensor {rec.stored_name!r}, rows {2 * per}:{3 * per}" in str(e.value) and "differs from" in str(e.value)
+    with ShardReader(digests=table) as reader:
+        reader.read_shares([(rec, 0, per)], layer=3)  # segment 0 is intact
+
+
 def _run(tmp_path, ckpt, **storage):
     data = {"version": 1, "model": {"checkpoint": str(ckpt)}, "prompt": {"tokens": [7, 300, 7]},
             "generate": {"max_new_tokens": 2}, "storage": storage, "output": {"dir": str(tmp_path / "out")}}  # fmt: skip

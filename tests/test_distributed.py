@@ -59,9 +59,23 @@ def launch(manifest: Path, out: Path | None, processes: int, *args: str, env_of=
 
 
 @pytest.fixture(scope="module")
-def manifest(tiny_checkpoints, tmp_path_factory) -> Path:
+def digested(tiny_checkpoints, tmp_path_factory) -> Path:
+    """The tiny checkpoint with a digest file of 4 KiB segments: each process checks its shares."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from kimi_jax.cli import main
+
+    path = shutil.copytree(tiny_checkpoints["kimi-k2.5"], tmp_path_factory.mktemp("digested") / "ckpt")
+    assert CliRunner().invoke(main, ["digest", str(path), "--no-progress", "--segment-bytes", "4096"]).exit_code == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def manifest(digested, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("distributed") / "m.yaml"
-    path.write_text(f"version: 1\nmodel:\n  checkpoint: {tiny_checkpoints['kimi-k2.5']}\nprompt:\n  tokens: [5, 9, 400]\n"
+    path.write_text(f"version: 1\nmodel:\n  checkpoint: {digested}\nprompt:\n  tokens: [5, 9, 400]\n"
                     "generate: {max_new_tokens: 3, kv_cache: true}\nstorage: {resident_bytes: 0}\ncompute:\n  mesh: {expert: 2, model: 1}\n"
                     f"distributed: {{timeout_s: {TIMEOUT_S}}}\nanchor: anchor.json\noutput:\n  dir: out\n")  # fmt: skip
     return path
@@ -102,13 +116,21 @@ def shares(index, ledger: dict) -> dict[tuple[int, int | None], list[int]]:
     return want
 
 
-def test_two_processes_read_their_shares_and_total_the_one_device_run(whole_run, tiny_checkpoints):
+def test_two_processes_read_their_shares_and_total_the_one_device_run(whole_run, digested):
+    """Each process reads its shares, checked segment by segment against the digest file; the
+    ledger's weights digests name what one device's run names."""
+    from kimi_jax.storage.digests import DIGEST_FILE, load_digest_file
+    from kimi_jax.storage.reader import ShardReader
+
     ledger = json.loads((whole_run / "ledger.json").read_text())
-    index = open_checkpoint(tiny_checkpoints["kimi-k2.5"])
-    with Engine(index) as engine:
+    index = open_checkpoint(digested)
+    with Engine(index, reader=ShardReader(digests=load_digest_file(digested / DIGEST_FILE))) as engine:
         one = engine.generate([5, 9, 400], 3, kv_cache=True)
     assert [s["token"] for s in ledger["steps"]] == [s.token for s in one]
     assert [s["bytes_read"] for s in ledger["steps"]] == [s.bytes_read for s in one]  # every byte read once
+    assert ledger["checkpoint"]["content_root"] == json.loads((digested / DIGEST_FILE).read_text())["root"]
+    assert [s["weights_digest"] for s in ledger["steps"]] == [s.storage["weights_digest"] for s in one]
+    assert all(s["weights_digest"] for s in ledger["steps"])
     assert ledger["run"]["mesh"]["process_count"] == 2 and ledger["platform"]["process_count"] == 2
     assert ledger["anchor"]["status"] == "matched"
     anchor = json.loads((whole_run.parent / "anchor.json").read_text())
@@ -174,6 +196,30 @@ def test_a_killed_process_0_is_named_by_the_survivor(manifest, whole_run, tmp_pa
     if "coordination service of process 0" in err1:  # (else the collective noticed first: gloo's error line)
         (saved,) = (tmp_path / "tmp").glob("kimi-jax-peer-lost-*.txt")
         assert str(saved) in err1 and "coordination service" in saved.read_text()
+
+
+def test_a_changed_byte_in_one_process_share_stops_the_run_naming_the_rows(digested, tmp_path):
+    """Process 1 reads the second half of o_proj's rows: a flipped byte there is caught by its segment
+    check, named by tensor and rows, before anything is written; process 0 names the lost peer."""
+    import shutil
+
+    ckpt = Path(shutil.copytree(digested, tmp_path / "ckpt"))
+    index = open_checkpoint(ckpt)
+    rec = index.layers[1].base["layers.1.self_attn.o_proj.weight"].parts["weight"]
+    row = rec.nbytes // rec.shape[0]
+    target = rec.shape[0] - 1  # the last row: process 1's share
+    shard = ckpt / rec.shard.name
+    raw = bytearray(shard.read_bytes())
+    raw[rec.offset + target * row] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    path = tmp_path / "m.yaml"
+    path.write_text(f"version: 1\nmodel:\n  checkpoint: {ckpt}\nprompt:\n  tokens: [5, 9, 400]\n"
+                    "generate: {max_new_tokens: 1}\ncompute:\n  mesh: {expert: 2, model: 1}\n"
+                    f"distributed: {{timeout_s: {TIMEOUT_S}}}\noutput:\n  dir: out\n")  # fmt: skip
+    (code0, err0, _, _), (code1, err1, _, _) = launch(path, tmp_path / "out", 2)
+    assert code1 != 0 and f"tensor {rec.stored_name!r}, rows " in err1 and "differs from" in err1, err1[-3000:]
+    assert code0 != 0, err0[-3000:]
+    assert "Traceback" not in err1 and not (tmp_path / "out").exists()
 
 
 def test_a_process_whose_peers_never_come_fails_with_a_named_error(manifest, tmp_path):

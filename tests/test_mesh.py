@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from kimi_jax.errors import ManifestError
-from kimi_jax.model.placement import row_range
 from kimi_jax.model.slots import deal_expert_slots
 from kimi_jax.run.distributed import settings_from
 from kimi_jax.manifest import load_manifest
@@ -119,7 +118,8 @@ def digested(tiny_checkpoints, tmp_path_factory):
     from kimi_jax.cli import main
 
     path = shutil.copytree(tiny_checkpoints["kimi-k2.5"], tmp_path_factory.mktemp("digested") / "ckpt")
-    assert CliRunner().invoke(main, ["digest", str(path), "--no-progress"]).exit_code == 0
+    # segments of 4 KiB, so a mesh checks its shares segment by segment
+    assert CliRunner().invoke(main, ["digest", str(path), "--no-progress", "--segment-bytes", "4096"]).exit_code == 0
     return path
 
 
@@ -134,7 +134,9 @@ def test_digests_are_checked_on_a_mesh_of_one_process_and_name_what_one_device_n
     assert result["meshes"] == [result["one"], result["one"]]
 
 
-def test_a_digest_file_is_refused_only_when_processes_read_shares(digested, tmp_path):
+def test_a_digest_file_without_segments_is_refused_only_when_processes_read_shares(digested, tmp_path):
+    import json
+
     from kimi_jax.run.distributed import check_mesh
     from kimi_jax.run.plan import prepare_run
 
@@ -143,8 +145,15 @@ def test_a_digest_file_is_refused_only_when_processes_read_shares(digested, tmp_
     plan = prepare_run(load_manifest(path))
     assert plan.source.digests is not None
     check_mesh(plan)  # one process: every tensor whole, checked
-    with pytest.raises(ManifestError, match=r"compute.mesh: the digest file .* in a run of 2 processes each reads only "
-                                            r"a share"):  # fmt: skip
+    check_mesh(plan, processes=2)  # segments: each process checks its shares
+    old = json.loads((digested / "checkpoint.b3.json").read_text())
+    del old["segment_bytes"]  # as written before segments
+    (tmp_path / "old.b3.json").write_text(json.dumps(old))
+    plan = prepare_run(load_manifest(path, [f"storage.digest_file={tmp_path / 'old.b3.json'}"]))
+    check_mesh(plan)
+    with pytest.raises(ManifestError, match=r"compute.mesh: the digest file .*old.b3.json checks \d+ tensor\(s\) only "
+                                            r"whole .* in a run of 2 processes each reads a share of their rows; write "
+                                            r"it again with `kimi-jax digest`"):  # fmt: skip
         check_mesh(plan, processes=2)
 
 
@@ -168,7 +177,7 @@ def test_experts_are_dealt_evenly_and_every_pick_finds_its_expert(devices):
 
 def test_row_range_is_the_rows_bytes():
     rec = TensorRecord("w", Path("s.safetensors"), offset=1000, nbytes=6 * 4 * 2, dtype="BF16", shape=(6, 4))
-    part = row_range(rec, 2, 5)
+    part = rec.rows(2, 5)
     assert (part.offset, part.nbytes, part.shape) == (1000 + 2 * 8, 3 * 8, (3, 4))
 
 

@@ -61,13 +61,6 @@ from kimi_jax.storage.residency import ResidencyPlan
 from kimi_jax.storage.safetensors_header import TensorRecord
 
 
-def row_range(rec: TensorRecord, start: int, stop: int) -> TensorRecord:
-    """Rows ``start:stop`` of a C-order tensor: one contiguous byte range of its shard."""
-    row = rec.nbytes // rec.shape[0]
-    return dataclasses.replace(rec, offset=rec.offset + start * row, nbytes=(stop - start) * row,
-                               shape=(stop - start, *rec.shape[1:]))  # fmt: skip
-
-
 @dataclasses.dataclass(frozen=True)
 class Staged:
     """Weights on this process's devices in the staging layout, and how they become parameters."""
@@ -120,8 +113,8 @@ class MeshReads:
             start, stop = min(self.first * block, rec.shape[0]), min(self.stop * block, rec.shape[0])
             plans.append((block, start, stop))
             if stop > start:
-                wanted.append(row_range(rec, start, stop))
-        arrays = iter(self.reader.read_records(wanted, layer=layer))
+                wanted.append((rec, start, stop))
+        arrays = iter(self.reader.read_shares(wanted, layer=layer))
         staged = []
         for rec, (block, start, stop) in zip(records, plans):
             mine = next(arrays) if stop > start else None
@@ -204,12 +197,17 @@ class MeshReads:
         return ExpertStack(**{proj: self.policy.decode(like[proj], fields[proj], self.index, check=False)
                               for proj in EXPERT_PROJS})  # fmt: skip
 
+    def embed_row(self, token: int) -> TensorRecord:
+        """The embedding's row ``token`` under its own name (NAME[ROW]), as one device reads it: the
+        digest file has a digest per row."""
+        entry = self.index.embed.parts["weight"]
+        return dataclasses.replace(entry.rows(token, token + 1), stored_name=f"{entry.stored_name}[{token}]")
+
     def embed(self, tokens: list[int]) -> jax.Array:
         """Rows of the distinct tokens, each read by one process; x [T, hidden] replicated."""
         entry = self.index.embed.parts["weight"]
         distinct = sorted(set(tokens))
-        # each row under its own name (NAME[ROW]), as one device reads it: the digest file has a digest per row
-        rows = [dataclasses.replace(row_range(entry, t, t + 1), stored_name=f"{entry.stored_name}[{t}]") for t in distinct]
+        rows = [self.embed_row(t) for t in distinct]
         block = self._block(len(distinct))
         mine = [(i, k) for i in range(self.first, self.stop) for k in range(i * block, min((i + 1) * block, len(distinct)))]
         read = self.reader.read_records([rows[k] for _, k in mine], layer=None,
@@ -326,9 +324,11 @@ class StreamedPlacement(WeightSource):
         the processes read; the rest was on the devices already (``from_memory``)."""
         index = self.index
         # the weights digest names what the step used, as on one device, wherever it came from: kept
-        # layers and a resident stack's experts are served from memory, checked when they were read
+        # layers and a resident stack's experts are served from memory, checked when they were read,
+        # and the shares, embedding rows and experts other processes read, checked there
         self.reads.reader.count_served(
-            [p for lm in index.layers for w in lm.base.values() for p in w.parts.values()]
+            [self.reads.embed_row(t) for t in set(tokens)]
+            + [p for lm in index.layers for w in lm.base.values() for p in w.parts.values()]
             + [p for layer, picked in self.picked.items() for e in picked
                for w in index.layers[layer].experts[e].values() for p in w.parts.values()]
             + [p for w in index.head.values() for p in w.parts.values()])  # fmt: skip
@@ -394,4 +394,4 @@ def make_placement(index: CheckpointIndex, shape: MeshShape, reader: ShardReader
     return placement
 
 
-__all__ = ["row_range", "Staged", "MeshReads", "StreamedPlacement", "ResidentPlacement", "make_placement"]
+__all__ = ["Staged", "MeshReads", "StreamedPlacement", "ResidentPlacement", "make_placement"]

@@ -156,14 +156,19 @@ def check_mesh(plan, processes: int = 1) -> None:
     except MeshError as e:
         raise plan.manifest.error("compute.mesh", str(e)) from None
     source = getattr(plan, "source", None)
-    # One process reads every byte of a tensor whatever its devices (its shares are contiguous), so
-    # each tensor is checked whole. Several processes each read a share, and the digest file has one
-    # digest per tensor (per row only for the embedding): a share cannot be checked against it.
+    # Several processes each read a share of rows of every non-expert tensor: the digest file must
+    # check a share without the rest, by segments (one process reads each tensor whole).
     if processes > 1 and source is not None and source.digests is not None:
-        raise plan.manifest.error("compute.mesh", f"the digest file {source.digest_file} is checked tensor by tensor, but "
-                                                  f"in a run of {processes} processes each reads only a share of each "
-                                                  "tensor; run in one process (any mesh) to check the content, or set "
-                                                  "storage.verify_digests: false")  # fmt: skip
+        from kimi_jax.storage.digests import unsegmented
+
+        whole = unsegmented(source.digests, source.index)
+        if whole:
+            raise plan.manifest.error("compute.mesh", f"the digest file {source.digest_file} checks {len(whole)} "
+                                                      f"tensor(s) only whole (first: {whole[0]!r}), but in a run of "
+                                                      f"{processes} processes each reads a share of their rows; "
+                                                      "write it again with `kimi-jax digest` (it adds a digest per "
+                                                      "segment of rows), run in one process, or set "
+                                                      "storage.verify_digests: false")  # fmt: skip
 
 
 _watchdog: Watchdog | None = None

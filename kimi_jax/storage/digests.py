@@ -1,11 +1,16 @@
 """Content digests per tensor: which weight bytes a checkpoint holds, named by BLAKE3.
 
 The digest file (``checkpoint.b3.json`` beside the shards) maps every stored tensor name to
-``{shard, offset, length, digest}``, the BLAKE3 of the tensor's bytes as stored. The embedding,
-which the engine reads row by row, also gets one digest per row, so a row read is checked
-without reading the whole table. The file's ``root`` is one digest over all of it
-(:func:`content_root`); two checkpoints with the same root hold the same tensors, byte for byte,
-however they are split into shards.
+``{shard, offset, length, digest}``, the BLAKE3 of the tensor's bytes as stored. Tensors that are
+read in parts also get one digest per *segment* of whole rows (``rows``: ``{row_bytes, digests}``,
+``row_bytes`` being the segment's bytes), so a part is checked without reading the rest: the
+embedding, which the engine reads row by row, has one per row; each other non-expert tensor
+larger than :data:`SEGMENT_BYTES`, which the processes of a mesh read in shares of rows, has one
+per ~1 MiB of whole rows (a share is widened to segment boundaries and the extra counted as
+read and discarded). The file's ``root`` is one digest over all of it (:func:`content_root`); two
+checkpoints with the same root and segments hold the same tensors, byte for byte, however they
+are split into shards. Files written before segments (only the embedding's rows) are still read;
+a run of several processes asks for the segments (:func:`unsegmented`).
 
 ``kimi-jax digest`` writes the file (:func:`compute_digests`): tensors are hashed in parallel
 (BLAKE3 and ``preadv`` release the GIL), each finished tensor is appended to a journal
@@ -42,6 +47,9 @@ from kimi_jax.storage.safetensors_header import TensorRecord
 DIGEST_FILE = "checkpoint.b3.json"
 DIGEST_FORMAT = "kimi-jax-tensor-digests"
 DIGEST_FORMAT_VERSION = 1
+# Segment of the non-expert tensors a mesh's processes read in shares: ~21,000 for Kimi K2.5's
+# 21 GB, 1.3 MB of the digest file; a share's widening reads at most one segment more at each end.
+SEGMENT_BYTES = 1 << 20
 HASH_CHUNK = 16 << 20  # bytes per read while hashing: large enough for sequential speed, small for memory
 # Kimi K2.5's digest file: about 210,000 tensors at ~250 bytes each plus 10 MB of embedding row
 # digests, some 65 MB. Four times that is still a digest file; more is not.
@@ -64,11 +72,36 @@ class TensorDigest:
 
 @dataclasses.dataclass(frozen=True)
 class RowDigests:
-    row_bytes: int
-    digests: bytes  # 32 bytes per row, concatenated
+    row_bytes: int  # bytes of one segment (a row of the embedding; whole rows of another tensor)
+    digests: bytes  # 32 bytes per segment, concatenated (the last segment may be shorter)
 
     def row(self, i: int) -> str | None:
         return self.digests[32 * i : 32 * i + 32].hex() if 0 <= i < len(self.digests) // 32 else None
+
+
+def segment_bytes(rec: TensorRecord, target: int = SEGMENT_BYTES) -> int | None:
+    """Bytes of one segment of ``rec`` (whole rows, about ``target``), or None when the tensor is
+    no larger than one: then its own digest checks any share of it (the share widened to all of it)."""
+    if rec.nbytes <= target:
+        return None
+    row = rec.nbytes // rec.shape[0] if rec.shape and rec.shape[0] else rec.nbytes
+    return max(row, target // row * row)
+
+
+def unsegmented(table: "DigestTable", index) -> list[str]:
+    """Tensors that processes read in shares but ``table`` checks only whole: those larger than its
+    segments (every one, for a file from before segments). Each process would read all of them."""
+    limit = table.segment_bytes or 0
+    return [rec.stored_name for rec in shared_tensors(index) if rec.nbytes > limit and rec.stored_name not in table.rows]
+
+
+def shared_tensors(index) -> list[TensorRecord]:
+    """The tensors a mesh's processes read in shares of rows: every stored part of every layer's
+    non-expert weights and of the head, but metadata (read whole by one process)."""
+    from kimi_jax.storage.formats import METADATA_PARTS
+
+    weights = [w for lm in index.layers for w in lm.base.values()] + list(index.head.values())
+    return [rec for w in weights for part, rec in w.parts.items() if part not in METADATA_PARTS]
 
 
 def content_root(tensors: dict[str, TensorDigest], rows: dict[str, RowDigests]) -> str:
@@ -108,6 +141,7 @@ class DigestTable:
     tensors: dict[str, TensorDigest]
     rows: dict[str, RowDigests]
     root: str
+    segment_bytes: int | None = None  # the size segments were written for (None: a file from before segments)
 
     def expected(self, rec: TensorRecord) -> str | None:
         """The digest ``rec``'s bytes must have, or None when the file does not cover that range."""
@@ -122,6 +156,38 @@ class DigestTable:
         if rec.nbytes != rows.row_bytes or rec.offset != base.offset + row[1] * rows.row_bytes:
             return None
         return rows.row(row[1])
+
+    def segment_rows(self, rec: TensorRecord) -> int:
+        """Rows per segment of the whole tensor ``rec`` (all its rows when it has no segments)."""
+        rows = rec.shape[0] if rec.shape else 1
+        seg = self.rows.get(rec.stored_name)
+        row = rec.nbytes // rows if rows else 0
+        if seg is None or not row or seg.row_bytes % row:
+            return max(rows, 1)
+        return seg.row_bytes // row
+
+    def share_segments(self, rec: TensorRecord, start: int, stop: int) -> tuple[int, int, list[tuple[int, str]]]:
+        """Rows ``start:stop`` of the whole tensor ``rec``, widened to segment boundaries: ``(first row,
+        end row, [(bytes, digest) of each segment in order])``. A tensor without segments is one
+        segment, its own digest (an embedding's segments are its rows). Raises KeyError when the
+        file does not cover ``rec`` as stored."""
+        whole = self.expected(rec)
+        if whole is None:
+            raise KeyError(rec.stored_name)
+        rows = rec.shape[0] if rec.shape else 1
+        per = self.segment_rows(rec)
+        first, end = start // per * per, min(rows, -(-stop // per) * per)
+        if per >= rows:
+            return 0, rows, [(rec.nbytes, whole)]
+        row = rec.nbytes // rows
+        seg = self.rows[rec.stored_name]
+        out = []
+        for k in range(first // per, -(-end // per)):
+            digest = seg.row(k)
+            if digest is None:
+                raise KeyError(rec.stored_name)
+            out.append((min(per, rows - k * per) * row, digest))
+        return first, end, out
 
     def check_matches(self, shards: list[tuple[str, list[TensorRecord]]]) -> None:
         """Every tensor of every shard must be in the file at the same shard, offset and length."""
@@ -185,11 +251,19 @@ def parse_digest_file(raw: bytes, source: str) -> DigestTable:
         except ValueError:
             raise DigestFileError(f"{where}.digests: not hex") from None
         rows[name] = RowDigests(_count(r.get("row_bytes"), f"{where}.row_bytes", positive=True), digests)
+    for name, seg in rows.items():
+        entry = tensors.get(name)
+        if entry is None or len(seg.digests) // 32 != -(-entry.length // seg.row_bytes):
+            raise DigestFileError(f"{source}: rows[{name[:120]!r}]: expected one digest per {seg.row_bytes} bytes of "
+                                  "a tensor the file lists; the file is damaged")  # fmt: skip
+    segments = data.get("segment_bytes")
+    if segments is not None:
+        segments = _count(segments, f"{source}: segment_bytes", positive=True)
     root = content_root(tensors, rows)
     if data.get("root") != root:
         raise DigestFileError(f"{source}: recorded root {str(data.get('root'))[:80]!r} does not recompute from its "
                               f"entries ({root}); the file was edited or damaged")  # fmt: skip
-    return DigestTable(source, tensors, rows, root)
+    return DigestTable(source, tensors, rows, root, segments)
 
 
 def load_digest_file(path: Path, source: str | None = None) -> DigestTable:
@@ -213,7 +287,8 @@ def shard_tensors(index) -> list[tuple[str, list[TensorRecord]]]:
 
 
 def _hash_tensor(fd: int, rec: TensorRecord, row_bytes: int | None) -> tuple[str, bytes | None]:
-    """BLAKE3 of one tensor's bytes read in chunks; with ``row_bytes``, also one digest per row."""
+    """BLAKE3 of one tensor's bytes read in chunks; with ``row_bytes``, also one digest per segment of
+    that many bytes (the last one may be shorter)."""
     whole = blake3.blake3()
     rows = bytearray() if row_bytes else None
     chunk = HASH_CHUNK if not row_bytes else max(row_bytes, HASH_CHUNK // row_bytes * row_bytes)
@@ -297,10 +372,12 @@ def _journal_entries(journal: Path, index) -> tuple[dict[str, dict[str, Any]], s
 
 def compute_digests(index, out: Path | None = None, workers: int = 4,
                     on_progress: Callable[[int, int], None] | None = None,
-                    on_note: Callable[[str], None] | None = None) -> tuple[Path, DigestTable, int]:  # fmt: skip
+                    on_note: Callable[[str], None] | None = None,
+                    segments: int = SEGMENT_BYTES) -> tuple[Path, DigestTable, int]:  # fmt: skip
     """Hash every tensor of a local checkpoint into its digest file; returns (path, table, bytes
     hashed by this call). Resumes from the journal a killed run of this command left (``on_note``
     is told when it does, or why a journal found there is not resumed); ``on_progress(bytes, total)``.
+    ``segments``: the size of the segments the shared non-expert tensors are digested in.
     A full or read-only disk is an OutputError; the journal then keeps what was hashed."""
     if index.source is not None:
         raise CheckpointError(f"{index.source}: `kimi-jax digest` reads a local copy; digest the checkpoint where its "
@@ -308,7 +385,7 @@ def compute_digests(index, out: Path | None = None, workers: int = 4,
     out = Path(out) if out else index.root / DIGEST_FILE
     journal = out.with_name(out.name + ".partial")
     try:
-        return _compute(index, out, journal, workers, on_progress, on_note or (lambda _: None))
+        return _compute(index, out, journal, workers, on_progress, on_note or (lambda _: None), segments)
     except OSError as e:
         reason = write_failure(e)
         if reason is None:
@@ -317,9 +394,13 @@ def compute_digests(index, out: Path | None = None, workers: int = 4,
                           f"{journal.name}, and the same command continues from them") from None  # fmt: skip
 
 
-def _compute(index, out: Path, journal: Path, workers: int, on_progress, note) -> tuple[Path, DigestTable, int]:
+def _compute(index, out: Path, journal: Path, workers: int, on_progress, note,
+             segments: int) -> tuple[Path, DigestTable, int]:  # fmt: skip
     row_tensor = index.embed.parts["weight"]
-    row_bytes = row_tensor.nbytes // row_tensor.shape[0] if row_tensor.shape and row_tensor.shape[0] else None
+    # bytes per segment of each tensor digested in segments: the embedding's rows, the shared tensors' ~segments
+    segment_of = {rec.stored_name: segment_bytes(rec, segments) for rec in shared_tensors(index)}
+    if row_tensor.shape and row_tensor.shape[0]:
+        segment_of[row_tensor.stored_name] = row_tensor.nbytes // row_tensor.shape[0]
     todo = [(name, rec) for name, records in shard_tensors(index) for rec in records]
     previous, refused = _journal_entries(journal, index)
     if refused:
@@ -328,7 +409,7 @@ def _compute(index, out: Path, journal: Path, workers: int, on_progress, note) -
     for name, rec in todo:
         entry = previous.get(rec.stored_name)
         if entry and (entry["shard"], entry["offset"], entry["length"]) == (name, rec.offset, rec.nbytes) and \
-                ("rows" in entry) == (rec.stored_name == row_tensor.stored_name and row_bytes is not None):  # fmt: skip
+                entry.get("row_bytes") == segment_of.get(rec.stored_name):  # fmt: skip
             done[rec.stored_name] = entry
     if done:
         note(f"resuming from {journal}: {len(done)} of {len(todo)} tensors were hashed by an earlier run")
@@ -350,7 +431,7 @@ def _compute(index, out: Path, journal: Path, workers: int, on_progress, note) -
                 fd = fds.get(rec.shard)
                 if fd is None:
                     fd = fds[rec.shard] = os.open(rec.shard, os.O_RDONLY)
-            rows_of = row_bytes if rec.stored_name == row_tensor.stored_name else None
+            rows_of = segment_of.get(rec.stored_name)
             digest, rows = _hash_tensor(fd, rec, rows_of)
             entry = {"name": rec.stored_name, "shard": name, "offset": rec.offset, "length": rec.nbytes,
                      "digest": digest}  # fmt: skip
@@ -375,11 +456,12 @@ def _compute(index, out: Path, journal: Path, workers: int, on_progress, note) -
     root = content_root(tensors, rows)
     write_json_atomic(out, {
         "format": DIGEST_FORMAT, "version": DIGEST_FORMAT_VERSION, "algorithm": "blake3", "root": root,
+        "segment_bytes": segments,
         "tensors": {n: dataclasses.asdict(t) for n, t in tensors.items()},
         "rows": {n: {"row_bytes": r.row_bytes, "digests": r.digests.hex()} for n, r in rows.items()},
     })  # fmt: skip
     journal.unlink(missing_ok=True)
-    return out, DigestTable(str(out), tensors, rows, root), sum(rec.nbytes for _, rec in remaining)
+    return out, DigestTable(str(out), tensors, rows, root, segments), sum(rec.nbytes for _, rec in remaining)
 
 
 # -- checkpoint identity ------------------------------------------------------------------------

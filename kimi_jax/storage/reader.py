@@ -176,6 +176,43 @@ class ShardReader:
                     self._overread.bytes)  # fmt: skip
         return [raw.view(rec.numpy_dtype).reshape(rec.shape) for rec, raw in zip(records, raws)]
 
+    def read_shares(self, shares: list[tuple[TensorRecord, int, int]], layer: int | None) -> list[np.ndarray]:
+        """Rows ``start:stop`` of each whole tensor ``(rec, start, stop)``, in one call. With a digest
+        file each share is widened to its tensor's segment boundaries and every segment checked; the
+        rows read beyond the share are counted as read and discarded (overread), the share as read,
+        and the tensor's own digest joins the step's (its bytes, as far as read, are the digested ones)."""
+        if not self.digests:
+            return self.read_records([rec.rows(start, stop) for rec, start, stop in shares], layer)
+        spans = []
+        for rec, start, stop in shares:
+            try:
+                spans.append(self.digests.share_segments(rec, start, stop))
+            except KeyError:
+                raise StorageError(f"{self.where(rec.shard)}: tensor {rec.stored_name!r} at offset {rec.offset} "
+                                   f"({rec.nbytes} bytes) is not covered by the digest file {self.digests.source}; "
+                                   "it was written for another checkpoint")  # fmt: skip
+        self._overread.bytes = 0
+        raws = self._fetch([rec.rows(first, end) for (rec, _, _), (first, end, _) in zip(shares, spans)])
+        out, checked, widened = [], {}, 0
+        for (rec, start, stop), (first, end, segments), raw in zip(shares, spans, raws):
+            row, at = rec.nbytes // rec.shape[0], 0
+            for k, (n, want) in enumerate(segments):
+                got = blake3.blake3(raw[at : at + n]).hexdigest()
+                if got != want:
+                    lo = first + at // row
+                    raise StorageError(f"{self.where(rec.shard)}: tensor {rec.stored_name!r}, rows {lo}:{lo + n // row} "
+                                       f"(offset {rec.offset + lo * row}, {n} bytes): BLAKE3 {got} differs from {want} "
+                                       f"in the digest file {self.digests.source}; these are not the weights that "
+                                       "were digested")  # fmt: skip
+                at += n
+            checked[rec.stored_name] = self.digests.expected(rec)
+            widened += (end - first - (stop - start)) * row
+            keep = raw[(start - first) * row : (stop - first) * row]
+            out.append(keep.view(rec.numpy_dtype).reshape((stop - start, *rec.shape[1:])))
+        self._count([(rec.stored_name, (stop - start) * (rec.nbytes // rec.shape[0])) for rec, start, stop in shares],
+                    layer, checked, self._overread.bytes + widened)  # fmt: skip
+        return out
+
     def _fetch(self, records: list[TensorRecord]) -> list[np.ndarray]:
         """The raw bytes (uint8, each in its own aligned buffer) of each record, in order; separate
         runs are read on the pool."""

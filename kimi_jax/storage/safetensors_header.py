@@ -57,6 +57,12 @@ class TensorRecord:
     def numpy_dtype(self) -> np.dtype:
         return NUMPY_DTYPES[self.dtype]
 
+    def rows(self, start: int, stop: int) -> "TensorRecord":
+        """Rows ``start:stop`` of this C-order tensor: one contiguous byte range of its shard."""
+        row = self.nbytes // self.shape[0]
+        return dataclasses.replace(self, offset=self.offset + start * row, nbytes=(stop - start) * row,
+                                   shape=(stop - start, *self.shape[1:]))  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class ShardHeader:

@@ -1,7 +1,8 @@
 """More tokens per pass over the weights: batched decoding and verified drafts, side by side.
 
     python benchmarks/batch.py --model medium [--batches 1,8] [--tokens 16]    # fits in memory
-    python benchmarks/batch.py --model full-shape-routed [--batches 1,8,32] [--tokens 3]
+    python benchmarks/batch.py --model full-shape-routed --batches 1,8,32 --tokens 2 --together
+    python benchmarks/batch.py --model full-shape-routed --batches "" --drafts 0,4 --wrong-drafts --budget 0
     python benchmarks/batch.py --drafts 0,1,2,4,8 ...                          # verification passes
     python benchmarks/batch.py --smoke
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from common import emit, machine, peak_rss_bytes
 
 from kimi_jax.fileio import default_cache_dir
-from kimi_jax.model.batch import generate_batch
+from kimi_jax.model.batch import Batch, generate_batch
 from kimi_jax.model.drafts import generate_with_drafts
 from kimi_jax.model.engine import Engine
 from kimi_jax.model.jax_setup import enable_compilation_cache
@@ -57,14 +58,21 @@ def uniform_experts(n_routed: int, k: int, batch: int) -> float:
     return n_routed * (1 - (1 - k / n_routed) ** batch)
 
 
-def batch_run(index, batch: int, tokens: int, budget: str, matmul: str = "kernels") -> dict:
+def batch_run(index, batch: int, tokens: int, budget: str, matmul: str = "kernels", together: bool = False) -> dict:
     prompts = [[3 + 37 * i] for i in range(batch)]
-    residency = budget_plan(index, budget, "auto", 1 + tokens)
+    residency = budget_plan(index, budget, "auto", 1 + tokens, rows=batch, sequences=batch)
     with Engine(index, residency=residency, matmul=matmul) as engine:
         started = time.perf_counter()
-        steps, passes = generate_batch(engine, prompts, tokens)
+        if together:  # the prompts' step 0 as one pass (at full shape, B lone step-0 passes take B x 40 s)
+            batch_of = Batch(engine)
+            batch_of.add_together([p[0] for p in prompts], tokens)
+            while batch_of.live:
+                batch_of.step()
+            passes = batch_of.passes
+        else:
+            steps, passes = generate_batch(engine, prompts, tokens)
         total_s = time.perf_counter() - started
-    decode = passes[batch:]  # after each prompt's own step 0
+    decode = passes[1 if together else batch :]  # after the prompts' step 0
     made = sum(len(p.sequences) for p in decode)
     cfg = index.config
     moe = [lm for lm in index.layers if lm.kind == "moe"]
@@ -85,14 +93,22 @@ def batch_run(index, batch: int, tokens: int, budget: str, matmul: str = "kernel
             "peak_rss_bytes": peak_rss_bytes()}  # fmt: skip
 
 
-def drafts_run(index, drafts: int, budget: str, matmul: str = "kernels") -> dict:
-    """Passes that verify ``drafts`` tokens each (drafts that are always right: a reference run's)."""
-    prompt, tokens = [3], 1 + 2 * (drafts + 1)
-    residency = budget_plan(index, budget, "auto", 1 + tokens)
+def drafts_run(index, drafts: int, budget: str, matmul: str = "kernels", right: bool = True) -> dict:
+    """Two passes that verify ``drafts`` tokens each: drafts that are always right (a reference run's),
+    or, without ``right``, fixed tokens the model will not choose (a pass costs the same whether its
+    drafts are accepted or not; at full shape the reference run alone would take minutes)."""
+    prompt = [3]
+    tokens = 1 + 2 * (drafts + 1) if right else 3 + drafts
+    residency = budget_plan(index, budget, "auto", 1 + tokens, rows=1 + drafts)
     with Engine(index, residency=residency, matmul=matmul) as engine:
-        want = [s.token for s in engine.generate(prompt, tokens, kv_cache=True)]
-        steps, passes = generate_with_drafts(engine, prompt, tokens, drafts, draft=lambda ctx, n: want[len(ctx) - 1:][:n])
+        if right:
+            want = [s.token for s in engine.generate(prompt, tokens, kv_cache=True)]
+            propose = lambda ctx, n: want[len(ctx) - 1 :][:n]  # noqa: E731
+        else:
+            propose = lambda ctx, n: [3 + 37 * (len(ctx) + k) for k in range(n)]  # noqa: E731
+        steps, passes = generate_with_drafts(engine, prompt, tokens, drafts, draft=propose, max_passes=2)
     full = [p for p in passes if len(p.drafted) == drafts]
+    full = full[1:] or full  # the first such pass compiles the programs of its row count
     return {"run": "drafts", "drafts": drafts, "passes": len(full),
             "pass_s_median": round(statistics.median(p.wall_s for p in full), 3) if full else None,
             "pass_used_bytes": full[0].io.used if full else None,
@@ -119,6 +135,10 @@ def main() -> None:
     parser.add_argument("--drafts", default="", help="draft counts of verification passes, comma separated")
     parser.add_argument("--budget", default="auto", help="storage.resident_bytes: auto, 0 or a size")
     parser.add_argument("--matmul", default="kernels", help="compute.matmul: kernels (the default), stored or widened")
+    parser.add_argument("--together", action="store_true",
+                        help="run the prompts' step 0 as one pass (not each alone): for full shape")
+    parser.add_argument("--wrong-drafts", action="store_true",
+                        help="verification passes of drafts that are rejected (no reference run): for full shape")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
@@ -129,8 +149,9 @@ def main() -> None:
           "budget": args.budget, "tokens": args.tokens})  # fmt: skip
     budget = args.budget if args.budget == "auto" else int(args.budget) if args.budget.isdigit() else args.budget
     for batch in (int(b) for b in args.batches.split(",") if b):
-        emit(batch_run(index, batch, args.tokens, budget, args.matmul))
-    draft_records = [drafts_run(index, int(d), budget, args.matmul) for d in args.drafts.split(",") if d]
+        emit(batch_run(index, batch, args.tokens, budget, args.matmul, args.together))
+    draft_records = [drafts_run(index, int(d), budget, args.matmul, not args.wrong_drafts)
+                     for d in args.drafts.split(",") if d]  # fmt: skip
     for record in draft_records + break_even(draft_records):
         emit(record)
 

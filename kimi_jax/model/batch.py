@@ -93,6 +93,25 @@ class Batch:
             self._live.append(seq)
         return seq.index, record
 
+    def add_together(self, tokens: list[int], max_new_tokens: int) -> list[tuple[int, StepRecord]]:
+        """One-token prompts whose step 0 runs as the rows of one pass, then joins the batch (greedy).
+        Each step 0 is computed beside the others, so it is not bitwise its lone run's: the
+        benchmarks use it to start a large batch in one pass instead of one pass per prompt."""
+        seqs = [_Sequence(next(self._numbers), [t], None, max_new_tokens) for t in tokens]
+        empty = self.engine.empty_caches(1, max_new_tokens)
+        caches = [BatchedLatentCache.stack([c] * len(seqs)) for c in empty]
+        records, caches, io, wall_s = _decode_pass(self.engine, seqs, caches)
+        for seq, record in zip(seqs, records):
+            self.sequences[seq.index] = seq
+            seq.steps.append(record)
+        self.passes.append(PassRecord(len(self.passes), tuple(s.index for s in seqs), io, wall_s))
+        keep = [k for k, s in enumerate(seqs) if not s.finished]
+        if keep:
+            rows = [c.rows(keep) for c in caches]
+            self._caches = rows if self._caches is None else [a.join(b) for a, b in zip(self._caches, rows)]
+            self._live.extend(seqs[k] for k in keep)
+        return [(s.index, r) for s, r in zip(seqs, records)]
+
     def step(self) -> list[tuple[int, StepRecord]]:
         """One pass: a token of every live sequence; the finished ones leave. Returns (index, step) pairs."""
         if not self._live:

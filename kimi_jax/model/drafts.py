@@ -58,10 +58,12 @@ def prompt_lookup(context: list[int], drafts: int, longest: int = 3) -> list[int
 
 def generate_with_drafts(engine, prompt: list[int], max_new_tokens: int, drafts: int, decoding=None,
                          on_step: Callable[[StepRecord], None] | None = None,
-                         draft: Callable[[list[int], int], list[int]] = prompt_lookup) -> tuple[list[StepRecord], list[Verification]]:  # fmt: skip
+                         draft: Callable[[list[int], int], list[int]] = prompt_lookup,
+                         max_passes: int | None = None) -> tuple[list[StepRecord], list[Verification]]:  # fmt: skip
     """Decode up to ``max_new_tokens`` tokens of ``prompt`` with the KV cache, verifying up to
     ``drafts`` drafted tokens per pass (``draft(context, n)``: prompt lookup by default); returns
-    (the steps, the verification passes)."""
+    (the steps, the verification passes). ``max_passes`` stops after that many verification passes
+    (benchmarks measuring passes)."""
     caches = engine.empty_caches(len(prompt), max_new_tokens)  # the lone run's: its step 0, bitwise
     record, caches = engine.step(0, list(prompt), False, caches, None, decoding)
     steps, passes = [record], []
@@ -71,7 +73,7 @@ def generate_with_drafts(engine, prompt: list[int], max_new_tokens: int, drafts:
     def stopped() -> bool:
         return decoding is not None and bool(decoding.stop_reason([s.token for s in steps]))
 
-    while len(steps) < max_new_tokens and not stopped():
+    while len(steps) < max_new_tokens and not stopped() and (max_passes is None or len(passes) < max_passes):
         context = list(prompt) + [s.token for s in steps]
         proposed = draft(context, min(drafts, max_new_tokens - len(steps) - 1))
         made, caches, verification = _verify(engine, context, proposed, caches, decoding, len(steps))

@@ -130,7 +130,11 @@ def prepare_run(manifest: Manifest) -> RunPlan:
     if problems:
         raise ManifestError("\n".join(str(p) for p in problems))
     longest = max(len(prompt) for prompt, _ in prompts)
-    residency = budget_plan(index, storage.resident_bytes, storage.page_cache, longest + manifest.generate.max_new_tokens)
+    # a pass holds the longest prompt (or a chunk of it), or a token and its drafts of every sequence
+    drafts = manifest.generate.drafts.tokens if manifest.generate.drafts else 0
+    rows = max(min(longest, manifest.generate.prefill_chunk or longest), len(prompts) * (1 + drafts))
+    residency = budget_plan(index, storage.resident_bytes, storage.page_cache, longest + manifest.generate.max_new_tokens,
+                            rows, len(prompts))  # fmt: skip
     sequences = [PlannedSequence(tuple(prompt), text, _decoding(manifest, index, tokenizer, section), field)
                  for (field, section), (prompt, text) in zip(entries, prompts)]  # fmt: skip
     first = sequences[0]

@@ -44,27 +44,32 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def streamed_working_set(index: CheckpointIndex, positions: int) -> int:
+def streamed_working_set(index: CheckpointIndex, positions: int, rows: int | None = None, sequences: int = 1) -> int:
     """Bytes a step holds beside the budget when weights stream, for a run of ``positions`` positions
-    (prompt and generated tokens): the non-expert weights of two layers (the one computing and the one
-    read ahead), the routed experts one layer's positions pick at once (top-k of each, at most every
-    expert of the layer), the latent caches, and :data:`RUNTIME_BYTES`. Sizes are the largest of their
-    kind, so the bound holds for every layer."""
+    per sequence (prompt and generated tokens) and passes of at most ``rows`` tokens (default
+    ``positions``: a prompt in one pass; a batch of B sequences decodes B rows): the non-expert
+    weights of two layers (the one computing and the one read ahead), the routed experts one layer's
+    rows pick at once (top-k of each, at most every expert of the layer), the latent caches of
+    ``sequences`` sequences, and :data:`RUNTIME_BYTES`. Sizes are the largest of their kind, so the
+    bound holds for every layer."""
     cfg = index.config
     bases = sorted((lm.base_bytes for lm in index.layers), reverse=True)
     expert = max((lm.expert_bytes(e) for lm in index.layers for e in range(len(lm.experts))), default=0)
-    picked = min(cfg.n_routed_experts, positions * cfg.num_experts_per_tok) if expert else 0
-    caches = cfg.num_hidden_layers * positions * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    picked = min(cfg.n_routed_experts, max(positions, rows or 0) * cfg.num_experts_per_tok) if expert else 0
+    caches = cfg.num_hidden_layers * sequences * positions * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     return sum(bases[:2]) + picked * expert + caches + RUNTIME_BYTES
 
 
-def resolve_budget(spec: int | str, index: CheckpointIndex | None = None, positions: int = 1) -> int:
+def resolve_budget(spec: int | str, index: CheckpointIndex | None = None, positions: int = 1, rows: int | None = None,
+                   sequences: int = 1) -> int:  # fmt: skip
     """The manifest's ``resident_bytes`` as bytes: ``auto`` is the memory available now less the
-    working set of a streamed step of ``index`` (and less the head when the rest cannot hold it, since
-    a streamed head is read whole on top of it); anything else is parsed."""
+    working set of a streamed step of ``index`` (:func:`streamed_working_set`; and less the head
+    when the rest cannot hold it, since a streamed head is read whole on top of it); anything else
+    is parsed."""
     if spec != AUTO:
         return parse_size(spec)
-    free = available_memory() - (streamed_working_set(index, positions) if index is not None else RUNTIME_BYTES)
+    held = streamed_working_set(index, positions, rows, sequences) if index is not None else RUNTIME_BYTES
+    free = available_memory() - held
     head = sum(w.nbytes for w in index.head.values()) if index is not None else 0
     return max(0, free if free >= head else free - head)
 
@@ -122,10 +127,12 @@ def drops_page_cache(mode: str, index: CheckpointIndex) -> bool:
 
 
 def budget_plan(index: CheckpointIndex, resident_bytes: int | str, page_cache: str = "auto",
-                positions: int = 1) -> ResidencyPlan:  # fmt: skip
+                positions: int = 1, rows: int | None = None, sequences: int = 1) -> ResidencyPlan:  # fmt: skip
     """The plan for the manifest's ``storage.resident_bytes`` and ``storage.page_cache`` (``auto``
-    measured now, for either) for a run of ``positions`` positions."""
-    return plan_residency(index, resolve_budget(resident_bytes, index, positions), drops_page_cache(page_cache, index))
+    measured now, for either) for a run of ``positions`` positions per sequence, passes of at most
+    ``rows`` tokens and ``sequences`` sequences (:func:`streamed_working_set`)."""
+    budget = resolve_budget(resident_bytes, index, positions, rows, sequences)
+    return plan_residency(index, budget, drops_page_cache(page_cache, index))
 
 
 class ExpertCache:

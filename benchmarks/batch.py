@@ -34,6 +34,7 @@ from kimi_jax.model.batch import Batch, generate_batch
 from kimi_jax.model.drafts import generate_with_drafts
 from kimi_jax.model.engine import Engine
 from kimi_jax.model.jax_setup import enable_compilation_cache
+from kimi_jax.run import compile_clock
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.residency import budget_plan
 from kimi_jax.storage.synth import ensure_synthetic
@@ -61,13 +62,17 @@ def uniform_experts(n_routed: int, k: int, batch: int) -> float:
 def batch_run(index, batch: int, tokens: int, budget: str, matmul: str = "kernels", together: bool = False) -> dict:
     prompts = [[3 + 37 * i] for i in range(batch)]
     residency = budget_plan(index, budget, "auto", 1 + tokens, rows=batch, sequences=batch)
+    compile_clock.start()
+    decode_compile = []  # seconds each decode pass spent making programs (a MoE layer's union size is a shape)
     with Engine(index, residency=residency, matmul=matmul) as engine:
         started = time.perf_counter()
         if together:  # the prompts' step 0 as one pass (at full shape, B lone step-0 passes take B x 40 s)
             batch_of = Batch(engine)
             batch_of.add_together([p[0] for p in prompts], tokens)
             while batch_of.live:
+                began = compile_clock.now()
                 batch_of.step()
+                decode_compile.append(round(compile_clock.compile_seconds(began, compile_clock.now()), 3))
             passes = batch_of.passes
         else:
             steps, passes = generate_batch(engine, prompts, tokens)
@@ -85,7 +90,8 @@ def batch_run(index, batch: int, tokens: int, budget: str, matmul: str = "kernel
             "pass_s_median": round(statistics.median(p.wall_s for p in decode), 3) if decode else None,
             # the first decode passes compile (each batch size its own programs): the median pass is the steady state
             "tokens_per_s_median_pass": round(batch / statistics.median(p.wall_s for p in decode), 2) if decode else None,
-            "matmul": matmul,
+            "matmul": matmul, "decode_compile_s": decode_compile or None,
+            "pass_s": [round(p.wall_s, 3) for p in decode],
             "storage_bytes_per_token": round(sum(p.io.from_storage + p.io.from_speculation for p in decode) / made) if made else None,
             "used_bytes_per_token": round(sum(p.io.used for p in decode) / made) if made else None,
             "experts_per_moe_layer": round(sum(p.io.experts_used for p in decode) / (len(decode) * len(moe)), 2) if decode and moe else None,

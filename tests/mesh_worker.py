@@ -150,7 +150,36 @@ def digests_on_a_mesh(ckpt: str, meshes: list[list]) -> dict:
     return {"one": digests(None), "meshes": [digests(MeshShape(*m)) for m in meshes]}
 
 
-JOBS = {"placement_reads": placement_reads, "digests_on_a_mesh": digests_on_a_mesh, "mesh_mismatch": mesh_mismatch, "tokens_on_meshes": tokens_on_meshes,
+def prompts_on_a_mesh(ckpt: str, meshes: list[list]) -> dict:
+    """Three prompts decoded together and one prompt with drafts, on one device and on each mesh
+    ``[expert, model, placement]``: tokens of each, and the largest logit difference from one device."""
+    from kimi_jax.model.batch import generate_batch
+    from kimi_jax.model.drafts import generate_with_drafts
+
+    prompts = [[5, 9, 400], [7], [300, 5]]
+    repeating = [5, 9, 5, 9, 5]
+
+    def draft(context, n):  # drafts every pass (prompt lookup needs the model to repeat itself)
+        return [context[-2], context[-1]][:n]
+
+    def run(mesh):
+        with Engine(open_checkpoint(ckpt), mesh=mesh) as engine:
+            batch, passes = generate_batch(engine, prompts, 3)
+        with Engine(open_checkpoint(ckpt), mesh=mesh) as engine:
+            drafted, verifications = generate_with_drafts(engine, repeating, 4, 2, draft=draft)
+        return ([[s.token for s in own] for own in batch] + [[s.token for s in drafted]],
+                [np.asarray(s.logits) for own in batch for s in own], len(passes), sum(len(v.drafted) for v in verifications))
+
+    one = run(None)
+    out = {"one": one[0], "one_passes": one[2], "one_drafted": one[3], "meshes": []}
+    for m in meshes:
+        tokens, logits, passes, drafted = run(MeshShape(*m))
+        worst = max(float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-9)) for a, b in zip(logits, one[1]))
+        out["meshes"].append({"tokens": tokens, "passes": passes, "drafted": drafted, "logits_rel": worst})
+    return out
+
+
+JOBS = {"prompts_on_a_mesh": prompts_on_a_mesh, "placement_reads": placement_reads, "digests_on_a_mesh": digests_on_a_mesh, "mesh_mismatch": mesh_mismatch, "tokens_on_meshes": tokens_on_meshes,
         "settings_on_meshes": settings_on_meshes}
 
 if __name__ == "__main__":

@@ -134,6 +134,33 @@ def test_digests_are_checked_on_a_mesh_of_one_process_and_name_what_one_device_n
     assert result["meshes"] == [result["one"], result["one"]]
 
 
+def test_prompts_and_drafts_decode_on_a_mesh_as_on_one_device(tiny_checkpoints):
+    """Sequences decoding together, and drafts verified in one pass, on a mesh of one process's
+    devices: each sequence's tokens are the one-device run's, the logits within float32 rounding."""
+    job = {"job": "prompts_on_a_mesh", "args": {"ckpt": str(tiny_checkpoints["kimi-k2.5"]),
+                                                "meshes": [[2, 4, "streamed"], [1, 8, "resident"]]}}  # fmt: skip
+    (result,) = run_worker([job])
+    assert result["one_drafted"] > 0
+    for mesh in result["meshes"]:
+        assert mesh["tokens"] == result["one"]
+        assert mesh["passes"] == result["one_passes"] and mesh["drafted"] == result["one_drafted"]
+        assert mesh["logits_rel"] < 1e-4, mesh["logits_rel"]
+
+
+def test_shared_passes_run_in_one_process_on_any_mesh(tiny_checkpoints, tmp_path):
+    from kimi_jax.run.distributed import check_mesh
+    from kimi_jax.run.plan import prepare_run
+
+    path = _manifest_file(tmp_path, "compute: {mesh: {expert: 1, model: 1}}\n")
+    path.write_text(path.read_text().replace("prompt:\n  tokens: [1]\n", "prompts:\n  - tokens: [1]\n  - tokens: [2, 3]\n"))
+    plan = prepare_run(load_manifest(path))
+    check_mesh(plan)
+    with pytest.raises(ManifestError, match=r"prompts: shared passes \(prompts:, generate.drafts\) run in one process"):
+        check_mesh(plan, processes=2)
+    with pytest.raises(ManifestError, match=r"distributed: prompts decode in one process"):
+        prepare_run(load_manifest(path, ["distributed.timeout_s=30"]))
+
+
 def test_a_digest_file_without_segments_is_refused_only_when_processes_read_shares(digested, tmp_path):
     import json
 

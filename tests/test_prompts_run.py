@@ -165,3 +165,49 @@ def test_the_anchor_is_sequence_0s_step_0(tiny_checkpoints, tmp_path):
     assert report.ok and next(c.reason for c in report.checks if c.name == "anchor").startswith("1 of 2 sequences")
     published = CliRunner().invoke(main, ["schema", "ledger-sequences"])
     assert json.loads(published.stdout) == MULTI_SCHEMA and jsonschema.Draft202012Validator(MULTI_SCHEMA).is_valid(ledger)
+
+
+@pytest.mark.parametrize("fault", ["instrumented:4:0", "bare:1:0"])
+def test_a_killed_prompts_run_resumes_from_its_last_pass_to_the_same_bundle(runs, tmp_path, fault):
+    """Killed with pass 4 of the instrumented run (or pass 1 of the proof's bare run) computed but not
+    saved, `--resume` goes on from the passes saved: the ledger's steps and passes are the
+    uninterrupted run's, bit for bit, and the bundle verifies."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    tmp, ckpt, plans, outcomes = runs
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"version": 1, "model": {"checkpoint": str(ckpt)}, "prompts": PROMPTS,
+                                        "generate": {"max_new_tokens": 4}, "output": {"dir": "out"}}))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "KIMI_JAX_FAULT"}
+
+    def run(*extra, fault=None):
+        return subprocess.run([sys.executable, "-m", "kimi_jax.cli", "run", str(manifest), *extra],
+                              capture_output=True, text=True, env={**env, **({"KIMI_JAX_FAULT": fault} if fault else {})})  # fmt: skip
+
+    killed = run(fault=fault)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "out" / "ledger.json").exists()
+    saved = sorted(p.name for p in (tmp_path / ".out.work" / fault.split(":")[0]).glob("pass_*.json"))
+    assert saved == [f"pass_{i:05d}.json" for i in range(int(fault.split(":")[1]))]
+    resumed = run("--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{fault.split(':')[0]} pass {fault.split(':')[1]}:" in resumed.stderr  # the unsaved pass ran again
+    assert "instrumented pass 0:" in resumed.stderr if fault.startswith("bare") else "instrumented pass 0:" not in resumed.stderr
+    whole = outcomes["greedy"].ledger
+    ledger = json.loads((tmp_path / "out" / "ledger.json").read_text())
+
+    def identity(led):
+        return ([[step_identity_json(s) for s in seq["steps"]] for seq in led["sequences"]],
+                [{k: p[k] for k in ("sequences", "bytes_used")} for p in led["passes"]])
+
+    assert identity(ledger) == identity(whole)
+    assert verify_bundle(tmp_path / "out").ok
+    assert not (tmp_path / ".out.work").exists()
+
+
+def step_identity_json(step: dict) -> tuple:
+    return (step["context"], step["token"], step["hidden_digest"], step["logits_digest"], step["bytes_read"])

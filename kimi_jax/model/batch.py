@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -59,6 +59,18 @@ class _Sequence:
         return self.decoding is not None and bool(self.decoding.stop_reason([s.token for s in self.steps]))
 
 
+@dataclasses.dataclass
+class BatchState:
+    """What a batch has done, enough to go on after a restart: each sequence's steps (sequences
+    0..n-1, in the order they were added), the live sequences in row order, their caches (one
+    :class:`BatchedLatentCache` per layer) and the passes so far."""
+
+    steps: list[list[StepRecord]]
+    live: list[int]
+    caches: list[BatchedLatentCache] | None
+    passes: list[PassRecord]
+
+
 class Batch:
     """Sequences decoding together on one engine; a sequence joins or leaves between passes.
 
@@ -92,6 +104,20 @@ class Batch:
             self._caches = rows if self._caches is None else [a.join(b) for a, b in zip(self._caches, rows)]
             self._live.append(seq)
         return seq.index, record
+
+    def state(self) -> BatchState:
+        return BatchState([self.sequences[i].steps for i in sorted(self.sequences)], self.live, self._caches,
+                          list(self.passes))  # fmt: skip
+
+    def restore(self, state: BatchState, prompts: list[list[int]], max_new_tokens: int, decodings: list) -> None:
+        """Take up ``state`` (saved by a batch of the same prompts, :meth:`state`): its sequences are
+        the first ``len(state.steps)`` prompts."""
+        for i, steps in enumerate(state.steps):
+            seq = _Sequence(next(self._numbers), list(prompts[i]), decodings[i], max_new_tokens, list(steps))
+            self.sequences[seq.index] = seq
+        self._live = [self.sequences[i] for i in state.live]
+        self._caches = state.caches if self._live else None
+        self.passes = list(state.passes)
 
     def add_together(self, tokens: list[int], max_new_tokens: int) -> list[tuple[int, StepRecord]]:
         """One-token prompts whose step 0 runs as the rows of one pass, then joins the batch (greedy).
@@ -144,23 +170,34 @@ class Batch:
 
 
 def generate_batch(engine, prompts: list[list[int]], max_new_tokens: int, decodings: list | None = None,
-                   on_step: Callable[[int, StepRecord], None] | None = None) -> tuple[list[list[StepRecord]], list[PassRecord]]:  # fmt: skip
+                   on_step: Callable[[int, StepRecord], None] | None = None,
+                   on_pass: Callable[["Batch", list[tuple[int, StepRecord]]], None] | None = None,
+                   resume: BatchState | None = None) -> tuple[list[list[StepRecord]], list[PassRecord]]:  # fmt: skip
     """Decode up to ``max_new_tokens`` tokens of each prompt with the KV cache (``engine``: an
     :class:`~kimi_jax.model.engine.Engine`); returns (each sequence's steps, the passes).
 
     ``decodings[i]`` chooses sequence i's tokens and says when it stops (None: greedy for exactly
-    ``max_new_tokens`` tokens); ``on_step(i, record)`` is called after each of sequence i's steps."""
+    ``max_new_tokens`` tokens); ``on_step(i, record)`` is called after each of sequence i's steps,
+    ``on_pass(batch, [(i, record)...])`` after each pass with the steps it made. ``resume``: go on
+    from a saved :class:`BatchState` of the same prompts."""
     batch = Batch(engine)
-    with long_lived_frozen() as freeze:
-        for prompt, decoding in zip(prompts, decodings or [None] * len(prompts)):
-            index, record = batch.add(prompt, max_new_tokens, decoding)
+    decodings = decodings or [None] * len(prompts)
+    if resume is not None:
+        batch.restore(resume, prompts, max_new_tokens, decodings)
+
+    def made(steps: list[tuple[int, StepRecord]]) -> None:
+        for index, record in steps:
             if on_step:
                 on_step(index, record)
+        if on_pass:
+            on_pass(batch, steps)
+
+    with long_lived_frozen() as freeze:
+        for prompt, decoding in list(zip(prompts, decodings))[len(batch.sequences):]:
+            made([batch.add(prompt, max_new_tokens, decoding)])
         while batch.live:
             freeze()
-            for index, record in batch.step():
-                if on_step:
-                    on_step(index, record)
+            made(batch.step())
     return [batch.sequences[i].steps for i in range(len(prompts))], batch.passes
 
 
@@ -182,19 +219,41 @@ def share(used: int, whole: ByteCounts) -> ByteCounts:
     return ByteCounts(used=used, from_storage=storage, from_memory=used - storage)
 
 
-def _decode_pass(engine, live: list[_Sequence], caches: list[BatchedLatentCache]):
-    """One token of each live sequence, as the rows of one forward pass."""
+@dataclasses.dataclass(frozen=True)
+class SharedPass:
+    """What one forward pass of several rows gave: each row's hidden state and logits, the layers'
+    outputs, the caches after it, its bytes by layer and in all, the read counters, its wall time."""
+
+    hidden: Any
+    logits: Any
+    outputs: list
+    caches: Any
+    by_layer: dict
+    io: ByteCounts
+    counters: Any
+    wall_s: float
+
+
+def shared_pass(engine, tokens: list[int], positions: np.ndarray, caches, **forward_args) -> SharedPass:
+    """``tokens`` as the rows of one forward pass at ``positions`` (a batch's next tokens, or a
+    token and its drafts), counted as one step of the weight source."""
     started = time.perf_counter()
     engine.source.begin_step()
-    contexts = [s.context for s in live]
-    tokens = [c[-1] for c in contexts]
-    positions = np.array([len(c) - 1 for c in contexts])
-    hidden, logits, outputs, caches = engine.forward(tokens, positions, caches)
+    hidden, logits, outputs, caches = engine.forward(tokens, positions, caches, **forward_args)
     by_layer, _, counters = engine.source.end_step(tokens)
     io = ByteCounts()
     for counts in by_layer.values():
         io = io.add(counts)
-    wall_s = time.perf_counter() - started
+    return SharedPass(hidden, logits, outputs, caches, by_layer, io, counters, time.perf_counter() - started)
+
+
+def _decode_pass(engine, live: list[_Sequence], caches: list[BatchedLatentCache]):
+    """One token of each live sequence, as the rows of one forward pass."""
+    contexts = [s.context for s in live]
+    tokens = [c[-1] for c in contexts]
+    done = shared_pass(engine, tokens, np.array([len(c) - 1 for c in contexts]), caches)
+    hidden, logits, outputs, caches = done.hidden, done.logits, done.outputs, done.caches
+    by_layer, io, counters, wall_s = done.by_layer, done.io, done.counters, done.wall_s
     routing = [out.routing for out in outputs]
     records = []
     for b, (seq, context) in enumerate(zip(live, contexts)):
@@ -217,4 +276,4 @@ def _decode_pass(engine, live: list[_Sequence], caches: list[BatchedLatentCache]
     return records, caches, io, wall_s
 
 
-__all__ = ["PassRecord", "Batch", "generate_batch", "own_bytes", "share"]
+__all__ = ["PassRecord", "BatchState", "Batch", "generate_batch", "SharedPass", "shared_pass", "own_bytes", "share"]

@@ -22,12 +22,11 @@ token used (its lone decode step's); each :class:`Verification` keeps what the p
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Callable
 
 import numpy as np
 
-from kimi_jax.model.batch import PassRecord, own_bytes, share
+from kimi_jax.model.batch import PassRecord, own_bytes, share, shared_pass
 from kimi_jax.records import ByteCounts, StepRecord
 
 
@@ -90,16 +89,11 @@ def generate_with_drafts(engine, prompt: list[int], max_new_tokens: int, drafts:
 def _verify(engine, context: list[int], proposed: list[int], caches: list, decoding, step: int):
     """The last token and the drafts as the rows of one pass; the steps they give (the accepted drafts
     and one more), the caches, and the pass's record."""
-    started = time.perf_counter()
-    engine.source.begin_step()
     tokens = [context[-1], *proposed]
-    positions = np.arange(len(context) - 1, len(context) - 1 + len(tokens))
-    hidden, logits, outputs, caches = engine.forward(tokens, positions, caches, every_row=True)
-    by_layer, _, counters = engine.source.end_step(tokens)
-    io = ByteCounts()
-    for counts in by_layer.values():
-        io = io.add(counts)
-    wall_s = time.perf_counter() - started
+    done = shared_pass(engine, tokens, np.arange(len(context) - 1, len(context) - 1 + len(tokens)), caches,
+                       every_row=True)  # fmt: skip
+    hidden, logits, outputs, caches = done.hidden, done.logits, done.outputs, done.caches
+    by_layer, io, counters, wall_s = done.by_layer, done.io, done.counters, done.wall_s
     routing = [out.routing for out in outputs]
     made, ctx = [], list(context)
     for row in range(len(tokens)):

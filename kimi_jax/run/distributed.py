@@ -155,6 +155,10 @@ def check_mesh(plan, processes: int = 1) -> None:
         mesh_devices(plan.mesh)
     except MeshError as e:
         raise plan.manifest.error("compute.mesh", str(e)) from None
+    if processes > 1 and plan.shares_passes:
+        field = "prompts" if m.prompts is not None else "generate.drafts"
+        raise m.error(field, f"shared passes (prompts:, generate.drafts) run in one process, on any mesh of its "
+                             f"devices; this run has {processes} processes")  # fmt: skip
     source = getattr(plan, "source", None)
     # Several processes each read a share of rows of every non-expert tensor: the digest file must
     # check a share without the rest, by segments (one process reads each tensor whole).

@@ -159,11 +159,9 @@ def _batch_problems(manifest: Manifest, entries: list) -> list[ManifestError]:
     if not gen.kv_cache:
         problems.append(manifest.error("generate.kv_cache", f"{what} together from the latent caches; set "
                                                             "generate.kv_cache: true"))  # fmt: skip
-    for field in ("compute.mesh", "distributed"):
-        section = manifest.compute.mesh if field == "compute.mesh" else manifest.distributed
-        if section is not None:
-            problems.append(manifest.error(field, f"{what} on one device in one process (prompts: and "
-                                                  "generate.drafts); run without them on a mesh"))  # fmt: skip
+    if manifest.distributed is not None:  # a mesh of one process's devices serves them (check_mesh)
+        problems.append(manifest.error("distributed", f"{what} in one process (prompts: and generate.drafts: any "
+                                                      "mesh of its devices); run them without distributed:"))  # fmt: skip
     return problems
 
 

@@ -35,7 +35,8 @@ def work_dir(out: Path) -> Path:
 
 
 RUNS = ("bare", "instrumented")
-_SAVED = re.compile(r"(step_\d{5,}\.(json|npz)|\.step_\d{5,}\.(json|npz)\.tmp-\w+)")
+# a run's steps; a run of shared passes (prompts:) saves its passes and the caches after the latest
+_SAVED = re.compile(r"\.?((step|pass)_\d{5,}\.(json|npz)|caches_[01]\.npz)(\.tmp-\w+)?")
 
 
 def holds_only_saved_steps(root: Path) -> bool:
@@ -121,12 +122,8 @@ class RunCheckpoints:
             arrays[f"cache_{i}_k_pe"] = np.asarray(cache.k_pe, np.float32)
             arrays[f"cache_{i}_length"] = np.asarray(cache.length)
             arrays["cache_dtype"] = np.asarray(str(cache.c_kv.dtype))
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        write_bytes_atomic(folder / f"step_{step.index:05d}.npz", buf.getvalue())
-        record = {k: v for k, v in dataclasses.asdict(step).items() if k not in ("logits", "hidden", "caches")}
-        record["bytes_per_layer"] = [[k, v] for k, v in step.bytes_per_layer.items()]
-        write_json_atomic(folder / f"step_{step.index:05d}.json", record)
+        _write_npz(folder / f"step_{step.index:05d}.npz", arrays)
+        write_json_atomic(folder / f"step_{step.index:05d}.json", _step_json(step))
 
     def load(self, run: str) -> tuple[list[StepRecord], list | None]:
         """The completed steps of ``run`` (consecutive from 0) and the caches after the last one."""
@@ -135,10 +132,7 @@ class RunCheckpoints:
             record = read_json(json_file, 1 << 30, "saved step", ResumeError)
             with np.load(json_file.with_suffix(".npz")) as z:
                 arrays = {k: z[k] for k in z.files}
-            layers = [LayerRecord(**{**layer, "io": ByteCounts(**layer["io"])}) for layer in record.pop("layers")]
-            record["bytes_per_layer"] = {k: v for k, v in record["bytes_per_layer"]}
-            record["io"] = ByteCounts(**record["io"])
-            steps.append(StepRecord(**record, layers=layers, logits=arrays["logits"], hidden=arrays["hidden"]))
+            steps.append(_step_from(record, arrays["logits"], arrays["hidden"]))
             n = sum(1 for k in arrays if k.endswith("_length"))
             dtype = jnp.dtype(str(arrays["cache_dtype"])) if n else None
             caches = [LatentCache(jnp.asarray(arrays[f"cache_{i}_c_kv"]).astype(dtype),
@@ -146,5 +140,92 @@ class RunCheckpoints:
                                         jnp.asarray(arrays[f"cache_{i}_length"])) for i in range(n)] or None  # fmt: skip
         return steps, caches
 
+    # -- a run of shared passes (prompts:): a pass at a time -------------------------------------
+
+    def save_pass(self, run: str, state, made: list) -> None:
+        """The latest pass of a batch (:class:`~kimi_jax.model.batch.BatchState` after it): the steps it
+        ``made`` ((sequence, step) pairs; ``pass_NNNNN``), and the live sequences' caches after it
+        (``caches_K.npz``, K the pass's parity, written first, so the caches after the last complete
+        pass survive a kill)."""
+        record = state.passes[-1]
+        for _, step in made:
+            check_finite(run, step)
+        with self._writing(f"save pass {record.index} of the {run} run"):
+            if not self.started:
+                self.root.mkdir(parents=True)
+                write_json_atomic(self.root / "identity.json", self.identity)
+                self.started = True
+            folder = self.root / run
+            folder.mkdir(exist_ok=True)
+            caches = {"pass": np.asarray(record.index)}
+            for i, cache in enumerate(state.caches or [] if state.live else []):
+                caches.update({f"cache_{i}_c_kv": np.asarray(cache.c_kv, np.float32),
+                               f"cache_{i}_k_pe": np.asarray(cache.k_pe, np.float32),
+                               f"cache_{i}_length": np.asarray(cache.length), "cache_dtype": np.asarray(str(cache.c_kv.dtype))})  # fmt: skip
+            _write_npz(folder / f"caches_{record.index % 2}.npz", caches)
+            arrays = {}
+            for k, (_, step) in enumerate(made):
+                arrays.update({f"logits_{k}": np.asarray(step.logits, np.float32), f"hidden_{k}": np.asarray(step.hidden, np.float32)})
+            _write_npz(folder / f"pass_{record.index:05d}.npz", arrays)
+            write_json_atomic(folder / f"pass_{record.index:05d}.json", {
+                "pass": {**dataclasses.asdict(record), "io": dataclasses.asdict(record.io)},
+                "made": [[i, _step_json(step)] for i, step in made], "live": list(state.live),
+            })  # fmt: skip
+
+    def load_passes(self, run: str):
+        """The :class:`~kimi_jax.model.batch.BatchState` after the last complete pass saved for ``run``,
+        or None when none was."""
+        from kimi_jax.model.batch import BatchState, PassRecord
+        from kimi_jax.model.layers import BatchedLatentCache
+
+        steps: list[list[StepRecord]] = []
+        passes, live = [], []
+        while (json_file := self.root / run / f"pass_{len(passes):05d}.json").exists():
+            saved = read_json(json_file, 1 << 30, "saved pass", ResumeError)
+            with np.load(json_file.with_suffix(".npz")) as z:
+                arrays = {k: z[k] for k in z.files}
+            record = saved["pass"]
+            passes.append(PassRecord(**{**record, "sequences": tuple(record["sequences"]), "io": ByteCounts(**record["io"]),
+                                        "drafted": None if record["drafted"] is None else tuple(record["drafted"])}))  # fmt: skip
+            for k, (i, step) in enumerate(saved["made"]):
+                while len(steps) <= i:
+                    steps.append([])
+                steps[i].append(_step_from(step, arrays[f"logits_{k}"], arrays[f"hidden_{k}"]))
+            live = saved["live"]
+        if not passes:
+            return None
+        with np.load(self.root / run / f"caches_{(len(passes) - 1) % 2}.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        if int(arrays["pass"]) != len(passes) - 1:
+            raise ResumeError(f"{self.root / run}: the caches saved do not belong to pass {len(passes) - 1}, the last "
+                              "complete one; remove the folder and run without --resume")  # fmt: skip
+        n = sum(1 for k in arrays if k.endswith("_length"))
+        dtype = jnp.dtype(str(arrays["cache_dtype"])) if n else None
+        caches = [BatchedLatentCache(jnp.asarray(arrays[f"cache_{i}_c_kv"]).astype(dtype),
+                                     jnp.asarray(arrays[f"cache_{i}_k_pe"]).astype(dtype),
+                                     jnp.asarray(arrays[f"cache_{i}_length"])) for i in range(n)] or None  # fmt: skip
+        return BatchState(steps, live, caches, passes)
+
     def discard(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _write_npz(path: Path, arrays: dict) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def _step_json(step: StepRecord) -> dict:
+    """A step's record but its arrays (saved beside it), as JSON."""
+    record = {k: v for k, v in dataclasses.asdict(step).items() if k not in ("logits", "hidden", "caches")}
+    record["bytes_per_layer"] = [[k, v] for k, v in step.bytes_per_layer.items()]
+    return record
+
+
+def _step_from(record: dict, logits: np.ndarray, hidden: np.ndarray) -> StepRecord:
+    record = dict(record)
+    layers = [LayerRecord(**{**layer, "io": ByteCounts(**layer["io"])}) for layer in record.pop("layers")]
+    record["bytes_per_layer"] = {k: v for k, v in record["bytes_per_layer"]}
+    record["io"] = ByteCounts(**record["io"])
+    return StepRecord(**record, layers=layers, logits=logits, hidden=hidden)

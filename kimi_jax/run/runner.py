@@ -134,7 +134,7 @@ def execute(plan: RunPlan, prove: str | None = PROVE_FIRST, resume: bool = False
     prove = {True: PROVE_ALL, False: None}.get(prove, prove) if isinstance(prove, bool) else prove  # as before scopes
     if prove not in (None, *PROOF_SCOPES):
         raise ValueError(f"prove: expected one of {PROOF_SCOPES} or None, got {prove!r}")
-    if plan.shares_passes:
+    if plan.manifest.generate.drafts is not None:
         refuse_resume(resume)
     out = Path(plan.manifest.output.dir)
     if not distributed.is_writer():  # a multi-process run: the output folder is process 0's alone
@@ -159,7 +159,7 @@ def _execute_held(plan: RunPlan, prove: str | None, resume: bool, echo, progress
     for line in describe_run(plan, page_cache, prove):
         echo(line)
     if plan.shares_passes:
-        return _execute_sequences(plan, prove, echo, started, page_cache, text_out)
+        return _execute_sequences(plan, prove, echo, started, page_cache, text_out, progress, resume)
     out = Path(m.output.dir)
     identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
     checkpoints = distributed.SharedCheckpoints(RunCheckpoints(out, identity, resume) if writer else None, plan)
@@ -214,17 +214,30 @@ def _execute_held(plan: RunPlan, prove: str | None, resume: bool, echo, progress
 
 
 def _execute_sequences(plan: RunPlan, prove: str | None, echo, started: float, page_cache: dict,
-                       text_out) -> RunOutcome:  # fmt: skip
+                       text_out, progress: bool = True, resume: bool = False) -> RunOutcome:  # fmt: skip
     """A run of shared passes (kimi_jax.run.sequences: prompts:, generate.drafts): the batch, its
-    version-3 ledger and the bundle; each sequence's text is written once the batch is done."""
+    version-3 ledger and the bundle; each sequence's text is written once the batch is done. A
+    prompts: run saves each pass beside the output, and goes on from them with ``resume``."""
     m = plan.manifest
+    mesh = plan.mesh
     facts = RunFacts(page_cache=page_cache, kernels=plan.kernels,
-                     residency=residency_record(plan.residency, m.storage.expert_cache, m.storage.speculate))  # fmt: skip
-    ledger, steps = batch_ledger(plan, prove, facts, started, echo)
+                     residency=residency_record(plan.residency, m.storage.expert_cache, m.storage.speculate),
+                     mesh=None if mesh is None else mesh_record(mesh.expert, mesh.model, mesh.placement,
+                                                                distributed.process_count(), None))  # fmt: skip
     out = Path(m.output.dir)
-    write_bundle(out, m, ledger, steps, m.anchor if ledger["sequences"][0].get("anchor") else None,
-                 explorer_html=render_explorer(ledger), tokenizer_dir=plan.tokenizer.root if plan.tokenizer else None,
-                 render_from_files=write_note_files)  # fmt: skip
+    identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
+    checkpoints = RunCheckpoints(out, identity, resume)
+    ledger, steps = batch_ledger(plan, prove, facts, started, echo, progress, checkpoints)
+    try:
+        write_bundle(out, m, ledger, steps, m.anchor if ledger["sequences"][0].get("anchor") else None,
+                     explorer_html=render_explorer(ledger), tokenizer_dir=plan.tokenizer.root if plan.tokenizer else None,
+                     render_from_files=write_note_files)  # fmt: skip
+    except OutputError as e:
+        if not plan.sequences:
+            raise
+        raise OutputError(f"{e}. The completed passes are kept in {checkpoints.root}: once that is fixed, run the "
+                          "same command with --resume to write the bundle without computing them again") from None  # fmt: skip
+    checkpoints.discard()
     texts = None
     if plan.tokenizer is not None:
         texts = [streamed_text(plan.tokenizer, seq.decoding.stop_strings, [s["token"] for s in entry["steps"]])

@@ -108,20 +108,21 @@ class RunCheckpoints:
         with self._writing(f"save step {step.index} of the {run} run"):
             self._save(run, step)
 
-    def _save(self, run: str, step: StepRecord) -> None:
+    def _folder(self, run: str) -> Path:
+        """The folder of ``run``'s saved steps, made (with the identity beside it) on first use."""
         if not self.started:
             self.root.mkdir(parents=True)
             write_json_atomic(self.root / "identity.json", self.identity)
             self.started = True
         folder = self.root / run
         folder.mkdir(exist_ok=True)
+        return folder
+
+    def _save(self, run: str, step: StepRecord) -> None:
+        folder = self._folder(run)
         # float32 holds bfloat16 values exactly, and npz cannot store bfloat16 itself
-        arrays = {"logits": np.asarray(step.logits, np.float32), "hidden": np.asarray(step.hidden, np.float32)}
-        for i, cache in enumerate(step.caches or []):
-            arrays[f"cache_{i}_c_kv"] = np.asarray(cache.c_kv, np.float32)
-            arrays[f"cache_{i}_k_pe"] = np.asarray(cache.k_pe, np.float32)
-            arrays[f"cache_{i}_length"] = np.asarray(cache.length)
-            arrays["cache_dtype"] = np.asarray(str(cache.c_kv.dtype))
+        arrays = {"logits": np.asarray(step.logits, np.float32), "hidden": np.asarray(step.hidden, np.float32),
+                  **_cache_arrays(step.caches or [])}  # fmt: skip
         _write_npz(folder / f"step_{step.index:05d}.npz", arrays)
         write_json_atomic(folder / f"step_{step.index:05d}.json", _step_json(step))
 
@@ -133,11 +134,7 @@ class RunCheckpoints:
             with np.load(json_file.with_suffix(".npz")) as z:
                 arrays = {k: z[k] for k in z.files}
             steps.append(_step_from(record, arrays["logits"], arrays["hidden"]))
-            n = sum(1 for k in arrays if k.endswith("_length"))
-            dtype = jnp.dtype(str(arrays["cache_dtype"])) if n else None
-            caches = [LatentCache(jnp.asarray(arrays[f"cache_{i}_c_kv"]).astype(dtype),
-                                        jnp.asarray(arrays[f"cache_{i}_k_pe"]).astype(dtype),
-                                        jnp.asarray(arrays[f"cache_{i}_length"])) for i in range(n)] or None  # fmt: skip
+            caches = _caches_from(arrays, LatentCache)
         return steps, caches
 
     # -- a run of shared passes (prompts:): a pass at a time -------------------------------------
@@ -151,18 +148,9 @@ class RunCheckpoints:
         for _, step in made:
             check_finite(run, step)
         with self._writing(f"save pass {record.index} of the {run} run"):
-            if not self.started:
-                self.root.mkdir(parents=True)
-                write_json_atomic(self.root / "identity.json", self.identity)
-                self.started = True
-            folder = self.root / run
-            folder.mkdir(exist_ok=True)
-            caches = {"pass": np.asarray(record.index)}
-            for i, cache in enumerate(state.caches or [] if state.live else []):
-                caches.update({f"cache_{i}_c_kv": np.asarray(cache.c_kv, np.float32),
-                               f"cache_{i}_k_pe": np.asarray(cache.k_pe, np.float32),
-                               f"cache_{i}_length": np.asarray(cache.length), "cache_dtype": np.asarray(str(cache.c_kv.dtype))})  # fmt: skip
-            _write_npz(folder / f"caches_{record.index % 2}.npz", caches)
+            folder = self._folder(run)
+            caches = _cache_arrays(state.caches or [] if state.live else [])
+            _write_npz(folder / f"caches_{record.index % 2}.npz", {"pass": np.asarray(record.index), **caches})
             arrays = {}
             for k, (_, step) in enumerate(made):
                 arrays.update({f"logits_{k}": np.asarray(step.logits, np.float32), f"hidden_{k}": np.asarray(step.hidden, np.float32)})
@@ -199,15 +187,27 @@ class RunCheckpoints:
         if int(arrays["pass"]) != len(passes) - 1:
             raise ResumeError(f"{self.root / run}: the caches saved do not belong to pass {len(passes) - 1}, the last "
                               "complete one; remove the folder and run without --resume")  # fmt: skip
-        n = sum(1 for k in arrays if k.endswith("_length"))
-        dtype = jnp.dtype(str(arrays["cache_dtype"])) if n else None
-        caches = [BatchedLatentCache(jnp.asarray(arrays[f"cache_{i}_c_kv"]).astype(dtype),
-                                     jnp.asarray(arrays[f"cache_{i}_k_pe"]).astype(dtype),
-                                     jnp.asarray(arrays[f"cache_{i}_length"])) for i in range(n)] or None  # fmt: skip
-        return BatchState(steps, live, caches, passes)
+        return BatchState(steps, live, _caches_from(arrays, BatchedLatentCache), passes)
 
     def discard(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _cache_arrays(caches: list) -> dict[str, np.ndarray]:
+    """A run's latent caches (one per layer, batched or not) as npz arrays; float32 holds bfloat16 exactly."""
+    arrays = {}
+    for i, cache in enumerate(caches):
+        arrays.update({f"cache_{i}_c_kv": np.asarray(cache.c_kv, np.float32), f"cache_{i}_k_pe": np.asarray(cache.k_pe, np.float32),
+                       f"cache_{i}_length": np.asarray(cache.length), "cache_dtype": np.asarray(str(cache.c_kv.dtype))})  # fmt: skip
+    return arrays
+
+
+def _caches_from(arrays: dict[str, np.ndarray], kind) -> list | None:
+    """The caches :func:`_cache_arrays` saved, as ``kind`` (LatentCache or BatchedLatentCache); None if none."""
+    n = sum(1 for k in arrays if k.endswith("_length"))
+    dtype = jnp.dtype(str(arrays["cache_dtype"])) if n else None
+    return [kind(jnp.asarray(arrays[f"cache_{i}_c_kv"]).astype(dtype), jnp.asarray(arrays[f"cache_{i}_k_pe"]).astype(dtype),
+                 jnp.asarray(arrays[f"cache_{i}_length"])) for i in range(n)] or None  # fmt: skip
 
 
 def _write_npz(path: Path, arrays: dict) -> None:

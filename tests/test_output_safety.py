@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,13 @@ def test_sigint_says_resume_continues_and_resume_does(tiny_checkpoints, small_bu
     out = tmp_path / "out"
     manifest = _manifest(tmp_path, tiny_checkpoints["kimi-k2.5"], out)  # the run small_bundle holds
     monkeypatch.setenv("KIMI_JAX_FAULT", "instrumented:1:0:SIGINT")
-    stopped = CliRunner().invoke(main, ["run", str(manifest)])
+    # Ctrl-C as a terminal delivers it: Python's own handler (a run of the whole suite once found
+    # another left in place by an earlier in-process test, and the SIGINT went unnoticed)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stopped = CliRunner().invoke(main, ["run", str(manifest)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopped.exit_code == 130, stopped.output
     assert ("interrupted; the completed steps are kept beside the output folder: run the same command with "
             "--resume to continue") in stopped.output and "Aborted" not in stopped.output  # fmt: skip

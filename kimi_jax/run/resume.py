@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -131,8 +132,7 @@ class RunCheckpoints:
         steps, caches = [], None
         while (json_file := self.root / run / f"step_{len(steps):05d}.json").exists():
             record = read_json(json_file, 1 << 30, "saved step", ResumeError)
-            with np.load(json_file.with_suffix(".npz")) as z:
-                arrays = {k: z[k] for k in z.files}
+            arrays = _read_npz(json_file.with_suffix(".npz"))
             steps.append(_step_from(record, arrays["logits"], arrays["hidden"]))
             caches = _caches_from(arrays, LatentCache)
         return steps, caches
@@ -170,8 +170,7 @@ class RunCheckpoints:
         passes, live = [], []
         while (json_file := self.root / run / f"pass_{len(passes):05d}.json").exists():
             saved = read_json(json_file, 1 << 30, "saved pass", ResumeError)
-            with np.load(json_file.with_suffix(".npz")) as z:
-                arrays = {k: z[k] for k in z.files}
+            arrays = _read_npz(json_file.with_suffix(".npz"))
             record = saved["pass"]
             passes.append(PassRecord(**{**record, "sequences": tuple(record["sequences"]), "io": ByteCounts(**record["io"]),
                                         "drafted": None if record["drafted"] is None else tuple(record["drafted"])}))  # fmt: skip
@@ -182,8 +181,7 @@ class RunCheckpoints:
             live = saved["live"]
         if not passes:
             return None
-        with np.load(self.root / run / f"caches_{(len(passes) - 1) % 2}.npz") as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = _read_npz(self.root / run / f"caches_{(len(passes) - 1) % 2}.npz")
         if int(arrays["pass"]) != len(passes) - 1:
             raise ResumeError(f"{self.root / run}: the caches saved do not belong to pass {len(passes) - 1}, the last "
                               "complete one; remove the folder and run without --resume")  # fmt: skip
@@ -208,6 +206,16 @@ def _caches_from(arrays: dict[str, np.ndarray], kind) -> list | None:
     dtype = jnp.dtype(str(arrays["cache_dtype"])) if n else None
     return [kind(jnp.asarray(arrays[f"cache_{i}_c_kv"]).astype(dtype), jnp.asarray(arrays[f"cache_{i}_k_pe"]).astype(dtype),
                  jnp.asarray(arrays[f"cache_{i}_length"])) for i in range(n)] or None  # fmt: skip
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a saved step or pass; one that cannot be read (truncated, missing) is named."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ResumeError(f"{path}: the saved arrays cannot be read ({type(e).__name__}: {str(e)[:200]}); remove "
+                          f"{path.parent.parent} and run without --resume") from None  # fmt: skip
 
 
 def _write_npz(path: Path, arrays: dict) -> None:

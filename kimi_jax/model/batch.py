@@ -100,9 +100,7 @@ class Batch:
         seq.steps.append(record)
         self.passes.append(PassRecord(len(self.passes), (seq.index,), record.io, record.wall_s))
         if not seq.finished:
-            rows = [BatchedLatentCache.stack([c]) for c in caches]
-            self._caches = rows if self._caches is None else [a.join(b) for a, b in zip(self._caches, rows)]
-            self._live.append(seq)
+            self._join([seq], [BatchedLatentCache.stack([c]) for c in caches])
         return seq.index, record
 
     def state(self) -> BatchState:
@@ -133,9 +131,7 @@ class Batch:
         self.passes.append(PassRecord(len(self.passes), tuple(s.index for s in seqs), io, wall_s))
         keep = [k for k, s in enumerate(seqs) if not s.finished]
         if keep:
-            rows = [c.rows(keep) for c in caches]
-            self._caches = rows if self._caches is None else [a.join(b) for a, b in zip(self._caches, rows)]
-            self._live.extend(seqs[k] for k in keep)
+            self._join([seqs[k] for k in keep], [c.rows(keep) for c in caches])
         return [(s.index, r) for s, r in zip(seqs, records)]
 
     def step(self) -> list[tuple[int, StepRecord]]:
@@ -160,6 +156,11 @@ class Batch:
         batch (the server's) releases every sequence it is done with, or it keeps them all."""
         self.cancel(index)
         return self.sequences.pop(index).steps
+
+    def _join(self, seqs: list[_Sequence], rows: list[BatchedLatentCache]) -> None:
+        """``seqs`` join the decoding rows, after those already there, with their caches ``rows``."""
+        self._caches = rows if self._caches is None else [a.join(b) for a, b in zip(self._caches, rows)]
+        self._live.extend(seqs)
 
     def _keep(self, keep: list[_Sequence]) -> None:
         if len(keep) == len(self._live):

@@ -638,3 +638,12 @@ def test_replay_refuses_the_full_shape_preset_unless_asked(demo, tmp_path, monke
     _edit_json(root, "manifest.json", lambda m: m["model"]["synthetic"].update(preset="full-shape"))
     with pytest.raises(CheckFailed, match="writes a sparse 595 GB checkpoint into your cache; pass --allow-large"):
         check_replay(BundleView(root))
+
+
+def test_a_bundle_named_by_a_relative_path_verifies(small_bundle, monkeypatch):
+    """`kimi-jax verify runs/demo`, as the README's newcomer types it: the note's re-rendering read the
+    arrays through a file:// URL of the relative path (a host name, not a folder), said 'not
+    recorded' for the dimensions the stored arrays give, and check 16 failed."""
+    monkeypatch.chdir(small_bundle.parent)
+    result = CliRunner().invoke(main, ["verify", small_bundle.name])
+    assert result.exit_code == 0 and "0 FAILED" in result.output and "note: OK" in result.output, result.output

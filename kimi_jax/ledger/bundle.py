@@ -149,6 +149,7 @@ def check_array_declarations(root: Path, steps: list[int] | None) -> dict[tuple[
     metadata with tensorstore, not orbax, so JAX is never imported."""
     import tensorstore as ts
 
+    root = Path(root).resolve()  # a file:// URL of a relative path would name a host, not a folder
     where = f"{ARRAYS}/"
     meta = read_json(root / "_METADATA", MAX_JSON_BYTES, f"{ARRAYS}/_METADATA", BundleError)
     tree = meta.get("tree_metadata") if isinstance(meta, dict) else None

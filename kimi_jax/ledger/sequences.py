@@ -73,11 +73,19 @@ _PASS = _obj({
     "bytes_shared": _d({"type": "integer"}, "What reading once for all saved: the sum of the bytes_read of the "
                        "steps it made (each token's own bytes, as a plain run counts them) minus bytes_used; negative "
                        "when rejected drafts' rows used more than sharing saved (derive_pass)."),
-    "bytes_per_token": _d({"type": "number", "minimum": 0}, "bytes_used / the number of tokens it made (derive_pass)."),
+    "bytes_per_token": _d({"type": "number", "minimum": 0}, "(bytes_used + draft_bytes_used) / the number of tokens "
+                          "it made (derive_pass)."),
     "drafted": _m({"type": "array", "items": _INT}, "A verification pass's drafted tokens (generate.drafts), "
                   "verified as rows after the sequence's last token."),
     "accepted": _d(_INT, "Of drafted, how many leading ones were the tokens decoding chose: the pass made them "
                    "and one more (derive_pass)."),
+    "draft_passes": _m(_INT, "Drafts from a multi-token-prediction layer (generate.drafts.method mtp): the passes "
+                       "over that layer that drafted this pass's tokens (the rows verified since the last, then "
+                       "one per further draft)."),
+    "draft_bytes_used": _m(_INT, "Bytes of stored tensors those passes used (the layer's weights, its experts' "
+                           "union per pass, its embedding rows and head); not in bytes_used."),
+    "draft_bytes_from_storage": _m(_INT, "Of draft_bytes_used, bytes read from storage when needed."),
+    "draft_wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds of those passes; not in wall_s."),
 }, required=["index", "sequences", "steps", "bytes_used", "wall_s", "bytes_shared", "bytes_per_token"])  # fmt: skip
 
 MULTI_SCHEMA: dict[str, Any] = {
@@ -95,11 +103,13 @@ MULTI_SCHEMA: dict[str, Any] = {
             **_V2["totals"]["properties"],
             "bytes_read": _m(_INT, "Bytes the sequences' tokens used, each counted as its lone run counts it (the "
                              "sum of the sequences' totals.bytes_read)."),
-            "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds over all passes."),
+            "wall_s": _m({"type": "number", "minimum": 0}, "Wall-clock seconds over all passes, drafting included."),
             "tokens": _d(_INT, "Tokens generated: the sequences' steps (derive_totals)."),
-            "bytes_used": _d(_INT, "Bytes the passes used: the sum of passes[].bytes_used (derive_totals)."),
+            "bytes_used": _d(_INT, "Bytes the passes used: the sum of passes[].bytes_used and "
+                             "passes[].draft_bytes_used (derive_totals)."),
             "bytes_from_storage": _d(_INT, "Bytes the passes read from storage when needed: the sum of "
-                                     "passes[].bytes_from_storage (derive_totals)."),
+                                     "passes[].bytes_from_storage and passes[].draft_bytes_from_storage "
+                                     "(derive_totals)."),
             "bytes_used_per_token": _d(_PER_TOKEN, "bytes_used / tokens (derive_totals)."),
             "bytes_from_storage_per_token": _d(_PER_TOKEN, "bytes_from_storage / tokens (derive_totals)."),
             "drafted": _d(_INT, "Tokens drafted over all verification passes (derive_totals; with generate.drafts)."),
@@ -126,7 +136,7 @@ def schema_of(ledger: Any) -> dict:
 def derive_pass(entry: dict, made: list[dict]) -> dict[str, Any]:
     """A pass's derived fields from its measured ones and the step entries it made."""
     derived = {"bytes_shared": sum(s["bytes_read"] for s in made) - entry["bytes_used"],
-               "bytes_per_token": f32(entry["bytes_used"] / len(entry["sequences"]))}  # fmt: skip
+               "bytes_per_token": f32((entry["bytes_used"] + entry.get("draft_bytes_used", 0)) / len(entry["sequences"]))}  # fmt: skip
     if "drafted" in entry:
         tokens = [s["token"] for s in made]
         derived["accepted"] = next((k for k, (d, t) in enumerate(zip(entry["drafted"], tokens)) if d != t),
@@ -137,8 +147,8 @@ def derive_pass(entry: dict, made: list[dict]) -> dict[str, Any]:
 def derive_totals(sequences: list[dict], passes: list[dict]) -> dict[str, Any]:
     """The run's derived totals: tokens, and the passes' bytes per generated token."""
     tokens = sum(len(s["steps"]) for s in sequences)
-    used = sum(p["bytes_used"] for p in passes)
-    storage = sum(p["bytes_from_storage"] for p in passes)
+    used = sum(p["bytes_used"] + p.get("draft_bytes_used", 0) for p in passes)
+    storage = sum(p["bytes_from_storage"] + p.get("draft_bytes_from_storage", 0) for p in passes)
     per = lambda b: f32(b / tokens) if tokens else None  # noqa: E731
     totals = {"tokens": tokens, "bytes_used": used, "bytes_from_storage": storage, "bytes_used_per_token": per(used),
               "bytes_from_storage_per_token": per(storage)}  # fmt: skip
@@ -190,6 +200,11 @@ def pass_entry(record, steps_made: list[int]) -> dict[str, Any]:
              "bytes_used": int(io.used), **v2.byte_sources(io), "wall_s": f32(record.wall_s)}  # fmt: skip
     if record.drafted is not None:
         entry["drafted"] = [int(t) for t in record.drafted]
+    cost = record.draft_cost
+    if cost is not None:
+        entry.update(draft_passes=cost.passes, draft_bytes_used=int(cost.io.used),
+                     draft_bytes_from_storage=int(cost.io.from_storage + cost.io.from_speculation),
+                     draft_wall_s=f32(cost.wall_s))  # fmt: skip
     return entry
 
 
@@ -218,7 +233,7 @@ def combine(views: list[dict], passes: list) -> dict[str, Any]:
     ledger["totals"] = {
         **{k: sum(s["totals"][k] for s in seqs) for k in ("bytes_read", "bytes_network", "bytes_cache")},
         "bytes_per_process": [sum(col) for col in zip(*(s["totals"]["bytes_per_process"] for s in seqs))],
-        "wall_s": f32(sum(p.wall_s for p in passes)),
+        "wall_s": f32(sum(p.wall_s + (p.draft_cost.wall_s if p.draft_cost else 0.0) for p in passes)),
         **{k: first["totals"][k] for k in RUN_TIMING if k in first["totals"]},
         **derive_totals(seqs, ledger["passes"]),
     }

@@ -444,10 +444,11 @@ class DraftsSection(_Section):
     """Lossless speculative decoding: drafted tokens verified in one pass (kimi_jax.model.drafts).
     Not ``storage.speculate``, which reads experts ahead and never changes a token."""
 
-    method: Literal["prompt-lookup"] = Field(
+    method: Literal["prompt-lookup", "mtp"] = Field(
         default="prompt-lookup",
         description="Where drafts come from: prompt-lookup, the tokens that followed the last n-gram's most recent "
-        "earlier occurrence in the context.",
+        "earlier occurrence in the context; mtp, the checkpoint's multi-token-prediction layer (DeepSeek-V3's "
+        "layers.{num_hidden_layers}), chained for several drafts.",
     )
     tokens: int = Field(default=4, ge=1, le=16, description="Most tokens drafted per verification pass (1 to 16).")
 

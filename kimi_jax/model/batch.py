@@ -38,6 +38,7 @@ class PassRecord:
     io: ByteCounts  # the pass's bytes: used once, whatever number of sequences shared them
     wall_s: float
     drafted: tuple[int, ...] | None = None  # a verification pass's drafted tokens (kimi_jax.model.drafts)
+    draft_cost: Any = None  # what drafting them cost (kimi_jax.model.drafts.DraftCost), when it read weights
 
 
 @dataclasses.dataclass

@@ -2,7 +2,8 @@
 
 A draft comes from prompt lookup (:func:`prompt_lookup`): the tokens that followed the most recent
 earlier occurrence of the context's last n-gram, which needs no second model and works for every
-checkpoint. A verification pass runs the last token and the drafts as the rows of one forward pass
+checkpoint; or, where the checkpoint ships one, from its multi-token-prediction layer
+(:class:`~kimi_jax.model.mtp.MTPDrafter`), which sees the main model's hidden states. A verification pass runs the last token and the drafts as the rows of one forward pass
 with the KV cache (every layer's weights once, each MoE layer reading the union of the rows'
 experts once) and gives the logits after each of them.
 
@@ -22,12 +23,22 @@ token used (its lone decode step's); each :class:`Verification` keeps what the p
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
 from kimi_jax.model.batch import PassRecord, own_bytes, share, shared_pass
 from kimi_jax.records import ByteCounts, StepRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftCost:
+    """What drafting one pass's tokens cost when it reads weights (a multi-token-prediction layer):
+    its passes over that layer, their bytes and seconds."""
+
+    passes: int
+    io: ByteCounts
+    wall_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +51,33 @@ class Verification:
     accepted: int
     io: ByteCounts
     wall_s: float
+    draft_cost: DraftCost | None = None  # None: the drafts cost no weights (prompt lookup)
+
+
+class Drafter(Protocol):
+    """Where drafts come from. ``observe`` gets the main model's hidden states at verified positions
+    (only when ``wants_rows``) and the token that followed each; ``propose`` drafts up to n tokens."""
+
+    wants_rows: bool
+
+    def observe(self, start: int, hidden: np.ndarray, next_tokens: list[int]) -> None: ...
+
+    def propose(self, context: list[int], n: int) -> tuple[list[int], DraftCost | None]: ...
+
+
+class Lookup:
+    """Drafts from a function of the context alone (``prompt_lookup``, or a benchmark's)."""
+
+    wants_rows = False
+
+    def __init__(self, draft: Callable[[list[int], int], list[int]]):
+        self.draft = draft
+
+    def observe(self, start: int, hidden: np.ndarray, next_tokens: list[int]) -> None:
+        pass
+
+    def propose(self, context: list[int], n: int) -> tuple[list[int], None]:
+        return self.draft(context, n), None
 
 
 def prompt_lookup(context: list[int], drafts: int, longest: int = 3) -> list[int]:
@@ -57,14 +95,18 @@ def prompt_lookup(context: list[int], drafts: int, longest: int = 3) -> list[int
 
 def generate_with_drafts(engine, prompt: list[int], max_new_tokens: int, drafts: int, decoding=None,
                          on_step: Callable[[StepRecord], None] | None = None,
-                         draft: Callable[[list[int], int], list[int]] = prompt_lookup,
+                         draft: Callable[[list[int], int], list[int]] | Drafter = prompt_lookup,
                          max_passes: int | None = None) -> tuple[list[StepRecord], list[Verification]]:  # fmt: skip
     """Decode up to ``max_new_tokens`` tokens of ``prompt`` with the KV cache, verifying up to
-    ``drafts`` drafted tokens per pass (``draft(context, n)``: prompt lookup by default); returns
-    (the steps, the verification passes). ``max_passes`` stops after that many verification passes
-    (benchmarks measuring passes)."""
+    ``drafts`` drafted tokens per pass (``draft``: a :class:`Drafter`, or a function ``draft(context,
+    n)``; prompt lookup by default); returns (the steps, the verification passes). ``max_passes``
+    stops after that many verification passes (benchmarks measuring passes)."""
+    drafter = draft if hasattr(draft, "propose") else Lookup(draft)
     caches = engine.empty_caches(len(prompt), max_new_tokens)  # the lone run's: its step 0, bitwise
-    record, caches = engine.step(0, list(prompt), False, caches, None, decoding)
+    rows: list | None = [] if drafter.wants_rows else None
+    record, caches = engine.step(0, list(prompt), False, caches, None, decoding, rows=rows)
+    if rows is not None:
+        drafter.observe(0, np.concatenate(rows), [*prompt[1:], record.token])
     steps, passes = [record], []
     if on_step:
         on_step(record)
@@ -74,8 +116,11 @@ def generate_with_drafts(engine, prompt: list[int], max_new_tokens: int, drafts:
 
     while len(steps) < max_new_tokens and not stopped() and (max_passes is None or len(passes) < max_passes):
         context = list(prompt) + [s.token for s in steps]
-        proposed = draft(context, min(drafts, max_new_tokens - len(steps) - 1))
+        proposed, cost = drafter.propose(context, min(drafts, max_new_tokens - len(steps) - 1))
         made, caches, verification = _verify(engine, context, proposed, caches, decoding, len(steps))
+        verification = dataclasses.replace(verification, draft_cost=cost)
+        if drafter.wants_rows:
+            drafter.observe(len(context) - 1, np.stack([s.hidden for s in made]), [s.token for s in made])
         for s in made:
             steps.append(s)
             if on_step:
@@ -121,8 +166,8 @@ def passes_of(steps: list[StepRecord], verifications: list[Verification]) -> lis
     passes = [PassRecord(0, (0,), steps[0].io, steps[0].wall_s)]
     for n, v in enumerate(verifications):
         end = verifications[n + 1].step if n + 1 < len(verifications) else len(steps)
-        passes.append(PassRecord(n + 1, (0,) * (end - v.step), v.io, v.wall_s, v.drafted))
+        passes.append(PassRecord(n + 1, (0,) * (end - v.step), v.io, v.wall_s, v.drafted, v.draft_cost))
     return passes
 
 
-__all__ = ["Verification", "prompt_lookup", "generate_with_drafts", "passes_of"]
+__all__ = ["DraftCost", "Verification", "Drafter", "Lookup", "prompt_lookup", "generate_with_drafts", "passes_of"]

@@ -103,8 +103,9 @@ class Engine:
         self.reader.drop_after_read = residency.drop_page_cache
         if self.reader.drop_after_read:
             return_freed_buffers()  # a checkpoint larger than memory: freed read buffers go back at once
-        self.source: WeightSource = make_source(index, self.reader, residency, expert_cache,
-                                                WeightPolicy(dequant, matmul), self.dtype, speculate, mesh)  # fmt: skip
+        self.policy = WeightPolicy(dequant, matmul)
+        self.source: WeightSource = make_source(index, self.reader, residency, expert_cache, self.policy, self.dtype,
+                                                speculate, mesh)  # fmt: skip
         self.mesh = self.source.mesh
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-jax-prefetch")
 
@@ -157,18 +158,20 @@ class Engine:
 
     def forward(self, tokens: list[int], positions: np.ndarray, caches: list | None,
                 on_layer: Callable[[int, int], None] | None = None, every_row: bool | None = None,
-                head: bool = True):  # fmt: skip
+                head: bool = True, rows: list | None = None):  # fmt: skip
         """Run ``tokens`` at ``positions`` through every layer; returns (hidden, logits, [LayerOutput],
         caches): the hidden state and logits at the last position, or at every row with ``every_row``
         (the default when the caches are :class:`~kimi_jax.model.layers.BatchedLatentCache`, each row
         a sequence's next token). ``on_layer(layer, bytes read so far this step)`` is called after each layer.
-        Without ``head`` the head is neither read nor run (logits None): a prompt's chunk before its last."""
+        Without ``head`` the head is neither read nor run (logits None): a prompt's chunk before its last.
+        ``rows`` (one device) gets every row's hidden state as well, whatever ``every_row`` says: the
+        same computation, kept (a multi-token-prediction layer drafts from every prompt row)."""
         cfg, source = self.cfg, self.source
         x = source.embed(tokens)
         pos = jnp.asarray(positions, dtype=jnp.int32)
         if every_row is None:
             every_row = bool(caches) and isinstance(caches[0], layers.BatchedLatentCache)
-        if caches is not None and source.fused_ready():
+        if caches is not None and source.fused_ready() and rows is None:
             return self._forward_fused(x, pos, caches, on_layer, every_row)
         outputs: list[LayerOutput] = []
         new_caches = [] if caches is not None else None
@@ -197,6 +200,8 @@ class Engine:
             if on_layer:
                 on_layer(layer, source.bytes_so_far())
         hidden = x if every_row else x[-1]
+        if rows is not None:
+            rows.append(np.asarray(x))
         logits = np.asarray(source.logits(source.assemble(pending.result()[0]), hidden)) if head else None
         hidden, new_caches = source.gather(hidden, new_caches)
         return np.asarray(hidden), logits, outputs, new_caches
@@ -288,8 +293,9 @@ class Engine:
         return steps
 
     def step(self, step: int, context: list[int], decode_one: bool, caches: list | None,
-              on_layer: OnLayer | None, decoding) -> tuple[StepRecord, list | None]:  # fmt: skip
-        """One step: the whole context (the prompt, or full recompute) or only its last token (KV cache)."""
+             on_layer: OnLayer | None, decoding, rows: list | None = None) -> tuple[StepRecord, list | None]:  # fmt: skip
+        """One step: the whole context (the prompt, or full recompute) or only its last token (KV cache);
+        ``rows`` gets every row's hidden state, chunk by chunk (see :meth:`forward`)."""
         started = time.perf_counter()
         self.source.begin_step()
         if decode_one:
@@ -302,7 +308,7 @@ class Engine:
             passes = []
             for start in range(0, len(tokens), chunk):  # a long prompt: one pass per chunk of positions
                 *result, caches = self.forward(tokens[start : start + chunk], positions[start : start + chunk], caches,
-                                               step_on_layer, head=start + chunk >= len(tokens))  # fmt: skip
+                                               step_on_layer, head=start + chunk >= len(tokens), rows=rows)  # fmt: skip
                 passes.append(result)
         hidden, logits, outputs = passes[-1][0], passes[-1][1], _joined([p[2] for p in passes])
         by_layer, per_process, counters = self.source.end_step(tokens)

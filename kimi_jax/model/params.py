@@ -104,6 +104,16 @@ class HeadParams:
     lm_head: Weight  # [vocab, hidden]
 
 
+@_pytree
+class MTPInputParams:
+    """What a multi-token-prediction layer applies before its decoder layer (kimi_jax.model.mtp)."""
+
+    norm: Weight  # [hidden] the main model's final norm, applied to its hidden states
+    enorm: Weight  # [hidden]
+    hnorm: Weight  # [hidden]
+    eh_proj: Weight  # [hidden, 2 * hidden]
+
+
 # ----------------------------------------------------------------------------------------- builders
 
 
@@ -129,8 +139,8 @@ def _module(cls, t: Mapping[str, Weight], prefix: str):
 
 
 def _check_layer(cfg: ModelConfig, layer: int, want_moe: bool) -> None:
-    if not 0 <= layer < cfg.num_hidden_layers:
-        raise CheckpointError(f"layer {layer}: out of range [0, {cfg.num_hidden_layers})")
+    if not 0 <= layer <= cfg.num_hidden_layers:  # num_hidden_layers: a multi-token-prediction layer
+        raise CheckpointError(f"layer {layer}: out of range [0, {cfg.num_hidden_layers}]")
     if cfg.is_moe_layer(layer) != want_moe:
         kind = cfg.layer_kind(layer)
         raise CheckpointError(f"layer {layer}: is a {kind} layer, not a {'moe' if want_moe else 'dense'} layer")
@@ -220,6 +230,6 @@ def stack_weights(weights: Sequence[Weight], what: str) -> Weight:
 
 __all__ = [
     "AttentionParams", "MLPParams", "RouterParams", "ExpertStack", "DenseLayerParams",
-    "MoEBaseParams", "HeadParams", "dense_layer_params", "moe_base_params", "layer_params",
+    "MoEBaseParams", "HeadParams", "MTPInputParams", "dense_layer_params", "moe_base_params", "layer_params",
     "expert_stack", "stack_weights", "head_params",
 ]

@@ -126,7 +126,7 @@ def prepare_run(manifest: Manifest) -> RunPlan:
                                        "ships no tokenizer")
                  for field, given in [("generate.stop", manifest.generate.stop)] +
                  [(f"{f}.stop", getattr(p, "stop", None)) for f, p in entries] if given is not None and tokenizer is None]  # fmt: skip
-    problems += _batch_problems(manifest, entries)
+    problems += _batch_problems(manifest, entries) + _mtp_problems(manifest, index)
     if problems:
         raise ManifestError("\n".join(str(p) for p in problems))
     longest = max(len(prompt) for prompt, _ in prompts)
@@ -162,6 +162,26 @@ def _batch_problems(manifest: Manifest, entries: list) -> list[ManifestError]:
     if manifest.distributed is not None:  # a mesh of one process's devices serves them (check_mesh)
         problems.append(manifest.error("distributed", f"{what} in one process (prompts: and generate.drafts: any "
                                                       "mesh of its devices); run them without distributed:"))  # fmt: skip
+    return problems
+
+
+def _mtp_problems(manifest: Manifest, index) -> list[ManifestError]:
+    """Drafts from a multi-token-prediction layer need the checkpoint to ship a whole one, and one
+    device (the layer's experts are read by the process that drafts)."""
+    drafts = manifest.generate.drafts
+    if drafts is None or drafts.method != "mtp":
+        return []
+    problems = []
+    if index.mtp is None:
+        why = next((reason for _, reason in index.skipped if "cannot draft" in reason), None)
+        problems.append(manifest.error("generate.drafts.method", f"mtp drafts from the checkpoint's multi-token-"
+                                       f"prediction layer, but {index.location} "
+                                       + (f"has an unusable one: {why}" if why else "ships none (DeepSeek-V3 ships one as "
+                                          f"layers.{index.config.num_hidden_layers}; Kimi K2.5 ships none)")
+                                       + "; use method: prompt-lookup"))  # fmt: skip
+    if manifest.compute.mesh is not None:
+        problems.append(manifest.error("generate.drafts.method", "mtp drafts run on one device; remove compute.mesh "
+                                       "or use method: prompt-lookup"))  # fmt: skip
     return problems
 
 

@@ -20,7 +20,8 @@ from kimi_jax.ledger.ledger import build_ledger, validate_ledger
 from kimi_jax.ledger.run_record import non_perturbation_record, timing_record
 from kimi_jax.ledger.sequences import MULTI_SCHEMA, combine
 from kimi_jax.model.batch import generate_batch
-from kimi_jax.model.drafts import generate_with_drafts, passes_of
+from kimi_jax.model.drafts import generate_with_drafts, passes_of, prompt_lookup
+from kimi_jax.model.mtp import MTPDrafter
 from kimi_jax.model.engine import Engine
 from kimi_jax.run import anchor as anchors
 from kimi_jax.run import compile_clock, distributed
@@ -67,8 +68,14 @@ def run_batch(plan, keep_capture: bool, max_new_tokens: int, on_step=None, repor
     with Engine.from_plan(plan, keep_capture) as engine:
         try:
             if drafts is not None:
-                steps, verifications = generate_with_drafts(engine, list(plan.prompt), max_new_tokens, drafts.tokens,
-                                                            plan.decoding, lambda record: timed(0, record))  # fmt: skip
+                drafter = _drafter(engine, drafts, len(plan.prompt) + max_new_tokens)
+                try:
+                    steps, verifications = generate_with_drafts(engine, list(plan.prompt), max_new_tokens,
+                                                                drafts.tokens, plan.decoding,
+                                                                lambda record: timed(0, record), drafter)  # fmt: skip
+                finally:
+                    if drafts.method == "mtp":
+                        drafter.close()
                 return [steps], passes_of(steps, verifications)
             saved = checkpoints.load_passes(name) if checkpoints is not None else None
             return generate_batch(engine, [list(s.prompt) for s in plan.sequences], max_new_tokens,
@@ -76,6 +83,13 @@ def run_batch(plan, keep_capture: bool, max_new_tokens: int, on_step=None, repor
         finally:
             if plan.source is not None:
                 plan.source.close()
+
+
+def _drafter(engine, drafts, positions: int):
+    """The manifest's drafts' source: prompt lookup, or the checkpoint's multi-token-prediction layer."""
+    if drafts.method == "mtp":
+        return MTPDrafter(engine, positions + drafts.tokens + 1)
+    return prompt_lookup
 
 
 class PassReport:

@@ -102,6 +102,22 @@ class LayerMap:
 
 
 @dataclasses.dataclass(frozen=True)
+class MTPLayer:
+    """A multi-token-prediction layer (DeepSeek-V3's ``layers.{num_hidden_layers}``): a decoder layer
+    whose input is ``eh_proj([enorm(embed(next token)); hnorm(hidden)])``, with its own head."""
+
+    layer: LayerMap  # the decoder layer, index num_hidden_layers
+    inputs: dict[str, WeightEntry]  # enorm, hnorm, eh_proj, by canonical name
+    head: dict[str, WeightEntry]  # its shared_head as the head roles: norm.weight, lm_head.weight
+    embed: WeightEntry  # its copy of the embedding
+
+    @property
+    def nbytes(self) -> int:
+        parts = [*self.inputs.values(), *self.head.values(), self.embed]
+        return self.layer.total_bytes + sum(w.nbytes for w in parts)
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointIndex:
     root: Path
     config: ModelConfig
@@ -114,6 +130,9 @@ class CheckpointIndex:
     # Where the bytes come from when not from ``root``: the URL of a remote checkpoint, whose
     # config, index and shard headers are cached in ``root`` (see storage/remote_index.py).
     source: str | None = None
+    # The checkpoint's first multi-token-prediction layer, when it ships a whole one (drafts only:
+    # it is not in ``weights``, so the tensor list and everything a plain run reads are unchanged).
+    mtp: MTPLayer | None = None
 
     @property
     def location(self) -> str:
@@ -195,7 +214,8 @@ def index_from_headers(root: Path, cfg: ModelConfig, headers: tuple[ShardHeader,
     _check_shapes(root, cfg, weights, layers)
     layout = indexed_layout(prefix, (w.format for w in weights.values()),
                             (w.parts["weight"].dtype for w in weights.values() if "weight" in w.parts))  # fmt: skip
-    return CheckpointIndex(root, cfg, layout, prefix, headers, weights, layers, tuple(skipped), source)
+    mtp = _build_mtp(root, cfg, prefix, records, skipped)
+    return CheckpointIndex(root, cfg, layout, prefix, headers, weights, layers, tuple(skipped), source, mtp)
 
 
 def shard_names(root: Path) -> list[str] | None:
@@ -304,6 +324,43 @@ def _canonicalise(cfg: ModelConfig, prefix: str, records: dict[str, TensorRecord
     return canonical, skipped
 
 
+_MTP_INPUTS = ("enorm.weight", "hnorm.weight", "eh_proj.weight")
+
+
+def _build_mtp(root: Path, cfg: ModelConfig, prefix: str, records: dict[str, TensorRecord],
+               skipped: list[tuple[str, str]]) -> MTPLayer | None:  # fmt: skip
+    """The first multi-token-prediction layer (``layers.{num_hidden_layers}``) when the checkpoint ships
+    a whole one whose tensors match the config's shapes; else None. Its tensors stay in ``skipped``
+    either way (a plain run never reads them), with why an incomplete one cannot draft."""
+    n = cfg.num_hidden_layers
+    start = f"{prefix}layers.{n}."
+    mine = {name[len(prefix):]: rec for name, rec in records.items()
+            if name.startswith(start) and not name.endswith("rotary_emb.inv_freq")}  # fmt: skip
+    if not mine:
+        return None
+    try:
+        weights = _group_weights(mine, cfg)
+        p, h = f"layers.{n}.", cfg.hidden_size
+        own = {f"{p}{k}": shape for k, shape in [("enorm.weight", (h,)), ("hnorm.weight", (h,)),
+                                                 ("eh_proj.weight", (h, 2 * h)), ("shared_head.norm.weight", (h,)),
+                                                 ("shared_head.head.weight", (cfg.vocab_size, h)),
+                                                 ("embed_tokens.weight", (cfg.vocab_size, h))]}  # fmt: skip
+        body = {k: w for k, w in weights.items() if k not in own}
+        (layer,) = _build_layers(root, cfg, body, range(n, n + 1))
+        _check_shapes(root, cfg, {}, [layer], check_globals=False)
+        problems = [f"{k} is missing" if k not in weights else f"{k} has shape {list(weights[k].shape)}, expected "
+                    f"{list(shape)}" for k, shape in own.items() if weights.get(k) is None or weights[k].shape != shape]  # fmt: skip
+        if problems:
+            raise CheckpointError("; ".join(problems[:3]))
+    except CheckpointError as e:
+        why = f"multi-token-prediction layer {n} cannot draft: {str(e).splitlines()[-1][:300]}"
+        skipped[:] = [(name, why if name.startswith(start) else reason) for name, reason in skipped]
+        return None
+    return MTPLayer(layer, {p + k: weights[p + k] for k in _MTP_INPUTS},
+                    {"norm.weight": weights[p + "shared_head.norm.weight"],
+                     "lm_head.weight": weights[p + "shared_head.head.weight"]}, weights[p + "embed_tokens.weight"])
+
+
 def _check_config_fits_tensors(root: Path, cfg: ModelConfig, canonical: dict[str, TensorRecord]) -> None:
     """Before any per-layer or per-expert structure is built from config.json, its layer and expert
     counts must be ones the tensors present can fill (a config may not make us allocate for 10**9)."""
@@ -387,9 +444,12 @@ def _make_weight(name: str, parts: dict[str, TensorRecord], cfg: ModelConfig) ->
     return WeightEntry(name, "int4", (p.shape[0], in_features), dict(parts))
 
 
-def _build_layers(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry]) -> tuple[LayerMap, ...]:
-    per_layer: list[dict[str, WeightEntry]] = [dict() for _ in range(cfg.num_hidden_layers)]
-    experts: list[dict[int, dict[str, WeightEntry]]] = [defaultdict(dict) for _ in range(cfg.num_hidden_layers)]
+def _build_layers(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry],
+                  indices: range | None = None) -> tuple[LayerMap, ...]:  # fmt: skip
+    """The maps of layers ``indices`` (default: the decoder's) from ``weights``, which hold no others."""
+    indices = range(cfg.num_hidden_layers) if indices is None else indices
+    per_layer: list[dict[str, WeightEntry]] = [dict() for _ in range(indices.stop)]
+    experts: list[dict[int, dict[str, WeightEntry]]] = [defaultdict(dict) for _ in range(indices.stop)]
     for name, w in weights.items():
         m = _LAYER_RE.match(name)
         if not m:
@@ -403,7 +463,7 @@ def _build_layers(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry])
         else:
             per_layer[layer][name] = w
     layers = []
-    for i in range(cfg.num_hidden_layers):
+    for i in indices:
         kind = cfg.layer_kind(i)
         found = experts[i]
         if kind == "dense" and found:
@@ -429,7 +489,8 @@ def _where(w: WeightEntry) -> str:
     return str(next(iter(w.parts.values())).shard)
 
 
-def _check_shapes(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry], layers) -> None:
+def _check_shapes(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry], layers,
+                  check_globals: bool = True) -> None:  # fmt: skip
     problems: list[str] = []
 
     def check(name: str, shape: tuple[int, ...], have: dict[str, WeightEntry]) -> None:
@@ -440,7 +501,7 @@ def _check_shapes(root: Path, cfg: ModelConfig, weights: dict[str, WeightEntry],
             problems.append(f"{_where(w)}: tensor {name!r} has shape {list(w.shape)}, "
                             f"config.json implies {list(shape)}")  # fmt: skip
 
-    for name, shape in global_shapes(cfg).items():
+    for name, shape in global_shapes(cfg).items() if check_globals else ():
         check(name, shape, weights)
     for layer in layers:
         want = layer_shapes(cfg, layer.index)

@@ -45,7 +45,7 @@ import numpy as np
 
 from kimi_jax.config import ModelConfig, QuantScheme, parse_model_config
 from kimi_jax.fileio import default_cache_dir
-from kimi_jax.shapes import checkpoint_shapes
+from kimi_jax.shapes import checkpoint_shapes, expert_shapes, layer_shapes
 from kimi_jax.storage import codecs
 from kimi_jax.settings import SYNTH_LAYOUTS
 from kimi_jax.storage.layouts import KIMI_SYNTH_LAYOUTS, synth_prefix
@@ -54,6 +54,13 @@ from kimi_jax.text.kimi_format import RESERVED_SPECIAL_TOKENS
 from kimi_jax.text.synthetic import tokenizer_files
 
 GENERATOR_VERSION = 3  # 3: Kimi layouts ship tokenizer files (tensors unchanged)
+# Per layout where it moved alone: 4: DeepSeek-V3 writes its whole multi-token-prediction layer.
+_LAYOUT_VERSIONS = {"deepseek-v3": 4}
+
+
+def generator_version(layout: str) -> int:
+    """The version of what synth writes for ``layout`` (part of the cache's folder names)."""
+    return _LAYOUT_VERSIONS.get(layout, GENERATOR_VERSION)
 
 _K25_ROPE = {"type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
              "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
@@ -261,8 +268,9 @@ def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
     raw_cfg = config_json(preset, layout, **overrides)
     cfg = parse_model_config(raw_cfg)
     prefix = synth_prefix(layout)
-    encoders = {"int4": lambda w: codecs.quantize_int4(w, cfg.quant.group_size),
-                "fp8": lambda w: codecs.quantize_fp8_block(w, cfg.quant.fp8_block_size), **(encoders or {})}  # fmt: skip
+    own_encoders = {"int4": lambda w: codecs.quantize_int4(w, cfg.quant.group_size),
+                    "fp8": lambda w: codecs.quantize_fp8_block(w, cfg.quant.fp8_block_size)}  # fmt: skip
+    encoders = {**own_encoders, **(encoders or {})}
     values = values or (lambda n, s: logical_value(seed, n, s))
 
     groups: dict[str, list[PlannedTensor]] = {}  # group key -> tensors, in model order
@@ -287,7 +295,8 @@ def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
             inv = None if sparse else (lambda: np.ones(cfg.qk_rope_head_dim // 2, ml_dtypes.bfloat16))
             add(key, f"{prefix}layers.{layer}.self_attn.rotary_emb.inv_freq", "BF16", (cfg.qk_rope_head_dim // 2,), inv)
     if layout == "deepseek-v3":
-        _add_mtp_layer(add, cfg, prefix, seed, sparse)
+        _add_mtp_layer(add, cfg, layout, prefix, seed, sparse, values,
+                       lambda n, s, f, v: _stored(n, s, f, v, cfg.quant, weight_shape_dtype, own_encoders))
     if layout == "kimi-k2.5":
         _add_vision(add, raw_cfg["vision_config"], text_hidden=cfg.hidden_size, seed=seed, sparse=sparse)
 
@@ -313,7 +322,7 @@ def synth_checkpoint(out_dir: str | Path, preset: str = "tiny", layout: str = "k
             for name, data in tokenizer_files(cfg.vocab_size).items():
                 (tmp / name).write_bytes(data)
         (tmp / "kimi_jax_synth.json").write_text(json.dumps(
-            {"generator_version": GENERATOR_VERSION, "preset": preset, "layout": layout, "seed": seed,
+            {"generator_version": generator_version(layout), "preset": preset, "layout": layout, "seed": seed,
              "sparse": sparse, "weight_shape_dtype": weight_shape_dtype, "overrides": overrides}, indent=2) + "\n")  # fmt: skip
         os.rename(tmp, out_dir)
     except BaseException:
@@ -352,13 +361,27 @@ def _assign_shards(layout: str, groups: dict[str, list[PlannedTensor]], n_layers
     return [(f"model-{i + 1:05d}-of-{total}.safetensors", ts) for i, ts in enumerate(shards)]
 
 
-def _add_mtp_layer(add, cfg: ModelConfig, prefix: str, seed: int, sparse: bool) -> None:
-    """DeepSeek-V3's multi-token-prediction layer (index num_hidden_layers): present on disk, never run."""
-    h, p = cfg.hidden_size, f"{prefix}layers.{cfg.num_hidden_layers}."
-    for name, shape in [("enorm.weight", (h,)), ("hnorm.weight", (h,)), ("eh_proj.weight", (h, 2 * h)),
-                        ("shared_head.norm.weight", (h,)), ("input_layernorm.weight", (h,))]:  # fmt: skip
-        make = None if sparse else (lambda n=name, s=shape: logical_value(seed, "mtp." + n, s).astype(ml_dtypes.bfloat16))
-        add("mtp", p + name, "BF16", shape, make)
+def _add_mtp_layer(add, cfg: ModelConfig, layout: str, prefix: str, seed: int, sparse: bool, values,
+                   stored) -> None:  # fmt: skip
+    """DeepSeek-V3's multi-token-prediction layer, as layer num_hidden_layers: a whole decoder layer
+    (its routed experts in the layout's formats), enorm, hnorm, eh_proj and shared_head.norm, and the
+    copies of the embedding and the head that DeepSeek-V3 ships there (the main model's values). The
+    layer's own values come from the seed and synth's own encoders (not from ``values`` or the
+    caller's encoders: another model's weights have no MTP layer)."""
+    layer, h = cfg.num_hidden_layers, cfg.hidden_size
+    p = f"layers.{layer}."
+    norms = [p + n for n in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight")]
+    tensors = [(n, (h,), lambda n=n: (1.0 + 0.2 * _rng(seed, n).standard_normal(h)).astype(np.float32)) for n in norms]
+    tensors += [(p + "embed_tokens.weight", (cfg.vocab_size, h), lambda: values("embed_tokens.weight", (cfg.vocab_size, h))),
+                (p + "shared_head.head.weight", (cfg.vocab_size, h), lambda: values("lm_head.weight", (cfg.vocab_size, h)))]
+    body = [(p + "eh_proj.weight", (h, 2 * h)), *layer_shapes(cfg, layer).items()]
+    if cfg.is_moe_layer(layer):
+        body += [item for e in range(cfg.n_routed_experts) for item in expert_shapes(cfg, layer, e).items()]
+    tensors += [(n, s, lambda n=n, s=s: logical_value(seed, n, s)) for n, s in body]
+    for name, shape, value in tensors:
+        fmt = "plain" if name in norms or "shared_head.head" in name else _format_of(layout, name)
+        for sname, dtype, sshape, make in stored(name, shape, fmt, None if sparse else value):
+            add("mtp", prefix + sname, dtype, sshape, make)
 
 
 def _add_vision(add, vision: dict[str, Any], text_hidden: int, seed: int, sparse: bool) -> None:
@@ -392,7 +415,7 @@ def synthetic_path(preset: str, layout: str = "kimi-k2.5", seed: int = 0, cache_
     """Where the cache keeps the synthetic checkpoint for (preset, layout, seed); it may not exist yet.
     The generator version is part of the name, so a changed generator never reuses old files."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    return root / "synthetic" / f"{layout}-{preset}-seed{seed}-v{GENERATOR_VERSION}"
+    return root / "synthetic" / f"{layout}-{preset}-seed{seed}-v{generator_version(layout)}"
 
 
 def ensure_synthetic(preset: str, layout: str = "kimi-k2.5", seed: int = 0, cache_dir: str | Path | None = None) -> Path:

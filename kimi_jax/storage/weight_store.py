@@ -131,6 +131,11 @@ class WeightStore:
         entries = list(self.index.layers[layer].base.values())
         return self._resident_or_read(layer, entries, layer, layer in self.plan.layers)
 
+    def kept(self, key: Any, entries: list[WeightEntry], layer: int | None) -> dict[str, Any]:
+        """``entries`` (by name), read the first time and kept under ``key`` after: small weights a
+        source keeps whatever the budget (a multi-token-prediction layer's inputs)."""
+        return self._resident_or_read(key, entries, layer, True)
+
     def head(self) -> dict[str, Any]:
         """The final norm and lm_head (the embedding, when tied), by canonical name."""
         weights = self._resident_or_read("head", list(self.index.head.values()), None, self.plan.head)

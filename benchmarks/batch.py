@@ -4,6 +4,7 @@
     python benchmarks/batch.py --model full-shape-routed --batches 1,8,32 --tokens 2 --together
     python benchmarks/batch.py --model full-shape-routed --batches "" --drafts 0,4 --wrong-drafts --budget 0
     python benchmarks/batch.py --drafts 0,1,2,4,8 ...                          # verification passes
+    python benchmarks/batch.py --model small --mtp --batches "" --drafts 0,1,2,4 --tokens 24   # MTP drafts
     python benchmarks/batch.py --smoke
 
 For each batch size B, B prompts (distinct single tokens among the routed preset's active ids)
@@ -13,7 +14,11 @@ from storage and bytes used per generated token, and, beside them, what uniform 
 (``384 * (1 - (1 - 8/384)^B)`` experts per layer for Kimi K2.5) for the same model. For drafts:
 the wall time and bytes of a verification pass of n drafted tokens (drafts that are always right,
 so every pass verifies n), and the break-even acceptance rate: the fraction of drafts that must be
-accepted for a pass of n drafts to cost no more per token than plain decoding.
+accepted for a pass of n drafts to cost no more per token than plain decoding. With ``--mtp`` (a
+synthetic preset in the DeepSeek-V3 layout, which ships a multi-token-prediction layer) the drafts
+come from that layer, and what drafting costs (its passes' seconds and bytes) is measured and added
+to each verification pass's cost in the break-even; on random weights its drafts are rarely right,
+so the acceptance measured says nothing about a trained model's.
 
 Every figure comes from one invocation; quote them with the machine's state (other processes on
 the cores double the times).
@@ -34,13 +39,16 @@ from kimi_jax.model.batch import Batch, generate_batch
 from kimi_jax.model.drafts import generate_with_drafts
 from kimi_jax.model.engine import Engine
 from kimi_jax.model.jax_setup import enable_compilation_cache
+from kimi_jax.model.mtp import MTPDrafter
 from kimi_jax.run import compile_clock
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.storage.residency import budget_plan
 from kimi_jax.storage.synth import ensure_synthetic
 
 
-def checkpoint(model: str, smoke: bool) -> Path:
+def checkpoint(model: str, smoke: bool, mtp: bool = False) -> Path:
+    if mtp:  # the DeepSeek-V3 layout: synth writes its multi-token-prediction layer
+        return ensure_synthetic("tiny" if smoke else model, "deepseek-v3")
     if smoke:
         sys.path.insert(0, str(Path(__file__).parent))
         from peers import SMOKE, make_checkpoint
@@ -121,15 +129,41 @@ def drafts_run(index, drafts: int, budget: str, matmul: str = "kernels", right: 
             "pass_storage_bytes": full[0].io.from_storage if full else None, "budget_bytes": residency.budget}  # fmt: skip
 
 
+def mtp_run(index, drafts: int, tokens: int, budget: str, matmul: str = "kernels") -> dict:
+    """A run of ``tokens`` tokens whose drafts come from the checkpoint's MTP layer: each verification
+    pass of ``drafts`` drafts, and what drafting them cost (the first such pass left out: it compiles)."""
+    prompt = [3, 5, 7, 11]
+    residency = budget_plan(index, budget, "auto", len(prompt) + tokens, rows=1 + drafts)
+    with Engine(index, residency=residency, matmul=matmul) as engine:
+        drafter = MTPDrafter(engine, len(prompt) + tokens + drafts + 1)
+        try:
+            steps, passes = generate_with_drafts(engine, prompt, tokens, max(drafts, 1) if drafts else 0,
+                                                 draft=drafter if drafts else (lambda ctx, n: []))  # fmt: skip
+        finally:
+            drafter.close()
+    full = [p for p in passes if len(p.drafted) == drafts][1:]
+    cost = [p.draft_cost for p in full if p.draft_cost is not None]
+    return {"run": "mtp", "drafts": drafts, "tokens": len(steps), "passes": len(full),
+            "pass_s_median": round(statistics.median(p.wall_s for p in full), 3) if full else None,
+            "draft_s_median": round(statistics.median(c.wall_s for c in cost), 3) if cost else 0.0,
+            "pass_used_bytes": full[0].io.used if full else None,
+            "draft_used_bytes": cost[0].io.used if cost else 0,
+            "draft_storage_bytes": cost[0].io.from_storage if cost else 0,
+            "drafted": sum(len(p.drafted) for p in passes), "accepted": sum(p.accepted for p in passes),
+            "budget_bytes": residency.budget}  # fmt: skip
+
+
 def break_even(records: list[dict]) -> list[dict]:
     """Acceptance rate at which a pass of n drafts costs as much per token as plain decoding: a pass
-    yields 1 + a*n tokens for acceptance a, plain decoding one token per ``pass_s(0)``."""
+    yields 1 + a*n tokens for acceptance a, plain decoding one token per ``pass_s(0)``; a pass's cost
+    includes drafting (``draft_s_median``, MTP drafts) where there is any."""
     plain = next((r["pass_s_median"] for r in records if r["drafts"] == 0), None)
     out = []
     for r in records:
         if r["drafts"] and plain and r["pass_s_median"]:
+            cost = r["pass_s_median"] + r.get("draft_s_median", 0.0)
             out.append({"run": "break-even", "drafts": r["drafts"],
-                        "acceptance": round(max(0.0, (r["pass_s_median"] / plain - 1) / r["drafts"]), 4)})  # fmt: skip
+                        "acceptance": round(max(0.0, (cost / plain - 1) / r["drafts"]), 4)})  # fmt: skip
     return out
 
 
@@ -145,18 +179,21 @@ def main() -> None:
                         help="run the prompts' step 0 as one pass (not each alone): for full shape")
     parser.add_argument("--wrong-drafts", action="store_true",
                         help="verification passes of drafts that are rejected (no reference run): for full shape")
+    parser.add_argument("--mtp", action="store_true",
+                        help="drafts from the MTP layer of the preset written in the DeepSeek-V3 layout")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
         args.batches, args.tokens, args.drafts = "1,3", 3, "0,2"
     enable_compilation_cache()
-    index = open_checkpoint(checkpoint(args.model, args.smoke))
+    index = open_checkpoint(checkpoint(args.model, args.smoke, args.mtp))
     emit({"benchmark": "batch", "model": "smoke" if args.smoke else args.model, "machine": machine(),
           "budget": args.budget, "tokens": args.tokens})  # fmt: skip
     budget = args.budget if args.budget == "auto" else int(args.budget) if args.budget.isdigit() else args.budget
     for batch in (int(b) for b in args.batches.split(",") if b):
         emit(batch_run(index, batch, args.tokens, budget, args.matmul, args.together))
-    draft_records = [drafts_run(index, int(d), budget, args.matmul, not args.wrong_drafts)
+    draft_records = [mtp_run(index, int(d), args.tokens, budget, args.matmul) if args.mtp else
+                     drafts_run(index, int(d), budget, args.matmul, not args.wrong_drafts)
                      for d in args.drafts.split(",") if d]  # fmt: skip
     for record in draft_records + break_even(draft_records):
         emit(record)

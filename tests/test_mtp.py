@@ -28,7 +28,7 @@ from kimi_jax.run.plan import prepare_run
 from kimi_jax.run.runner import execute, run_steps
 from kimi_jax.storage.checkpoint import open_checkpoint
 from kimi_jax.verify.checklist import verify_bundle
-from tests import hf_oracle
+from tests import hf_oracle, hostile
 from tests.test_engine_parity import _load_into, _write
 
 PROMPT = [3, 17, 42, 99, 5, 17, 42]
@@ -155,11 +155,39 @@ def test_mtp_drafted_runs_make_plain_decodings_tokens_and_record_what_drafting_c
     assert report.ok, [c.line() for c in report.checks if c.status == "FAILED"]
 
 
-def test_mtp_drafts_are_refused_without_an_mtp_layer(tiny_checkpoints, tmp_path):
+def test_mtp_drafts_are_refused_without_an_mtp_layer_or_on_a_mesh(tiny_checkpoints, tmp_path):
     with pytest.raises(ManifestError, match=r"generate\.drafts\.method: mtp drafts .* ships none"):
         _plan(tmp_path, tiny_checkpoints["kimi-k2.5"], "x", drafts={"method": "mtp", "tokens": 2})
+    data = {"version": 1, "model": {"checkpoint": str(tiny_checkpoints["deepseek-v3"])}, "prompt": {"tokens": PROMPT},
+            "compute": {"mesh": {"expert": 1, "model": 1}}, "generate": {"drafts": {"method": "mtp"}},
+            "output": {"dir": str(tmp_path / "m")}}  # fmt: skip
+    with pytest.raises(ManifestError, match=r"generate\.drafts\.method: mtp drafts run on one device"):
+        prepare_run(parse_manifest_dict(data, source=str(tmp_path / "m.yaml")))
     index = open_checkpoint(tiny_checkpoints["kimi-k2.5"])
     assert index.mtp is None
     v3 = open_checkpoint(tiny_checkpoints["deepseek-v3"])
     # the MTP layer is not part of what a plain run reads or of the tensor list's identity
     assert v3.mtp is not None and not any(n.startswith(f"layers.{v3.config.num_hidden_layers}.") for n in v3.weights)
+
+
+def test_an_incomplete_mtp_layer_is_skipped_with_why_and_refused_by_name(tiny_checkpoints, tmp_path):
+    """A stranger's MTP layer with a tensor under another expert's name: the checkpoint still runs
+    (the layer is only for drafts), the index says why it cannot draft, and mtp drafts are refused."""
+    src = tiny_checkpoints["deepseek-v3"]
+    folder = hostile.checkpoint_like(src, tmp_path / "ckpt")
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    victim = "model.layers.4.mlp.experts.3.down_proj.weight"
+    shard = weight_map[victim]
+    header, body = hostile.read_header(src / shard)
+    header[victim.replace("experts.3.", "experts.99.")] = header.pop(victim)
+    hostile.write_shard_raw(folder / shard, header, body)
+    hostile._rewrite_index(folder, lambda raw: raw["weight_map"].__setitem__(
+        victim.replace("experts.3.", "experts.99."), raw["weight_map"].pop(victim)))  # fmt: skip
+    index = open_checkpoint(folder)
+    assert index.mtp is None
+    reasons = {reason for name, reason in index.skipped if name.startswith("model.layers.4.")}
+    assert len(reasons) == 1 and "cannot draft" in reasons.pop()
+    with pytest.raises(ManifestError, match=r"generate\.drafts\.method: .* has an unusable one: .*expert"):
+        _plan(tmp_path, folder, "x", drafts={"method": "mtp", "tokens": 2})
+    plain = run_steps(_plan(tmp_path, folder, "plain"))  # a plain run never reads the layer
+    assert len(plain) == 7

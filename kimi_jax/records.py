@@ -33,7 +33,11 @@ class ByteCounts:
     experts_predicted_used: int = 0  # of those, used
 
     def add(self, other: "ByteCounts") -> "ByteCounts":
-        return ByteCounts(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        # field by field (dataclasses.astuple deep-copies: a batch of 8 spent 10 ms a pass in it)
+        return ByteCounts(*(getattr(self, f) + getattr(other, f) for f in _BYTE_FIELDS))
+
+
+_BYTE_FIELDS = tuple(f.name for f in dataclasses.fields(ByteCounts))
 
 
 @dataclasses.dataclass

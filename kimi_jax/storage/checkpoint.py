@@ -12,6 +12,7 @@ Canonical names drop the layout's prefix: ``layers.3.mlp.experts.7.down_proj.wei
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -89,16 +90,21 @@ class LayerMap:
     base: dict[str, WeightEntry]  # everything except routed experts, canonical names
     experts: tuple[dict[str, WeightEntry], ...]  # expert id -> proj -> entry (MoE layers)
 
-    @property
+    # Summed once (the maps never change): a batch's byte accounting asks them per row and layer.
+    @functools.cached_property
     def base_bytes(self) -> int:
         return sum(w.nbytes for w in self.base.values())
 
+    @functools.cached_property
+    def _expert_sizes(self) -> tuple[int, ...]:
+        return tuple(sum(w.nbytes for w in projs.values()) for projs in self.experts)
+
     def expert_bytes(self, expert: int) -> int:
-        return sum(w.nbytes for w in self.experts[expert].values())
+        return self._expert_sizes[expert]
 
     @property
     def total_bytes(self) -> int:
-        return self.base_bytes + sum(self.expert_bytes(e) for e in range(len(self.experts)))
+        return self.base_bytes + sum(self._expert_sizes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,8 @@ the router's picks finds its expert.
 Three layouts, one per kind of stack:
 
 * a stack read for the picks (:func:`plan_expert_slots`, on the host): the distinct experts picked,
-  sorted, each read once, padded to a power of two so stacks of one size share one program;
+  sorted, each read once, padded to a few sizes per power of two so stacks of one size share one
+  program;
 * a stack of every expert kept in memory (:func:`expert_plan_in_program`, inside the program): the
   same plan with static shapes, the experts indexed in place;
 * a stack dealt to the devices of a mesh (:func:`deal_expert_slots`): the distinct experts
@@ -23,16 +24,29 @@ import numpy as np
 from kimi_jax.model.layers import UNROLLED_SLOTS
 
 
+def stack_bucket(distinct: int) -> int:
+    """The stack size for ``distinct`` experts read for many picks: rounded up to a quarter of its
+    power of two (at least 8): 38 -> 40, 150 -> 160. Stacks of one size share one program, and every
+    padding slot is a copy of an expert's bytes: a power of two padded 38 experts of Kimi K2.5 to 64,
+    copying 1.6 GB a layer where 1.0 GB were read (1.5 s against 0.65 s on this machine)."""
+    step = max(8, 1 << max(0, (distinct - 1).bit_length() - 3))
+    return -(-distinct // step) * step
+
+
 def plan_expert_slots(idx: np.ndarray, n_routed_experts: int, bucket: bool = True) -> tuple[list[int], list[int], np.ndarray]:
     """``(distinct, stack_ids, slots)`` for the router's picks ``idx`` [T, k]: ``distinct`` are the
-    ids picked, sorted, each read once; ``stack_ids`` pads them (when ``bucket``) to the next power
-    of two by repeating the first (for at most ``UNROLLED_SLOTS`` picks: to the power of two of the
-    number of picks), so padding never reads another expert; ``slots[t, j]`` is the position of
+    ids picked, sorted, each read once; ``stack_ids`` pads them (when ``bucket``) to
+    :func:`stack_bucket` by repeating the first (for at most ``UNROLLED_SLOTS`` picks: to the power
+    of two of the number of picks), so padding never reads another expert; ``slots[t, j]`` is the position of
     ``idx[t, j]`` in the stack. Padding slots are never referenced."""
     idx = np.asarray(idx)
     ids = np.unique(idx)
-    least = idx.size if idx.size <= UNROLLED_SLOTS else len(ids)
-    n = min(1 << (max(len(ids), least) - 1).bit_length(), n_routed_experts) if bucket else len(ids)
+    if not bucket:
+        n = len(ids)
+    elif idx.size <= UNROLLED_SLOTS:  # the in-program bucket: the power of two of the picks
+        n = min(1 << (max(len(ids), idx.size) - 1).bit_length(), n_routed_experts)
+    else:
+        n = min(stack_bucket(len(ids)), n_routed_experts)
     distinct = [int(i) for i in ids]
     return distinct, distinct + [distinct[0]] * (n - len(distinct)), np.searchsorted(ids, idx).astype(np.int32)
 
@@ -75,4 +89,4 @@ def deal_expert_slots(idx: np.ndarray, n_routed: int, devices: int) -> tuple[lis
     return placed, slots
 
 
-__all__ = ["plan_expert_slots", "expert_plan_in_program", "deal_expert_slots"]
+__all__ = ["stack_bucket", "plan_expert_slots", "expert_plan_in_program", "deal_expert_slots"]

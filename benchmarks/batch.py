@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
-        args.batches, args.tokens, args.drafts = "1,3", 3, "0,2"
+        args.batches, args.tokens, args.drafts = ("", 8, "0,2") if args.mtp else ("1,3", 3, "0,2")
     enable_compilation_cache()
     index = open_checkpoint(checkpoint(args.model, args.smoke, args.mtp))
     emit({"benchmark": "batch", "model": "smoke" if args.smoke else args.model, "machine": machine(),

@@ -149,6 +149,18 @@ def test_batch_smoke():
     assert any(r.get("run") == "drafts" and r["drafts"] == 2 for r in records)
 
 
+def test_batch_mtp_smoke():
+    records = _smoke("batch.py", "--mtp", "--batches", "")
+    runs = {r["drafts"]: r for r in records if r.get("run") == "mtp"}
+    assert set(runs) == {0, 2} and runs[2]["drafted"] > 0 and runs[2]["draft_used_bytes"] > 0
+    assert runs[0]["draft_used_bytes"] == 0 and any(r.get("run") == "break-even" for r in records)
+
+
+def test_bf16_rows_smoke():
+    records = [r for r in _smoke("bf16_rows.py") if "shape" in r]
+    assert [r["rows"] for r in records] == [1, 8] and all(r["kernel_ms"] > 0 and r["xla_ms"] > 0 for r in records)
+
+
 def test_prefill_smoke():
     records = _smoke("prefill.py")
     runs = [r for r in records if "chunk" in r]

@@ -10,10 +10,10 @@ that keeps its stored bytes until the matmul. Norm scales and biases stay plain 
 * ``kernels`` multiplies in the stored precision with the CPU kernels (:mod:`kimi_jax.model.kernels`:
   the dequantized weight times the activation, rounded to float32, summed in float32, each row
   independent of the others), and takes the ``stored`` products where a kernel does not take the
-  call (the extension is not built, a weight form the kernels do not handle). They take BF16
-  products of any row count: measured on 2026-12-07, they were 1.0-5x faster than XLA's from 1 to
-  512 rows on every shape tried (benchmarks/RESULTS.md section 13), and a row's bits do not depend
-  on the rows beside it, so a batched row is its lone row.
+  call (the extension is not built, a weight form the kernels do not handle, BF16 with more rows
+  than :data:`BF16_KERNEL_ROWS`). Up to 32 rows (a batch of sequences, a token and its drafts) the
+  BF16 kernels were 1.1-5x faster than XLA's product on every shape measured on 2026-12-07; at 128
+  rows (a prompt) XLA's was as fast or faster on some (benchmarks/RESULTS.md section 13).
 
 A raw array is taken as a widened weight (the in-memory references in the tests build parameters
 from plain tensors).
@@ -46,6 +46,8 @@ from kimi_jax.storage.formats import FORMATS
 F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 shortcuts for float32 matmuls on GPU
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# BF16 products of more activation rows than this take XLA's blocked product (module doc).
+BF16_KERNEL_ROWS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +111,8 @@ def linear_f32(x: jax.Array, w: Any) -> jax.Array:
     matmul = getattr(w, "matmul", WIDENED)
     if matmul == WIDENED:
         return dot_f32("...i,oi->...o", x, materialize(w, x.dtype))
-    if matmul == KERNELS:
+    rows = int(x.size // x.shape[-1]) if x.shape[-1] else 0
+    if matmul == KERNELS and not (isinstance(w, PlainWeight) and rows > BF16_KERNEL_ROWS):
         y = kernel_linear(x, w)
         if y is not None:
             return y
@@ -125,6 +128,6 @@ def linear_f32(x: jax.Array, w: Any) -> jax.Array:
 
 
 __all__ = [
-    "DTYPES", "WIDENED", "STORED", "KERNELS", "Int4Weight", "Fp8Weight", "PlainWeight",
+    "DTYPES", "WIDENED", "STORED", "KERNELS", "BF16_KERNEL_ROWS", "Int4Weight", "Fp8Weight", "PlainWeight",
     "WeightPolicy", "to_device", "is_stored", "materialize", "row_slice", "dot_f32", "linear_f32",
 ]

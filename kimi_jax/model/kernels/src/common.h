@@ -8,7 +8,7 @@
 namespace kj {
 
 // Bumped whenever any kernel's arithmetic (and so possibly its bits) changes; recorded in the ledger.
-// 2: the engine gives them BF16 products of any row count (were at most 4 rows): more bits are theirs.
+// 2: the engine gives them BF16 products of up to 32 rows (were at most 4): more bits are theirs.
 constexpr int kKernelSetVersion = 2;
 // Bumped whenever the C ABI between this library and kimi_jax/model/kernels/_library.py changes.
 constexpr int kAbiVersion = 1;

@@ -211,3 +211,19 @@ def test_a_killed_prompts_run_resumes_from_its_last_pass_to_the_same_bundle(runs
 
 def step_identity_json(step: dict) -> tuple:
     return (step["context"], step["token"], step["hidden_digest"], step["logits_digest"], step["bytes_read"])
+
+
+@pytest.mark.parametrize("kind", ["pass", "step"])
+def test_a_hand_edited_saved_pass_or_step_is_a_named_error_and_is_kept(tmp_path, kind):
+    from kimi_jax.errors import ResumeError
+    from kimi_jax.run.resume import RunCheckpoints
+
+    saved = RunCheckpoints(tmp_path / "out", {"run": 1}, resume=False)
+    folder = saved.root / "instrumented"
+    folder.mkdir(parents=True)
+    edited = folder / f"{kind}_00000.json"
+    edited.write_text(json.dumps({"pass": {"index": 0}, "made": [], "live": []} if kind == "pass" else {"index": 0}))
+    np.savez(folder / f"{kind}_00000.npz", logits=np.zeros(3, np.float32), hidden=np.zeros(2, np.float32))
+    with pytest.raises(ResumeError, match=rf"{kind}_00000.json: not what this kimi-jax saves \((KeyError|TypeError)"):
+        saved.load_passes("instrumented") if kind == "pass" else saved.load("instrumented")
+    assert edited.exists()

@@ -133,8 +133,9 @@ class RunCheckpoints:
         while (json_file := self.root / run / f"step_{len(steps):05d}.json").exists():
             record = read_json(json_file, 1 << 30, "saved step", ResumeError)
             arrays = _read_npz(json_file.with_suffix(".npz"))
-            steps.append(_step_from(record, arrays["logits"], arrays["hidden"]))
-            caches = _caches_from(arrays, LatentCache)
+            with _as_saved(json_file):
+                steps.append(_step_from(record, arrays["logits"], arrays["hidden"]))
+                caches = _caches_from(arrays, LatentCache)
         return steps, caches
 
     # -- a run of shared passes (prompts:): a pass at a time -------------------------------------
@@ -171,21 +172,25 @@ class RunCheckpoints:
         while (json_file := self.root / run / f"pass_{len(passes):05d}.json").exists():
             saved = read_json(json_file, 1 << 30, "saved pass", ResumeError)
             arrays = _read_npz(json_file.with_suffix(".npz"))
-            record = saved["pass"]
-            passes.append(PassRecord(**{**record, "sequences": tuple(record["sequences"]), "io": ByteCounts(**record["io"]),
-                                        "drafted": None if record["drafted"] is None else tuple(record["drafted"])}))  # fmt: skip
-            for k, (i, step) in enumerate(saved["made"]):
-                while len(steps) <= i:
-                    steps.append([])
-                steps[i].append(_step_from(step, arrays[f"logits_{k}"], arrays[f"hidden_{k}"]))
-            live = saved["live"]
+            with _as_saved(json_file):
+                record = saved["pass"]
+                passes.append(PassRecord(**{**record, "sequences": tuple(record["sequences"]),
+                                            "io": ByteCounts(**record["io"]),
+                                            "drafted": None if record["drafted"] is None else tuple(record["drafted"])}))  # fmt: skip
+                for k, (i, step) in enumerate(saved["made"]):
+                    while len(steps) <= int(i):
+                        steps.append([])
+                    steps[int(i)].append(_step_from(step, arrays[f"logits_{k}"], arrays[f"hidden_{k}"]))
+                live = [int(i) for i in saved["live"]]
         if not passes:
             return None
-        arrays = _read_npz(self.root / run / f"caches_{(len(passes) - 1) % 2}.npz")
-        if int(arrays["pass"]) != len(passes) - 1:
-            raise ResumeError(f"{self.root / run}: the caches saved do not belong to pass {len(passes) - 1}, the last "
-                              "complete one; remove the folder and run without --resume")  # fmt: skip
-        return BatchState(steps, live, _caches_from(arrays, BatchedLatentCache), passes)
+        caches_file = self.root / run / f"caches_{(len(passes) - 1) % 2}.npz"
+        arrays = _read_npz(caches_file)
+        with _as_saved(caches_file):
+            if int(arrays["pass"]) != len(passes) - 1:
+                raise ResumeError(f"{self.root / run}: the caches saved do not belong to pass {len(passes) - 1}, the "
+                                  "last complete one; remove the folder and run without --resume")  # fmt: skip
+            return BatchState(steps, live, _caches_from(arrays, BatchedLatentCache), passes)
 
     def discard(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -229,6 +234,19 @@ def _step_json(step: StepRecord) -> dict:
     record = {k: v for k, v in dataclasses.asdict(step).items() if k not in ("logits", "hidden", "caches")}
     record["bytes_per_layer"] = [[k, v] for k, v in step.bytes_per_layer.items()]
     return record
+
+
+@contextlib.contextmanager
+def _as_saved(path: Path):
+    """A saved file that is not what a run saves (edited by hand, or another version's) is a named
+    error, not an internal one; the saved files are kept."""
+    try:
+        yield
+    except ResumeError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ResumeError(f"{path}: not what this kimi-jax saves ({type(e).__name__}: {str(e)[:200]}); remove "
+                          f"{path.parent.parent} and run without --resume") from None
 
 
 def _step_from(record: dict, logits: np.ndarray, hidden: np.ndarray) -> StepRecord:

@@ -36,6 +36,14 @@ class ByteCounts:
         # field by field (dataclasses.astuple deep-copies: a batch of 8 spent 10 ms a pass in it)
         return ByteCounts(*(getattr(self, f) + getattr(other, f) for f in _BYTE_FIELDS))
 
+    @staticmethod
+    def total(parts) -> "ByteCounts":
+        """The sum of ``parts`` (a step's or a pass's layers, or a token's share of them)."""
+        out = ByteCounts()
+        for counts in parts:
+            out = out.add(counts)
+        return out
+
 
 _BYTE_FIELDS = tuple(f.name for f in dataclasses.fields(ByteCounts))
 

@@ -243,10 +243,8 @@ def shared_pass(engine, tokens: list[int], positions: np.ndarray, caches, **forw
     engine.source.begin_step()
     hidden, logits, outputs, caches = engine.forward(tokens, positions, caches, **forward_args)
     by_layer, _, counters = engine.source.end_step(tokens)
-    io = ByteCounts()
-    for counts in by_layer.values():
-        io = io.add(counts)
-    return SharedPass(hidden, logits, outputs, caches, by_layer, io, counters, time.perf_counter() - started)
+    return SharedPass(hidden, logits, outputs, caches, by_layer, ByteCounts.total(by_layer.values()), counters,
+                      time.perf_counter() - started)  # fmt: skip
 
 
 def _decode_pass(engine, live: list[_Sequence], caches: list[BatchedLatentCache]):
@@ -265,9 +263,7 @@ def _decode_pass(engine, live: list[_Sequence], caches: list[BatchedLatentCache]
         shares = {k: share(n, by_layer.get(k, io)) for k, n in per_layer.items()}
         layer_records = [engine.layer_record(layer, out, shares[layer], None, row=b)
                          for layer, out in enumerate(outputs)]  # fmt: skip
-        own_io = ByteCounts()
-        for counts in shares.values():
-            own_io = own_io.add(counts)
+        own_io = ByteCounts.total(shares.values())
         step = len(seq.steps)
         token = int(np.argmax(logits[b])) if seq.decoding is None else seq.decoding.choose(step, logits[b])
         records.append(StepRecord(

@@ -117,8 +117,7 @@ def generate_with_drafts(engine, prompt: list[int], max_new_tokens: int, drafts:
     while len(steps) < max_new_tokens and not stopped() and (max_passes is None or len(passes) < max_passes):
         context = list(prompt) + [s.token for s in steps]
         proposed, cost = drafter.propose(context, min(drafts, max_new_tokens - len(steps) - 1))
-        made, caches, verification = _verify(engine, context, proposed, caches, decoding, len(steps))
-        verification = dataclasses.replace(verification, draft_cost=cost)
+        made, caches, verification = _verify(engine, context, proposed, caches, decoding, len(steps), cost)
         if drafter.wants_rows:
             drafter.observe(len(context) - 1, np.stack([s.hidden for s in made]), [s.token for s in made])
         for s in made:
@@ -131,9 +130,10 @@ def generate_with_drafts(engine, prompt: list[int], max_new_tokens: int, drafts:
     return steps, passes
 
 
-def _verify(engine, context: list[int], proposed: list[int], caches: list, decoding, step: int):
+def _verify(engine, context: list[int], proposed: list[int], caches: list, decoding, step: int,
+            draft_cost: DraftCost | None = None):  # fmt: skip
     """The last token and the drafts as the rows of one pass; the steps they give (the accepted drafts
-    and one more), the caches, and the pass's record."""
+    and one more), the caches, and the pass's record (with what drafting them cost)."""
     tokens = [context[-1], *proposed]
     done = shared_pass(engine, tokens, np.arange(len(context) - 1, len(context) - 1 + len(tokens)), caches,
                        every_row=True)  # fmt: skip
@@ -157,7 +157,7 @@ def _verify(engine, context: list[int], proposed: list[int], caches: list, decod
         ctx.append(token)
         if row == len(proposed) or token != proposed[row]:
             break  # the draft after this row was not the token chosen here (or there are no more)
-    return made, caches, Verification(step, tuple(proposed), len(made) - 1, io, wall_s)
+    return made, caches, Verification(step, tuple(proposed), len(made) - 1, io, wall_s, draft_cost)
 
 
 def passes_of(steps: list[StepRecord], verifications: list[Verification]) -> list[PassRecord]:

@@ -314,9 +314,7 @@ class Engine:
         by_layer, per_process, counters = self.source.end_step(tokens)
         layer_records = [self.layer_record(i, out, by_layer.get(i, ByteCounts()), per_process)
                          for i, out in enumerate(outputs)]  # fmt: skip
-        io = ByteCounts()
-        for counts in by_layer.values():
-            io = io.add(counts)
+        io = ByteCounts.total(by_layer.values())
         # the first maximum: ties go to the lowest id
         token = int(np.argmax(logits)) if decoding is None else decoding.choose(step, logits)
         record = StepRecord(

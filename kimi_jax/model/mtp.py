@@ -125,10 +125,7 @@ class MTPDrafter:
             x = mtp_input(cfg, p, src.embed([drafts[-1]]), x[-1:], False)
         self._rows = []
         by_layer, _, _ = src.end_step(tokens)
-        io = ByteCounts()
-        for counts in by_layer.values():
-            io = io.add(counts)
-        return drafts, DraftCost(passes, io, time.perf_counter() - started)
+        return drafts, DraftCost(passes, ByteCounts.total(by_layer.values()), time.perf_counter() - started)
 
 
 __all__ = ["mtp_input", "MTPDrafter"]

@@ -161,7 +161,7 @@ def _execute_held(plan: RunPlan, prove: str | None, resume: bool, echo, progress
     if plan.shares_passes:
         return _execute_sequences(plan, prove, echo, started, page_cache, text_out, progress, resume)
     out = Path(m.output.dir)
-    identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
+    identity = run_identity(plan, prove)
     checkpoints = distributed.SharedCheckpoints(RunCheckpoints(out, identity, resume) if writer else None, plan)
     # (name, keep capture, steps): the bare run covers the proof's scope, the instrumented run every step
     every = m.generate.max_new_tokens
@@ -213,6 +213,12 @@ def _execute_held(plan: RunPlan, prove: str | None, resume: bool, echo, progress
     return RunOutcome(steps, ledger, path, text)
 
 
+def run_identity(plan: RunPlan, prove: str | None) -> dict:
+    """What saved steps or passes must belong to for ``--resume`` to take them up."""
+    m = plan.manifest
+    return {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
+
+
 def _execute_sequences(plan: RunPlan, prove: str | None, echo, started: float, page_cache: dict,
                        text_out, progress: bool = True, resume: bool = False) -> RunOutcome:  # fmt: skip
     """A run of shared passes (kimi_jax.run.sequences: prompts:, generate.drafts): the batch, its
@@ -225,7 +231,7 @@ def _execute_sequences(plan: RunPlan, prove: str | None, echo, started: float, p
                      mesh=None if mesh is None else mesh_record(mesh.expert, mesh.model, mesh.placement,
                                                                 distributed.process_count(), None))  # fmt: skip
     out = Path(m.output.dir)
-    identity = {"manifest_digest": m.digest(), "tensor_list_digest": plan.index.tensor_list_digest(), "prove": prove}
+    identity = run_identity(plan, prove)
     checkpoints = RunCheckpoints(out, identity, resume)
     ledger, steps = batch_ledger(plan, prove, facts, started, echo, progress, checkpoints)
     try:
